@@ -1,0 +1,562 @@
+package relay
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Client is one DERP session over an established byte stream.
+//
+// Send, SendPing, SendPong, NotePreferred and the mesh calls may be called
+// concurrently from any goroutines; Recv must be called from one goroutine at
+// a time. After any read error the Client is dead: Recv keeps returning that
+// error and the caller should Close it and connect again.
+type Client struct {
+	priv      PrivateKey
+	pub       PublicKey
+	serverKey PublicKey
+	nc        net.Conn
+	box       *[32]byte // shared key with the server, for ServerInfo
+	opts      clientOptions
+
+	wmu     sync.Mutex // guards bw, limiter, werr
+	bw      *bufio.Writer
+	limiter *tokenBucket
+	werr    error
+
+	// Read side: owned by the goroutine calling Recv.
+	br          *bufio.Reader
+	rerr        error  // sticky read error
+	discard     int    // bytes of the previous frame still to discard from br
+	buf         []byte // payloads that do not fit br's buffer
+	maybeHTTP   bool   // the stream may start with an HTTP response (fast start answered with 101)
+	sawFirst    bool   // a frame has been read
+	gotInfo     bool   // ServerInfo arrived
+	closed      atomic.Bool
+	closeOnce   sync.Once
+	closeResult error
+}
+
+// ClientOption configures NewClient.
+type ClientOption func(*clientOptions)
+
+type clientOptions struct {
+	meshKey      [MeshKeyLen]byte
+	hasMeshKey   bool
+	meshKeyErr   error
+	serverKey    PublicKey
+	canAckPings  bool
+	isProber     bool
+	appName      string
+	recvTimeout  time.Duration
+	loginTimeout time.Duration
+	maybeHTTP    bool
+}
+
+// MeshKey sets the region's mesh key, 64 hex digits, which lets the client
+// watch the server's connections and forward packets (mesh peers only). An
+// empty string means no mesh key. A malformed key makes NewClient fail.
+func MeshKey(k string) ClientOption {
+	return func(o *clientOptions) {
+		o.meshKey, o.hasMeshKey, o.meshKeyErr = parseMeshKey(k)
+	}
+}
+
+// ServerPublicKey declares the server's DERP key as known, so that the client
+// sends its ClientInfo at once instead of first waiting for the ServerKey
+// frame (fast start). The ServerKey frame that still arrives is checked
+// against k by Recv; a mismatch is ErrServerKeyMismatch. A zero k is ignored.
+func ServerPublicKey(k PublicKey) ClientOption {
+	return func(o *clientOptions) { o.serverKey = k }
+}
+
+// CanAckPings tells the server that this client answers server Pings with
+// Pongs (the caller must do so with SendPong when Recv returns a Ping).
+// Default false.
+func CanAckPings(v bool) ClientOption { return func(o *clientOptions) { o.canAckPings = v } }
+
+// IsProber tells the server that this client is a monitoring prober.
+func IsProber(v bool) ClientOption { return func(o *clientOptions) { o.isProber = v } }
+
+// AppName tells the server an application name, for its statistics.
+func AppName(name string) ClientOption { return func(o *clientOptions) { o.appName = name } }
+
+// RecvTimeout bounds how long Recv waits for each frame; the default, 120 s,
+// is twice the server's keepalive interval, so silence that long means the
+// connection is dead. Zero or negative means no limit.
+func RecvTimeout(d time.Duration) ClientOption { return func(o *clientOptions) { o.recvTimeout = d } }
+
+// LoginTimeout bounds how long NewClient waits for the server's ServerKey
+// frame. Default 10 s.
+func LoginTimeout(d time.Duration) ClientOption {
+	return func(o *clientOptions) { o.loginTimeout = d }
+}
+
+// allowHTTPPrefix lets the stream start with an HTTP response (a server that
+// answered a fast-start request with a 101 anyway): Recv parses and skips it.
+func allowHTTPPrefix() ClientOption { return func(o *clientOptions) { o.maybeHTTP = true } }
+
+// DefaultRecvTimeout is the default of RecvTimeout.
+const DefaultRecvTimeout = 120 * time.Second
+
+// NewClient logs in to the DERP server at the other end of nc. brw must
+// buffer nc (it may already hold bytes read from nc, such as those after an
+// HTTP 101 response, and bytes written but not yet flushed, such as a
+// fast-start upgrade request, which leave together with the ClientInfo).
+//
+// Unless ServerPublicKey was given, NewClient first reads the server's
+// ServerKey frame. It then writes the sealed ClientInfo and returns without
+// waiting for the reply: packets may be sent at once, and the server's
+// ServerInfo (which proves it owns its key) is the first message Recv
+// returns. NewClient does not close nc when it fails.
+func NewClient(priv PrivateKey, nc net.Conn, brw *bufio.ReadWriter, opts ...ClientOption) (*Client, error) {
+	o := clientOptions{recvTimeout: DefaultRecvTimeout, loginTimeout: 10 * time.Second}
+	for _, opt := range opts {
+		if opt == nil {
+			return nil, errors.New("relay: NewClient: nil ClientOption")
+		}
+		opt(&o)
+	}
+	if o.meshKeyErr != nil {
+		return nil, o.meshKeyErr
+	}
+	if priv.IsZero() {
+		return nil, errors.New("relay: NewClient: zero private key")
+	}
+	if brw == nil {
+		brw = bufio.NewReadWriter(bufio.NewReader(nc), bufio.NewWriter(nc))
+	}
+	c := &Client{
+		priv:      priv,
+		pub:       priv.Public(),
+		nc:        nc,
+		br:        brw.Reader,
+		bw:        brw.Writer,
+		opts:      o,
+		maybeHTTP: o.maybeHTTP,
+		serverKey: o.serverKey,
+	}
+	if c.serverKey.IsZero() {
+		if err := c.recvServerKey(); err != nil {
+			return nil, fmt.Errorf("relay: login: receive server key: %w", err)
+		}
+	}
+	box, err := sharedKey(priv, c.serverKey)
+	if err != nil {
+		return nil, fmt.Errorf("relay: login: server key %s: %w", c.serverKey.ShortString(), err)
+	}
+	c.box = box
+	if err := c.sendClientInfo(); err != nil {
+		return nil, fmt.Errorf("relay: login: send client info: %w", err)
+	}
+	return c, nil
+}
+
+func (c *Client) recvServerKey() error {
+	if c.opts.loginTimeout > 0 {
+		c.nc.SetReadDeadline(time.Now().Add(c.opts.loginTimeout))
+		defer c.nc.SetReadDeadline(time.Time{})
+	}
+	t, n, err := readFrameHeader(c.br)
+	if err != nil {
+		return err
+	}
+	if t != FrameServerKey {
+		return protoErr("unexpected_frame", t, "want ServerKey first")
+	}
+	if n > maxServerKeyLen {
+		return protoErr("frame_too_large", t, fmt.Sprintf("%d bytes, limit %d", n, maxServerKeyLen))
+	}
+	var buf [maxServerKeyLen]byte
+	if _, err := io.ReadFull(c.br, buf[:n]); err != nil {
+		return err
+	}
+	k, err := parseServerKey(buf[:n])
+	if err != nil {
+		return err
+	}
+	c.serverKey = k
+	c.sawFirst = true
+	c.maybeHTTP = false
+	return nil
+}
+
+func (c *Client) sendClientInfo() error {
+	info := clientInfoJSON{
+		Version:     ProtocolVersion,
+		CanAckPings: c.opts.canAckPings,
+		IsProber:    c.opts.isProber,
+		AppName:     c.opts.appName,
+	}
+	if c.opts.hasMeshKey {
+		mk := meshKeyJSON(c.opts.meshKey)
+		info.MeshKey = &mk
+	}
+	msg, err := json.Marshal(info)
+	if err != nil {
+		return err
+	}
+	payload := make([]byte, 0, KeyLen+nonceLen+boxOverhead+len(msg))
+	payload = append(payload, c.pub[:]...)
+	payload = sealBox(payload, c.box, msg)
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if err := writeFrame(c.bw, FrameClientInfo, payload); err != nil {
+		return err
+	}
+	return c.bw.Flush()
+}
+
+// PublicKey returns the client's own public key.
+func (c *Client) PublicKey() PublicKey { return c.pub }
+
+// ServerPublicKey returns the server's DERP key, as received in the ServerKey
+// frame or as given with the ServerPublicKey option.
+func (c *Client) ServerPublicKey() PublicKey { return c.serverKey }
+
+// LocalAddr returns the local address of the underlying connection.
+func (c *Client) LocalAddr() net.Addr { return c.nc.LocalAddr() }
+
+// Send sends pkt to the peer whose public key is dst. Packets larger than
+// MaxPacketSize are refused with ErrPacketTooLarge. If the server announced a
+// rate limit and pkt does not fit in it right now, the packet is not sent and
+// the error wraps ErrRateLimited; the connection stays usable.
+func (c *Client) Send(dst PublicKey, pkt []byte) error {
+	if len(pkt) > MaxPacketSize {
+		return ErrPacketTooLarge
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.werr != nil {
+		return c.werr
+	}
+	if c.limiter != nil && !c.limiter.allow(frameHeaderLen+KeyLen+len(pkt), time.Now()) {
+		return ErrRateLimited
+	}
+	if err := writePacketFrame(c.bw, FrameSendPacket, &dst, pkt); err != nil {
+		return c.writeFailed(err)
+	}
+	return c.flushLocked()
+}
+
+// ForwardPacket sends pkt to dst as if it came from src. Only mesh peers may
+// send it; the server disconnects anyone else. The write must finish within
+// 5 seconds or the connection is closed, so that one stuck mesh link cannot
+// hold its caller forever.
+func (c *Client) ForwardPacket(src, dst PublicKey, pkt []byte) error {
+	if len(pkt) > MaxPacketSize {
+		return ErrPacketTooLarge
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.werr != nil {
+		return c.werr
+	}
+	c.nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	defer c.nc.SetWriteDeadline(time.Time{})
+	if err := writeFrame(c.bw, FrameForwardPacket, src[:], dst[:], pkt); err != nil {
+		return c.writeFailed(err)
+	}
+	return c.flushLocked()
+}
+
+// NotePreferred tells the server whether it is this client's home (preferred)
+// server. It only affects the server's statistics.
+func (c *Client) NotePreferred(preferred bool) error {
+	var b [1]byte
+	if preferred {
+		b[0] = 1
+	}
+	return c.writeFrame(FrameNotePreferred, b[:])
+}
+
+// SendPing sends a Ping; the server answers with a Pong carrying data.
+func (c *Client) SendPing(data [8]byte) error { return c.writeFrame(FramePing, data[:]) }
+
+// SendPong answers a Ping from the server.
+func (c *Client) SendPong(data [8]byte) error { return c.writeFrame(FramePong, data[:]) }
+
+// WatchConnectionChanges asks the server to send a PeerPresent for every
+// connected client and then PeerPresent and PeerGone as clients come and go.
+// Only mesh peers may send it.
+func (c *Client) WatchConnectionChanges() error { return c.writeFrame(FrameWatchConns, nil) }
+
+// ClosePeer asks the server to close every connection of key. Only mesh
+// peers may send it.
+func (c *Client) ClosePeer(key PublicKey) error { return c.writeFrame(FrameClosePeer, key[:]) }
+
+func (c *Client) writeFrame(t FrameType, payload []byte) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.werr != nil {
+		return c.werr
+	}
+	if err := writeFrame(c.bw, t, payload); err != nil {
+		return c.writeFailed(err)
+	}
+	return c.flushLocked()
+}
+
+func (c *Client) flushLocked() error {
+	if err := c.bw.Flush(); err != nil {
+		return c.writeFailed(err)
+	}
+	return nil
+}
+
+// writeFailed makes a write error sticky: a partly written frame leaves the
+// stream unusable.
+func (c *Client) writeFailed(err error) error {
+	if c.closed.Load() {
+		err = ErrClosed
+	} else {
+		err = fmt.Errorf("relay: write: %w", err)
+	}
+	c.werr = err
+	return err
+}
+
+// Close closes the connection. Blocked Send and Recv calls return.
+func (c *Client) Close() error {
+	c.closeOnce.Do(func() {
+		c.closed.Store(true)
+		c.closeResult = c.nc.Close()
+	})
+	return c.closeResult
+}
+
+// Recv returns the next message from the server. A ReceivedPacket's Data is
+// valid only until the next call to Recv. Frames of unknown types, and known
+// frames too short to parse, are skipped. Any error is permanent.
+func (c *Client) Recv() (Message, error) {
+	if c.rerr != nil {
+		return nil, c.rerr
+	}
+	m, err := c.recv()
+	if err != nil {
+		if c.closed.Load() {
+			err = ErrClosed
+		}
+		c.rerr = err
+	}
+	return m, err
+}
+
+func (c *Client) recv() (Message, error) {
+	for {
+		if c.discard > 0 {
+			c.br.Discard(c.discard)
+			c.discard = 0
+		}
+		if c.opts.recvTimeout > 0 {
+			c.nc.SetReadDeadline(time.Now().Add(c.opts.recvTimeout))
+		}
+		if c.maybeHTTP {
+			c.maybeHTTP = false
+			if err := c.skipHTTPResponse(); err != nil {
+				return nil, err
+			}
+		}
+		t, n, err := readFrameHeader(c.br)
+		if err != nil {
+			return nil, c.readErr(err)
+		}
+		if n > maxClientFrame {
+			return nil, protoErr("frame_too_large", t, fmt.Sprintf("%d bytes, limit %d", n, maxClientFrame))
+		}
+		p, err := c.readPayload(int(n))
+		if err != nil {
+			return nil, c.readErr(err)
+		}
+		first := !c.sawFirst
+		c.sawFirst = true
+		m, err := c.parse(t, p, first)
+		if err == errSkip {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		if m != nil {
+			return m, nil
+		}
+	}
+}
+
+func (c *Client) readErr(err error) error {
+	if errors.Is(err, io.EOF) && !c.gotInfo {
+		return fmt.Errorf("relay: server closed the connection before ServerInfo (login refused, wrong server key, or not a DERP server): %w", err)
+	}
+	return fmt.Errorf("relay: read: %w", err)
+}
+
+// readPayload returns the next n bytes. If they fit in br's buffer they are
+// returned in place and discarded on the next call; otherwise they are
+// copied into c.buf.
+func (c *Client) readPayload(n int) ([]byte, error) {
+	if n <= c.br.Size() {
+		p, err := c.br.Peek(n)
+		if err != nil {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
+		c.discard = n
+		return p, nil
+	}
+	if cap(c.buf) < n {
+		c.buf = make([]byte, n)
+	}
+	p := c.buf[:n]
+	if _, err := io.ReadFull(c.br, p); err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, err
+	}
+	return p, nil
+}
+
+func (c *Client) parse(t FrameType, p []byte, first bool) (Message, error) {
+	switch t {
+	case FrameServerKey:
+		// In fast start the server's ServerKey frame arrives after we
+		// already sent ClientInfo sealed to the key we assumed: check it,
+		// so a wrong key is reported as such rather than as a box failure.
+		k, err := parseServerKey(p)
+		if err != nil {
+			return nil, err
+		}
+		if first && k != c.serverKey {
+			return nil, fmt.Errorf("%w: expected %s, server sent %s", ErrServerKeyMismatch, c.serverKey, k)
+		}
+		return nil, nil
+	case FrameServerInfo:
+		return c.parseServerInfo(p)
+	case FrameRecvPacket:
+		return parseRecvPacket(p)
+	case FrameKeepAlive:
+		return KeepAlive{}, nil
+	case FramePeerGone:
+		return parsePeerGone(p)
+	case FramePeerPresent:
+		return parsePeerPresent(p)
+	case FramePing:
+		b, err := parsePing8(p)
+		return Ping(b), err
+	case FramePong:
+		b, err := parsePing8(p)
+		return Pong(b), err
+	case FrameHealth:
+		return Health{Problem: string(p)}, nil
+	case FrameRestarting:
+		return parseRestarting(p)
+	}
+	return nil, nil // unknown frame type: skip
+}
+
+func (c *Client) parseServerInfo(p []byte) (Message, error) {
+	if len(p) < nonceLen {
+		return nil, protoErr("short_server_info", FrameServerInfo, fmt.Sprintf("%d bytes", len(p)))
+	}
+	if len(p)-nonceLen > maxInfoLen {
+		return nil, protoErr("server_info_too_large", FrameServerInfo, fmt.Sprintf("%d bytes", len(p)))
+	}
+	msg, ok := openBox(nil, c.box, p)
+	if !ok {
+		return nil, &ProtocolError{Reason: "bad_server_info_box", Frame: FrameServerInfo,
+			Detail: "box does not open: the server does not own key " + c.serverKey.String(), Err: ErrServerKeyMismatch}
+	}
+	var info serverInfoJSON
+	if err := json.Unmarshal(msg, &info); err != nil {
+		return nil, &ProtocolError{Reason: "bad_server_info_json", Frame: FrameServerInfo, Err: err}
+	}
+	c.gotInfo = true
+	c.wmu.Lock()
+	c.limiter = newTokenBucket(info.TokenBucketBytesPerSecond, info.TokenBucketBytesBurst, time.Now())
+	c.wmu.Unlock()
+	return ServerInfo(info), nil
+}
+
+// skipHTTPResponse reads and checks an HTTP response at the start of the
+// stream if there is one: a server that answers a fast-start request with a
+// 101 anyway (an old server, or a proxy in between) still works.
+func (c *Client) skipHTTPResponse() error {
+	b, err := c.br.Peek(5)
+	if err != nil || !bytes.Equal(b, []byte("HTTP/")) {
+		return nil // not HTTP; the frame reader reports any error
+	}
+	resp, err := http.ReadResponse(c.br, nil)
+	if err != nil {
+		return fmt.Errorf("relay: reading unexpected HTTP response to fast start: %w", err)
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return fmt.Errorf("relay: server answered fast start with %q: %s", resp.Status, bytes.TrimSpace(body))
+	}
+	if h := resp.Header.Get(PublicKeyHeader); h != "" {
+		if k, err := ParsePublicKey(h); err == nil && k != c.serverKey {
+			return fmt.Errorf("%w: expected %s, server sent %s", ErrServerKeyMismatch, c.serverKey, k)
+		}
+	}
+	return nil
+}
+
+// tokenBucket is the client's copy of the server's announced receive limit.
+type tokenBucket struct {
+	rate   float64 // bytes per second
+	burst  float64
+	tokens float64
+	last   time.Time
+}
+
+// newTokenBucket returns nil (no limit) for a zero rate. A burst smaller than
+// one maximal frame would drop every large packet forever, so it is raised
+// to that.
+func newTokenBucket(rate, burst int, now time.Time) *tokenBucket {
+	if rate <= 0 {
+		return nil
+	}
+	const minBurst = frameHeaderLen + KeyLen + MaxPacketSize
+	if burst < minBurst {
+		burst = minBurst
+	}
+	return &tokenBucket{rate: float64(rate), burst: float64(burst), tokens: float64(burst), last: now}
+}
+
+func (b *tokenBucket) refill(now time.Time) {
+	if d := now.Sub(b.last); d > 0 {
+		b.tokens = min(b.burst, b.tokens+d.Seconds()*b.rate)
+	}
+	b.last = now
+}
+
+func (b *tokenBucket) allow(n int, now time.Time) bool {
+	b.refill(now)
+	if b.tokens < float64(n) {
+		return false
+	}
+	b.tokens -= float64(n)
+	return true
+}
+
+// wait returns how long until n tokens are available, taking them now
+// (possibly going negative) so that the caller simply sleeps that long.
+func (b *tokenBucket) reserve(n int, now time.Time) time.Duration {
+	b.refill(now)
+	b.tokens -= float64(n)
+	if b.tokens >= 0 {
+		return 0
+	}
+	return time.Duration(-b.tokens / b.rate * float64(time.Second))
+}

@@ -1,0 +1,276 @@
+package relay
+
+// The meta cert: an extra certificate at the end of the server's TLS chain
+// whose subject names the server's DERP key, so that a TLS 1.3 client knows
+// the key before it sends its first HTTP byte (fast start). This file mints
+// it, finds it in a peer's chain, and splices it into a tls.Config. It knows
+// nothing about Server or Client internals.
+
+import (
+	"bytes"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"fmt"
+	"math/big"
+	"strings"
+	"time"
+)
+
+// MetaCertCommonNamePrefix is the prefix of the meta cert's subject CN
+// ("derpkey"); the 64 hex digits of the server's DERP key follow it. Clients
+// match it case-sensitively, and Tailscale's pinned-certificate mode skips
+// every certificate whose CN starts with it.
+const MetaCertCommonNamePrefix = "derpkey"
+
+// metaCertValidity is how far NotBefore and NotAfter lie from the moment the
+// meta cert is minted. No DERP client checks them; they exist because some
+// platform TLS stacks (Windows) reject certificates without sane validity,
+// and a window on both sides tolerates clock skew.
+const metaCertValidity = 30 * 24 * time.Hour
+
+// MintMetaCert makes the self-signed Ed25519 "meta cert" DER that advertises
+// a DERP key in a TLS chain: serial number protocolVersion, subject and
+// issuer CN "derpkey" followed by the 64 lowercase hex digits of pub,
+// valid from 30 days ago to 30 days from now, and a single critical Basic
+// Constraints extension with cA false (macOS refuses a certificate whose
+// subject equals its issuer without one). protocolVersion must be 1..255,
+// because clients reject serials longer than 8 bits and read 0 as "no fast
+// start"; servers pass [ProtocolVersion].
+//
+// The signing key is generated for this call and thrown away: nobody ever
+// verifies the signature, since the cert is trusted only because it arrived
+// inside a TLS 1.3 session the leaf already authenticated. Mint once per
+// server and serve the same DER for the life of the process; clients ignore
+// validity, so a meta cert that expires during a long uptime does no harm.
+func MintMetaCert(pub PublicKey, protocolVersion int) ([]byte, error) {
+	if protocolVersion < 1 || protocolVersion > 255 {
+		return nil, fmt.Errorf("relay: mint meta cert: protocol version %d outside 1..255", protocolVersion)
+	}
+	signPub, signPriv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, fmt.Errorf("relay: mint meta cert: %w", err)
+	}
+	now := time.Now()
+	name := pkix.Name{CommonName: MetaCertCommonNamePrefix + pub.String()}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(int64(protocolVersion)),
+		Subject:      name,
+		Issuer:       name,
+		NotBefore:    now.Add(-metaCertValidity),
+		NotAfter:     now.Add(metaCertValidity),
+		// crypto/x509 encodes cA=false with no path length as the empty
+		// SEQUENCE the protocol calls for, and adds no SKID or AKID to a
+		// self-signed non-CA certificate; TestMintMetaCert pins both.
+		BasicConstraintsValid: true,
+		IsCA:                  false,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, signPub, signPriv)
+	if err != nil {
+		return nil, fmt.Errorf("relay: mint meta cert: %w", err)
+	}
+	return der, nil
+}
+
+// ParseMetaCert finds the meta cert anywhere in a peer's certificate chain,
+// the leaf position included, and returns the DERP key it names and the
+// protocol version in its serial number.
+//
+// A certificate is a candidate if its subject CN is
+// [MetaCertCommonNamePrefix] followed by exactly 64 hex digits (either case)
+// and its serial number is between 0 and 255. The first candidate wins; a
+// certificate that looks like a meta cert but fails a test is skipped, not
+// fatal, so a later good one is still found. Nil entries and certificates
+// without a serial are skipped. Signatures and validity are deliberately not
+// checked.
+//
+// ok with version 0 means the server named its key but does not offer fast
+// start; deciding what to do with that (Tailscale's client uses the classic
+// upgrade and trusts the key) is the caller's job. So is the TLS version:
+// only a chain from a TLS 1.3 or later handshake is encrypted on the wire
+// and therefore trustworthy, and callers must ignore the meta cert of a TLS
+// 1.2 handshake, which this function cannot see.
+func ParseMetaCert(chain []*x509.Certificate) (pub PublicKey, version int, ok bool) {
+	for _, cert := range chain {
+		if pub, version, ok := parseMetaCertCandidate(cert); ok {
+			return pub, version, true
+		}
+	}
+	return PublicKey{}, 0, false
+}
+
+// parseMetaCertCandidate applies ParseMetaCert's tests to one certificate.
+func parseMetaCertCandidate(cert *x509.Certificate) (pub PublicKey, version int, ok bool) {
+	if cert == nil || cert.SerialNumber == nil {
+		return PublicKey{}, 0, false
+	}
+	hexKey, found := strings.CutPrefix(cert.Subject.CommonName, MetaCertCommonNamePrefix)
+	// The length test first keeps hostile CNs from costing an error value.
+	if !found || len(hexKey) != 2*KeyLen {
+		return PublicKey{}, 0, false
+	}
+	serial := cert.SerialNumber
+	if serial.Sign() < 0 || serial.BitLen() > 8 {
+		return PublicKey{}, 0, false
+	}
+	pub, err := ParsePublicKey(hexKey)
+	if err != nil {
+		return PublicKey{}, 0, false
+	}
+	return pub, int(serial.Int64()), true
+}
+
+// AppendMetaCert makes cfg present metaCert as the last certificate of its
+// chain, after the leaf and any intermediates, where standard TLS clients
+// ignore it (they build paths from the leaf and treat the rest as optional
+// intermediates) and DERP clients look for it.
+//
+// It handles every place a tls.Config can take its certificates from:
+// each entry of cfg.Certificates (and cfg.NameToCertificate) is replaced by
+// a copy with the meta cert appended; cfg.GetCertificate is wrapped so that
+// it returns a shallow copy of the original's result whose Certificate field
+// is a new slice; and cfg.GetConfigForClient is wrapped so that a config it
+// returns is cloned and treated the same way. Only cfg's own fields are
+// replaced: the certificates, chains and configs they hold or return are
+// never modified, because certificate managers such as
+// golang.org/x/crypto/acme/autocert hand one cached *tls.Certificate to
+// every concurrent handshake, and appending to it in place would race and
+// grow the chain on every handshake. Errors and nil results of the wrapped
+// callbacks pass through unchanged, and so do certificates with an empty
+// chain, which have no leaf to put the meta cert behind. Calling
+// AppendMetaCert again with the same metaCert adds nothing: a chain that
+// already ends with metaCert is left alone. An empty metaCert leaves cfg
+// unchanged, since a zero-length certificate would break every Go client's
+// handshake.
+//
+// DERP upgrades an HTTP/1.1 request by hijacking its connection, and an
+// HTTP/2 stream cannot be hijacked, so AppendMetaCert also rewrites
+// cfg.NextProtos (and that of configs from GetConfigForClient) without "h2"
+// and with "http/1.1" (which is what the list becomes if it was empty);
+// other values such as "acme-tls/1" are kept. Beware of
+// http.Server.ServeTLS and ListenAndServeTLS: unless srv.Protocols allows
+// only HTTP/1 (or srv.TLSNextProto is a non-nil map without "h2"), they add
+// "h2" back to their own copy of the config. It lands after "http/1.1", so
+// clients offering both still get HTTP/1.1, but a client offering only h2
+// gets a connection that cannot be upgraded. Given certificate file names,
+// they also replace the certificates with a freshly loaded pair that lacks
+// the meta cert. Prefer srv.Serve(tls.NewListener(ln, cfg)), which uses cfg
+// as it is.
+//
+// AppendMetaCert modifies cfg, so call it before cfg is used by any
+// listener; cfg must not be nil.
+func AppendMetaCert(cfg *tls.Config, metaCert []byte) {
+	if len(metaCert) == 0 {
+		return
+	}
+	// Our own copy, so that a caller reusing its buffer cannot change
+	// what every later handshake serves.
+	meta := bytes.Clone(metaCert)
+	appendMetaCertToConfig(cfg, meta)
+	if getConfig := cfg.GetConfigForClient; getConfig != nil {
+		cfg.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+			c, err := getConfig(hello)
+			if err != nil || c == nil {
+				return c, err
+			}
+			// The returned config may be shared by other handshakes (or
+			// be cfg itself), so it is cloned rather than changed. Its
+			// own GetConfigForClient is never consulted by crypto/tls.
+			c = c.Clone()
+			appendMetaCertToConfig(c, meta)
+			return c, nil
+		}
+	}
+}
+
+// appendMetaCertToConfig does AppendMetaCert's work on everything in cfg
+// except GetConfigForClient.
+func appendMetaCertToConfig(cfg *tls.Config, meta []byte) {
+	if len(cfg.Certificates) > 0 {
+		certs := make([]tls.Certificate, len(cfg.Certificates))
+		for i := range cfg.Certificates {
+			certs[i] = withMetaCert(&cfg.Certificates[i], meta)
+		}
+		cfg.Certificates = certs
+	}
+	//lint:ignore SA1019 a caller that still fills it gets the meta cert too.
+	if byName := cfg.NameToCertificate; len(byName) > 0 {
+		copies := make(map[*tls.Certificate]*tls.Certificate, len(byName))
+		newByName := make(map[string]*tls.Certificate, len(byName))
+		for name, c := range byName {
+			if c == nil {
+				newByName[name] = nil
+				continue
+			}
+			cc, seen := copies[c]
+			if !seen {
+				copied := withMetaCert(c, meta)
+				cc = &copied
+				copies[c] = cc
+			}
+			newByName[name] = cc
+		}
+		cfg.NameToCertificate = newByName
+	}
+	if getCert := cfg.GetCertificate; getCert != nil {
+		cfg.GetCertificate = func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+			c, err := getCert(hello)
+			if err != nil || c == nil {
+				return c, err
+			}
+			if !needsMetaCert(c, meta) {
+				return c, nil
+			}
+			cc := withMetaCert(c, meta)
+			return &cc, nil
+		}
+	}
+	cfg.NextProtos = metaCertNextProtos(cfg.NextProtos)
+}
+
+// needsMetaCert reports whether c has a leaf but does not end with meta yet.
+func needsMetaCert(c *tls.Certificate, meta []byte) bool {
+	n := len(c.Certificate)
+	return n > 0 && !bytes.Equal(c.Certificate[n-1], meta)
+}
+
+// withMetaCert returns a shallow copy of c whose chain ends with meta. The
+// chain is always a new slice: appending to c.Certificate could write into
+// spare capacity of a backing array that other handshakes are reading.
+func withMetaCert(c *tls.Certificate, meta []byte) tls.Certificate {
+	cc := *c
+	if !needsMetaCert(c, meta) {
+		return cc
+	}
+	chain := make([][]byte, 0, len(c.Certificate)+1)
+	chain = append(chain, c.Certificate...)
+	cc.Certificate = append(chain, meta)
+	return cc
+}
+
+// metaCertNextProtos returns a new ALPN list for a DERP listener: "h2" is
+// replaced by "http/1.1" (so the server's preference order is otherwise
+// kept), and "http/1.1" is added if still missing, because a server whose
+// list has no overlap with a client's offer fails the handshake.
+func metaCertNextProtos(protos []string) []string {
+	out := make([]string, 0, len(protos)+1)
+	haveHTTP1 := false
+	for _, p := range protos {
+		if p == "h2" {
+			p = "http/1.1"
+		}
+		if p == "http/1.1" {
+			if haveHTTP1 {
+				continue
+			}
+			haveHTTP1 = true
+		}
+		out = append(out, p)
+	}
+	if !haveHTTP1 {
+		out = append(out, "http/1.1")
+	}
+	return out
+}

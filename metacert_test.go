@@ -1,0 +1,813 @@
+package relay
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"math/big"
+	"net"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// metaCertTestKey returns a fresh random DERP public key.
+func metaCertTestKey(t testing.TB) PublicKey {
+	t.Helper()
+	priv, err := GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return priv.Public()
+}
+
+// metaCertTestMint mints a meta cert for pub with ProtocolVersion.
+func metaCertTestMint(t testing.TB, pub PublicKey) []byte {
+	t.Helper()
+	der, err := MintMetaCert(pub, ProtocolVersion)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return der
+}
+
+// metaCertTestCertDER makes a self-signed certificate with an arbitrary
+// subject CN and serial, for building chains ParseMetaCert must judge.
+func metaCertTestCertDER(t testing.TB, cn string, serial int64) []byte {
+	t.Helper()
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(serial),
+		Subject:      pkix.Name{CommonName: cn},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, pub, priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return der
+}
+
+func metaCertTestCert(t testing.TB, cn string, serial int64) *x509.Certificate {
+	t.Helper()
+	cert, err := x509.ParseCertificate(metaCertTestCertDER(t, cn, serial))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cert
+}
+
+const metaCertTestServerName = "derp.example"
+
+// metaCertTestPKI is a CA and a leaf it signed, both Ed25519 so that a
+// thousand handshakes stay fast under the race detector.
+type metaCertTestPKI struct {
+	roots *x509.CertPool
+	cert  tls.Certificate // chain: leaf, CA
+}
+
+func newMetaCertTestPKI(t testing.TB) *metaCertTestPKI {
+	t.Helper()
+	caPub, caPriv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caTmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "metacert test CA"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, caPub, caPriv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, err := x509.ParseCertificate(caDER)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leafPub, leafPriv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leafTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2),
+		Subject:      pkix.Name{CommonName: metaCertTestServerName},
+		DNSNames:     []string{metaCertTestServerName},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	leafDER, err := x509.CreateCertificate(rand.Reader, leafTmpl, ca, leafPub, caPriv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(ca)
+	// Spare capacity in the chain's backing array: an AppendMetaCert that
+	// appended to a copy of the slice header would write into it, which
+	// the callers check for and the race detector reports.
+	chain := make([][]byte, 2, 4)
+	chain[0], chain[1] = leafDER, caDER
+	return &metaCertTestPKI{
+		roots: roots,
+		cert:  tls.Certificate{Certificate: chain, PrivateKey: leafPriv},
+	}
+}
+
+// clientConfig verifies the server's chain the standard way, so every
+// handshake also shows that an extra certificate at the end does not upset
+// path building.
+func (p *metaCertTestPKI) clientConfig() *tls.Config {
+	return &tls.Config{
+		RootCAs:    p.roots,
+		ServerName: metaCertTestServerName,
+		MinVersion: tls.VersionTLS13,
+		// Plain X25519: the hybrid post-quantum key exchange would add
+		// nothing here but time under the race detector.
+		CurvePreferences: []tls.CurveID{tls.X25519},
+	}
+}
+
+// checkUntouched fails t if c's chain is no longer the leaf and CA alone,
+// including in the spare capacity behind it.
+func checkUntouched(t testing.TB, c *tls.Certificate) {
+	t.Helper()
+	if len(c.Certificate) != 2 {
+		t.Errorf("shared certificate's chain length = %d, want 2", len(c.Certificate))
+	}
+	for i, der := range c.Certificate[len(c.Certificate):cap(c.Certificate)] {
+		if der != nil {
+			t.Errorf("spare capacity of the shared chain written at index %d", len(c.Certificate)+i)
+		}
+	}
+}
+
+// metaCertTestHandshake runs one TLS handshake over an in-memory pipe and
+// returns the client's view and both sides' errors.
+func metaCertTestHandshake(server, client *tls.Config) (state tls.ConnectionState, clientErr, serverErr error) {
+	sc, cc := net.Pipe()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	serverDone := make(chan error, 1)
+	go func() {
+		ts := tls.Server(sc, server)
+		err := ts.HandshakeContext(ctx)
+		if err != nil {
+			sc.Close()
+		}
+		serverDone <- err
+	}()
+	tc := tls.Client(cc, client)
+	clientErr = tc.HandshakeContext(ctx)
+	state = tc.ConnectionState()
+	cc.Close()
+	serverErr = <-serverDone
+	sc.Close()
+	return state, clientErr, serverErr
+}
+
+// checkMetaCertState fails t unless the client saw the leaf chain followed by
+// meta, and ParseMetaCert finds pub with ProtocolVersion in it.
+func checkMetaCertState(t testing.TB, state tls.ConnectionState, leafChain int, meta []byte, pub PublicKey) {
+	t.Helper()
+	certs := state.PeerCertificates
+	if len(certs) != leafChain+1 {
+		t.Errorf("client saw %d certificates, want %d", len(certs), leafChain+1)
+		return
+	}
+	if !bytes.Equal(certs[len(certs)-1].Raw, meta) {
+		t.Errorf("last certificate is not the meta cert")
+	}
+	got, version, ok := ParseMetaCert(certs)
+	if !ok || got != pub || version != ProtocolVersion {
+		t.Errorf("ParseMetaCert = %v, %d, %v; want %v, %d, true", got, version, ok, pub, ProtocolVersion)
+	}
+}
+
+func TestMintMetaCert(t *testing.T) {
+	pub := metaCertTestKey(t)
+	der := metaCertTestMint(t, pub)
+	if len(der) >= 500 {
+		t.Errorf("meta cert is %d bytes of DER, want under 500", len(der))
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cert.Version != 3 {
+		t.Errorf("Version = %d, want 3", cert.Version)
+	}
+	if cert.SerialNumber.Cmp(big.NewInt(2)) != 0 {
+		t.Errorf("SerialNumber = %v, want 2", cert.SerialNumber)
+	}
+	wantCN := "derpkey" + pub.String()
+	if cert.Subject.CommonName != wantCN || len(wantCN) != 71 {
+		t.Errorf("subject CN = %q, want %q", cert.Subject.CommonName, wantCN)
+	}
+	if len(cert.Subject.Names) != 1 {
+		t.Errorf("subject has %d attributes, want only the CN", len(cert.Subject.Names))
+	}
+	if !bytes.Equal(cert.RawIssuer, cert.RawSubject) {
+		t.Errorf("issuer %q differs from subject %q", cert.Issuer, cert.Subject)
+	}
+	now := time.Now()
+	const day = 24 * time.Hour
+	if d := cert.NotBefore.Sub(now.Add(-30 * day)).Abs(); d > time.Minute {
+		t.Errorf("NotBefore = %v, want about 30 days before %v", cert.NotBefore, now)
+	}
+	if d := cert.NotAfter.Sub(now.Add(30 * day)).Abs(); d > time.Minute {
+		t.Errorf("NotAfter = %v, want about 30 days after %v", cert.NotAfter, now)
+	}
+	if len(cert.Extensions) != 1 {
+		t.Fatalf("%d extensions, want exactly Basic Constraints: %+v", len(cert.Extensions), cert.Extensions)
+	}
+	ext := cert.Extensions[0]
+	if !ext.Id.Equal(asn1.ObjectIdentifier{2, 5, 29, 19}) || !ext.Critical || !bytes.Equal(ext.Value, []byte{0x30, 0x00}) {
+		t.Errorf("extension = %v critical=%v value=%x, want 2.5.29.19 critical=true value=3000", ext.Id, ext.Critical, ext.Value)
+	}
+	if cert.IsCA || len(cert.SubjectKeyId) != 0 || len(cert.AuthorityKeyId) != 0 || cert.KeyUsage != 0 || len(cert.DNSNames) != 0 {
+		t.Errorf("unexpected CA flag, key IDs, key usage or SAN")
+	}
+	if cert.SignatureAlgorithm != x509.PureEd25519 || cert.PublicKeyAlgorithm != x509.Ed25519 {
+		t.Errorf("algorithms = %v, %v; want Ed25519", cert.SignatureAlgorithm, cert.PublicKeyAlgorithm)
+	}
+	if err := cert.CheckSignature(cert.SignatureAlgorithm, cert.RawTBSCertificate, cert.Signature); err != nil {
+		t.Errorf("self-signature does not verify: %v", err)
+	}
+	if got, version, ok := ParseMetaCert([]*x509.Certificate{cert}); !ok || got != pub || version != ProtocolVersion {
+		t.Errorf("ParseMetaCert(minted) = %v, %d, %v", got, version, ok)
+	}
+
+	// A fresh key each time: two mints for one server key share nothing
+	// but the subject.
+	cert2, err := x509.ParseCertificate(metaCertTestMint(t, pub))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Equal(cert.RawSubjectPublicKeyInfo, cert2.RawSubjectPublicKeyInfo) {
+		t.Errorf("two meta certs share a signing key")
+	}
+
+	for _, v := range []int{1, 255} {
+		der, err := MintMetaCert(pub, v)
+		if err != nil {
+			t.Errorf("MintMetaCert(version %d): %v", v, err)
+			continue
+		}
+		if _, got, ok := ParseMetaCert(metaCertTestParse(t, der)); !ok || got != v {
+			t.Errorf("version %d parsed back as %d, %v", v, got, ok)
+		}
+	}
+	for _, v := range []int{0, 256, -1, 1 << 20} {
+		if der, err := MintMetaCert(pub, v); err == nil {
+			t.Errorf("MintMetaCert(version %d) = %d bytes, want an error", v, len(der))
+		}
+	}
+}
+
+func metaCertTestParse(t testing.TB, der []byte) []*x509.Certificate {
+	t.Helper()
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return []*x509.Certificate{cert}
+}
+
+func TestParseMetaCert(t *testing.T) {
+	key1, key2 := metaCertTestKey(t), metaCertTestKey(t)
+	hex1, hex2 := key1.String(), key2.String()
+	leaf := metaCertTestCert(t, metaCertTestServerName, 7)
+	good1 := metaCertTestCert(t, "derpkey"+hex1, 2)
+	good2 := metaCertTestCert(t, "derpkey"+hex2, 2)
+	upper := metaCertTestCert(t, "derpkey"+strings.ToUpper(hex1), 2)
+	serial0 := metaCertTestCert(t, "derpkey"+hex1, 0)
+	serial255 := metaCertTestCert(t, "derpkey"+hex1, 255)
+	badHex := metaCertTestCert(t, "derpkeyzz"+hex1[2:], 2)
+	short := metaCertTestCert(t, "derpkey"+hex1[:62], 2)
+	long := metaCertTestCert(t, "derpkey"+hex1+"0", 2)
+	prefixOnly := metaCertTestCert(t, "derpkey", 2)
+	serial256 := metaCertTestCert(t, "derpkey"+hex1, 256)
+	hugeSerial := metaCertTestCert(t, "derpkey"+hex1, 1<<62)
+	upperPrefix := metaCertTestCert(t, "DERPKEY"+hex1, 2)
+	spaced := metaCertTestCert(t, " derpkey"+hex1, 2)
+	// Shapes x509.ParseCertificate would not produce, which a caller could
+	// still hand over.
+	negative := &x509.Certificate{Subject: pkix.Name{CommonName: "derpkey" + hex1}, SerialNumber: big.NewInt(-2)}
+	noSerial := &x509.Certificate{Subject: pkix.Name{CommonName: "derpkey" + hex1}}
+	empty := &x509.Certificate{}
+
+	tests := []struct {
+		name        string
+		chain       []*x509.Certificate
+		wantKey     PublicKey
+		wantVersion int
+		wantOK      bool
+	}{
+		{"end of chain", []*x509.Certificate{leaf, good1}, key1, 2, true},
+		{"leaf position", []*x509.Certificate{good1, leaf}, key1, 2, true},
+		{"only cert", []*x509.Certificate{good1}, key1, 2, true},
+		{"first candidate wins", []*x509.Certificate{leaf, good2, good1}, key2, 2, true},
+		{"upper case hex", []*x509.Certificate{leaf, upper}, key1, 2, true},
+		{"serial 0 is found", []*x509.Certificate{leaf, serial0}, key1, 0, true},
+		{"serial 255", []*x509.Certificate{serial255}, key1, 255, true},
+		{"skip bad hex", []*x509.Certificate{badHex, good2}, key2, 2, true},
+		{"skip short key", []*x509.Certificate{short, good2}, key2, 2, true},
+		{"skip long key", []*x509.Certificate{long, good2}, key2, 2, true},
+		{"skip bare prefix", []*x509.Certificate{prefixOnly, good2}, key2, 2, true},
+		{"skip serial 256", []*x509.Certificate{serial256, good2}, key2, 2, true},
+		{"skip huge serial", []*x509.Certificate{hugeSerial, good2}, key2, 2, true},
+		{"skip negative serial", []*x509.Certificate{negative, good2}, key2, 2, true},
+		{"skip nil serial", []*x509.Certificate{noSerial, good2}, key2, 2, true},
+		{"prefix is case-sensitive", []*x509.Certificate{upperPrefix, good2}, key2, 2, true},
+		{"prefix must be at the start", []*x509.Certificate{spaced, good2}, key2, 2, true},
+		{"skip all bad", []*x509.Certificate{leaf, badHex, short, long, serial256, negative, noSerial, upperPrefix, empty, good2}, key2, 2, true},
+		{"skip nil entry", []*x509.Certificate{nil, leaf, nil, good1}, key1, 2, true},
+		{"no candidate", []*x509.Certificate{leaf}, PublicKey{}, 0, false},
+		{"only bad candidates", []*x509.Certificate{badHex, short, long, serial256, hugeSerial, negative, noSerial, upperPrefix}, PublicKey{}, 0, false},
+		{"nil chain", nil, PublicKey{}, 0, false},
+		{"empty chain", []*x509.Certificate{}, PublicKey{}, 0, false},
+		{"nil entries", []*x509.Certificate{nil, nil}, PublicKey{}, 0, false},
+		{"zero certificate", []*x509.Certificate{empty}, PublicKey{}, 0, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			key, version, ok := ParseMetaCert(tt.chain)
+			if key != tt.wantKey || version != tt.wantVersion || ok != tt.wantOK {
+				t.Errorf("ParseMetaCert = %v, %d, %v; want %v, %d, %v", key, version, ok, tt.wantKey, tt.wantVersion, tt.wantOK)
+			}
+		})
+	}
+}
+
+func TestAppendMetaCertGetCertificate(t *testing.T) {
+	pki := newMetaCertTestPKI(t)
+	pub := metaCertTestKey(t)
+	meta := metaCertTestMint(t, pub)
+
+	// Like autocert: one cached certificate for every handshake.
+	shared := &pki.cert
+	var calls sync.Map // distinct *tls.Certificate values returned
+	cfg := &tls.Config{
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return shared, nil },
+	}
+	AppendMetaCert(cfg, meta)
+	wrapped := cfg.GetCertificate
+	cfg.GetCertificate = func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+		c, err := wrapped(hello)
+		if c == shared {
+			t.Errorf("GetCertificate returned the shared certificate itself")
+		}
+		calls.Store(c, true)
+		return c, err
+	}
+
+	const handshakes, workers = 1000, 8
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			for i := w; i < handshakes; i += workers {
+				state, clientErr, serverErr := metaCertTestHandshake(cfg, pki.clientConfig())
+				if clientErr != nil || serverErr != nil {
+					t.Errorf("handshake %d: client %v, server %v", i, clientErr, serverErr)
+					return
+				}
+				if state.Version != tls.VersionTLS13 {
+					t.Errorf("handshake %d: version %x", i, state.Version)
+				}
+				checkMetaCertState(t, state, 2, meta, pub)
+			}
+		})
+	}
+	wg.Wait()
+	checkUntouched(t, shared)
+	n := 0
+	calls.Range(func(any, any) bool { n++; return true })
+	if n != handshakes {
+		t.Errorf("%d distinct certificates returned for %d handshakes, want a fresh copy each", n, handshakes)
+	}
+}
+
+func TestAppendMetaCertStatic(t *testing.T) {
+	pki := newMetaCertTestPKI(t)
+	pub := metaCertTestKey(t)
+	meta := metaCertTestMint(t, pub)
+
+	orig := []tls.Certificate{pki.cert}
+	cfg := &tls.Config{Certificates: orig}
+	AppendMetaCert(cfg, meta)
+	if &cfg.Certificates[0] == &orig[0] {
+		t.Errorf("cfg.Certificates still shares the caller's slice")
+	}
+	checkUntouched(t, &orig[0])
+	checkUntouched(t, &pki.cert)
+
+	var wg sync.WaitGroup
+	for i := range 50 {
+		wg.Go(func() {
+			state, clientErr, serverErr := metaCertTestHandshake(cfg, pki.clientConfig())
+			if clientErr != nil || serverErr != nil {
+				t.Errorf("handshake %d: client %v, server %v", i, clientErr, serverErr)
+				return
+			}
+			checkMetaCertState(t, state, 2, meta, pub)
+		})
+	}
+	wg.Wait()
+	checkUntouched(t, &orig[0])
+
+	// The deprecated NameToCertificate map gets copies too, one per
+	// distinct certificate.
+	byName := map[string]*tls.Certificate{"a.example": &orig[0], "b.example": &orig[0]}
+	cfg = &tls.Config{NameToCertificate: byName}
+	AppendMetaCert(cfg, meta)
+	a, b := cfg.NameToCertificate["a.example"], cfg.NameToCertificate["b.example"]
+	if a == &orig[0] || a != b || len(a.Certificate) != 3 || !bytes.Equal(a.Certificate[2], meta) {
+		t.Errorf("NameToCertificate not replaced by one shared copy with the meta cert")
+	}
+	if byName["a.example"] != &orig[0] {
+		t.Errorf("caller's NameToCertificate map changed")
+	}
+	checkUntouched(t, &orig[0])
+}
+
+func TestAppendMetaCertIdempotent(t *testing.T) {
+	pki := newMetaCertTestPKI(t)
+	pub := metaCertTestKey(t)
+	meta := metaCertTestMint(t, pub)
+
+	static := &tls.Config{Certificates: []tls.Certificate{pki.cert}}
+	AppendMetaCert(static, meta)
+	AppendMetaCert(static, bytes.Clone(meta))
+	if got := len(static.Certificates[0].Certificate); got != 3 {
+		t.Errorf("static chain after two calls has %d certificates, want 3", got)
+	}
+
+	shared := &pki.cert
+	callback := &tls.Config{
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return shared, nil },
+	}
+	AppendMetaCert(callback, meta)
+	AppendMetaCert(callback, meta)
+	c, err := callback.GetCertificate(&tls.ClientHelloInfo{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Certificate) != 3 {
+		t.Errorf("GetCertificate chain after two calls has %d certificates, want 3", len(c.Certificate))
+	}
+
+	// A GetConfigForClient that hands back the config it belongs to is
+	// wrapped over an already wrapped config.
+	self := &tls.Config{Certificates: []tls.Certificate{pki.cert}}
+	self.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) { return self, nil }
+	AppendMetaCert(self, meta)
+	state, clientErr, serverErr := metaCertTestHandshake(self, pki.clientConfig())
+	if clientErr != nil || serverErr != nil {
+		t.Fatalf("handshake: client %v, server %v", clientErr, serverErr)
+	}
+	checkMetaCertState(t, state, 2, meta, pub)
+	checkUntouched(t, shared)
+}
+
+func TestAppendMetaCertGetConfigForClient(t *testing.T) {
+	pki := newMetaCertTestPKI(t)
+	pub := metaCertTestKey(t)
+	meta := metaCertTestMint(t, pub)
+
+	inner := &tls.Config{
+		Certificates: []tls.Certificate{pki.cert},
+		NextProtos:   []string{"h2", "http/1.1"},
+	}
+	cfg := &tls.Config{
+		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) { return inner, nil },
+	}
+	AppendMetaCert(cfg, meta)
+
+	client := pki.clientConfig()
+	client.NextProtos = []string{"h2", "http/1.1"}
+	var wg sync.WaitGroup
+	for i := range 50 {
+		wg.Go(func() {
+			state, clientErr, serverErr := metaCertTestHandshake(cfg, client)
+			if clientErr != nil || serverErr != nil {
+				t.Errorf("handshake %d: client %v, server %v", i, clientErr, serverErr)
+				return
+			}
+			checkMetaCertState(t, state, 2, meta, pub)
+			if state.NegotiatedProtocol != "http/1.1" {
+				t.Errorf("negotiated %q, want http/1.1", state.NegotiatedProtocol)
+			}
+		})
+	}
+	wg.Wait()
+	checkUntouched(t, &inner.Certificates[0])
+	if !slices.Equal(inner.NextProtos, []string{"h2", "http/1.1"}) {
+		t.Errorf("returned config's NextProtos changed to %q", inner.NextProtos)
+	}
+}
+
+func TestAppendMetaCertALPN(t *testing.T) {
+	tests := []struct {
+		in, want []string
+	}{
+		{nil, []string{"http/1.1"}},
+		{[]string{}, []string{"http/1.1"}},
+		{[]string{"h2"}, []string{"http/1.1"}},
+		{[]string{"http/1.1"}, []string{"http/1.1"}},
+		{[]string{"h2", "http/1.1"}, []string{"http/1.1"}},
+		{[]string{"http/1.1", "h2"}, []string{"http/1.1"}},
+		// autocert's Manager.TLSConfig.
+		{[]string{"h2", "http/1.1", "acme-tls/1"}, []string{"http/1.1", "acme-tls/1"}},
+		{[]string{"h2", "acme-tls/1"}, []string{"http/1.1", "acme-tls/1"}},
+		{[]string{"acme-tls/1"}, []string{"acme-tls/1", "http/1.1"}},
+	}
+	pki := newMetaCertTestPKI(t)
+	meta := metaCertTestMint(t, metaCertTestKey(t))
+	for _, tt := range tests {
+		t.Run(fmt.Sprintf("%q", tt.in), func(t *testing.T) {
+			in := slices.Clone(tt.in)
+			cfg := &tls.Config{Certificates: []tls.Certificate{pki.cert}, NextProtos: in}
+			AppendMetaCert(cfg, meta)
+			if !slices.Equal(cfg.NextProtos, tt.want) {
+				t.Errorf("NextProtos = %q, want %q", cfg.NextProtos, tt.want)
+			}
+			if !slices.Equal(in, tt.in) {
+				t.Errorf("caller's NextProtos slice changed to %q", in)
+			}
+		})
+	}
+
+	cfg := &tls.Config{
+		Certificates: []tls.Certificate{pki.cert},
+		NextProtos:   []string{"h2", "http/1.1", "acme-tls/1"},
+	}
+	AppendMetaCert(cfg, meta)
+	for _, tt := range []struct {
+		offer []string
+		want  string
+	}{
+		{[]string{"h2", "http/1.1"}, "http/1.1"},
+		{nil, ""},
+		{[]string{"acme-tls/1"}, "acme-tls/1"},
+	} {
+		client := pki.clientConfig()
+		client.NextProtos = tt.offer
+		state, clientErr, serverErr := metaCertTestHandshake(cfg, client)
+		if clientErr != nil || serverErr != nil {
+			t.Errorf("offer %q: client %v, server %v", tt.offer, clientErr, serverErr)
+			continue
+		}
+		if state.NegotiatedProtocol != tt.want {
+			t.Errorf("offer %q: negotiated %q, want %q", tt.offer, state.NegotiatedProtocol, tt.want)
+		}
+	}
+}
+
+// TestAppendMetaCertHTTPServer shows why AppendMetaCert drops "h2", and the
+// net/http pitfall its documentation warns about.
+func TestAppendMetaCertHTTPServer(t *testing.T) {
+	pki := newMetaCertTestPKI(t)
+	pub := metaCertTestKey(t)
+	meta := metaCertTestMint(t, pub)
+
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hj, ok := w.(http.Hijacker)
+		if !ok {
+			http.Error(w, "cannot hijack "+r.Proto, http.StatusInternalServerError)
+			return
+		}
+		conn, brw, err := hj.Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		brw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\nhijacked\n")
+		brw.Flush()
+	})
+
+	// Refused h2-only handshakes are expected below; keep them out of the
+	// test output.
+	quiet := log.New(io.Discard, "", 0)
+
+	get := func(t *testing.T, addr string) (*http.Response, string) {
+		t.Helper()
+		tr := &http.Transport{TLSClientConfig: pki.clientConfig(), ForceAttemptHTTP2: true}
+		defer tr.CloseIdleConnections()
+		resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Get("https://" + addr + "/derp")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp, string(body)
+	}
+
+	t.Run("tls.NewListener", func(t *testing.T) {
+		cfg := &tls.Config{Certificates: []tls.Certificate{pki.cert}, NextProtos: []string{"h2", "http/1.1"}}
+		AppendMetaCert(cfg, meta)
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv := &http.Server{Handler: handler, ErrorLog: quiet}
+		go srv.Serve(tls.NewListener(ln, cfg))
+		defer srv.Close()
+
+		resp, body := get(t, ln.Addr().String())
+		if resp.ProtoMajor != 1 || body != "hijacked\n" {
+			t.Errorf("got %s %q, want HTTP/1.1 and a hijacked connection", resp.Proto, body)
+		}
+		if resp.TLS == nil {
+			t.Fatal("no TLS state")
+		}
+		checkMetaCertState(t, *resp.TLS, 2, meta, pub)
+	})
+
+	// ServeTLS appends "h2" to its own copy of NextProtos. The server's
+	// order decides, so clients offering both still get HTTP/1.1, but one
+	// offering only h2 now gets a connection DERP cannot hijack.
+	serveTLS := func(t *testing.T, protocols *http.Protocols) string {
+		t.Helper()
+		cfg := &tls.Config{Certificates: []tls.Certificate{pki.cert}}
+		AppendMetaCert(cfg, meta)
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv := &http.Server{Handler: handler, TLSConfig: cfg, Protocols: protocols, ErrorLog: quiet}
+		go srv.ServeTLS(ln, "", "")
+		t.Cleanup(func() { srv.Close() })
+		return ln.Addr().String()
+	}
+	negotiate := func(t *testing.T, addr string, offer ...string) string {
+		t.Helper()
+		client := pki.clientConfig()
+		client.NextProtos = offer
+		conn, err := tls.Dial("tcp", addr, client)
+		if err != nil {
+			return "handshake failed"
+		}
+		defer conn.Close()
+		return conn.ConnectionState().NegotiatedProtocol
+	}
+	t.Run("ServeTLS puts h2 back", func(t *testing.T) {
+		addr := serveTLS(t, nil)
+		if got := negotiate(t, addr, "h2", "http/1.1"); got != "http/1.1" {
+			t.Errorf("client offering h2 and http/1.1 got %q, want http/1.1", got)
+		}
+		if got := negotiate(t, addr, "h2"); got != "h2" {
+			t.Errorf("h2-only client got %q; if net/http no longer adds h2, update AppendMetaCert's documentation", got)
+		}
+	})
+	t.Run("ServeTLS with HTTP/1 only", func(t *testing.T) {
+		var protocols http.Protocols
+		protocols.SetHTTP1(true)
+		addr := serveTLS(t, &protocols)
+		if got := negotiate(t, addr, "h2"); got == "h2" {
+			t.Errorf("h2-only client negotiated h2 although srv.Protocols is HTTP/1 only")
+		}
+		resp, body := get(t, addr)
+		if resp.ProtoMajor != 1 || body != "hijacked\n" {
+			t.Errorf("got %s %q, want HTTP/1.1 and a hijacked connection", resp.Proto, body)
+		}
+	})
+}
+
+func TestAppendMetaCertPassesErrors(t *testing.T) {
+	pki := newMetaCertTestPKI(t)
+	meta := metaCertTestMint(t, metaCertTestKey(t))
+	errCert := errors.New("no certificate for you")
+	hello := &tls.ClientHelloInfo{ServerName: metaCertTestServerName}
+
+	var ret *tls.Certificate
+	var retErr error
+	cfg := &tls.Config{
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return ret, retErr },
+	}
+	AppendMetaCert(cfg, meta)
+
+	withChain := &pki.cert
+	noChain := &tls.Certificate{}
+	for _, tt := range []struct {
+		name string
+		c    *tls.Certificate
+		err  error
+	}{
+		{"error", nil, errCert},
+		{"certificate and error", withChain, errCert},
+		{"nil, nil", nil, nil},
+		{"empty chain", noChain, nil},
+	} {
+		ret, retErr = tt.c, tt.err
+		c, err := cfg.GetCertificate(hello)
+		if c != tt.c || err != tt.err {
+			t.Errorf("%s: GetCertificate = %p, %v; want %p, %v unchanged", tt.name, c, err, tt.c, tt.err)
+		}
+	}
+	checkUntouched(t, withChain)
+
+	ret, retErr = nil, errCert
+	client := pki.clientConfig()
+	if _, clientErr, serverErr := metaCertTestHandshake(cfg, client); clientErr == nil || !errors.Is(serverErr, errCert) {
+		t.Errorf("handshake: client %v, server %v; want the server to fail with %v", clientErr, serverErr, errCert)
+	}
+
+	errConfig := errors.New("no config for you")
+	var retCfg *tls.Config
+	cfg = &tls.Config{
+		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) { return retCfg, retErr },
+	}
+	AppendMetaCert(cfg, meta)
+	retErr = errConfig
+	if c, err := cfg.GetConfigForClient(hello); c != nil || err != errConfig {
+		t.Errorf("GetConfigForClient = %p, %v; want nil, %v", c, err, errConfig)
+	}
+	retErr = nil
+	if c, err := cfg.GetConfigForClient(hello); c != nil || err != nil {
+		t.Errorf("GetConfigForClient = %p, %v; want nil, nil", c, err)
+	}
+
+	// An empty meta cert would make every Go client fail the handshake.
+	cfg = &tls.Config{Certificates: []tls.Certificate{pki.cert}, NextProtos: []string{"h2"}}
+	AppendMetaCert(cfg, nil)
+	if len(cfg.Certificates[0].Certificate) != 2 || !slices.Equal(cfg.NextProtos, []string{"h2"}) {
+		t.Errorf("AppendMetaCert with an empty meta cert changed cfg")
+	}
+}
+
+// TestMetaCertTLS12 shows that a TLS 1.2 client receives the meta cert too,
+// in clear text: ignoring it below TLS 1.3 is the client's job.
+func TestMetaCertTLS12(t *testing.T) {
+	pki := newMetaCertTestPKI(t)
+	pub := metaCertTestKey(t)
+	meta := metaCertTestMint(t, pub)
+	shared := &pki.cert
+	cfg := &tls.Config{
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return shared, nil },
+		MaxVersion:     tls.VersionTLS12,
+	}
+	AppendMetaCert(cfg, meta)
+	client := pki.clientConfig()
+	client.MinVersion = tls.VersionTLS12
+	state, clientErr, serverErr := metaCertTestHandshake(cfg, client)
+	if clientErr != nil || serverErr != nil {
+		t.Fatalf("handshake: client %v, server %v", clientErr, serverErr)
+	}
+	if state.Version != tls.VersionTLS12 {
+		t.Errorf("negotiated version %x, want TLS 1.2", state.Version)
+	}
+	checkMetaCertState(t, state, 2, meta, pub)
+	checkUntouched(t, shared)
+}
+
+func FuzzParseMetaCert(f *testing.F) {
+	pub := metaCertTestKey(f)
+	f.Add(metaCertTestMint(f, pub))
+	f.Add(metaCertTestCertDER(f, "derpkey"+strings.ToUpper(pub.String()), 2))
+	f.Add(metaCertTestCertDER(f, "derpkey"+pub.String(), 0))
+	f.Add(metaCertTestCertDER(f, "derpkey"+pub.String(), 256))
+	f.Add(metaCertTestCertDER(f, "derpkey"+pub.String()[1:], 2))
+	f.Add(metaCertTestCertDER(f, metaCertTestServerName, 1))
+	f.Fuzz(func(t *testing.T, der []byte) {
+		cert, err := x509.ParseCertificate(der)
+		if err != nil {
+			return
+		}
+		pub, version, ok := ParseMetaCert([]*x509.Certificate{cert})
+		if !ok {
+			if pub != (PublicKey{}) || version != 0 {
+				t.Fatalf("not found but returned %v, %d", pub, version)
+			}
+			return
+		}
+		rest, found := strings.CutPrefix(cert.Subject.CommonName, MetaCertCommonNamePrefix)
+		if !found || !strings.EqualFold(rest, pub.String()) {
+			t.Fatalf("found key %v in CN %q", pub, cert.Subject.CommonName)
+		}
+		if version < 0 || version > 255 || cert.SerialNumber.Cmp(big.NewInt(int64(version))) != 0 {
+			t.Fatalf("version %d from serial %v", version, cert.SerialNumber)
+		}
+	})
+}

@@ -1,0 +1,844 @@
+package relay
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go4.org/mem"
+)
+
+// TestMain fails the run if goroutines of this package outlive the tests.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if code == 0 {
+		if leaked := waitNoLeaks(5 * time.Second); leaked != "" {
+			fmt.Fprintf(os.Stderr, "leaked goroutines:\n%s\n", leaked)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+// leakedGoroutines returns the stacks of goroutines running this package's
+// code, other than the test harness.
+func leakedGoroutines() string {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	var out []string
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		if !strings.Contains(g, "fastderp/relay.") || strings.Contains(g, "testing.(*M).Run") ||
+			strings.Contains(g, "relay.leakedGoroutines") || strings.Contains(g, "testing.tRunner") {
+			continue
+		}
+		out = append(out, g)
+	}
+	return strings.Join(out, "\n\n")
+}
+
+func waitNoLeaks(d time.Duration) string {
+	deadline := time.Now().Add(d)
+	for {
+		l := leakedGoroutines()
+		if l == "" || time.Now().After(deadline) {
+			return l
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func mustKey(t testing.TB) PrivateKey {
+	t.Helper()
+	k, err := GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// newTestServer returns a server that is closed when the test ends.
+func newTestServer(t testing.TB, opts ...ServerOption) *Server {
+	t.Helper()
+	s := NewServer(mustKey(t), opts...)
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// pipeClient connects a new client to s over an in-memory pipe, and waits for
+// its ServerInfo.
+func pipeClient(t testing.TB, s *Server, opts ...ClientOption) *Client {
+	t.Helper()
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1234")
+	return loginClient(t, cc, mustKey(t), opts...)
+}
+
+func loginClient(t testing.TB, nc net.Conn, priv PrivateKey, opts ...ClientOption) *Client {
+	t.Helper()
+	c, err := NewClient(priv, nc, nil, opts...)
+	if err != nil {
+		nc.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if _, ok := recvMsg[ServerInfo](t, c); !ok {
+		t.Fatal("no ServerInfo")
+	}
+	return c
+}
+
+// tcpServer serves s on a loopback TCP listener through Accept.
+func tcpServer(t testing.TB, s *Server) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			nc, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				s.Accept(context.Background(), nc, nil, nc.RemoteAddr().String())
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); s.Close(); wg.Wait() })
+	return ln.Addr().String()
+}
+
+func tcpClient(t testing.TB, addr string, opts ...ClientOption) *Client {
+	t.Helper()
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return loginClient(t, nc, mustKey(t), opts...)
+}
+
+// recvMsg receives until a message of type T arrives, skipping others, for at
+// most 5 seconds.
+func recvMsg[T Message](t testing.TB, c *Client) (T, bool) {
+	t.Helper()
+	var zero T
+	saved := c.opts.recvTimeout
+	c.opts.recvTimeout = 5 * time.Second
+	defer func() { c.opts.recvTimeout = saved }()
+	for {
+		m, err := c.recv()
+		if err != nil {
+			t.Errorf("waiting for %T: %v", zero, err)
+			return zero, false
+		}
+		if v, ok := m.(T); ok {
+			return v, true
+		}
+	}
+}
+
+// recvErr receives until an error, for at most 5 seconds, and returns the
+// messages seen.
+func recvUntilErr(t testing.TB, c *Client) ([]Message, error) {
+	t.Helper()
+	c.opts.recvTimeout = 5 * time.Second
+	var msgs []Message
+	for {
+		m, err := c.Recv()
+		if err != nil {
+			return msgs, err
+		}
+		msgs = append(msgs, m)
+	}
+}
+
+func TestKeyText(t *testing.T) {
+	priv := mustKey(t)
+	pub := priv.Public()
+	if pub.IsZero() {
+		t.Fatal("zero public key")
+	}
+	s := pub.String()
+	if len(s) != 64 || strings.ToLower(s) != s {
+		t.Fatalf("String = %q", s)
+	}
+	for _, in := range []string{s, strings.ToUpper(s)} {
+		got, err := ParsePublicKey(in)
+		if err != nil || got != pub {
+			t.Fatalf("ParsePublicKey(%q) = %v, %v", in, got, err)
+		}
+	}
+	var viaText PublicKey
+	if err := viaText.UnmarshalText([]byte("nodekey:" + s)); err != nil || viaText != pub {
+		t.Fatalf("UnmarshalText nodekey: %v %v", viaText, err)
+	}
+	for _, bad := range []string{"", s[:63], s + "0", "zz" + s[2:]} {
+		if _, err := ParsePublicKey(bad); err == nil {
+			t.Errorf("ParsePublicKey(%q) succeeded", bad)
+		}
+	}
+	if priv.String() == fmt.Sprint([32]byte(priv)) || strings.Contains(fmt.Sprint(priv), fmt.Sprintf("%x", priv[:4])) {
+		t.Errorf("PrivateKey.String leaks the key: %v", priv)
+	}
+	if ss := pub.ShortString(); len(ss) != 7 || ss[0] != '[' || ss[6] != ']' {
+		t.Errorf("ShortString = %q", ss)
+	}
+	pk, err := ParsePrivateKey("privkey:" + fmt.Sprintf("%x", priv[:]))
+	if err != nil || pk != priv {
+		t.Errorf("ParsePrivateKey: %v", err)
+	}
+}
+
+func TestParsePublicKeyMemNoAlloc(t *testing.T) {
+	s := mustKey(t).Public().String()
+	m := mem.S(s)
+	allocs := testing.AllocsPerRun(100, func() {
+		if _, err := ParsePublicKeyMem(m); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("ParsePublicKeyMem allocates %v times", allocs)
+	}
+}
+
+func TestGeneratedKeysAreClamped(t *testing.T) {
+	for range 20 {
+		k := mustKey(t)
+		if k[0]&7 != 0 || k[31]&0x80 != 0 || k[31]&0x40 == 0 {
+			t.Fatalf("key not clamped: %x", k[:])
+		}
+	}
+}
+
+func TestCheckPeerKey(t *testing.T) {
+	good := mustKey(t).Public()
+	if err := checkPeerKey(good); err != nil {
+		t.Fatalf("good key refused: %v", err)
+	}
+	var zero PublicKey
+	if !errors.Is(checkPeerKey(zero), ErrZeroKey) {
+		t.Error("zero key accepted")
+	}
+	high := good
+	high[31] |= 0x80
+	if !errors.Is(checkPeerKey(high), ErrWeakKey) {
+		t.Error("key with bit 255 set accepted")
+	}
+	var p PublicKey // 2^255 - 19
+	p[0] = 0xed
+	for i := 1; i < 31; i++ {
+		p[i] = 0xff
+	}
+	p[31] = 0x7f
+	if !errors.Is(checkPeerKey(p), ErrWeakKey) {
+		t.Error("p accepted")
+	}
+	// Small-order points are caught by the shared-key computation.
+	one := PublicKey{1}
+	if _, err := sharedKey(mustKey(t), one); !errors.Is(err, ErrWeakKey) {
+		t.Errorf("small-order point: %v", err)
+	}
+}
+
+func TestRelayOverPipe(t *testing.T) {
+	s := newTestServer(t)
+	a, b := pipeClient(t, s), pipeClient(t, s)
+	exchange(t, a, b)
+}
+
+func TestRelayOverTCP(t *testing.T) {
+	s := NewServer(mustKey(t))
+	addr := tcpServer(t, s)
+	a, b := tcpClient(t, addr), tcpClient(t, addr)
+	exchange(t, a, b)
+	st := s.Stats()
+	if st.PacketsReceived < 4 || st.PacketsSent < 4 || st.CurrentConnections != 2 {
+		t.Errorf("stats after exchange: %+v", st)
+	}
+}
+
+// exchange sends packets both ways between a and b and checks them.
+func exchange(t *testing.T, a, b *Client) {
+	t.Helper()
+	for i, size := range []int{0, 1, 100, 1400, 5000, MaxPacketSize} {
+		pkt := bytes.Repeat([]byte{byte(i + 1)}, size)
+		for _, dir := range [][2]*Client{{a, b}, {b, a}} {
+			from, to := dir[0], dir[1]
+			if err := from.Send(to.PublicKey(), pkt); err != nil {
+				t.Fatalf("send %d bytes: %v", size, err)
+			}
+			got, ok := recvMsg[ReceivedPacket](t, to)
+			if !ok {
+				t.FailNow()
+			}
+			if got.Source != from.PublicKey() || !bytes.Equal(got.Data, pkt) {
+				t.Fatalf("got %d bytes from %s, want %d from %s", len(got.Data), got.Source.ShortString(), size, from.PublicKey().ShortString())
+			}
+		}
+	}
+}
+
+func TestSendToSelf(t *testing.T) {
+	s := newTestServer(t)
+	a := pipeClient(t, s)
+	if err := a.Send(a.PublicKey(), []byte("me")); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := recvMsg[ReceivedPacket](t, a)
+	if got.Source != a.PublicKey() || string(got.Data) != "me" {
+		t.Fatalf("got %v", got)
+	}
+}
+
+func TestSendTooLarge(t *testing.T) {
+	s := newTestServer(t)
+	a := pipeClient(t, s)
+	if err := a.Send(a.PublicKey(), make([]byte, MaxPacketSize+1)); !errors.Is(err, ErrPacketTooLarge) {
+		t.Fatalf("err = %v", err)
+	}
+	// Nothing was written: the connection still works.
+	if err := a.Send(a.PublicKey(), []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	recvMsg[ReceivedPacket](t, a)
+}
+
+func TestPingPong(t *testing.T) {
+	s := newTestServer(t)
+	a := pipeClient(t, s)
+	data := [8]byte{1, 2, 3, 4, 5, 6, 7, 8}
+	if err := a.SendPing(data); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := recvMsg[Pong](t, a)
+	if got != Pong(data) {
+		t.Fatalf("pong %v, want %v", got, data)
+	}
+	if st := s.Stats(); st.PingsReceived != 1 || st.PongsSent != 1 {
+		t.Errorf("ping stats %d/%d", st.PingsReceived, st.PongsSent)
+	}
+}
+
+func TestPeerGoneDisconnected(t *testing.T) {
+	s := newTestServer(t)
+	a, b, c := pipeClient(t, s), pipeClient(t, s), pipeClient(t, s)
+	// b received from a; c only sent to a.
+	a.Send(b.PublicKey(), []byte("hi"))
+	recvMsg[ReceivedPacket](t, b)
+	c.Send(a.PublicKey(), []byte("hi"))
+	recvMsg[ReceivedPacket](t, a)
+	a.Close()
+	g, _ := recvMsg[PeerGone](t, b)
+	if g.Peer != a.PublicKey() || g.Reason != PeerGoneDisconnected {
+		t.Fatalf("got %+v", g)
+	}
+	// c never received from a, so it is not told (as in Tailscale); check
+	// that what c gets next is its own ping's pong, not a PeerGone.
+	c.SendPing([8]byte{9})
+	c.opts.recvTimeout = 5 * time.Second
+	m, err := c.Recv()
+	if _, ok := m.(Pong); !ok || err != nil {
+		t.Fatalf("c got %T %v, want Pong", m, err)
+	}
+}
+
+func TestPeerGoneNotHereForDisco(t *testing.T) {
+	s := newTestServer(t)
+	a := pipeClient(t, s)
+	nobody := mustKey(t).Public()
+	disco := append([]byte(discoMagic), make([]byte, 100)...)
+	// Non-disco to an unknown key: dropped, no PeerGone.
+	a.Send(nobody, []byte("not disco"))
+	for range 5 {
+		if err := a.Send(nobody, disco); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a.SendPing([8]byte{1})
+	var notHere int
+	for {
+		m, err := a.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if g, ok := m.(PeerGone); ok {
+			if g.Peer != nobody || g.Reason != PeerGoneNotHere {
+				t.Fatalf("got %+v", g)
+			}
+			notHere++
+		}
+		if _, ok := m.(Pong); ok && notHere >= 3 {
+			break
+		}
+		if _, ok := m.(Pong); ok {
+			a.SendPing([8]byte{2})
+		}
+	}
+	if notHere != 3 {
+		t.Errorf("%d NotHere, want 3 (rate limited)", notHere)
+	}
+	st := s.Stats()
+	if st.PacketsDropped["unknown_dest/disco"] != 5 || st.PacketsDropped["unknown_dest/other"] != 1 {
+		t.Errorf("drops %v", st.PacketsDropped)
+	}
+}
+
+func TestNotePreferred(t *testing.T) {
+	s := newTestServer(t)
+	a := pipeClient(t, s)
+	a.NotePreferred(true)
+	a.SendPing([8]byte{}) // the server handles frames in order
+	recvMsg[Pong](t, a)
+	if n := s.Stats().CurrentHomeConnections; n != 1 {
+		t.Fatalf("home connections %d", n)
+	}
+	a.Close()
+	waitFor(t, func() bool { return s.Stats().CurrentHomeConnections == 0 })
+}
+
+func waitFor(t testing.TB, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not reached in 5s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestDuplicateKeys(t *testing.T) {
+	s := newTestServer(t)
+	priv := mustKey(t)
+	cc1, sc1 := net.Pipe()
+	go s.Accept(context.Background(), sc1, nil, "127.0.0.1:1")
+	d1 := loginClient(t, cc1, priv)
+	cc2, sc2 := net.Pipe()
+	go s.Accept(context.Background(), sc2, nil, "127.0.0.1:2")
+	d2 := loginClient(t, cc2, priv)
+	sender := pipeClient(t, s)
+
+	for _, d := range []*Client{d1, d2} {
+		h, _ := recvMsg[Health](t, d)
+		if !strings.Contains(h.Problem, "another connection") {
+			t.Fatalf("health %q", h.Problem)
+		}
+	}
+	if st := s.Stats(); st.CurrentDupKeys != 1 || st.CurrentDupConns != 2 || st.TotalDupLogins != 1 {
+		t.Errorf("dup stats %+v", st)
+	}
+	// The newest is active.
+	sender.Send(priv.Public(), []byte("to d2"))
+	if p, _ := recvMsg[ReceivedPacket](t, d2); string(p.Data) != "to d2" {
+		t.Fatalf("d2 got %q", p.Data)
+	}
+	// d1 speaks: it becomes active (last writer).
+	d1.SendPing([8]byte{})
+	recvMsg[Pong](t, d1)
+	sender.Send(priv.Public(), []byte("to d1"))
+	if p, _ := recvMsg[ReceivedPacket](t, d1); string(p.Data) != "to d1" {
+		t.Fatalf("d1 got %q", p.Data)
+	}
+	// d1 leaves: d2 is alone again, is told the problem is over, and receives.
+	d1.Close()
+	h, _ := recvMsg[Health](t, d2)
+	if h.Problem != "" {
+		t.Fatalf("health after dup ended %q", h.Problem)
+	}
+	sender.Send(priv.Public(), []byte("again"))
+	if p, _ := recvMsg[ReceivedPacket](t, d2); string(p.Data) != "again" {
+		t.Fatalf("d2 got %q", p.Data)
+	}
+	if st := s.Stats(); st.CurrentDupKeys != 0 || st.CurrentDupConns != 0 {
+		t.Errorf("dup stats after %+v", st)
+	}
+}
+
+func TestServerCloseSendsRestarting(t *testing.T) {
+	s := NewServer(mustKey(t), WithRestartNotice(3*time.Second, 20*time.Second))
+	addr := tcpServer(t, s)
+	a, b := tcpClient(t, addr), tcpClient(t, addr)
+	s.Close()
+	for _, c := range []*Client{a, b} {
+		msgs, err := recvUntilErr(t, c)
+		var r *ServerRestarting
+		for _, m := range msgs {
+			if v, ok := m.(ServerRestarting); ok {
+				r = &v
+			}
+		}
+		if r == nil {
+			t.Fatalf("no ServerRestarting before %v; got %v", err, msgs)
+		}
+		if r.ReconnectIn < 0 || r.ReconnectIn >= 3*time.Second || r.TryFor != 20*time.Second {
+			t.Errorf("restarting %+v", r)
+		}
+		if !errors.Is(err, io.EOF) {
+			t.Errorf("after restart: %v, want EOF", err)
+		}
+	}
+	// Accept after Close closes at once.
+	cc, sc := net.Pipe()
+	done := make(chan struct{})
+	go func() { s.Accept(context.Background(), sc, nil, ""); close(done) }()
+	<-done
+	if _, err := cc.Read(make([]byte, 1)); err == nil {
+		t.Error("connection accepted after Close")
+	}
+}
+
+func TestKeepAlive(t *testing.T) {
+	s := newTestServer(t, WithKeepAlive(time.Millisecond))
+	a := pipeClient(t, s)
+	if _, ok := recvMsg[KeepAlive](t, a); !ok {
+		t.Fatal("no keepalive")
+	}
+}
+
+func TestQueueDropsOldest(t *testing.T) {
+	s := newTestServer(t, WithQueueDepth(4), WithWriteTimeout(0))
+	// A receiver that does not read: its writer blocks in the pipe.
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:9")
+	stuck := loginClient(t, cc, mustKey(t))
+	sender := pipeClient(t, s)
+	for i := range 50 {
+		if err := sender.Send(stuck.PublicKey(), []byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sender.SendPing([8]byte{})
+	recvMsg[Pong](t, sender) // the sender was never blocked
+	waitFor(t, func() bool { return s.Stats().PacketsDropped["queue_head/other"] > 0 })
+	// When the receiver reads, the newest packets are there.
+	var last byte
+	stuck.opts.recvTimeout = 300 * time.Millisecond
+	for {
+		m, err := stuck.recv()
+		if err != nil {
+			break
+		}
+		if p, ok := m.(ReceivedPacket); ok {
+			last = p.Data[0]
+		}
+	}
+	if last != 49 {
+		t.Errorf("last packet delivered %d, want 49", last)
+	}
+}
+
+func TestWriteTimeoutDropsStalledReader(t *testing.T) {
+	s := NewServer(mustKey(t), WithWriteTimeout(100*time.Millisecond))
+	addr := tcpServer(t, s)
+	stalled := tcpClient(t, addr)
+	sender := tcpClient(t, addr)
+	big := make([]byte, 60000)
+	// Fill the socket buffers; the server's write deadline fires.
+	deadline := time.Now().Add(10 * time.Second)
+	for s.Stats().WriteTimeouts == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("stalled reader never timed out")
+		}
+		sender.Send(stalled.PublicKey(), big)
+		time.Sleep(time.Millisecond)
+	}
+	waitFor(t, func() bool { return !s.IsClientConnected(stalled.PublicKey()) })
+	// Others are fine.
+	other := tcpClient(t, addr)
+	sender.Send(other.PublicKey(), []byte("ok"))
+	if p, _ := recvMsg[ReceivedPacket](t, other); string(p.Data) != "ok" {
+		t.Fatal("relay broken after eviction")
+	}
+}
+
+func TestRateLimitAnnounced(t *testing.T) {
+	s := newTestServer(t, WithRateLimit(100000, 0))
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
+	c, err := NewClient(mustKey(t), cc, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	info, _ := recvMsg[ServerInfo](t, c)
+	if info.TokenBucketBytesPerSecond != 100000 || info.TokenBucketBytesBurst != maxSendFrame {
+		t.Fatalf("info %+v", info)
+	}
+	// The client limits itself: a burst of more than the bucket is refused
+	// locally with ErrRateLimited.
+	var limited bool
+	for range 10 {
+		if err := c.Send(c.PublicKey(), make([]byte, 20000)); errors.Is(err, ErrRateLimited) {
+			limited = true
+			break
+		}
+	}
+	if !limited {
+		t.Fatal("client never rate limited itself")
+	}
+}
+
+func TestLoginFailures(t *testing.T) {
+	tests := []struct {
+		name   string
+		client func(t *testing.T, s *Server, nc net.Conn) error
+		reason string
+	}{
+		{"wrong server key", func(t *testing.T, s *Server, nc net.Conn) error {
+			go io.Copy(io.Discard, nc) // net.Pipe has no buffer: take the ServerKey frame
+			_, err := NewClient(mustKey(t), nc, nil, ServerPublicKey(mustKey(t).Public()))
+			return err
+		}, "login:bad_client_info_box"},
+		{"bad box", func(t *testing.T, s *Server, nc net.Conn) error {
+			return rawClientInfo(t, nc, func(p []byte) []byte { p[len(p)-1] ^= 1; return p })
+		}, "login:bad_client_info_box"},
+		{"zero key", func(t *testing.T, s *Server, nc net.Conn) error {
+			return rawClientInfo(t, nc, func(p []byte) []byte { clear(p[:32]); return p })
+		}, "login:bad_client_key"},
+		{"oversize info", func(t *testing.T, s *Server, nc net.Conn) error {
+			return rawClientInfo(t, nc, func(p []byte) []byte { return append(p, make([]byte, 300<<10)...) })
+		}, "login:bad_client_info_length"},
+		{"not client info", func(t *testing.T, s *Server, nc net.Conn) error {
+			br := bufio.NewReader(nc)
+			readFrameHeader(br)
+			br.Discard(serverKeyLen)
+			bw := bufio.NewWriter(nc)
+			writeFrame(bw, FrameSendPacket, make([]byte, 40))
+			return bw.Flush()
+		}, "login:unexpected_frame"},
+		{"bad json", func(t *testing.T, s *Server, nc net.Conn) error {
+			return rawClientInfoJSON(t, nc, []byte(`{"meshKey":""}`))
+		}, "login:bad_client_info_json"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newTestServer(t)
+			cc, sc := net.Pipe()
+			done := make(chan struct{})
+			go func() { s.Accept(context.Background(), sc, nil, "127.0.0.1:1"); close(done) }()
+			go func() {
+				tt.client(t, s, cc)
+				io.Copy(io.Discard, cc)
+			}()
+			<-done
+			cc.Close()
+			if got := s.Stats().Errors[tt.reason]; got != 1 {
+				t.Fatalf("Errors = %v, want %s", s.Stats().Errors, tt.reason)
+			}
+		})
+	}
+}
+
+// rawClientInfo reads the ServerKey frame from nc and writes a ClientInfo
+// frame whose payload is passed through mutate.
+func rawClientInfo(t *testing.T, nc net.Conn, mutate func([]byte) []byte) error {
+	return rawClientInfoWith(t, nc, []byte(`{"version":2}`), mutate)
+}
+
+func rawClientInfoJSON(t *testing.T, nc net.Conn, js []byte) error {
+	return rawClientInfoWith(t, nc, js, func(p []byte) []byte { return p })
+}
+
+func rawClientInfoWith(t *testing.T, nc net.Conn, js []byte, mutate func([]byte) []byte) error {
+	br := bufio.NewReader(nc)
+	_, n, err := readFrameHeader(br)
+	if err != nil {
+		return err
+	}
+	p := make([]byte, n)
+	io.ReadFull(br, p)
+	sk, err := parseServerKey(p)
+	if err != nil {
+		return err
+	}
+	priv := mustKey(t)
+	pub := priv.Public()
+	shared, _ := sharedKey(priv, sk)
+	payload := sealBox(append([]byte{}, pub[:]...), shared, js)
+	bw := bufio.NewWriter(nc)
+	writeFrame(bw, FrameClientInfo, mutate(payload))
+	return bw.Flush()
+}
+
+func TestClientRejectsBadServerKeyFrame(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		frame []byte
+		want  string
+	}{
+		{"wrong magic", appendFrame(nil, FrameServerKey, append([]byte("DERPXXXX"), make([]byte, 32)...)), "bad_magic"},
+		{"short", appendFrame(nil, FrameServerKey, []byte(magic)), "short_server_key"},
+		{"wrong type", appendFrame(nil, FrameServerInfo, make([]byte, 40)), "unexpected_frame"},
+		{"too long", appendFrame(nil, FrameServerKey, make([]byte, 2000)), "frame_too_large"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cc, sc := net.Pipe()
+			defer cc.Close()
+			go func() { sc.Write(tt.frame); sc.Close() }()
+			_, err := NewClient(mustKey(t), cc, nil)
+			if got := ProtocolErrorReason(err); got != tt.want {
+				t.Fatalf("err %v, reason %q want %q", err, got, tt.want)
+			}
+		})
+	}
+}
+
+func TestReplayedClientInfoRefused(t *testing.T) {
+	s := newTestServer(t)
+	// Record a real client's ClientInfo frame.
+	cc, sc := net.Pipe()
+	rec := &recordingConn{Conn: cc}
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
+	victim := loginClient(t, rec, mustKey(t))
+	captured := rec.written()
+	// Replay it on a second connection.
+	cc2, sc2 := net.Pipe()
+	done := make(chan struct{})
+	go func() { s.Accept(context.Background(), sc2, nil, "127.0.0.1:2"); close(done) }()
+	go func() {
+		br := bufio.NewReader(cc2)
+		readFrameHeader(br)
+		br.Discard(serverKeyLen)
+		cc2.Write(captured)
+		io.Copy(io.Discard, br)
+	}()
+	<-done
+	cc2.Close()
+	if got := s.Stats().Errors["login:replayed_client_info"]; got != 1 {
+		t.Fatalf("errors %v", s.Stats().Errors)
+	}
+	if !s.IsClientConnected(victim.PublicKey()) {
+		t.Fatal("victim disconnected")
+	}
+}
+
+type recordingConn struct {
+	net.Conn
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (r *recordingConn) Write(p []byte) (int, error) {
+	r.mu.Lock()
+	r.buf.Write(p)
+	r.mu.Unlock()
+	return r.Conn.Write(p)
+}
+
+func (r *recordingConn) written() []byte {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return bytes.Clone(r.buf.Bytes())
+}
+
+func TestAdmission(t *testing.T) {
+	allowed := mustKey(t)
+	s := newTestServer(t, WithAdmission(func(ctx context.Context, a Admission) error {
+		if a.Key != allowed.Public() {
+			return errors.New("not on the list")
+		}
+		if _, ok := ctx.Deadline(); !ok {
+			return errors.New("no deadline")
+		}
+		return nil
+	}))
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
+	loginClient(t, cc, allowed)
+
+	cc2, sc2 := net.Pipe()
+	go s.Accept(context.Background(), sc2, nil, "127.0.0.1:2")
+	c, err := NewClient(mustKey(t), cc2, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_, err = recvUntilErr(t, c)
+	if err == nil || !strings.Contains(err.Error(), "before ServerInfo") {
+		t.Fatalf("refused client got %v", err)
+	}
+	waitFor(t, func() bool { return s.Stats().Errors["login:login_rejected"] == 1 })
+}
+
+func TestNonMeshCannotSendPrivilegedFrames(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		do   func(c *Client) error
+		want string
+	}{
+		{"WatchConns", func(c *Client) error { return c.WatchConnectionChanges() }, "session:watch_not_mesh"},
+		{"ClosePeer", func(c *Client) error { return c.ClosePeer(c.PublicKey()) }, "session:close_peer_not_mesh"},
+		{"ForwardPacket", func(c *Client) error { return c.ForwardPacket(c.PublicKey(), c.PublicKey(), []byte("x")) }, "session:forward_not_mesh"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newTestServer(t)
+			c := pipeClient(t, s)
+			tt.do(c)
+			if _, err := recvUntilErr(t, c); err == nil {
+				t.Fatal("not disconnected")
+			}
+			waitFor(t, func() bool { return s.Stats().Errors[tt.want] == 1 })
+		})
+	}
+}
+
+func TestMeshWatchAndClosePeer(t *testing.T) {
+	const mk = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+	s := newTestServer(t, WithMeshKey(mk))
+	a := pipeClient(t, s)
+	w := pipeClient(t, s, MeshKey(mk))
+	if err := w.WatchConnectionChanges(); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[PublicKey]PeerPresentFlags{}
+	for len(seen) < 2 {
+		p, ok := recvMsg[PeerPresent](t, w)
+		if !ok {
+			t.FailNow()
+		}
+		seen[p.Key] = p.Flags
+		if p.Addr.Addr().String() != "127.0.0.1" || p.Addr.Port() != 1234 {
+			t.Errorf("addr %v", p.Addr)
+		}
+	}
+	if seen[a.PublicKey()] != PeerIsRegular || seen[w.PublicKey()] != PeerIsMeshPeer {
+		t.Fatalf("flags %v", seen)
+	}
+	b := pipeClient(t, s, IsProber(true))
+	p, _ := recvMsg[PeerPresent](t, w)
+	if p.Key != b.PublicKey() || p.Flags != PeerIsProber {
+		t.Fatalf("live present %+v", p)
+	}
+	// Forwarded packets reach the local client with the original source.
+	src := mustKey(t).Public()
+	w.ForwardPacket(src, a.PublicKey(), []byte("fwd"))
+	got, _ := recvMsg[ReceivedPacket](t, a)
+	if got.Source != src || string(got.Data) != "fwd" {
+		t.Fatalf("forwarded %+v", got)
+	}
+	w.ClosePeer(b.PublicKey())
+	g, _ := recvMsg[PeerGone](t, w)
+	if g.Peer != b.PublicKey() {
+		t.Fatalf("gone %+v", g)
+	}
+	if _, err := recvUntilErr(t, b); err == nil {
+		t.Fatal("b not closed")
+	}
+}
