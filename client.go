@@ -28,19 +28,21 @@ type Client struct {
 	box       *[32]byte // shared key with the server, for ServerInfo
 	opts      clientOptions
 
-	wmu     sync.Mutex // guards bw, limiter, werr
+	wmu     sync.Mutex // guards bw, limiter, werr, dst
 	bw      *bufio.Writer
+	dst     PublicKey // Send's copy of its destination, so it does not escape
 	limiter *tokenBucket
 	werr    error
 
 	// Read side: owned by the goroutine calling Recv.
 	br          *bufio.Reader
-	rerr        error  // sticky read error
-	discard     int    // bytes of the previous frame still to discard from br
-	buf         []byte // payloads that do not fit br's buffer
-	maybeHTTP   bool   // the stream may start with an HTTP response (fast start answered with 101)
-	sawFirst    bool   // a frame has been read
-	gotInfo     bool   // ServerInfo arrived
+	rerr        error          // sticky read error
+	discard     int            // bytes of the previous frame still to discard from br
+	buf         []byte         // payloads that do not fit br's buffer
+	maybeHTTP   bool           // the stream may start with an HTTP response (fast start answered with 101)
+	sawFirst    bool           // a frame has been read
+	gotInfo     bool           // ServerInfo arrived
+	pkt         ReceivedPacket // returned by Recv, reused
 	closed      atomic.Bool
 	closeOnce   sync.Once
 	closeResult error
@@ -242,7 +244,8 @@ func (c *Client) Send(dst PublicKey, pkt []byte) error {
 	if c.limiter != nil && !c.limiter.allow(frameHeaderLen+KeyLen+len(pkt), time.Now()) {
 		return ErrRateLimited
 	}
-	if err := writePacketFrame(c.bw, FrameSendPacket, &dst, pkt); err != nil {
+	c.dst = dst
+	if err := writePacketFrame(c.bw, FrameSendPacket, &c.dst, pkt); err != nil {
 		return c.writeFailed(err)
 	}
 	return c.flushLocked()
@@ -334,8 +337,8 @@ func (c *Client) Close() error {
 	return c.closeResult
 }
 
-// Recv returns the next message from the server. A ReceivedPacket's Data is
-// valid only until the next call to Recv. Frames of unknown types, and known
+// Recv returns the next message from the server. A *ReceivedPacket and its
+// Data are valid only until the next call to Recv. Frames of unknown types, and known
 // frames too short to parse, are skipped. Any error is permanent.
 func (c *Client) Recv() (Message, error) {
 	if c.rerr != nil {
@@ -444,7 +447,10 @@ func (c *Client) parse(t FrameType, p []byte, first bool) (Message, error) {
 	case FrameServerInfo:
 		return c.parseServerInfo(p)
 	case FrameRecvPacket:
-		return parseRecvPacket(p)
+		if err := parseRecvPacket(&c.pkt, p); err != nil {
+			return nil, err
+		}
+		return &c.pkt, nil
 	case FrameKeepAlive:
 		return KeepAlive{}, nil
 	case FramePeerGone:

@@ -221,14 +221,16 @@ func durationMillis(d time.Duration) uint32 {
 	return uint32(ms)
 }
 
-// A Message is what [Client.Recv] returns: one of [ReceivedPacket],
+// A Message is what [Client.Recv] returns: one of [*ReceivedPacket],
 // [PeerGone], [PeerPresent], [KeepAlive], [Ping], [Pong], [Health],
 // [ServerRestarting] or [ServerInfo].
 type Message interface {
 	msg()
 }
 
-// ReceivedPacket is a packet relayed to this client.
+// ReceivedPacket is a packet relayed to this client. Recv returns it as a
+// pointer to a struct the Client reuses, so receiving allocates nothing; it
+// and its Data are valid only until the next call to Recv.
 type ReceivedPacket struct {
 	// Source is the sender's public key, or zero if the server did not say
 	// (the version-1 layout, only possible for some mesh-forwarded packets).
@@ -323,7 +325,7 @@ type ServerInfo struct {
 	TokenBucketBytesBurst     int
 }
 
-func (ReceivedPacket) msg()   {}
+func (*ReceivedPacket) msg()  {}
 func (PeerGone) msg()         {}
 func (PeerPresent) msg()      {}
 func (KeepAlive) msg()        {}
@@ -337,12 +339,13 @@ func (ServerInfo) msg()       {}
 // client does, rather than failing the connection.
 var errSkip = errors.New("relay: frame skipped")
 
-// parseRecvPacket parses a RecvPacket payload in the version-2 layout.
-func parseRecvPacket(p []byte) (ReceivedPacket, error) {
+// parseRecvPacket parses a RecvPacket payload in the version-2 layout into m.
+func parseRecvPacket(m *ReceivedPacket, p []byte) error {
 	if len(p) < KeyLen {
-		return ReceivedPacket{}, errSkip
+		return errSkip
 	}
-	return ReceivedPacket{Source: PublicKey(p[:KeyLen]), Data: p[KeyLen:]}, nil
+	m.Source, m.Data = PublicKey(p[:KeyLen]), p[KeyLen:]
+	return nil
 }
 
 // parsePeerGone parses a PeerGone payload; 32 bytes (old servers) means

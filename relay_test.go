@@ -284,7 +284,7 @@ func exchange(t *testing.T, a, b *Client) {
 			if err := from.Send(to.PublicKey(), pkt); err != nil {
 				t.Fatalf("send %d bytes: %v", size, err)
 			}
-			got, ok := recvMsg[ReceivedPacket](t, to)
+			got, ok := recvMsg[*ReceivedPacket](t, to)
 			if !ok {
 				t.FailNow()
 			}
@@ -301,7 +301,7 @@ func TestSendToSelf(t *testing.T) {
 	if err := a.Send(a.PublicKey(), []byte("me")); err != nil {
 		t.Fatal(err)
 	}
-	got, _ := recvMsg[ReceivedPacket](t, a)
+	got, _ := recvMsg[*ReceivedPacket](t, a)
 	if got.Source != a.PublicKey() || string(got.Data) != "me" {
 		t.Fatalf("got %v", got)
 	}
@@ -317,7 +317,7 @@ func TestSendTooLarge(t *testing.T) {
 	if err := a.Send(a.PublicKey(), []byte("x")); err != nil {
 		t.Fatal(err)
 	}
-	recvMsg[ReceivedPacket](t, a)
+	recvMsg[*ReceivedPacket](t, a)
 }
 
 func TestPingPong(t *testing.T) {
@@ -341,9 +341,9 @@ func TestPeerGoneDisconnected(t *testing.T) {
 	a, b, c := pipeClient(t, s), pipeClient(t, s), pipeClient(t, s)
 	// b received from a; c only sent to a.
 	a.Send(b.PublicKey(), []byte("hi"))
-	recvMsg[ReceivedPacket](t, b)
+	recvMsg[*ReceivedPacket](t, b)
 	c.Send(a.PublicKey(), []byte("hi"))
-	recvMsg[ReceivedPacket](t, a)
+	recvMsg[*ReceivedPacket](t, a)
 	a.Close()
 	g, _ := recvMsg[PeerGone](t, b)
 	if g.Peer != a.PublicKey() || g.Reason != PeerGoneDisconnected {
@@ -446,14 +446,14 @@ func TestDuplicateKeys(t *testing.T) {
 	}
 	// The newest is active.
 	sender.Send(priv.Public(), []byte("to d2"))
-	if p, _ := recvMsg[ReceivedPacket](t, d2); string(p.Data) != "to d2" {
+	if p, _ := recvMsg[*ReceivedPacket](t, d2); string(p.Data) != "to d2" {
 		t.Fatalf("d2 got %q", p.Data)
 	}
 	// d1 speaks: it becomes active (last writer).
 	d1.SendPing([8]byte{})
 	recvMsg[Pong](t, d1)
 	sender.Send(priv.Public(), []byte("to d1"))
-	if p, _ := recvMsg[ReceivedPacket](t, d1); string(p.Data) != "to d1" {
+	if p, _ := recvMsg[*ReceivedPacket](t, d1); string(p.Data) != "to d1" {
 		t.Fatalf("d1 got %q", p.Data)
 	}
 	// d1 leaves: d2 is alone again, is told the problem is over, and receives.
@@ -463,7 +463,7 @@ func TestDuplicateKeys(t *testing.T) {
 		t.Fatalf("health after dup ended %q", h.Problem)
 	}
 	sender.Send(priv.Public(), []byte("again"))
-	if p, _ := recvMsg[ReceivedPacket](t, d2); string(p.Data) != "again" {
+	if p, _ := recvMsg[*ReceivedPacket](t, d2); string(p.Data) != "again" {
 		t.Fatalf("d2 got %q", p.Data)
 	}
 	if st := s.Stats(); st.CurrentDupKeys != 0 || st.CurrentDupConns != 0 {
@@ -535,7 +535,7 @@ func TestQueueDropsOldest(t *testing.T) {
 		if err != nil {
 			break
 		}
-		if p, ok := m.(ReceivedPacket); ok {
+		if p, ok := m.(*ReceivedPacket); ok {
 			last = p.Data[0]
 		}
 	}
@@ -563,7 +563,7 @@ func TestWriteTimeoutDropsStalledReader(t *testing.T) {
 	// Others are fine.
 	other := tcpClient(t, addr)
 	sender.Send(other.PublicKey(), []byte("ok"))
-	if p, _ := recvMsg[ReceivedPacket](t, other); string(p.Data) != "ok" {
+	if p, _ := recvMsg[*ReceivedPacket](t, other); string(p.Data) != "ok" {
 		t.Fatal("relay broken after eviction")
 	}
 }
@@ -829,7 +829,7 @@ func TestMeshWatchAndClosePeer(t *testing.T) {
 	// Forwarded packets reach the local client with the original source.
 	src := mustKey(t).Public()
 	w.ForwardPacket(src, a.PublicKey(), []byte("fwd"))
-	got, _ := recvMsg[ReceivedPacket](t, a)
+	got, _ := recvMsg[*ReceivedPacket](t, a)
 	if got.Source != src || string(got.Data) != "fwd" {
 		t.Fatalf("forwarded %+v", got)
 	}

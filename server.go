@@ -304,8 +304,10 @@ type sconn struct {
 	serverInfo   []byte // the ServerInfo frame, until written
 	closeAfter   bool   // close the conn after writing the outbox (server Close)
 	writing      bool   // a writer goroutine is running
-	closed       bool   // session over: enqueue drops
-	registered   bool   // in the routing table
+	parked       bool   // the writer is waiting on wake for more to write
+	wake         chan struct{}
+	closed       bool // session over: enqueue drops
+	registered   bool // in the routing table
 	sentFrom     map[PublicKey]struct{}
 	lastSrc      PublicKey
 	watching     bool
@@ -674,6 +676,13 @@ func (c *sconn) startKeepAlive() {
 func (c *sconn) shutdown() {
 	c.mu.Lock()
 	c.closed = true
+	if c.parked {
+		c.parked = false
+		select {
+		case c.wake <- struct{}{}:
+		default:
+		}
+	}
 	if c.keepTimer != nil {
 		c.keepTimer.Stop()
 	}
@@ -1078,15 +1087,33 @@ func (c *sconn) enqueue(p *packet, disco bool) {
 	}
 }
 
-// kickLocked starts the writer goroutine if it is not running.
+// kickLocked wakes the writer goroutine, or starts it if it is not running.
 func (c *sconn) kickLocked() {
-	if c.writing || c.closed {
+	if c.writing {
+		if c.parked {
+			c.parked = false
+			select {
+			case c.wake <- struct{}{}:
+			default:
+			}
+		}
 		return
+	}
+	if c.closed {
+		return
+	}
+	if c.wake == nil {
+		c.wake = make(chan struct{}, 1)
 	}
 	c.writing = true
 	c.writers.Add(1)
 	go c.writeLoop()
 }
+
+// writerLinger is how long a writer with nothing to write waits for more
+// before exiting: long enough that a busy receiver keeps one writer (no
+// goroutine started per burst), short enough that idle clients hold none.
+const writerLinger = 500 * time.Millisecond
 
 // writerState is what a running writer borrows from a pool.
 type writerState struct {
@@ -1105,7 +1132,9 @@ func (c *sconn) writeLoop() {
 	defer c.writers.Done()
 	ws := writerPool.Get().(*writerState)
 	ws.bw.Reset(c.nc)
+	linger := time.NewTimer(writerLinger)
 	defer func() {
+		linger.Stop()
 		ws.bw.Reset(nil)
 		ws.pkts = ws.pkts[:0]
 		ws.newSrcs = ws.newSrcs[:0]
@@ -1115,12 +1144,16 @@ func (c *sconn) writeLoop() {
 		c.mu.Lock()
 		closeAfter := c.closeAfter
 		if !c.takeLocked(ws) {
-			c.writing = false
-			c.mu.Unlock()
-			if closeAfter {
-				c.nc.Close()
+			if closeAfter || c.closed || !c.park(linger) {
+				c.writing = false
+				c.mu.Unlock()
+				if closeAfter {
+					c.nc.Close()
+				}
+				return
 			}
-			return
+			c.mu.Unlock()
+			continue
 		}
 		c.mu.Unlock()
 		c.registerRecipients(ws)
@@ -1137,6 +1170,27 @@ func (c *sconn) writeLoop() {
 			c.mu.Unlock()
 			return
 		}
+	}
+}
+
+// park waits, with c.mu held on entry and exit, until kickLocked wakes the
+// writer or the linger timer fires. It reports whether there may be more to
+// write.
+func (c *sconn) park(linger *time.Timer) bool {
+	c.parked = true
+	linger.Reset(writerLinger)
+	c.mu.Unlock()
+	select {
+	case <-c.wake:
+		c.mu.Lock()
+		return true
+	case <-linger.C:
+		c.mu.Lock()
+		if c.parked {
+			c.parked = false
+			return false
+		}
+		return true // woken at the same time; the token in wake is harmless
 	}
 }
 

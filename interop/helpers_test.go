@@ -145,7 +145,7 @@ func describe(m any) string {
 	switch m := m.(type) {
 	case derp.ReceivedPacket:
 		return fmt.Sprintf("derp.ReceivedPacket{Source:%v, %d bytes}", m.Source.ShortString(), len(m.Data))
-	case relay.ReceivedPacket:
+	case *relay.ReceivedPacket:
 		return fmt.Sprintf("relay.ReceivedPacket{Source:%v, %d bytes}", m.Source.ShortString(), len(m.Data))
 	}
 	s := fmt.Sprintf("%T%+v", m, m)

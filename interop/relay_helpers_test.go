@@ -34,10 +34,10 @@ func recvOurs(t *testing.T, what string, p *ourPeer, match func(relay.Message) b
 func recvPacket(t *testing.T, p *ourPeer) relay.ReceivedPacket {
 	t.Helper()
 	m := recvOurs(t, "recvPacket", p, func(m relay.Message) bool {
-		_, ok := m.(relay.ReceivedPacket)
+		_, ok := m.(*relay.ReceivedPacket)
 		return ok
 	})
-	rp := m.(relay.ReceivedPacket)
+	rp := *m.(*relay.ReceivedPacket)
 	rp.Data = append([]byte(nil), rp.Data...)
 	return rp
 }
