@@ -200,8 +200,7 @@ func (c *Client) sendClientInfo() error {
 		AppName:     c.opts.appName,
 	}
 	if c.opts.hasMeshKey {
-		mk := meshKeyJSON(c.opts.meshKey)
-		info.MeshKey = &mk
+		info.MeshKey = meshKeyJSON(c.opts.meshKey)
 	}
 	msg, err := json.Marshal(info)
 	if err != nil {

@@ -4,13 +4,17 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -120,8 +124,10 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 		return nil, hs, err
 	}
 	// Cancelling ctx closes the connection, which ends whatever step is
-	// in progress.
-	stop := context.AfterFunc(ctx, func() { nc.Close() })
+	// in progress. It closes the TCP conn: nc becomes the tls.Conn below,
+	// and reading the variable from the AfterFunc goroutine would race.
+	tcp := nc
+	stop := context.AfterFunc(ctx, func() { tcp.Close() })
 	defer func() {
 		if !stop() && err == nil {
 			c, err = nil, ctx.Err()
@@ -161,6 +167,9 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 	}
 	if known.IsZero() {
 		hs.Reason = "plain HTTP and no known server key"
+		if f.DisableFastStart {
+			hs.Reason = "fast start disabled"
+		}
 		return f.upgrade(nc, u, priv, hs, opts)
 	}
 	hs.ServerKey = known
@@ -320,6 +329,368 @@ func (c *Client) readServerStart() error {
 		got := c.serverKey
 		c.serverKey = assumed
 		return fmt.Errorf("%w: expected %s, server sent %s", ErrServerKeyMismatch, assumed, got)
+	}
+	return nil
+}
+
+// ReconnectingClient is a long-lived DERP client built on FastStart: it
+// connects on first use, reconnects after any failure with exponential
+// backoff and jitter, honours the server's ServerRestarting notice, re-sends
+// NotePreferred after a reconnect, answers the server's Pings, and remembers
+// the server key it learned so that later connections take the fast path
+// even over plain HTTP or TLS 1.2.
+//
+// Set the exported fields, then call its methods; the fields must not
+// change afterwards. Send, NotePreferred, Ping and Close may be called
+// concurrently; Recv from one goroutine at a time. Ping needs a goroutine
+// calling Recv, which is where the Pong arrives.
+type ReconnectingClient struct {
+	// URL is the server's DERP URL, such as "https://derp.example.com/derp".
+	URL string
+	// PrivateKey is the client's identity.
+	PrivateKey PrivateKey
+	// Dialer dials each connection; nil means a zero FastStart. Its
+	// ServerKey, if set, is the first key tried; later the key learned
+	// from the server is used.
+	Dialer *FastStart
+	// Options are passed to every connection (MeshKey, CanAckPings, …).
+	Options []ClientOption
+	// OnConnect, if set, is called after each connection with how it was
+	// made (fast path or not, and why).
+	OnConnect func(Handshake)
+	// Logger receives one line per connection and failure; nil is quiet.
+	Logger *slog.Logger
+	// MinBackoff and MaxBackoff bound the wait between failed dials.
+	// Defaults: 100 ms and 5 s. Each wait is uniformly random in
+	// [d/2, d] for the current step d.
+	MinBackoff, MaxBackoff time.Duration
+	// DialTimeout bounds each connection attempt. Default 10 s.
+	DialTimeout time.Duration
+
+	dialMu sync.Mutex // one dial at a time
+
+	mu           sync.Mutex
+	c            *Client
+	gen          int
+	learned      PublicKey
+	preferred    bool
+	closed       bool
+	failures     int
+	nextDial     time.Time
+	restartUntil time.Time
+	pings        map[[8]byte]chan struct{}
+}
+
+// ErrNotConnected is returned by ReconnectingClient.Ping when the Pong did
+// not arrive on the connection the Ping was sent on.
+var ErrNotConnected = errors.New("relay: connection lost")
+
+func (rc *ReconnectingClient) backoff(failures int, now time.Time) time.Duration {
+	lo, hi := rc.MinBackoff, rc.MaxBackoff
+	if lo <= 0 {
+		lo = 100 * time.Millisecond
+	}
+	if hi <= 0 {
+		hi = 5 * time.Second
+	}
+	if hi < lo {
+		hi = lo
+	}
+	return backoffStep(lo, hi, failures, now.Before(rc.restartUntil))
+}
+
+// backoffStep returns a jittered wait for the given number of consecutive
+// failures: uniform in [d/2, d] where d = lo·2^(failures-1), capped at hi.
+// While a server restart is in progress (restarting) it stays at lo.
+func backoffStep(lo, hi time.Duration, failures int, restarting bool) time.Duration {
+	d := lo
+	if !restarting {
+		for i := 1; i < failures && d < hi; i++ {
+			d *= 2
+		}
+	}
+	d = min(d, hi)
+	return d/2 + rand.N(d/2+1)
+}
+
+// current returns the live client, dialling if there is none.
+func (rc *ReconnectingClient) current(ctx context.Context) (*Client, int, error) {
+	rc.mu.Lock()
+	if rc.closed {
+		rc.mu.Unlock()
+		return nil, 0, ErrClosed
+	}
+	if rc.c != nil {
+		c, gen := rc.c, rc.gen
+		rc.mu.Unlock()
+		return c, gen, nil
+	}
+	rc.mu.Unlock()
+
+	rc.dialMu.Lock()
+	defer rc.dialMu.Unlock()
+	rc.mu.Lock()
+	if rc.c != nil || rc.closed {
+		c, gen, closed := rc.c, rc.gen, rc.closed
+		rc.mu.Unlock()
+		if closed {
+			return nil, 0, ErrClosed
+		}
+		return c, gen, nil
+	}
+	wait := time.Until(rc.nextDial)
+	rc.mu.Unlock()
+	if wait > 0 {
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil, 0, ctx.Err()
+		}
+	}
+	return rc.dial(ctx)
+}
+
+func (rc *ReconnectingClient) dial(ctx context.Context) (*Client, int, error) {
+	var f FastStart
+	if rc.Dialer != nil {
+		f = *rc.Dialer
+	}
+	rc.mu.Lock()
+	if !rc.learned.IsZero() {
+		f.ServerKey = rc.learned
+	}
+	preferred := rc.preferred
+	rc.mu.Unlock()
+
+	timeout := rc.DialTimeout
+	if timeout <= 0 {
+		timeout = 10 * time.Second
+	}
+	dctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	opts := append(rc.Options[:len(rc.Options):len(rc.Options)], CanAckPings(true))
+	c, hs, err := f.Dial(dctx, rc.URL, rc.PrivateKey, opts...)
+	if err == nil && preferred {
+		err = c.NotePreferred(true)
+		if err != nil {
+			c.Close()
+		}
+	}
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	if err != nil {
+		rc.failures++
+		rc.nextDial = time.Now().Add(rc.backoff(rc.failures, time.Now()))
+		rc.logf("relay: connect failed", "url", rc.URL, "failures", rc.failures, "err", err)
+		return nil, 0, err
+	}
+	if rc.closed {
+		c.Close()
+		return nil, 0, ErrClosed
+	}
+	rc.c = c
+	rc.gen++
+	rc.learned = hs.ServerKey
+	rc.logf("relay: connected", "url", rc.URL, "path", hs.Path.String(), "reason", hs.Reason, "generation", rc.gen)
+	if rc.OnConnect != nil {
+		rc.OnConnect(hs)
+	}
+	return c, rc.gen, nil
+}
+
+func (rc *ReconnectingClient) logf(msg string, args ...any) {
+	if rc.Logger != nil {
+		rc.Logger.Info(msg, args...)
+	}
+}
+
+// drop forgets c if it is still the current client, so the next call
+// reconnects; a stale client's failure does not disturb a newer one.
+func (rc *ReconnectingClient) drop(c *Client) {
+	rc.mu.Lock()
+	if rc.c == c {
+		rc.c = nil
+		for k, ch := range rc.pings {
+			close(ch)
+			delete(rc.pings, k)
+		}
+	}
+	rc.mu.Unlock()
+	c.Close()
+}
+
+// Send sends pkt to dst, connecting first if needed. A failed write drops
+// the connection (the next call reconnects) and is returned; the packet is
+// not retried.
+func (rc *ReconnectingClient) Send(ctx context.Context, dst PublicKey, pkt []byte) error {
+	c, _, err := rc.current(ctx)
+	if err != nil {
+		return err
+	}
+	err = c.Send(dst, pkt)
+	if err != nil && !errors.Is(err, ErrPacketTooLarge) && !errors.Is(err, ErrRateLimited) {
+		rc.drop(c)
+	}
+	return err
+}
+
+// NotePreferred records whether this server is the client's home; the value
+// is sent now if connected and again after every reconnect.
+func (rc *ReconnectingClient) NotePreferred(preferred bool) error {
+	rc.mu.Lock()
+	changed := rc.preferred != preferred
+	rc.preferred = preferred
+	c := rc.c
+	rc.mu.Unlock()
+	if c == nil || !changed {
+		return nil
+	}
+	if err := c.NotePreferred(preferred); err != nil {
+		rc.drop(c)
+		return err
+	}
+	return nil
+}
+
+// Recv returns the next message, reconnecting (with backoff) as often as
+// needed; it returns an error only when ctx is done or the client is closed.
+// A ServerInfo message starts every connection. The server's Pings are
+// answered and not returned; Pongs for Ping are consumed. A
+// *ReceivedPacket is valid until the next Recv. Because a DERP stream
+// cannot be resumed mid-frame, cancelling ctx while Recv waits drops the
+// current connection.
+func (rc *ReconnectingClient) Recv(ctx context.Context) (Message, error) {
+	for {
+		c, _, err := rc.current(ctx)
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, ErrClosed) {
+				return nil, err
+			}
+			continue // current waits out the backoff before the next dial
+		}
+		stop := context.AfterFunc(ctx, func() { c.nc.SetReadDeadline(time.Unix(1, 0)) })
+		m, err := c.Recv()
+		stop()
+		if err != nil {
+			rc.drop(c)
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			rc.mu.Lock()
+			closed := rc.closed
+			if !c.gotInfo {
+				// The server hung up before confirming the login (refused,
+				// or not a DERP server): back off as for a failed dial.
+				rc.failures++
+				rc.nextDial = time.Now().Add(rc.backoff(rc.failures, time.Now()))
+			}
+			rc.mu.Unlock()
+			if closed {
+				return nil, ErrClosed
+			}
+			rc.logf("relay: connection lost", "url", rc.URL, "err", err)
+			continue
+		}
+		switch m := m.(type) {
+		case Ping:
+			if err := c.SendPong(m); err != nil {
+				rc.drop(c)
+			}
+			continue
+		case Pong:
+			rc.mu.Lock()
+			ch, ok := rc.pings[m]
+			delete(rc.pings, m)
+			rc.mu.Unlock()
+			if ok {
+				ch <- struct{}{}
+				continue
+			}
+		case ServerInfo:
+			rc.mu.Lock()
+			rc.failures = 0
+			rc.mu.Unlock()
+		case ServerRestarting:
+			now := time.Now()
+			rc.mu.Lock()
+			rc.nextDial = now.Add(m.ReconnectIn)
+			rc.restartUntil = rc.nextDial.Add(m.TryFor)
+			rc.mu.Unlock()
+		}
+		return m, nil
+	}
+}
+
+// Ping sends a Ping and waits for its Pong, returning the round-trip time.
+// It needs a concurrent Recv loop. Without a deadline in ctx it waits at
+// most 5 seconds.
+func (rc *ReconnectingClient) Ping(ctx context.Context) (time.Duration, error) {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+	}
+	c, _, err := rc.current(ctx)
+	if err != nil {
+		return 0, err
+	}
+	var data [8]byte
+	binary.LittleEndian.PutUint64(data[:], rand.Uint64())
+	ch := make(chan struct{}, 1)
+	rc.mu.Lock()
+	if rc.pings == nil {
+		rc.pings = map[[8]byte]chan struct{}{}
+	}
+	rc.pings[data] = ch
+	rc.mu.Unlock()
+	defer func() {
+		rc.mu.Lock()
+		delete(rc.pings, data)
+		rc.mu.Unlock()
+	}()
+	start := time.Now()
+	if err := c.SendPing(data); err != nil {
+		rc.drop(c)
+		return 0, err
+	}
+	select {
+	case _, ok := <-ch:
+		if !ok {
+			return 0, ErrNotConnected
+		}
+		return time.Since(start), nil
+	case <-ctx.Done():
+		return 0, fmt.Errorf("relay: ping: %w", ctx.Err())
+	}
+}
+
+// ServerPublicKey returns the server key learned from the last connection,
+// or zero before the first.
+func (rc *ReconnectingClient) ServerPublicKey() PublicKey {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	return rc.learned
+}
+
+// Generation returns how many connections have been made; it changes on
+// every reconnect.
+func (rc *ReconnectingClient) Generation() int {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	return rc.gen
+}
+
+// Close closes the current connection; every later call returns ErrClosed.
+func (rc *ReconnectingClient) Close() error {
+	rc.mu.Lock()
+	rc.closed = true
+	c := rc.c
+	rc.c = nil
+	rc.mu.Unlock()
+	if c != nil {
+		return c.Close()
 	}
 	return nil
 }

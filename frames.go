@@ -419,13 +419,15 @@ type ClientInfo struct {
 }
 
 // clientInfoJSON is the wire form of ClientInfo. JSON field names match
-// case-insensitively, as in Tailscale's server.
+// case-insensitively, as in Tailscale's server. MeshKey is a value, not a
+// pointer: encoding/json sets a pointer to nil for a JSON null without
+// calling its UnmarshalJSON, which would accept "meshKey":null as absent.
 type clientInfoJSON struct {
-	MeshKey     *meshKeyJSON `json:"meshKey,omitempty"`
-	Version     int          `json:"version,omitempty"`
-	CanAckPings bool         `json:"CanAckPings"`
-	IsProber    bool         `json:"IsProber,omitempty"`
-	AppName     string       `json:"AppName,omitempty"`
+	MeshKey     meshKeyJSON `json:"meshKey,omitzero"`
+	Version     int         `json:"version,omitempty"`
+	CanAckPings bool        `json:"CanAckPings"`
+	IsProber    bool        `json:"IsProber,omitempty"`
+	AppName     string      `json:"AppName,omitempty"`
 }
 
 // meshKeyJSON is a mesh key that must be a string of exactly 64 hex digits

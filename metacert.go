@@ -8,13 +8,17 @@ package relay
 
 import (
 	"bytes"
+	"crypto/ecdsa"
 	"crypto/ed25519"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"fmt"
 	"math/big"
+	"net"
+	"net/http"
 	"strings"
 	"time"
 )
@@ -273,4 +277,111 @@ func metaCertNextProtos(protos []string) []string {
 		out = append(out, "http/1.1")
 	}
 	return out
+}
+
+// TB is the part of testing.TB that StartTestServer uses; *testing.T and
+// *testing.B satisfy it.
+type TB interface {
+	Helper()
+	Cleanup(func())
+	Fatalf(format string, args ...any)
+}
+
+// TestServer is a relay server running in-process on 127.0.0.1 with TLS and
+// the meta cert, for integration tests.
+type TestServer struct {
+	Server *Server
+	// URL is the server's DERP URL, "https://127.0.0.1:<port>/derp".
+	URL string
+	// TLSConfig trusts the server's self-signed certificate; give it to
+	// FastStart (it is cloned there, so it may be shared).
+	TLSConfig *tls.Config
+
+	srv  *http.Server
+	done chan struct{}
+}
+
+// StartTestServer starts a Server with opts behind an HTTP/1.1 TLS listener on
+// 127.0.0.1 with a fresh self-signed certificate and the meta cert, so
+// clients take the fast path. It is closed when the test ends:
+//
+//	ts := relay.StartTestServer(t)
+//	c, _, err := (&relay.FastStart{TLSConfig: ts.TLSConfig}).Dial(ctx, ts.URL, priv)
+func StartTestServer(t TB, opts ...ServerOption) *TestServer {
+	t.Helper()
+	priv, err := GeneratePrivateKey()
+	if err != nil {
+		t.Fatalf("relay: StartTestServer: %v", err)
+	}
+	s := NewServer(priv, opts...)
+	cert, pool, err := selfSignedCert("127.0.0.1", "localhost")
+	if err != nil {
+		s.Close()
+		t.Fatalf("relay: StartTestServer: %v", err)
+	}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	AppendMetaCert(cfg, s.MetaCert())
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		s.Close()
+		t.Fatalf("relay: StartTestServer: %v", err)
+	}
+	ts := &TestServer{
+		Server:    s,
+		URL:       "https://" + ln.Addr().String() + "/derp",
+		TLSConfig: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"},
+		srv:       &http.Server{Handler: s, ReadHeaderTimeout: 10 * time.Second},
+		done:      make(chan struct{}),
+	}
+	go func() {
+		defer close(ts.done)
+		ts.srv.Serve(tls.NewListener(ln, cfg))
+	}()
+	t.Cleanup(ts.Close)
+	return ts
+}
+
+// Close stops the server and waits for its goroutines. It is safe to call
+// more than once.
+func (ts *TestServer) Close() {
+	ts.Server.Close()
+	ts.srv.Close()
+	<-ts.done
+}
+
+// selfSignedCert makes a self-signed ECDSA certificate for hosts (IP
+// addresses or DNS names) and a pool that trusts it.
+func selfSignedCert(hosts ...string) (tls.Certificate, *x509.CertPool, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(time.Now().UnixNano()),
+		Subject:               pkix.Name{CommonName: hosts[0]},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	for _, h := range hosts {
+		if ip := net.ParseIP(h); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, h)
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(leaf)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, pool, nil
 }

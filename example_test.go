@@ -1,0 +1,223 @@
+package relay_test
+
+import (
+	"bufio"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"fmt"
+	"log"
+	"math/big"
+	"net"
+	"net/http"
+	"sync/atomic"
+	"time"
+
+	"github.com/fastderp/relay"
+)
+
+// A relay server on net/http with TLS and the meta cert, and two clients
+// that connect with fast start and relay packets through it.
+func Example() {
+	// The server: its DERP key, a TLS certificate (here self-signed; in
+	// production from a CA or autocert), and the meta cert appended.
+	serverKey, _ := relay.GeneratePrivateKey()
+	srv := relay.NewServer(serverKey)
+	defer srv.Close()
+
+	cert, roots := exampleCert()
+	tlsConfig := &tls.Config{Certificates: []tls.Certificate{cert}}
+	relay.AppendMetaCert(tlsConfig, srv.MetaCert()) // also keeps ALPN on HTTP/1.1
+
+	mux := http.NewServeMux()
+	mux.Handle("/derp", srv)
+	mux.HandleFunc("/derp/probe", relay.ServeProbe)
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go hs.Serve(tls.NewListener(ln, tlsConfig))
+	defer hs.Close()
+	url := "https://" + ln.Addr().String() + "/derp"
+
+	// Two clients. FastStart finds the meta cert in the TLS 1.3 handshake
+	// and sends its login with the HTTP request: 2 round trips, not 3.
+	dialer := &relay.FastStart{TLSConfig: &tls.Config{RootCAs: roots}}
+	ctx := context.Background()
+	connect := func(name string) *relay.Client {
+		priv, _ := relay.GeneratePrivateKey()
+		c, h, err := dialer.Dial(ctx, url, priv)
+		if err != nil {
+			log.Fatal(err)
+		}
+		fmt.Printf("%s: %s path, server key from %s\n", name, h.Path, h.KeySource)
+		return c
+	}
+	alice, bob := connect("alice"), connect("bob")
+	defer alice.Close()
+	defer bob.Close()
+
+	// On the fast path Dial returns before the server has answered. The
+	// server's ServerInfo, the first message, says the login is done and
+	// the client is reachable.
+	for _, c := range []*relay.Client{alice, bob} {
+		m, err := c.Recv()
+		if err != nil {
+			log.Fatal(err)
+		}
+		fmt.Printf("logged in: %T, protocol version %d\n", m, m.(relay.ServerInfo).Version)
+	}
+
+	if err := alice.Send(bob.PublicKey(), []byte("hello bob")); err != nil {
+		log.Fatal(err)
+	}
+	for {
+		m, err := bob.Recv()
+		if err != nil {
+			log.Fatal(err)
+		}
+		if p, ok := m.(*relay.ReceivedPacket); ok {
+			fmt.Printf("bob got %q from alice: %v\n", p.Data, p.Source == alice.PublicKey())
+			return
+		}
+	}
+	// Output:
+	// alice: fast path, server key from meta-cert
+	// bob: fast path, server key from meta-cert
+	// logged in: relay.ServerInfo, protocol version 2
+	// logged in: relay.ServerInfo, protocol version 2
+	// bob got "hello bob" from alice: true
+}
+
+// DERP runs over any net.Conn: here an in-memory pipe, as in tests or custom
+// transports.
+func ExampleNewClient() {
+	serverKey, _ := relay.GeneratePrivateKey()
+	srv := relay.NewServer(serverKey)
+	defer srv.Close()
+
+	clientSide, serverSide := net.Pipe()
+	go srv.Accept(context.Background(), serverSide, nil, "127.0.0.1:1")
+
+	priv, _ := relay.GeneratePrivateKey()
+	c, err := relay.NewClient(priv, clientSide,
+		bufio.NewReadWriter(bufio.NewReader(clientSide), bufio.NewWriter(clientSide)))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Println("server key matches:", c.ServerPublicKey() == srv.PublicKey())
+
+	c.Send(c.PublicKey(), []byte("note to self"))
+	for {
+		m, err := c.Recv()
+		if err != nil {
+			log.Fatal(err)
+		}
+		if p, ok := m.(*relay.ReceivedPacket); ok {
+			fmt.Printf("got %q\n", p.Data)
+			return
+		}
+	}
+	// Output:
+	// server key matches: true
+	// got "note to self"
+}
+
+// A ReconnectingClient connects on first use, survives reconnects, remembers
+// the server's key and measures round trips.
+func ExampleReconnectingClient() {
+	serverKey, _ := relay.GeneratePrivateKey()
+	srv := relay.NewServer(serverKey)
+	defer srv.Close()
+	var current atomic.Pointer[relay.Server] // swapped below to simulate a restart
+	current.Store(srv)
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	hs := &http.Server{ReadHeaderTimeout: 10 * time.Second,
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { current.Load().ServeHTTP(w, r) })}
+	go hs.Serve(ln)
+	defer hs.Close()
+
+	priv, _ := relay.GeneratePrivateKey()
+	rc := &relay.ReconnectingClient{
+		URL:        "http://" + ln.Addr().String() + "/derp",
+		PrivateKey: priv,
+		OnConnect: func(h relay.Handshake) {
+			fmt.Printf("connected: %s path (key from %s)\n", h.Path, h.KeySource)
+		},
+	}
+	defer rc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	// A Recv loop delivers packets and Pongs, reconnecting as needed.
+	events := make(chan string, 4)
+	go func() {
+		for {
+			m, err := rc.Recv(ctx)
+			if err != nil {
+				return
+			}
+			switch m := m.(type) {
+			case relay.ServerInfo: // starts every connection
+				events <- "logged in"
+			case *relay.ReceivedPacket:
+				events <- "received " + string(m.Data)
+			}
+		}
+	}()
+	if err := rc.Send(ctx, priv.Public(), []byte("note to self")); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(<-events)
+	fmt.Println(<-events)
+	if _, err := rc.Ping(ctx); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("ping answered")
+
+	// Restart the server. Clients are told ServerRestarting and come back
+	// by themselves, now with fast start even over plain HTTP, because
+	// the client remembers the server's key.
+	srv2 := relay.NewServer(serverKey)
+	defer srv2.Close()
+	current.Store(srv2)
+	srv.Close()
+	fmt.Println(<-events)
+	if err := rc.Send(ctx, priv.Public(), []byte("again")); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(<-events)
+	// Output:
+	// connected: upgrade path (key from http-header)
+	// logged in
+	// received note to self
+	// ping answered
+	// connected: fast path (key from configured)
+	// logged in
+	// received again
+}
+
+// exampleCert returns a self-signed certificate for 127.0.0.1 and a pool
+// that trusts it.
+func exampleCert() (tls.Certificate, *x509.CertPool) {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "127.0.0.1"},
+		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	leaf, _ := x509.ParseCertificate(der)
+	roots := x509.NewCertPool()
+	roots.AddCert(leaf)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, roots
+}
