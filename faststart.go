@@ -373,7 +373,8 @@ type ReconnectingClient struct {
 	c            *Client
 	gen          int
 	learned      PublicKey
-	preferred    bool
+	preferred    bool // what the caller wants
+	sentPref     bool // what the current connection was told
 	closed       bool
 	failures     int
 	nextDial     time.Time
@@ -461,7 +462,6 @@ func (rc *ReconnectingClient) dial(ctx context.Context) (*Client, int, error) {
 	if !rc.learned.IsZero() {
 		f.ServerKey = rc.learned
 	}
-	preferred := rc.preferred
 	rc.mu.Unlock()
 
 	timeout := rc.DialTimeout
@@ -472,14 +472,16 @@ func (rc *ReconnectingClient) dial(ctx context.Context) (*Client, int, error) {
 	defer cancel()
 	opts := append(rc.Options[:len(rc.Options):len(rc.Options)], CanAckPings(true))
 	c, hs, err := f.Dial(dctx, rc.URL, rc.PrivateKey, opts...)
-	if err == nil && preferred {
-		err = c.NotePreferred(true)
-		if err != nil {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	if err == nil && rc.preferred {
+		// Under rc.mu, so that a concurrent NotePreferred either sees
+		// this connection or is seen here.
+		if err = c.NotePreferred(true); err != nil {
 			c.Close()
 		}
 	}
-	rc.mu.Lock()
-	defer rc.mu.Unlock()
+	rc.sentPref = rc.preferred // a new connection starts as "not home"
 	if err != nil {
 		rc.failures++
 		rc.nextDial = time.Now().Add(rc.backoff(rc.failures, time.Now()))
@@ -540,11 +542,14 @@ func (rc *ReconnectingClient) Send(ctx context.Context, dst PublicKey, pkt []byt
 // is sent now if connected and again after every reconnect.
 func (rc *ReconnectingClient) NotePreferred(preferred bool) error {
 	rc.mu.Lock()
-	changed := rc.preferred != preferred
 	rc.preferred = preferred
 	c := rc.c
+	send := c != nil && rc.sentPref != preferred
+	if send {
+		rc.sentPref = preferred
+	}
 	rc.mu.Unlock()
-	if c == nil || !changed {
+	if !send {
 		return nil
 	}
 	if err := c.NotePreferred(preferred); err != nil {

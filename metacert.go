@@ -16,6 +16,8 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"fmt"
+	"io"
+	"log"
 	"math/big"
 	"net"
 	"net/http"
@@ -330,8 +332,9 @@ func StartTestServer(t TB, opts ...ServerOption) *TestServer {
 		Server:    s,
 		URL:       "https://" + ln.Addr().String() + "/derp",
 		TLSConfig: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"},
-		srv:       &http.Server{Handler: s, ReadHeaderTimeout: 10 * time.Second},
-		done:      make(chan struct{}),
+		srv: &http.Server{Handler: s, ReadHeaderTimeout: 10 * time.Second,
+			ErrorLog: log.New(io.Discard, "", 0)}, // clients hanging up mid-handshake are normal here
+		done: make(chan struct{}),
 	}
 	go func() {
 		defer close(ts.done)
