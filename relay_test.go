@@ -842,3 +842,26 @@ func TestMeshWatchAndClosePeer(t *testing.T) {
 		t.Fatal("b not closed")
 	}
 }
+
+func TestWritePrometheus(t *testing.T) {
+	s := newTestServer(t)
+	a := pipeClient(t, s)
+	a.Send(mustKey(t).Public(), []byte("x")) // unknown_dest/other
+	a.SendPing([8]byte{})
+	recvMsg[Pong](t, a)
+	var buf bytes.Buffer
+	if err := s.WritePrometheus(&buf); err != nil {
+		t.Fatal(err)
+	}
+	out := buf.String()
+	for _, want := range []string{
+		"# TYPE derp_current_connections gauge\nderp_current_connections 1\n",
+		"derp_packets_dropped{reason=\"unknown_dest\",kind=\"other\"} 1\n",
+		"derp_packets_dropped{reason=\"queue_head\",kind=\"disco\"} 0\n",
+		"derp_got_ping 1\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("missing %q in:\n%s", want, out)
+		}
+	}
+}
