@@ -2,7 +2,12 @@ package relay
 
 import (
 	"fmt"
+	"net"
+	"os"
+	"runtime"
+	"runtime/pprof"
 	"testing"
+	"time"
 )
 
 // BenchmarkSendRecv relays packets from one client to another through a
@@ -61,4 +66,75 @@ func benchSendRecv(b *testing.B, size int) {
 			b.Fatalf("dropped %d packets (%s) in a lossless benchmark", v, k)
 		}
 	}
+}
+
+// BenchmarkIdleClients measures what an idle logged-in client costs the
+// server: heap and stack bytes, and goroutines, per client. The clients are
+// bare sockets that wrote a ClientInfo and read nothing, so nearly all the
+// memory measured is the server's.
+func BenchmarkIdleClients(b *testing.B) {
+	const n = 2000
+	for range b.N {
+		b.StopTimer()
+		s := NewServer(mustKey(b))
+		addr := tcpServer(b, s)
+		runtime.GC()
+		var before runtime.MemStats
+		runtime.ReadMemStats(&before)
+		g0 := runtime.NumGoroutine()
+		conns := make([]net.Conn, 0, n)
+		for range n {
+			nc, err := net.Dial("tcp", addr)
+			if err != nil {
+				b.Fatal(err)
+			}
+			conns = append(conns, nc)
+			if _, err := nc.Write(rawLogin(b, s.PublicKey())); err != nil {
+				b.Fatal(err)
+			}
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for s.Stats().CurrentConnections < n {
+			if time.Now().After(deadline) {
+				b.Fatalf("only %d of %d logged in", s.Stats().CurrentConnections, n)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		time.Sleep(2 * writerLinger) // writers that sent ServerKey/ServerInfo exit
+		// Pooled buffers survive one GC in sync.Pool's victim cache, and
+		// each GC halves goroutine stacks that use less than a quarter
+		// of their size (the login grew them): measure the steady state
+		// a long-lived idle client reaches.
+		for range 4 {
+			runtime.GC()
+		}
+		var after runtime.MemStats
+		runtime.ReadMemStats(&after)
+		g1 := runtime.NumGoroutine()
+		mem := float64(after.HeapInuse+after.StackInuse) - float64(before.HeapInuse+before.StackInuse)
+		b.ReportMetric(mem/n/1024, "KiB/client")
+		b.ReportMetric(float64(g1-g0)/n, "goroutines/client")
+		b.ReportMetric(float64(after.StackInuse-before.StackInuse)/n/1024, "stackKiB/client")
+		if f := os.Getenv("RELAY_IDLE_HEAP_PROFILE"); f != "" {
+			out, _ := os.Create(f)
+			pprof.WriteHeapProfile(out)
+			out.Close()
+		}
+		for _, nc := range conns {
+			nc.Close()
+		}
+		s.Close()
+	}
+}
+
+// rawLogin returns a ClientInfo frame for a fresh key, sealed to serverKey.
+func rawLogin(tb testing.TB, serverKey PublicKey) []byte {
+	priv := mustKey(tb)
+	pub := priv.Public()
+	shared, err := sharedKey(priv, serverKey)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	payload := sealBox(append([]byte{}, pub[:]...), shared, []byte(`{"version":2}`))
+	return appendFrame(nil, FrameClientInfo, payload)
 }

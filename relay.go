@@ -304,6 +304,7 @@ type ProtocolError struct {
 	Err    error     // underlying error, if any
 }
 
+// Error returns "relay: protocol error: <reason> (<frame>): <detail>: <cause>".
 func (e *ProtocolError) Error() string {
 	s := "relay: protocol error: " + e.Reason
 	if e.Frame != 0 {
