@@ -338,25 +338,78 @@ func TestPingPong(t *testing.T) {
 
 func TestPeerGoneDisconnected(t *testing.T) {
 	s := newTestServer(t)
-	a, b, c := pipeClient(t, s), pipeClient(t, s), pipeClient(t, s)
-	// b received from a; c only sent to a.
+	a, b, c, d := pipeClient(t, s), pipeClient(t, s), pipeClient(t, s), pipeClient(t, s)
+	// b received from a; c only sent to a; d never dealt with a.
 	a.Send(b.PublicKey(), []byte("hi"))
 	recvMsg[*ReceivedPacket](t, b)
 	c.Send(a.PublicKey(), []byte("hi"))
 	recvMsg[*ReceivedPacket](t, a)
 	a.Close()
-	g, _ := recvMsg[PeerGone](t, b)
-	if g.Peer != a.PublicKey() || g.Reason != PeerGoneDisconnected {
-		t.Fatalf("got %+v", g)
+	for _, x := range []*Client{b, c} { // c is told too, unlike Tailscale
+		g, _ := recvMsg[PeerGone](t, x)
+		if g.Peer != a.PublicKey() || g.Reason != PeerGoneDisconnected {
+			t.Fatalf("got %+v", g)
+		}
 	}
-	// c never received from a, so it is not told (as in Tailscale); check
-	// that what c gets next is its own ping's pong, not a PeerGone.
-	c.SendPing([8]byte{9})
-	c.opts.recvTimeout = 5 * time.Second
-	m, err := c.Recv()
+	// d is not told: what it gets next is its own ping's pong.
+	d.SendPing([8]byte{9})
+	d.opts.recvTimeout = 5 * time.Second
+	m, err := d.Recv()
 	if _, ok := m.(Pong); !ok || err != nil {
-		t.Fatalf("c got %T %v, want Pong", m, err)
+		t.Fatalf("d got %T %v, want Pong", m, err)
 	}
+}
+
+func TestServerPingsClientsThatAckPings(t *testing.T) {
+	s := NewServer(mustKey(t), WithKeepAlive(20*time.Millisecond), WithIdleTimeout(300*time.Millisecond))
+	addr := tcpServer(t, s)
+	silent := tcpClient(t, addr, CanAckPings(true))
+	answering := tcpClient(t, addr, CanAckPings(true))
+	plain := tcpClient(t, addr) // cannot ack pings: keepalives, no deadline
+
+	// answering answers every ping for a while; silent never reads.
+	var pings int
+	answering.opts.recvTimeout = 5 * time.Second
+	for pings < 20 {
+		m, err := answering.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p, ok := m.(Ping); ok {
+			pings++
+			answering.SendPong(p)
+		}
+	}
+	if _, ok := recvMsg[KeepAlive](t, plain); !ok {
+		t.Fatal("no keepalive for a client that cannot ack pings")
+	}
+	waitFor(t, func() bool { return s.Stats().Errors["session:idle_timeout"] == 1 })
+	if s.IsClientConnected(silent.PublicKey()) {
+		t.Error("silent client still connected")
+	}
+	if !s.IsClientConnected(answering.PublicKey()) || !s.IsClientConnected(plain.PublicKey()) {
+		t.Error("live client disconnected")
+	}
+	waitFor(t, func() bool { st := s.Stats(); return st.PingsSent >= 20 && st.PongsReceived >= 20 })
+}
+
+func TestRateLimitDoesNotDelayPings(t *testing.T) {
+	// 1 byte/s with the minimum burst (one maximal packet): after one
+	// maximal packet the bucket is empty. A paced 8-byte Ping would wait 8 s;
+	// it is answered at once.
+	s := NewServer(mustKey(t), WithRateLimit(1, 0))
+	addr := tcpServer(t, s)
+	a, b := tcpClient(t, addr), tcpClient(t, addr)
+	a.limiter = nil // bypass the client's own copy of the limit to reach the server's
+	a.Send(b.PublicKey(), make([]byte, MaxPacketSize))
+	recvMsg[*ReceivedPacket](t, b)
+	a.SendPing([8]byte{7})
+	if p, ok := recvMsg[Pong](t, a); !ok || p != (Pong{7}) {
+		t.Fatal("ping not answered while rate limited")
+	}
+	// A packet, by contrast, waits.
+	a.Send(b.PublicKey(), []byte{1})
+	waitFor(t, func() bool { return s.Stats().RateLimitWaits == 1 })
 }
 
 func TestPeerGoneNotHereForDisco(t *testing.T) {

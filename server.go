@@ -44,6 +44,8 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -106,12 +108,14 @@ type serverConfig struct {
 	meshWriteTimeout time.Duration
 	queueDepth       int
 	keepAlive        time.Duration
+	idleTimeout      time.Duration
 	maxConns         int
 	maxConnsPerIP    int
 	maxClientInfo    int
 	restartDelay     time.Duration
 	restartTryFor    time.Duration
 	meshPeers        []string
+	meshDialer       *FastStart
 }
 
 // Admission describes a client asking to log in, for the admission hook.
@@ -185,6 +189,17 @@ func WithKeepAlive(d time.Duration) ServerOption {
 	return func(c *serverConfig) { c.keepAlive = d }
 }
 
+// WithIdleTimeout makes the server check that clients which declared
+// CanAckPings (Tailscale's clients do) are alive: each keepalive is sent as a
+// Ping instead, and a session from which nothing at all, not even the Pong,
+// was read for d ends with the reason "idle_timeout". This finds vanished
+// clients without relying on TCP timeouts. d should exceed the keepalive
+// interval plus jitter. Default 150 s; zero turns the check off. Mesh peers
+// and clients that cannot ack pings are exempt.
+func WithIdleTimeout(d time.Duration) ServerOption {
+	return func(c *serverConfig) { c.idleTimeout = d }
+}
+
 // WithMaxConnections limits the number of sessions (logged in or logging
 // in) in total and per remote IP address; zero means no limit. Defaults:
 // no total limit, no per-IP limit.
@@ -200,6 +215,28 @@ func WithRestartNotice(spread, tryFor time.Duration) ServerOption {
 	return func(c *serverConfig) { c.restartDelay, c.restartTryFor = spread, tryFor }
 }
 
+// WithMeshPeers makes the server one of a region's servers. For each URL
+// ("https://derp2.example.com/derp"; a bare "host[:port]" means
+// "https://host[:port]/derp") it keeps a watcher connection, logged in with
+// the server's own DERP key and the mesh key, learns which clients are
+// connected there and forwards packets for them, one hop, through a bounded
+// queue per peer that never blocks the sender. A URL that turns out to reach
+// this server itself is ignored, so every server of a region may be given
+// the same list. Requires WithMeshKey: NewServer panics without one, or on a
+// URL that does not parse. Default: no peers.
+func WithMeshPeers(urls ...string) ServerOption {
+	return func(c *serverConfig) { c.meshPeers = append(c.meshPeers, urls...) }
+}
+
+// WithMeshDialer sets how mesh links are dialed: f's TLSConfig (for example
+// a pool trusting the region's self-signed certificates), DialContext,
+// Header and DisableFastStart apply; its ServerKey is ignored, as each peer
+// has its own. f is copied. Default: the zero FastStart (system roots, a
+// net.Dialer, fast start when the peer's TLS 1.3 chain has a meta cert).
+func WithMeshDialer(f *FastStart) ServerOption {
+	return func(c *serverConfig) { c.meshDialer = f }
+}
+
 // NewServer returns a server whose DERP key is priv.
 func NewServer(priv PrivateKey, opts ...ServerOption) *Server {
 	cfg := serverConfig{
@@ -208,6 +245,7 @@ func NewServer(priv PrivateKey, opts ...ServerOption) *Server {
 		meshWriteTimeout: 30 * time.Second,
 		queueDepth:       32,
 		keepAlive:        60 * time.Second,
+		idleTimeout:      150 * time.Second,
 		maxClientInfo:    16 << 10,
 		restartDelay:     2 * time.Second,
 		restartTryFor:    5 * time.Second,
@@ -279,6 +317,13 @@ type sconn struct {
 
 	dup atomic.Bool // another connection has the same key
 
+	pingIdle bool // liveness pings and an idle read deadline apply (set at login)
+
+	// Reader-owned: destinations this client sent to (noteSentTo).
+	lastDst      PublicKey
+	lastDstEntry *keyEntry
+	sentTo       map[PublicKey]*keyEntry
+
 	// Reader-owned state.
 	preferred  bool
 	notHere    tokenBucket
@@ -295,6 +340,8 @@ type sconn struct {
 	// outbox
 	disco, other pktRing
 	pong         [8]byte
+	ping         [8]byte // liveness ping to send
+	hasPing      bool
 	hasPong      bool
 	keepAlive    bool
 	peerGone     []peerGoneItem
@@ -479,8 +526,9 @@ func (s *Server) login(ctx context.Context, c *sconn, bw *bufio.Writer) error {
 		return &ProtocolError{Reason: "replayed_client_info", Frame: t, Err: ErrReplayedLogin}
 	}
 	c.info = ClientInfo{Version: info.Version, CanAckPings: info.CanAckPings, IsProber: info.IsProber, AppName: info.AppName}
-	c.isMesh = s.cfg.hasMeshKey && info.MeshKey != nil &&
+	c.isMesh = s.cfg.hasMeshKey && // a zero (absent) client key never matches
 		subtle.ConstantTimeCompare(info.MeshKey[:], s.cfg.meshKey[:]) == 1
+	c.pingIdle = s.cfg.idleTimeout > 0 && info.CanAckPings && !c.isMesh
 	if !c.isMesh && s.cfg.admit != nil {
 		actx, cancel := context.WithDeadline(ctx, deadline)
 		err := s.cfg.admit(actx, Admission{Key: c.key, Info: c.info, RemoteAddr: c.remote})
@@ -628,7 +676,7 @@ func (s *Server) unregister(c *sconn) {
 		alone.setHealth("")
 	}
 	if gone != nil || len(e.conns) == 0 {
-		if !s.meshHas(c.key) {
+		if !s.meshAdopt(c.key, gone) {
 			for r := range gone {
 				r.enqueuePeerGone(c.key, PeerGoneDisconnected)
 			}
@@ -639,14 +687,48 @@ func (s *Server) unregister(c *sconn) {
 
 // lookup returns the connection that receives packets for k, or nil.
 func (s *Server) lookup(k PublicKey) *sconn {
+	_, c := s.lookupEntry(k)
+	return c
+}
+
+// lookupEntry returns k's routing entry and its active connection.
+func (s *Server) lookupEntry(k PublicKey) (*keyEntry, *sconn) {
 	sh := s.shard(k)
 	sh.mu.RLock()
 	e := sh.m[k]
 	sh.mu.RUnlock()
 	if e == nil {
-		return nil
+		return nil, nil
 	}
-	return e.active.Load()
+	return e, e.active.Load()
+}
+
+// noteSentTo registers c to be told PeerGone when dst's last connection
+// leaves. Tailscale tells only clients that received from the peer; a client
+// that only sent to it would keep sending into the void (and learn nothing
+// unless its packets are disco). Reader-owned state makes the common case,
+// the same destination again, one comparison.
+func (c *sconn) noteSentTo(dst PublicKey, e *keyEntry) {
+	if e == c.lastDstEntry && dst == c.lastDst {
+		return
+	}
+	c.lastDst, c.lastDstEntry = dst, e
+	if c.sentTo[dst] == e {
+		return
+	}
+	if c.sentTo == nil || len(c.sentTo) >= 4096 {
+		c.sentTo = map[PublicKey]*keyEntry{} // re-registering is harmless
+	}
+	c.sentTo[dst] = e
+	sh := c.s.shard(dst)
+	sh.mu.Lock()
+	if sh.m[dst] == e {
+		if e.recipients == nil {
+			e.recipients = map[*sconn]struct{}{}
+		}
+		e.recipients[c] = struct{}{}
+	}
+	sh.mu.Unlock()
 }
 
 // startKeepAlive arms the session's keepalive timer. It runs no goroutine
@@ -656,7 +738,7 @@ func (c *sconn) startKeepAlive() {
 	if d <= 0 {
 		return
 	}
-	period := d + rand.N(5*time.Second)
+	period := d + rand.N(min(5*time.Second, d/12)+1) // 60 s + [0, 5 s) by default
 	c.mu.Lock()
 	c.keepTimer = time.AfterFunc(period, func() {
 		c.mu.Lock()
@@ -664,7 +746,14 @@ func (c *sconn) startKeepAlive() {
 		if c.closed {
 			return
 		}
-		c.keepAlive = true
+		if c.pingIdle {
+			// A Ping does what a KeepAlive does and also proves the
+			// client is alive when its Pong comes back.
+			binary.LittleEndian.PutUint64(c.ping[:], rand.Uint64())
+			c.hasPing = true
+		} else {
+			c.keepAlive = true
+		}
 		c.kickLocked()
 		c.keepTimer.Reset(period)
 	})
@@ -697,12 +786,31 @@ func (c *sconn) shutdown() {
 
 // readLoop reads and dispatches frames until the connection ends.
 func (c *sconn) readLoop() error {
+	var deadlineSet time.Time
 	for {
+		if c.pingIdle {
+			// Refresh the idle deadline at most 8 times per period, so
+			// that it costs nothing per packet.
+			if now := time.Now(); now.Sub(deadlineSet) > c.s.cfg.idleTimeout/8 {
+				c.nc.SetReadDeadline(now.Add(c.s.cfg.idleTimeout))
+				deadlineSet = now
+			}
+		}
 		t, n, err := readFrameHeader(c.br)
+		if ne, ok := err.(net.Error); ok && ne.Timeout() && c.pingIdle {
+			return &ProtocolError{Reason: "idle_timeout", Err: err,
+				Detail: fmt.Sprintf("nothing, not even a Pong, read for %v from a client that said it answers pings", c.s.cfg.idleTimeout)}
+		}
 		if err != nil {
+			if err == io.ErrUnexpectedEOF { // a partial header
+				err = truncatedFrame(t)
+			}
 			return err
 		}
-		if c.rateLimit != nil {
+		if c.rateLimit != nil && t != FramePing && t != FrameNotePreferred {
+			// Ping and NotePreferred are tiny and bounded: pacing them
+			// would only make a limited client look dead to its own
+			// liveness checks.
 			if err := c.paceRead(n); err != nil {
 				return err
 			}
@@ -723,13 +831,31 @@ func (c *sconn) readLoop() error {
 			err = c.handleWatchConns(n)
 		case FrameClosePeer:
 			err = c.handleClosePeer(n)
+		case FramePong:
+			c.s.stats.gotPong.Add(1)
+			if n > maxServerPingLen {
+				err = protoErr("bad_pong_length", t, fmt.Sprintf("%d bytes", n))
+			} else {
+				_, err = c.br.Discard(int(n))
+			}
 		default:
 			err = c.skipFrame(t, n)
+		}
+		if err == io.EOF || err == io.ErrUnexpectedEOF {
+			// bufio reports the end of the stream inside a payload as a
+			// plain io.EOF, which would end the session silently.
+			err = truncatedFrame(t)
 		}
 		if err != nil {
 			return err
 		}
 	}
+}
+
+// truncatedFrame is the error of a stream that ended inside a frame; only
+// EOF between frames ends a session quietly.
+func truncatedFrame(t FrameType) error {
+	return &ProtocolError{Reason: "truncated_frame", Frame: t, Detail: "connection ended inside a frame", Err: io.ErrUnexpectedEOF}
 }
 
 // maxUnknownFrame bounds frames the server reads and discards (unknown
@@ -748,8 +874,12 @@ func (c *sconn) skipFrame(t FrameType, n uint32) error {
 
 // paceRead waits until the client's token bucket can pay for a frame of n
 // bytes: waiting just stops reading, so TCP flow control slows the client.
+// Every byte the server will read is paid for (Tailscale caps the cost at
+// one maximal SendPacket, which lets 1 MiB frames that the server reads and
+// discards through at 16 times the limit); the cap only keeps a lying
+// length from buying a wait of hours before its frame is refused.
 func (c *sconn) paceRead(n uint32) error {
-	cost := int(min(n, maxSendFrame))
+	cost := int(min(n, maxUnknownFrame))
 	d := c.rateLimit.reserve(cost, time.Now())
 	if d <= 0 {
 		return nil
@@ -817,7 +947,10 @@ func (c *sconn) handleForwardPacket(n uint32) error {
 // local connection, else (for packets not already forwarded) through a mesh
 // peer, else it is dropped and, if it is disco, the sender is told NotHere.
 func (s *Server) routePacket(c *sconn, src, dst PublicKey, n int, forwarded bool) error {
-	if dc := s.lookup(dst); dc != nil {
+	if e, dc := s.lookupEntry(dst); dc != nil {
+		if !forwarded {
+			c.noteSentTo(dst, e)
+		}
 		p := getPacket(n)
 		if _, err := io.ReadFull(c.br, p.buf[:n]); err != nil {
 			putPacket(p)
@@ -961,7 +1094,7 @@ func (s *Server) closePeer(k PublicKey) {
 	sh.mu.RUnlock()
 	s.log.Info("relay: closing peer on mesh request", "key", k.ShortString(), "conns", len(conns))
 	for _, c := range conns {
-		c.nc.Close()
+		c.closeConn()
 	}
 }
 
@@ -1122,6 +1255,7 @@ type writerState struct {
 	discos  int // the first discos entries of pkts are disco
 	control []byte
 	newSrcs []*sconn
+	fwdSrcs []PublicKey // new sources of forwarded packets (mesh recipients)
 }
 
 var writerPool = sync.Pool{New: func() any {
@@ -1138,6 +1272,7 @@ func (c *sconn) writeLoop() {
 		ws.bw.Reset(nil)
 		ws.pkts = ws.pkts[:0]
 		ws.newSrcs = ws.newSrcs[:0]
+		ws.fwdSrcs = ws.fwdSrcs[:0]
 		writerPool.Put(ws)
 	}()
 	for {
@@ -1146,9 +1281,12 @@ func (c *sconn) writeLoop() {
 		if !c.takeLocked(ws) {
 			if closeAfter || c.closed || !c.park(linger) {
 				c.writing = false
+				if closeAfter {
+					c.closed = true // nothing may follow the Restarting notice
+				}
 				c.mu.Unlock()
 				if closeAfter {
-					c.nc.Close()
+					closeWrite(c.nc)
 				}
 				return
 			}
@@ -1229,6 +1367,11 @@ func (c *sconn) takeLocked(ws *writerState) bool {
 		ws.control = appendFrame(ws.control, FrameKeepAlive, nil)
 		c.keepAlive = false
 	}
+	if c.hasPing {
+		ws.control = appendFrame(ws.control, FramePing, c.ping[:])
+		c.hasPing = false
+		c.s.stats.sentPing.Add(1)
+	}
 	for p := c.disco.pop(); p != nil; p = c.disco.pop() {
 		ws.pkts = append(ws.pkts, p)
 	}
@@ -1237,14 +1380,18 @@ func (c *sconn) takeLocked(ws *writerState) bool {
 		ws.pkts = append(ws.pkts, p)
 	}
 	for _, p := range ws.pkts {
-		if p.srcConn != nil && p.src != c.lastSrc {
+		if (p.srcConn != nil || !p.src.IsZero()) && p.src != c.lastSrc {
 			c.lastSrc = p.src
 			if _, ok := c.sentFrom[p.src]; !ok {
 				if c.sentFrom == nil {
 					c.sentFrom = map[PublicKey]struct{}{}
 				}
 				c.sentFrom[p.src] = struct{}{}
-				ws.newSrcs = append(ws.newSrcs, p.srcConn)
+				if p.srcConn != nil {
+					ws.newSrcs = append(ws.newSrcs, p.srcConn)
+				} else {
+					ws.fwdSrcs = append(ws.fwdSrcs, p.src) // forwarded in by a mesh peer
+				}
 			}
 		}
 	}
@@ -1271,6 +1418,10 @@ func (c *sconn) registerRecipients(ws *writerState) {
 	}
 	clear(ws.newSrcs)
 	ws.newSrcs = ws.newSrcs[:0]
+	if len(ws.fwdSrcs) > 0 {
+		c.s.meshNoteRecipient(c, ws.fwdSrcs)
+		ws.fwdSrcs = ws.fwdSrcs[:0]
+	}
 }
 
 func appendFrame(b []byte, t FrameType, payload []byte) []byte {
@@ -1321,12 +1472,32 @@ func (c *sconn) writeBatch(ws *writerState) error {
 	return nil
 }
 
+// closeWrite half-closes nc after the Restarting notice. A full Close while
+// the client's frames sit unread in the socket makes the kernel send a TCP
+// RST, which discards the notice still in the send buffer; with a half
+// close the client reads the notice, then EOF, and the session ends when it
+// closes its side (or when Server.Close cuts what is left).
+func closeWrite(nc net.Conn) {
+	if cw, ok := nc.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+		return
+	}
+	nc.Close()
+}
+
 // writeFailed ends the session after a write error.
 func (c *sconn) writeFailed(err error) {
 	if ne, ok := err.(net.Error); ok && ne.Timeout() {
 		c.s.stats.writeTimeouts.Add(1)
 		c.s.log.Info("relay: write timeout, dropping client", "remote", c.remote, "key", c.key.ShortString())
 	}
+	c.closeConn()
+}
+
+// closeConn ends the session from the server side. Cancelling the session's
+// context also wakes a reader that is waiting for the rate limit, which
+// closing the connection alone would not.
+func (c *sconn) closeConn() {
+	c.cancel()
 	c.nc.Close()
 }
 
@@ -1372,8 +1543,9 @@ func (s *Server) Close() error {
 		}
 		c.mu.Unlock()
 	}
-	// Give writers a moment to deliver the notice (each closes its
-	// connection after writing it, which ends the session), then cut
+	// Give writers a moment to deliver the notice (each half-closes its
+	// connection after writing it; the session ends when the client
+	// closes), then cut
 	// whatever is left. No session can start after s.closed is set, so
 	// waiting on s.sessions is safe here.
 	done := make(chan struct{})
@@ -1390,7 +1562,7 @@ func (s *Server) Close() error {
 	}
 	s.mu.Lock()
 	for c := range s.conns {
-		c.nc.Close()
+		c.closeConn()
 	}
 	s.mu.Unlock()
 	<-done
@@ -1508,6 +1680,11 @@ func (g *nonceGuard) check(nonce [nonceLen]byte, now time.Time) bool {
 // the probe paths starts a session; "Derp-Fast-Start: 1" makes the server
 // skip the 101 response. /derp/probe and /derp/latency-check answer latency
 // probes and /generate_204 captive-portal checks, if they are routed here.
+//
+// Set ReadHeaderTimeout on the http.Server (the examples use 10 s): the
+// handler, and with it the server's login deadline, only starts once the
+// request headers are complete, so without it a client that never finishes
+// them (slowloris) holds its connection forever.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch r.URL.Path {
 	case "/derp/probe", "/derp/latency-check":
@@ -1601,11 +1778,14 @@ const (
 	dropQueueTail
 	dropWriteError
 	dropDupClient
+	dropMeshQueue    // a mesh link's queue was full: its oldest packet
+	dropMeshLinkDown // the mesh peer holding the destination was not connected
 	numDropReasons
 )
 
 var dropReasonNames = [numDropReasons]string{
 	"unknown_dest", "unknown_dest_on_fwd", "gone_disconnected", "queue_head", "queue_tail", "write_error", "dup_client",
+	"mesh_queue", "mesh_link_down",
 }
 
 type serverCounters struct {
@@ -1613,6 +1793,7 @@ type serverCounters struct {
 	dupKeys, dupConns, dupTotal, watchers               atomic.Int64
 	fastStarts, upgrades                                atomic.Int64
 	gotPing, sentPong, unknownFrames, rateWaits         atomic.Int64
+	sentPing, gotPong                                   atomic.Int64
 	homeMovesIn, homeMovesOut, writeTimeouts            atomic.Int64
 	forwardedIn, forwardedOut                           atomic.Int64
 	dropPkts, dropBytes                                 [numDropReasons][2]atomic.Int64
@@ -1660,7 +1841,9 @@ func errorReason(err error, fallback string) string {
 	case errors.Is(err, ErrClosed):
 		return "server_closed"
 	}
-	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+	// errors.As, not a type assertion: login errors are wrapped
+	// ("receive client info: ...").
+	if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
 		return fallback + "_timeout"
 	}
 	return fallback
@@ -1704,14 +1887,16 @@ type Stats struct {
 	PacketsForwardedIn        int64 // packets received from mesh peers
 	PacketsForwardedOut       int64 // packets forwarded to mesh peers
 	PingsReceived, PongsSent  int64
+	PingsSent, PongsReceived  int64 // liveness pings to clients that can ack them
 	HomeMovesIn, HomeMovesOut int64 // NotePreferred changes after the first 5 s
 	WriteTimeouts             int64 // sessions ended by the write deadline
 	UnknownFrames             int64 // frames read and ignored
 	RateLimitWaits            int64 // frames whose read waited for the rate limit
 	// PacketsDropped and BytesDropped count drops by reason ("unknown_dest",
 	// "unknown_dest_on_fwd", "gone_disconnected", "queue_head", "queue_tail",
-	// "write_error", "dup_client") and kind ("disco", "other"), as
-	// "reason/kind". Every combination is present, zero or not.
+	// "write_error", "dup_client", "mesh_queue", "mesh_link_down") and kind
+	// ("disco", "other"), as "reason/kind". Every combination is present,
+	// zero or not.
 	PacketsDropped map[string]int64
 	BytesDropped   map[string]int64
 	// Errors counts failed logins ("login:<reason>") and sessions ended by
@@ -1739,6 +1924,8 @@ func (s *Server) Stats() Stats {
 		PacketsForwardedOut:    sc.forwardedOut.Load(),
 		PingsReceived:          sc.gotPing.Load(),
 		PongsSent:              sc.sentPong.Load(),
+		PingsSent:              sc.sentPing.Load(),
+		PongsReceived:          sc.gotPong.Load(),
 		HomeMovesIn:            sc.homeMovesIn.Load(),
 		HomeMovesOut:           sc.homeMovesOut.Load(),
 		WriteTimeouts:          sc.writeTimeouts.Load(),
@@ -1783,13 +1970,654 @@ func (s *Server) ExpVar() expvar.Var {
 	return expvar.Func(func() any { return s.Stats() })
 }
 
-// meshState is the server's view of the other servers of its region.
-type meshState struct{}
+// WritePrometheus writes the server's counters in the Prometheus text
+// exposition format, with names like Tailscale's exporter produces
+// ("derp_current_connections", "derp_packets_dropped{reason,kind}"), so a
+// /metrics handler needs no client library:
+//
+//	mux.HandleFunc("/metrics", func(w http.ResponseWriter, r *http.Request) { srv.WritePrometheus(w) })
+func (s *Server) WritePrometheus(w io.Writer) error {
+	st := s.Stats()
+	bw := bufio.NewWriter(w)
+	metric := func(name, kind, help string, v int64) {
+		fmt.Fprintf(bw, "# HELP derp_%s %s\n# TYPE derp_%s %s\nderp_%s %d\n", name, help, name, kind, name, v)
+	}
+	metric("accepts", "counter", "Sessions handed to the server.", st.Accepts)
+	metric("current_connections", "gauge", "Logged-in sessions.", st.CurrentConnections)
+	metric("current_home_connections", "gauge", "Sessions that declared this server home.", st.CurrentHomeConnections)
+	metric("current_notideal_connections", "gauge", "Sessions whose request had Ideal-Node.", st.CurrentNotIdealConns)
+	metric("current_dup_client_keys", "gauge", "Keys with more than one session.", st.CurrentDupKeys)
+	metric("current_dup_client_conns", "gauge", "Sessions sharing their key.", st.CurrentDupConns)
+	metric("total_dup_client_conns", "counter", "Logins of an already connected key.", st.TotalDupLogins)
+	metric("watchers", "gauge", "Mesh peers watching connections.", st.Watchers)
+	metric("fast_start_logins", "counter", "Sessions that skipped the 101 response.", st.FastStartLogins)
+	metric("upgrade_logins", "counter", "Sessions through a 101 response or Accept.", st.UpgradeLogins)
+	metric("packets_received", "counter", "Packets received from local clients.", st.PacketsReceived)
+	metric("bytes_received", "counter", "Bytes of packets received from local clients.", st.BytesReceived)
+	metric("packets_sent", "counter", "Packets written to clients.", st.PacketsSent)
+	metric("bytes_sent", "counter", "Bytes of packets written to clients.", st.BytesSent)
+	metric("packets_forwarded_in", "counter", "Packets received from mesh peers.", st.PacketsForwardedIn)
+	metric("packets_forwarded_out", "counter", "Packets forwarded to mesh peers.", st.PacketsForwardedOut)
+	metric("got_ping", "counter", "Pings received.", st.PingsReceived)
+	metric("sent_pong", "counter", "Pongs sent.", st.PongsSent)
+	metric("home_moves_in", "counter", "Clients that made this server home after their first 5 s.", st.HomeMovesIn)
+	metric("home_moves_out", "counter", "Clients that stopped calling this server home after their first 5 s.", st.HomeMovesOut)
+	metric("sclient_write_timeouts", "counter", "Sessions ended by the write deadline.", st.WriteTimeouts)
+	metric("unknown_frames", "counter", "Frames read and ignored.", st.UnknownFrames)
+	metric("rate_limit_waits", "counter", "Frame reads that waited for the rate limit.", st.RateLimitWaits)
+	labelled := func(name, help string, m map[string]int64, labels func(k string) string) {
+		fmt.Fprintf(bw, "# HELP derp_%s %s\n# TYPE derp_%s counter\n", name, help, name)
+		keys := make([]string, 0, len(m))
+		for k := range m {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
+		for _, k := range keys {
+			fmt.Fprintf(bw, "derp_%s{%s} %d\n", name, labels(k), m[k])
+		}
+	}
+	split := func(a, b string) func(string) string {
+		return func(k string) string {
+			x, y, _ := strings.Cut(k, "/")
+			if b == "" {
+				return fmt.Sprintf("%s=%q", a, k)
+			}
+			if i := strings.IndexByte(k, ':'); i >= 0 && a == "phase" {
+				x, y = k[:i], k[i+1:]
+			}
+			return fmt.Sprintf("%s=%q,%s=%q", a, x, b, y)
+		}
+	}
+	labelled("packets_dropped", "Packets dropped, by reason and kind.", st.PacketsDropped, split("reason", "kind"))
+	labelled("bytes_dropped", "Bytes of packets dropped, by reason and kind.", st.BytesDropped, split("reason", "kind"))
+	labelled("errors", "Failed logins and sessions ended by an error, by phase and reason.", st.Errors, split("phase", "reason"))
+	labelled("rejected", "Connections refused before login, by reason.", st.Rejected, split("reason", ""))
+	return bw.Flush()
+}
 
-func (s *Server) initMesh()              {}
-func (s *Server) closeMesh()             {}
-func (s *Server) meshHas(PublicKey) bool { return false }
+// The mesh: the servers of a region share a mesh key, and each one watches
+// every other one and forwards packets for the keys connected there.
+//
+//	peer B's clients come and go
+//	  │ PeerPresent / PeerGone, over our watch connection to B (logged in
+//	  ▼ with this server's own DERP key and the mesh key)
+//	link B, run goroutine: dial (FastStart), WatchConns, Recv loop; on any
+//	  │ error forget B's keys, back off with jitter, dial again
+//	  ▼ meshAdd / meshRemove
+//	routes: key → links that announced it (the newest is used)
+//	        + local clients that received packets forwarded from it
+//	  ▲ meshLookup (RLock)
+//	client A's reader: routePacket finds no local conn → meshForward copies
+//	  │ the packet once onto link B's ring (oldest dropped when full)
+//	  ▼
+//	link B, writer goroutine (one per connection): ForwardPacket(src, dst,
+//	  pkt) on the same connection to B, 5 s write timeout each
+//
+// A forwarded packet is delivered only locally by the receiving server
+// (routePacket never forwards a forwarded packet), so a packet crosses at
+// most one mesh hop and stale or inconsistent routes cannot make it loop.
+//
+// Locking: mesh.mu may be held while taking a routing shard's mu, never the
+// other way round; it is never held while taking a conn's mu or a link's
+// mu. A link's mu guards only its current client and its ring.
+
+// Mesh link parameters.
+const (
+	// meshQueueDepth is how many packets may wait for each mesh peer. A
+	// link carries the traffic of many clients, so it is deeper than a
+	// client's queue; when full, the oldest packet is dropped.
+	meshQueueDepth  = 256
+	meshDialTimeout = 10 * time.Second
+	meshMinBackoff  = 100 * time.Millisecond
+	meshMaxBackoff  = 5 * time.Second
+)
+
+// errMeshSelf ends a link whose URL reaches this very server.
+var errMeshSelf = errors.New("relay: mesh peer is this server")
+
+// meshState is the server's view of the other servers of its region.
+type meshState struct {
+	links  []*meshLink
+	dialer FastStart
+	keyHex string // the mesh key, as MeshKey wants it
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // the links' run goroutines
+
+	mu     sync.RWMutex
+	routes map[PublicKey]*meshRoute // keys announced by at least one peer
+}
+
+// meshRoute says where a key announced by mesh peers can be reached.
+type meshRoute struct {
+	// links that announced the key, oldest first. Packets go to the last
+	// one: a client that moved to another server is found where it went,
+	// even before the server it left says it is gone.
+	links []*meshLink
+	// recipients are the local clients that were written packets forwarded
+	// from the key; they are told PeerGone when it leaves the region, as
+	// keyEntry.recipients are for local keys.
+	recipients map[*sconn]struct{}
+}
+
+// meshLink is this server's connection to one mesh peer: it watches the
+// peer's connections and carries packets forwarded to the peer.
+type meshLink struct {
+	s    *Server
+	url  string
+	wake chan struct{} // one-slot doorbell: the ring is not empty
+
+	mu     sync.Mutex
+	client *Client // the current connection; nil while down
+	ring   fwdRing
+
+	keys map[PublicKey]struct{} // keys this peer announced; guarded by s.mesh.mu
+}
+
+func newMeshLink(s *Server, peerURL string) *meshLink {
+	return &meshLink{
+		s:    s,
+		url:  peerURL,
+		wake: make(chan struct{}, 1),
+		ring: fwdRing{buf: make([]fwdItem, meshQueueDepth)},
+		keys: map[PublicKey]struct{}{},
+	}
+}
+
+type fwdItem struct {
+	dst PublicKey
+	p   *packet // p.src is the original source
+}
+
+// fwdRing is a fixed-size FIFO of packets waiting for a mesh peer.
+type fwdRing struct {
+	buf     []fwdItem
+	head, n int
+}
+
+// push appends it; if the ring is full it first removes and returns the
+// oldest item.
+func (r *fwdRing) push(it fwdItem) (old fwdItem) {
+	if r.n == len(r.buf) {
+		old = r.buf[r.head]
+		r.buf[r.head] = fwdItem{}
+		r.head = (r.head + 1) % len(r.buf)
+		r.n--
+	}
+	r.buf[(r.head+r.n)%len(r.buf)] = it
+	r.n++
+	return old
+}
+
+// popAll moves every item, oldest first, to dst.
+func (r *fwdRing) popAll(dst []fwdItem) []fwdItem {
+	for ; r.n > 0; r.n-- {
+		dst = append(dst, r.buf[r.head])
+		r.buf[r.head] = fwdItem{}
+		r.head = (r.head + 1) % len(r.buf)
+	}
+	return dst
+}
+
+func (s *Server) initMesh() {
+	m := &s.mesh
+	m.routes = map[PublicKey]*meshRoute{}
+	if len(s.cfg.meshPeers) == 0 {
+		return
+	}
+	if !s.cfg.hasMeshKey {
+		panic("relay: WithMeshPeers requires WithMeshKey")
+	}
+	if s.cfg.meshDialer != nil {
+		m.dialer = *s.cfg.meshDialer
+	}
+	m.dialer.ServerKey = PublicKey{} // each peer has its own
+	m.keyHex = fmt.Sprintf("%x", s.cfg.meshKey[:])
+	seen := map[string]bool{}
+	for _, raw := range s.cfg.meshPeers {
+		u, err := meshPeerURL(raw)
+		if err != nil {
+			panic("relay: WithMeshPeers: " + err.Error())
+		}
+		if seen[u] {
+			continue // two links with one key would be duplicates at the peer
+		}
+		seen[u] = true
+		m.links = append(m.links, newMeshLink(s, u))
+	}
+	m.ctx, m.cancel = context.WithCancel(context.Background())
+	for _, l := range m.links {
+		m.wg.Add(1)
+		go l.run()
+	}
+}
+
+// meshPeerURL normalizes a WithMeshPeers entry.
+func meshPeerURL(raw string) (string, error) {
+	raw = strings.TrimSpace(raw)
+	if !strings.Contains(raw, "://") {
+		raw = "https://" + raw + "/derp"
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "", err
+	}
+	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return "", fmt.Errorf("%q: want an http or https URL with a host", raw)
+	}
+	return u.String(), nil
+}
+
+// closeMesh stops every link and waits for their goroutines. Keys learned
+// from peers are forgotten without telling anyone: the server is closing,
+// and they have not left the region.
+func (s *Server) closeMesh() {
+	m := &s.mesh
+	if m.cancel == nil {
+		return
+	}
+	m.cancel()
+	for _, l := range m.links {
+		l.mu.Lock()
+		c := l.client
+		l.mu.Unlock()
+		if c != nil {
+			c.Close() // ends its Recv and its writer
+		}
+	}
+	m.wg.Wait()
+}
+
+// run keeps the link connected until the server closes: each failure is
+// followed by an exponential backoff with jitter, reset once a connection
+// has been accepted as a watcher.
+func (l *meshLink) run() {
+	defer l.s.mesh.wg.Done()
+	ctx := l.s.mesh.ctx
+	backoff := meshMinBackoff
+	for {
+		watched, restartIn, err := l.session(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		if errors.Is(err, errMeshSelf) {
+			l.s.log.Info("relay: mesh peer is this server; ignoring it", "peer", l.url)
+			return
+		}
+		if watched {
+			backoff = meshMinBackoff
+		}
+		d := backoff/2 + rand.N(backoff/2+1)
+		d = max(d, min(restartIn, meshMaxBackoff)) // the peer said when to come back
+		l.s.log.Info("relay: mesh link down", "peer", l.url, "err", err, "retryIn", d)
+		t := time.NewTimer(d)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		backoff = min(2*backoff, meshMaxBackoff)
+	}
+}
+
+// session makes one connection to the peer, watches it until it fails and
+// then forgets what it learned. watched reports whether the peer accepted
+// the watch (it announced at least one connection: its flood includes our
+// own); restartIn is the delay the peer asked for in a ServerRestarting.
+func (l *meshLink) session(ctx context.Context) (watched bool, restartIn time.Duration, err error) {
+	s := l.s
+	dctx, cancel := context.WithTimeout(ctx, meshDialTimeout)
+	c, hs, err := s.mesh.dialer.Dial(dctx, l.url, s.priv, MeshKey(s.mesh.keyHex))
+	cancel()
+	if err != nil {
+		return false, 0, err
+	}
+	if c.ServerPublicKey() == s.pub {
+		c.Close()
+		return false, 0, errMeshSelf
+	}
+	if err := c.WatchConnectionChanges(); err != nil {
+		c.Close()
+		return false, 0, err
+	}
+	l.mu.Lock()
+	if ctx.Err() != nil { // closeMesh ran and could not see c
+		l.mu.Unlock()
+		c.Close()
+		return false, 0, ctx.Err()
+	}
+	l.client = c
+	l.mu.Unlock()
+	s.log.Info("relay: mesh link up", "peer", l.url, "serverKey", c.ServerPublicKey().ShortString(), "path", hs.Path)
+
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		l.writeLoop(c, stop)
+	}()
+	watched, restartIn, err = l.watch(c)
+	c.Close()
+	close(stop)
+	<-done
+
+	l.mu.Lock()
+	l.client = nil
+	stale := l.ring.popAll(nil)
+	l.mu.Unlock()
+	for _, it := range stale {
+		s.stats.drop(dropMeshLinkDown, looksLikeDisco(it.p.buf[:it.p.n]), it.p.n)
+		putPacket(it.p)
+	}
+	s.meshForgetLink(l, ctx.Err() == nil)
+	return watched, restartIn, err
+}
+
+// watch applies the peer's PeerPresent and PeerGone messages to the routes
+// until the connection fails.
+func (l *meshLink) watch(c *Client) (watched bool, restartIn time.Duration, err error) {
+	for {
+		m, err := c.Recv()
+		if err != nil {
+			return watched, restartIn, err
+		}
+		switch m := m.(type) {
+		case PeerPresent:
+			watched = true
+			l.s.meshAdd(m.Key, l)
+		case PeerGone:
+			// Disconnected, or NotHere in answer to a packet we forwarded
+			// on a stale route: either way the key is not there.
+			l.s.meshRemove(m.Peer, l, true)
+		case Ping:
+			c.SendPong(m)
+		case ServerRestarting:
+			restartIn = m.ReconnectIn
+			l.s.log.Info("relay: mesh peer restarting", "peer", l.url, "reconnectIn", m.ReconnectIn)
+		case Health:
+			if m.Problem != "" {
+				l.s.log.Info("relay: mesh peer health", "peer", l.url, "problem", m.Problem)
+			}
+		}
+	}
+}
+
+// writeLoop forwards queued packets over c until stop is closed or a write
+// fails; a failed write closes c, which ends the watch and reconnects.
+func (l *meshLink) writeLoop(c *Client, stop <-chan struct{}) {
+	var batch []fwdItem
+	for {
+		select {
+		case <-stop:
+			return
+		case <-l.wake:
+		}
+		for {
+			l.mu.Lock()
+			batch = l.ring.popAll(batch[:0])
+			l.mu.Unlock()
+			if len(batch) == 0 {
+				break
+			}
+			for i, it := range batch {
+				if err := c.ForwardPacket(it.p.src, it.dst, it.p.buf[:it.p.n]); err != nil {
+					reason := dropWriteError
+					for _, rest := range batch[i:] {
+						l.s.stats.drop(reason, looksLikeDisco(rest.p.buf[:rest.p.n]), rest.p.n)
+						putPacket(rest.p)
+						reason = dropMeshLinkDown
+					}
+					clear(batch)
+					if !errors.Is(err, ErrClosed) {
+						l.s.log.Info("relay: mesh forward failed", "peer", l.url, "err", err)
+					}
+					c.Close()
+					return
+				}
+				l.s.stats.forwardedOut.Add(1)
+				putPacket(it.p)
+				batch[i] = fwdItem{}
+			}
+		}
+	}
+}
+
+// enqueue queues p for dst on the link without blocking. It reports false if
+// the link is down; otherwise old is the item dropped to make room, if any.
+func (l *meshLink) enqueue(dst PublicKey, p *packet) (old fwdItem, ok bool) {
+	l.mu.Lock()
+	if l.client == nil {
+		l.mu.Unlock()
+		return fwdItem{}, false
+	}
+	old = l.ring.push(fwdItem{dst: dst, p: p})
+	l.mu.Unlock()
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+	return old, true
+}
 
 // meshForward reads an n-byte packet from br and forwards it to dst through
-// a mesh peer, reporting whether one was found.
-func (s *Server) meshForward(src, dst PublicKey, br *bufio.Reader, n int) bool { return false }
+// a mesh peer, reporting whether one was found. It never blocks on the
+// peer: the packet is queued, and dropped (counted) if the link is down.
+func (s *Server) meshForward(src, dst PublicKey, br *bufio.Reader, n int) bool {
+	l := s.meshLookup(dst)
+	if l == nil {
+		return false
+	}
+	p := getPacket(n)
+	if _, err := io.ReadFull(br, p.buf[:n]); err != nil {
+		// The stream is broken; the caller's discard meets the same error
+		// and ends the session.
+		putPacket(p)
+		return false
+	}
+	p.n, p.src = n, src
+	old, ok := l.enqueue(dst, p)
+	if !ok {
+		s.stats.drop(dropMeshLinkDown, looksLikeDisco(p.buf[:n]), n)
+		putPacket(p)
+	} else if old.p != nil {
+		s.stats.drop(dropMeshQueue, looksLikeDisco(old.p.buf[:old.p.n]), old.p.n)
+		putPacket(old.p)
+	}
+	return true
+}
+
+// meshLookup returns the link through which packets for k go, or nil.
+func (s *Server) meshLookup(k PublicKey) *meshLink {
+	s.mesh.mu.RLock()
+	defer s.mesh.mu.RUnlock()
+	if r := s.mesh.routes[k]; r != nil {
+		return r.links[len(r.links)-1]
+	}
+	return nil
+}
+
+// MeshPeerFor reports the URL of the mesh peer (as normalized from
+// WithMeshPeers) through which packets for k are forwarded when k has no
+// connection here: the peer that announced k most recently.
+func (s *Server) MeshPeerFor(k PublicKey) (peerURL string, ok bool) {
+	if l := s.meshLookup(k); l != nil {
+		return l.url, true
+	}
+	return "", false
+}
+
+// meshAdd records that l's peer announced k. Announcing again (a new login
+// there) makes l the newest route to k.
+func (s *Server) meshAdd(k PublicKey, l *meshLink) {
+	if k == s.pub {
+		return // our own watch connection at that peer
+	}
+	m := &s.mesh
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	r := m.routes[k]
+	if r == nil {
+		r = &meshRoute{}
+		m.routes[k] = r
+	}
+	r.links = append(removeLink(r.links, l), l)
+	l.keys[k] = struct{}{}
+}
+
+// meshRemove records that k left l's peer. If that was k's last route and
+// k has no connection here, local clients that received packets from k are
+// told it is gone (if notify).
+func (s *Server) meshRemove(k PublicKey, l *meshLink, notify bool) {
+	s.mesh.mu.Lock()
+	gone := s.meshUnrouteLocked(k, l)
+	s.mesh.mu.Unlock()
+	if notify {
+		for r := range gone {
+			r.enqueuePeerGone(k, PeerGoneDisconnected)
+		}
+	}
+}
+
+// meshForgetLink removes every route through l: its connection broke (the
+// meaning of Tailscale's PeerGone "mesh connection broke") or the server is
+// closing (notify false).
+func (s *Server) meshForgetLink(l *meshLink, notify bool) {
+	type notice struct {
+		key        PublicKey
+		recipients map[*sconn]struct{}
+	}
+	var notices []notice
+	s.mesh.mu.Lock()
+	n := len(l.keys)
+	for k := range l.keys {
+		if gone := s.meshUnrouteLocked(k, l); len(gone) > 0 {
+			notices = append(notices, notice{k, gone})
+		}
+	}
+	s.mesh.mu.Unlock()
+	if n > 0 {
+		s.log.Debug("relay: mesh link lost; forgot its keys", "peer", l.url, "keys", n)
+	}
+	if notify {
+		for _, nt := range notices {
+			for r := range nt.recipients {
+				r.enqueuePeerGone(nt.key, PeerGoneDisconnected)
+			}
+		}
+	}
+}
+
+// meshUnrouteLocked removes l from k's route. When that was the last one it
+// returns the recipients to tell that k left the region, or hands them to
+// k's local connections if it has some.
+func (s *Server) meshUnrouteLocked(k PublicKey, l *meshLink) map[*sconn]struct{} {
+	delete(l.keys, k)
+	r := s.mesh.routes[k]
+	if r == nil {
+		return nil
+	}
+	r.links = removeLink(r.links, l)
+	if len(r.links) > 0 {
+		return nil
+	}
+	delete(s.mesh.routes, k)
+	sh := s.shard(k)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if e := sh.m[k]; e != nil {
+		// Still connected here: its local departure will tell them.
+		e.recipients = mergeRecipients(e.recipients, r.recipients)
+		return nil
+	}
+	return r.recipients
+}
+
+// meshAdopt is called when k's last local connection ended. It reports
+// whether k is still reachable through a mesh peer; if so, recipients (the
+// local clients that received packets from k) are told when k leaves the
+// region instead of now.
+func (s *Server) meshAdopt(k PublicKey, recipients map[*sconn]struct{}) bool {
+	s.mesh.mu.RLock()
+	_, ok := s.mesh.routes[k]
+	s.mesh.mu.RUnlock()
+	if !ok {
+		return false // the common case: no write lock on every departure
+	}
+	s.mesh.mu.Lock()
+	defer s.mesh.mu.Unlock()
+	r := s.mesh.routes[k]
+	if r == nil {
+		return false
+	}
+	r.recipients = mergeRecipients(r.recipients, recipients)
+	return true
+}
+
+// meshNoteRecipient records that c was written packets forwarded from the
+// keys srcs, so that c is told when they leave the region. A key with no
+// route and no local connection (its PeerPresent is still on its way over
+// the watch connection) is forgotten by c, so its next packet tries again.
+func (s *Server) meshNoteRecipient(c *sconn, srcs []PublicKey) {
+	var unknown []PublicKey
+	s.mesh.mu.Lock()
+	for _, k := range srcs {
+		if r := s.mesh.routes[k]; r != nil {
+			if r.recipients == nil {
+				r.recipients = map[*sconn]struct{}{}
+			}
+			r.recipients[c] = struct{}{}
+			continue
+		}
+		sh := s.shard(k)
+		sh.mu.Lock()
+		e := sh.m[k]
+		if e != nil {
+			if e.recipients == nil {
+				e.recipients = map[*sconn]struct{}{}
+			}
+			e.recipients[c] = struct{}{}
+		}
+		sh.mu.Unlock()
+		if e == nil {
+			unknown = append(unknown, k)
+		}
+	}
+	s.mesh.mu.Unlock()
+	if len(unknown) > 0 {
+		c.mu.Lock()
+		for _, k := range unknown {
+			delete(c.sentFrom, k)
+			if c.lastSrc == k {
+				c.lastSrc = PublicKey{}
+			}
+		}
+		c.mu.Unlock()
+	}
+}
+
+// mergeRecipients adds the members of src to dst, allocating dst if needed.
+func mergeRecipients(dst, src map[*sconn]struct{}) map[*sconn]struct{} {
+	if len(src) == 0 {
+		return dst
+	}
+	if dst == nil {
+		dst = make(map[*sconn]struct{}, len(src))
+	}
+	for r := range src {
+		dst[r] = struct{}{}
+	}
+	return dst
+}
+
+// removeLink removes l from links, keeping the order.
+func removeLink(links []*meshLink, l *meshLink) []*meshLink {
+	for i, x := range links {
+		if x == l {
+			copy(links[i:], links[i+1:])
+			links[len(links)-1] = nil
+			return links[:len(links)-1]
+		}
+	}
+	return links
+}

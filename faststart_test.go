@@ -1,0 +1,1324 @@
+package relay
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"maps"
+	"math/big"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// testCert returns a fresh self-signed ECDSA certificate for 127.0.0.1 and a
+// pool that trusts it.
+func testCert(t testing.TB, cn string) (tls.Certificate, *x509.CertPool) {
+	t.Helper()
+	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: cn},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &priv.PublicKey, priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(leaf)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: priv, Leaf: leaf}, pool
+}
+
+// derpServeOpts are the knobs of serveDERP.
+type derpServeOpts struct {
+	plain      bool         // plain HTTP instead of TLS
+	tls12      bool         // the server speaks at most TLS 1.2
+	noMetaCert bool         // the chain lacks the meta cert (an old server)
+	handler    http.Handler // default: the Server itself
+}
+
+// derpHTTP is a DERP server reachable over HTTP(S).
+type derpHTTP struct {
+	URL       string      // "https://127.0.0.1:port/derp" (or http)
+	Addr      string      // "127.0.0.1:port"
+	ClientTLS *tls.Config // trusts the server's certificate
+}
+
+// quietLog keeps net/http's log lines about handshakes the tests break on
+// purpose out of the output.
+var quietLog = log.New(io.Discard, "", 0)
+
+// serveDERP serves s (or o.handler) with net/http, HTTP/1.1 only, over TLS
+// with a self-signed certificate for 127.0.0.1 and, unless o.noMetaCert,
+// s's meta cert appended with AppendMetaCert. Cleanup closes the HTTP server
+// and waits for it; hijacked DERP sessions end with s, whose cleanup the
+// caller registered first (newTestServer) and which therefore runs later.
+func serveDERP(t testing.TB, s *Server, o derpServeOpts) derpHTTP {
+	t.Helper()
+	h := o.handler
+	if h == nil {
+		h = s
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var http1 http.Protocols
+	http1.SetHTTP1(true)
+	srv := &http.Server{Handler: h, ErrorLog: quietLog, Protocols: &http1}
+	d := derpHTTP{Addr: ln.Addr().String(), URL: "http://" + ln.Addr().String() + "/derp"}
+	var served net.Listener = ln
+	if !o.plain {
+		cert, pool := testCert(t, "relay test server")
+		// As autocert's config would: AppendMetaCert must take h2 out.
+		cfg := &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"h2", "http/1.1"}}
+		if o.tls12 {
+			cfg.MaxVersion = tls.VersionTLS12
+		}
+		if o.noMetaCert {
+			cfg.NextProtos = []string{"http/1.1"}
+		} else {
+			AppendMetaCert(cfg, s.MetaCert())
+		}
+		served = tls.NewListener(ln, cfg)
+		d.URL = "https://" + d.Addr + "/derp"
+		// Plain X25519: the post-quantum hybrid adds nothing here but
+		// time under the race detector.
+		d.ClientTLS = &tls.Config{RootCAs: pool, CurvePreferences: []tls.CurveID{tls.X25519}}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		srv.Serve(served)
+	}()
+	t.Cleanup(func() {
+		srv.Close()
+		<-done
+	})
+	return d
+}
+
+// dialFast dials url with fs, fails t on error, and waits for the ServerInfo
+// (after which the server has registered the client).
+func dialFast(t testing.TB, fs *FastStart, url string) (*Client, Handshake) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, hs, err := fs.Dial(ctx, url, mustKey(t))
+	if err != nil {
+		t.Fatalf("Dial %s: %v (handshake %+v)", url, err, hs)
+	}
+	t.Cleanup(func() { c.Close() })
+	if _, ok := recvMsg[ServerInfo](t, c); !ok {
+		t.Fatalf("no ServerInfo after a %s dial", hs.Path)
+	}
+	return c, hs
+}
+
+// relayBothWays sends a packet from a to b and one from b to a through the
+// server and checks that each arrives with the right source.
+func relayBothWays(t testing.TB, a, b *Client) {
+	t.Helper()
+	for _, p := range [][2]*Client{{a, b}, {b, a}} {
+		from, to := p[0], p[1]
+		msg := []byte("hello from " + from.PublicKey().ShortString())
+		if err := from.Send(to.PublicKey(), msg); err != nil {
+			t.Fatal(err)
+		}
+		got, ok := recvMsg[*ReceivedPacket](t, to)
+		if !ok {
+			t.FailNow()
+		}
+		if got.Source != from.PublicKey() || !bytes.Equal(got.Data, msg) {
+			t.Fatalf("received %q from %s, want %q from %s", got.Data, got.Source.ShortString(), msg, from.PublicKey().ShortString())
+		}
+	}
+}
+
+// headerLog records the Derp-Fast-Start header of each request before
+// passing it on.
+type headerLog struct {
+	next http.Handler
+	mu   sync.Mutex
+	seen []string
+}
+
+func (h *headerLog) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h.mu.Lock()
+	h.seen = append(h.seen, r.Header.Get(FastStartHeader))
+	h.mu.Unlock()
+	h.next.ServeHTTP(w, r)
+}
+
+func (h *headerLog) values() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return slices.Clone(h.seen)
+}
+
+// keyChoice says which ServerKey a FastStart is configured with.
+type keyChoice int
+
+const (
+	noKey    keyChoice = iota
+	rightKey           // the server's key
+	staleKey           // some other key
+)
+
+func (k keyChoice) key(t testing.TB, s *Server) PublicKey {
+	switch k {
+	case rightKey:
+		return s.PublicKey()
+	case staleKey:
+		return mustKey(t).Public()
+	}
+	return PublicKey{}
+}
+
+func TestDialPaths(t *testing.T) {
+	tests := []struct {
+		name       string
+		serve      derpServeOpts
+		key        keyChoice
+		disable    bool
+		wantPath   Path
+		wantSource string
+		wantReason string // substring; "" means Reason must be empty
+		wantTries  int
+		wantTLS    uint16
+	}{
+		{"TLS 1.3 with meta cert", derpServeOpts{}, noKey, false,
+			FastPath, "meta-cert", "", 1, tls.VersionTLS13},
+		{"TLS 1.3 without meta cert", derpServeOpts{noMetaCert: true}, noKey, false,
+			UpgradePath, "http-header", "no meta cert", 1, tls.VersionTLS13},
+		{"TLS 1.2 with meta cert", derpServeOpts{tls12: true}, noKey, false,
+			UpgradePath, "http-header", "TLS 1.2 below 1.3", 1, tls.VersionTLS12},
+		{"plain HTTP", derpServeOpts{plain: true}, noKey, false,
+			UpgradePath, "http-header", "plain HTTP", 1, 0},
+		{"plain HTTP with key", derpServeOpts{plain: true}, rightKey, false,
+			FastPath, "configured", "", 1, 0},
+		{"TLS 1.2 with key", derpServeOpts{tls12: true}, rightKey, false,
+			FastPath, "configured", "TLS 1.2 below 1.3", 1, tls.VersionTLS12},
+		{"TLS 1.3 without meta cert with key", derpServeOpts{noMetaCert: true}, rightKey, false,
+			FastPath, "configured", "no meta cert", 1, tls.VersionTLS13},
+		{"meta cert beats stale key", derpServeOpts{}, staleKey, false,
+			FastPath, "meta-cert", "stale", 1, tls.VersionTLS13},
+		{"plain HTTP with stale key", derpServeOpts{plain: true}, staleKey, false,
+			UpgradePath, "http-header", "stale", 2, 0},
+		{"TLS 1.2 with stale key", derpServeOpts{tls12: true}, staleKey, false,
+			UpgradePath, "http-header", "stale", 2, tls.VersionTLS12},
+		{"disabled", derpServeOpts{}, noKey, true,
+			UpgradePath, "http-header", "disabled", 1, tls.VersionTLS13},
+		{"disabled with key", derpServeOpts{plain: true}, rightKey, true,
+			UpgradePath, "http-header", "disabled", 1, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newTestServer(t)
+			hl := &headerLog{next: s}
+			tt.serve.handler = hl
+			srv := serveDERP(t, s, tt.serve)
+			fs := &FastStart{TLSConfig: srv.ClientTLS, ServerKey: tt.key.key(t, s), DisableFastStart: tt.disable}
+
+			var clients []*Client
+			for range 2 {
+				c, hs := dialFast(t, fs, srv.URL)
+				clients = append(clients, c)
+				if hs.Path != tt.wantPath || hs.KeySource != tt.wantSource || hs.Attempts != tt.wantTries ||
+					hs.TLSVersion != tt.wantTLS || hs.ServerKey != s.PublicKey() {
+					t.Errorf("handshake %+v\nwant path %s, key source %q, %d attempts, TLS %#x, key %s",
+						hs, tt.wantPath, tt.wantSource, tt.wantTries, tt.wantTLS, s.PublicKey().ShortString())
+				}
+				if tt.wantReason == "" && hs.Reason != "" {
+					t.Errorf("Reason = %q, want none", hs.Reason)
+				}
+				if !strings.Contains(hs.Reason, tt.wantReason) {
+					t.Errorf("Reason = %q, want it to mention %q", hs.Reason, tt.wantReason)
+				}
+				if c.ServerPublicKey() != s.PublicKey() {
+					t.Errorf("client's server key %s, want %s", c.ServerPublicKey().ShortString(), s.PublicKey().ShortString())
+				}
+			}
+			relayBothWays(t, clients[0], clients[1])
+
+			// The server saw Derp-Fast-Start: 1 exactly on fast-path
+			// connections (and on the stale first attempts).
+			perDial := []string{""}
+			if tt.wantPath == FastPath {
+				perDial = []string{"1"}
+			}
+			if tt.wantTries == 2 {
+				perDial = []string{"1", ""}
+			}
+			want := slices.Concat(perDial, perDial)
+			if got := hl.values(); !slices.Equal(got, want) {
+				t.Errorf("server saw %s headers %q, want %q", FastStartHeader, got, want)
+			}
+			st := s.Stats()
+			wantFast, wantUpgrade := int64(0), int64(2)
+			if tt.wantPath == FastPath {
+				wantFast, wantUpgrade = 2, 0
+			}
+			if st.FastStartLogins != wantFast || st.UpgradeLogins != wantUpgrade {
+				t.Errorf("server counted %d fast-start and %d upgrade logins, want %d and %d",
+					st.FastStartLogins, st.UpgradeLogins, wantFast, wantUpgrade)
+			}
+			if tt.wantTries == 2 {
+				// The first attempts sealed ClientInfo to the stale key.
+				waitFor(t, func() bool { return s.Stats().Errors["login:bad_client_info_box"] == 2 })
+			}
+		})
+	}
+}
+
+// flightConn records the order of the Read and Write calls a client makes on
+// its connection, and which Write carried the ClientInfo frame.
+type flightConn struct {
+	net.Conn
+	mu  sync.Mutex
+	ops []connOp
+}
+
+type connOp struct {
+	write      bool
+	data       []byte    // what a Write wrote
+	handshake  bool      // a Write made by the TLS handshake
+	clientInfo bool      // the Write that flushed the ClientInfo frame
+	at         time.Time // when the call started
+}
+
+func (c *flightConn) Read(p []byte) (int, error) {
+	c.add(connOp{at: time.Now()})
+	return c.Conn.Read(p)
+}
+
+func (c *flightConn) Write(p []byte) (int, error) {
+	c.add(connOp{
+		write:      true,
+		at:         time.Now(),
+		data:       bytes.Clone(p),
+		handshake:  calledFrom("github.com/fastderp/relay.(*FastStart).tlsHandshake"),
+		clientInfo: calledFrom("github.com/fastderp/relay.(*Client).sendClientInfo"),
+	})
+	return c.Conn.Write(p)
+}
+
+func (c *flightConn) add(op connOp) {
+	c.mu.Lock()
+	c.ops = append(c.ops, op)
+	c.mu.Unlock()
+}
+
+// calledFrom reports whether fn (a fully qualified function name) is on the
+// calling goroutine's stack. Frames of inlined calls are reported too.
+func calledFrom(fn string) bool {
+	pcs := make([]uintptr, 100)
+	frames := runtime.CallersFrames(pcs[:runtime.Callers(2, pcs)])
+	for {
+		f, more := frames.Next()
+		if f.Function == fn {
+			return true
+		}
+		if !more {
+			return false
+		}
+	}
+}
+
+// flights summarises a connection up to the Write of the ClientInfo frame.
+type flights struct {
+	// waits counts the times the client had to wait for the server: a Read
+	// that follows a Write. Several Reads or Writes in a row (a TLS flight
+	// read in pieces, a flight written record by record) count once.
+	waits int
+	// appWrites counts Writes outside the TLS handshake before the one of
+	// the ClientInfo frame: 0 means the upgrade request left with it.
+	appWrites int
+	// handshakeWrites counts the Writes of the TLS handshake.
+	handshakeWrites int
+	clientInfo      connOp
+}
+
+func (c *flightConn) flights() (flights, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var f flights
+	wrote := false
+	for _, op := range c.ops {
+		switch {
+		case op.write && op.clientInfo:
+			f.clientInfo = op
+			return f, true
+		case op.write:
+			wrote = true
+			if op.handshake {
+				f.handshakeWrites++
+			} else {
+				f.appWrites++
+			}
+		case wrote:
+			f.waits++
+			wrote = false
+		}
+	}
+	return f, false
+}
+
+// flightDialer returns a DialContext for FastStart that wraps the TCP
+// connection in a flightConn, and a function returning that conn.
+func flightDialer() (func(ctx context.Context, network, addr string) (net.Conn, error), func() *flightConn) {
+	var mu sync.Mutex
+	var last *flightConn
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var d net.Dialer
+		nc, err := d.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		fc := &flightConn{Conn: nc}
+		mu.Lock()
+		last = fc
+		mu.Unlock()
+		return fc, nil
+	}
+	return dial, func() *flightConn {
+		mu.Lock()
+		defer mu.Unlock()
+		return last
+	}
+}
+
+// TestFlightCounting proves the round trips of each path, deterministically:
+// it counts how many times the client waits for the server between the TCP
+// connection being up and its first DERP frame (ClientInfo) leaving. Add one
+// for the TCP handshake to get the round trips of the benchmark below.
+func TestFlightCounting(t *testing.T) {
+	tests := []struct {
+		name     string
+		serve    derpServeOpts
+		key      keyChoice
+		wantPath Path
+		// Waits before the ClientInfo Write, and whether the upgrade
+		// request left in that same Write.
+		wantWaits    int
+		wantTogether bool
+	}{
+		// TLS 1.3: ServerHello…Finished is the only flight the client
+		// waits for; its Finished, the request and ClientInfo follow.
+		{"fast path TLS 1.3", derpServeOpts{}, noKey, FastPath, 1, true},
+		// TLS 1.3, then the 101.
+		{"upgrade path TLS 1.3", derpServeOpts{noMetaCert: true}, noKey, UpgradePath, 2, false},
+		{"fast path TLS 1.3 with key", derpServeOpts{noMetaCert: true}, rightKey, FastPath, 1, true},
+		// The 101 only.
+		{"plain HTTP", derpServeOpts{plain: true}, noKey, UpgradePath, 1, false},
+		// Nothing: the request and ClientInfo ride right behind the SYN's
+		// ACK.
+		{"plain HTTP with key", derpServeOpts{plain: true}, rightKey, FastPath, 0, true},
+		// A full TLS 1.2 handshake makes the client wait twice: for
+		// ServerHello…ServerHelloDone, and (after sending its key
+		// exchange and Finished) for the server's ChangeCipherSpec and
+		// Finished; crypto/tls does no False Start. A known key saves
+		// the 101.
+		{"TLS 1.2 with key", derpServeOpts{tls12: true}, rightKey, FastPath, 2, true},
+		{"TLS 1.2", derpServeOpts{tls12: true}, noKey, UpgradePath, 3, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newTestServer(t)
+			srv := serveDERP(t, s, tt.serve)
+			dial, conn := flightDialer()
+			fs := &FastStart{TLSConfig: srv.ClientTLS, ServerKey: tt.key.key(t, s), DialContext: dial}
+			_, hs := dialFast(t, fs, srv.URL)
+			if hs.Path != tt.wantPath {
+				t.Fatalf("took the %s path (%s), want %s", hs.Path, hs.Reason, tt.wantPath)
+			}
+			f, ok := conn().flights()
+			if !ok {
+				t.Fatal("no Write of the ClientInfo frame recorded")
+			}
+			if tls := !tt.serve.plain; tls != (f.handshakeWrites > 0) {
+				t.Fatalf("%d Writes recognised as the TLS handshake's over TLS=%v (was FastStart.tlsHandshake renamed?)", f.handshakeWrites, tls)
+			}
+			if f.waits != tt.wantWaits {
+				t.Errorf("client waited for the server %d times before its first DERP frame, want %d", f.waits, tt.wantWaits)
+			}
+			if together := f.appWrites == 0; together != tt.wantTogether {
+				t.Errorf("upgrade request and ClientInfo in one Write: %v, want %v (%d writes before)", together, tt.wantTogether, f.appWrites)
+			}
+			if !tt.serve.plain {
+				return
+			}
+			// Without TLS the bytes themselves can be checked: the request,
+			// then at once a ClientInfo frame.
+			w := f.clientInfo.data
+			if tt.wantTogether {
+				i := bytes.Index(w, []byte("\r\n\r\n"))
+				if !bytes.HasPrefix(w, []byte("GET /derp HTTP/1.1\r\n")) || i < 0 {
+					t.Fatalf("fast-path write does not start with the upgrade request: %q", w)
+				}
+				if !bytes.Contains(w[:i+2], []byte("\r\n"+FastStartHeader+": 1\r\n")) {
+					t.Errorf("fast-path request lacks %s: 1: %q", FastStartHeader, w[:i])
+				}
+				w = w[i+4:]
+			}
+			if len(w) < frameHeaderLen || FrameType(w[0]) != FrameClientInfo ||
+				int(binary.BigEndian.Uint32(w[1:5])) != len(w)-frameHeaderLen {
+				t.Errorf("write does not hold exactly one ClientInfo frame: %x", w)
+			}
+		})
+	}
+}
+
+// TestFastStartAnswered101: a server (or proxy) that drops Derp-Fast-Start
+// answers with a 101; the client skips it and carries on.
+func TestFastStartAnswered101(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		serve derpServeOpts
+		key   keyChoice
+	}{
+		{"meta cert", derpServeOpts{}, noKey},
+		// The configured key is confirmed by reading the server's first
+		// bytes, which are now the 101.
+		{"plain HTTP with key", derpServeOpts{plain: true}, rightKey},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newTestServer(t)
+			tt.serve.handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				r.Header.Del(FastStartHeader)
+				s.ServeHTTP(w, r)
+			})
+			srv := serveDERP(t, s, tt.serve)
+			fs := &FastStart{TLSConfig: srv.ClientTLS, ServerKey: tt.key.key(t, s)}
+			a, hs := dialFast(t, fs, srv.URL)
+			b, _ := dialFast(t, fs, srv.URL)
+			if hs.Path != FastPath || hs.Attempts != 1 {
+				t.Errorf("handshake %+v, want the fast path in one attempt", hs)
+			}
+			relayBothWays(t, a, b)
+			if st := s.Stats(); st.UpgradeLogins != 2 || st.FastStartLogins != 0 {
+				t.Errorf("server counted %d upgrade and %d fast-start logins, want 2 and 0", st.UpgradeLogins, st.FastStartLogins)
+			}
+		})
+	}
+
+	// A stale key is noticed in the 101's Derp-Public-Key header.
+	t.Run("stale key", func(t *testing.T) {
+		s := newTestServer(t)
+		srv := serveDERP(t, s, derpServeOpts{plain: true, handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			r.Header.Del(FastStartHeader)
+			s.ServeHTTP(w, r)
+		})})
+		fs := &FastStart{ServerKey: staleKey.key(t, s)}
+		a, hs := dialFast(t, fs, srv.URL)
+		b, _ := dialFast(t, fs, srv.URL)
+		if hs.Path != UpgradePath || hs.Attempts != 2 || !strings.Contains(hs.Reason, "stale") {
+			t.Errorf("handshake %+v, want the upgrade path after a stale-key attempt", hs)
+		}
+		relayBothWays(t, a, b)
+	})
+}
+
+// interceptingProxy terminates TLS with its own certificate and opens a new
+// TLS connection to upstream for each client, as corporate middleboxes do. It
+// returns its address, a client config trusting it, and a channel that
+// reports whether upstream's chain had a meta cert.
+func interceptingProxy(t testing.TB, upstream string, upstreamTLS *tls.Config) (string, *tls.Config, <-chan bool) {
+	t.Helper()
+	cert, pool := testCert(t, "intercepting proxy")
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sawMeta := make(chan bool, 10)
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		conns []net.Conn
+	)
+	track := func(c net.Conn) {
+		mu.Lock()
+		conns = append(conns, c)
+		mu.Unlock()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			down, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			track(down)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer down.Close()
+				up, err := tls.Dial("tcp", upstream, upstreamTLS)
+				if err != nil {
+					t.Errorf("proxy: %v", err)
+					return
+				}
+				track(up)
+				defer up.Close()
+				_, _, ok := ParseMetaCert(up.ConnectionState().PeerCertificates)
+				sawMeta <- ok
+				done := make(chan struct{})
+				go func() {
+					io.Copy(up, down)
+					up.Close()
+					close(done)
+				}()
+				io.Copy(down, up)
+				down.Close()
+				<-done
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return ln.Addr().String(), &tls.Config{RootCAs: pool, CurvePreferences: []tls.CurveID{tls.X25519}}, sawMeta
+}
+
+func TestTLSInterceptingProxy(t *testing.T) {
+	s := newTestServer(t)
+	srv := serveDERP(t, s, derpServeOpts{})
+	addr, clientTLS, sawMeta := interceptingProxy(t, srv.Addr, srv.ClientTLS)
+	fs := &FastStart{TLSConfig: clientTLS}
+	url := "https://" + addr + "/derp"
+	a, hs := dialFast(t, fs, url)
+	b, _ := dialFast(t, fs, url)
+	if hs.Path != UpgradePath || hs.TLSVersion != tls.VersionTLS13 || hs.KeySource != "http-header" ||
+		hs.ServerKey != s.PublicKey() || !strings.Contains(hs.Reason, "no meta cert") {
+		t.Errorf("handshake %+v, want the upgrade path over TLS 1.3 because there is no meta cert", hs)
+	}
+	if !<-sawMeta {
+		t.Error("the server did not show the proxy its meta cert")
+	}
+	relayBothWays(t, a, b)
+}
+
+// h2Frame writes one HTTP/2 frame.
+func h2Frame(w io.Writer, typ, flags byte, stream uint32, payload []byte) error {
+	var h [9]byte
+	h[0], h[1], h[2] = byte(len(payload)>>16), byte(len(payload)>>8), byte(len(payload))
+	h[3], h[4] = typ, flags
+	binary.BigEndian.PutUint32(h[5:], stream)
+	_, err := w.Write(append(h[:], payload...))
+	return err
+}
+
+// hpackLiteral encodes a header field as a literal without indexing, with a
+// new name, no Huffman coding (RFC 7541 6.2.2); name and value must be short.
+func hpackLiteral(name, value string) []byte {
+	b := []byte{0x00, byte(len(name))}
+	b = append(b, name...)
+	b = append(b, byte(len(value)))
+	return append(b, value...)
+}
+
+func TestHTTP2Refused(t *testing.T) {
+	// ServeHTTP itself answers an upgrade that arrived over HTTP/2 (a
+	// server other than net/http's may pass the header through) with 505,
+	// before it tries to hijack.
+	t.Run("ServeHTTP", func(t *testing.T) {
+		s := newTestServer(t)
+		r := httptest.NewRequest("GET", "https://example.com/derp", nil)
+		r.Proto, r.ProtoMajor, r.ProtoMinor = "HTTP/2.0", 2, 0
+		r.Header.Set("Upgrade", "DERP")
+		r.Header.Set(FastStartHeader, "1")
+		w := httptest.NewRecorder()
+		s.ServeHTTP(w, r)
+		if w.Code != http.StatusHTTPVersionNotSupported || !strings.Contains(w.Body.String(), "HTTP/1.1") {
+			t.Errorf("got %d %q, want 505 naming HTTP/1.1", w.Code, w.Body)
+		}
+		if st := s.Stats(); st.Accepts != 0 || st.Rejected["not_http1"] != 1 {
+			t.Errorf("accepts %d, rejected %v", st.Accepts, st.Rejected)
+		}
+	})
+
+	// A net/http server with HTTP/2 on (ServeTLS): over h2 the Upgrade
+	// header is illegal, so net/http answers 400 before any handler runs; a
+	// request without it reaches ServeHTTP and gets 426. Either way a clear
+	// status, never a hang.
+	t.Run("net/http h2 server", func(t *testing.T) {
+		s := newTestServer(t)
+		var mu sync.Mutex
+		var reached []string
+		h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			mu.Lock()
+			reached = append(reached, r.Proto+" Upgrade="+r.Header.Get("Upgrade"))
+			mu.Unlock()
+			s.ServeHTTP(w, r)
+		})
+		cert, pool := testCert(t, "h2 server")
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv := &http.Server{Handler: h, ErrorLog: quietLog, TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}}}
+		done := make(chan struct{})
+		go func() { defer close(done); srv.ServeTLS(ln, "", "") }()
+		t.Cleanup(func() { srv.Close(); <-done })
+		addr := ln.Addr().String()
+
+		status, body := h2UpgradeRequest(t, addr, &tls.Config{RootCAs: pool})
+		// 0x8c is the HPACK static table's ":status: 400".
+		if status != 0x8c || !strings.Contains(body, `"Upgrade"`) {
+			t.Errorf("h2 upgrade request: status field %#x, body %q; want 0x8c (400) naming Upgrade", status, body)
+		}
+
+		tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: true}
+		defer tr.CloseIdleConnections()
+		resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Get("https://" + addr + "/derp")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.ProtoMajor != 2 || resp.StatusCode != http.StatusUpgradeRequired || string(b) != "DERP requires connection upgrade\n" {
+			t.Errorf("h2 GET /derp: %s %s %q, want HTTP/2.0 426", resp.Proto, resp.Status, b)
+		}
+		mu.Lock()
+		if want := []string{"HTTP/2.0 Upgrade="}; !slices.Equal(reached, want) {
+			t.Errorf("handler reached by %q, want %q", reached, want)
+		}
+		mu.Unlock()
+		if st := s.Stats(); st.Accepts != 0 {
+			t.Errorf("%d sessions accepted over h2", st.Accepts)
+		}
+
+		// FastStart offers no ALPN, whatever its TLSConfig says, so
+		// the same server gives it HTTP/1.1; and it leaves the config
+		// as it was.
+		cfg := &tls.Config{RootCAs: pool, NextProtos: []string{"h2"}}
+		fs := &FastStart{TLSConfig: cfg}
+		c1, hs := dialFast(t, fs, "https://"+addr+"/derp")
+		c2, _ := dialFast(t, fs, "https://"+addr+"/derp")
+		relayBothWays(t, c1, c2)
+		if hs.Path != UpgradePath || !slices.Equal(cfg.NextProtos, []string{"h2"}) || cfg.ServerName != "" {
+			t.Errorf("handshake %+v; caller's config now has NextProtos %q, ServerName %q", hs, cfg.NextProtos, cfg.ServerName)
+		}
+	})
+
+	// A config prepared by AppendMetaCert never negotiates h2, even with
+	// a client that prefers it.
+	t.Run("AppendMetaCert", func(t *testing.T) {
+		s := newTestServer(t)
+		srv := serveDERP(t, s, derpServeOpts{})
+		cfg := srv.ClientTLS.Clone()
+		cfg.NextProtos = []string{"h2", "http/1.1"}
+		conn, err := tls.Dial("tcp", srv.Addr, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.Close()
+		if p := conn.ConnectionState().NegotiatedProtocol; p != "http/1.1" {
+			t.Errorf("negotiated %q, want http/1.1", p)
+		}
+		tr := &http.Transport{TLSClientConfig: srv.ClientTLS, ForceAttemptHTTP2: true}
+		defer tr.CloseIdleConnections()
+		resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Get("https://" + srv.Addr + "/derp/probe")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.ProtoMajor != 1 || resp.StatusCode != http.StatusOK {
+			t.Errorf("probe: %s %s, want HTTP/1.1 200", resp.Proto, resp.Status)
+		}
+	})
+}
+
+// h2UpgradeRequest sends "GET /derp" with "upgrade: derp" over HTTP/2,
+// written by hand because Go's HTTP/2 client refuses to, and returns the
+// first byte of the response's header block (its :status field) and its
+// body.
+func h2UpgradeRequest(t *testing.T, addr string, cfg *tls.Config) (status byte, body string) {
+	t.Helper()
+	cfg = cfg.Clone()
+	cfg.NextProtos = []string{"h2"}
+	conn, err := tls.Dial("tcp", addr, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if p := conn.ConnectionState().NegotiatedProtocol; p != "h2" {
+		t.Fatalf("negotiated %q, want h2", p)
+	}
+	conn.SetDeadline(time.Now().Add(10 * time.Second)) // a hang fails the test
+	const (
+		frameData, frameHeaders, frameRST, frameSettings, frameGoAway = 0x0, 0x1, 0x3, 0x4, 0x7
+		flagEndStream, flagAck, flagEndHeaders                        = 0x1, 0x1, 0x4
+	)
+	block := []byte{0x82, 0x87} // :method GET, :scheme https (static table)
+	block = append(block, hpackLiteral(":path", "/derp")...)
+	block = append(block, hpackLiteral(":authority", addr)...)
+	block = append(block, hpackLiteral("upgrade", "derp")...)
+	block = append(block, hpackLiteral("derp-fast-start", "1")...)
+	io.WriteString(conn, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+	h2Frame(conn, frameSettings, 0, 0, nil)
+	h2Frame(conn, frameHeaders, flagEndStream|flagEndHeaders, 1, block)
+
+	br := bufio.NewReader(conn)
+	var b strings.Builder
+	for {
+		var h [9]byte
+		if _, err := io.ReadFull(br, h[:]); err != nil {
+			t.Fatalf("reading h2 response: %v", err)
+		}
+		n := int(h[0])<<16 | int(h[1])<<8 | int(h[2])
+		typ, flags, stream := h[3], h[4], binary.BigEndian.Uint32(h[5:])&(1<<31-1)
+		p := make([]byte, n)
+		if _, err := io.ReadFull(br, p); err != nil {
+			t.Fatalf("reading h2 response: %v", err)
+		}
+		switch {
+		case typ == frameSettings && flags&flagAck == 0:
+			h2Frame(conn, frameSettings, flagAck, 0, nil)
+		case typ == frameGoAway:
+			t.Fatalf("h2 server sent GOAWAY %x", p)
+		case stream != 1:
+		case typ == frameRST:
+			t.Fatalf("h2 server reset the stream: %x", p)
+		case typ == frameHeaders && n > 0:
+			status = p[0]
+		case typ == frameData:
+			b.Write(p)
+		}
+		if stream == 1 && flags&flagEndStream != 0 && (typ == frameHeaders || typ == frameData) {
+			return status, b.String()
+		}
+	}
+}
+
+// stallServer accepts connections on 127.0.0.1 (through TLS with cert if
+// not nil) and never answers. Each connection reads until it has seen
+// waitFor in the client's bytes (any bytes if empty), reports that on
+// stalled, then reads to the end and reports on closed that the client
+// closed its side.
+func stallServer(t testing.TB, cert *tls.Certificate, waitFor string) (addr string, stalled, closed <-chan struct{}) {
+	t.Helper()
+	var ln net.Listener
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cert != nil {
+		ln = tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{*cert}, NextProtos: []string{"http/1.1"}})
+	}
+	stall, close1 := make(chan struct{}, 10), make(chan struct{}, 10)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []net.Conn
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			nc, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, nc)
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer nc.Close()
+				var got []byte
+				buf := make([]byte, 4096)
+				for {
+					n, err := nc.Read(buf)
+					got = append(got, buf[:n]...)
+					if err != nil {
+						return
+					}
+					if bytes.Contains(got, []byte(waitFor)) {
+						break
+					}
+				}
+				stall <- struct{}{}
+				io.Copy(io.Discard, nc)
+				close1 <- struct{}{}
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return ln.Addr().String(), stall, close1
+}
+
+// TestDialContextCancel cancels the context at each step of Dial: the dial
+// returns at once with an error wrapping the context's, and the connection
+// is closed.
+func TestDialContextCancel(t *testing.T) {
+	cert, pool := testCert(t, "stalling server")
+	clientTLS := &tls.Config{RootCAs: pool, CurvePreferences: []tls.CurveID{tls.X25519}}
+	someKey := mustKey(t).Public()
+	tests := []struct {
+		name     string
+		tls      bool   // the stalling server completes TLS handshakes
+		scheme   string // of the URL
+		waitFor  string // the server stalls once it has read this
+		key      bool   // FastStart.ServerKey is set
+		deadline bool   // a deadline expires instead of a cancel
+		wantErr  error  // what the error wraps
+		blockTCP bool   // DialContext blocks until ctx is done
+	}{
+		{name: "TCP connect", scheme: "https", blockTCP: true, wantErr: context.Canceled},
+		{name: "TLS handshake", scheme: "https", wantErr: context.Canceled},
+		{name: "TLS handshake deadline", scheme: "https", deadline: true, wantErr: context.DeadlineExceeded},
+		{name: "101 over plain HTTP", scheme: "http", waitFor: "\r\n\r\n", wantErr: context.Canceled},
+		{name: "101 over TLS", scheme: "https", tls: true, waitFor: "\r\n\r\n", wantErr: context.Canceled},
+		{name: "101 over TLS deadline", scheme: "https", tls: true, waitFor: "\r\n\r\n", deadline: true, wantErr: context.DeadlineExceeded},
+		// With a configured key the client wrote its ClientInfo and waits
+		// for the ServerKey frame to confirm the key.
+		{name: "key confirmation over plain HTTP", scheme: "http", waitFor: "\r\n\r\n", key: true, wantErr: context.Canceled},
+		{name: "key confirmation over TLS", scheme: "https", tls: true, waitFor: "\r\n\r\n", key: true, wantErr: context.Canceled},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var srvCert *tls.Certificate
+			if tt.tls {
+				srvCert = &cert
+			}
+			addr, stalled, closed := stallServer(t, srvCert, tt.waitFor)
+			fs := &FastStart{TLSConfig: clientTLS}
+			if tt.key {
+				fs.ServerKey = someKey
+			}
+			dialing := make(chan struct{})
+			if tt.blockTCP {
+				fs.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+					close(dialing)
+					<-ctx.Done()
+					return nil, ctx.Err()
+				}
+				stalled = dialing
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			if tt.deadline {
+				// Not a timing assertion: the deadline only has to
+				// expire while the server stalls, which is forever.
+				ctx, cancel = context.WithTimeout(ctx, 200*time.Millisecond)
+				defer cancel()
+			}
+			type result struct {
+				c   *Client
+				hs  Handshake
+				err error
+			}
+			res := make(chan result, 1)
+			go func() {
+				c, hs, err := fs.Dial(ctx, tt.scheme+"://"+addr+"/derp", mustKey(t))
+				res <- result{c, hs, err}
+			}()
+			wait := func(what string, ch <-chan struct{}) {
+				t.Helper()
+				select {
+				case <-ch:
+				case <-time.After(10 * time.Second):
+					t.Fatalf("%s: not within 10 s", what)
+				}
+			}
+			if !tt.deadline {
+				wait("server got the client's bytes", stalled)
+				cancel()
+			}
+			var r result
+			select {
+			case r = <-res:
+			case <-time.After(10 * time.Second):
+				t.Fatal("Dial did not return after the context ended")
+			}
+			if r.err == nil {
+				r.c.Close()
+				t.Fatalf("Dial succeeded (%+v)", r.hs)
+			}
+			if r.c != nil {
+				t.Errorf("Dial returned a client with error %v", r.err)
+			}
+			if !errors.Is(r.err, tt.wantErr) {
+				t.Errorf("error %v does not wrap %v", r.err, tt.wantErr)
+			}
+			if tt.deadline {
+				// Not waited for above: a very slow machine may miss the
+				// deadline before the bytes reach the server.
+				select {
+				case <-stalled:
+				default:
+					t.Logf("the deadline expired before the server got the client's bytes")
+					return
+				}
+			}
+			if !tt.blockTCP {
+				wait("client closed the connection", closed)
+			}
+		})
+	}
+}
+
+// TestServeHTTPExact101 checks ServeHTTP's bytes on the wire: the 101
+// response of PROTOCOL.md 7.3 followed at once by the ServerKey frame, or
+// with Derp-Fast-Start: 1 the ServerKey frame and no HTTP at all.
+func TestServeHTTPExact101(t *testing.T) {
+	for _, tt := range []struct {
+		upgrade, fastStart string
+		wantFast           bool
+	}{
+		{"DERP", "", false},
+		{"derp", "1", true},
+		{"DERP", "1", true},
+		// Very old clients sent "Upgrade: WebSocket" and spoke DERP.
+		{"WebSocket", "", false},
+		// Only exactly "1" asks for fast start.
+		{"DERP", "true", false},
+		{"DERP", "0", false},
+	} {
+		t.Run(fmt.Sprintf("Upgrade=%s,Derp-Fast-Start=%s", tt.upgrade, tt.fastStart), func(t *testing.T) {
+			s := newTestServer(t)
+			ts := httptest.NewServer(s)
+			t.Cleanup(ts.Close)
+			k := s.PublicKey()
+			want := "\x01\x00\x00\x00\x28" + "DERP\xf0\x9f\x94\x91" + string(k[:]) // ServerKey frame
+			if !tt.wantFast {
+				want = "HTTP/1.1 101 Switching Protocols\r\n" +
+					"Upgrade: DERP\r\n" +
+					"Connection: Upgrade\r\n" +
+					"Derp-Version: 2\r\n" +
+					"Derp-Public-Key: " + k.String() + "\r\n" +
+					"\r\n" + want
+			}
+			nc, err := net.Dial("tcp", ts.Listener.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer nc.Close()
+			nc.SetDeadline(time.Now().Add(10 * time.Second))
+			req := "GET /derp HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade\r\nUpgrade: " + tt.upgrade + "\r\n"
+			if tt.fastStart != "" {
+				req += FastStartHeader + ": " + tt.fastStart + "\r\n"
+			}
+			if _, err := io.WriteString(nc, req+"\r\n"); err != nil {
+				t.Fatal(err)
+			}
+			// Read until want, failing at the first wrong byte. The server
+			// then waits for ClientInfo, so nothing else may follow.
+			var got []byte
+			buf := make([]byte, 1024)
+			for len(got) < len(want) {
+				n, err := nc.Read(buf)
+				got = append(got, buf[:n]...)
+				if !strings.HasPrefix(want, string(got)) && !strings.HasPrefix(string(got), want) || err != nil {
+					t.Fatalf("server wrote\n%q (%v)\nwant\n%q", got, err, want)
+				}
+			}
+			if len(got) > len(want) {
+				t.Fatalf("server wrote %q after the expected bytes", got[len(want):])
+			}
+			// The DERP session carries on right after those bytes.
+			c, err := NewClient(mustKey(t), nc, nil, ServerPublicKey(k))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if _, ok := recvMsg[ServerInfo](t, c); !ok {
+				t.FailNow()
+			}
+			wantFast, wantUpgrade := int64(0), int64(1)
+			if tt.wantFast {
+				wantFast, wantUpgrade = 1, 0
+			}
+			if st := s.Stats(); st.FastStartLogins != wantFast || st.UpgradeLogins != wantUpgrade {
+				t.Errorf("server counted %d fast-start and %d upgrade logins, want %d and %d",
+					st.FastStartLogins, st.UpgradeLogins, wantFast, wantUpgrade)
+			}
+		})
+	}
+}
+
+// TestServeHTTPResponses checks ServeHTTP's plain HTTP answers.
+func TestServeHTTPResponses(t *testing.T) {
+	s := newTestServer(t)
+	ts := httptest.NewServer(s)
+	t.Cleanup(ts.Close)
+	const noCache = "no-cache, no-store, must-revalidate, no-transform, max-age=0"
+	for _, tt := range []struct {
+		method, path string
+		header       http.Header
+		wantStatus   int
+		wantBody     string
+		wantHeader   http.Header // "" means must be absent
+	}{
+		{"GET", "/derp", nil, 426, "DERP requires connection upgrade\n", nil},
+		{"GET", "/derp/anything", nil, 426, "DERP requires connection upgrade\n", nil},
+		{"GET", "/derp", http.Header{"Upgrade": {"h2c"}, "Connection": {"Upgrade"}}, 426, "DERP requires connection upgrade\n", nil},
+		{"GET", "/derp/probe", nil, 200, "", http.Header{"Access-Control-Allow-Origin": {"*"}}},
+		{"HEAD", "/derp/probe", nil, 200, "", http.Header{"Access-Control-Allow-Origin": {"*"}}},
+		{"GET", "/derp/latency-check", nil, 200, "", http.Header{"Access-Control-Allow-Origin": {"*"}}},
+		{"HEAD", "/derp/latency-check", nil, 200, "", http.Header{"Access-Control-Allow-Origin": {"*"}}},
+		{"POST", "/derp/probe", nil, 405, "bogus probe method\n", http.Header{"Access-Control-Allow-Origin": {""}}},
+		{"GET", "/generate_204", http.Header{"X-Tailscale-Challenge": {"ts_127.0.0.1"}}, 204, "",
+			http.Header{"X-Tailscale-Response": {"response ts_127.0.0.1"}, "Cache-Control": {noCache}}},
+		{"POST", "/generate_204", http.Header{"X-Tailscale-Challenge": {"a-Z_0.9:x"}}, 204, "",
+			http.Header{"X-Tailscale-Response": {"response a-Z_0.9:x"}, "Cache-Control": {noCache}}},
+		{"GET", "/generate_204", nil, 204, "",
+			http.Header{"X-Tailscale-Response": {""}, "Cache-Control": {noCache}}},
+		{"GET", "/generate_204", http.Header{"X-Tailscale-Challenge": {"bad challenge"}}, 204, "",
+			http.Header{"X-Tailscale-Response": {""}, "Cache-Control": {noCache}}},
+		{"GET", "/generate_204", http.Header{"X-Tailscale-Challenge": {strings.Repeat("a", 64)}}, 204, "",
+			http.Header{"X-Tailscale-Response": {"response " + strings.Repeat("a", 64)}}},
+		{"GET", "/generate_204", http.Header{"X-Tailscale-Challenge": {strings.Repeat("a", 65)}}, 204, "",
+			http.Header{"X-Tailscale-Response": {""}}},
+	} {
+		req, err := http.NewRequest(tt.method, ts.URL+tt.path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		maps.Copy(req.Header, tt.header)
+		resp, err := ts.Client().Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		what := tt.method + " " + tt.path + " " + fmt.Sprint(tt.header)
+		if resp.StatusCode != tt.wantStatus || string(body) != tt.wantBody {
+			t.Errorf("%s: %d %q, want %d %q", what, resp.StatusCode, body, tt.wantStatus, tt.wantBody)
+		}
+		for k, v := range tt.wantHeader {
+			if got := resp.Header.Get(k); got != v[0] {
+				t.Errorf("%s: %s: %q, want %q", what, k, got, v[0])
+			}
+		}
+	}
+	if st := s.Stats(); st.Accepts != 0 || st.Rejected["no_upgrade"] != 3 {
+		t.Errorf("accepts %d, rejected %v; want 0 and 3 no_upgrade", st.Accepts, st.Rejected)
+	}
+}
+
+// delayLink is a TCP proxy on 127.0.0.1 in front of upstream that holds
+// every chunk of bytes, in each direction, for oneWay before passing it on,
+// so that the link has a round trip time of 2*oneWay (plus loopback's few
+// microseconds). Chunks are delayed independently, so a flight of several
+// writes arrives together, as on a real link with ample bandwidth.
+func delayLink(tb testing.TB, upstream string, oneWay time.Duration) string {
+	tb.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		conns []net.Conn
+	)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			down, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", upstream)
+			if err != nil {
+				down.Close()
+				continue
+			}
+			mu.Lock()
+			conns = append(conns, down, up)
+			mu.Unlock()
+			wg.Add(2)
+			go func() { defer wg.Done(); delayCopy(up, down, oneWay) }()
+			go func() { defer wg.Done(); delayCopy(down, up, oneWay) }()
+		}
+	}()
+	tb.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return ln.Addr().String()
+}
+
+// delayCopy copies src to dst, writing each chunk oneWay after it was read.
+// When either side ends it closes both.
+func delayCopy(dst, src net.Conn, oneWay time.Duration) {
+	type chunk struct {
+		b   []byte
+		due time.Time
+	}
+	ch := make(chan chunk, 1024)
+	go func() {
+		defer close(ch)
+		for {
+			buf := make([]byte, 32<<10)
+			n, err := src.Read(buf)
+			if n > 0 {
+				ch <- chunk{buf[:n], time.Now().Add(oneWay)}
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	for c := range ch {
+		time.Sleep(time.Until(c.due))
+		if _, err := dst.Write(c.b); err != nil {
+			break
+		}
+	}
+	src.Close()
+	dst.Close()
+	for range ch {
+		// Let the reader see the close and finish.
+	}
+}
+
+// BenchmarkTimeToFirstFrame measures, over an emulated link with 50 ms of
+// delay each way (100 ms RTT), how long after Dial starts the client writes
+// its first DERP frame (ClientInfo), in round trips ("RTT-first-frame"),
+// and when Dial returns ("RTT-dial"; later than the first frame only when
+// a configured key is confirmed by reading the server's first bytes). It
+// is not run by go test without -bench, so not in CI; run it with
+//
+//	go test -run '^$' -bench TimeToFirstFrame -benchtime 5x .
+//
+// What is emulated: tc netem is not available, so the delay comes from a
+// user-space proxy on loopback (delayLink) that holds each chunk of bytes
+// for 50 ms in each direction. The proxy cannot delay the kernel's TCP
+// handshake with it, so the dialer given to FastStart connects to the proxy
+// and then sleeps one RTT before returning the connection: on a real link
+// the SYN and SYN-ACK take that round trip, and the client's first bytes
+// leave with the ACK. A 10 ms scheduling hiccup shows as 0.1 RTT.
+//
+// Expected: TCP 1 + TLS 1.3 1 = 2 on the fast path, +1 for the 101 without
+// the meta cert; TLS 1.2 costs 2 round trips, so 3 with a known key and 4
+// without; plain HTTP is 1 with a known key and 2 without. Tailscale's own
+// client, measured the same way, writes its first frame at 2.04 (fast
+// start), 3.05 (no meta cert), 4.05 (TLS 1.2) and 2.02 (plain HTTP).
+func BenchmarkTimeToFirstFrame(b *testing.B) {
+	const oneWay = 50 * time.Millisecond
+	const rtt = 2 * oneWay
+	for _, tt := range []struct {
+		name  string
+		serve derpServeOpts
+	}{
+		{"fast", derpServeOpts{}},
+		{"no-meta-cert", derpServeOpts{noMetaCert: true}},
+		{"tls12", derpServeOpts{tls12: true}},
+		{"plain-http", derpServeOpts{plain: true}},
+	} {
+		for _, key := range []bool{false, true} {
+			name := tt.name
+			if key {
+				name += "+key"
+			}
+			b.Run(name, func(b *testing.B) {
+				s := newTestServer(b)
+				srv := serveDERP(b, s, tt.serve)
+				link := delayLink(b, srv.Addr, oneWay)
+				url := strings.Replace(srv.URL, srv.Addr, link, 1)
+				dial, conn := flightDialer()
+				fs := &FastStart{
+					DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+						nc, err := dial(ctx, network, addr)
+						if err != nil {
+							return nil, err
+						}
+						select { // the emulated SYN, SYN-ACK round trip
+						case <-time.After(rtt):
+							return nc, nil
+						case <-ctx.Done():
+							nc.Close()
+							return nil, ctx.Err()
+						}
+					},
+				}
+				if srv.ClientTLS != nil {
+					fs.TLSConfig = srv.ClientTLS.Clone()
+					fs.TLSConfig.CurvePreferences = nil // as a real client: X25519MLKEM768 too
+				}
+				if key {
+					fs.ServerKey = s.PublicKey()
+				}
+				var first, dialed time.Duration
+				var n int
+				var path Path
+				for b.Loop() {
+					ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+					start := time.Now()
+					c, hs, err := fs.Dial(ctx, url, mustKey(b))
+					dialed += time.Since(start)
+					cancel()
+					if err != nil {
+						b.Fatal(err)
+					}
+					f, ok := conn().flights()
+					if !ok {
+						b.Fatal("no ClientInfo write recorded")
+					}
+					first += f.clientInfo.at.Sub(start)
+					path = hs.Path
+					n++
+					c.Close()
+				}
+				b.ReportMetric(float64(first)/float64(n)/float64(rtt), "RTT-first-frame")
+				b.ReportMetric(float64(dialed)/float64(n)/float64(rtt), "RTT-dial")
+				b.Logf("%s: %s path, first frame at %.2f RTT, Dial returned at %.2f RTT (mean of %d)",
+					name, path, float64(first)/float64(n)/float64(rtt), float64(dialed)/float64(n)/float64(rtt), n)
+			})
+		}
+	}
+}
