@@ -1,0 +1,469 @@
+package relay
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"net"
+	"net/http"
+	"testing"
+	"time"
+)
+
+const testMeshKey = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+
+// meshNode is one server of a test region, served over plain HTTP on a
+// loopback TCP listener at /derp.
+type meshNode struct {
+	s    *Server
+	url  string
+	hs   *http.Server
+	done chan struct{} // closed when hs.Serve returns
+}
+
+// stop closes the server and its listener, so that its peers' links fail to
+// reconnect. It may be called more than once.
+func (n *meshNode) stop() {
+	n.s.Close()
+	n.hs.Close()
+	<-n.done
+}
+
+// newRegion starts n servers with the mesh key mk, each given every URL of
+// the region (its own included: a server must recognize and ignore itself).
+func newRegion(t *testing.T, n int, mk string, opts ...ServerOption) []*meshNode {
+	t.Helper()
+	lns := make([]net.Listener, n)
+	var urls []string
+	for i := range lns {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		lns[i] = ln
+		urls = append(urls, "http://"+ln.Addr().String()+"/derp")
+	}
+	nodes := make([]*meshNode, n)
+	for i, ln := range lns {
+		o := append([]ServerOption{WithMeshKey(mk), WithMeshPeers(urls...)}, opts...)
+		nodes[i] = serveNode(t, ln, urls[i], o...)
+	}
+	return nodes
+}
+
+// serveNode serves a new server with opts on ln; cleanup stops it.
+func serveNode(t *testing.T, ln net.Listener, url string, opts ...ServerOption) *meshNode {
+	t.Helper()
+	s := NewServer(mustKey(t), opts...)
+	mux := http.NewServeMux()
+	mux.Handle("/derp", s)
+	n := &meshNode{s: s, url: url, hs: &http.Server{Handler: mux}, done: make(chan struct{})}
+	go func() {
+		defer close(n.done)
+		n.hs.Serve(ln)
+	}()
+	t.Cleanup(n.stop)
+	return n
+}
+
+// dialNode connects a client with priv to n and waits for its ServerInfo.
+func dialNode(t *testing.T, n *meshNode, priv PrivateKey, opts ...ClientOption) *Client {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var fs FastStart
+	c, _, err := fs.Dial(ctx, n.url, priv, opts...)
+	if err != nil {
+		t.Fatalf("dial %s: %v", n.url, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if _, ok := recvMsg[ServerInfo](t, c); !ok {
+		t.FailNow()
+	}
+	return c
+}
+
+// waitRoute waits until s forwards packets for k to the server at via.
+func waitRoute(t *testing.T, s *Server, k PublicKey, via *meshNode) {
+	t.Helper()
+	want, _ := meshPeerURL(via.url)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		got, ok := s.MeshPeerFor(k)
+		if ok && got == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no route to %s via %s within 5s (have %q, %v)", k.ShortString(), want, got, ok)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// waitNoRoute waits until s has no mesh route for k.
+func waitNoRoute(t *testing.T, s *Server, k PublicKey) {
+	t.Helper()
+	waitFor(t, func() bool { _, ok := s.MeshPeerFor(k); return !ok })
+}
+
+func TestMeshForwardsEveryDirection(t *testing.T) {
+	nodes := newRegion(t, 3, testMeshKey)
+	clients := make([]*Client, len(nodes))
+	for i, n := range nodes {
+		clients[i] = dialNode(t, n, mustKey(t))
+	}
+	for i, n := range nodes {
+		for j, c := range clients {
+			if i != j {
+				waitRoute(t, n.s, c.PublicKey(), nodes[j])
+			}
+		}
+	}
+	for i := range clients {
+		for j := i + 1; j < len(clients); j++ {
+			exchange(t, clients[i], clients[j])
+		}
+	}
+	// exchange sends 12 packets per pair, 3 pairs, each forwarded once.
+	// The sender counts a packet out after its write returns, which may
+	// be after it was delivered.
+	var out, in int64
+	waitFor(t, func() bool {
+		out, in = 0, 0
+		for _, n := range nodes {
+			st := n.s.Stats()
+			out += st.PacketsForwardedOut
+			in += st.PacketsForwardedIn
+		}
+		return out == 36 && in == 36
+	})
+	for _, n := range nodes {
+		for k, v := range n.s.Stats().PacketsDropped {
+			if v != 0 {
+				t.Errorf("%s: %d drops %s", n.url, v, k)
+			}
+		}
+	}
+}
+
+func TestMeshClientMovesToAnotherServer(t *testing.T) {
+	nodes := newRegion(t, 3, testMeshKey)
+	a, b, c := nodes[0], nodes[1], nodes[2]
+	xPriv := mustKey(t)
+	x := dialNode(t, a, xPriv)
+	y := dialNode(t, c, mustKey(t))
+	waitRoute(t, c.s, x.PublicKey(), a)
+	waitRoute(t, a.s, y.PublicKey(), c)
+	exchange(t, x, y)
+
+	x.Close()
+	x2 := dialNode(t, b, xPriv)
+	// One watch update (B's PeerPresent) is enough: the newest location
+	// wins, whether or not A's PeerGone arrived first.
+	waitRoute(t, c.s, x.PublicKey(), b)
+	waitRoute(t, a.s, x.PublicKey(), b)
+	exchange(t, x2, y)
+}
+
+func TestMeshServerStopForgetsItsClients(t *testing.T) {
+	nodes := newRegion(t, 3, testMeshKey)
+	a, b, c := nodes[0], nodes[1], nodes[2]
+	x := dialNode(t, a, mustKey(t))
+	y := dialNode(t, b, mustKey(t))
+	z := dialNode(t, c, mustKey(t))
+	for _, n := range []*meshNode{a, b} {
+		waitRoute(t, n.s, z.PublicKey(), c)
+	}
+	waitRoute(t, c.s, x.PublicKey(), a)
+	waitRoute(t, c.s, y.PublicKey(), b)
+	// x and y receive from z, so they are told when z leaves the region.
+	for _, r := range []*Client{x, y} {
+		if err := z.Send(r.PublicKey(), []byte("from z")); err != nil {
+			t.Fatal(err)
+		}
+		if got, ok := recvMsg[*ReceivedPacket](t, r); !ok || got.Source != z.PublicKey() {
+			for _, n := range nodes {
+				t.Logf("%s: %+v", n.url, n.s.Stats())
+			}
+			t.Fatalf("got %+v", got)
+		}
+	}
+
+	c.stop()
+	for _, r := range []*Client{x, y} {
+		g, ok := recvMsg[PeerGone](t, r)
+		if !ok || g.Peer != z.PublicKey() || g.Reason != PeerGoneDisconnected {
+			t.Fatalf("got %+v, want PeerGone(%s, Disconnected)", g, z.PublicKey().ShortString())
+		}
+	}
+	waitNoRoute(t, a.s, z.PublicKey())
+	waitNoRoute(t, b.s, z.PublicKey())
+	// The remaining two still forward to each other.
+	exchange(t, x, y)
+}
+
+func TestMeshWrongKeyGetsNothing(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	aURL := "http://" + ln.Addr().String() + "/derp"
+	a := serveNode(t, ln, aURL, WithMeshKey(testMeshKey))
+	x := dialNode(t, a, mustKey(t))
+
+	ln2, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const wrongKey = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100"
+	d := serveNode(t, ln2, "http://"+ln2.Addr().String()+"/derp", WithMeshKey(wrongKey), WithMeshPeers(aURL))
+	// d's watch is refused: A disconnects it and counts why.
+	waitFor(t, func() bool { return a.s.Stats().Errors["session:watch_not_mesh"] >= 1 })
+	if _, ok := d.s.MeshPeerFor(x.PublicKey()); ok {
+		t.Fatal("d learned a route with the wrong mesh key")
+	}
+	// A client of d cannot reach x: d has no route and drops the packet.
+	w := dialNode(t, d, mustKey(t))
+	if err := w.Send(x.PublicKey(), []byte("hello?")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return d.s.Stats().PacketsDropped["unknown_dest/other"] == 1 })
+	if st := a.s.Stats(); st.PacketsForwardedIn != 0 {
+		t.Errorf("a got %d forwarded packets", st.PacketsForwardedIn)
+	}
+}
+
+// TestMeshForwardsOneHopOnly checks the invariant that makes loops
+// impossible: a server that receives a ForwardPacket for a key it knows only
+// through another peer drops it rather than forwarding it again.
+func TestMeshForwardsOneHopOnly(t *testing.T) {
+	nodes := newRegion(t, 3, testMeshKey)
+	b, c := nodes[1], nodes[2]
+	x := dialNode(t, c, mustKey(t))
+	waitRoute(t, b.s, x.PublicKey(), c)
+	// A mesh peer (as if A had a stale route saying x is at B) forwards a
+	// packet for x to B.
+	w := dialNode(t, b, mustKey(t), MeshKey(testMeshKey))
+	if err := w.ForwardPacket(mustKey(t).Public(), x.PublicKey(), []byte("stale route")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return b.s.Stats().PacketsDropped["unknown_dest_on_fwd/other"] == 1 })
+	if st := b.s.Stats(); st.PacketsForwardedOut != 0 {
+		t.Errorf("b forwarded %d packets onwards", st.PacketsForwardedOut)
+	}
+	if st := c.s.Stats(); st.PacketsForwardedIn != 0 {
+		t.Errorf("c got %d forwarded packets", st.PacketsForwardedIn)
+	}
+}
+
+func TestMeshIgnoresItself(t *testing.T) {
+	nodes := newRegion(t, 1, testMeshKey)
+	s := nodes[0].s
+	// The only peer is the server itself: its link gives up at once, and
+	// its own key is never a route.
+	waitFor(t, func() bool { return leakedLinkRuns() == 0 })
+	if _, ok := s.MeshPeerFor(s.PublicKey()); ok {
+		t.Error("route to the server's own key")
+	}
+}
+
+// leakedLinkRuns counts running mesh link goroutines of any server.
+func leakedLinkRuns() int {
+	return bytes.Count([]byte(leakedGoroutines()), []byte("relay.(*meshLink).run("))
+}
+
+func TestMeshPeerURL(t *testing.T) {
+	for in, want := range map[string]string{
+		"derp2.example.com":             "https://derp2.example.com/derp",
+		"10.0.0.2:8443":                 "https://10.0.0.2:8443/derp",
+		"http://127.0.0.1:3340/derp":    "http://127.0.0.1:3340/derp",
+		" https://d.example.com/derp  ": "https://d.example.com/derp",
+	} {
+		if got, err := meshPeerURL(in); err != nil || got != want {
+			t.Errorf("meshPeerURL(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"ftp://x/derp", "https:///derp", "http://[::1"} {
+		if got, err := meshPeerURL(bad); err == nil {
+			t.Errorf("meshPeerURL(%q) = %q, want an error", bad, got)
+		}
+	}
+	defer func() {
+		if recover() == nil {
+			t.Error("WithMeshPeers without WithMeshKey did not panic")
+		}
+	}()
+	NewServer(mustKey(t), WithMeshPeers("derp2.example.com"))
+}
+
+// Unit tests of the route table, with links that are never connected.
+
+func TestMeshRouteNewestWins(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey))
+	la, lb := newMeshLink(s, "a"), newMeshLink(s, "b")
+	k := mustKey(t).Public()
+	if s.meshLookup(k) != nil {
+		t.Fatal("route before any announcement")
+	}
+	s.meshAdd(k, la)
+	s.meshAdd(k, lb)
+	if s.meshLookup(k) != lb {
+		t.Fatal("the newest announcement does not win")
+	}
+	s.meshAdd(k, la) // logged in again at a
+	if s.meshLookup(k) != la {
+		t.Fatal("a new announcement from an older route does not win")
+	}
+	s.meshRemove(k, la, true)
+	if s.meshLookup(k) != lb {
+		t.Fatal("removal does not fall back to the remaining route")
+	}
+	s.meshRemove(k, la, true) // twice: harmless
+	if s.meshLookup(k) != lb {
+		t.Fatal("repeated removal changed the route")
+	}
+	s.meshRemove(k, lb, true)
+	if s.meshLookup(k) != nil {
+		t.Fatal("route after the last removal")
+	}
+	s.meshAdd(s.PublicKey(), la)
+	if s.meshLookup(s.PublicKey()) != nil {
+		t.Fatal("route to the server's own key")
+	}
+}
+
+func TestMeshForgetLink(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey))
+	la, lb := newMeshLink(s, "a"), newMeshLink(s, "b")
+	onlyA, both := mustKey(t).Public(), mustKey(t).Public()
+	s.meshAdd(onlyA, la)
+	s.meshAdd(both, la)
+	s.meshAdd(both, lb)
+	s.meshAdd(both, la) // a is newest
+	s.meshForgetLink(la, true)
+	if s.meshLookup(onlyA) != nil || s.meshLookup(both) != lb {
+		t.Fatalf("after forgetting a: %v, %v", s.meshLookup(onlyA), s.meshLookup(both))
+	}
+	if len(la.keys) != 0 || len(lb.keys) != 1 {
+		t.Fatalf("link key sets %d, %d", len(la.keys), len(lb.keys))
+	}
+}
+
+// TestMeshPeerGoneForRemoteKeys checks that clients that received packets
+// forwarded from a remote key are told when it leaves the region, and only
+// then.
+func TestMeshPeerGoneForRemoteKeys(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey))
+	la, lb := newMeshLink(s, "a"), newMeshLink(s, "b")
+	y := pipeClient(t, s)
+	w := pipeClient(t, s, MeshKey(testMeshKey)) // a peer forwarding to us
+	k := mustKey(t).Public()
+	s.meshAdd(k, la)
+	s.meshAdd(k, lb)
+	if err := w.ForwardPacket(k, y.PublicKey(), []byte("fwd")); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := recvMsg[*ReceivedPacket](t, y); got.Source != k {
+		t.Fatalf("got %+v", got)
+	}
+	s.meshForgetLink(lb, true) // still at a: nothing to tell
+	expectPongFirst(t, y)
+	s.meshRemove(k, la, true)
+	if g, _ := recvMsg[PeerGone](t, y); g.Peer != k || g.Reason != PeerGoneDisconnected {
+		t.Fatalf("got %+v", g)
+	}
+}
+
+// TestMeshPeerGoneHandOff checks PeerGone for a key that is connected both
+// here and at a peer: it is sent when the key leaves the last of them,
+// whichever that is.
+func TestMeshPeerGoneHandOff(t *testing.T) {
+	t.Run("local leaves first", func(t *testing.T) {
+		s := newTestServer(t, WithMeshKey(testMeshKey))
+		la := newMeshLink(s, "a")
+		x, y := pipeClient(t, s), pipeClient(t, s)
+		x.Send(y.PublicKey(), []byte("hi"))
+		recvMsg[*ReceivedPacket](t, y)
+		s.meshAdd(x.PublicKey(), la)
+		x.Close()
+		waitFor(t, func() bool { return !s.IsClientConnected(x.PublicKey()) })
+		expectPongFirst(t, y) // x is still in the region
+		s.meshRemove(x.PublicKey(), la, true)
+		if g, _ := recvMsg[PeerGone](t, y); g.Peer != x.PublicKey() {
+			t.Fatalf("got %+v", g)
+		}
+	})
+	t.Run("peer forgets first", func(t *testing.T) {
+		s := newTestServer(t, WithMeshKey(testMeshKey))
+		la := newMeshLink(s, "a")
+		x, y := pipeClient(t, s), pipeClient(t, s)
+		w := pipeClient(t, s, MeshKey(testMeshKey))
+		s.meshAdd(x.PublicKey(), la)
+		w.ForwardPacket(x.PublicKey(), y.PublicKey(), []byte("via the mesh"))
+		recvMsg[*ReceivedPacket](t, y)
+		s.meshRemove(x.PublicKey(), la, true)
+		expectPongFirst(t, y) // x is still connected here
+		x.Close()
+		if g, _ := recvMsg[PeerGone](t, y); g.Peer != x.PublicKey() {
+			t.Fatalf("got %+v", g)
+		}
+	})
+}
+
+// expectPongFirst pings the server and fails if anything but the Pong (or
+// a KeepAlive) arrives first.
+func expectPongFirst(t *testing.T, c *Client) {
+	t.Helper()
+	c.SendPing([8]byte{7})
+	c.opts.recvTimeout = 5 * time.Second
+	for {
+		m, err := c.recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch m.(type) {
+		case Pong:
+			return
+		case KeepAlive:
+		default:
+			t.Fatalf("got %T %+v before the Pong", m, m)
+		}
+	}
+}
+
+// TestMeshForwardNeverBlocks checks that meshForward only queues: with no
+// writer draining the link, the oldest packets are dropped and counted, and
+// with the link down every packet is.
+func TestMeshForwardNeverBlocks(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey))
+	l := newMeshLink(s, "a")
+	dst, src := mustKey(t).Public(), mustKey(t).Public()
+	s.meshAdd(dst, l)
+	pkt := []byte("to a peer")
+	forward := func() {
+		t.Helper()
+		if !s.meshForward(src, dst, bufio.NewReader(bytes.NewReader(pkt)), len(pkt)) {
+			t.Fatal("meshForward found no route")
+		}
+	}
+	forward()
+	if got := s.Stats().PacketsDropped["mesh_link_down/other"]; got != 1 {
+		t.Fatalf("mesh_link_down drops %d, want 1", got)
+	}
+	l.client = &Client{} // up, but nothing writes
+	for range meshQueueDepth + 10 {
+		forward()
+	}
+	if got := s.Stats().PacketsDropped["mesh_queue/other"]; got != 10 {
+		t.Fatalf("mesh_queue drops %d, want 10", got)
+	}
+	for _, it := range l.ring.popAll(nil) {
+		if it.dst != dst || it.p.src != src || !bytes.Equal(it.p.buf[:it.p.n], pkt) {
+			t.Fatalf("queued %+v", it)
+		}
+		putPacket(it.p)
+	}
+	if s.meshForward(src, mustKey(t).Public(), bufio.NewReader(bytes.NewReader(pkt)), len(pkt)) {
+		t.Fatal("meshForward claimed a key with no route")
+	}
+}
