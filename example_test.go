@@ -200,6 +200,71 @@ func ExampleReconnectingClient() {
 	// received again
 }
 
+// Two servers of one region share a mesh key and watch each other: a client
+// on one reaches a client on the other, forwarded one hop.
+func ExampleWithMeshPeers() {
+	const meshKey = "5ec7e7a1c0ffee0ddba11f00d5eed0000000000000000000000000000000c0de"
+	// Listen first, so every server can be given the whole region's URLs
+	// (each ignores its own).
+	var lns []net.Listener
+	var urls []string
+	for range 2 {
+		ln, _ := net.Listen("tcp", "127.0.0.1:0")
+		lns = append(lns, ln)
+		urls = append(urls, "http://"+ln.Addr().String()+"/derp")
+	}
+	var servers []*relay.Server
+	for _, ln := range lns {
+		priv, _ := relay.GeneratePrivateKey()
+		srv := relay.NewServer(priv, relay.WithMeshKey(meshKey), relay.WithMeshPeers(urls...))
+		defer srv.Close()
+		hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second}
+		go hs.Serve(ln)
+		defer hs.Close()
+		servers = append(servers, srv)
+	}
+
+	ctx := context.Background()
+	connect := func(url string) *relay.Client {
+		priv, _ := relay.GeneratePrivateKey()
+		c, _, err := (&relay.FastStart{}).Dial(ctx, url, priv)
+		if err != nil {
+			log.Fatal(err)
+		}
+		if _, err := c.Recv(); err != nil { // ServerInfo: logged in
+			log.Fatal(err)
+		}
+		return c
+	}
+	alice, bob := connect(urls[0]), connect(urls[1])
+	defer alice.Close()
+	defer bob.Close()
+
+	// Wait until alice's server has learned, from its watch of the other
+	// server, where bob is.
+	for {
+		if peer, ok := servers[0].MeshPeerFor(bob.PublicKey()); ok {
+			fmt.Println("bob is reachable via the other server:", peer == urls[1])
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	alice.Send(bob.PublicKey(), []byte("across the region"))
+	for {
+		m, err := bob.Recv()
+		if err != nil {
+			log.Fatal(err)
+		}
+		if p, ok := m.(*relay.ReceivedPacket); ok {
+			fmt.Printf("bob got %q from alice: %v\n", p.Data, p.Source == alice.PublicKey())
+			return
+		}
+	}
+	// Output:
+	// bob is reachable via the other server: true
+	// bob got "across the region" from alice: true
+}
+
 // exampleCert returns a self-signed certificate for 127.0.0.1 and a pool
 // that trusts it.
 func exampleCert() (tls.Certificate, *x509.CertPool) {
