@@ -97,8 +97,15 @@ const (
 	minDiscoLen      = len(discoMagic) + KeyLen + nonceLen // 62
 )
 
+// frameSource is a buffered reader: *bufio.Reader, or the server's
+// connReader.
+type frameSource interface {
+	Peek(n int) ([]byte, error)
+	Discard(n int) (int, error)
+}
+
 // readFrameHeader reads the 5-byte frame header.
-func readFrameHeader(br *bufio.Reader) (t FrameType, n uint32, err error) {
+func readFrameHeader[R frameSource](br R) (t FrameType, n uint32, err error) {
 	h, err := br.Peek(frameHeaderLen)
 	if err != nil {
 		if len(h) > 0 && err == io.EOF {

@@ -1,7 +1,6 @@
 package relay
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"net"
@@ -442,7 +441,7 @@ func TestMeshForwardNeverBlocks(t *testing.T) {
 	pkt := []byte("to a peer")
 	forward := func() {
 		t.Helper()
-		if !s.meshForward(src, dst, bufio.NewReader(bytes.NewReader(pkt)), len(pkt)) {
+		if !s.meshForward(src, dst, bytesReader(pkt), len(pkt)) {
 			t.Fatal("meshForward found no route")
 		}
 	}
@@ -463,7 +462,12 @@ func TestMeshForwardNeverBlocks(t *testing.T) {
 		}
 		putPacket(it.p)
 	}
-	if s.meshForward(src, mustKey(t).Public(), bufio.NewReader(bytes.NewReader(pkt)), len(pkt)) {
+	if s.meshForward(src, mustKey(t).Public(), bytesReader(pkt), len(pkt)) {
 		t.Fatal("meshForward claimed a key with no route")
 	}
+}
+
+// bytesReader returns a connReader that reads b.
+func bytesReader(b []byte) *connReader {
+	return &connReader{nc: readerConn{r: bytes.NewReader(b)}}
 }

@@ -918,3 +918,71 @@ func TestWritePrometheus(t *testing.T) {
 		}
 	}
 }
+
+func TestConnReader(t *testing.T) {
+	data := make([]byte, 3*readBufSize+17)
+	for i := range data {
+		data[i] = byte(i * 7)
+	}
+	cc, sc := net.Pipe()
+	go func() {
+		// Dribble the data in odd-sized writes, then close.
+		for rest := data; len(rest) > 0; {
+			n := min(len(rest), 1+len(rest)%1000)
+			cc.Write(rest[:n])
+			rest = rest[n:]
+		}
+		cc.Close()
+	}()
+	br := bufio.NewReader(sc)
+	br.Peek(1) // the caller's reader already holds bytes
+	cr := newConnReader(sc, br)
+	var got []byte
+	if p, err := cr.Peek(0); p != nil || err != nil {
+		t.Fatalf("Peek(0) = %v, %v", p, err)
+	}
+	for step := 0; ; step++ {
+		var err error
+		switch step % 4 {
+		case 0:
+			var p []byte
+			if p, err = cr.Peek(5); err == nil {
+				got = append(got, p...)
+				cr.Discard(5)
+			}
+		case 1:
+			var b byte
+			if b, err = cr.ReadByte(); err == nil {
+				got = append(got, b)
+			}
+		case 2:
+			buf := make([]byte, 1+step%3000)
+			var n int
+			n, err = io.ReadFull(cr, buf)
+			got = append(got, buf[:n]...)
+		case 3:
+			if cr.Buffered() == 0 && cr.buf != nil {
+				t.Fatal("empty reader holds a buffer")
+			}
+			var p []byte
+			if p, err = cr.Peek(40); err == nil {
+				got = append(got, p...)
+				cr.Discard(40)
+			}
+		}
+		if err != nil {
+			if len(got) < len(data) {
+				// The tail shorter than the request: read what is left.
+				rest, _ := io.ReadAll(cr)
+				got = append(got, rest...)
+			}
+			break
+		}
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatalf("read %d bytes, mismatch (want %d)", len(got), len(data))
+	}
+	if cr.buf != nil {
+		t.Fatal("drained reader holds a buffer")
+	}
+}

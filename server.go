@@ -301,7 +301,7 @@ func (s *Server) HasMeshKey() bool { return s.cfg.hasMeshKey }
 type sconn struct {
 	s          *Server
 	nc         net.Conn
-	br         *bufio.Reader
+	br         *connReader
 	key        PublicKey
 	remote     string
 	remoteAddr netip.AddrPort
@@ -410,7 +410,7 @@ func (s *Server) accept(ctx context.Context, nc net.Conn, brw *bufio.ReadWriter,
 	c := &sconn{
 		s:          s,
 		nc:         nc,
-		br:         brw.Reader,
+		br:         newConnReader(nc, brw.Reader),
 		remote:     remoteAddr,
 		remoteAddr: ap,
 		notIdeal:   ao.notIdeal,
@@ -997,7 +997,7 @@ func (s *Server) routePacket(c *sconn, src, dst PublicKey, n int, forwarded bool
 	return nil
 }
 
-func peekUpTo(br *bufio.Reader, n int) []byte {
+func peekUpTo(br *connReader, n int) []byte {
 	b, _ := br.Peek(min(n, br.Size()))
 	return b
 }
@@ -2403,7 +2403,7 @@ func (l *meshLink) enqueue(dst PublicKey, p *packet) (old fwdItem, ok bool) {
 // meshForward reads an n-byte packet from br and forwards it to dst through
 // a mesh peer, reporting whether one was found. It never blocks on the
 // peer: the packet is queued, and dropped (counted) if the link is down.
-func (s *Server) meshForward(src, dst PublicKey, br *bufio.Reader, n int) bool {
+func (s *Server) meshForward(src, dst PublicKey, br *connReader, n int) bool {
 	l := s.meshLookup(dst)
 	if l == nil {
 		return false
@@ -2620,4 +2620,168 @@ func removeLink(links []*meshLink, l *meshLink) []*meshLink {
 		}
 	}
 	return links
+}
+
+// connReader buffers a session's reads like a bufio.Reader, but holds its
+// buffer only while it has unread bytes: once they are consumed the buffer
+// goes back to a pool, and the next read waits with a small inline array. An
+// idle session therefore holds no read buffer. Slices returned by Peek are
+// valid only until the next call that consumes bytes.
+type connReader struct {
+	nc    net.Conn
+	buf   *[readBufSize]byte // nil while empty
+	r, w  int
+	small [128]byte // where a read waits while buf is nil
+}
+
+const readBufSize = 16 << 10
+
+var readBufPool = sync.Pool{New: func() any { return new([readBufSize]byte) }}
+
+// newConnReader returns a reader of nc that first returns what br (the
+// caller's buffered reader, which must not be used afterwards) has buffered.
+func newConnReader(nc net.Conn, br *bufio.Reader) *connReader {
+	cr := &connReader{nc: nc}
+	if br != nil && br.Buffered() > 0 {
+		b, _ := br.Peek(br.Buffered())
+		if len(b) > readBufSize {
+			// A caller's reader larger than ours, full: keep reading
+			// through it. Rare enough not to optimise.
+			b = b[:readBufSize]
+		}
+		cr.buf = readBufPool.Get().(*[readBufSize]byte)
+		cr.w = copy(cr.buf[:], b)
+		br.Discard(cr.w)
+		if br.Buffered() > 0 {
+			cr.nc = readerConn{Conn: nc, r: io.MultiReader(br, nc)}
+		}
+	}
+	return cr
+}
+
+// readerConn reads from r instead of the connection.
+type readerConn struct {
+	net.Conn
+	r io.Reader
+}
+
+func (c readerConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// Buffered returns the number of unread bytes held.
+func (cr *connReader) Buffered() int { return cr.w - cr.r }
+
+// Size returns the most Peek can return.
+func (cr *connReader) Size() int { return readBufSize }
+
+// release gives the buffer back when everything in it was consumed.
+func (cr *connReader) release() {
+	if cr.r == cr.w && cr.buf != nil {
+		readBufPool.Put(cr.buf)
+		cr.buf, cr.r, cr.w = nil, 0, 0
+	}
+}
+
+// fill reads at least one more byte.
+func (cr *connReader) fill() error {
+	if cr.buf == nil {
+		n, err := cr.nc.Read(cr.small[:])
+		if n > 0 {
+			cr.buf = readBufPool.Get().(*[readBufSize]byte)
+			cr.r, cr.w = 0, copy(cr.buf[:], cr.small[:n])
+			return nil
+		}
+		if err == nil {
+			err = io.ErrNoProgress
+		}
+		return err
+	}
+	if cr.r > 0 && cr.w == len(cr.buf) {
+		cr.w = copy(cr.buf[:], cr.buf[cr.r:cr.w])
+		cr.r = 0
+	}
+	n, err := cr.nc.Read(cr.buf[cr.w:])
+	cr.w += n
+	if n > 0 {
+		return nil
+	}
+	if err == nil {
+		err = io.ErrNoProgress
+	}
+	return err
+}
+
+// Peek returns the next n bytes without consuming them.
+func (cr *connReader) Peek(n int) ([]byte, error) {
+	if n <= 0 {
+		return nil, nil
+	}
+	if n > readBufSize {
+		return nil, bufio.ErrBufferFull
+	}
+	for cr.w-cr.r < n {
+		if cr.buf != nil && len(cr.buf)-cr.r < n {
+			cr.w = copy(cr.buf[:], cr.buf[cr.r:cr.w])
+			cr.r = 0
+		}
+		if err := cr.fill(); err != nil {
+			if cr.buf == nil {
+				return nil, err
+			}
+			return cr.buf[cr.r:cr.w], err
+		}
+	}
+	return cr.buf[cr.r : cr.r+n], nil
+}
+
+// Discard skips the next n bytes.
+func (cr *connReader) Discard(n int) (int, error) {
+	done := 0
+	for done < n {
+		if cr.w == cr.r {
+			cr.release()
+			if err := cr.fill(); err != nil {
+				return done, err
+			}
+		}
+		k := min(n-done, cr.w-cr.r)
+		cr.r += k
+		done += k
+	}
+	cr.release()
+	return done, nil
+}
+
+// Read reads into p: buffered bytes first, otherwise straight from the
+// connection (large payloads are not copied twice).
+func (cr *connReader) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if cr.w == cr.r {
+		cr.release()
+		if len(p) >= len(cr.small) {
+			return cr.nc.Read(p)
+		}
+		if err := cr.fill(); err != nil {
+			return 0, err
+		}
+	}
+	n := copy(p, cr.buf[cr.r:cr.w])
+	cr.r += n
+	cr.release()
+	return n, nil
+}
+
+// ReadByte reads one byte.
+func (cr *connReader) ReadByte() (byte, error) {
+	if cr.w == cr.r {
+		cr.release()
+		if err := cr.fill(); err != nil {
+			return 0, err
+		}
+	}
+	b := cr.buf[cr.r]
+	cr.r++
+	cr.release()
+	return b, nil
 }
