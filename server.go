@@ -314,6 +314,7 @@ type sconn struct {
 	entry      *keyEntry
 	ctx        context.Context
 	cancel     context.CancelFunc
+	stopClose  func() bool // stops the AfterFunc that closes nc when ctx ends
 
 	dup atomic.Bool // another connection has the same key
 
@@ -389,6 +390,17 @@ type acceptOpts struct {
 
 func (s *Server) accept(ctx context.Context, nc net.Conn, brw *bufio.ReadWriter, remoteAddr string, ao acceptOpts) {
 	s.stats.accepts.Add(1)
+	// The login's frames are gone from the stack by the time the session
+	// idles in readLoop: the idle stack stays small enough for the runtime
+	// to shrink it.
+	if c := s.startSession(ctx, nc, brw, remoteAddr, ao); c != nil {
+		c.serve()
+	}
+}
+
+// startSession admits and logs in a client and registers it. It returns nil,
+// with nc closed, if any step fails.
+func (s *Server) startSession(ctx context.Context, nc net.Conn, brw *bufio.ReadWriter, remoteAddr string, ao acceptOpts) *sconn {
 	if brw == nil {
 		brw = bufio.NewReadWriter(bufio.NewReader(nc), bufio.NewWriter(nc))
 	}
@@ -398,15 +410,9 @@ func (s *Server) accept(ctx context.Context, nc net.Conn, brw *bufio.ReadWriter,
 		s.stats.countRejected("too_many_connections")
 		s.log.Info("relay: refusing connection", "remote", remoteAddr, "err", err)
 		nc.Close()
-		return
+		return nil
 	}
-	defer s.releaseConn(ap.Addr())
-
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	stop := context.AfterFunc(ctx, func() { nc.Close() })
-	defer stop()
-
 	c := &sconn{
 		s:          s,
 		nc:         nc,
@@ -420,33 +426,46 @@ func (s *Server) accept(ctx context.Context, nc net.Conn, brw *bufio.ReadWriter,
 		cancel:     cancel,
 		notHere:    tokenBucket{rate: 1, burst: 3, tokens: 3, last: time.Now()},
 	}
+	c.stopClose = context.AfterFunc(ctx, func() { nc.Close() })
 	s.mu.Lock()
 	s.conns[c] = struct{}{} // so that Close can cut a login short
 	s.mu.Unlock()
-	if err := s.login(ctx, c, brw.Writer); err != nil {
+	err := s.login(ctx, c, brw.Writer)
+	if err != nil {
 		s.stats.countLoginError(err)
 		s.log.Info("relay: login failed", "remote", remoteAddr, "err", err)
+	}
+	if err != nil || !s.register(c) {
 		nc.Close()
 		s.mu.Lock()
 		delete(s.conns, c)
 		s.mu.Unlock()
-		return
+		c.release()
+		return nil
 	}
-	if !s.register(c) {
-		nc.Close()
-		s.mu.Lock()
-		delete(s.conns, c)
-		s.mu.Unlock()
-		return
-	}
+	return c
+}
+
+// serve runs a logged-in session until it ends.
+func (c *sconn) serve() {
+	s := c.s
 	err := c.readLoop()
-	quiet := ctx.Err() != nil // the caller or Close ended the session
+	quiet := c.ctx.Err() != nil // the caller or Close ended the session
 	s.unregister(c)
 	c.shutdown()
+	c.release()
 	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) && !quiet {
 		s.stats.countSessionError(err)
-		s.log.Info("relay: session ended", "remote", remoteAddr, "key", c.key.ShortString(), "err", err)
+		s.log.Info("relay: session ended", "remote", c.remote, "key", c.key.ShortString(), "err", err)
 	}
+}
+
+// release frees what startSession took: the context and the connection
+// slot.
+func (c *sconn) release() {
+	c.stopClose()
+	c.cancel()
+	c.s.releaseConn(c.remoteAddr.Addr())
 }
 
 func (s *Server) admitConn(ip netip.Addr) error {
