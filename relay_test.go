@@ -4,10 +4,13 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"runtime"
 	"strings"
@@ -985,4 +988,66 @@ func TestConnReader(t *testing.T) {
 	if cr.buf != nil {
 		t.Fatal("drained reader holds a buffer")
 	}
+}
+
+func TestAdmissionURL(t *testing.T) {
+	allowed := mustKey(t).Public()
+	var mu sync.Mutex
+	var sources []string
+	svc := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var req struct{ NodePublic, Source string }
+		json.NewDecoder(r.Body).Decode(&req)
+		mu.Lock()
+		sources = append(sources, req.Source)
+		mu.Unlock()
+		switch req.NodePublic {
+		case "nodekey:" + allowed.String():
+			fmt.Fprint(w, `{"Allow":true}`)
+		default:
+			fmt.Fprint(w, `{"Allow":false}`)
+		}
+	}))
+	defer svc.Close()
+	ctx := context.Background()
+	hook := AdmissionURL(svc.URL, false, nil)
+	if err := hook(ctx, Admission{Key: allowed, RemoteAddr: "[::ffff:192.0.2.7]:1234"}); err != nil {
+		t.Fatalf("allowed key refused: %v", err)
+	}
+	if err := hook(ctx, Admission{Key: mustKey(t).Public(), RemoteAddr: "192.0.2.8:1"}); err == nil {
+		t.Fatal("denied key admitted")
+	}
+	mu.Lock()
+	if sources[0] != "192.0.2.7" || sources[1] != "192.0.2.8" {
+		t.Errorf("sources %q", sources)
+	}
+	mu.Unlock()
+
+	bad := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "nope", http.StatusInternalServerError)
+	}))
+	defer bad.Close()
+	if err := AdmissionURL(bad.URL, true, nil)(ctx, Admission{Key: allowed}); err == nil {
+		t.Fatal("non-200 admitted (fail-open applies only to unreachable services)")
+	}
+	bad.Close()
+	if err := AdmissionURL(bad.URL, true, nil)(ctx, Admission{Key: allowed}); err != nil {
+		t.Fatalf("fail-open refused: %v", err)
+	}
+	if err := AdmissionURL(bad.URL, false, nil)(ctx, Admission{Key: allowed}); err == nil {
+		t.Fatal("fail-closed admitted")
+	}
+
+	// End to end through a server.
+	s := newTestServer(t, WithAdmission(AdmissionURL(svc.URL, false, nil)))
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
+	c, err := NewClient(mustKey(t), cc, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := recvUntilErr(t, c); err == nil {
+		t.Fatal("denied client logged in")
+	}
+	waitFor(t, func() bool { return s.Stats().Errors["login:login_rejected"] == 1 })
 }

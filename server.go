@@ -31,6 +31,7 @@ package relay
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/subtle"
 	"encoding/binary"
@@ -151,6 +152,55 @@ func WithMeshKey(k string) ServerOption {
 // is logged. ctx ends with the login deadline.
 func WithAdmission(f func(ctx context.Context, a Admission) error) ServerOption {
 	return func(c *serverConfig) { c.admit = f }
+}
+
+// AdmissionURL returns an admission hook for WithAdmission that asks an
+// HTTP service, as Tailscale's derper does with --verify-client-url: it POSTs
+// {"NodePublic":"nodekey:<hex>","Source":"<client IP>"} to url and admits the
+// client only on a 200 response whose JSON body (read up to 4 KiB) is
+// {"Allow":true}. Each request is bounded by 5 s and by the login deadline.
+// If the service cannot be reached, failOpen admits the client (derper's
+// default) instead of refusing it. client nil means http.DefaultClient.
+func AdmissionURL(url string, failOpen bool, client *http.Client) func(context.Context, Admission) error {
+	if client == nil {
+		client = http.DefaultClient
+	}
+	return func(ctx context.Context, a Admission) error {
+		var source string
+		if ap, err := netip.ParseAddrPort(a.RemoteAddr); err == nil {
+			source = ap.Addr().Unmap().String()
+		}
+		body, _ := json.Marshal(struct {
+			NodePublic string
+			Source     string
+		}{"nodekey:" + a.Key.String(), source})
+		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+		if err != nil {
+			return err
+		}
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := client.Do(req)
+		if err != nil {
+			if failOpen {
+				return nil
+			}
+			return fmt.Errorf("admission service unreachable: %w", err)
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("admission service answered %s", resp.Status)
+		}
+		var verdict struct{ Allow bool }
+		if err := json.NewDecoder(io.LimitReader(resp.Body, 4096)).Decode(&verdict); err != nil {
+			return fmt.Errorf("admission service reply: %w", err)
+		}
+		if !verdict.Allow {
+			return errors.New("admission service denied the client")
+		}
+		return nil
+	}
 }
 
 // WithRateLimit limits how fast each non-mesh client may send, in bytes per
