@@ -46,6 +46,7 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -856,7 +857,17 @@ func (c *sconn) shutdown() {
 // readLoop reads and dispatches frames until the connection ends.
 func (c *sconn) readLoop() error {
 	var deadlineSet time.Time
+	var sinceYield uint32
 	for {
+		// A reader whose client always has more to send never blocks,
+		// and the Go scheduler would let it run for a whole 10 ms time
+		// slice, starving the writers that drain the queues it fills: on
+		// a busy server nearly everything read would be dropped. Yielding
+		// every readYieldBytes keeps reading and writing in proportion.
+		if sinceYield >= readYieldBytes {
+			sinceYield = 0
+			runtime.Gosched()
+		}
 		if c.pingIdle {
 			// Refresh the idle deadline at most 8 times per period, so
 			// that it costs nothing per packet.
@@ -866,6 +877,7 @@ func (c *sconn) readLoop() error {
 			}
 		}
 		t, n, err := readFrameHeader(c.br)
+		sinceYield += frameHeaderLen + min(n, maxForwardFrame)
 		if ne, ok := err.(net.Error); ok && ne.Timeout() && c.pingIdle {
 			return &ProtocolError{Reason: "idle_timeout", Err: err,
 				Detail: fmt.Sprintf("nothing, not even a Pong, read for %v from a client that said it answers pings", c.s.cfg.idleTimeout)}
@@ -926,6 +938,10 @@ func (c *sconn) readLoop() error {
 func truncatedFrame(t FrameType) error {
 	return &ProtocolError{Reason: "truncated_frame", Frame: t, Detail: "connection ended inside a frame", Err: io.ErrUnexpectedEOF}
 }
+
+// readYieldBytes is how much a session's reader handles before it lets
+// other goroutines (the writers) run; see readLoop.
+const readYieldBytes = 16 << 10
 
 // maxUnknownFrame bounds frames the server reads and discards (unknown
 // types, a second ClientInfo, Pong, KeepAlive). Tailscale reads up to 4 GiB
@@ -1749,6 +1765,9 @@ func (g *nonceGuard) check(nonce [nonceLen]byte, now time.Time) bool {
 // the probe paths starts a session; "Derp-Fast-Start: 1" makes the server
 // skip the 101 response. /derp/probe and /derp/latency-check answer latency
 // probes and /generate_204 captive-portal checks, if they are routed here.
+// After the upgrade ServeHTTP returns at once and the session continues on
+// its own goroutine, so net/http's per-connection buffers are not kept for
+// the session's lifetime; Close waits for every session.
 //
 // Set ReadHeaderTimeout on the http.Server (the examples use 10 s): the
 // handler, and with it the server's login deadline, only starts once the
@@ -1792,12 +1811,15 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			"Derp-Version: %d\r\n"+
 			"Derp-Public-Key: %s\r\n\r\n", ProtocolVersion, s.pub)
 	}
-	// The request's context is not canceled when a hijacked connection
-	// closes; the session ends on its own.
-	s.accept(context.WithoutCancel(r.Context()), nc, brw, r.RemoteAddr, acceptOpts{
-		notIdeal:  r.Header.Get(IdealNodeHeader) != "",
-		fastStart: fastStart,
-	})
+	// The session runs on its own goroutine and ServeHTTP returns, so
+	// that net/http's per-connection state (its buffers, the request) is
+	// freed instead of living as long as the session. The request's
+	// context is not canceled when a hijacked connection closes; the
+	// session ends on its own.
+	ctx := context.WithoutCancel(r.Context())
+	ao := acceptOpts{notIdeal: r.Header.Get(IdealNodeHeader) != "", fastStart: fastStart}
+	remote := r.RemoteAddr
+	go s.accept(ctx, nc, brw, remote, ao)
 }
 
 // ServeProbe answers DERP latency probes (/derp/probe, /derp/latency-check):
