@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"sync/atomic"
+	"testing"
 	"time"
 
 	"github.com/fastderp/relay"
@@ -285,4 +286,65 @@ func exampleCert() (tls.Certificate, *x509.CertPool) {
 	roots := x509.NewCertPool()
 	roots.AddCert(leaf)
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, roots
+}
+
+// TestQuickStart is the README's first command: it shows, step by step, a
+// server with TLS and the meta cert, and two clients relaying packets
+// through it with fast start.
+func TestQuickStart(t *testing.T) {
+	ts := relay.StartTestServer(t)
+	t.Logf("server %s listening at %s (TLS 1.3, meta cert in the chain)", ts.Server.PublicKey().ShortString(), ts.URL)
+
+	ctx := context.Background()
+	dialer := &relay.FastStart{TLSConfig: ts.TLSConfig}
+	connect := func(name string) *relay.Client {
+		priv, _ := relay.GeneratePrivateKey()
+		c, h, err := dialer.Dial(ctx, ts.URL, priv)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		if h.Path != relay.FastPath {
+			t.Fatalf("%s: %s path (%s), want the fast path", name, h.Path, h.Reason)
+		}
+		t.Logf("%s %s: connected on the %s path (server key from the %s, %s)",
+			name, c.PublicKey().ShortString(), h.Path, h.KeySource, tls.VersionName(h.TLSVersion))
+		if m, err := c.Recv(); err != nil {
+			t.Fatal(err)
+		} else if info, ok := m.(relay.ServerInfo); ok {
+			t.Logf("%s: logged in (ServerInfo, protocol version %d)", name, info.Version)
+		}
+		return c
+	}
+	alice, bob := connect("alice"), connect("bob")
+	for i, pair := range [][2]*relay.Client{{alice, bob}, {bob, alice}, {alice, bob}} {
+		from, to := pair[0], pair[1]
+		msg := fmt.Sprintf("packet %d from %s", i+1, from.PublicKey().ShortString())
+		if err := from.Send(to.PublicKey(), []byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		for {
+			m, err := to.Recv()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if p, ok := m.(*relay.ReceivedPacket); ok {
+				if string(p.Data) != msg || p.Source != from.PublicKey() {
+					t.Fatalf("got %q from %s", p.Data, p.Source.ShortString())
+				}
+				t.Logf("%s received %q", to.PublicKey().ShortString(), p.Data)
+				break
+			}
+		}
+	}
+	st := ts.Server.Stats()
+	var dropped int64
+	for _, n := range st.PacketsDropped {
+		dropped += n
+	}
+	t.Logf("server stats: %d fast-start logins, %d packets relayed, %d dropped",
+		st.FastStartLogins, st.PacketsSent, dropped)
+	if st.FastStartLogins != 2 || st.PacketsSent != 3 {
+		t.Fatalf("stats %+v", st)
+	}
 }
