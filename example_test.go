@@ -337,7 +337,13 @@ func TestQuickStart(t *testing.T) {
 			}
 		}
 	}
+	// The server counts a packet as sent once its write returns, which may
+	// be just after the receiver has read it.
 	st := ts.Server.Stats()
+	for deadline := time.Now().Add(5 * time.Second); st.PacketsSent < 3 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+		st = ts.Server.Stats()
+	}
 	var dropped int64
 	for _, n := range st.PacketsDropped {
 		dropped += n
