@@ -7,13 +7,19 @@ package interop
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -53,7 +59,7 @@ var serverKeyMagic = []byte("DERP🔑") // 8 bytes
 
 // rawConn is a logged-in DERP connection driven by hand.
 type rawConn struct {
-	nc   *net.TCPConn
+	nc   net.Conn // *net.TCPConn, or *tls.Conn for the https transport
 	pub  relay.PublicKey
 	rest []byte // bytes read past the ServerInfo frame during login
 }
@@ -95,10 +101,19 @@ func dialRaw(addr, transport string, serverPub relay.PublicKey) (*rawConn, error
 	if err != nil {
 		return nil, err
 	}
-	nc := c.(*net.TCPConn)
+	var nc net.Conn = c
+	if transport == "https" {
+		tc := tls.Client(c, &tls.Config{InsecureSkipVerify: true, ServerName: "127.0.0.1"})
+		tc.SetDeadline(time.Now().Add(15 * time.Second))
+		if err := tc.Handshake(); err != nil {
+			c.Close()
+			return nil, err
+		}
+		nc = tc
+	}
 	rc := &rawConn{nc: nc, pub: priv.Public()}
 	var out []byte
-	if transport == "http" {
+	if transport == "http" || transport == "https" {
 		out = append(out, upgradeRequest...)
 	}
 	out = append(out, clientInfoFrame(priv, serverPub)...)
@@ -749,18 +764,28 @@ func serveRelay(which, transport string) (*servedRelay, error) {
 	default:
 		return nil, fmt.Errorf("server %q: want ours or tailscale", which)
 	}
-	if transport != "http" && transport != "tcp" {
+	if transport != "http" && transport != "https" && transport != "tcp" {
 		closeServer()
-		return nil, fmt.Errorf("transport %q: want http or tcp", transport)
+		return nil, fmt.Errorf("transport %q: want http, https or tcp", transport)
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		closeServer()
 		return nil, err
 	}
+	if transport == "https" {
+		// The same self-signed certificate for both servers, TLS 1.3,
+		// HTTP/1.1; no meta cert (it changes nothing once logged in).
+		cert, err := perfCert()
+		if err != nil {
+			closeServer()
+			return nil, err
+		}
+		ln = tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}})
+	}
 	var wg sync.WaitGroup
 	sr := &servedRelay{addr: ln.Addr().String(), pub: pub}
-	if transport == "http" {
+	if transport == "http" || transport == "https" {
 		hs := &http.Server{Handler: h}
 		wg.Go(func() { hs.Serve(ln) })
 		sr.close = func() {
@@ -850,4 +875,26 @@ func perfServerMain(which, transport string) error {
 		}
 	}
 	return nil
+}
+
+// perfCert makes a self-signed certificate for 127.0.0.1.
+func perfCert() (tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "127.0.0.1"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
 }

@@ -12,9 +12,9 @@ package interop
 //
 // Knobs (environment): PERF_REPS (5), PERF_SLICE (1.5s), PERF_WARMUP
 // (500ms), PERF_PAIRS (16), PERF_WINDOW (32), PERF_SIZES (100,1200,10000),
-// PERF_MODES (closed,open), PERF_TRANSPORT (http or tcp; http), PERF_SERVERS
+// PERF_MODES (closed,open), PERF_TRANSPORT (http, https or tcp; http), PERF_SERVERS
 // (tailscale,ours), PERF_IDLE_CLIENTS (5000), PERF_IDLE_TRANSPORTS
-// (http,tcp), PERF_OUT (append the markdown tables to this file),
+// (http,https,tcp), PERF_OUT (append the markdown tables to this file),
 // PERF_CPUPROFILE (each server child writes a CPU profile of its whole life
 // to $PERF_CPUPROFILE.ours / .tailscale), PERF_HEAPPROFILE (the idle
 // benchmark's children write a heap profile with all clients connected to
@@ -568,7 +568,7 @@ func BenchmarkIdleMemory(b *testing.B) {
 	}
 	type rkey struct{ transport, server string }
 	results := map[rkey]idleResult{}
-	transports := envList("PERF_IDLE_TRANSPORTS", "http,tcp")
+	transports := envList("PERF_IDLE_TRANSPORTS", "http,https,tcp")
 	for _, tr := range transports {
 		b.Run("transport="+tr, func(b *testing.B) {
 			for _, name := range names {
