@@ -715,6 +715,7 @@ func (s *Server) unregister(c *sconn) {
 	}
 	var alone *sconn
 	var gone map[*sconn]struct{}
+	last := len(e.conns) == 0 // read under sh.mu: a duplicate may be leaving too
 	switch len(e.conns) {
 	case 0:
 		delete(sh.m, c.key)
@@ -745,7 +746,7 @@ func (s *Server) unregister(c *sconn) {
 	if alone != nil {
 		alone.setHealth("")
 	}
-	if gone != nil || len(e.conns) == 0 {
+	if last {
 		if !s.meshAdopt(c.key, gone) {
 			for r := range gone {
 				r.enqueuePeerGone(c.key, PeerGoneDisconnected)

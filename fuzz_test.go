@@ -1,0 +1,592 @@
+package relay
+
+// Fuzz targets for everything that reads bytes from the network: the frame
+// codec, a server fed arbitrary streams (before and after login), a client
+// fed arbitrary server streams, key parsing, and the HTTP handler. Plain
+// `go test` replays the seeds below and the corpora in testdata/fuzz; run one
+// target with, for example,
+//
+//	go test -run XXX -fuzz '^FuzzServerStream$' -fuzztime 10m -parallel 1 .
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go4.org/mem"
+)
+
+// fuzzKey returns a fixed private key, so that seeds holding sealed boxes
+// stay valid from run to run.
+func fuzzKey(seed byte) PrivateKey {
+	var k PrivateKey
+	for i := range k {
+		k[i] = seed*31 + byte(i)*7
+	}
+	k.clamp()
+	return k
+}
+
+const fuzzMeshKey = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+
+// clientInfoFrame returns a whole ClientInfo frame: priv's public key and js
+// sealed from priv to server, with a fresh nonce.
+func clientInfoFrame(priv PrivateKey, server PublicKey, js []byte) []byte {
+	shared, err := sharedKey(priv, server)
+	if err != nil {
+		panic(err)
+	}
+	pub := priv.Public()
+	return appendFrame(nil, FrameClientInfo, sealBox(pub[:], shared, js))
+}
+
+// serverInfoFrame returns a whole ServerInfo frame sealed from server to
+// client.
+func serverInfoFrame(server PrivateKey, client PublicKey, js []byte) []byte {
+	shared, err := sharedKey(server, client)
+	if err != nil {
+		panic(err)
+	}
+	return appendFrame(nil, FrameServerInfo, sealBox(nil, shared, js))
+}
+
+func frames(fs ...[]byte) []byte { return bytes.Join(fs, nil) }
+
+func frameHeader(t FrameType, n uint32) []byte {
+	return binary.BigEndian.AppendUint32([]byte{byte(t)}, n)
+}
+
+// FuzzFrameDecoders feeds arbitrary bytes to the frame header reader and to
+// every payload parser, and checks what they accept.
+func FuzzFrameDecoders(f *testing.F) {
+	k := fuzzKey(1).Public()
+	f.Add([]byte{})
+	f.Add(appendFrame(nil, FrameServerKey, appendServerKey(nil, k)))
+	f.Add(appendFrame(nil, FramePeerGone, appendPeerGone(nil, k, PeerGoneNotHere)))
+	f.Add(appendFrame(nil, FramePeerPresent, appendPeerPresent(nil, k, netip.MustParseAddrPort("192.0.2.1:443"), PeerIsProber)))
+	f.Add(appendFrame(nil, FramePeerPresent, appendPeerPresent(nil, k, netip.MustParseAddrPort("[2001:db8::1]:1"), 0)))
+	f.Add(appendFrame(nil, FramePing, []byte("12345678")))
+	f.Add(appendFrame(nil, FrameRestarting, appendRestarting(nil, time.Second, time.Minute)))
+	f.Add(appendFrame(nil, FrameRecvPacket, append(k[:], "data"...)))
+	f.Add(frameHeader(FrameSendPacket, 1<<31))
+	f.Add([]byte{byte(FramePing), 0, 0})
+	for _, js := range []string{`{"version":2,"CanAckPings":true}`, `{"meshKey":"` + fuzzMeshKey + `"}`,
+		`{"meshKey":null}`, `{"meshKey":""}`, `{"MeshKey":"` + strings.ToUpper(fuzzMeshKey) + `"}`,
+		`{"meshKey":"` + fuzzMeshKey + `","meshkey":null}`, `{"version":2.5}`, `null`, `{`, `[]`} {
+		f.Add([]byte(js))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		checkPayload(t, data)
+		br := bufio.NewReaderSize(bytes.NewReader(data), 16)
+		for {
+			ft, n, err := readFrameHeader(br)
+			if err != nil {
+				if err != io.EOF && err != io.ErrUnexpectedEOF {
+					t.Fatalf("readFrameHeader: %v", err)
+				}
+				if err == io.EOF && br.Buffered() != 0 {
+					t.Fatal("EOF with bytes left")
+				}
+				return
+			}
+			_ = ft.String()
+			if n > maxClientFrame {
+				return
+			}
+			p := make([]byte, n)
+			if _, err := io.ReadFull(br, p); err != nil {
+				return
+			}
+			checkPayload(t, p)
+		}
+	})
+}
+
+// checkPayload runs every parser on p and checks that what they accept
+// encodes back to the same bytes.
+func checkPayload(t *testing.T, p []byte) {
+	if k, err := parseServerKey(p); err == nil {
+		if got := appendServerKey(nil, k); !bytes.Equal(got, p[:serverKeyLen]) {
+			t.Fatalf("ServerKey round trip: %x != %x", got, p[:serverKeyLen])
+		}
+	} else if len(p) >= serverKeyLen && string(p[:len(magic)]) == magic {
+		t.Fatalf("ServerKey with magic refused: %v", err)
+	} else if ProtocolErrorReason(err) == "" {
+		t.Fatalf("ServerKey error without a reason: %v", err)
+	}
+	if g, err := parsePeerGone(p); err == nil {
+		if len(p) > KeyLen && !bytes.Equal(appendPeerGone(nil, g.Peer, g.Reason), p[:peerGoneLen]) {
+			t.Fatal("PeerGone round trip")
+		}
+		_ = g.Reason.String()
+	} else if err != errSkip || len(p) >= KeyLen {
+		t.Fatalf("PeerGone: %v on %d bytes", err, len(p))
+	}
+	if pp, err := parsePeerPresent(p); err == nil {
+		again, err := parsePeerPresent(appendPeerPresent(nil, pp.Key, pp.Addr, pp.Flags))
+		if err != nil || again != pp {
+			t.Fatalf("PeerPresent round trip: %+v != %+v (%v)", again, pp, err)
+		}
+		if pp.Addr.IsValid() && pp.Addr.Addr().Is4In6() {
+			t.Fatalf("PeerPresent address %v not unmapped", pp.Addr)
+		}
+		if len(p) < peerPresentLen && pp.Flags != 0 {
+			t.Fatal("flags from a short PeerPresent")
+		}
+	} else if len(p) >= KeyLen {
+		t.Fatalf("PeerPresent: %v", err)
+	}
+	if b, err := parsePing8(p); err == nil && !bytes.Equal(b[:], p[:8]) {
+		t.Fatal("Ping payload")
+	}
+	if r, err := parseRestarting(p); err == nil {
+		if !bytes.Equal(appendRestarting(nil, r.ReconnectIn, r.TryFor), p[:restartingLen]) {
+			t.Fatal("Restarting round trip")
+		}
+	}
+	var rp ReceivedPacket
+	if err := parseRecvPacket(&rp, p); err == nil && (len(rp.Data) != len(p)-KeyLen || !bytes.Equal(rp.Source[:], p[:KeyLen])) {
+		t.Fatal("RecvPacket split")
+	}
+	_ = looksLikeDisco(p)
+	if len(p) >= KeyLen {
+		_ = checkPeerKey(PublicKey(p[:KeyLen]))
+	}
+	var box [32]byte
+	openBox(nil, &box, p)
+	checkClientInfoJSON(t, p)
+}
+
+// checkClientInfoJSON checks the strictness of the ClientInfo parser: a
+// meshKey member (any case) that is not 64 hex digits, including "" and
+// null, rejects the whole document, as in Tailscale's server.
+func checkClientInfoJSON(t *testing.T, p []byte) {
+	var info clientInfoJSON
+	err := json.Unmarshal(p, &info)
+	if err != nil {
+		return
+	}
+	dec := json.NewDecoder(bytes.NewReader(p))
+	tok, _ := dec.Token()
+	if d, ok := tok.(json.Delim); !ok || d != '{' {
+		if info.MeshKey != (meshKeyJSON{}) {
+			t.Fatal("mesh key from a document that is not an object")
+		}
+		return
+	}
+	var last string
+	sawKey := false
+	for dec.More() {
+		kt, err := dec.Token()
+		if err != nil {
+			t.Fatalf("accepted document does not tokenize: %v", err)
+		}
+		var raw json.RawMessage
+		if err := dec.Decode(&raw); err != nil {
+			t.Fatalf("accepted document does not tokenize: %v", err)
+		}
+		if !strings.EqualFold(kt.(string), "meshKey") {
+			continue
+		}
+		var s string
+		if json.Unmarshal(raw, &s) != nil || string(raw) == "null" {
+			t.Fatalf("accepted meshKey %s", raw)
+		}
+		if _, _, err := parseMeshKey(s); err != nil || s == "" {
+			t.Fatalf("accepted meshKey %q", s)
+		}
+		last, sawKey = s, true
+	}
+	if !sawKey {
+		if info.MeshKey != (meshKeyJSON{}) {
+			t.Fatal("mesh key without a meshKey member")
+		}
+		return
+	}
+	want, _, _ := parseMeshKey(last)
+	if [MeshKeyLen]byte(info.MeshKey) != want {
+		t.Fatalf("mesh key %x, document says %q", info.MeshKey[:], last)
+	}
+}
+
+// FuzzServerStream feeds a server arbitrary bytes over a net.Pipe, in four
+// modes: the raw stream from the first byte (login phase); a ClientInfo
+// sealed correctly around the fuzz bytes as its JSON; a valid login followed
+// by the fuzz bytes as frames; the same as a mesh peer. The session must end
+// when the stream does, Accept must return, and nothing may stay registered.
+func FuzzServerStream(f *testing.F) {
+	s := NewServer(fuzzKey(1), WithMeshKey(fuzzMeshKey), WithLoginTimeout(5*time.Second), WithWriteTimeout(5*time.Second))
+	f.Cleanup(func() { s.Close() })
+	client := fuzzKey(2)
+	pub := client.Public()
+	disco := append([]byte(discoMagic), make([]byte, 60)...)
+	f.Add(byte(0), []byte{})
+	f.Add(byte(0), clientInfoFrame(client, s.pub, []byte(`{"version":2}`)))
+	f.Add(byte(0), frames(clientInfoFrame(client, s.pub, []byte(`{}`)), appendFrame(nil, FramePing, []byte("pingpong"))))
+	f.Add(byte(0), frameHeader(FrameClientInfo, 1<<30))
+	f.Add(byte(1), []byte(`{"version":2,"CanAckPings":true,"IsProber":true,"AppName":"x"}`))
+	f.Add(byte(1), []byte(`{"meshKey":"`+fuzzMeshKey+`"}`))
+	f.Add(byte(1), []byte(`{"meshKey":null}`))
+	f.Add(byte(2), frames(
+		appendFrame(nil, FrameSendPacket, append(pub[:], "to self"...)),
+		appendFrame(nil, FrameSendPacket, append(kb(mustPub(3)), disco...)),
+		appendFrame(nil, FrameNotePreferred, []byte{1}),
+		appendFrame(nil, FramePing, []byte("12345678")),
+		appendFrame(nil, 0x42, []byte("unknown")),
+		appendFrame(nil, FrameClientInfo, make([]byte, 60)),
+	))
+	f.Add(byte(2), frames(appendFrame(nil, FrameWatchConns, nil)))
+	f.Add(byte(2), frameHeader(FrameSendPacket, maxSendFrame+1))
+	f.Add(byte(3), frames(
+		appendFrame(nil, FrameWatchConns, nil),
+		appendFrame(nil, FrameForwardPacket, frames(kb(mustPub(3)), pub[:], []byte("fwd"))),
+		appendFrame(nil, FrameForwardPacket, frames(kb(mustPub(3)), kb(mustPub(4)), disco)),
+		appendFrame(nil, FrameClosePeer, kb(mustPub(4))),
+		appendFrame(nil, FrameClosePeer, pub[:]),
+	))
+	f.Fuzz(func(t *testing.T, mode byte, data []byte) {
+		var stream []byte
+		switch mode % 4 {
+		case 0:
+			stream = data
+		case 1:
+			stream = clientInfoFrame(client, s.pub, data)
+		case 2:
+			stream = append(clientInfoFrame(client, s.pub, []byte(`{"version":2}`)), data...)
+		case 3:
+			stream = append(clientInfoFrame(client, s.pub, []byte(`{"meshKey":"`+fuzzMeshKey+`"}`)), data...)
+		}
+		feedServer(t, s, stream)
+		if s.IsClientConnected(pub) {
+			t.Fatal("client still registered after its session ended")
+		}
+		st := s.Stats()
+		if st.CurrentConnections != 0 || st.Watchers != 0 {
+			t.Fatalf("after the session: %d connections, %d watchers", st.CurrentConnections, st.Watchers)
+		}
+		for k := range st.Errors { // every failure is counted under a stable name
+			phase, reason, _ := strings.Cut(k, ":")
+			if (phase != "login" && phase != "session") || !isMetricName(reason) {
+				t.Fatalf("error counted as %q", k)
+			}
+		}
+	})
+}
+
+// isMetricName reports whether s is a short snake_case name.
+func isMetricName(s string) bool {
+	if s == "" || len(s) > 40 {
+		return false
+	}
+	for _, c := range s {
+		if (c < 'a' || c > 'z') && c != '_' {
+			return false
+		}
+	}
+	return true
+}
+
+func mustPub(seed byte) PublicKey { return fuzzKey(seed).Public() }
+
+// kb returns k as a new slice.
+func kb(k PublicKey) []byte { return bytes.Clone(k[:]) }
+
+// feedServer runs one server session over a net.Pipe whose client side
+// writes stream, then closes, while draining whatever the server writes.
+func feedServer(t *testing.T, s *Server, stream []byte) {
+	cc, sc := net.Pipe()
+	done := make(chan struct{})
+	go func() { s.Accept(context.Background(), sc, nil, "192.0.2.1:4242"); close(done) }()
+	drained := make(chan struct{})
+	go func() { io.Copy(io.Discard, cc); close(drained) }()
+	cc.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	cc.Write(stream) // fails early if the server ends the session
+	cc.Close()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Accept did not return after the stream ended")
+	}
+	<-drained
+}
+
+// FuzzClientStream feeds a Client arbitrary server bytes. mode bit 0
+// prepends a valid ServerKey and ServerInfo (so the fuzz bytes reach the
+// steady state), bit 1 selects the classic login (the key comes from the
+// stream's ServerKey frame), bit 2 lets the stream start with an HTTP
+// response (a fast-start request answered with a 101).
+func FuzzClientStream(f *testing.F) {
+	server, client := fuzzKey(3), fuzzKey(4)
+	spub, cpub := server.Public(), client.Public()
+	serverKey := appendFrame(nil, FrameServerKey, appendServerKey(nil, spub))
+	serverInfo := serverInfoFrame(server, cpub, []byte(`{"version":2}`))
+	someone := mustPub(5)
+	steady := frames(
+		appendFrame(nil, FrameRecvPacket, append(kb(someone), "hello"...)),
+		appendFrame(nil, FramePeerGone, appendPeerGone(nil, someone, PeerGoneNotHere)),
+		appendFrame(nil, FramePeerPresent, appendPeerPresent(nil, someone, netip.MustParseAddrPort("192.0.2.1:1"), PeerIsRegular)),
+		appendFrame(nil, FrameKeepAlive, nil),
+		appendFrame(nil, FramePing, []byte("abcdefgh")),
+		appendFrame(nil, FramePong, []byte("abcdefgh")),
+		appendFrame(nil, FrameHealth, []byte("problem")),
+		appendFrame(nil, FrameRestarting, appendRestarting(nil, time.Second, time.Minute)),
+		appendFrame(nil, 0x77, []byte("unknown")),
+	)
+	f.Add(byte(0), []byte{})
+	f.Add(byte(0), frames(serverKey, serverInfo, steady))
+	f.Add(byte(1), steady)
+	f.Add(byte(1), frames(serverInfoFrame(server, cpub, []byte(`{"version":2,"TokenBucketBytesPerSecond":1000,"TokenBucketBytesBurst":10}`))))
+	f.Add(byte(1), frames(appendFrame(nil, FrameServerInfo, make([]byte, 40)), frameHeader(FrameRecvPacket, maxClientFrame+1)))
+	f.Add(byte(2), frames(serverKey, serverInfo, steady))
+	f.Add(byte(2), appendFrame(nil, FrameServerKey, append([]byte("DERPXXXX"), spub[:]...)))
+	f.Add(byte(4), frames([]byte("HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nDerp-Public-Key: "+spub.String()+"\r\n\r\n"), serverKey, serverInfo, steady))
+	f.Add(byte(4), []byte("HTTP/1.1 426 Upgrade Required\r\nContent-Length: 5\r\n\r\nnope!"))
+	f.Fuzz(func(t *testing.T, mode byte, data []byte) {
+		var stream []byte
+		if mode&1 != 0 {
+			stream = frames(serverKey, serverInfo)
+		}
+		stream = append(stream, data...)
+		opts := []ClientOption{RecvTimeout(10 * time.Second), LoginTimeout(10 * time.Second)}
+		if mode&2 == 0 {
+			opts = append(opts, ServerPublicKey(spub))
+		}
+		if mode&4 != 0 {
+			opts = append(opts, allowHTTPPrefix())
+		}
+		cc, sc := net.Pipe()
+		var wg sync.WaitGroup
+		wg.Add(2)
+		go func() { defer wg.Done(); io.Copy(io.Discard, sc) }()
+		go func() { defer wg.Done(); sc.Write(stream); sc.Close() }()
+		defer wg.Wait()
+		defer cc.Close()
+		c, err := NewClient(client, cc, nil, opts...)
+		if err != nil {
+			if err.Error() == "" {
+				t.Fatal("empty error")
+			}
+			return
+		}
+		defer c.Close()
+		for n := 0; ; n++ {
+			if n > len(stream)/frameHeaderLen+1 {
+				t.Fatalf("%d messages from %d bytes", n, len(stream))
+			}
+			m, err := c.Recv()
+			if err != nil {
+				if _, again := c.Recv(); again != err {
+					t.Fatalf("Recv error not sticky: %v, then %v", err, again)
+				}
+				if err.Error() == "" {
+					t.Fatal("empty error")
+				}
+				return
+			}
+			switch m := m.(type) {
+			case *ReceivedPacket:
+				if len(m.Data) > maxClientFrame {
+					t.Fatalf("%d-byte packet", len(m.Data))
+				}
+			case ServerInfo:
+				if !c.gotInfo {
+					t.Fatal("ServerInfo without gotInfo")
+				}
+			case nil:
+				t.Fatal("nil message without error")
+			}
+		}
+	})
+}
+
+// FuzzParsePublicKey checks that ParsePublicKey and ParsePublicKeyMem agree
+// and that every key they accept prints back as the same digits.
+func FuzzParsePublicKey(f *testing.F) {
+	k := mustPub(6).String()
+	for _, s := range []string{"", k, strings.ToUpper(k), k[:63], k + "0", "nodekey:" + k, "zz" + k[2:], k[:62] + "é"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		k1, err1 := ParsePublicKey(s)
+		k2, err2 := ParsePublicKeyMem(mem.S(s))
+		if k1 != k2 || (err1 == nil) != (err2 == nil) {
+			t.Fatalf("ParsePublicKey = %v, %v; ParsePublicKeyMem = %v, %v", k1, err1, k2, err2)
+		}
+		k3, err3 := ParsePublicKeyMem(mem.B([]byte(s)))
+		if k3 != k1 || (err3 == nil) != (err1 == nil) {
+			t.Fatal("mem.B and mem.S disagree")
+		}
+		var viaText PublicKey
+		errText := viaText.UnmarshalText([]byte("nodekey:" + s))
+		if (errText == nil) != (err1 == nil) || viaText != k1 {
+			t.Fatalf("UnmarshalText(nodekey:%q) = %v, %v", s, viaText, errText)
+		}
+		if err1 != nil {
+			if !k1.IsZero() {
+				t.Fatal("key returned with an error")
+			}
+			if !strings.HasPrefix(err1.Error(), "relay: parse public key: ") {
+				t.Fatalf("error %q", err1)
+			}
+			return
+		}
+		if k1.String() != strings.ToLower(s) {
+			t.Fatalf("String() = %q for input %q", k1.String(), s)
+		}
+		txt, _ := k1.MarshalText()
+		var back PublicKey
+		if err := back.UnmarshalText(txt); err != nil || back != k1 {
+			t.Fatalf("text round trip: %v %v", back, err)
+		}
+		if _, err := ParsePrivateKey("privkey:" + s); err != nil {
+			t.Fatalf("ParsePrivateKey refused what ParsePublicKey took: %v", err)
+		}
+	})
+}
+
+// FuzzServeHTTP sends arbitrary request bytes to a net/http server running
+// the Server's handler over a net.Pipe. Nothing may panic (net/http would
+// recover a handler panic, so it is caught and reported), and the connection
+// must be finished with, by the HTTP server or by the DERP session, soon
+// after the client side closes.
+func FuzzServeHTTP(f *testing.F) {
+	s := NewServer(fuzzKey(7), WithLoginTimeout(2*time.Second), WithWriteTimeout(2*time.Second))
+	client := fuzzKey(8)
+	var active atomic.Int64
+	var panicked atomic.Value
+	var states sync.Map // server-side net.Conn → chan struct{}, closed when HTTP is done with it
+	var errLog syncBuffer
+	hs := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			active.Add(1)
+			defer active.Add(-1)
+			defer func() {
+				if p := recover(); p != nil {
+					panicked.Store(p)
+				}
+			}()
+			s.ServeHTTP(w, r)
+		}),
+		ReadHeaderTimeout: 2 * time.Second,
+		IdleTimeout:       2 * time.Second,
+		ErrorLog:          log.New(&errLog, "", 0),
+		ConnState: func(nc net.Conn, st http.ConnState) {
+			if st != http.StateClosed && st != http.StateHijacked {
+				return
+			}
+			if ch, ok := states.LoadAndDelete(nc); ok {
+				close(ch.(chan struct{}))
+			}
+		},
+	}
+	ln := newChanListener()
+	served := make(chan struct{})
+	go func() { hs.Serve(ln); close(served) }()
+	f.Cleanup(func() { hs.Close(); <-served; s.Close() })
+
+	ci := clientInfoFrame(client, s.pub, []byte(`{"version":2}`))
+	req := func(extra string) []byte {
+		return []byte("GET /derp HTTP/1.1\r\nHost: derp.example\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n" + extra + "\r\n")
+	}
+	f.Add(req(""))
+	f.Add(frames(req(FastStartHeader+": 1\r\n"), ci, appendFrame(nil, FramePing, []byte("12345678"))))
+	f.Add(frames(req(FastStartHeader+": true\r\n"+IdealNodeHeader+": x\r\n"), ci))
+	f.Add([]byte("GET /derp HTTP/1.1\r\nHost: x\r\n\r\n"))
+	f.Add([]byte("GET /derp HTTP/1.0\r\nUpgrade: websocket\r\n\r\n"))
+	f.Add([]byte("HEAD /derp/probe HTTP/1.1\r\nHost: x\r\n\r\nPOST /derp/latency-check HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"))
+	f.Add([]byte("GET /generate_204 HTTP/1.1\r\nHost: x\r\nX-Tailscale-Challenge: abc:def\r\n\r\n"))
+	f.Add([]byte("GET /generate_204 HTTP/1.1\r\nHost: x\r\nX-Tailscale-Challenge: <script>\r\n\r\n"))
+	f.Add([]byte("POST http://derp.example/derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"))
+	f.Add([]byte("GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nUpgrade: websocket\r\n"))
+	f.Add([]byte("\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		s.replay.mu.Lock()
+		s.replay.cur, s.replay.prev = map[[16]byte]struct{}{}, nil // the seeds reuse their ClientInfo
+		s.replay.mu.Unlock()
+		cc, sc := net.Pipe()
+		finished := make(chan struct{})
+		states.Store(sc, finished)
+		drained := make(chan struct{})
+		go func() { io.Copy(io.Discard, cc); close(drained) }()
+		ln.conns <- sc
+		cc.SetWriteDeadline(time.Now().Add(10 * time.Second))
+		cc.Write(data)
+		cc.Close()
+		<-drained
+		deadline := time.Now().Add(10 * time.Second)
+		select {
+		case <-finished:
+		case <-time.After(10 * time.Second):
+			t.Fatal("HTTP server still holds the connection 10s after the client closed it")
+		}
+		for active.Load() != 0 {
+			if time.Now().After(deadline) {
+				t.Fatal("handler still running 10s after the client closed the connection")
+			}
+			time.Sleep(time.Millisecond)
+		}
+		if p := panicked.Load(); p != nil {
+			t.Fatalf("handler panicked: %v", p)
+		}
+		if l := errLog.String(); strings.Contains(l, "panic") {
+			t.Fatalf("http server logged a panic: %s", l)
+		}
+	})
+}
+
+// chanListener is a net.Listener whose connections come from a channel.
+type chanListener struct {
+	conns chan net.Conn
+	once  sync.Once
+	done  chan struct{}
+}
+
+func newChanListener() *chanListener {
+	return &chanListener{conns: make(chan net.Conn), done: make(chan struct{})}
+}
+
+func (l *chanListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *chanListener) Close() error   { l.once.Do(func() { close(l.done) }); return nil }
+func (l *chanListener) Addr() net.Addr { return pipeAddr{} }
+
+type pipeAddr struct{}
+
+func (pipeAddr) Network() string { return "pipe" }
+func (pipeAddr) String() string  { return "192.0.2.9:9" }
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
