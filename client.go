@@ -501,6 +501,9 @@ func (c *Client) skipHTTPResponse() error {
 	if err != nil || !bytes.Equal(b, []byte("HTTP/")) {
 		return nil // not HTTP; the frame reader reports any error
 	}
+	if err := checkHeaderSize(c.br); err != nil {
+		return fmt.Errorf("relay: reading unexpected HTTP response to fast start: %w", err)
+	}
 	resp, err := http.ReadResponse(c.br, nil)
 	if err != nil {
 		return fmt.Errorf("relay: reading unexpected HTTP response to fast start: %w", err)
@@ -564,4 +567,25 @@ func (b *tokenBucket) reserve(n int, now time.Time) time.Duration {
 		return 0
 	}
 	return time.Duration(-b.tokens / b.rate * float64(time.Second))
+}
+
+// errHeaderTooLarge means an HTTP response's header did not end within the
+// client's read buffer.
+var errHeaderTooLarge = errors.New("HTTP response header larger than the read buffer")
+
+// checkHeaderSize waits until the HTTP response at the head of br has its
+// whole header buffered, so that http.ReadResponse cannot be made to buffer
+// without limit by a hostile server: the header must fit in br's buffer.
+func checkHeaderSize(br *bufio.Reader) error {
+	for {
+		b, _ := br.Peek(br.Buffered()) // everything buffered so far
+		if bytes.Contains(b, []byte("\r\n\r\n")) {
+			return nil
+		}
+		if _, err := br.Peek(br.Buffered() + 1); err == bufio.ErrBufferFull {
+			return errHeaderTooLarge
+		} else if err != nil {
+			return err
+		}
+	}
 }

@@ -46,6 +46,11 @@ type FastStart struct {
 	Header http.Header
 }
 
+// clientReadBuf is the read buffer of dialled clients: it bounds the HTTP
+// response header a server may send, and frames that fit in it are
+// received without a copy.
+const clientReadBuf = 16 << 10
+
 // Path is the way a connection reached DERP.
 type Path int
 
@@ -262,7 +267,7 @@ func (f *FastStart) writeRequest(bw *bufio.Writer, u *url.URL, fast bool) {
 // bytes to check it.
 func (f *FastStart) fastStart(nc net.Conn, u *url.URL, priv PrivateKey, hs Handshake, confirm bool, opts []ClientOption) (*Client, Handshake, error) {
 	hs.Path = FastPath
-	brw := bufio.NewReadWriter(bufio.NewReader(nc), bufio.NewWriter(nc))
+	brw := bufio.NewReadWriter(bufio.NewReaderSize(nc, clientReadBuf), bufio.NewWriter(nc))
 	f.writeRequest(brw.Writer, u, true)
 	opts = append(opts[:len(opts):len(opts)], ServerPublicKey(hs.ServerKey), allowHTTPPrefix())
 	c, err := NewClient(priv, nc, brw, opts...)
@@ -280,10 +285,13 @@ func (f *FastStart) fastStart(nc net.Conn, u *url.URL, priv PrivateKey, hs Hands
 // upgrade takes the classic path: request, wait for 101, then log in.
 func (f *FastStart) upgrade(nc net.Conn, u *url.URL, priv PrivateKey, hs Handshake, opts []ClientOption) (*Client, Handshake, error) {
 	hs.Path = UpgradePath
-	brw := bufio.NewReadWriter(bufio.NewReader(nc), bufio.NewWriter(nc))
+	brw := bufio.NewReadWriter(bufio.NewReaderSize(nc, clientReadBuf), bufio.NewWriter(nc))
 	f.writeRequest(brw.Writer, u, false)
 	if err := brw.Flush(); err != nil {
 		return nil, hs, fmt.Errorf("relay: send upgrade request: %w", err)
+	}
+	if err := checkHeaderSize(brw.Reader); err != nil {
+		return nil, hs, fmt.Errorf("relay: read upgrade response: %w", err)
 	}
 	resp, err := http.ReadResponse(brw.Reader, nil)
 	if err != nil {

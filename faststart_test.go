@@ -1296,3 +1296,37 @@ func BenchmarkTimeToFirstFrame(b *testing.B) {
 		}
 	}
 }
+
+// TestHugeUpgradeResponseHeader: a server that answers with an endless HTTP
+// header makes Dial fail once the header outgrows the client's buffer,
+// instead of buffering it without limit.
+func TestHugeUpgradeResponseHeader(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		nc, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer nc.Close()
+		bufio.NewReader(nc).ReadString('\n')
+		nc.Write([]byte("HTTP/1.1 101 Switching Protocols\r\n"))
+		line := []byte("X-Filler: " + strings.Repeat("a", 1000) + "\r\n")
+		for range 1000 { // 1 MB of header, never ending it
+			if _, err := nc.Write(line); err != nil {
+				return
+			}
+		}
+	}()
+	_, _, err = (&FastStart{}).Dial(context.Background(), "http://"+ln.Addr().String()+"/derp", mustKey(t))
+	if !errors.Is(err, errHeaderTooLarge) {
+		t.Fatalf("Dial: %v, want errHeaderTooLarge", err)
+	}
+	ln.Close()
+	<-done
+}
