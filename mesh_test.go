@@ -5,6 +5,7 @@ import (
 	"context"
 	"net"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 )
@@ -470,4 +471,34 @@ func TestMeshForwardNeverBlocks(t *testing.T) {
 // bytesReader returns a connReader that reads b.
 func bytesReader(b []byte) *connReader {
 	return &connReader{nc: readerConn{r: bytes.NewReader(b)}}
+}
+
+// TestMeshPeerDisappearsAndReturns: when a server of the region goes away,
+// the others forget its clients; when it comes back on the same address,
+// the others' watch links reconnect by themselves and forwarding resumes in
+// both directions.
+func TestMeshPeerDisappearsAndReturns(t *testing.T) {
+	nodes := newRegion(t, 2, testMeshKey)
+	a, b := nodes[0], nodes[1]
+	xKey, yKey := mustKey(t), mustKey(t)
+	x, y := dialNode(t, a, xKey), dialNode(t, b, yKey)
+	waitRoute(t, a.s, y.PublicKey(), b)
+	waitRoute(t, b.s, x.PublicKey(), a)
+	exchange(t, x, y)
+
+	b.stop()
+	waitNoRoute(t, a.s, y.PublicKey())
+
+	// b returns on the same address (a new process would have a new key;
+	// the region does not care).
+	addr := strings.TrimSuffix(strings.TrimPrefix(b.url, "http://"), "/derp")
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Skipf("cannot listen on %s again: %v", addr, err)
+	}
+	b2 := serveNode(t, ln, b.url, WithMeshKey(testMeshKey), WithMeshPeers(a.url, b.url))
+	y2 := dialNode(t, b2, yKey)
+	waitRoute(t, a.s, y2.PublicKey(), b2)
+	waitRoute(t, b2.s, x.PublicKey(), a)
+	exchange(t, x, y2)
 }
