@@ -536,58 +536,25 @@ func interceptingProxy(t testing.TB, upstream string, upstreamTLS *tls.Config) (
 		t.Fatal(err)
 	}
 	sawMeta := make(chan bool, 10)
-	var (
-		wg    sync.WaitGroup
-		mu    sync.Mutex
-		conns []net.Conn
-	)
-	track := func(c net.Conn) {
-		mu.Lock()
-		conns = append(conns, c)
-		mu.Unlock()
-	}
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			down, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			track(down)
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer down.Close()
-				up, err := tls.Dial("tcp", upstream, upstreamTLS)
-				if err != nil {
-					t.Errorf("proxy: %v", err)
-					return
-				}
-				track(up)
-				defer up.Close()
-				_, _, ok := ParseMetaCert(up.ConnectionState().PeerCertificates)
-				sawMeta <- ok
-				done := make(chan struct{})
-				go func() {
-					io.Copy(up, down)
-					up.Close()
-					close(done)
-				}()
-				io.Copy(down, up)
-				down.Close()
-				<-done
-			}()
+	acceptLoop(t, ln, func(down net.Conn) {
+		defer down.Close()
+		up, err := tls.Dial("tcp", upstream, upstreamTLS)
+		if err != nil {
+			t.Errorf("proxy: %v", err)
+			return
 		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
+		defer up.Close()
+		_, _, ok := ParseMetaCert(up.ConnectionState().PeerCertificates)
+		sawMeta <- ok
+		done := make(chan struct{})
+		go func() {
+			io.Copy(up, down)
+			up.Close()
+			close(done)
+		}()
+		io.Copy(down, up)
+		down.Close()
+		<-done
 	})
 	return ln.Addr().String(), &tls.Config{RootCAs: pool, CurvePreferences: []tls.CurveID{tls.X25519}}, sawMeta
 }
@@ -819,50 +786,23 @@ func stallServer(t testing.TB, cert *tls.Certificate, waitFor string) (addr stri
 		ln = tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{*cert}, NextProtos: []string{"http/1.1"}})
 	}
 	stall, close1 := make(chan struct{}, 10), make(chan struct{}, 10)
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var conns []net.Conn
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
+	acceptLoop(t, ln, func(nc net.Conn) {
+		defer nc.Close()
+		var got []byte
+		buf := make([]byte, 4096)
 		for {
-			nc, err := ln.Accept()
+			n, err := nc.Read(buf)
+			got = append(got, buf[:n]...)
 			if err != nil {
 				return
 			}
-			mu.Lock()
-			conns = append(conns, nc)
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer nc.Close()
-				var got []byte
-				buf := make([]byte, 4096)
-				for {
-					n, err := nc.Read(buf)
-					got = append(got, buf[:n]...)
-					if err != nil {
-						return
-					}
-					if bytes.Contains(got, []byte(waitFor)) {
-						break
-					}
-				}
-				stall <- struct{}{}
-				io.Copy(io.Discard, nc)
-				close1 <- struct{}{}
-			}()
+			if bytes.Contains(got, []byte(waitFor)) {
+				break
+			}
 		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
+		stall <- struct{}{}
+		io.Copy(io.Discard, nc)
+		close1 <- struct{}{}
 	})
 	return ln.Addr().String(), stall, close1
 }

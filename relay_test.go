@@ -107,24 +107,43 @@ func tcpServer(t testing.TB, s *Server) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
+	t.Cleanup(func() { s.Close() }) // runs after acceptLoop's cleanup
+	acceptLoop(t, ln, func(nc net.Conn) {
+		s.Accept(context.Background(), nc, nil, nc.RemoteAddr().String())
+	})
+	return ln.Addr().String()
+}
+
+// acceptLoop runs handle on its own goroutine for every connection ln
+// accepts. When the test ends it closes ln and every accepted connection and
+// waits for the handlers to return.
+func acceptLoop(t testing.TB, ln net.Listener, handle func(net.Conn)) {
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		conns []net.Conn
+	)
+	wg.Go(func() {
 		for {
 			nc, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				s.Accept(context.Background(), nc, nil, nc.RemoteAddr().String())
-			}()
+			mu.Lock()
+			conns = append(conns, nc)
+			mu.Unlock()
+			wg.Go(func() { handle(nc) })
 		}
-	}()
-	t.Cleanup(func() { ln.Close(); s.Close(); wg.Wait() })
-	return ln.Addr().String()
+	})
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
 }
 
 func tcpClient(t testing.TB, addr string, opts ...ClientOption) *Client {
