@@ -271,6 +271,36 @@ func (c *Client) ForwardPacket(src, dst PublicKey, pkt []byte) error {
 	return c.flushLocked()
 }
 
+// forwardBatch writes n ForwardPacket frames, item(i) giving each one's
+// source, destination and packet, with one flush under one 5-second write
+// deadline (a mesh link forwards whole bursts this way). Packets larger than
+// MaxPacketSize are skipped. On error the connection is unusable and it is
+// unknown how many frames arrived.
+func (c *Client) forwardBatch(n int, item func(i int) (src, dst *PublicKey, pkt []byte)) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.werr != nil {
+		return c.werr
+	}
+	c.nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	defer c.nc.SetWriteDeadline(time.Time{})
+	for i := range n {
+		src, dst, pkt := item(i)
+		if len(pkt) > MaxPacketSize {
+			continue
+		}
+		if err := writeFrameHeader(c.bw, FrameForwardPacket, uint32(2*KeyLen+len(pkt))); err != nil {
+			return c.writeFailed(err)
+		}
+		c.bw.Write(src[:])
+		c.bw.Write(dst[:])
+		if _, err := c.bw.Write(pkt); err != nil {
+			return c.writeFailed(err)
+		}
+	}
+	return c.flushLocked()
+}
+
 // NotePreferred tells the server whether it is this client's home (preferred)
 // server. It only affects the server's statistics.
 func (c *Client) NotePreferred(preferred bool) error {

@@ -2452,25 +2452,28 @@ func (l *meshLink) writeLoop(c *Client, stop <-chan struct{}) {
 			if len(batch) == 0 {
 				break
 			}
-			for i, it := range batch {
-				if err := c.ForwardPacket(it.p.src, it.dst, it.p.buf[:it.p.n]); err != nil {
-					reason := dropWriteError
-					for _, rest := range batch[i:] {
-						l.s.stats.drop(reason, looksLikeDisco(rest.p.buf[:rest.p.n]), rest.p.n)
-						putPacket(rest.p)
-						reason = dropMeshLinkDown
-					}
-					clear(batch)
-					if !errors.Is(err, ErrClosed) {
-						l.s.log.Info("relay: mesh forward failed", "peer", l.url, "err", err)
-					}
-					c.Close()
-					return
+			// One flush for the whole burst, not one per packet.
+			err := c.forwardBatch(len(batch), func(i int) (src, dst *PublicKey, pkt []byte) {
+				return &batch[i].p.src, &batch[i].dst, batch[i].p.buf[:batch[i].p.n]
+			})
+			for _, it := range batch {
+				if err != nil {
+					// Whether any of the burst arrived is unknown: count
+					// it all as failed.
+					l.s.stats.drop(dropWriteError, looksLikeDisco(it.p.buf[:it.p.n]), it.p.n)
 				}
-				l.s.stats.forwardedOut.Add(1)
 				putPacket(it.p)
-				batch[i] = fwdItem{}
 			}
+			if err != nil {
+				clear(batch)
+				if !errors.Is(err, ErrClosed) {
+					l.s.log.Info("relay: mesh forward failed", "peer", l.url, "err", err)
+				}
+				c.Close()
+				return
+			}
+			l.s.stats.forwardedOut.Add(int64(len(batch)))
+			clear(batch)
 		}
 	}
 }
