@@ -1070,3 +1070,59 @@ func TestAdmissionURL(t *testing.T) {
 	}
 	waitFor(t, func() bool { return s.Stats().Errors["login:login_rejected"] == 1 })
 }
+
+func TestQueueByteCap(t *testing.T) {
+	s := newTestServer(t, WithWriteTimeout(0))
+	// A receiver that does not read: its writer blocks in the pipe with
+	// the first batch, and the rest waits in its queue.
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:9")
+	stuck := loginClient(t, cc, mustKey(t))
+	sender := pipeClient(t, s)
+	big := make([]byte, MaxPacketSize)
+	for i := range 30 {
+		big[0] = byte(i)
+		if err := sender.Send(stuck.PublicKey(), big); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sender.SendPing([8]byte{})
+	recvMsg[Pong](t, sender)
+	// 30 packets of 64 KiB fit the 32-packet count but not the byte cap:
+	// at most 512 KiB (8 packets) may wait, plus what the writer took.
+	waitFor(t, func() bool { return s.Stats().PacketsDropped["queue_head/other"] >= 30-8-8 })
+	for _, c := range s.snapshotConns() {
+		c.mu.Lock()
+		b := c.other.bytes
+		c.mu.Unlock()
+		if b > maxQueueBytes {
+			t.Fatalf("%d bytes queued, cap %d", b, maxQueueBytes)
+		}
+	}
+	// The newest packet is still delivered last.
+	stuck.opts.recvTimeout = 2 * time.Second
+	var last byte
+	for {
+		m, err := stuck.recv()
+		if err != nil {
+			break
+		}
+		if p, ok := m.(*ReceivedPacket); ok {
+			last = p.Data[0]
+		}
+	}
+	if last != 29 {
+		t.Errorf("last packet delivered %d, want 29", last)
+	}
+}
+
+// snapshotConns returns the server's sessions.
+func (s *Server) snapshotConns() []*sconn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []*sconn
+	for c := range s.conns {
+		out = append(out, c)
+	}
+	return out
+}

@@ -1297,14 +1297,27 @@ func (c *sconn) enqueue(p *packet, disco bool) {
 	if q.buf == nil {
 		q.buf = make([]*packet, c.s.cfg.queueDepth)
 	}
-	old := q.push(p)
-	c.kickLocked()
-	c.mu.Unlock()
-	if old != nil {
+	if old := q.push(p); old != nil {
 		c.s.stats.drop(dropQueueHead, disco, old.n)
 		putPacket(old)
 	}
+	// The packet count alone would let one stalled receiver pin 32
+	// maximal packets per queue; the byte cap bounds that too, oldest
+	// first, always keeping the newest packet.
+	for q.bytes > maxQueueBytes && q.n > 1 {
+		old := q.pop()
+		c.s.stats.drop(dropQueueHead, disco, old.n)
+		putPacket(old)
+	}
+	c.kickLocked()
+	c.mu.Unlock()
 }
+
+// maxQueueBytes caps the packet bytes waiting in each of a client's two
+// queues: 32 packets of 16 KiB fit, so ordinary traffic only meets the
+// packet count, while a stalled receiver of 64 KiB packets holds at most
+// 512 KiB per queue instead of 2 MiB.
+const maxQueueBytes = 512 << 10
 
 // kickLocked wakes the writer goroutine, or starts it if it is not running.
 func (c *sconn) kickLocked() {
@@ -1660,22 +1673,21 @@ func (s *Server) IsClientConnected(k PublicKey) bool { return s.lookup(k) != nil
 
 // pktRing is a fixed-size FIFO of packets.
 type pktRing struct {
-	buf  []*packet
-	head int
-	n    int
+	buf   []*packet
+	head  int
+	n     int
+	bytes int // sum of the queued packets' lengths
 }
 
 // push appends p; if the ring is full it first removes and returns the
 // oldest packet.
 func (r *pktRing) push(p *packet) (old *packet) {
 	if r.n == len(r.buf) {
-		old = r.buf[r.head]
-		r.buf[r.head] = nil
-		r.head = (r.head + 1) % len(r.buf)
-		r.n--
+		old = r.pop()
 	}
 	r.buf[(r.head+r.n)%len(r.buf)] = p
 	r.n++
+	r.bytes += p.n
 	return old
 }
 
@@ -1687,6 +1699,7 @@ func (r *pktRing) pop() *packet {
 	r.buf[r.head] = nil
 	r.head = (r.head + 1) % len(r.buf)
 	r.n--
+	r.bytes -= p.n
 	return p
 }
 
