@@ -107,10 +107,13 @@ func tcpServer(t testing.TB, s *Server) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { s.Close() }) // runs after acceptLoop's cleanup
 	acceptLoop(t, ln, func(nc net.Conn) {
 		s.Accept(context.Background(), nc, nil, nc.RemoteAddr().String())
 	})
+	// Registered last, so it runs first: Server.Close ends sessions that
+	// closing their connections alone would not wake (a reader waiting for
+	// the rate limit).
+	t.Cleanup(func() { s.Close() })
 	return ln.Addr().String()
 }
 
