@@ -228,7 +228,7 @@ func WithWriteTimeout(d time.Duration) ServerOption {
 
 // WithQueueDepth sets how many packets may wait for each client in each of
 // its two queues (disco and other). When a queue is full the oldest packet is
-// dropped. Default 32.
+// dropped. Default 32. Each queue also holds at most 512 KiB of packets.
 func WithQueueDepth(n int) ServerOption {
 	return func(c *serverConfig) { c.queueDepth = n }
 }
