@@ -350,8 +350,11 @@ func (c *Client) readServerStart() error {
 //
 // Set the exported fields, then call its methods; the fields must not
 // change afterwards. Send, NotePreferred, Ping and Close may be called
-// concurrently; Recv from one goroutine at a time. Ping needs a goroutine
-// calling Recv, which is where the Pong arrives.
+// concurrently; Recv from one goroutine at a time. Keep a goroutine calling
+// Recv: Pongs for Ping arrive there, and the server's liveness pings are
+// answered there (the client tells servers it answers them, so a server
+// that checks liveness, as this package's does by default, drops a client
+// that never reads after its idle timeout; the next call then reconnects).
 type ReconnectingClient struct {
 	// URL is the server's DERP URL, such as "https://derp.example.com/derp".
 	URL string
