@@ -258,17 +258,7 @@ func (c *Client) ForwardPacket(src, dst PublicKey, pkt []byte) error {
 	if len(pkt) > MaxPacketSize {
 		return ErrPacketTooLarge
 	}
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	if c.werr != nil {
-		return c.werr
-	}
-	c.nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
-	defer c.nc.SetWriteDeadline(time.Time{})
-	if err := writeFrame(c.bw, FrameForwardPacket, src[:], dst[:], pkt); err != nil {
-		return c.writeFailed(err)
-	}
-	return c.flushLocked()
+	return c.forwardBatch(1, func(int) (*PublicKey, *PublicKey, []byte) { return &src, &dst, pkt })
 }
 
 // forwardBatch writes n ForwardPacket frames, item(i) giving each one's

@@ -606,18 +606,7 @@ func TestQueueDropsOldest(t *testing.T) {
 	recvMsg[Pong](t, sender) // the sender was never blocked
 	waitFor(t, func() bool { return s.Stats().PacketsDropped["queue_head/other"] > 0 })
 	// When the receiver reads, the newest packets are there.
-	var last byte
-	stuck.opts.recvTimeout = 300 * time.Millisecond
-	for {
-		m, err := stuck.recv()
-		if err != nil {
-			break
-		}
-		if p, ok := m.(*ReceivedPacket); ok {
-			last = p.Data[0]
-		}
-	}
-	if last != 49 {
+	if last := lastPacketByte(stuck, 300*time.Millisecond); last != 49 {
 		t.Errorf("last packet delivered %d, want 49", last)
 	}
 }
@@ -1103,18 +1092,7 @@ func TestQueueByteCap(t *testing.T) {
 		}
 	}
 	// The newest packet is still delivered last.
-	stuck.opts.recvTimeout = 2 * time.Second
-	var last byte
-	for {
-		m, err := stuck.recv()
-		if err != nil {
-			break
-		}
-		if p, ok := m.(*ReceivedPacket); ok {
-			last = p.Data[0]
-		}
-	}
-	if last != 29 {
+	if last := lastPacketByte(stuck, 2*time.Second); last != 29 {
 		t.Errorf("last packet delivered %d, want 29", last)
 	}
 }
@@ -1128,4 +1106,20 @@ func (s *Server) snapshotConns() []*sconn {
 		out = append(out, c)
 	}
 	return out
+}
+
+// lastPacketByte receives until c has been silent for quiet and returns the
+// first byte of the last packet it got.
+func lastPacketByte(c *Client, quiet time.Duration) byte {
+	c.opts.recvTimeout = quiet
+	var last byte
+	for {
+		m, err := c.recv()
+		if err != nil {
+			return last
+		}
+		if p, ok := m.(*ReceivedPacket); ok {
+			last = p.Data[0]
+		}
+	}
 }
