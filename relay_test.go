@@ -22,7 +22,19 @@ import (
 )
 
 // TestMain fails the run if goroutines of this package outlive the tests.
+//
+// RELAY_TEST_IDLE_PARK (a duration) changes the servers' default idle park
+// delay, so that the whole suite can run with sessions parked between any
+// two packets: RELAY_TEST_IDLE_PARK=1ms go test -race .
 func TestMain(m *testing.M) {
+	if v := os.Getenv("RELAY_TEST_IDLE_PARK"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "RELAY_TEST_IDLE_PARK:", err)
+			os.Exit(2)
+		}
+		defaultIdlePark = d
+	}
 	code := m.Run()
 	if code == 0 {
 		if leaked := waitNoLeaks(5 * time.Second); leaked != "" {
@@ -386,7 +398,15 @@ func TestPeerGoneDisconnected(t *testing.T) {
 }
 
 func TestServerPingsClientsThatAckPings(t *testing.T) {
-	s := NewServer(mustKey(t), WithKeepAlive(20*time.Millisecond), WithIdleTimeout(300*time.Millisecond))
+	// With parking, the silent client's session is parked when it times
+	// out, and the keepalive timer must end it.
+	for _, park := range []time.Duration{0, 10 * time.Millisecond} {
+		t.Run(fmt.Sprintf("park=%v", park), func(t *testing.T) { testServerPings(t, park) })
+	}
+}
+
+func testServerPings(t *testing.T, park time.Duration) {
+	s := NewServer(mustKey(t), WithKeepAlive(20*time.Millisecond), WithIdleTimeout(300*time.Millisecond), WithIdlePark(park))
 	addr := tcpServer(t, s)
 	silent := tcpClient(t, addr, CanAckPings(true))
 	answering := tcpClient(t, addr, CanAckPings(true))

@@ -46,6 +46,7 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"os"
 	"runtime"
 	"slices"
 	"strings"
@@ -76,6 +77,7 @@ type Server struct {
 	replay nonceGuard
 	stats  serverCounters
 	mesh   meshState
+	park   parker // idle sessions without a reader goroutine
 }
 
 const numShards = 64
@@ -111,6 +113,7 @@ type serverConfig struct {
 	queueDepth       int
 	keepAlive        time.Duration
 	idleTimeout      time.Duration
+	idlePark         time.Duration
 	maxConns         int
 	maxConnsPerIP    int
 	maxClientInfo    int
@@ -251,6 +254,22 @@ func WithIdleTimeout(d time.Duration) ServerOption {
 	return func(c *serverConfig) { c.idleTimeout = d }
 }
 
+// defaultIdlePark is WithIdlePark's default; tests may shorten it.
+var defaultIdlePark = 5 * time.Second
+
+// WithIdlePark sets how long a session must read nothing before its reader
+// goroutine is parked (Linux, plain TCP and Unix sockets): the socket is
+// handed to an epoll set of the server's own and the goroutine exits, to be
+// started again when the client sends something. An idle client then costs
+// about 3 KiB of heap instead of that plus an 8 KiB goroutine stack. The
+// price is a few microseconds each time a parked session wakes. Stats
+// reports parked sessions as CurrentParked. Default 5 s; zero turns parking
+// off. TLS sessions are never parked (crypto/tls may hold decrypted bytes
+// the socket no longer shows).
+func WithIdlePark(d time.Duration) ServerOption {
+	return func(c *serverConfig) { c.idlePark = d }
+}
+
 // WithMaxConnections limits the number of sessions (logged in or logging
 // in) in total and per remote IP address; zero means no limit. Defaults:
 // no total limit, no per-IP limit.
@@ -297,6 +316,7 @@ func NewServer(priv PrivateKey, opts ...ServerOption) *Server {
 		queueDepth:       32,
 		keepAlive:        60 * time.Second,
 		idleTimeout:      150 * time.Second,
+		idlePark:         defaultIdlePark,
 		maxClientInfo:    16 << 10,
 		restartDelay:     2 * time.Second,
 		restartTryFor:    5 * time.Second,
@@ -363,13 +383,13 @@ type sconn struct {
 	connNum    int64
 	start      time.Time
 	entry      *keyEntry
-	ctx        context.Context
-	cancel     context.CancelFunc
-	stopClose  func() bool // stops the AfterFunc that closes nc when ctx ends
+	ctx        context.Context // the caller's; its end ends the session
+	stopClose  func() bool     // stops the AfterFunc of ctx, if ctx can end
 
 	dup atomic.Bool // another connection has the same key
 
 	pingIdle bool // liveness pings and an idle read deadline apply (set at login)
+	parkable bool // the reader may be parked when idle (set by setupReads)
 
 	// Reader-owned: destinations this client sent to (noteSentTo).
 	lastDst      PublicKey
@@ -412,6 +432,14 @@ type sconn struct {
 	watching     bool
 	writers      sync.WaitGroup
 	keepTimer    *time.Timer
+	nextKeep     time.Time     // when the next keepalive is due
+	readParkID   uint64        // nonzero while the reader is parked
+	idleDeadline time.Time     // while parked: when idle_timeout ends the session
+	endErr       error         // why the server ended the session, if it did
+	done         chan struct{} // closed when the session has ended, if Accept waits
+	ended        bool          // end was called
+	quit         chan struct{} // closed by end; made by quitChan
+	admitCancel  func()        // cancels the admission hook's context
 }
 
 type peerGoneItem struct {
@@ -437,16 +465,50 @@ func (s *Server) Accept(ctx context.Context, nc net.Conn, brw *bufio.ReadWriter,
 type acceptOpts struct {
 	notIdeal  bool
 	fastStart bool
+	detached  bool // on a goroutine of the server's own: nobody waits for the session
 }
 
 func (s *Server) accept(ctx context.Context, nc net.Conn, brw *bufio.ReadWriter, remoteAddr string, ao acceptOpts) {
 	s.stats.accepts.Add(1)
+	if ao.detached || !s.mayPark(nc) {
+		s.runSession(ctx, nc, brw, remoteAddr, ao, nil)
+		return
+	}
+	// Accept returns when the session ends, parked or not. The session
+	// runs on a goroutine of its own, which exits while it is parked, and
+	// the caller's goroutine only waits: on a stack that the login never
+	// grew, so that it stays at the runtime's minimum.
+	done := make(chan struct{})
+	go s.runSession(ctx, nc, brw, remoteAddr, ao, done)
+	<-done
+}
+
+// runSession runs a session; done, if not nil, is closed when it has ended.
+func (s *Server) runSession(ctx context.Context, nc net.Conn, brw *bufio.ReadWriter, remoteAddr string, ao acceptOpts, done chan struct{}) {
 	// The login's frames are gone from the stack by the time the session
 	// idles in readLoop: the idle stack stays small enough for the runtime
 	// to shrink it.
-	if c := s.startSession(ctx, nc, brw, remoteAddr, ao); c != nil {
-		c.serve()
+	c := s.startSession(ctx, nc, brw, remoteAddr, ao)
+	if c == nil {
+		if done != nil {
+			close(done)
+		}
+		return
 	}
+	c.done = done
+	c.setupReads()
+	c.serve()
+}
+
+// mayPark reports whether a session over nc could be parked.
+func (s *Server) mayPark(nc net.Conn) bool {
+	switch nc.(type) {
+	case *net.TCPConn, *net.UnixConn:
+		// Only plain sockets: any wrapper might buffer bytes that the
+		// socket's readiness would not show.
+		return parkSupported && s.cfg.idlePark > 0
+	}
+	return false
 }
 
 // startSession admits and logs in a client and registers it. It returns nil,
@@ -463,7 +525,6 @@ func (s *Server) startSession(ctx context.Context, nc net.Conn, brw *bufio.ReadW
 		nc.Close()
 		return nil
 	}
-	ctx, cancel := context.WithCancel(ctx)
 	c := &sconn{
 		s:          s,
 		nc:         nc,
@@ -474,14 +535,25 @@ func (s *Server) startSession(ctx context.Context, nc net.Conn, brw *bufio.ReadW
 		fastStart:  ao.fastStart,
 		connNum:    s.stats.connNum.Add(1),
 		ctx:        ctx,
-		cancel:     cancel,
 		notHere:    tokenBucket{rate: 1, burst: 3, tokens: 3, last: time.Now()},
 	}
-	c.stopClose = context.AfterFunc(ctx, func() { nc.Close() })
+	if ctx.Done() != nil {
+		// No context of our own per session: an idle session is all
+		// heap, and contexts with their AfterFunc cost 0.5 KiB each.
+		c.stopClose = context.AfterFunc(ctx, c.closeConn)
+	}
 	s.mu.Lock()
 	s.conns[c] = struct{}{} // so that Close can cut a login short
 	s.mu.Unlock()
 	err := s.login(ctx, c, brw.Writer)
+	if err == nil && ctx.Done() == nil {
+		// A context that cannot end (ServeHTTP's) was needed only for
+		// the admission hook; dropping it frees net/http's request
+		// contexts for the session's life.
+		c.mu.Lock()
+		c.ctx = context.Background()
+		c.mu.Unlock()
+	}
 	if err != nil {
 		s.stats.countLoginError(err)
 		s.log.Info("relay: login failed", "remote", remoteAddr, "err", err)
@@ -497,11 +569,22 @@ func (s *Server) startSession(ctx context.Context, nc net.Conn, brw *bufio.ReadW
 	return c
 }
 
-// serve runs a logged-in session until it ends.
+// serve runs a logged-in session until it ends, or until its reader is
+// parked; the parker then calls it again on a new goroutine when the client
+// sends something.
 func (c *sconn) serve() {
 	s := c.s
 	err := c.readLoop()
-	quiet := c.ctx.Err() != nil // the caller or Close ended the session
+	if err == errParked {
+		return
+	}
+	c.mu.Lock()
+	endErr := c.endErr
+	c.mu.Unlock()
+	if endErr != nil {
+		err = endErr
+	}
+	quiet := endErr == nil && c.isEnded() // the caller or Close ended the session
 	s.unregister(c)
 	c.shutdown()
 	c.release()
@@ -509,14 +592,57 @@ func (c *sconn) serve() {
 		s.stats.countSessionError(err)
 		s.log.Info("relay: session ended", "remote", c.remote, "key", c.key.ShortString(), "err", err)
 	}
+	if c.done != nil {
+		close(c.done)
+	}
 }
 
-// release frees what startSession took: the context and the connection
+// release frees what startSession took: the AfterFunc and the connection
 // slot.
 func (c *sconn) release() {
-	c.stopClose()
-	c.cancel()
+	if c.stopClose != nil {
+		c.stopClose()
+	}
 	c.s.releaseConn(c.remoteAddr.Addr())
+}
+
+// end marks the session as ended by the server or the caller: a reader
+// waiting for the rate limit or an admission hook is woken, and the reader
+// will not park again.
+func (c *sconn) end() {
+	c.mu.Lock()
+	if !c.ended {
+		c.ended = true
+		if c.quit != nil {
+			close(c.quit)
+		}
+		if c.admitCancel != nil {
+			c.admitCancel()
+		}
+	}
+	c.mu.Unlock()
+}
+
+// isEnded reports whether end was called or the caller's context is done.
+func (c *sconn) isEnded() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.endedLocked()
+}
+
+func (c *sconn) endedLocked() bool { return c.ended || c.ctx.Err() != nil }
+
+// quitChan returns a channel closed by end, made on first use.
+func (c *sconn) quitChan() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.quit == nil {
+		c.quit = make(chan struct{})
+		if c.ended {
+			close(c.quit)
+		}
+	}
+	return c.quit
 }
 
 func (s *Server) admitConn(ip netip.Addr) error {
@@ -601,7 +727,16 @@ func (s *Server) login(ctx context.Context, c *sconn, bw *bufio.Writer) error {
 	c.pingIdle = s.cfg.idleTimeout > 0 && info.CanAckPings && !c.isMesh
 	if !c.isMesh && s.cfg.admit != nil {
 		actx, cancel := context.WithDeadline(ctx, deadline)
+		c.mu.Lock()
+		c.admitCancel = cancel // so that Close can cut the hook short
+		if c.ended {
+			cancel()
+		}
+		c.mu.Unlock()
 		err := s.cfg.admit(actx, Admission{Key: c.key, Info: c.info, RemoteAddr: c.remote})
+		c.mu.Lock()
+		c.admitCancel = nil
+		c.mu.Unlock()
 		cancel()
 		if err != nil {
 			return fmt.Errorf("%w: %s: %w", ErrLoginRejected, c.key.ShortString(), err)
@@ -811,12 +946,29 @@ func (c *sconn) startKeepAlive() {
 	}
 	period := d + rand.N(min(5*time.Second, d/12)+1) // 60 s + [0, 5 s) by default
 	c.mu.Lock()
-	c.keepTimer = time.AfterFunc(period, func() {
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		if c.closed {
-			return
-		}
+	c.nextKeep = time.Now().Add(period)
+	c.keepTimer = time.AfterFunc(period, func() { c.keepAliveTick(period) })
+	c.mu.Unlock()
+}
+
+// keepAliveTick queues a KeepAlive (or liveness Ping) when one is due, and
+// ends a parked session whose idle timeout has passed: with no reader
+// goroutine, no read deadline can.
+func (c *sconn) keepAliveTick(period time.Duration) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	now := time.Now()
+	parkedIdle := c.readParkID != 0 && c.pingIdle
+	if parkedIdle && !now.Before(c.idleDeadline) {
+		c.endErr = c.idleError()
+		c.mu.Unlock()
+		c.closeConn()
+		return
+	}
+	if !now.Before(c.nextKeep) {
 		if c.pingIdle {
 			// A Ping does what a KeepAlive does and also proves the
 			// client is alive when its Pong comes back.
@@ -826,9 +978,132 @@ func (c *sconn) startKeepAlive() {
 			c.keepAlive = true
 		}
 		c.kickLocked()
-		c.keepTimer.Reset(period)
-	})
+		c.nextKeep = now.Add(period)
+	}
+	next := c.nextKeep.Sub(now)
+	if parkedIdle {
+		next = min(next, c.idleDeadline.Sub(now))
+	}
+	c.keepTimer.Reset(next)
 	c.mu.Unlock()
+}
+
+func (c *sconn) idleError() error {
+	return &ProtocolError{Reason: "idle_timeout", Err: os.ErrDeadlineExceeded,
+		Detail: fmt.Sprintf("nothing, not even a Pong, read for %v from a client that said it answers pings", c.s.cfg.idleTimeout)}
+}
+
+// errParked is how readLoop says that its goroutine should exit because the
+// session was parked.
+var errParked = errors.New("relay: reader parked")
+
+// errIdleStall tells readLoop that the session is idle between frames and
+// may be parked.
+var errIdleStall = errors.New("relay: idle between frames")
+
+// errNotParkable is the parker's answer for a connection it cannot watch.
+var errNotParkable = errors.New("relay: connection cannot be parked")
+
+// setupReads decides, once the session is logged in, how its reads time
+// out: parkable sessions get a read deadline of the park delay (of the idle
+// timeout if shorter), others that answer pings one of the idle timeout.
+func (c *sconn) setupReads() {
+	cfg := &c.s.cfg
+	c.parkable = c.s.mayPark(c.nc) &&
+		!(c.pingIdle && cfg.keepAlive <= 0) // the keepalive timer enforces idle_timeout while parked
+	var d time.Duration
+	if c.parkable {
+		d = cfg.idlePark
+	}
+	if c.pingIdle && (d == 0 || cfg.idleTimeout < d) {
+		d = cfg.idleTimeout
+	}
+	if d > 0 {
+		c.br.timeout = d
+		c.br.onStall = c.onStall
+	}
+	if c.parkable {
+		// Park as soon as the client has nothing more to say after its
+		// login, instead of after the park delay: a storm of logins
+		// (every client of a restarted server) then never holds a
+		// goroutine per session.
+		c.br.arm(time.Now(), 0)
+	}
+}
+
+// onStall decides what a read that timed out means; since is when the read
+// began, and boundary says no byte of the next frame has arrived. It
+// returns nil to keep waiting, errParked to park the reader, or the error
+// that ends the session.
+func (c *sconn) onStall(since time.Time, boundary bool) error {
+	now := time.Now()
+	idle := now.Sub(since)
+	cfg := &c.s.cfg
+	if c.pingIdle && idle >= cfg.idleTimeout {
+		return c.idleError()
+	}
+	if boundary && c.parkable {
+		// readLoop parks the reader once nothing of this goroutine's
+		// stack refers to the reader's state any more.
+		c.br.stallSince = since
+		return errIdleStall
+	}
+	d := c.br.timeout
+	if c.pingIdle {
+		d = min(d, cfg.idleTimeout-idle)
+	}
+	c.br.arm(now, d)
+	return nil
+}
+
+// parkReader hands the idle session's socket to the server's parker; the
+// reader goroutine then exits and must not touch the session's reader state
+// any more. since is when the client last sent anything. If the session
+// cannot be parked it waits with its goroutine, as if parking were off.
+func (c *sconn) parkReader(since time.Time) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || c.endedLocked() {
+		return false
+	}
+	id, err := c.s.park.add(c)
+	if err != nil {
+		c.s.log.Warn("relay: cannot park idle session", "remote", c.remote, "err", err)
+		c.parkable = false
+		return false
+	}
+	c.readParkID = id
+	c.br.armedAt = time.Time{} // the deadline has passed: arm it again on resume
+	if c.pingIdle {
+		c.idleDeadline = since.Add(c.s.cfg.idleTimeout)
+		if c.keepTimer != nil && c.idleDeadline.Before(c.nextKeep) {
+			c.keepTimer.Reset(time.Until(c.idleDeadline))
+		}
+	}
+	return true
+}
+
+// resumed is the parker's call when the parked socket id became readable.
+func (c *sconn) resumed(id uint64) {
+	c.mu.Lock()
+	if c.readParkID == id {
+		c.readParkID = 0
+	}
+	c.mu.Unlock()
+	go c.serve()
+}
+
+// unpark resumes a parked reader so that it sees the session end. Callers
+// call end first (or the caller's context is done), so the reader does not
+// park again.
+func (c *sconn) unpark() {
+	c.mu.Lock()
+	id := c.readParkID
+	c.readParkID = 0
+	c.mu.Unlock()
+	if id != 0 && c.s.park.remove(c, id) {
+		go c.serve()
+	}
 }
 
 // shutdown ends the session's writer side: queued packets are counted as
@@ -847,7 +1122,7 @@ func (c *sconn) shutdown() {
 		c.keepTimer.Stop()
 	}
 	c.mu.Unlock()
-	c.cancel()
+	c.end()
 	c.nc.Close()
 	c.writers.Wait()
 	c.mu.Lock()
@@ -857,7 +1132,6 @@ func (c *sconn) shutdown() {
 
 // readLoop reads and dispatches frames until the connection ends.
 func (c *sconn) readLoop() error {
-	var deadlineSet time.Time
 	var sinceYield uint32
 	for {
 		// A reader whose client always has more to send never blocks,
@@ -869,20 +1143,16 @@ func (c *sconn) readLoop() error {
 			sinceYield = 0
 			runtime.Gosched()
 		}
-		if c.pingIdle {
-			// Refresh the idle deadline at most 8 times per period, so
-			// that it costs nothing per packet.
-			if now := time.Now(); now.Sub(deadlineSet) > c.s.cfg.idleTimeout/8 {
-				c.nc.SetReadDeadline(now.Add(c.s.cfg.idleTimeout))
-				deadlineSet = now
-			}
-		}
+		c.br.boundary = true // a timeout here may park the reader
 		t, n, err := readFrameHeader(c.br)
-		sinceYield += frameHeaderLen + min(n, maxForwardFrame)
-		if ne, ok := err.(net.Error); ok && ne.Timeout() && c.pingIdle {
-			return &ProtocolError{Reason: "idle_timeout", Err: err,
-				Detail: fmt.Sprintf("nothing, not even a Pong, read for %v from a client that said it answers pings", c.s.cfg.idleTimeout)}
+		c.br.boundary = false
+		if err == errIdleStall {
+			if c.parkReader(c.br.stallSince) {
+				return errParked
+			}
+			continue
 		}
+		sinceYield += frameHeaderLen + min(n, maxForwardFrame)
 		if err != nil {
 			if err == io.ErrUnexpectedEOF { // a partial header
 				err = truncatedFrame(t)
@@ -976,6 +1246,8 @@ func (c *sconn) paceRead(n uint32) error {
 	select {
 	case <-t.C:
 		return nil
+	case <-c.quitChan():
+		return net.ErrClosed
 	case <-c.ctx.Done():
 		return c.ctx.Err()
 	}
@@ -1380,12 +1652,13 @@ func (c *sconn) writeLoop() {
 		if !c.takeLocked(ws) {
 			if closeAfter || c.closed || !c.park(linger) {
 				c.writing = false
+				c.wake = nil // an idle session holds no channel either
 				if closeAfter {
 					c.closed = true // nothing may follow the Restarting notice
 				}
 				c.mu.Unlock()
 				if closeAfter {
-					closeWrite(c.nc)
+					c.closeWrite()
 				}
 				return
 			}
@@ -1404,6 +1677,7 @@ func (c *sconn) writeLoop() {
 			c.writeFailed(err)
 			c.mu.Lock()
 			c.writing = false
+			c.wake = nil
 			c.mu.Unlock()
 			return
 		}
@@ -1576,11 +1850,11 @@ func (c *sconn) writeBatch(ws *writerState) error {
 // RST, which discards the notice still in the send buffer; with a half
 // close the client reads the notice, then EOF, and the session ends when it
 // closes its side (or when Server.Close cuts what is left).
-func closeWrite(nc net.Conn) {
-	if cw, ok := nc.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+func (c *sconn) closeWrite() {
+	if cw, ok := c.nc.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
 		return
 	}
-	nc.Close()
+	c.closeConn()
 }
 
 // writeFailed ends the session after a write error.
@@ -1596,7 +1870,8 @@ func (c *sconn) writeFailed(err error) {
 // context also wakes a reader that is waiting for the rate limit, which
 // closing the connection alone would not.
 func (c *sconn) closeConn() {
-	c.cancel()
+	c.end()
+	c.unpark() // a parked socket must leave the epoll set before it closes
 	c.nc.Close()
 }
 
@@ -1831,7 +2106,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// context is not canceled when a hijacked connection closes; the
 	// session ends on its own.
 	ctx := context.WithoutCancel(r.Context())
-	ao := acceptOpts{notIdeal: r.Header.Get(IdealNodeHeader) != "", fastStart: fastStart}
+	ao := acceptOpts{notIdeal: r.Header.Get(IdealNodeHeader) != "", fastStart: fastStart, detached: true}
 	remote := r.RemoteAddr
 	go s.accept(ctx, nc, brw, remote, ao)
 }
@@ -1895,7 +2170,7 @@ var dropReasonNames = [numDropReasons]string{
 
 type serverCounters struct {
 	accepts, connNum, sessions, current, home, notIdeal atomic.Int64
-	dupKeys, dupConns, dupTotal, watchers               atomic.Int64
+	dupKeys, dupConns, dupTotal, watchers, parked       atomic.Int64
 	fastStarts, upgrades                                atomic.Int64
 	gotPing, sentPong, unknownFrames, rateWaits         atomic.Int64
 	sentPing, gotPong                                   atomic.Int64
@@ -1983,6 +2258,7 @@ type Stats struct {
 	CurrentDupConns           int64 // sessions sharing a key with another
 	TotalDupLogins            int64 // logins of a key that was already connected
 	Watchers                  int64 // mesh peers watching connections
+	CurrentParked             int64 // idle sessions with no reader goroutine (WithIdlePark)
 	FastStartLogins           int64 // sessions that skipped the 101 (Derp-Fast-Start: 1)
 	UpgradeLogins             int64 // sessions through a 101 or Accept
 	PacketsReceived           int64 // packets received from local clients
@@ -2023,6 +2299,7 @@ func (s *Server) Stats() Stats {
 		CurrentDupConns:        sc.dupConns.Load(),
 		TotalDupLogins:         sc.dupTotal.Load(),
 		Watchers:               sc.watchers.Load(),
+		CurrentParked:          sc.parked.Load(),
 		FastStartLogins:        sc.fastStarts.Load(),
 		UpgradeLogins:          sc.upgrades.Load(),
 		PacketsForwardedIn:     sc.forwardedIn.Load(),
@@ -2095,6 +2372,7 @@ func (s *Server) WritePrometheus(w io.Writer) error {
 	metric("current_dup_client_conns", "gauge", "Sessions sharing their key.", st.CurrentDupConns)
 	metric("total_dup_client_conns", "counter", "Logins of an already connected key.", st.TotalDupLogins)
 	metric("watchers", "gauge", "Mesh peers watching connections.", st.Watchers)
+	metric("current_parked_connections", "gauge", "Idle sessions with no reader goroutine.", st.CurrentParked)
 	metric("fast_start_logins", "counter", "Sessions that skipped the 101 response.", st.FastStartLogins)
 	metric("upgrade_logins", "counter", "Sessions through a 101 response or Accept.", st.UpgradeLogins)
 	metric("packets_received", "counter", "Packets received from local clients.", st.PacketsReceived)
@@ -2735,11 +3013,50 @@ func removeLink(links []*meshLink, l *meshLink) []*meshLink {
 // goes back to a pool, and the next read waits with a small inline array. An
 // idle session therefore holds no read buffer. Slices returned by Peek are
 // valid only until the next call that consumes bytes.
+//
+// With a timeout set, each read from the connection has a read deadline,
+// refreshed at most four times per timeout so that it costs nothing per
+// packet, and a read that times out asks onStall what to do.
 type connReader struct {
 	nc    net.Conn
 	buf   *[readBufSize]byte // nil while empty
 	r, w  int
 	small [128]byte // where a read waits while buf is nil
+
+	timeout    time.Duration // zero: no read deadline
+	armedAt    time.Time     // when the deadline was last set
+	boundary   bool          // the caller is reading a frame header
+	stallSince time.Time     // with errIdleStall: when the read began
+	onStall    func(since time.Time, boundary bool) error
+}
+
+// arm sets the read deadline to now+d.
+func (cr *connReader) arm(now time.Time, d time.Duration) {
+	cr.nc.SetReadDeadline(now.Add(d))
+	cr.armedAt = now
+}
+
+// read reads from the connection.
+func (cr *connReader) read(p []byte) (int, error) {
+	if cr.timeout <= 0 {
+		return cr.nc.Read(p)
+	}
+	since := time.Now()
+	if since.Sub(cr.armedAt) > cr.timeout/4 {
+		cr.arm(since, cr.timeout)
+	}
+	for {
+		n, err := cr.nc.Read(p)
+		if n > 0 || err == nil {
+			return n, err
+		}
+		if ne, ok := err.(net.Error); !ok || !ne.Timeout() {
+			return n, err
+		}
+		if err := cr.onStall(since, cr.boundary && cr.r == cr.w); err != nil {
+			return 0, err
+		}
+	}
 }
 
 const readBufSize = 16 << 10
@@ -2792,7 +3109,7 @@ func (cr *connReader) release() {
 // fill reads at least one more byte.
 func (cr *connReader) fill() error {
 	if cr.buf == nil {
-		n, err := cr.nc.Read(cr.small[:])
+		n, err := cr.read(cr.small[:])
 		if n > 0 {
 			cr.buf = readBufPool.Get().(*[readBufSize]byte)
 			cr.r, cr.w = 0, copy(cr.buf[:], cr.small[:n])
@@ -2807,7 +3124,7 @@ func (cr *connReader) fill() error {
 		cr.w = copy(cr.buf[:], cr.buf[cr.r:cr.w])
 		cr.r = 0
 	}
-	n, err := cr.nc.Read(cr.buf[cr.w:])
+	n, err := cr.read(cr.buf[cr.w:])
 	cr.w += n
 	if n > 0 {
 		return nil
@@ -2868,7 +3185,7 @@ func (cr *connReader) Read(p []byte) (int, error) {
 	if cr.w == cr.r {
 		cr.release()
 		if len(p) >= len(cr.small) {
-			return cr.nc.Read(p)
+			return cr.read(p)
 		}
 		if err := cr.fill(); err != nil {
 			return 0, err

@@ -538,8 +538,9 @@ func measureIdle(name, transport string, n int) (idleResult, error) {
 	if ferr != nil {
 		return r, ferr
 	}
-	// Let writers that sent ServerKey/ServerInfo finish and linger out.
-	time.Sleep(2 * time.Second)
+	// Let writers that sent ServerKey/ServerInfo finish and linger out,
+	// and our idle sessions park (after 5 s by default).
+	time.Sleep(7 * time.Second)
 	after, err := srv.stats(true)
 	if err != nil {
 		return r, err

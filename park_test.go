@@ -1,0 +1,185 @@
+package relay
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"net"
+	"net/http/httptest"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+)
+
+func skipIfNoPark(t *testing.T) {
+	t.Helper()
+	if !parkSupported {
+		t.Skip("sessions are not parked on " + runtime.GOOS)
+	}
+}
+
+// readerGoroutines counts the goroutines running a session's reader.
+func readerGoroutines() int {
+	buf := make([]byte, 4<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	return strings.Count(string(buf), "relay.(*sconn).serve(")
+}
+
+func TestIdlePark(t *testing.T) {
+	skipIfNoPark(t)
+	s := NewServer(mustKey(t), WithIdlePark(20*time.Millisecond))
+	addr := tcpServer(t, s)
+	a, b := tcpClient(t, addr), tcpClient(t, addr)
+	parked := func(n int64) func() bool {
+		return func() bool { return s.Stats().CurrentParked == n }
+	}
+	waitFor(t, parked(2))
+	if n := readerGoroutines(); n != 0 {
+		t.Errorf("%d reader goroutines with both sessions parked", n)
+	}
+	for range 3 {
+		// Every packet wakes a parked session; they park again between
+		// rounds.
+		exchange(t, a, b)
+		a.SendPing([8]byte{1})
+		if _, ok := recvMsg[Pong](t, a); !ok {
+			t.FailNow()
+		}
+		waitFor(t, parked(2))
+	}
+	// A parked session whose client leaves ends, and its peer is told.
+	a.Close()
+	if g, ok := recvMsg[PeerGone](t, b); !ok || g.Peer != a.PublicKey() {
+		t.Fatalf("b got %v, want PeerGone for a", g)
+	}
+	waitFor(t, func() bool { st := s.Stats(); return st.CurrentConnections == 1 && st.CurrentParked == 1 })
+}
+
+// A frame that arrives in pieces, with pauses longer than the park delay
+// between them, must not park the reader in the middle of the frame.
+func TestIdleParkSlowFrame(t *testing.T) {
+	skipIfNoPark(t)
+	s := NewServer(mustKey(t), WithIdlePark(10*time.Millisecond))
+	addr := tcpServer(t, s)
+	b := tcpClient(t, addr)
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := loginClient(t, &slowConn{Conn: nc}, mustKey(t))
+	payload := bytes.Repeat([]byte("slow"), 300)
+	frame := binary.BigEndian.AppendUint32([]byte{byte(FrameSendPacket)}, uint32(KeyLen+len(payload)))
+	bk := b.PublicKey()
+	frame = append(frame, bk[:]...)
+	frame = append(frame, payload...)
+	waitFor(t, func() bool { return s.Stats().CurrentParked == 2 })
+	// Pieces: inside the header, inside the key, inside the payload.
+	for _, piece := range [][]byte{frame[:2], frame[2:20], frame[20:600], frame[600:]} {
+		if _, err := nc.Write(piece); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(40 * time.Millisecond)
+	}
+	got, ok := recvMsg[*ReceivedPacket](t, b)
+	if !ok || got.Source != a.PublicKey() || !bytes.Equal(got.Data, payload) {
+		t.Fatalf("b got %v, want the slow packet", got)
+	}
+	if err := a.Send(b.PublicKey(), []byte("after")); err != nil {
+		t.Fatal(err)
+	}
+	if got, ok := recvMsg[*ReceivedPacket](t, b); !ok || string(got.Data) != "after" {
+		t.Fatalf("b got %v after the slow frame", got)
+	}
+	if e := s.Stats().Errors; len(e) != 0 {
+		t.Errorf("errors: %v", e)
+	}
+}
+
+// slowConn is a net.Conn the test also writes to directly.
+type slowConn struct{ net.Conn }
+
+// Accept keeps its blocking contract with a parked session: it returns when
+// the session ends (here, when its context is canceled), not when it parks.
+func TestIdleParkEndedByContext(t *testing.T) {
+	skipIfNoPark(t)
+	s := newTestServer(t, WithIdlePark(10*time.Millisecond))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan struct{})
+	acceptLoop(t, ln, func(nc net.Conn) {
+		s.Accept(ctx, nc, nil, nc.RemoteAddr().String())
+		close(done)
+	})
+	c := tcpClient(t, ln.Addr().String())
+	waitFor(t, func() bool { return s.Stats().CurrentParked == 1 })
+	select {
+	case <-done:
+		t.Fatal("Accept returned when its session parked")
+	case <-time.After(50 * time.Millisecond):
+	}
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Accept did not return after its context was canceled")
+	}
+	if st := s.Stats(); st.CurrentParked != 0 || st.CurrentConnections != 0 {
+		t.Errorf("after cancel: %d parked, %d connected", st.CurrentParked, st.CurrentConnections)
+	}
+	if _, err := recvUntilErr(t, c); err == nil {
+		t.Error("client saw no error after its session was canceled")
+	}
+}
+
+// Sessions served through ServeHTTP run on the server's goroutines, which
+// exit when they park.
+func TestIdleParkHTTP(t *testing.T) {
+	skipIfNoPark(t)
+	s := newTestServer(t, WithIdlePark(10*time.Millisecond))
+	ts := httptest.NewServer(s)
+	defer ts.Close()
+	var cs []*Client
+	for range 3 {
+		c, _, err := (&FastStart{}).Dial(context.Background(), ts.URL+"/derp", mustKey(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		cs = append(cs, c)
+	}
+	waitFor(t, func() bool { return s.Stats().CurrentParked == 3 })
+	buf := make([]byte, 4<<20)
+	stacks := string(buf[:runtime.Stack(buf, true)])
+	if n := strings.Count(stacks, "relay.(*Server).accept("); n != 0 {
+		t.Errorf("%d session goroutines with every session parked", n)
+	}
+	if err := cs[0].Send(cs[2].PublicKey(), []byte("wake")); err != nil {
+		t.Fatal(err)
+	}
+	if got, ok := recvMsg[*ReceivedPacket](t, cs[2]); !ok || string(got.Data) != "wake" {
+		t.Fatalf("got %v", got)
+	}
+}
+
+// Close reaches parked sessions: they get the Restarting notice and end.
+func TestIdleParkServerClose(t *testing.T) {
+	skipIfNoPark(t)
+	s := NewServer(mustKey(t), WithIdlePark(10*time.Millisecond), WithRestartNotice(time.Second, 5*time.Second))
+	addr := tcpServer(t, s)
+	clients := []*Client{tcpClient(t, addr), tcpClient(t, addr), tcpClient(t, addr)}
+	waitFor(t, func() bool { return s.Stats().CurrentParked == 3 })
+	s.Close()
+	for _, c := range clients {
+		if _, ok := recvMsg[ServerRestarting](t, c); !ok {
+			t.Fatal("no ServerRestarting")
+		}
+	}
+	if st := s.Stats(); st.CurrentParked != 0 || st.CurrentConnections != 0 {
+		t.Errorf("after Close: %d parked, %d connected", st.CurrentParked, st.CurrentConnections)
+	}
+}

@@ -1,0 +1,182 @@
+//go:build linux
+
+package relay
+
+import (
+	"os"
+	"sync"
+	"syscall"
+)
+
+// parkSupported reports whether idle sessions can give up their reader
+// goroutine on this platform.
+const parkSupported = true
+
+// parker holds the sessions whose readers are parked: their sockets sit in an
+// epoll instance of the server's own, and one poller goroutine resumes a
+// session (starts a new reader goroutine) when its socket becomes readable or
+// hangs up. An idle session then costs its heap state and no stack.
+//
+// The epoll instance is itself registered with the Go runtime's network
+// poller, so the poller goroutine waits without holding a thread. It exists
+// only while something is parked.
+type parker struct {
+	mu    sync.Mutex
+	ep    *epoller // nil while nothing is parked
+	conns map[uint64]*sconn
+	next  uint64
+}
+
+type epoller struct {
+	fd int
+	f  *os.File
+	rc syscall.RawConn
+}
+
+const parkEvents = syscall.EPOLLIN | syscall.EPOLLRDHUP | syscall.EPOLLONESHOT
+
+func newEpoller() (*epoller, error) {
+	fd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, os.NewSyscallError("epoll_create1", err)
+	}
+	if err := syscall.SetNonblock(fd, true); err != nil {
+		syscall.Close(fd)
+		return nil, os.NewSyscallError("setnonblock", err)
+	}
+	f := os.NewFile(uintptr(fd), "relay-park-epoll")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &epoller{fd: fd, f: f, rc: rc}, nil
+}
+
+// epollCtl adds c's socket to or removes it from ep.
+func (ep *epoller) ctl(c *sconn, op int, id uint64) error {
+	sc, ok := c.nc.(syscall.Conn)
+	if !ok {
+		return errNotParkable
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	ev := syscall.EpollEvent{Events: parkEvents, Fd: int32(uint32(id)), Pad: int32(uint32(id >> 32))}
+	var cerr error
+	if err := rc.Control(func(fd uintptr) {
+		cerr = syscall.EpollCtl(ep.fd, op, int(fd), &ev)
+	}); err != nil {
+		return err
+	}
+	if cerr != nil {
+		return os.NewSyscallError("epoll_ctl", cerr)
+	}
+	return nil
+}
+
+// add parks c: its socket joins the epoll set, and c is resumed when it
+// becomes readable. The caller holds c.mu.
+func (p *parker) add(c *sconn) (uint64, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ep == nil {
+		ep, err := newEpoller()
+		if err != nil {
+			return 0, err
+		}
+		p.ep = ep
+		go p.poll(ep)
+	}
+	p.next++
+	id := p.next
+	if err := p.ep.ctl(c, syscall.EPOLL_CTL_ADD, id); err != nil {
+		p.stopIfEmptyLocked()
+		return 0, err
+	}
+	if p.conns == nil {
+		p.conns = make(map[uint64]*sconn)
+	}
+	p.conns[id] = c
+	c.s.stats.parked.Add(1)
+	return id, nil
+}
+
+// remove takes c, parked as id, out of the epoll set. It reports whether c
+// was still parked, in which case the caller resumes it.
+func (p *parker) remove(c *sconn, id uint64) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.conns[id] != c {
+		return false // the poller resumed it first
+	}
+	p.takeLocked(id, c)
+	p.stopIfEmptyLocked()
+	return true
+}
+
+func (p *parker) takeLocked(id uint64, c *sconn) {
+	delete(p.conns, id)
+	c.s.stats.parked.Add(-1)
+	// Fails harmlessly if the socket is already closed, which removed it.
+	p.ep.ctl(c, syscall.EPOLL_CTL_DEL, id)
+}
+
+// stopIfEmptyLocked ends the poller when nothing is parked. Closing the
+// epoll file wakes the poller goroutine, which then returns.
+func (p *parker) stopIfEmptyLocked() {
+	if len(p.conns) == 0 && p.ep != nil {
+		// Close waits for the poller's read to return, which never
+		// needs p.mu.
+		p.ep.f.Close()
+		p.ep = nil
+	}
+}
+
+// poll resumes parked sessions whose sockets became readable, until ep is
+// closed.
+func (p *parker) poll(ep *epoller) {
+	evs := make([]syscall.EpollEvent, 64)
+	type ready struct {
+		c  *sconn
+		id uint64
+	}
+	var woken []ready
+	for {
+		var n int
+		err := ep.rc.Read(func(fd uintptr) bool {
+			for {
+				var err error
+				n, err = syscall.EpollWait(int(fd), evs, 0)
+				if err != syscall.EINTR {
+					// Returning false waits for the epoll set to become
+					// readable; only do so when it was found empty.
+					return err != nil || n > 0
+				}
+			}
+		})
+		if err != nil || n <= 0 {
+			return // ep was closed
+		}
+		p.mu.Lock()
+		if p.ep != ep {
+			p.mu.Unlock()
+			return
+		}
+		for _, ev := range evs[:n] {
+			id := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
+			if c := p.conns[id]; c != nil {
+				p.takeLocked(id, c)
+				woken = append(woken, ready{c, id})
+			}
+		}
+		p.stopIfEmptyLocked()
+		p.mu.Unlock()
+		for i, r := range woken {
+			r.c.resumed(r.id)
+			woken[i] = ready{}
+		}
+		woken = woken[:0]
+	}
+}
