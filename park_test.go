@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -182,4 +183,110 @@ func TestIdleParkServerClose(t *testing.T) {
 	if st := s.Stats(); st.CurrentParked != 0 || st.CurrentConnections != 0 {
 		t.Errorf("after Close: %d parked, %d connected", st.CurrentParked, st.CurrentConnections)
 	}
+}
+
+// Sessions over TLS park too: crypto/tls times out only when it needs more
+// bytes from the socket. Packets of every size, split over many TLS
+// records, must wake them and arrive intact, fast start or not.
+func TestIdleParkTLS(t *testing.T) {
+	skipIfNoPark(t)
+	ts := StartTestServer(t, WithIdlePark(10*time.Millisecond))
+	s := ts.Server
+	dial := func(fast bool) *Client {
+		f := &FastStart{TLSConfig: ts.TLSConfig, DisableFastStart: !fast}
+		c, hs, err := f.Dial(context.Background(), ts.URL, mustKey(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := map[bool]Path{true: FastPath, false: UpgradePath}[fast]; hs.Path != want {
+			t.Fatalf("path %v, want %v (%s)", hs.Path, want, hs.Reason)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	a, b := dial(true), dial(false)
+	waitFor(t, func() bool { return s.Stats().CurrentParked == 2 })
+	for range 2 {
+		exchange(t, a, b)
+		waitFor(t, func() bool { return s.Stats().CurrentParked == 2 })
+	}
+	if n := readerGoroutines(); n != 0 {
+		t.Errorf("%d reader goroutines with both TLS sessions parked", n)
+	}
+}
+
+// A TLS record that arrives in two pieces, with a pause longer than the
+// park delay between them, parks the reader with half a record inside
+// crypto/tls; the second half must wake it.
+func TestIdleParkTLSSplitRecords(t *testing.T) {
+	skipIfNoPark(t)
+	ts := StartTestServer(t, WithIdlePark(5*time.Millisecond))
+	s := ts.Server
+	var split *splitConn
+	f := &FastStart{TLSConfig: ts.TLSConfig, DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		nc, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+		split = &splitConn{Conn: nc}
+		return split, err
+	}}
+	a, _, err := f.Dial(context.Background(), ts.URL, mustKey(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, _, err := (&FastStart{TLSConfig: ts.TLSConfig}).Dial(context.Background(), ts.URL, mustKey(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	waitFor(t, func() bool { return s.Stats().CurrentParked == 2 })
+	var midParked []int64
+	split.mid = func() { midParked = append(midParked, s.Stats().CurrentParked) }
+	split.on.Store(true)
+	for i, size := range []int{1, 100, 3000, 20000} {
+		first := len(midParked)
+		pkt := bytes.Repeat([]byte{byte(i + 1)}, size)
+		if err := a.Send(b.PublicKey(), pkt); err != nil {
+			t.Fatal(err)
+		}
+		got, ok := recvMsg[*ReceivedPacket](t, b)
+		if !ok || !bytes.Equal(got.Data, pkt) {
+			t.Fatalf("packet %d (%d bytes) did not arrive intact", i, size)
+		}
+		// In the pause inside the packet's first TLS record, a's session
+		// was parked with half a record read and no byte of the frame
+		// decrypted (b's session is parked all along). Later records
+		// of a large packet find the reader inside a frame, where it
+		// does not park.
+		if len(midParked) == first {
+			t.Fatalf("packet %d: no write was split", i)
+		}
+		if n := midParked[first]; n != 2 {
+			t.Errorf("packet %d: %d sessions parked in its first pause, want 2", i, n)
+		}
+	}
+	if e := s.Stats().Errors; len(e) != 0 {
+		t.Errorf("errors: %v", e)
+	}
+}
+
+// splitConn, once on, writes each buffer in two halves with a pause
+// between, and calls mid during the pause.
+type splitConn struct {
+	net.Conn
+	on  atomic.Bool
+	mid func()
+}
+
+func (c *splitConn) Write(p []byte) (int, error) {
+	if !c.on.Load() || len(p) < 2 {
+		return c.Conn.Write(p)
+	}
+	n, err := c.Conn.Write(p[:len(p)/2])
+	if err != nil {
+		return n, err
+	}
+	time.Sleep(100 * time.Millisecond) // 20 times the park delay
+	c.mid()
+	m, err := c.Conn.Write(p[len(p)/2:])
+	return n + m, err
 }

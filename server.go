@@ -34,6 +34,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/subtle"
+	"crypto/tls"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -52,6 +53,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -258,14 +260,20 @@ func WithIdleTimeout(d time.Duration) ServerOption {
 var defaultIdlePark = 5 * time.Second
 
 // WithIdlePark sets how long a session must read nothing before its reader
-// goroutine is parked (Linux, plain TCP and Unix sockets): the socket is
-// handed to an epoll set of the server's own and the goroutine exits, to be
-// started again when the client sends something. An idle client then costs
-// about 3 KiB of heap instead of that plus an 8 KiB goroutine stack. The
-// price is a few microseconds each time a parked session wakes. Stats
-// reports parked sessions as CurrentParked. Default 5 s; zero turns parking
-// off. TLS sessions are never parked (crypto/tls may hold decrypted bytes
-// the socket no longer shows).
+// goroutine is parked: the socket joins an epoll set of the server's own and
+// the goroutine exits, to be started again when the client sends something.
+// A session is also parked right after its login if the client has nothing
+// more to say. An idle session then costs its heap state (about 3 KiB over
+// plain TCP) and no goroutine stack (8 KiB). The price is a few microseconds
+// each time a parked session wakes. Stats reports parked sessions as
+// CurrentParked.
+//
+// Parking needs Linux and a session over *net.TCPConn, *net.UnixConn or a
+// *tls.Conn over one of those (any other wrapper might hold buffered bytes
+// that the socket would not show). Sessions given to Accept park too, but
+// Accept's caller keeps waiting on its own goroutine until the session ends;
+// ServeHTTP's sessions hold no goroutine at all while parked. Default 5 s;
+// zero turns parking off.
 func WithIdlePark(d time.Duration) ServerOption {
 	return func(c *serverConfig) { c.idlePark = d }
 }
@@ -502,13 +510,32 @@ func (s *Server) runSession(ctx context.Context, nc net.Conn, brw *bufio.ReadWri
 
 // mayPark reports whether a session over nc could be parked.
 func (s *Server) mayPark(nc net.Conn) bool {
-	switch nc.(type) {
-	case *net.TCPConn, *net.UnixConn:
-		// Only plain sockets: any wrapper might buffer bytes that the
-		// socket's readiness would not show.
-		return parkSupported && s.cfg.idlePark > 0
+	return parkSupported && s.cfg.idlePark > 0 && parkSocket(nc) != nil
+}
+
+// parkSocket returns the socket whose readability tells when a parked
+// session over nc has something to read, or nil if nc cannot be parked:
+// any other wrapper might hold buffered bytes that the socket would not
+// show.
+func parkSocket(nc net.Conn) syscall.Conn {
+	switch c := nc.(type) {
+	case *net.TCPConn:
+		return c
+	case *net.UnixConn:
+		return c
+	case *tls.Conn:
+		// A read from crypto/tls times out only when it needs more bytes
+		// from the socket: its decrypted data is used up and what it has
+		// of the next record is incomplete. The socket's readability is
+		// then exactly what a parked reader waits for.
+		switch u := c.NetConn().(type) {
+		case *net.TCPConn:
+			return u
+		case *net.UnixConn:
+			return u
+		}
 	}
-	return false
+	return nil
 }
 
 // startSession admits and logs in a client and registers it. It returns nil,
@@ -2171,6 +2198,7 @@ var dropReasonNames = [numDropReasons]string{
 type serverCounters struct {
 	accepts, connNum, sessions, current, home, notIdeal atomic.Int64
 	dupKeys, dupConns, dupTotal, watchers, parked       atomic.Int64
+	parks                                               atomic.Int64
 	fastStarts, upgrades                                atomic.Int64
 	gotPing, sentPong, unknownFrames, rateWaits         atomic.Int64
 	sentPing, gotPong                                   atomic.Int64
@@ -2259,6 +2287,7 @@ type Stats struct {
 	TotalDupLogins            int64 // logins of a key that was already connected
 	Watchers                  int64 // mesh peers watching connections
 	CurrentParked             int64 // idle sessions with no reader goroutine (WithIdlePark)
+	Parks                     int64 // times a session's reader was parked
 	FastStartLogins           int64 // sessions that skipped the 101 (Derp-Fast-Start: 1)
 	UpgradeLogins             int64 // sessions through a 101 or Accept
 	PacketsReceived           int64 // packets received from local clients
@@ -2300,6 +2329,7 @@ func (s *Server) Stats() Stats {
 		TotalDupLogins:         sc.dupTotal.Load(),
 		Watchers:               sc.watchers.Load(),
 		CurrentParked:          sc.parked.Load(),
+		Parks:                  sc.parks.Load(),
 		FastStartLogins:        sc.fastStarts.Load(),
 		UpgradeLogins:          sc.upgrades.Load(),
 		PacketsForwardedIn:     sc.forwardedIn.Load(),
@@ -2373,6 +2403,7 @@ func (s *Server) WritePrometheus(w io.Writer) error {
 	metric("total_dup_client_conns", "counter", "Logins of an already connected key.", st.TotalDupLogins)
 	metric("watchers", "gauge", "Mesh peers watching connections.", st.Watchers)
 	metric("current_parked_connections", "gauge", "Idle sessions with no reader goroutine.", st.CurrentParked)
+	metric("parks", "counter", "Times a session's reader was parked.", st.Parks)
 	metric("fast_start_logins", "counter", "Sessions that skipped the 101 response.", st.FastStartLogins)
 	metric("upgrade_logins", "counter", "Sessions through a 101 response or Accept.", st.UpgradeLogins)
 	metric("packets_received", "counter", "Packets received from local clients.", st.PacketsReceived)

@@ -55,8 +55,8 @@ func newEpoller() (*epoller, error) {
 
 // epollCtl adds c's socket to or removes it from ep.
 func (ep *epoller) ctl(c *sconn, op int, id uint64) error {
-	sc, ok := c.nc.(syscall.Conn)
-	if !ok {
+	sc := parkSocket(c.nc)
+	if sc == nil {
 		return errNotParkable
 	}
 	rc, err := sc.SyscallConn()
@@ -100,6 +100,7 @@ func (p *parker) add(c *sconn) (uint64, error) {
 	}
 	p.conns[id] = c
 	c.s.stats.parked.Add(1)
+	c.s.stats.parks.Add(1)
 	return id, nil
 }
 
