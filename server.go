@@ -1032,77 +1032,94 @@ var errIdleStall = errors.New("relay: idle between frames")
 var errNotParkable = errors.New("relay: connection cannot be parked")
 
 // setupReads decides, once the session is logged in, how its reads time
-// out: parkable sessions get a read deadline of the park delay (of the idle
-// timeout if shorter), others that answer pings one of the idle timeout.
+// out.
+//
+// A parkable session has a read deadline of the park delay that is not
+// moved by traffic, so that the read path costs nothing: when it passes
+// with the reader between frames, the session parks (a busy one wakes again
+// at once, a few microseconds every park delay); inside a frame it is
+// simply set again. A session that cannot park but answers pings notes when
+// each read begins instead, for a deadline of the idle timeout.
 func (c *sconn) setupReads() {
 	cfg := &c.s.cfg
 	c.parkable = c.s.mayPark(c.nc) &&
 		!(c.pingIdle && cfg.keepAlive <= 0) // the keepalive timer enforces idle_timeout while parked
-	var d time.Duration
-	if c.parkable {
-		d = cfg.idlePark
-	}
-	if c.pingIdle && (d == 0 || cfg.idleTimeout < d) {
-		d = cfg.idleTimeout
-	}
-	if d > 0 {
-		c.br.timeout = d
-		c.br.onStall = c.onStall
-	}
-	if c.parkable {
+	c.br.onStall = c.onStall
+	switch {
+	case c.parkable:
+		c.br.timeout = cfg.idlePark
+		if c.pingIdle {
+			c.br.timeout = min(cfg.idlePark, cfg.idleTimeout)
+		}
 		// Park as soon as the client has nothing more to say after its
 		// login, instead of after the park delay: a storm of logins
 		// (every client of a restarted server) then never holds a
 		// goroutine per session.
 		c.br.arm(time.Now(), 0)
+	case c.pingIdle:
+		c.br.timeout = cfg.idleTimeout
+		c.br.track = true
 	}
 }
 
 // onStall decides what a read that timed out means; since is when the read
-// began, and boundary says no byte of the next frame has arrived. It
-// returns nil to keep waiting, errParked to park the reader, or the error
-// that ends the session.
+// began (tracked sessions only), and boundary says no byte of the next
+// frame has arrived. It returns nil to keep waiting, errIdleStall to have
+// readLoop park the reader, or the error that ends the session.
 func (c *sconn) onStall(since time.Time, boundary bool) error {
 	now := time.Now()
-	idle := now.Sub(since)
 	cfg := &c.s.cfg
-	if c.pingIdle && idle >= cfg.idleTimeout {
-		return c.idleError()
+	if c.br.track {
+		idle := now.Sub(since)
+		if idle >= cfg.idleTimeout {
+			return c.idleError()
+		}
+		c.br.arm(now, min(c.br.timeout, cfg.idleTimeout-idle))
+		return nil
 	}
-	if boundary && c.parkable {
+	if boundary {
 		// readLoop parks the reader once nothing of this goroutine's
 		// stack refers to the reader's state any more.
-		c.br.stallSince = since
 		return errIdleStall
 	}
-	d := c.br.timeout
-	if c.pingIdle {
-		d = min(d, cfg.idleTimeout-idle)
+	// Inside a frame: a slow client, or one that stopped mid-frame.
+	if c.pingIdle && time.Duration(c.br.stalls)*c.br.timeout >= cfg.idleTimeout {
+		return c.idleError()
 	}
-	c.br.arm(now, d)
+	c.br.arm(now, c.br.timeout)
 	return nil
 }
 
 // parkReader hands the idle session's socket to the server's parker; the
 // reader goroutine then exits and must not touch the session's reader state
-// any more. since is when the client last sent anything. If the session
-// cannot be parked it waits with its goroutine, as if parking were off.
-func (c *sconn) parkReader(since time.Time) bool {
+// any more. If the session cannot be parked it goes on as one that cannot.
+func (c *sconn) parkReader() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	now := time.Now()
 	if c.closed || c.endedLocked() {
+		c.br.arm(now, c.br.timeout) // the reader sees the end soon
 		return false
 	}
 	id, err := c.s.park.add(c)
 	if err != nil {
 		c.s.log.Warn("relay: cannot park idle session", "remote", c.remote, "err", err)
 		c.parkable = false
+		if c.pingIdle {
+			c.br.timeout, c.br.track = c.s.cfg.idleTimeout, true
+			c.br.armedAt = time.Time{}
+		} else {
+			c.br.timeout = 0
+			c.nc.SetReadDeadline(time.Time{})
+		}
 		return false
 	}
 	c.readParkID = id
-	c.br.armedAt = time.Time{} // the deadline has passed: arm it again on resume
+	c.br.resumed = true // the deadline has passed: the next reader sets it again
 	if c.pingIdle {
-		c.idleDeadline = since.Add(c.s.cfg.idleTimeout)
+		// The client has been quiet for up to a park delay already;
+		// counting from now errs by at most that on the late side.
+		c.idleDeadline = now.Add(c.s.cfg.idleTimeout)
 		if c.keepTimer != nil && c.idleDeadline.Before(c.nextKeep) {
 			c.keepTimer.Reset(time.Until(c.idleDeadline))
 		}
@@ -1160,6 +1177,11 @@ func (c *sconn) shutdown() {
 // readLoop reads and dispatches frames until the connection ends.
 func (c *sconn) readLoop() error {
 	var sinceYield uint32
+	if c.br.resumed {
+		// A parked session woke up: its deadline has passed.
+		c.br.resumed = false
+		c.br.arm(time.Now(), c.br.timeout)
+	}
 	for {
 		// A reader whose client always has more to send never blocks,
 		// and the Go scheduler would let it run for a whole 10 ms time
@@ -1174,7 +1196,7 @@ func (c *sconn) readLoop() error {
 		t, n, err := readFrameHeader(c.br)
 		c.br.boundary = false
 		if err == errIdleStall {
-			if c.parkReader(c.br.stallSince) {
+			if c.parkReader() {
 				return errParked
 			}
 			continue
@@ -3045,20 +3067,21 @@ func removeLink(links []*meshLink, l *meshLink) []*meshLink {
 // idle session therefore holds no read buffer. Slices returned by Peek are
 // valid only until the next call that consumes bytes.
 //
-// With a timeout set, each read from the connection has a read deadline,
-// refreshed at most four times per timeout so that it costs nothing per
-// packet, and a read that times out asks onStall what to do.
+// With a timeout set, reads from the connection have a read deadline (see
+// sconn.setupReads), and a read that times out asks onStall what to do.
 type connReader struct {
 	nc    net.Conn
 	buf   *[readBufSize]byte // nil while empty
 	r, w  int
 	small [128]byte // where a read waits while buf is nil
 
-	timeout    time.Duration // zero: no read deadline
-	armedAt    time.Time     // when the deadline was last set
-	boundary   bool          // the caller is reading a frame header
-	stallSince time.Time     // with errIdleStall: when the read began
-	onStall    func(since time.Time, boundary bool) error
+	timeout  time.Duration // zero: no read deadline
+	track    bool          // note when each read begins, refresh the deadline
+	armedAt  time.Time     // when the deadline was last set
+	stalls   int           // deadlines passed since the last byte read
+	boundary bool          // the caller is reading a frame header
+	resumed  bool          // set the deadline before the next read
+	onStall  func(since time.Time, boundary bool) error
 }
 
 // arm sets the read deadline to now+d.
@@ -3072,18 +3095,23 @@ func (cr *connReader) read(p []byte) (int, error) {
 	if cr.timeout <= 0 {
 		return cr.nc.Read(p)
 	}
-	since := time.Now()
-	if since.Sub(cr.armedAt) > cr.timeout/4 {
-		cr.arm(since, cr.timeout)
+	var since time.Time
+	if cr.track {
+		since = time.Now()
+		if since.Sub(cr.armedAt) > cr.timeout/4 {
+			cr.arm(since, cr.timeout)
+		}
 	}
 	for {
 		n, err := cr.nc.Read(p)
 		if n > 0 || err == nil {
+			cr.stalls = 0
 			return n, err
 		}
 		if ne, ok := err.(net.Error); !ok || !ne.Timeout() {
 			return n, err
 		}
+		cr.stalls++
 		if err := cr.onStall(since, cr.boundary && cr.r == cr.w); err != nil {
 			return 0, err
 		}

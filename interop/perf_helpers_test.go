@@ -734,7 +734,7 @@ type servedRelay struct {
 	close func() // stops listening and ends every session
 }
 
-// serveRelay serves which ("ours" or "tailscale") on 127.0.0.1 over
+// serveRelay serves which ("ours", "ours-nopark" or "tailscale") on 127.0.0.1 over
 // transport: "http" (plain HTTP with the upgrade, as a server's handler)
 // or "tcp" (Accept on bare TCP connections).
 func serveRelay(which, transport string) (*servedRelay, error) {
@@ -745,12 +745,16 @@ func serveRelay(which, transport string) (*servedRelay, error) {
 		closeServer func()
 	)
 	switch which {
-	case "ours":
+	case "ours", "ours-nopark":
 		priv, err := relay.GeneratePrivateKey()
 		if err != nil {
 			return nil, err
 		}
-		s := relay.NewServer(priv)
+		var opts []relay.ServerOption
+		if which == "ours-nopark" { // to measure what parking costs
+			opts = append(opts, relay.WithIdlePark(0))
+		}
+		s := relay.NewServer(priv, opts...)
 		pub = s.PublicKey()
 		accept, h, closeServer = s.Accept, s, func() { s.Close() }
 	case "tailscale":
