@@ -631,6 +631,39 @@ func TestQueueDropsOldest(t *testing.T) {
 	}
 }
 
+// A burst much larger than a queue, read in one go, reaches a receiver that
+// keeps reading: the reader lets the queue's writer run when the queue
+// fills instead of dropping, even on one CPU.
+func TestBurstLargerThanQueue(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	s := NewServer(mustKey(t), WithQueueDepth(8))
+	addr := tcpServer(t, s)
+	recv := tcpClient(t, addr)
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sender := loginClient(t, nc, mustKey(t))
+	const burst = 200
+	var frames []byte
+	rk := recv.PublicKey()
+	for i := range burst {
+		frames = appendFrame(frames, FrameSendPacket, append(rk[:len(rk):len(rk)], byte(i), 1, 2, 3))
+	}
+	if _, err := nc.Write(frames); err != nil { // one write: the server reads it at once
+		t.Fatal(err)
+	}
+	for i := range burst {
+		got, ok := recvMsg[*ReceivedPacket](t, recv)
+		if !ok {
+			t.FailNow()
+		}
+		if got.Source != sender.PublicKey() || got.Data[0] != byte(i) {
+			t.Fatalf("packet %d: got #%d; dropped: %v", i, got.Data[0], s.Stats().PacketsDropped)
+		}
+	}
+}
+
 func TestWriteTimeoutDropsStalledReader(t *testing.T) {
 	s := NewServer(mustKey(t), WithWriteTimeout(100*time.Millisecond))
 	addr := tcpServer(t, s)
@@ -995,8 +1028,8 @@ func TestConnReader(t *testing.T) {
 			n, err = io.ReadFull(cr, buf)
 			got = append(got, buf[:n]...)
 		case 3:
-			if cr.Buffered() == 0 && cr.buf != nil {
-				t.Fatal("empty reader holds a buffer")
+			if cr.Buffered() == 0 && cr.buf != nil && !cr.hot {
+				t.Fatal("empty reader holds a buffer though the socket looked drained")
 			}
 			var p []byte
 			if p, err = cr.Peek(40); err == nil {
@@ -1019,6 +1052,123 @@ func TestConnReader(t *testing.T) {
 	if cr.buf != nil {
 		t.Fatal("drained reader holds a buffer")
 	}
+}
+
+// A client that keeps the socket full is read 16 KiB at a time, whatever
+// the packet size: not one system call for each header and payload.
+func TestConnReaderBatchesReads(t *testing.T) {
+	for _, size := range []int{100, 1200, 5000, 10000} {
+		var stream []byte
+		const frames = 100
+		for i := range frames {
+			pkt := bytes.Repeat([]byte{byte(i)}, size)
+			stream = appendFrame(stream, FrameSendPacket, append(make([]byte, KeyLen), pkt...))
+		}
+		cn := &countingConn{r: bytes.NewReader(stream)}
+		cr := newConnReader(cn, nil)
+		payload := make([]byte, size)
+		for i := range frames {
+			typ, n, err := readFrameHeader(cr)
+			if err != nil || typ != FrameSendPacket || int(n) != KeyLen+size {
+				t.Fatalf("%d B, frame %d: %v %v %v", size, i, typ, n, err)
+			}
+			if _, err := cr.Discard(KeyLen); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := io.ReadFull(cr, payload); err != nil || payload[0] != byte(i) || payload[size-1] != byte(i) {
+				t.Fatalf("%d B, frame %d: payload %v", size, i, err)
+			}
+		}
+		// A little slack over the ideal for the first small read and
+		// for payloads read around the buffer's end.
+		if ideal := len(stream)/readBufSize + 1; cn.reads > 2*ideal+2 {
+			t.Errorf("%d B packets: %d reads for %d bytes, want about %d", size, cn.reads, len(stream), ideal)
+		}
+	}
+}
+
+// The same over TCP with raw reads (Linux): the stream sits in the socket
+// before the reader starts, and each system call takes up to 16 KiB of it.
+func TestConnReaderRawBatchesReads(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	cc, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	sc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sc.Close()
+	raw := rawReader(sc)
+	if raw == nil {
+		t.Skip("no raw reads on " + runtime.GOOS)
+	}
+	const frames, size = 60, 1200
+	var stream []byte
+	for i := range frames {
+		stream = appendFrame(stream, FrameSendPacket, append(make([]byte, KeyLen), bytes.Repeat([]byte{byte(i)}, size)...))
+	}
+	if _, err := cc.Write(stream); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // let loopback deliver it all
+	cr := newConnReader(sc, nil)
+	var calls, waits int
+	cr.raw = raw
+	cr.rawFn = func(fd uintptr) bool {
+		calls++
+		ok := cr.rawRead(fd)
+		if !ok {
+			waits++
+			if cr.buf != nil {
+				t.Error("a raw read waiting for the socket holds a buffer")
+			}
+		}
+		return ok
+	}
+	payload := make([]byte, size)
+	for i := range frames {
+		if _, n, err := readFrameHeader(cr); err != nil || int(n) != KeyLen+size {
+			t.Fatalf("frame %d: %v %v", i, n, err)
+		}
+		cr.Discard(KeyLen)
+		if _, err := io.ReadFull(cr, payload); err != nil || payload[0] != byte(i) {
+			t.Fatalf("frame %d: %v", i, err)
+		}
+	}
+	if ideal := len(stream)/readBufSize + 1; calls-waits > ideal+1 {
+		t.Errorf("%d reads for %d bytes, want about %d", calls-waits, len(stream), ideal)
+	}
+	// Nothing more is coming: the next read waits, without a buffer,
+	// until the peer closes.
+	time.AfterFunc(20*time.Millisecond, func() { cc.Close() })
+	if _, err := cr.ReadByte(); err != io.EOF {
+		t.Fatalf("after the peer closed: %v, want EOF", err)
+	}
+	if waits == 0 {
+		t.Error("the last read did not wait for the socket")
+	}
+	if cr.buf != nil {
+		t.Error("reader at EOF holds a buffer")
+	}
+}
+
+// countingConn is a net.Conn reading from r that counts Read calls.
+type countingConn struct {
+	net.Conn
+	r     io.Reader
+	reads int
+}
+
+func (c *countingConn) Read(p []byte) (int, error) {
+	c.reads++
+	return c.r.Read(p)
 }
 
 func TestAdmissionURL(t *testing.T) {

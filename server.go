@@ -432,6 +432,7 @@ type sconn struct {
 	closeAfter   bool   // close the conn after writing the outbox (server Close)
 	writing      bool   // a writer goroutine is running
 	parked       bool   // the writer is waiting on wake for more to write
+	flushing     bool   // the writer is writing what it took (or blocked on the socket)
 	wake         chan struct{}
 	closed       bool // session over: enqueue drops
 	registered   bool // in the routing table
@@ -1045,6 +1046,10 @@ func (c *sconn) setupReads() {
 	c.parkable = c.s.mayPark(c.nc) &&
 		!(c.pingIdle && cfg.keepAlive <= 0) // the keepalive timer enforces idle_timeout while parked
 	c.br.onStall = c.onStall
+	if raw := rawReader(c.nc); raw != nil {
+		c.br.raw = raw
+		c.br.rawFn = c.br.rawRead
+	}
 	switch {
 	case c.parkable:
 		c.br.timeout = cfg.idlePark
@@ -1115,6 +1120,7 @@ func (c *sconn) parkReader() bool {
 		return false
 	}
 	c.readParkID = id
+	c.br.drop()         // empty: the reader is between frames
 	c.br.resumed = true // the deadline has passed: the next reader sets it again
 	if c.pingIdle {
 		// The client has been quiet for up to a park delay already;
@@ -1618,6 +1624,26 @@ func (c *sconn) enqueue(p *packet, disco bool) {
 	if q.buf == nil {
 		q.buf = make([]*packet, c.s.cfg.queueDepth)
 	}
+	// Let the writer run before dropping: the queue may be full only
+	// because the writer has not had a CPU since it was woken, and a
+	// sender whose bursts outrun one queue would then lose most of them
+	// to the scheduler. (One yield is not always enough: the scheduler
+	// sometimes runs the yielding goroutine again first.) If the client
+	// is slow instead (its writer is blocked writing), one yield slows
+	// the sender's reader, and TCP the sender, rather than the server
+	// reading packets only to drop them.
+	for tries := 0; q.n == len(q.buf) && c.writing && tries < 4 && !(c.flushing && tries > 0); tries++ {
+		c.kickLocked()
+		c.mu.Unlock()
+		runtime.Gosched()
+		c.mu.Lock()
+		if c.closed {
+			c.mu.Unlock()
+			c.s.stats.drop(dropGone, disco, p.n)
+			putPacket(p)
+			return
+		}
+	}
 	if old := q.push(p); old != nil {
 		c.s.stats.drop(dropQueueHead, disco, old.n)
 		putPacket(old)
@@ -1697,6 +1723,7 @@ func (c *sconn) writeLoop() {
 	}()
 	for {
 		c.mu.Lock()
+		c.flushing = false
 		closeAfter := c.closeAfter
 		if !c.takeLocked(ws) {
 			if closeAfter || c.closed || !c.park(linger) {
@@ -1714,6 +1741,7 @@ func (c *sconn) writeLoop() {
 			c.mu.Unlock()
 			continue
 		}
+		c.flushing = true
 		c.mu.Unlock()
 		c.registerRecipients(ws)
 		err := c.writeBatch(ws)
@@ -1725,6 +1753,7 @@ func (c *sconn) writeLoop() {
 		if err != nil {
 			c.writeFailed(err)
 			c.mu.Lock()
+			c.flushing = false
 			c.writing = false
 			c.wake = nil
 			c.mu.Unlock()
@@ -3062,10 +3091,12 @@ func removeLink(links []*meshLink, l *meshLink) []*meshLink {
 }
 
 // connReader buffers a session's reads like a bufio.Reader, but holds its
-// buffer only while it has unread bytes: once they are consumed the buffer
-// goes back to a pool, and the next read waits with a small inline array. An
-// idle session therefore holds no read buffer. Slices returned by Peek are
-// valid only until the next call that consumes bytes.
+// buffer only while the client is sending faster than the server reads: once
+// the bytes are consumed and the last read found the socket drained, the
+// buffer goes back to a pool, and the next read waits with a small inline
+// array. An idle session therefore holds no read buffer, and a busy one
+// reads up to 16 KiB (many packets) per system call. Slices returned by Peek
+// are valid only until the next call that consumes bytes.
 //
 // With a timeout set, reads from the connection have a read deadline (see
 // sconn.setupReads), and a read that times out asks onStall what to do.
@@ -3074,6 +3105,7 @@ type connReader struct {
 	buf   *[readBufSize]byte // nil while empty
 	r, w  int
 	small [128]byte // where a read waits while buf is nil
+	hot   bool      // the last read filled the space it had: more is likely queued
 
 	timeout  time.Duration // zero: no read deadline
 	track    bool          // note when each read begins, refresh the deadline
@@ -3082,6 +3114,15 @@ type connReader struct {
 	boundary bool          // the caller is reading a frame header
 	resumed  bool          // set the deadline before the next read
 	onStall  func(since time.Time, boundary bool) error
+
+	// With raw set (plain sockets on Linux), fill reads through the
+	// runtime's poller with a callback that takes a pooled buffer only
+	// when the socket has bytes: every read is a large one, and a reader
+	// waiting for data holds no buffer.
+	raw    syscall.RawConn
+	rawFn  func(fd uintptr) bool // rawRead, bound once
+	rawN   int
+	rawErr error
 }
 
 // arm sets the read deadline to now+d.
@@ -3120,6 +3161,11 @@ func (cr *connReader) read(p []byte) (int, error) {
 
 const readBufSize = 16 << 10
 
+// directReadSize is the payload size from which Read skips the buffer even
+// when more is queued: copying it would cost more than the system call
+// saved.
+const directReadSize = 8 << 10
+
 var readBufPool = sync.Pool{New: func() any { return new([readBufSize]byte) }}
 
 // newConnReader returns a reader of nc that first returns what br (the
@@ -3157,19 +3203,40 @@ func (cr *connReader) Buffered() int { return cr.w - cr.r }
 // Size returns the most Peek can return.
 func (cr *connReader) Size() int { return readBufSize }
 
-// release gives the buffer back when everything in it was consumed.
+// release gives the buffer back when everything in it was consumed and the
+// socket looked drained; while more is likely queued the buffer is kept for
+// the next read (raw readers give it back when they find the socket empty).
 func (cr *connReader) release() {
 	if cr.r == cr.w && cr.buf != nil {
+		if cr.hot || cr.raw != nil {
+			cr.r, cr.w = 0, 0
+			return
+		}
+		cr.drop()
+	}
+}
+
+// drop gives the buffer back; it must be empty.
+func (cr *connReader) drop() {
+	if cr.buf != nil {
 		readBufPool.Put(cr.buf)
 		cr.buf, cr.r, cr.w = nil, 0, 0
 	}
+	cr.hot = false
 }
 
 // fill reads at least one more byte.
 func (cr *connReader) fill() error {
+	if cr.raw != nil {
+		return cr.fillRaw()
+	}
+	if cr.buf == nil && cr.hot {
+		cr.buf = readBufPool.Get().(*[readBufSize]byte)
+	}
 	if cr.buf == nil {
 		n, err := cr.read(cr.small[:])
 		if n > 0 {
+			cr.hot = n == len(cr.small)
 			cr.buf = readBufPool.Get().(*[readBufSize]byte)
 			cr.r, cr.w = 0, copy(cr.buf[:], cr.small[:n])
 			return nil
@@ -3179,11 +3246,14 @@ func (cr *connReader) fill() error {
 		}
 		return err
 	}
-	if cr.r > 0 && cr.w == len(cr.buf) {
+	if cr.r == cr.w {
+		cr.r, cr.w = 0, 0
+	} else if cr.r > 0 && cr.w == len(cr.buf) {
 		cr.w = copy(cr.buf[:], cr.buf[cr.r:cr.w])
 		cr.r = 0
 	}
 	n, err := cr.read(cr.buf[cr.w:])
+	cr.hot = n == len(cr.buf)-cr.w
 	cr.w += n
 	if n > 0 {
 		return nil
@@ -3192,6 +3262,70 @@ func (cr *connReader) fill() error {
 		err = io.ErrNoProgress
 	}
 	return err
+}
+
+// fillRaw is fill for raw readers: one read of whatever the socket has, up
+// to the buffer's free space, with read deadlines handled as in read.
+func (cr *connReader) fillRaw() error {
+	var since time.Time
+	if cr.track {
+		since = time.Now()
+		if since.Sub(cr.armedAt) > cr.timeout/4 {
+			cr.arm(since, cr.timeout)
+		}
+	}
+	for {
+		cr.rawN, cr.rawErr = 0, nil
+		err := cr.raw.Read(cr.rawFn)
+		if cr.rawN > 0 {
+			cr.w += cr.rawN
+			cr.stalls = 0
+			return nil
+		}
+		if err == nil {
+			err = cr.rawErr
+		}
+		if err == nil {
+			return io.EOF
+		}
+		if ne, ok := err.(net.Error); ok && ne.Timeout() && cr.timeout > 0 {
+			cr.stalls++
+			if err := cr.onStall(since, cr.boundary && cr.r == cr.w); err != nil {
+				return err
+			}
+			continue
+		}
+		return err
+	}
+}
+
+// rawRead is the raw reader's callback: it reads from fd into the buffer,
+// taking one from the pool if needed, and reports false (wait for the
+// socket) with the buffer given back if it was empty, when the socket has
+// nothing.
+func (cr *connReader) rawRead(fd uintptr) bool {
+	switch {
+	case cr.buf == nil:
+		cr.buf = readBufPool.Get().(*[readBufSize]byte)
+		cr.r, cr.w = 0, 0
+	case cr.r == cr.w:
+		cr.r, cr.w = 0, 0
+	case cr.w == len(cr.buf):
+		cr.w = copy(cr.buf[:], cr.buf[cr.r:cr.w])
+		cr.r = 0
+	}
+	n, err := sysRead(fd, cr.buf[cr.w:])
+	if err == errWouldBlock {
+		if cr.r == cr.w {
+			cr.drop()
+		}
+		return false
+	}
+	if n <= 0 && cr.r == cr.w {
+		cr.drop() // the end of the stream, or an error
+	}
+	cr.rawN, cr.rawErr = max(n, 0), err
+	return true
 }
 
 // Peek returns the next n bytes without consuming them.
@@ -3236,15 +3370,18 @@ func (cr *connReader) Discard(n int) (int, error) {
 }
 
 // Read reads into p: buffered bytes first, otherwise straight from the
-// connection (large payloads are not copied twice).
+// connection for large payloads (not copied twice), or through the buffer
+// (many frames per system call).
 func (cr *connReader) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
 	if cr.w == cr.r {
 		cr.release()
-		if len(p) >= len(cr.small) {
-			return cr.read(p)
+		if len(p) >= directReadSize || (cr.raw == nil && cr.buf == nil && len(p) >= len(cr.small)) {
+			n, err := cr.read(p)
+			cr.hot = n == len(p)
+			return n, err
 		}
 		if err := cr.fill(); err != nil {
 			return 0, err

@@ -3,6 +3,8 @@
 package relay
 
 import (
+	"errors"
+	"net"
 	"os"
 	"sync"
 	"syscall"
@@ -179,5 +181,43 @@ func (p *parker) poll(ep *epoller) {
 			woken[i] = ready{}
 		}
 		woken = woken[:0]
+	}
+}
+
+// rawReader returns the raw connection of a plain socket, for
+// connReader's raw reads, or nil.
+func rawReader(nc net.Conn) syscall.RawConn {
+	var sc syscall.Conn
+	switch c := nc.(type) {
+	case *net.TCPConn:
+		sc = c
+	case *net.UnixConn:
+		sc = c
+	default:
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return rc
+}
+
+// errWouldBlock is sysRead's answer when the socket has nothing to read.
+var errWouldBlock = errors.New("relay: would block")
+
+// sysRead reads from the non-blocking socket fd.
+func sysRead(fd uintptr, p []byte) (int, error) {
+	for {
+		n, err := syscall.Read(int(fd), p)
+		switch err {
+		case nil:
+			return n, nil
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			return 0, errWouldBlock
+		}
+		return 0, os.NewSyscallError("read", err)
 	}
 }

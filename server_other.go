@@ -2,6 +2,12 @@
 
 package relay
 
+import (
+	"errors"
+	"net"
+	"syscall"
+)
+
 // parkSupported reports whether idle sessions can give up their reader
 // goroutine on this platform.
 const parkSupported = false
@@ -11,3 +17,10 @@ type parker struct{}
 
 func (p *parker) add(c *sconn) (uint64, error)    { return 0, errNotParkable }
 func (p *parker) remove(c *sconn, id uint64) bool { return false }
+
+// rawReader returns nil here: connReader reads through net.Conn.Read.
+func rawReader(nc net.Conn) syscall.RawConn { return nil }
+
+var errWouldBlock = errors.New("relay: would block")
+
+func sysRead(fd uintptr, p []byte) (int, error) { return 0, errors.ErrUnsupported }
