@@ -37,6 +37,15 @@
 // [Handshake], and falls back to the classic upgrade whenever the meta cert
 // is missing (TLS 1.2, plain HTTP, a TLS-intercepting proxy).
 //
+// # Cost
+//
+// A relay spends its life moving small packets for many mostly idle clients.
+// The server allocates nothing per relayed packet and reads and writes many
+// packets per system call. On Linux an idle session holds no goroutine and
+// no buffer: its socket waits in an epoll set of the server's own until the
+// client sends again (see [WithIdlePark]); a session served by ServeHTTP then
+// costs about 3 KiB over plain HTTP and 10 KiB over TLS.
+//
 // # Where to start
 //
 // The examples are the place to start: a [Server] serving /derp from a

@@ -4,8 +4,8 @@ package relay
 //
 //	 client A's conn                                      client B's conn
 //	┌──────────────┐   route: shard RLock,   ┌───────────────────────────┐
-//	│ reader (the  │   map lookup, active    │ B.mu: outbox              │
-//	│ Accept call) │──conn pointer──────────▶│   disco ring | other ring │
+//	│ reader       │   map lookup, active    │ B.mu: outbox              │
+//	│ goroutine    │──conn pointer──────────▶│   disco ring | other ring │
 //	│ header, dst, │   copy once into a      │   pong, peer gone, mesh   │
 //	│ payload      │   pooled packet         │   updates, health, ...    │
 //	└──────────────┘                         └────────────┬──────────────┘
@@ -24,10 +24,16 @@ package relay
 // except in register/unregister, which take shard.mu then conn.mu; the
 // writer takes conn.mu alone, and takes shard locks only after releasing it.
 // Readers never block on a slow receiver: enqueue only appends to a bounded
-// ring under the receiver's mutex and, when the ring is full, drops the
-// oldest packet. An idle client costs its reader goroutine and its read
-// buffer; the writer goroutine and write buffer exist only while there is
-// something to write.
+// ring under the receiver's mutex and, when the ring is full, yields to the
+// receiver's writer a few times, then drops the oldest packet. Lock order:
+// s.mu, then a conn's mu, then the parker's mu.
+//
+// Idle costs: the writer goroutine and write buffer exist only while there
+// is something to write, and the read buffer only while there are unread
+// bytes. The reader goroutine exists only while the client sends: an idle
+// session parks (see WithIdlePark, parkReader and server_linux.go), its
+// socket watched by the parker's epoll set, and a new reader starts when
+// bytes arrive.
 
 import (
 	"bufio"
@@ -251,7 +257,9 @@ func WithKeepAlive(d time.Duration) ServerOption {
 // was read for d ends with the reason "idle_timeout". This finds vanished
 // clients without relying on TCP timeouts. d should exceed the keepalive
 // interval plus jitter. Default 150 s; zero turns the check off. Mesh peers
-// and clients that cannot ack pings are exempt.
+// and clients that cannot ack pings are exempt. For a parked session (see
+// WithIdlePark) the keepalive timer enforces it, counting from when the
+// session parked: it may end up to one park delay late.
 func WithIdleTimeout(d time.Duration) ServerOption {
 	return func(c *serverConfig) { c.idleTimeout = d }
 }
@@ -1611,10 +1619,7 @@ func (c *sconn) enqueuePeerGone(k PublicKey, r PeerGoneReason) {
 // same class if the queue is full. It never blocks on c's writer.
 func (c *sconn) enqueue(p *packet, disco bool) {
 	c.mu.Lock()
-	if c.closed {
-		c.mu.Unlock()
-		c.s.stats.drop(dropGone, disco, p.n)
-		putPacket(p)
+	if c.refuseClosedLocked(p, disco) {
 		return
 	}
 	q := &c.other
@@ -1637,10 +1642,7 @@ func (c *sconn) enqueue(p *packet, disco bool) {
 		c.mu.Unlock()
 		runtime.Gosched()
 		c.mu.Lock()
-		if c.closed {
-			c.mu.Unlock()
-			c.s.stats.drop(dropGone, disco, p.n)
-			putPacket(p)
+		if c.refuseClosedLocked(p, disco) {
 			return
 		}
 	}
@@ -1658,6 +1660,17 @@ func (c *sconn) enqueue(p *packet, disco bool) {
 	}
 	c.kickLocked()
 	c.mu.Unlock()
+}
+
+// refuseClosedLocked drops p and unlocks c.mu if the session is over.
+func (c *sconn) refuseClosedLocked(p *packet, disco bool) bool {
+	if !c.closed {
+		return false
+	}
+	c.mu.Unlock()
+	c.s.stats.drop(dropGone, disco, p.n)
+	putPacket(p)
+	return true
 }
 
 // maxQueueBytes caps the packet bytes waiting in each of a client's two
@@ -3136,27 +3149,39 @@ func (cr *connReader) read(p []byte) (int, error) {
 	if cr.timeout <= 0 {
 		return cr.nc.Read(p)
 	}
-	var since time.Time
-	if cr.track {
-		since = time.Now()
-		if since.Sub(cr.armedAt) > cr.timeout/4 {
-			cr.arm(since, cr.timeout)
-		}
-	}
+	since := cr.beginRead()
 	for {
 		n, err := cr.nc.Read(p)
 		if n > 0 || err == nil {
 			cr.stalls = 0
 			return n, err
 		}
-		if ne, ok := err.(net.Error); !ok || !ne.Timeout() {
-			return n, err
-		}
-		cr.stalls++
-		if err := cr.onStall(since, cr.boundary && cr.r == cr.w); err != nil {
+		if err := cr.stalled(err, since); err != nil {
 			return 0, err
 		}
 	}
+}
+
+// beginRead returns when a read begins, for tracked readers (the zero time
+// for others), and refreshes their deadline at most four times a period.
+func (cr *connReader) beginRead() (since time.Time) {
+	if cr.track {
+		since = time.Now()
+		if since.Sub(cr.armedAt) > cr.timeout/4 {
+			cr.arm(since, cr.timeout)
+		}
+	}
+	return since
+}
+
+// stalled returns err unless it is a read timeout, for which it returns
+// onStall's verdict: nil to read again.
+func (cr *connReader) stalled(err error, since time.Time) error {
+	if ne, ok := err.(net.Error); !ok || !ne.Timeout() || cr.timeout <= 0 {
+		return err
+	}
+	cr.stalls++
+	return cr.onStall(since, cr.boundary && cr.r == cr.w)
 }
 
 const readBufSize = 16 << 10
@@ -3267,13 +3292,7 @@ func (cr *connReader) fill() error {
 // fillRaw is fill for raw readers: one read of whatever the socket has, up
 // to the buffer's free space, with read deadlines handled as in read.
 func (cr *connReader) fillRaw() error {
-	var since time.Time
-	if cr.track {
-		since = time.Now()
-		if since.Sub(cr.armedAt) > cr.timeout/4 {
-			cr.arm(since, cr.timeout)
-		}
-	}
+	since := cr.beginRead()
 	for {
 		cr.rawN, cr.rawErr = 0, nil
 		err := cr.raw.Read(cr.rawFn)
@@ -3288,14 +3307,9 @@ func (cr *connReader) fillRaw() error {
 		if err == nil {
 			return io.EOF
 		}
-		if ne, ok := err.(net.Error); ok && ne.Timeout() && cr.timeout > 0 {
-			cr.stalls++
-			if err := cr.onStall(since, cr.boundary && cr.r == cr.w); err != nil {
-				return err
-			}
-			continue
+		if err := cr.stalled(err, since); err != nil {
+			return err
 		}
-		return err
 	}
 }
 
