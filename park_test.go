@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
@@ -289,4 +290,52 @@ func (c *splitConn) Write(p []byte) (int, error) {
 	c.mid()
 	m, err := c.Conn.Write(p[len(p)/2:])
 	return n + m, err
+}
+
+// Accept given a buffered reader that already holds more than the session's
+// own buffer can take: the session must read through that reader (neither
+// raw socket reads nor parking may skip its bytes).
+func TestAcceptLargeBufferedReader(t *testing.T) {
+	s := newTestServer(t, WithIdlePark(10*time.Millisecond))
+	b := tcpClient(t, tcpServer(t, s))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	cc, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	sc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bk := b.PublicKey()
+	stream := rawLogin(t, s.PublicKey())
+	const frames, size = 40, 1000
+	for i := range frames {
+		stream = appendFrame(stream, FrameSendPacket, append(bk[:len(bk):len(bk)], bytes.Repeat([]byte{byte(i)}, size)...))
+	}
+	if _, err := cc.Write(stream); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReaderSize(sc, 64<<10)
+	if _, err := br.Peek(len(stream)); err != nil { // all of it, more than readBufSize
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		s.Accept(context.Background(), sc, bufio.NewReadWriter(br, bufio.NewWriter(sc)), sc.RemoteAddr().String())
+		close(done)
+	}()
+	for i := range frames {
+		got, ok := recvMsg[*ReceivedPacket](t, b)
+		if !ok || len(got.Data) != size || got.Data[0] != byte(i) {
+			t.Fatalf("packet %d: %v", i, got)
+		}
+	}
+	cc.Close()
+	<-done
 }

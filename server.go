@@ -1051,10 +1051,13 @@ var errNotParkable = errors.New("relay: connection cannot be parked")
 // each read begins instead, for a deadline of the idle timeout.
 func (c *sconn) setupReads() {
 	cfg := &c.s.cfg
-	c.parkable = c.s.mayPark(c.nc) &&
+	// c.br.nc, not c.nc: it is a wrapper when the caller's buffered
+	// reader held more than c.br could take, and neither parking nor raw
+	// reads may skip those bytes.
+	c.parkable = c.s.mayPark(c.br.nc) &&
 		!(c.pingIdle && cfg.keepAlive <= 0) // the keepalive timer enforces idle_timeout while parked
 	c.br.onStall = c.onStall
-	if raw := rawReader(c.nc); raw != nil {
+	if raw := rawReader(c.br.nc); raw != nil {
 		c.br.raw = raw
 		c.br.rawFn = c.br.rawRead
 	}
