@@ -3,6 +3,7 @@ package relay
 import (
 	"fmt"
 	"net"
+	"net/http/httptest"
 	"os"
 	"runtime"
 	"runtime/pprof"
@@ -71,13 +72,29 @@ func benchSendRecv(b *testing.B, size int) {
 // BenchmarkIdleClients measures what an idle logged-in client costs the
 // server: heap and stack bytes, and goroutines, per client. The clients are
 // bare sockets that wrote a ClientInfo and read nothing, so nearly all the
-// memory measured is the server's.
+// memory measured is the server's. "accept" serves them with Accept (whose
+// caller's goroutine waits for each session), "http" with ServeHTTP behind
+// a net/http server; on Linux their sessions park.
 func BenchmarkIdleClients(b *testing.B) {
+	for _, via := range []string{"accept", "http"} {
+		b.Run(via, func(b *testing.B) { benchIdleClients(b, via) })
+	}
+}
+
+func benchIdleClients(b *testing.B, via string) {
 	const n = 2000
 	for range b.N {
 		b.StopTimer()
 		s := NewServer(mustKey(b))
-		addr := tcpServer(b, s)
+		var addr, request string
+		var ts *httptest.Server
+		if via == "http" {
+			ts = httptest.NewServer(s)
+			addr = ts.Listener.Addr().String()
+			request = "GET /derp HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n"
+		} else {
+			addr = tcpServer(b, s)
+		}
 		runtime.GC()
 		var before runtime.MemStats
 		runtime.ReadMemStats(&before)
@@ -89,7 +106,7 @@ func BenchmarkIdleClients(b *testing.B) {
 				b.Fatal(err)
 			}
 			conns = append(conns, nc)
-			if _, err := nc.Write(rawLogin(b, s.PublicKey())); err != nil {
+			if _, err := nc.Write(append([]byte(request), rawLogin(b, s.PublicKey())...)); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -114,9 +131,10 @@ func BenchmarkIdleClients(b *testing.B) {
 		mem := float64(after.HeapInuse+after.StackInuse) - float64(before.HeapInuse+before.StackInuse)
 		b.ReportMetric(mem/n/1024, "KiB/client")
 		b.ReportMetric(float64(g1-g0)/n, "goroutines/client")
-		b.ReportMetric(float64(after.StackInuse-before.StackInuse)/n/1024, "stackKiB/client")
+		b.ReportMetric((float64(after.StackInuse)-float64(before.StackInuse))/n/1024, "stackKiB/client")
+		b.ReportMetric(float64(s.Stats().CurrentParked)/n, "parked/client")
 		if f := os.Getenv("RELAY_IDLE_HEAP_PROFILE"); f != "" {
-			out, _ := os.Create(f)
+			out, _ := os.Create(f + "." + via)
 			pprof.WriteHeapProfile(out)
 			out.Close()
 		}
@@ -124,6 +142,9 @@ func BenchmarkIdleClients(b *testing.B) {
 			nc.Close()
 		}
 		s.Close()
+		if ts != nil {
+			ts.Close()
+		}
 	}
 }
 
