@@ -298,20 +298,7 @@ func (c *splitConn) Write(p []byte) (int, error) {
 func TestAcceptLargeBufferedReader(t *testing.T) {
 	s := newTestServer(t, WithIdlePark(10*time.Millisecond))
 	b := tcpClient(t, tcpServer(t, s))
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	cc, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
-	sc, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
+	cc, sc := tcpPair(t)
 	bk := b.PublicKey()
 	stream := rawLogin(t, s.PublicKey())
 	const frames, size = 40, 1000

@@ -161,6 +161,28 @@ func acceptLoop(t testing.TB, ln net.Listener, handle func(net.Conn)) {
 	})
 }
 
+// tcpPair returns both ends of a loopback TCP connection, closed when the
+// test ends.
+func tcpPair(t testing.TB) (client, server net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err = net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err = ln.Accept()
+	if err != nil {
+		client.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close(); server.Close() })
+	return client, server
+}
+
 func tcpClient(t testing.TB, addr string, opts ...ClientOption) *Client {
 	t.Helper()
 	nc, err := net.Dial("tcp", addr)
@@ -992,20 +1014,7 @@ func TestConnReader(t *testing.T) {
 		testConnReader(t, cc, sc, false)
 	})
 	t.Run("tcp-raw", func(t *testing.T) {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close()
-		cc, err := net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		sc, err := ln.Accept()
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer sc.Close()
+		cc, sc := tcpPair(t)
 		if rawReader(sc) == nil {
 			t.Skip("no raw reads on " + runtime.GOOS)
 		}
@@ -1124,21 +1133,7 @@ func TestConnReaderBatchesReads(t *testing.T) {
 // The same over TCP with raw reads (Linux): the stream sits in the socket
 // before the reader starts, and each system call takes up to 16 KiB of it.
 func TestConnReaderRawBatchesReads(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	cc, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
-	sc, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sc.Close()
+	cc, sc := tcpPair(t)
 	raw := rawReader(sc)
 	if raw == nil {
 		t.Skip("no raw reads on " + runtime.GOOS)
