@@ -1322,3 +1322,118 @@ func lastPacketByte(c *Client, quiet time.Duration) byte {
 		}
 	}
 }
+
+// The writev path puts on the wire exactly the bytes of the buffered path,
+// for batches that mix control frames, payloads copied next to their header
+// and payloads written from their own buffers, with and without a source
+// key, and a Restarting notice that must stay last.
+func TestWriteVecMatchesBuffered(t *testing.T) {
+	s := NewServer(mustKey(t))
+	defer s.Close()
+	src := mustKey(t).Public()
+	sizes := []int{0, 1, vecCopyMax, vecCopyMax + 1, 1200, 10000, MaxPacketSize, 7, vecCopyMax + 1}
+	for _, restart := range []bool{false, true} {
+		for _, ctlFirst := range []bool{false, true} {
+			ws := &writerState{bw: bufio.NewWriterSize(nil, 32<<10)}
+			if ctlFirst {
+				ws.control = appendFrame(ws.control, FramePong, []byte("12345678"))
+				ws.control = appendFrame(ws.control, FrameKeepAlive, nil)
+			}
+			if restart {
+				ws.control = appendFrame(ws.control, FrameRestarting, appendRestarting(nil, time.Second, time.Minute))
+			}
+			for i, n := range sizes {
+				p := getPacket(n)
+				p.n = n
+				for j := range n {
+					p.buf[j] = byte(i + j*3)
+				}
+				if i%2 == 0 {
+					p.src = src
+				} else {
+					p.src = PublicKey{} // no source: forwarded without one
+				}
+				ws.pkts = append(ws.pkts, p)
+			}
+
+			var want bytes.Buffer
+			cb := &sconn{s: s, nc: nopWriteConn{&want}}
+			ws.bw.Reset(&want)
+			if err := cb.writeBatch(ws); err != nil {
+				t.Fatal(err)
+			}
+
+			client, server := tcpPair(t)
+			cv := &sconn{s: s, nc: server, vectored: true}
+			got := make(chan []byte, 1)
+			go func() {
+				b, _ := io.ReadAll(client)
+				got <- b
+			}()
+			if err := cv.writeBatch(ws); err != nil {
+				t.Fatal(err)
+			}
+			server.Close()
+			if g := <-got; !bytes.Equal(g, want.Bytes()) {
+				t.Errorf("restart=%v ctl=%v: writev wrote %d bytes, the buffered path %d; first difference at %d",
+					restart, ctlFirst, len(g), want.Len(), firstDiff(g, want.Bytes()))
+			}
+			if len(ws.vec) == 0 || ws.vec[0] != nil {
+				t.Errorf("vec not cleared after the write: %d entries", len(ws.vec))
+			}
+			for _, p := range ws.pkts {
+				putPacket(p)
+			}
+		}
+	}
+}
+
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return min(len(a), len(b))
+}
+
+// nopWriteConn is a net.Conn that only writes, into w.
+type nopWriteConn struct{ w io.Writer }
+
+func (c nopWriteConn) Read([]byte) (int, error)         { return 0, io.EOF }
+func (c nopWriteConn) Write(b []byte) (int, error)      { return c.w.Write(b) }
+func (c nopWriteConn) Close() error                     { return nil }
+func (c nopWriteConn) LocalAddr() net.Addr              { return nil }
+func (c nopWriteConn) RemoteAddr() net.Addr             { return nil }
+func (c nopWriteConn) SetDeadline(time.Time) error      { return nil }
+func (c nopWriteConn) SetReadDeadline(time.Time) error  { return nil }
+func (c nopWriteConn) SetWriteDeadline(time.Time) error { return nil }
+
+// A batch whose write fails is counted lost, every packet of it, as
+// write_error.
+func TestWriteErrorCountsBatch(t *testing.T) {
+	s := NewServer(mustKey(t))
+	defer s.Close()
+	for _, vectored := range []bool{false, true} {
+		client, server := tcpPair(t)
+		client.Close()
+		server.Close() // writes now fail with net.ErrClosed
+		c := &sconn{s: s, nc: server, vectored: vectored}
+		ws := &writerState{bw: bufio.NewWriterSize(server, 32<<10)}
+		for _, n := range []int{100, 1200, 5000} {
+			p := getPacket(n)
+			p.n = n
+			ws.pkts = append(ws.pkts, p)
+		}
+		before := s.Stats().PacketsDropped["write_error/other"]
+		if err := c.writeBatch(ws); err == nil {
+			t.Fatalf("vectored=%v: write to a closed conn succeeded", vectored)
+		}
+		if got := s.Stats().PacketsDropped["write_error/other"] - before; got != 3 {
+			t.Errorf("vectored=%v: write_error drops = %d, want 3", vectored, got)
+		}
+		for _, p := range ws.pkts {
+			putPacket(p)
+		}
+	}
+}

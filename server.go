@@ -406,6 +406,7 @@ type sconn struct {
 
 	pingIdle bool // liveness pings and an idle read deadline apply (set at login)
 	parkable bool // the reader may be parked when idle (set by setupReads)
+	vectored bool // nc is a plain socket: the writer uses writev, not a bufio.Writer
 
 	// Reader-owned: destinations this client sent to (noteSentTo).
 	lastDst      PublicKey
@@ -572,6 +573,10 @@ func (s *Server) startSession(ctx context.Context, nc net.Conn, brw *bufio.ReadW
 		connNum:    s.stats.connNum.Add(1),
 		ctx:        ctx,
 		notHere:    tokenBucket{rate: 1, burst: 3, tokens: 3, last: time.Now()},
+	}
+	switch nc.(type) {
+	case *net.TCPConn, *net.UnixConn:
+		c.vectored = true
 	}
 	if ctx.Done() != nil {
 		// No context of our own per session: an idle session is all
@@ -1278,7 +1283,7 @@ func truncatedFrame(t FrameType) error {
 
 // readYieldBytes is how much a session's reader handles before it lets
 // other goroutines (the writers) run; see readLoop.
-const readYieldBytes = 16 << 10
+const readYieldBytes = 32 << 10
 
 // maxUnknownFrame bounds frames the server reads and discards (unknown
 // types, a second ClientInfo, Pong, KeepAlive). Tailscale reads up to 4 GiB
@@ -1718,6 +1723,13 @@ type writerState struct {
 	control []byte
 	newSrcs []*sconn
 	fwdSrcs []PublicKey // new sources of forwarded packets (mesh recipients)
+
+	// The vectored path: frame headers, control frames and small payloads
+	// are copied into scratch; vec lists the pieces of scratch and the
+	// large payloads, in order, for one writev.
+	scratch []byte
+	vec     [][]byte
+	send    net.Buffers // consumed by WriteTo; a field so it is not allocated per batch
 }
 
 var writerPool = sync.Pool{New: func() any {
@@ -1727,11 +1739,16 @@ var writerPool = sync.Pool{New: func() any {
 func (c *sconn) writeLoop() {
 	defer c.writers.Done()
 	ws := writerPool.Get().(*writerState)
-	ws.bw.Reset(c.nc)
+	if !c.vectored {
+		ws.bw.Reset(c.nc)
+	}
 	linger := time.NewTimer(writerLinger)
 	defer func() {
 		linger.Stop()
 		ws.bw.Reset(nil)
+		if cap(ws.scratch) > maxPooledScratch {
+			ws.scratch = nil
+		}
 		ws.pkts = ws.pkts[:0]
 		ws.newSrcs = ws.newSrcs[:0]
 		ws.fwdSrcs = ws.fwdSrcs[:0]
@@ -1901,7 +1918,6 @@ func (c *sconn) writeBatch(ws *writerState) error {
 	if wt := c.writeTimeout(); wt > 0 {
 		c.nc.SetWriteDeadline(time.Now().Add(wt))
 	}
-	bw := ws.bw
 	// Control frames other than Restarting first: they are small and
 	// time-sensitive (Pong). Restarting was appended last to control, but
 	// packets queued before Close should still go out before it, so split.
@@ -1911,25 +1927,22 @@ func (c *sconn) writeBatch(ws *writerState) error {
 		tail = ctl[n-frameHeaderLen-restartingLen:]
 		ctl = ctl[:n-frameHeaderLen-restartingLen]
 	}
-	if _, err := bw.Write(ctl); err != nil {
-		return err
-	}
 	var bytes int64
 	for _, p := range ws.pkts {
-		var src *PublicKey
-		if !p.src.IsZero() {
-			src = &p.src
-		}
-		if err := writePacketFrame(bw, FrameRecvPacket, src, p.buf[:p.n]); err != nil {
-			c.s.stats.drop(dropWriteError, false, p.n)
-			return err
-		}
 		bytes += int64(p.n)
 	}
-	if _, err := bw.Write(tail); err != nil {
-		return err
+	var err error
+	if c.vectored {
+		err = c.writeVec(ws, ctl, tail)
+	} else {
+		err = c.writeBuffered(ws, ctl, tail)
 	}
-	if err := bw.Flush(); err != nil {
+	if err != nil {
+		// The connection is broken: whatever of the batch reached the
+		// socket may never reach the client, so count the batch lost.
+		for i, p := range ws.pkts {
+			c.s.stats.drop(dropWriteError, i < ws.discos, p.n)
+		}
 		return err
 	}
 	if n := len(ws.pkts); n > 0 {
@@ -1937,6 +1950,77 @@ func (c *sconn) writeBatch(ws *writerState) error {
 		c.sentBytes.Add(bytes)
 	}
 	return nil
+}
+
+// writeBuffered writes a batch through ws.bw: for TLS and other conns
+// without writev, where each Write may cost a record of its own.
+func (c *sconn) writeBuffered(ws *writerState, ctl, tail []byte) error {
+	bw := ws.bw
+	if _, err := bw.Write(ctl); err != nil {
+		return err
+	}
+	for _, p := range ws.pkts {
+		var src *PublicKey
+		if !p.src.IsZero() {
+			src = &p.src
+		}
+		if err := writePacketFrame(bw, FrameRecvPacket, src, p.buf[:p.n]); err != nil {
+			return err
+		}
+	}
+	if _, err := bw.Write(tail); err != nil {
+		return err
+	}
+	return bw.Flush()
+}
+
+// vecCopyMax is the largest payload writeVec copies next to its frame
+// header; larger payloads are written from their packet buffers, so that a
+// batch of big packets costs one system call and no copy.
+const vecCopyMax = 512
+
+// maxPooledScratch bounds the scratch buffer a pooled writerState keeps.
+const maxPooledScratch = 64 << 10
+
+// writeVec writes a batch with one writev (more only if the socket's buffer
+// fills).
+func (c *sconn) writeVec(ws *writerState, ctl, tail []byte) error {
+	// scratch must not move once pieces of it are listed in vec.
+	need := len(ctl) + len(tail) + len(ws.pkts)*(frameHeaderLen+KeyLen+vecCopyMax)
+	if cap(ws.scratch) < need {
+		ws.scratch = make([]byte, 0, need)
+	}
+	s := append(ws.scratch[:0], ctl...)
+	v := ws.vec[:0]
+	mark := 0 // scratch before mark is already in v
+	for _, p := range ws.pkts {
+		n := p.n
+		hasSrc := !p.src.IsZero()
+		if hasSrc {
+			n += KeyLen
+		}
+		s = append(s, byte(FrameRecvPacket))
+		s = binary.BigEndian.AppendUint32(s, uint32(n))
+		if hasSrc {
+			s = append(s, p.src[:]...)
+		}
+		if p.n <= vecCopyMax {
+			s = append(s, p.buf[:p.n]...)
+			continue
+		}
+		v = append(v, s[mark:len(s):len(s)], p.buf[:p.n:p.n])
+		mark = len(s)
+	}
+	s = append(s, tail...)
+	if mark < len(s) {
+		v = append(v, s[mark:len(s):len(s)])
+	}
+	ws.vec = v
+	ws.send = v
+	_, err := ws.send.WriteTo(c.nc)
+	clear(v) // WriteTo clears only what it wrote
+	ws.send = nil
+	return err
 }
 
 // closeWrite half-closes nc after the Restarting notice. A full Close while
