@@ -301,15 +301,16 @@ func TestAcceptLargeBufferedReader(t *testing.T) {
 	cc, sc := tcpPair(t)
 	bk := b.PublicKey()
 	stream := rawLogin(t, s.PublicKey())
-	const frames, size = 40, 1000
+	const frames, size = 80, 1000
 	for i := range frames {
 		stream = appendFrame(stream, FrameSendPacket, append(bk[:len(bk):len(bk)], bytes.Repeat([]byte{byte(i)}, size)...))
 	}
-	if _, err := cc.Write(stream); err != nil {
-		t.Fatal(err)
+	if len(stream) <= bigReadBufSize {
+		t.Fatalf("stream of %d bytes fits the session's buffer", len(stream))
 	}
-	br := bufio.NewReaderSize(sc, 64<<10)
-	if _, err := br.Peek(len(stream)); err != nil { // all of it, more than readBufSize
+	go cc.Write(stream) // more than the socket buffers may hold at once
+	br := bufio.NewReaderSize(sc, 128<<10)
+	if _, err := br.Peek(len(stream)); err != nil { // all of it, more than bigReadBufSize
 		t.Fatal(err)
 	}
 	done := make(chan struct{})

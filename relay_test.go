@@ -1097,7 +1097,7 @@ func testConnReader(t *testing.T, cc, sc net.Conn, raw bool) {
 	}
 }
 
-// A client that keeps the socket full is read 16 KiB at a time, whatever
+// A client that keeps the socket full is read 64 KiB at a time, whatever
 // the packet size: not one system call for each header and payload.
 func TestConnReaderBatchesReads(t *testing.T) {
 	for _, size := range []int{100, 1200, 5000, 10000} {
@@ -1124,14 +1124,14 @@ func TestConnReaderBatchesReads(t *testing.T) {
 		}
 		// A little slack over the ideal for the first small read and
 		// for payloads read around the buffer's end.
-		if ideal := len(stream)/readBufSize + 1; cn.reads > 2*ideal+2 {
+		if ideal := len(stream)/bigReadBufSize + 1; cn.reads > 2*ideal+2 {
 			t.Errorf("%d B packets: %d reads for %d bytes, want about %d", size, cn.reads, len(stream), ideal)
 		}
 	}
 }
 
 // The same over TCP with raw reads (Linux): the stream sits in the socket
-// before the reader starts, and each system call takes up to 16 KiB of it.
+// before the reader starts, and each system call takes up to 64 KiB of it.
 func TestConnReaderRawBatchesReads(t *testing.T) {
 	cc, sc := tcpPair(t)
 	raw := rawReader(sc)
@@ -1171,7 +1171,7 @@ func TestConnReaderRawBatchesReads(t *testing.T) {
 			t.Fatalf("frame %d: %v", i, err)
 		}
 	}
-	if ideal := len(stream)/readBufSize + 1; calls-waits > ideal+1 {
+	if ideal := len(stream)/bigReadBufSize + 1; calls-waits > ideal+1 {
 		t.Errorf("%d reads for %d bytes, want about %d", calls-waits, len(stream), ideal)
 	}
 	// Nothing more is coming: the next read waits, without a buffer,
@@ -1435,5 +1435,63 @@ func TestWriteErrorCountsBatch(t *testing.T) {
 		for _, p := range ws.pkts {
 			putPacket(p)
 		}
+	}
+}
+
+// Big read buffers go to at most maxBigReadBufs readers at once; beyond
+// that readers get small ones, and still read every frame right.
+func TestReadBufBudget(t *testing.T) {
+	var held [][]byte
+	defer func() {
+		for _, b := range held {
+			putReadBuf(b)
+		}
+	}()
+	big := 0
+	for range maxBigReadBufs + 1 {
+		b := getReadBuf()
+		held = append(held, b)
+		if len(b) != bigReadBufSize {
+			break
+		}
+		big++
+	}
+	if big > maxBigReadBufs || len(held[len(held)-1]) != readBufSize {
+		t.Fatalf("took %d big buffers (at most %d allowed), then one of %d bytes", big, maxBigReadBufs, len(held[len(held)-1]))
+	}
+
+	const frames, size = 50, 1200
+	var stream []byte
+	for i := range frames {
+		stream = appendFrame(stream, FrameSendPacket, append(make([]byte, KeyLen), bytes.Repeat([]byte{byte(i)}, size)...))
+	}
+	cn := &countingConn{r: bytes.NewReader(stream)}
+	cr := newConnReader(cn, nil)
+	payload := make([]byte, size)
+	for i := range frames {
+		if _, n, err := readFrameHeader(cr); err != nil || int(n) != KeyLen+size {
+			t.Fatalf("frame %d: %v %v", i, n, err)
+		}
+		if cr.buf != nil && len(cr.buf) != readBufSize {
+			t.Fatalf("frame %d: reader has a %d-byte buffer with the budget spent", i, len(cr.buf))
+		}
+		cr.Discard(KeyLen)
+		if _, err := io.ReadFull(cr, payload); err != nil || payload[0] != byte(i) || payload[size-1] != byte(i) {
+			t.Fatalf("frame %d: %v", i, err)
+		}
+	}
+	if ideal := len(stream)/readBufSize + 1; cn.reads > 2*ideal+2 {
+		t.Errorf("%d reads for %d bytes through small buffers, want about %d", cn.reads, len(stream), ideal)
+	}
+	cr.drop()
+
+	for _, b := range held {
+		putReadBuf(b)
+	}
+	held = nil
+	b := getReadBuf()
+	held = append(held, b)
+	if len(b) != bigReadBufSize {
+		t.Errorf("with the buffers given back: a %d-byte buffer, want %d", len(b), bigReadBufSize)
 	}
 }

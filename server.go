@@ -1283,7 +1283,7 @@ func truncatedFrame(t FrameType) error {
 
 // readYieldBytes is how much a session's reader handles before it lets
 // other goroutines (the writers) run; see readLoop.
-const readYieldBytes = 32 << 10
+const readYieldBytes = 64 << 10
 
 // maxUnknownFrame bounds frames the server reads and discards (unknown
 // types, a second ClientInfo, Pong, KeepAlive). Tailscale reads up to 4 GiB
@@ -3195,14 +3195,15 @@ func removeLink(links []*meshLink, l *meshLink) []*meshLink {
 // the bytes are consumed and the last read found the socket drained, the
 // buffer goes back to a pool, and the next read waits with a small inline
 // array. An idle session therefore holds no read buffer, and a busy one
-// reads up to 16 KiB (many packets) per system call. Slices returned by Peek
+// reads up to 64 KiB (many packets) per system call (16 KiB while many
+// readers hold buffers at once; see getReadBuf). Slices returned by Peek
 // are valid only until the next call that consumes bytes.
 //
 // With a timeout set, reads from the connection have a read deadline (see
 // sconn.setupReads), and a read that times out asks onStall what to do.
 type connReader struct {
 	nc    net.Conn
-	buf   *[readBufSize]byte // nil while empty
+	buf   []byte // from getReadBuf; nil while empty
 	r, w  int
 	small [128]byte // where a read waits while buf is nil
 	hot   bool      // the last read filled the space it had: more is likely queued
@@ -3271,14 +3272,46 @@ func (cr *connReader) stalled(err error, since time.Time) error {
 	return cr.onStall(since, cr.boundary && cr.r == cr.w)
 }
 
-const readBufSize = 16 << 10
+// Read buffers are big while few readers hold one, so that a busy session
+// reads many frames per system call, and small beyond maxBigReadBufs, so
+// that a flood from many connections at once cannot make every one of them
+// hold 64 KiB: at most 16 MiB of big buffers, then 16 KiB per reader.
+const (
+	bigReadBufSize = 64 << 10
+	readBufSize    = 16 << 10 // the least a reader's buffer holds
+	maxBigReadBufs = 256
+)
+
+var (
+	bigReadBufPool = sync.Pool{New: func() any { return new([bigReadBufSize]byte) }}
+	readBufPool    = sync.Pool{New: func() any { return new([readBufSize]byte) }}
+	bigReadBufs    atomic.Int32 // big buffers taken and not given back
+)
+
+// getReadBuf returns a big read buffer if fewer than maxBigReadBufs are in
+// use, else a small one.
+func getReadBuf() []byte {
+	if bigReadBufs.Add(1) <= maxBigReadBufs {
+		return bigReadBufPool.Get().(*[bigReadBufSize]byte)[:]
+	}
+	bigReadBufs.Add(-1)
+	return readBufPool.Get().(*[readBufSize]byte)[:]
+}
+
+// putReadBuf gives back a buffer from getReadBuf.
+func putReadBuf(b []byte) {
+	if len(b) == bigReadBufSize {
+		bigReadBufPool.Put((*[bigReadBufSize]byte)(b))
+		bigReadBufs.Add(-1)
+		return
+	}
+	readBufPool.Put((*[readBufSize]byte)(b))
+}
 
 // directReadSize is the payload size from which Read skips the buffer even
 // when more is queued: copying it would cost more than the system call
 // saved.
 const directReadSize = 8 << 10
-
-var readBufPool = sync.Pool{New: func() any { return new([readBufSize]byte) }}
 
 // newConnReader returns a reader of nc that first returns what br (the
 // caller's buffered reader, which must not be used afterwards) has buffered.
@@ -3286,13 +3319,10 @@ func newConnReader(nc net.Conn, br *bufio.Reader) *connReader {
 	cr := &connReader{nc: nc}
 	if br != nil && br.Buffered() > 0 {
 		b, _ := br.Peek(br.Buffered())
-		if len(b) > readBufSize {
-			// A caller's reader larger than ours, full: keep reading
-			// through it. Rare enough not to optimise.
-			b = b[:readBufSize]
-		}
-		cr.buf = readBufPool.Get().(*[readBufSize]byte)
-		cr.w = copy(cr.buf[:], b)
+		// A caller's reader holding more than our buffer: keep reading
+		// through it. Rare enough not to optimise.
+		cr.buf = getReadBuf()
+		cr.w = copy(cr.buf, b)
 		br.Discard(cr.w)
 		if br.Buffered() > 0 {
 			cr.nc = readerConn{Conn: nc, r: io.MultiReader(br, nc)}
@@ -3331,7 +3361,7 @@ func (cr *connReader) release() {
 // drop gives the buffer back; it must be empty.
 func (cr *connReader) drop() {
 	if cr.buf != nil {
-		readBufPool.Put(cr.buf)
+		putReadBuf(cr.buf)
 		cr.buf, cr.r, cr.w = nil, 0, 0
 	}
 	cr.hot = false
@@ -3343,14 +3373,14 @@ func (cr *connReader) fill() error {
 		return cr.fillRaw()
 	}
 	if cr.buf == nil && cr.hot {
-		cr.buf = readBufPool.Get().(*[readBufSize]byte)
+		cr.buf = getReadBuf()
 	}
 	if cr.buf == nil {
 		n, err := cr.read(cr.small[:])
 		if n > 0 {
 			cr.hot = n == len(cr.small)
-			cr.buf = readBufPool.Get().(*[readBufSize]byte)
-			cr.r, cr.w = 0, copy(cr.buf[:], cr.small[:n])
+			cr.buf = getReadBuf()
+			cr.r, cr.w = 0, copy(cr.buf, cr.small[:n])
 			return nil
 		}
 		if err == nil {
@@ -3361,7 +3391,7 @@ func (cr *connReader) fill() error {
 	if cr.r == cr.w {
 		cr.r, cr.w = 0, 0
 	} else if cr.r > 0 && cr.w == len(cr.buf) {
-		cr.w = copy(cr.buf[:], cr.buf[cr.r:cr.w])
+		cr.w = copy(cr.buf, cr.buf[cr.r:cr.w])
 		cr.r = 0
 	}
 	n, err := cr.read(cr.buf[cr.w:])
@@ -3407,12 +3437,12 @@ func (cr *connReader) fillRaw() error {
 func (cr *connReader) rawRead(fd uintptr) bool {
 	switch {
 	case cr.buf == nil:
-		cr.buf = readBufPool.Get().(*[readBufSize]byte)
+		cr.buf = getReadBuf()
 		cr.r, cr.w = 0, 0
 	case cr.r == cr.w:
 		cr.r, cr.w = 0, 0
 	case cr.w == len(cr.buf):
-		cr.w = copy(cr.buf[:], cr.buf[cr.r:cr.w])
+		cr.w = copy(cr.buf, cr.buf[cr.r:cr.w])
 		cr.r = 0
 	}
 	n, err := sysRead(fd, cr.buf[cr.w:])
@@ -3439,7 +3469,7 @@ func (cr *connReader) Peek(n int) ([]byte, error) {
 	}
 	for cr.w-cr.r < n {
 		if cr.buf != nil && len(cr.buf)-cr.r < n {
-			cr.w = copy(cr.buf[:], cr.buf[cr.r:cr.w])
+			cr.w = copy(cr.buf, cr.buf[cr.r:cr.w])
 			cr.r = 0
 		}
 		if err := cr.fill(); err != nil {

@@ -12,7 +12,7 @@ package interop
 //
 // Knobs (environment): PERF_REPS (5), PERF_SLICE (1.5s), PERF_WARMUP
 // (500ms), PERF_PAIRS (16), PERF_WINDOW (32), PERF_SIZES (100,1200,10000),
-// PERF_MODES (closed,open), PERF_TRANSPORT (http, https or tcp; http), PERF_SERVERS
+// PERF_MODES (closed,deep,open), PERF_DEEP_WINDOW (1024), PERF_TRANSPORT (http, https or tcp; http), PERF_SERVERS
 // (tailscale,ours), PERF_IDLE_CLIENTS (5000), PERF_IDLE_TRANSPORTS
 // (http,https,tcp), PERF_OUT (append the markdown tables to this file),
 // PERF_CPUPROFILE (each server child writes a CPU profile of its whole life
@@ -153,11 +153,15 @@ func serverTitle(name string) string {
 type sbsConfig struct {
 	size int
 	open bool
+	deep int // closed loop with this window instead of PERF_WINDOW, if > 0
 }
 
 func (c sbsConfig) mode() string {
-	if c.open {
+	switch {
+	case c.open:
 		return "open"
+	case c.deep > 0:
+		return "deep"
 	}
 	return "closed"
 }
@@ -183,6 +187,8 @@ func runSlice(srv *perfServer, cfg sbsConfig, pairs, window int, warmup, dur tim
 	srv.waitIdle(3 * time.Second)
 	if cfg.open {
 		window = 0
+	} else if cfg.deep > 0 {
+		window = cfg.deep
 	}
 	lr, err := startLoad(srv, pairs, cfg.size, window)
 	if err != nil {
@@ -279,8 +285,11 @@ func fmtNum(x float64) string {
 // BenchmarkSideBySide relays packets through our server and Tailscale's,
 // each in its own process pinned to CPU 0, with the same raw clients pinned
 // to CPU 1: 16 sender/receiver pairs, closed loop (at most 32 packets in
-// flight per sender: lossless for both servers) and open loop (senders never
-// wait), packets of 100, 1200 and 10000 bytes, in alternating slices.
+// flight per sender: lossless for both servers), "deep" closed loop (at most
+// 1024 in flight: more than TCP's receive window holds, so the senders are
+// held back by TCP flow control, as in open loop, yet never outrun the
+// server) and open loop (senders never wait), packets of 100, 1200 and
+// 10000 bytes, in alternating slices.
 // Sub-benchmarks report each server's medians and the ratios ours/Tailscale
 // (medians of the ratios of adjacent slices).
 func BenchmarkSideBySide(b *testing.B) {
@@ -289,6 +298,7 @@ func BenchmarkSideBySide(b *testing.B) {
 	warmup := envDur(b, "PERF_WARMUP", 500*time.Millisecond)
 	npairs := envInt(b, "PERF_PAIRS", 16)
 	window := envInt(b, "PERF_WINDOW", 32)
+	deepWindow := envInt(b, "PERF_DEEP_WINDOW", 1024)
 	transport := envStr("PERF_TRANSPORT", "http")
 	names := envList("PERF_SERVERS", "tailscale,ours")
 	var configs []sbsConfig
@@ -297,11 +307,15 @@ func BenchmarkSideBySide(b *testing.B) {
 		if err != nil {
 			b.Fatalf("PERF_SIZES: %v", err)
 		}
-		for _, m := range envList("PERF_MODES", "closed,open") {
-			if m != "closed" && m != "open" {
+		for _, m := range envList("PERF_MODES", "closed,deep,open") {
+			switch m {
+			case "closed", "open":
+				configs = append(configs, sbsConfig{size: size, open: m == "open"})
+			case "deep":
+				configs = append(configs, sbsConfig{size: size, deep: deepWindow})
+			default:
 				b.Fatalf("PERF_MODES: %q", m)
 			}
-			configs = append(configs, sbsConfig{size: size, open: m == "open"})
 		}
 	}
 	raiseNoFile(20000)
