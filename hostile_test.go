@@ -875,8 +875,14 @@ func TestHostileInputs(t *testing.T) {
 						t.Fatalf("session goroutines left after the case (baseline %d):\n%s", baseline, leaked)
 					}
 				}
+				// The case's connections are closed; a parked session
+				// notices the hang-up only when the poller wakes it.
+				deadline := time.Now().Add(5 * time.Second)
+				for e.s.Stats().CurrentConnections != 2 && time.Now().Before(deadline) {
+					time.Sleep(time.Millisecond)
+				}
 				if n := e.s.Stats().CurrentConnections; n != 2 {
-					t.Errorf("%d connections after the case, want the pair's 2", n)
+					t.Errorf("%d connections 5 s after the case, want the pair's 2", n)
 				}
 			})
 			tc.run(t, e)
