@@ -1342,6 +1342,14 @@ func TestWriteVecMatchesBuffered(t *testing.T) {
 			if restart {
 				ws.control = appendFrame(ws.control, FrameRestarting, appendRestarting(nil, time.Second, time.Minute))
 			}
+			sizes := sizes
+			if restart && ctlFirst {
+				// More pieces than one writev takes (IOV_MAX, 1024).
+				sizes = nil
+				for i := range 1500 {
+					sizes = append(sizes, []int{vecCopyMax + 1, 40, 1200}[i%3])
+				}
+			}
 			for i, n := range sizes {
 				p := getPacket(n)
 				p.n = n

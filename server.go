@@ -1985,8 +1985,15 @@ const maxPooledScratch = 64 << 10
 // writeVec writes a batch with one writev (more only if the socket's buffer
 // fills).
 func (c *sconn) writeVec(ws *writerState, ctl, tail []byte) error {
-	// scratch must not move once pieces of it are listed in vec.
-	need := len(ctl) + len(tail) + len(ws.pkts)*(frameHeaderLen+KeyLen+vecCopyMax)
+	// Sized so that the appends below never reallocate: pieces already in
+	// vec would stay valid, but each batch would allocate.
+	need := len(ctl) + len(tail)
+	for _, p := range ws.pkts {
+		need += frameHeaderLen + KeyLen
+		if p.n <= vecCopyMax {
+			need += p.n
+		}
+	}
 	if cap(ws.scratch) < need {
 		ws.scratch = make([]byte, 0, need)
 	}

@@ -101,6 +101,12 @@ func dialRaw(addr, transport string, serverPub relay.PublicKey) (*rawConn, error
 	if err != nil {
 		return nil, err
 	}
+	if cc := os.Getenv("PERF_CC"); cc != "" {
+		if err := setCongestion(c, cc); err != nil {
+			c.Close()
+			return nil, err
+		}
+	}
 	var nc net.Conn = c
 	if transport == "https" {
 		tc := tls.Client(c, &tls.Config{InsecureSkipVerify: true, ServerName: "127.0.0.1"})
@@ -174,6 +180,24 @@ func dialRaw(addr, transport string, serverPub relay.PublicKey) (*rawConn, error
 			buf = append(buf[:0], buf[i+4:]...)
 		}
 	}
+}
+
+// setCongestion sets c's TCP congestion control algorithm (TCP_CONGESTION).
+func setCongestion(c net.Conn, name string) error {
+	raw, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		serr = unix.SetsockoptString(int(fd), unix.IPPROTO_TCP, unix.TCP_CONGESTION, name)
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("TCP_CONGESTION %q: %w", name, serr)
+	}
+	return nil
 }
 
 func firstLine(b []byte) string {
@@ -772,7 +796,20 @@ func serveRelay(which, transport string) (*servedRelay, error) {
 		closeServer()
 		return nil, fmt.Errorf("transport %q: want http, https or tcp", transport)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	var lc net.ListenConfig
+	if cc := os.Getenv("PERF_CC"); cc != "" {
+		// Accepted sockets inherit the listener's algorithm.
+		lc.Control = func(_, _ string, raw syscall.RawConn) error {
+			var serr error
+			if err := raw.Control(func(fd uintptr) {
+				serr = unix.SetsockoptString(int(fd), unix.IPPROTO_TCP, unix.TCP_CONGESTION, cc)
+			}); err != nil {
+				return err
+			}
+			return serr
+		}
+	}
+	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
 	if err != nil {
 		closeServer()
 		return nil, err

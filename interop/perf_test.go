@@ -12,7 +12,9 @@ package interop
 //
 // Knobs (environment): PERF_REPS (5), PERF_SLICE (1.5s), PERF_WARMUP
 // (500ms), PERF_PAIRS (16), PERF_WINDOW (32), PERF_SIZES (100,1200,10000),
-// PERF_MODES (closed,deep,open), PERF_DEEP_WINDOW (1024), PERF_TRANSPORT (http, https or tcp; http), PERF_SERVERS
+// PERF_MODES (closed,deep,open), PERF_DEEP_WINDOW (1024), PERF_CC (the TCP
+// congestion control of every socket of the run, client's and servers';
+// empty: the system's), PERF_TRANSPORT (http, https or tcp; http), PERF_SERVERS
 // (tailscale,ours), PERF_IDLE_CLIENTS (5000), PERF_IDLE_TRANSPORTS
 // (http,https,tcp), PERF_OUT (append the markdown tables to this file),
 // PERF_CPUPROFILE (each server child writes a CPU profile of its whole life
