@@ -1503,3 +1503,76 @@ func TestReadBufBudget(t *testing.T) {
 		t.Errorf("with the buffers given back: a %d-byte buffer, want %d", len(b), bigReadBufSize)
 	}
 }
+
+// A watcher that starts watching while clients log in and out learns of
+// each login exactly once, of no logout before its login, and ends with the
+// server's true set of connected keys.
+func TestWatcherSeesConsistentPresence(t *testing.T) {
+	const mk = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+	for round := range 10 {
+		s := newTestServer(t, WithMeshKey(mk))
+		const n = 16
+		start := make(chan struct{})
+		stay := make(chan PublicKey, n)
+		var wg sync.WaitGroup
+		for i := range n {
+			wg.Go(func() {
+				<-start
+				cc, sc := net.Pipe()
+				go s.Accept(context.Background(), sc, nil, "127.0.0.1:1234")
+				c, err := NewClient(mustKey(t), cc, nil)
+				if err != nil {
+					t.Errorf("login: %v", err)
+					return
+				}
+				if i%2 == 0 {
+					c.Close()
+					return
+				}
+				t.Cleanup(func() { c.Close() })
+				stay <- c.PublicKey()
+			})
+		}
+		w := pipeClient(t, s, MeshKey(mk))
+		close(start)
+		if err := w.WatchConnectionChanges(); err != nil {
+			t.Fatal(err)
+		}
+		wg.Wait()
+		close(stay)
+		want := map[PublicKey]bool{w.PublicKey(): true}
+		for k := range stay {
+			want[k] = true
+		}
+		waitFor(t, func() bool { return s.Stats().CurrentConnections == int64(len(want)) })
+
+		present := map[PublicKey]bool{}
+		w.opts.recvTimeout = 100 * time.Millisecond
+		for {
+			m, err := w.recv()
+			if err != nil {
+				break // quiet: everything queued has arrived
+			}
+			switch m := m.(type) {
+			case PeerPresent:
+				if present[m.Key] {
+					t.Fatalf("round %d: %s announced twice", round, m.Key.ShortString())
+				}
+				present[m.Key] = true
+			case PeerGone:
+				if !present[m.Peer] {
+					t.Fatalf("round %d: %s gone before it was present", round, m.Peer.ShortString())
+				}
+				delete(present, m.Peer)
+			}
+		}
+		if len(present) != len(want) {
+			t.Fatalf("round %d: watcher sees %d keys present, the server has %d", round, len(present), len(want))
+		}
+		for k := range want {
+			if !present[k] {
+				t.Fatalf("round %d: %s connected but not seen", round, k.ShortString())
+			}
+		}
+	}
+}

@@ -810,13 +810,15 @@ func (c *sconn) writeTimeout() time.Duration {
 
 // register adds c to the routing table and announces it to watchers.
 func (s *Server) register(c *sconn) bool {
+	// s.mu is held from the routing table's change to the PeerPresent
+	// broadcast, as in unregister and addWatcher: a watcher then learns of
+	// each login exactly once (from its snapshot or from the broadcast),
+	// and never of a login after the logout that followed it.
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
 		return false
 	}
-	s.mu.Unlock()
-
 	sh := s.shard(c.key)
 	sh.mu.Lock()
 	e := sh.m[c.key]
@@ -842,6 +844,8 @@ func (s *Server) register(c *sconn) bool {
 		}
 	}
 	sh.mu.Unlock()
+	s.broadcastLocked(c.presence())
+	s.mu.Unlock()
 
 	s.stats.current.Add(1)
 	if c.notIdeal {
@@ -864,7 +868,6 @@ func (s *Server) register(c *sconn) bool {
 	c.registered = true
 	c.kickLocked() // ServerInfo
 	c.mu.Unlock()
-	s.broadcastPresent(c)
 	s.log.Debug("relay: client connected", "remote", c.remote, "key", c.key.ShortString(), "mesh", c.isMesh, "fastStart", c.fastStart)
 	return true
 }
@@ -878,8 +881,7 @@ func (s *Server) unregister(c *sconn) {
 		delete(s.watchers, c)
 		s.stats.watchers.Add(-1)
 	}
-	s.mu.Unlock()
-
+	// s.mu is held until the broadcast: see register.
 	sh := s.shard(c.key)
 	sh.mu.Lock()
 	e := c.entry
@@ -910,6 +912,10 @@ func (s *Server) unregister(c *sconn) {
 		s.stats.dupConns.Add(-1)
 	}
 	sh.mu.Unlock()
+	if last {
+		s.broadcastLocked(PeerPresent{Key: c.key}) // Flags 0: gone
+	}
+	s.mu.Unlock()
 
 	s.stats.current.Add(-1)
 	if c.notIdeal {
@@ -928,7 +934,6 @@ func (s *Server) unregister(c *sconn) {
 				r.enqueuePeerGone(c.key, PeerGoneDisconnected)
 			}
 		}
-		s.broadcastGone(c.key)
 	}
 }
 
@@ -1575,17 +1580,8 @@ func (c *sconn) presence() PeerPresent {
 	return PeerPresent{Key: c.key, Addr: c.remoteAddr, Flags: f}
 }
 
-func (s *Server) broadcastPresent(c *sconn) {
-	s.broadcast(c.presence())
-}
-
-func (s *Server) broadcastGone(k PublicKey) {
-	s.broadcast(PeerPresent{Key: k}) // Flags 0: gone
-}
-
-func (s *Server) broadcast(u PeerPresent) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+// broadcastLocked queues u to every watcher; s.mu must be held.
+func (s *Server) broadcastLocked(u PeerPresent) {
 	for w := range s.watchers {
 		w.mu.Lock()
 		if !w.closed {
