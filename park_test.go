@@ -296,7 +296,8 @@ func (c *splitConn) Write(p []byte) (int, error) {
 // own buffer can take: the session must read through that reader (neither
 // raw socket reads nor parking may skip its bytes).
 func TestAcceptLargeBufferedReader(t *testing.T) {
-	s := newTestServer(t, WithIdlePark(10*time.Millisecond))
+	// The queue holds the whole burst: the test is about bytes, not drops.
+	s := newTestServer(t, WithIdlePark(10*time.Millisecond), WithQueueDepth(128))
 	b := tcpClient(t, tcpServer(t, s))
 	cc, sc := tcpPair(t)
 	bk := b.PublicKey()
