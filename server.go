@@ -813,7 +813,8 @@ func (s *Server) register(c *sconn) bool {
 	// s.mu is held from the routing table's change to the PeerPresent
 	// broadcast, as in unregister and addWatcher: a watcher then learns of
 	// each login exactly once (from its snapshot or from the broadcast),
-	// and never of a login after the logout that followed it.
+	// and updates for one key reach it in the order the table changed (a
+	// key's PeerGone never follows the PeerPresent of a newer connection).
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
