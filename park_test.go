@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"net"
 	"net/http/httptest"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"sync/atomic"
@@ -327,4 +328,50 @@ func TestAcceptLargeBufferedReader(t *testing.T) {
 	}
 	cc.Close()
 	<-done
+}
+
+// Sessions over Unix sockets relay through writev, read raw and park like
+// TCP ones.
+func TestUnixSocketSessions(t *testing.T) {
+	s := newTestServer(t, WithIdlePark(5*time.Millisecond))
+	path := filepath.Join(t.TempDir(), "relay.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Skip("no unix sockets: ", err)
+	}
+	acceptLoop(t, ln, func(nc net.Conn) {
+		s.Accept(context.Background(), nc, nil, "127.0.0.1:1")
+	})
+	t.Cleanup(func() { s.Close() })
+	dial := func() *Client {
+		nc, err := net.Dial("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return loginClient(t, nc, mustKey(t))
+	}
+	a, b := dial(), dial()
+	for round := range 3 {
+		// Both parked between rounds: no reader goroutine, no buffer.
+		waitFor(t, func() bool { return s.Stats().CurrentParked == 2 })
+		for i, n := range []int{1, 100, vecCopyMax + 1, 5000, 60000} {
+			data := bytes.Repeat([]byte{byte(round*10 + i)}, n)
+			if err := a.Send(b.PublicKey(), data); err != nil {
+				t.Fatal(err)
+			}
+			got, ok := recvMsg[*ReceivedPacket](t, b)
+			if !ok || got.Source != a.PublicKey() || !bytes.Equal(got.Data, data) {
+				t.Fatalf("round %d, %d B: got %d B from %s", round, n, len(got.Data), got.Source.ShortString())
+			}
+			if err := b.Send(a.PublicKey(), data); err != nil { // and back
+				t.Fatal(err)
+			}
+			if got, ok := recvMsg[*ReceivedPacket](t, a); !ok || !bytes.Equal(got.Data, data) {
+				t.Fatalf("round %d, %d B back: got %d B", round, n, len(got.Data))
+			}
+		}
+	}
+	if p := s.Stats().Parks; p < 6 {
+		t.Errorf("%d parks over 3 rounds of 2 sessions, want at least 6", p)
+	}
 }
