@@ -1576,3 +1576,52 @@ func TestWatcherSeesConsistentPresence(t *testing.T) {
 		}
 	}
 }
+
+// A receiver whose writer is still running (lingering after a write) holds
+// little: plain-socket writers use writev and no bufio.Writer.
+func TestBusyReceiverMemory(t *testing.T) {
+	if testing.Short() {
+		t.Skip("1000 connections")
+	}
+	s := newTestServer(t)
+	addr := tcpServer(t, s)
+	const n = 1000
+	rcvs := make([]*Client, n)
+	for i := range rcvs {
+		rcvs[i] = tcpClient(t, addr)
+	}
+	snd := tcpClient(t, addr)
+	time.Sleep(writerLinger + 100*time.Millisecond) // the login writers are gone
+	var m0, m1 runtime.MemStats
+	runtime.GC()
+	runtime.GC() // empty the pools' victim caches too
+	runtime.ReadMemStats(&m0)
+	for _, c := range rcvs {
+		if err := snd.Send(c.PublicKey(), []byte("hello")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range rcvs {
+		recvMsg[*ReceivedPacket](t, c)
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&m1)
+	writing := 0
+	s.mu.Lock()
+	for c := range s.conns {
+		c.mu.Lock()
+		if c.writing {
+			writing++
+		}
+		c.mu.Unlock()
+	}
+	s.mu.Unlock()
+	if writing < n {
+		t.Fatalf("only %d writers still running: the measurement missed them", writing)
+	}
+	kib := float64(int64(m1.HeapAlloc)-int64(m0.HeapAlloc)) / n / 1024
+	t.Logf("%.1f KiB of heap per receiver while its writer lingers", kib)
+	if kib > 8 {
+		t.Errorf("%.1f KiB of heap per receiver while its writer lingers, want at most 8", kib)
+	}
+}

@@ -1714,7 +1714,7 @@ const writerLinger = 500 * time.Millisecond
 
 // writerState is what a running writer borrows from a pool.
 type writerState struct {
-	bw      *bufio.Writer
+	bw      *bufio.Writer // only for conns without writev; nil until needed
 	pkts    []*packet
 	discos  int // the first discos entries of pkts are disco
 	control []byte
@@ -1729,20 +1729,30 @@ type writerState struct {
 	send    net.Buffers // consumed by WriteTo; a field so it is not allocated per batch
 }
 
-var writerPool = sync.Pool{New: func() any {
-	return &writerState{bw: bufio.NewWriterSize(nil, 32<<10)}
-}}
+var writerPool = sync.Pool{New: func() any { return new(writerState) }}
+
+// writerBufSize is the buffer of writers that cannot use writev (TLS): big
+// enough that a batch makes few records and system calls.
+const writerBufSize = 32 << 10
 
 func (c *sconn) writeLoop() {
 	defer c.writers.Done()
 	ws := writerPool.Get().(*writerState)
 	if !c.vectored {
-		ws.bw.Reset(c.nc)
+		// Only these writers need a bufio.Writer: a busy plain-socket
+		// writer holds just its scratch.
+		if ws.bw == nil {
+			ws.bw = bufio.NewWriterSize(c.nc, writerBufSize)
+		} else {
+			ws.bw.Reset(c.nc)
+		}
 	}
 	linger := time.NewTimer(writerLinger)
 	defer func() {
 		linger.Stop()
-		ws.bw.Reset(nil)
+		if ws.bw != nil {
+			ws.bw.Reset(nil)
+		}
 		if cap(ws.scratch) > maxPooledScratch {
 			ws.scratch = nil
 		}
