@@ -1625,3 +1625,38 @@ func TestBusyReceiverMemory(t *testing.T) {
 		t.Errorf("%.1f KiB of heap per receiver while its writer lingers, want at most 8", kib)
 	}
 }
+
+// A sender's packets follow a destination that disconnected and came back
+// with the same key (a new routing entry), although the sender's reader
+// remembers the entry it last sent to.
+func TestRouteFollowsReconnect(t *testing.T) {
+	s := newTestServer(t)
+	addr := tcpServer(t, s)
+	a := tcpClient(t, addr)
+	bKey := mustKey(t)
+	dialB := func() *Client {
+		nc, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return loginClient(t, nc, bKey)
+	}
+	b := dialB()
+	for round := range 3 {
+		for i := range 3 {
+			msg := fmt.Sprintf("round %d packet %d", round, i)
+			if err := a.Send(b.PublicKey(), []byte(msg)); err != nil {
+				t.Fatal(err)
+			}
+			if got, ok := recvMsg[*ReceivedPacket](t, b); !ok || string(got.Data) != msg {
+				t.Fatalf("%s: got %q", msg, got.Data)
+			}
+		}
+		b.Close()
+		waitFor(t, func() bool { return !s.IsClientConnected(bKey.Public()) })
+		// Sent while b is away: dropped as unknown, not queued anywhere.
+		a.Send(bKey.Public(), []byte("lost"))
+		waitFor(t, func() bool { return s.Stats().PacketsDropped["unknown_dest/other"] == int64(round+1) })
+		b = dialB()
+	}
+}

@@ -1382,7 +1382,19 @@ func (c *sconn) handleForwardPacket(n uint32) error {
 // local connection, else (for packets not already forwarded) through a mesh
 // peer, else it is dropped and, if it is disco, the sender is told NotHere.
 func (s *Server) routePacket(c *sconn, src, dst PublicKey, n int, forwarded bool) error {
-	if e, dc := s.lookupEntry(dst); dc != nil {
+	var e *keyEntry
+	var dc *sconn
+	if !forwarded && dst == c.lastDst && c.lastDstEntry != nil {
+		// The same destination as the last packet: its entry is still
+		// the routing table's while it has an active connection (an
+		// entry leaves the table and loses its connection together).
+		e = c.lastDstEntry
+		dc = e.active.Load()
+	}
+	if dc == nil {
+		e, dc = s.lookupEntry(dst)
+	}
+	if dc != nil {
 		if !forwarded {
 			c.noteSentTo(dst, e)
 		}
