@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"encoding/base64"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -44,6 +45,20 @@ type FastStart struct {
 	DisableFastStart bool
 	// Header holds extra request headers, such as Ideal-Node.
 	Header http.Header
+	// Proxy, if not nil, returns the HTTP(S) proxy to tunnel through with
+	// CONNECT for a request to the DERP URL, or nil for a direct
+	// connection. It has the signature of http.Transport's Proxy:
+	// http.ProxyFromEnvironment honours HTTPS_PROXY, HTTP_PROXY and
+	// NO_PROXY (and never proxies localhost). The tunnel goes to the
+	// URL's host and port, through DialContext. A user and password in
+	// the proxy URL are sent as Basic Proxy-Authorization. TLS to the DERP
+	// server, and so fast start, runs inside the tunnel. Proxy URLs may be
+	// http or https (reached over TLS with TLSConfig's roots); socks5 is
+	// not supported.
+	Proxy func(*http.Request) (*url.URL, error)
+	// ProxyConnectHeader holds extra headers for the CONNECT request, such
+	// as a Proxy-Authorization scheme other than Basic.
+	ProxyConnectHeader http.Header
 }
 
 // clientReadBuf is the read buffer of dialled clients: it bounds the HTTP
@@ -148,7 +163,7 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 
 	hs.KeySource = "configured"
 	if u.Scheme == "https" {
-		tc, err := f.tlsHandshake(ctx, nc, u)
+		tc, err := f.tlsHandshake(ctx, nc, u, false)
 		if err != nil {
 			return nil, hs, err
 		}
@@ -220,21 +235,111 @@ func (f *FastStart) dialTCP(ctx context.Context, u *url.URL) (net.Conn, error) {
 		var d net.Dialer
 		dial = d.DialContext
 	}
-	nc, err := dial(ctx, "tcp", addr)
+	var proxy *url.URL
+	if f.Proxy != nil {
+		var err error
+		req := &http.Request{Method: http.MethodGet, URL: u, Host: u.Host, Header: http.Header{}}
+		if proxy, err = f.Proxy(req); err != nil {
+			return nil, fmt.Errorf("relay: choose proxy for %s: %w", u.Host, err)
+		}
+	}
+	if proxy == nil {
+		nc, err := dial(ctx, "tcp", addr)
+		if err != nil {
+			return nil, fmt.Errorf("relay: dial %s: %w", addr, err)
+		}
+		return nc, nil
+	}
+	return f.dialProxy(ctx, dial, proxy, addr)
+}
+
+// maxProxyResponse bounds the CONNECT response a proxy may send.
+const maxProxyResponse = 16 << 10
+
+// dialProxy opens a CONNECT tunnel to addr through proxy.
+func (f *FastStart) dialProxy(ctx context.Context, dial func(context.Context, string, string) (net.Conn, error), proxy *url.URL, addr string) (nc net.Conn, err error) {
+	if proxy.Scheme != "http" && proxy.Scheme != "https" {
+		return nil, fmt.Errorf("relay: proxy %s: unsupported scheme %q (want http or https)", proxy.Redacted(), proxy.Scheme)
+	}
+	paddr := proxy.Host
+	if proxy.Port() == "" {
+		port := "80"
+		if proxy.Scheme == "https" {
+			port = "443"
+		}
+		paddr = net.JoinHostPort(proxy.Hostname(), port)
+	}
+	raw, err := dial(ctx, "tcp", paddr)
 	if err != nil {
-		return nil, fmt.Errorf("relay: dial %s: %w", addr, err)
+		return nil, fmt.Errorf("relay: dial proxy %s: %w", paddr, err)
+	}
+	nc = raw
+	stop := context.AfterFunc(ctx, func() { raw.Close() })
+	defer func() {
+		if !stop() && err == nil {
+			err = ctx.Err()
+		}
+		if err != nil {
+			raw.Close()
+			nc = nil
+			if ctx.Err() != nil {
+				err = fmt.Errorf("relay: proxy %s: %w", paddr, ctx.Err())
+			}
+		}
+	}()
+	if proxy.Scheme == "https" {
+		tc, err := f.tlsHandshake(ctx, raw, proxy, true)
+		if err != nil {
+			return nil, fmt.Errorf("relay: proxy: %w", err)
+		}
+		nc = tc
+	}
+	bw := bufio.NewWriter(nc)
+	fmt.Fprintf(bw, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n", addr, addr)
+	hdr := f.ProxyConnectHeader.Clone()
+	if hdr == nil {
+		hdr = http.Header{}
+	}
+	if proxy.User != nil && hdr.Get("Proxy-Authorization") == "" {
+		pass, _ := proxy.User.Password()
+		hdr.Set("Proxy-Authorization", "Basic "+base64.StdEncoding.EncodeToString([]byte(proxy.User.Username()+":"+pass)))
+	}
+	if err := hdr.Write(bw); err != nil {
+		return nil, fmt.Errorf("relay: proxy %s: %w", paddr, err)
+	}
+	bw.WriteString("\r\n")
+	if err := bw.Flush(); err != nil {
+		return nil, fmt.Errorf("relay: proxy %s: send CONNECT: %w", paddr, err)
+	}
+	br := bufio.NewReaderSize(nc, maxProxyResponse)
+	if err := checkHeaderSize(br); err != nil {
+		return nil, fmt.Errorf("relay: proxy %s: read CONNECT response: %w", paddr, err)
+	}
+	resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
+	if err != nil {
+		return nil, fmt.Errorf("relay: proxy %s: read CONNECT response: %w", paddr, err)
+	}
+	if resp.StatusCode/100 != 2 {
+		return nil, fmt.Errorf("relay: proxy %s refused CONNECT %s: %s", paddr, addr, resp.Status)
+	}
+	if n := br.Buffered(); n > 0 {
+		// The DERP server speaks only after the client, so these bytes
+		// cannot be the server's.
+		return nil, fmt.Errorf("relay: proxy %s sent %d unexpected bytes after its CONNECT response", paddr, n)
 	}
 	return nc, nil
 }
 
-func (f *FastStart) tlsHandshake(ctx context.Context, nc net.Conn, u *url.URL) (*tls.Conn, error) {
+// tlsHandshake runs TLS over nc to u's host; for a proxy the server name is
+// always the proxy's, not TLSConfig's.
+func (f *FastStart) tlsHandshake(ctx context.Context, nc net.Conn, u *url.URL, proxy bool) (*tls.Conn, error) {
 	var cfg *tls.Config
 	if f.TLSConfig != nil {
 		cfg = f.TLSConfig.Clone()
 	} else {
 		cfg = &tls.Config{}
 	}
-	if cfg.ServerName == "" {
+	if cfg.ServerName == "" || proxy {
 		cfg.ServerName = u.Hostname()
 	}
 	cfg.NextProtos = nil

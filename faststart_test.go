@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"runtime"
 	"slices"
 	"strings"
@@ -1269,4 +1270,255 @@ func TestHugeUpgradeResponseHeader(t *testing.T) {
 	}
 	ln.Close()
 	<-done
+}
+
+// connectProxy is an HTTP CONNECT proxy for tests. It records each CONNECT
+// target and Proxy-Authorization header, answers with status (200 unless
+// set), and, on 2xx, pipes bytes both ways. stall makes it read the
+// request and then say nothing.
+type connectProxy struct {
+	URL    *url.URL
+	status int
+	stall  bool
+	extra  string // sent right after a 2xx response
+
+	mu      sync.Mutex
+	targets []string
+	auths   []string
+}
+
+// startConnectProxy serves a connectProxy on 127.0.0.1, over TLS if
+// tlsCert is not nil. Cleanup closes the listener and every tunnel and
+// waits for them.
+func startConnectProxy(t testing.TB, p *connectProxy, tlsCert *tls.Certificate) {
+	t.Helper()
+	var ln net.Listener
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.URL = &url.URL{Scheme: "http", Host: ln.Addr().String()}
+	if tlsCert != nil {
+		ln = tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{*tlsCert}})
+		p.URL.Scheme = "https"
+	}
+	var wg sync.WaitGroup
+	var cmu sync.Mutex
+	var conns []net.Conn
+	track := func(c net.Conn) {
+		cmu.Lock()
+		conns = append(conns, c)
+		cmu.Unlock()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			track(c)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				p.serve(c, track)
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		cmu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		cmu.Unlock()
+		wg.Wait()
+	})
+}
+
+func (p *connectProxy) serve(c net.Conn, track func(net.Conn)) {
+	defer c.Close()
+	br := bufio.NewReader(c)
+	req, err := http.ReadRequest(br)
+	if err != nil || req.Method != http.MethodConnect {
+		return
+	}
+	p.mu.Lock()
+	p.targets = append(p.targets, req.Host)
+	p.auths = append(p.auths, req.Header.Get("Proxy-Authorization"))
+	p.mu.Unlock()
+	if p.stall {
+		io.Copy(io.Discard, c)
+		return
+	}
+	if p.status != 0 && p.status/100 != 2 {
+		fmt.Fprintf(c, "HTTP/1.1 %d %s\r\nContent-Length: 0\r\n\r\n", p.status, http.StatusText(p.status))
+		return
+	}
+	up, err := net.Dial("tcp", req.Host)
+	if err != nil {
+		fmt.Fprintf(c, "HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+		return
+	}
+	track(up)
+	defer up.Close()
+	fmt.Fprintf(c, "HTTP/1.1 200 Connection established\r\n\r\n%s", p.extra)
+	done := make(chan struct{})
+	go func() {
+		io.Copy(up, br)
+		up.Close()
+		close(done)
+	}()
+	io.Copy(c, up)
+	c.Close()
+	<-done
+}
+
+func (p *connectProxy) seen() (targets, auths []string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.targets), slices.Clone(p.auths)
+}
+
+// TestDialThroughProxy checks that FastStart tunnels through HTTP and HTTPS
+// CONNECT proxies to the URL's host and port, with Basic credentials from
+// the proxy URL or headers from ProxyConnectHeader, and that the fast path
+// still works inside the tunnel.
+func TestDialThroughProxy(t *testing.T) {
+	tests := []struct {
+		name       string
+		httpsProxy bool
+		user       *url.Userinfo
+		header     http.Header
+		plain      bool // the DERP server speaks plain HTTP
+		wantAuth   string
+		wantPath   Path
+	}{
+		{name: "http proxy", wantPath: FastPath},
+		{name: "https proxy", httpsProxy: true, wantPath: FastPath},
+		{name: "basic auth", user: url.UserPassword("user", "pa:ss"), wantAuth: "Basic dXNlcjpwYTpzcw==", wantPath: FastPath},
+		{name: "header wins", user: url.UserPassword("user", "pass"), header: http.Header{"Proxy-Authorization": {"Negotiate abc"}}, wantAuth: "Negotiate abc", wantPath: FastPath},
+		{name: "plain HTTP server", plain: true, wantPath: UpgradePath},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newTestServer(t)
+			srv := serveDERP(t, s, derpServeOpts{plain: tt.plain})
+			p := &connectProxy{}
+			clientTLS := srv.ClientTLS
+			if tt.httpsProxy {
+				cert, _ := testCert(t, "proxy")
+				startConnectProxy(t, p, &cert)
+				// Trust both the proxy and the server.
+				leaf, err := x509.ParseCertificate(cert.Certificate[0])
+				if err != nil {
+					t.Fatal(err)
+				}
+				clientTLS = clientTLS.Clone()
+				clientTLS.RootCAs = clientTLS.RootCAs.Clone()
+				clientTLS.RootCAs.AddCert(leaf)
+			} else {
+				startConnectProxy(t, p, nil)
+			}
+			pu := *p.URL
+			pu.User = tt.user
+			fs := &FastStart{TLSConfig: clientTLS, Proxy: http.ProxyURL(&pu), ProxyConnectHeader: tt.header}
+			a, hs := dialFast(t, fs, srv.URL)
+			b, _ := dialFast(t, fs, srv.URL)
+			if hs.Path != tt.wantPath {
+				t.Errorf("path %s (%s), want %s", hs.Path, hs.Reason, tt.wantPath)
+			}
+			relayBothWays(t, a, b)
+			targets, auths := p.seen()
+			if want := []string{srv.Addr, srv.Addr}; !slices.Equal(targets, want) {
+				t.Errorf("proxy saw CONNECT to %q, want %q", targets, want)
+			}
+			if want := []string{tt.wantAuth, tt.wantAuth}; !slices.Equal(auths, want) {
+				t.Errorf("proxy saw Proxy-Authorization %q, want %q", auths, want)
+			}
+		})
+	}
+}
+
+// TestDialProxyErrors checks that every way a proxy can fail ends the dial
+// with an error that says which, and that a Proxy that returns nil means a
+// direct connection.
+func TestDialProxyErrors(t *testing.T) {
+	errChoose := errors.New("no proxy for you")
+	tests := []struct {
+		name    string
+		proxy   *connectProxy
+		choose  func(p *connectProxy) func(*http.Request) (*url.URL, error)
+		timeout time.Duration
+		wantErr string
+		wantIs  error
+	}{
+		{name: "refused", proxy: &connectProxy{status: http.StatusProxyAuthRequired},
+			wantErr: "refused CONNECT 127.0.0.1:"},
+		{name: "refused status", proxy: &connectProxy{status: http.StatusForbidden}, wantErr: "403 Forbidden"},
+		{name: "Proxy error", choose: func(*connectProxy) func(*http.Request) (*url.URL, error) {
+			return func(*http.Request) (*url.URL, error) { return nil, errChoose }
+		}, wantIs: errChoose, wantErr: "choose proxy"},
+		{name: "socks5", choose: func(p *connectProxy) func(*http.Request) (*url.URL, error) {
+			return http.ProxyURL(&url.URL{Scheme: "socks5", Host: p.URL.Host})
+		}, wantErr: `unsupported scheme "socks5"`},
+		{name: "stalls", proxy: &connectProxy{stall: true}, timeout: 200 * time.Millisecond,
+			wantIs: context.DeadlineExceeded, wantErr: "relay: proxy 127.0.0.1:"},
+		{name: "extra bytes", proxy: &connectProxy{extra: "surprise"}, wantErr: "8 unexpected bytes"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newTestServer(t)
+			srv := serveDERP(t, s, derpServeOpts{})
+			p := tt.proxy
+			if p == nil {
+				p = &connectProxy{}
+			}
+			startConnectProxy(t, p, nil)
+			choose := http.ProxyURL(p.URL)
+			if tt.choose != nil {
+				choose = tt.choose(p)
+			}
+			fs := &FastStart{TLSConfig: srv.ClientTLS, Proxy: choose}
+			timeout := tt.timeout
+			if timeout == 0 {
+				timeout = 10 * time.Second
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), timeout)
+			defer cancel()
+			c, _, err := fs.Dial(ctx, srv.URL, mustKey(t))
+			if err == nil {
+				c.Close()
+				t.Fatal("Dial succeeded")
+			}
+			if !strings.Contains(err.Error(), tt.wantErr) || (tt.wantIs != nil && !errors.Is(err, tt.wantIs)) {
+				t.Errorf("Dial error %q, want it to contain %q and wrap %v", err, tt.wantErr, tt.wantIs)
+			}
+		})
+	}
+
+	t.Run("nil proxy is direct", func(t *testing.T) {
+		s := newTestServer(t)
+		srv := serveDERP(t, s, derpServeOpts{})
+		p := &connectProxy{}
+		startConnectProxy(t, p, nil)
+		var asked []string
+		fs := &FastStart{TLSConfig: srv.ClientTLS, Proxy: func(r *http.Request) (*url.URL, error) {
+			asked = append(asked, r.URL.String())
+			return nil, nil
+		}}
+		a, hs := dialFast(t, fs, srv.URL)
+		b, _ := dialFast(t, fs, srv.URL)
+		relayBothWays(t, a, b)
+		if hs.Path != FastPath {
+			t.Errorf("path %s (%s), want fast", hs.Path, hs.Reason)
+		}
+		if want := []string{srv.URL, srv.URL}; !slices.Equal(asked, want) {
+			t.Errorf("Proxy asked about %q, want %q", asked, want)
+		}
+		if targets, _ := p.seen(); len(targets) != 0 {
+			t.Errorf("proxy saw %q, want nothing", targets)
+		}
+	})
 }
