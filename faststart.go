@@ -3,6 +3,7 @@ package relay
 import (
 	"bufio"
 	"context"
+	crand "crypto/rand"
 	"crypto/tls"
 	"encoding/base64"
 	"encoding/binary"
@@ -59,6 +60,10 @@ type FastStart struct {
 	// ProxyConnectHeader holds extra headers for the CONNECT request, such
 	// as a Proxy-Authorization scheme other than Basic.
 	ProxyConnectHeader http.Header
+	// WebSocket carries DERP over WebSocket (subprotocol "derp"), as
+	// browsers must, for networks that let only WebSocket through. It
+	// always takes the upgrade path: a WebSocket client waits for the 101.
+	WebSocket bool
 }
 
 // clientReadBuf is the read buffer of dialled clients: it bounds the HTTP
@@ -162,6 +167,17 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 	}()
 
 	hs.KeySource = "configured"
+	if f.WebSocket {
+		if u.Scheme == "https" {
+			tc, err := f.tlsHandshake(ctx, nc, u, false)
+			if err != nil {
+				return nil, hs, err
+			}
+			nc = tc
+			hs.TLSVersion = tc.ConnectionState().Version
+		}
+		return f.webSocket(nc, u, priv, hs, opts)
+	}
 	if u.Scheme == "https" {
 		tc, err := f.tlsHandshake(ctx, nc, u, false)
 		if err != nil {
@@ -221,15 +237,20 @@ func chooseKey(hs Handshake, cs tls.ConnectionState, known PublicKey) (Handshake
 	return hs, reason
 }
 
-func (f *FastStart) dialTCP(ctx context.Context, u *url.URL) (net.Conn, error) {
-	addr := u.Host
-	if u.Port() == "" {
-		port := "80"
-		if u.Scheme == "https" {
-			port = "443"
-		}
-		addr = net.JoinHostPort(u.Hostname(), port)
+// hostPort is u's host and port, the port defaulting to the scheme's.
+func hostPort(u *url.URL) string {
+	if u.Port() != "" {
+		return u.Host
 	}
+	port := "80"
+	if u.Scheme == "https" {
+		port = "443"
+	}
+	return net.JoinHostPort(u.Hostname(), port)
+}
+
+func (f *FastStart) dialTCP(ctx context.Context, u *url.URL) (net.Conn, error) {
+	addr := hostPort(u)
 	dial := f.DialContext
 	if dial == nil {
 		var d net.Dialer
@@ -261,14 +282,7 @@ func (f *FastStart) dialProxy(ctx context.Context, dial func(context.Context, st
 	if proxy.Scheme != "http" && proxy.Scheme != "https" {
 		return nil, fmt.Errorf("relay: proxy %s: unsupported scheme %q (want http or https)", proxy.Redacted(), proxy.Scheme)
 	}
-	paddr := proxy.Host
-	if proxy.Port() == "" {
-		port := "80"
-		if proxy.Scheme == "https" {
-			port = "443"
-		}
-		paddr = net.JoinHostPort(proxy.Hostname(), port)
-	}
+	paddr := hostPort(proxy)
 	raw, err := dial(ctx, "tcp", paddr)
 	if err != nil {
 		return nil, fmt.Errorf("relay: dial proxy %s: %w", paddr, err)
@@ -350,21 +364,30 @@ func (f *FastStart) tlsHandshake(ctx context.Context, nc net.Conn, u *url.URL, p
 	return tc, nil
 }
 
-func (f *FastStart) writeRequest(bw *bufio.Writer, u *url.URL, fast bool) {
-	path := u.RequestURI()
+// requestPath is the request target for u: /derp if u has no path.
+func requestPath(u *url.URL) string {
 	if u.Path == "" || u.Path == "/" {
-		path = "/derp"
+		return "/derp"
 	}
-	fmt.Fprintf(bw, "GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: fastderp-relay\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n", path, u.Host)
+	return u.RequestURI()
+}
+
+func (f *FastStart) writeRequest(bw *bufio.Writer, u *url.URL, fast bool) {
+	fmt.Fprintf(bw, "GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: fastderp-relay\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n", requestPath(u), u.Host)
 	if fast {
 		fmt.Fprintf(bw, "%s: 1\r\n", FastStartHeader)
 	}
+	f.writeHeader(bw)
+	bw.WriteString("\r\n")
+}
+
+// writeHeader writes f.Header, with line breaks removed from the values.
+func (f *FastStart) writeHeader(bw *bufio.Writer) {
 	for k, vs := range f.Header {
 		for _, v := range vs {
 			fmt.Fprintf(bw, "%s: %s\r\n", k, strings.NewReplacer("\r", "", "\n", "").Replace(v))
 		}
 	}
-	bw.WriteString("\r\n")
 }
 
 // fastStart writes the upgrade request and the ClientInfo in one flush. If
@@ -418,6 +441,53 @@ func (f *FastStart) upgrade(nc net.Conn, u *url.URL, priv PrivateKey, hs Handsha
 		return nil, hs, err
 	}
 	hs.ServerKey = c.ServerPublicKey()
+	return c, hs, nil
+}
+
+// webSocket takes the upgrade path to DERP over WebSocket.
+func (f *FastStart) webSocket(nc net.Conn, u *url.URL, priv PrivateKey, hs Handshake, opts []ClientOption) (*Client, Handshake, error) {
+	hs.Path, hs.Reason = UpgradePath, "WebSocket transport"
+	var nonce [16]byte
+	crand.Read(nonce[:])
+	key := base64.StdEncoding.EncodeToString(nonce[:])
+	br := bufio.NewReaderSize(nc, clientReadBuf)
+	bw := bufio.NewWriter(nc)
+	fmt.Fprintf(bw, "GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: fastderp-relay\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
+		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Protocol: %s\r\n", requestPath(u), u.Host, key, WebSocketProtocol)
+	f.writeHeader(bw)
+	bw.WriteString("\r\n")
+	if err := bw.Flush(); err != nil {
+		return nil, hs, fmt.Errorf("relay: send WebSocket request: %w", err)
+	}
+	if err := checkHeaderSize(br); err != nil {
+		return nil, hs, fmt.Errorf("relay: read WebSocket response: %w", err)
+	}
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		return nil, hs, fmt.Errorf("relay: read WebSocket response: %w", err)
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return nil, hs, fmt.Errorf("relay: WebSocket upgrade refused: %s: %s", resp.Status, strings.TrimSpace(string(body)))
+	}
+	switch {
+	case !strings.EqualFold(resp.Header.Get("Upgrade"), "websocket") || !hasToken(resp.Header.Values("Connection"), "upgrade"):
+		err = errors.New("101 response does not upgrade to websocket")
+	case resp.Header.Get("Sec-WebSocket-Accept") != wsAcceptKey(key):
+		err = errors.New("wrong Sec-WebSocket-Accept")
+	case resp.Header.Get("Sec-WebSocket-Protocol") != WebSocketProtocol:
+		err = fmt.Errorf("server chose subprotocol %q, not %q", resp.Header.Get("Sec-WebSocket-Protocol"), WebSocketProtocol)
+	}
+	if err != nil {
+		return nil, hs, &ProtocolError{Reason: "websocket_handshake", Detail: err.Error()}
+	}
+	wc := newWSConn(nc, br, true)
+	brw := bufio.NewReadWriter(bufio.NewReaderSize(wc, clientReadBuf), bufio.NewWriter(wc))
+	c, err := NewClient(priv, wc, brw, opts...)
+	if err != nil {
+		return nil, hs, err
+	}
+	hs.ServerKey, hs.KeySource = c.ServerPublicKey(), "server-key-frame"
 	return c, hs, nil
 }
 

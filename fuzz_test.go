@@ -14,6 +14,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"io"
 	"log"
 	"net"
@@ -511,6 +512,11 @@ func FuzzServeHTTP(f *testing.F) {
 	f.Add([]byte("POST http://derp.example/derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"))
 	f.Add([]byte("GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nUpgrade: websocket\r\n"))
 	f.Add([]byte("\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03"))
+	wsReq := []byte("GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n" +
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: derp\r\n\r\n")
+	f.Add(frames(wsReq, wsFrame(0x82, ci, false), wsFrame(0x89, []byte("p"), false),
+		wsFrame(0x02, appendFrame(nil, FramePing, []byte("1234")), false), wsFrame(0x80, []byte("5678"), false)))
+	f.Add(frames(wsReq, wsFrame(0x81, []byte("text"), false)))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		s.replay.mu.Lock()
 		s.replay.cur, s.replay.prev = map[[16]byte]struct{}{}, nil // the seeds reuse their ClientInfo
@@ -589,4 +595,95 @@ func (b *syncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.b.String()
+}
+
+// wsFuzzConn is a net.Conn that reads from r and writes to w, with
+// deadlines that do nothing.
+type wsFuzzConn struct {
+	net.Conn // nil: only the methods below are called
+	r        io.Reader
+	w        io.Writer
+}
+
+func (c wsFuzzConn) Read(p []byte) (int, error)       { return c.r.Read(p) }
+func (c wsFuzzConn) Write(p []byte) (int, error)      { return c.w.Write(p) }
+func (c wsFuzzConn) Close() error                     { return nil }
+func (c wsFuzzConn) SetWriteDeadline(time.Time) error { return nil }
+func (c wsFuzzConn) SetReadDeadline(time.Time) error  { return nil }
+func (c wsFuzzConn) SetDeadline(time.Time) error      { return nil }
+func (c wsFuzzConn) LocalAddr() net.Addr              { return pipeAddr{} }
+func (c wsFuzzConn) RemoteAddr() net.Addr             { return pipeAddr{} }
+
+// FuzzWebSocketRead feeds arbitrary bytes to the server's WebSocket
+// decoder. It must never panic or read more payload than it was given;
+// every read ends with io.EOF (a close frame), io.ErrUnexpectedEOF (a cut
+// frame) or a *ProtocolError, and what the decoder writes back is whole
+// unmasked server frames.
+func FuzzWebSocketRead(f *testing.F) {
+	f.Add(wsFrame(0x82, []byte("hello"), false))
+	f.Add(append(wsFrame(0x02, []byte("hel"), false), append(wsFrame(0x89, []byte("ping"), false), wsFrame(0x80, []byte("lo"), false)...)...))
+	f.Add(wsFrame(0x82, make([]byte, 300), false))
+	f.Add(wsFrame(0x82, make([]byte, 70000), false)[:100])
+	f.Add(wsFrame(0x88, binary.BigEndian.AppendUint16(nil, 1000), false))
+	f.Add(wsFrame(0x81, []byte("text"), false))
+	f.Add(wsFrame(0x82, []byte("unmasked"), true))
+	f.Add([]byte{0x82, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var out bytes.Buffer
+		c := newWSConn(wsFuzzConn{r: bytes.NewReader(data), w: &out}, nil, false)
+		var got int
+		buf := make([]byte, 1000)
+		var err error
+		for err == nil {
+			var n int
+			n, err = c.Read(buf)
+			got += n
+		}
+		var pe *ProtocolError
+		if err != io.EOF && err != io.ErrUnexpectedEOF && !errors.As(err, &pe) {
+			t.Fatalf("read ended with %v", err)
+		}
+		if got > len(data) {
+			t.Fatalf("read %d payload bytes from %d input bytes", got, len(data))
+		}
+		// The replies (pongs and at most one close) parse as server frames.
+		r := out.Bytes()
+		for len(r) > 0 {
+			if len(r) < 2 || r[1]&0x80 != 0 || r[1]&0x7f > wsMaxControl || len(r) < 2+int(r[1]&0x7f) {
+				t.Fatalf("bad reply frames %x", out.Bytes())
+			}
+			r = r[2+int(r[1]&0x7f):]
+		}
+	})
+}
+
+// FuzzWebSocketRoundTrip writes the input, cut into pieces, through a
+// client wsConn and reads it back through a server wsConn.
+func FuzzWebSocketRoundTrip(f *testing.F) {
+	f.Add([]byte("hello"), uint16(3))
+	f.Add(make([]byte, 70000), uint16(40000))
+	f.Add([]byte{}, uint16(0))
+	f.Fuzz(func(t *testing.T, data []byte, cut uint16) {
+		var wire bytes.Buffer
+		w := newWSConn(wsFuzzConn{w: &wire}, nil, true)
+		step := int(cut)%(len(data)+1) + 1
+		for rest := data; ; {
+			n := min(step, len(rest))
+			if _, err := w.Write(rest[:n]); err != nil {
+				t.Fatal(err)
+			}
+			if rest = rest[n:]; len(rest) == 0 {
+				break
+			}
+		}
+		w.Close()
+		r := newWSConn(wsFuzzConn{r: &wire, w: io.Discard}, nil, false)
+		got, err := io.ReadAll(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, data) {
+			t.Fatalf("read back %d bytes, wrote %d", len(got), len(data))
+		}
+	})
 }

@@ -37,6 +37,15 @@
 // [Handshake], and falls back to the classic upgrade whenever the meta cert
 // is missing (TLS 1.2, plain HTTP, a TLS-intercepting proxy).
 //
+// # Other transports
+//
+// Browsers can open nothing but WebSocket: [Server.ServeHTTP] also accepts an
+// upgrade to WebSocket with the subprotocol "derp", and carries the DERP
+// stream in binary messages (of at most 32 KiB each way, since Tailscale's
+// WebSocket stack refuses bigger ones); [FastStart] speaks it when its
+// WebSocket field is set. Behind a corporate proxy, [FastStart] tunnels
+// through HTTP CONNECT, and fast start still works inside the tunnel.
+//
 // # Cost
 //
 // A relay spends its life moving small packets for many mostly idle clients.

@@ -2258,6 +2258,9 @@ func (g *nonceGuard) check(nonce [nonceLen]byte, now time.Time) bool {
 // the probe paths starts a session; "Derp-Fast-Start: 1" makes the server
 // skip the 101 response. /derp/probe and /derp/latency-check answer latency
 // probes and /generate_204 captive-portal checks, if they are routed here.
+// An upgrade to WebSocket that offers the subprotocol "derp" (browsers'
+// only way in) carries the session in binary messages; to refuse those,
+// answer requests with "Upgrade: websocket" before they reach the Server.
 // After the upgrade ServeHTTP returns at once and the session continues on
 // its own goroutine, so net/http's per-connection buffers are not kept for
 // the session's lifetime; Close waits for every session.
@@ -2289,12 +2292,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "DERP requires HTTP/1.1 (the server negotiated "+r.Proto+"; disable HTTP/2 for this listener, see relay.AppendMetaCert)", http.StatusHTTPVersionNotSupported)
 		return
 	}
+	if isWebSocketDERP(r) {
+		s.serveWebSocket(w, r)
+		return
+	}
 	fastStart := r.Header.Get(FastStartHeader) == "1"
-	nc, brw, err := http.NewResponseController(w).Hijack()
-	if err != nil {
-		s.stats.countRejected("hijack_failed")
-		s.log.Info("relay: hijack failed", "remote", r.RemoteAddr, "err", err)
-		http.Error(w, "HTTP does not support general TCP support", http.StatusInternalServerError)
+	nc, brw, ok := s.hijack(w, r)
+	if !ok {
 		return
 	}
 	if !fastStart {
@@ -2313,6 +2317,19 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ao := acceptOpts{notIdeal: r.Header.Get(IdealNodeHeader) != "", fastStart: fastStart, detached: true}
 	remote := r.RemoteAddr
 	go s.accept(ctx, nc, brw, remote, ao)
+}
+
+// hijack takes the connection from net/http, or answers 500 and reports
+// false.
+func (s *Server) hijack(w http.ResponseWriter, r *http.Request) (net.Conn, *bufio.ReadWriter, bool) {
+	nc, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		s.stats.countRejected("hijack_failed")
+		s.log.Info("relay: hijack failed", "remote", r.RemoteAddr, "err", err)
+		http.Error(w, "HTTP does not support general TCP support", http.StatusInternalServerError)
+		return nil, nil, false
+	}
+	return nc, brw, true
 }
 
 // ServeProbe answers DERP latency probes (/derp/probe, /derp/latency-check):
@@ -2377,6 +2394,7 @@ type serverCounters struct {
 	dupKeys, dupConns, dupTotal, watchers, parked       atomic.Int64
 	parks                                               atomic.Int64
 	fastStarts, upgrades                                atomic.Int64
+	webSockets                                          atomic.Int64
 	gotPing, sentPong, unknownFrames, rateWaits         atomic.Int64
 	sentPing, gotPong                                   atomic.Int64
 	homeMovesIn, homeMovesOut, writeTimeouts            atomic.Int64
@@ -2466,6 +2484,7 @@ type Stats struct {
 	CurrentParked             int64 // idle sessions with no reader goroutine (WithIdlePark)
 	Parks                     int64 // times a session's reader was parked
 	FastStartLogins           int64 // sessions that skipped the 101 (Derp-Fast-Start: 1)
+	WebSocketAccepts          int64 // WebSocket handshakes completed (DERP over WebSocket)
 	UpgradeLogins             int64 // sessions through a 101 or Accept
 	PacketsReceived           int64 // packets received from local clients
 	BytesReceived             int64 // their bytes, without framing
@@ -2508,6 +2527,7 @@ func (s *Server) Stats() Stats {
 		CurrentParked:          sc.parked.Load(),
 		Parks:                  sc.parks.Load(),
 		FastStartLogins:        sc.fastStarts.Load(),
+		WebSocketAccepts:       sc.webSockets.Load(),
 		UpgradeLogins:          sc.upgrades.Load(),
 		PacketsForwardedIn:     sc.forwardedIn.Load(),
 		PacketsForwardedOut:    sc.forwardedOut.Load(),
@@ -2583,6 +2603,7 @@ func (s *Server) WritePrometheus(w io.Writer) error {
 	metric("parks", "counter", "Times a session's reader was parked.", st.Parks)
 	metric("fast_start_logins", "counter", "Sessions that skipped the 101 response.", st.FastStartLogins)
 	metric("upgrade_logins", "counter", "Sessions through a 101 response or Accept.", st.UpgradeLogins)
+	metric("websocket_accepts", "counter", "WebSocket handshakes completed.", st.WebSocketAccepts)
 	metric("packets_received", "counter", "Packets received from local clients.", st.PacketsReceived)
 	metric("bytes_received", "counter", "Bytes of packets received from local clients.", st.BytesReceived)
 	metric("packets_sent", "counter", "Packets written to clients.", st.PacketsSent)

@@ -223,6 +223,12 @@ func dialTSKey(t *testing.T, name, addr string, priv key.NodePrivate, opts ...de
 		t.Fatalf("%s: derp.NewClient: %v", name, err)
 	}
 	nc.SetDeadline(time.Time{})
+	return rawTSPeer(t, name, priv, c, nc)
+}
+
+// rawTSPeer wraps a raw derp.Client over nc and waits for its ServerInfo.
+func rawTSPeer(t *testing.T, name string, priv key.NodePrivate, c *derp.Client, nc net.Conn) *tsPeer {
+	t.Helper()
 	p := &tsPeer{
 		name:      name,
 		pub:       priv.Public(),

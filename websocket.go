@@ -1,0 +1,449 @@
+package relay
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"crypto/sha1"
+	"encoding/base64"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+)
+
+// DERP over WebSocket (RFC 6455) is for clients that can open nothing else,
+// such as browsers: the DERP byte stream travels in the payloads of binary
+// messages, cut anywhere, under the subprotocol "derp". Tailscale's servers
+// accept it (derpserver.AddWebSocketSupport) and its js/wasm client speaks
+// it. There is no fast start: a WebSocket client waits for the 101.
+
+// WebSocketProtocol is the WebSocket subprotocol that carries DERP.
+const WebSocketProtocol = "derp"
+
+const (
+	wsGUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11" // RFC 6455, section 1.3
+
+	wsContinuation = 0x0
+	wsText         = 0x1
+	wsBinary       = 0x2
+	wsClose        = 0x8
+	wsPing         = 0x9
+	wsPong         = 0xa
+
+	wsMaxControl = 125 // payload bound of control frames
+
+	// Close codes (RFC 6455, section 7.4.1).
+	wsCloseNormal        = 1000
+	wsCloseProtocolError = 1002
+	wsCloseUnsupported   = 1003
+
+	// wsMaxFrame bounds the payload of a message this side writes: larger
+	// writes are cut into several messages. (The DERP stream may be cut
+	// anywhere, and coder/websocket, which Tailscale uses at both ends,
+	// refuses messages over 32 KiB by default.)
+	wsMaxFrame = 32 << 10
+	// wsCloseWait bounds how long Close waits to send its close frame.
+	wsCloseWait = time.Second
+	// wsPongsPerSecond bounds the pings answered: WebSocket control
+	// frames pass under the server's rate limit, and RFC 6455 allows
+	// answering only some pings.
+	wsPongsPerSecond = 10
+)
+
+// isWebSocketDERP reports whether r asks for DERP over WebSocket: an
+// Upgrade: websocket request offering the derp subprotocol. (Old Tailscale
+// clients sent "Upgrade: WebSocket" and then spoke DERP directly; they
+// offer no subprotocol.)
+func isWebSocketDERP(r *http.Request) bool {
+	return strings.EqualFold(r.Header.Get("Upgrade"), "websocket") &&
+		hasToken(r.Header.Values("Sec-WebSocket-Protocol"), WebSocketProtocol)
+}
+
+// hasToken reports whether a comma-separated header list holds tok
+// (case-insensitively).
+func hasToken(values []string, tok string) bool {
+	for _, v := range values {
+		for t := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), tok) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// wsAcceptKey is the Sec-WebSocket-Accept value for a Sec-WebSocket-Key.
+func wsAcceptKey(key string) string {
+	h := sha1.Sum([]byte(key + wsGUID))
+	return base64.StdEncoding.EncodeToString(h[:])
+}
+
+// validWSKey reports whether key is the base64 of 16 bytes.
+func validWSKey(key string) bool {
+	b, err := base64.StdEncoding.DecodeString(key)
+	return err == nil && len(b) == 16
+}
+
+// serveWebSocket completes a WebSocket handshake for DERP and starts the
+// session over it. Any origin is allowed: DERP authenticates by key, not
+// by cookie.
+func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
+	if r.Header.Get("Sec-WebSocket-Version") != "13" {
+		s.stats.countRejected("websocket_version")
+		w.Header().Set("Sec-WebSocket-Version", "13")
+		http.Error(w, "WebSocket version 13 required", http.StatusUpgradeRequired)
+		return
+	}
+	key := r.Header.Get("Sec-WebSocket-Key")
+	if r.Method != http.MethodGet || !hasToken(r.Header.Values("Connection"), "upgrade") || !validWSKey(key) {
+		s.stats.countRejected("websocket_handshake")
+		http.Error(w, "bad WebSocket handshake (want GET with Connection: Upgrade and a 16-byte Sec-WebSocket-Key)", http.StatusBadRequest)
+		return
+	}
+	nc, brw, ok := s.hijack(w, r)
+	if !ok {
+		return
+	}
+	fmt.Fprintf(brw.Writer, "HTTP/1.1 101 Switching Protocols\r\n"+
+		"Upgrade: websocket\r\n"+
+		"Connection: Upgrade\r\n"+
+		"Sec-WebSocket-Accept: %s\r\n"+
+		"Sec-WebSocket-Protocol: %s\r\n\r\n", wsAcceptKey(key), WebSocketProtocol)
+	if err := brw.Flush(); err != nil {
+		nc.Close()
+		return
+	}
+	s.stats.webSockets.Add(1)
+	wc := newWSConn(nc, brw.Reader, false)
+	ctx := context.WithoutCancel(r.Context())
+	ao := acceptOpts{notIdeal: r.Header.Get(IdealNodeHeader) != "", detached: true}
+	go s.accept(ctx, wc, nil, r.RemoteAddr, ao)
+}
+
+// wsConn is a net.Conn whose bytes travel in WebSocket binary messages
+// over another connection. Reads return the payloads of binary messages
+// in order, whatever their sizes, answer pings and end with io.EOF at a
+// close frame; a text message or a malformed frame ends them with a
+// *ProtocolError, after a close frame that says why. Writes send messages
+// of at most 32 KiB.
+type wsConn struct {
+	net.Conn               // the connection under the WebSocket
+	br       *bufio.Reader // reads of Conn; may hold bytes already
+	client   bool          // this side masks its frames and expects unmasked ones
+
+	// Read state, owned by the reader.
+	remain  uint64 // payload bytes left in the current data frame
+	mask    [4]byte
+	maskOff int  // position of the next payload byte in the mask
+	masked  bool // the current data frame is masked
+	inMsg   bool // a fragmented binary message is open
+	rerr    error
+	pongs   int       // pings that may still be answered before pongsAt+1s
+	pongsAt time.Time // start of the current second of pongs
+
+	wmu       sync.Mutex
+	closeSent bool
+}
+
+func newWSConn(nc net.Conn, br *bufio.Reader, client bool) *wsConn {
+	if br == nil {
+		br = bufio.NewReader(nc)
+	}
+	return &wsConn{Conn: nc, br: br, client: client}
+}
+
+func (c *wsConn) Read(p []byte) (int, error) {
+	for c.remain == 0 {
+		if c.rerr != nil {
+			return 0, c.rerr
+		}
+		if err := c.nextFrame(); err != nil {
+			return 0, err
+		}
+		if len(p) == 0 {
+			return 0, nil
+		}
+	}
+	if uint64(len(p)) > c.remain {
+		p = p[:c.remain]
+	}
+	n, err := c.br.Read(p)
+	if c.masked {
+		c.maskOff = wsMask(p[:n], c.mask, c.maskOff)
+	}
+	c.remain -= uint64(n)
+	if err == io.EOF {
+		err = io.ErrUnexpectedEOF // the peer hung up inside a frame
+	}
+	return n, err
+}
+
+// wsFail is a WebSocket protocol violation: the close code to send and
+// the error to return.
+func (c *wsConn) wsFail(code uint16, reason, detail string) error {
+	c.rerr = &ProtocolError{Reason: reason, Detail: "websocket: " + detail}
+	c.writeClose(code, detail)
+	return c.rerr
+}
+
+// nextFrame consumes the next frame header (and whole control frames). A
+// frame is consumed only once all of its header (and, for a control frame,
+// its payload) has arrived, so a read deadline in the middle loses nothing.
+func (c *wsConn) nextFrame() error {
+	h, err := c.br.Peek(2)
+	if err != nil {
+		return c.readErr(err, len(h))
+	}
+	fin, rsv, op := h[0]&0x80 != 0, h[0]&0x70, h[0]&0x0f
+	masked, n := h[1]&0x80 != 0, uint64(h[1]&0x7f)
+	hlen := 2
+	switch n {
+	case 126:
+		hlen += 2
+	case 127:
+		hlen += 8
+	}
+	if masked {
+		hlen += 4
+	}
+	if h, err = c.br.Peek(hlen); err != nil {
+		return c.readErr(err, len(h))
+	}
+	switch n {
+	case 126:
+		n = uint64(binary.BigEndian.Uint16(h[2:]))
+	case 127:
+		n = binary.BigEndian.Uint64(h[2:])
+	}
+	var mask [4]byte
+	if masked {
+		copy(mask[:], h[hlen-4:])
+	}
+	switch {
+	case rsv != 0:
+		return c.wsFail(wsCloseProtocolError, "websocket_bad_frame", "reserved bits set, but no extension was negotiated")
+	case n>>63 != 0:
+		return c.wsFail(wsCloseProtocolError, "websocket_bad_frame", "frame length has its top bit set")
+	case masked && c.client:
+		return c.wsFail(wsCloseProtocolError, "websocket_bad_frame", "masked frame from the server")
+	case !masked && !c.client:
+		return c.wsFail(wsCloseProtocolError, "websocket_bad_frame", "unmasked frame from the client")
+	}
+	if op >= wsClose {
+		return c.controlFrame(op, fin, n, hlen, mask)
+	}
+	switch op {
+	case wsBinary:
+		if c.inMsg {
+			return c.wsFail(wsCloseProtocolError, "websocket_bad_frame", "new message before the previous one ended")
+		}
+	case wsContinuation:
+		if !c.inMsg {
+			return c.wsFail(wsCloseProtocolError, "websocket_bad_frame", "continuation frame outside a message")
+		}
+	case wsText:
+		return c.wsFail(wsCloseUnsupported, "websocket_text_message", "text message (DERP needs binary messages)")
+	default:
+		return c.wsFail(wsCloseProtocolError, "websocket_bad_frame", fmt.Sprintf("unknown opcode %#x", op))
+	}
+	c.br.Discard(hlen)
+	c.inMsg = !fin
+	c.remain, c.mask, c.maskOff, c.masked = n, mask, 0, masked
+	return nil
+}
+
+// controlFrame handles a close, ping or pong frame whose header is hlen
+// bytes long and not yet consumed.
+func (c *wsConn) controlFrame(op byte, fin bool, n uint64, hlen int, mask [4]byte) error {
+	if !fin || n > wsMaxControl {
+		return c.wsFail(wsCloseProtocolError, "websocket_bad_frame", "fragmented or oversized control frame")
+	}
+	b, err := c.br.Peek(hlen + int(n))
+	if err != nil {
+		return c.readErr(err, len(b))
+	}
+	var payload [wsMaxControl]byte
+	p := payload[:copy(payload[:], b[hlen:])]
+	c.br.Discard(len(b))
+	if !c.client {
+		wsMask(p, mask, 0)
+	}
+	switch op {
+	case wsPing:
+		if now := time.Now(); now.Sub(c.pongsAt) >= time.Second {
+			c.pongs, c.pongsAt = wsPongsPerSecond, now
+		}
+		if c.pongs == 0 {
+			return nil
+		}
+		c.pongs--
+		c.wmu.Lock()
+		defer c.wmu.Unlock()
+		if !c.closeSent {
+			if _, err := c.writeFrameLocked(wsPong, p); err != nil {
+				c.rerr = err
+				return err
+			}
+		}
+		return nil
+	case wsPong:
+		return nil
+	case wsClose:
+		code := uint16(wsCloseNormal)
+		switch {
+		case len(p) == 1:
+			return c.wsFail(wsCloseProtocolError, "websocket_bad_frame", "close frame with a 1-byte payload")
+		case len(p) >= 2:
+			code = binary.BigEndian.Uint16(p)
+		}
+		// Echo the status, as RFC 6455 asks, then end like TCP would.
+		c.writeClose(code, "")
+		c.rerr = io.EOF
+		return io.EOF
+	}
+	return c.wsFail(wsCloseProtocolError, "websocket_bad_frame", fmt.Sprintf("unknown control opcode %#x", op))
+}
+
+// readErr is the error for a read that stopped after got bytes of a frame
+// header: a hang-up there is unexpected; other errors (deadlines) pass.
+func (c *wsConn) readErr(err error, got int) error {
+	if err == io.EOF && got > 0 {
+		err = io.ErrUnexpectedEOF
+	}
+	if !isTimeout(err) {
+		c.rerr = err
+	}
+	return err
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// wsMask XORs p with mask starting at mask position off, and returns the
+// position after p.
+func wsMask(p []byte, mask [4]byte, off int) int {
+	if len(p) >= 16 {
+		// Eight bytes at a time, with the mask rotated to off.
+		var m8 [8]byte
+		for i := range m8 {
+			m8[i] = mask[(off+i)&3]
+		}
+		m := binary.LittleEndian.Uint64(m8[:])
+		for len(p) >= 8 {
+			binary.LittleEndian.PutUint64(p, binary.LittleEndian.Uint64(p)^m)
+			p = p[8:]
+		}
+	}
+	for i := range p {
+		p[i] ^= mask[off&3]
+		off++
+	}
+	return off & 3
+}
+
+// wsWriteBufs holds the scratch buffers of writes, so that an idle
+// connection holds none.
+var wsWriteBufs = sync.Pool{New: func() any { return new([]byte) }}
+
+// Write sends p as binary messages of at most wsMaxFrame bytes.
+func (c *wsConn) Write(p []byte) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.closeSent {
+		return 0, net.ErrClosed
+	}
+	written := 0
+	for {
+		chunk := p[written:]
+		if len(chunk) > wsMaxFrame {
+			chunk = chunk[:wsMaxFrame]
+		}
+		if _, err := c.writeFrameLocked(wsBinary, chunk); err != nil {
+			return written, err
+		}
+		written += len(chunk)
+		if written == len(p) {
+			return written, nil
+		}
+	}
+}
+
+// writeFrameLocked writes one unfragmented frame of opcode op.
+func (c *wsConn) writeFrameLocked(op byte, p []byte) (int, error) {
+	return c.writeRawLocked(0x80|op, p)
+}
+
+// writeRawLocked writes a frame whose first header byte is b0, with one
+// write on the connection below.
+func (c *wsConn) writeRawLocked(b0 byte, p []byte) (int, error) {
+	bp := wsWriteBufs.Get().(*[]byte)
+	defer func() {
+		if cap(*bp) <= wsMaxFrame+14 {
+			wsWriteBufs.Put(bp)
+		}
+	}()
+	b := append((*bp)[:0], b0, 0)
+	var maskBit byte
+	if c.client {
+		maskBit = 0x80
+	}
+	switch n := len(p); {
+	case n < 126:
+		b[1] = maskBit | byte(n)
+	case n <= 0xffff:
+		b[1] = maskBit | 126
+		b = binary.BigEndian.AppendUint16(b, uint16(n))
+	default:
+		b[1] = maskBit | 127
+		b = binary.BigEndian.AppendUint64(b, uint64(n))
+	}
+	start := len(b)
+	if c.client {
+		var mask [4]byte
+		rand.Read(mask[:])
+		b = append(b, mask[:]...)
+		start = len(b)
+		b = append(b, p...)
+		wsMask(b[start:], mask, 0)
+	} else {
+		b = append(b, p...)
+	}
+	*bp = b
+	n, err := c.Conn.Write(b)
+	return max(n-start, 0), err
+}
+
+// writeClose sends a close frame with code, once, without waiting for a
+// writer that is stuck.
+func (c *wsConn) writeClose(code uint16, reason string) {
+	if !c.wmu.TryLock() {
+		return
+	}
+	defer c.wmu.Unlock()
+	if c.closeSent {
+		return
+	}
+	c.closeSent = true
+	p := binary.BigEndian.AppendUint16(make([]byte, 0, wsMaxControl), code)
+	if len(reason) > wsMaxControl-2 {
+		reason = reason[:wsMaxControl-2]
+	}
+	p = append(p, reason...)
+	c.Conn.SetWriteDeadline(time.Now().Add(wsCloseWait))
+	c.writeFrameLocked(wsClose, p)
+}
+
+// Close sends a normal close frame, if it can at once, and closes the
+// connection below.
+func (c *wsConn) Close() error {
+	c.writeClose(wsCloseNormal, "")
+	return c.Conn.Close()
+}

@@ -1,0 +1,423 @@
+package relay
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestWebSocketSessions relays packets between clients that reach the
+// server over WebSocket (TLS and plain) and a client that uses DERP's own
+// upgrade, with packets large enough to be cut into several frames.
+func TestWebSocketSessions(t *testing.T) {
+	for _, plain := range []bool{false, true} {
+		t.Run(fmt.Sprintf("plain=%v", plain), func(t *testing.T) {
+			s := newTestServer(t)
+			srv := serveDERP(t, s, derpServeOpts{plain: plain})
+			ws := &FastStart{TLSConfig: srv.ClientTLS, WebSocket: true}
+			a, hs := dialFast(t, ws, srv.URL)
+			b, _ := dialFast(t, ws, srv.URL)
+			d, _ := dialFast(t, &FastStart{TLSConfig: srv.ClientTLS}, srv.URL)
+			if hs.Path != UpgradePath || !strings.Contains(hs.Reason, "WebSocket") ||
+				hs.ServerKey != s.PublicKey() || hs.KeySource != "server-key-frame" {
+				t.Errorf("handshake %+v, want the upgrade path over WebSocket with the server's key", hs)
+			}
+			if want := uint16(0); plain && hs.TLSVersion != want || !plain && hs.TLSVersion != tls.VersionTLS13 {
+				t.Errorf("TLS version %#x", hs.TLSVersion)
+			}
+			relayBothWays(t, a, b)
+			relayBothWays(t, a, d)
+			big := bytes.Repeat([]byte("0123456789abcdef"), MaxPacketSize/16)
+			for _, p := range [][2]*Client{{a, b}, {d, b}, {b, d}} {
+				if err := p[0].Send(p[1].PublicKey(), big); err != nil {
+					t.Fatal(err)
+				}
+				got, ok := recvMsg[*ReceivedPacket](t, p[1])
+				if !ok {
+					t.FailNow()
+				}
+				if !bytes.Equal(got.Data, big) || got.Source != p[0].PublicKey() {
+					t.Fatalf("received %d bytes from %s, want %d from %s", len(got.Data), got.Source.ShortString(), len(big), p[0].PublicKey().ShortString())
+				}
+			}
+			// d takes the fast path over TLS 1.3 (meta cert), and the
+			// upgrade path over plain HTTP (no known key).
+			wantUpgrade, wantFast := int64(2), int64(1)
+			if plain {
+				wantUpgrade, wantFast = 3, 0
+			}
+			if st := s.Stats(); st.WebSocketAccepts != 2 || st.UpgradeLogins != wantUpgrade || st.FastStartLogins != wantFast {
+				t.Errorf("stats: %d WebSocket accepts, %d upgrade and %d fast-start logins; want 2, %d, %d",
+					st.WebSocketAccepts, st.UpgradeLogins, st.FastStartLogins, wantUpgrade, wantFast)
+			}
+		})
+	}
+}
+
+// wsDial opens a raw WebSocket connection to a plain-HTTP DERP server with
+// the given extra request headers, and returns the connection and the
+// response.
+func wsDial(t *testing.T, addr string, hdr map[string]string) (net.Conn, *bufio.Reader, *http.Response) {
+	t.Helper()
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	h := map[string]string{
+		"Connection":             "Upgrade",
+		"Upgrade":                "websocket",
+		"Sec-WebSocket-Version":  "13",
+		"Sec-WebSocket-Key":      "dGhlIHNhbXBsZSBub25jZQ==",
+		"Sec-WebSocket-Protocol": "chat, derp",
+	}
+	for k, v := range hdr {
+		h[k] = v
+	}
+	var req strings.Builder
+	fmt.Fprintf(&req, "GET /derp HTTP/1.1\r\nHost: %s\r\n", addr)
+	for k, v := range h {
+		if v != "" {
+			fmt.Fprintf(&req, "%s: %s\r\n", k, v)
+		}
+	}
+	req.WriteString("\r\n")
+	if _, err := io.WriteString(nc, req.String()); err != nil {
+		t.Fatal(err)
+	}
+	nc.SetDeadline(time.Now().Add(5 * time.Second))
+	br := bufio.NewReader(nc)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nc, br, resp
+}
+
+// TestWebSocketHandshake checks the server's answers to WebSocket upgrade
+// requests, right and wrong.
+func TestWebSocketHandshake(t *testing.T) {
+	s := newTestServer(t)
+	srv := serveDERP(t, s, derpServeOpts{plain: true})
+
+	_, _, resp := wsDial(t, srv.Addr, nil)
+	if resp.StatusCode != http.StatusSwitchingProtocols ||
+		resp.Header.Get("Sec-WebSocket-Accept") != "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" || // RFC 6455's example
+		resp.Header.Get("Sec-WebSocket-Protocol") != "derp" || resp.Header.Get("Upgrade") != "websocket" {
+		t.Errorf("good handshake: %s %v", resp.Status, resp.Header)
+	}
+	_, _, resp = wsDial(t, srv.Addr, map[string]string{"Sec-WebSocket-Version": "8"})
+	if resp.StatusCode != http.StatusUpgradeRequired || resp.Header.Get("Sec-WebSocket-Version") != "13" {
+		t.Errorf("version 8: %s %v, want 426 with Sec-WebSocket-Version: 13", resp.Status, resp.Header)
+	}
+	for _, h := range []map[string]string{
+		{"Sec-WebSocket-Key": "c2hvcnQ="},
+		{"Sec-WebSocket-Key": ""},
+		{"Connection": "keep-alive"},
+	} {
+		_, _, resp = wsDial(t, srv.Addr, h)
+		if resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("%v: %s, want 400", h, resp.Status)
+		}
+	}
+	if st := s.Stats(); st.WebSocketAccepts != 1 || st.Rejected["websocket_version"] != 1 || st.Rejected["websocket_handshake"] != 3 {
+		t.Errorf("stats: %d accepts, rejected %v", st.WebSocketAccepts, st.Rejected)
+	}
+}
+
+// wsFrame builds a client frame: b0 is the first header byte; the payload
+// is masked with a fixed key unless unmasked.
+func wsFrame(b0 byte, payload []byte, unmasked bool) []byte {
+	b := []byte{b0, 0}
+	switch n := len(payload); {
+	case n < 126:
+		b[1] = byte(n)
+	case n <= 0xffff:
+		b[1] = 126
+		b = binary.BigEndian.AppendUint16(b, uint16(n))
+	default:
+		b[1] = 127
+		b = binary.BigEndian.AppendUint64(b, uint64(n))
+	}
+	if unmasked {
+		return append(b, payload...)
+	}
+	b[1] |= 0x80
+	mask := [4]byte{0x12, 0x34, 0x56, 0x78}
+	b = append(b, mask[:]...)
+	start := len(b)
+	b = append(b, payload...)
+	wsMask(b[start:], mask, 0)
+	return b
+}
+
+// readServerFrames reads unmasked server frames until the connection ends,
+// and returns their opcodes and payloads.
+func readServerFrames(t *testing.T, br *bufio.Reader) (ops []byte, payloads [][]byte) {
+	t.Helper()
+	for {
+		var h [2]byte
+		if _, err := io.ReadFull(br, h[:]); err != nil {
+			return ops, payloads
+		}
+		if h[1]&0x80 != 0 {
+			t.Errorf("server frame is masked")
+			return
+		}
+		n := uint64(h[1] & 0x7f)
+		switch n {
+		case 126:
+			var l [2]byte
+			io.ReadFull(br, l[:])
+			n = uint64(binary.BigEndian.Uint16(l[:]))
+		case 127:
+			var l [8]byte
+			io.ReadFull(br, l[:])
+			n = binary.BigEndian.Uint64(l[:])
+		}
+		p := make([]byte, n)
+		if _, err := io.ReadFull(br, p); err != nil {
+			return ops, payloads
+		}
+		ops = append(ops, h[0]&0x0f)
+		payloads = append(payloads, p)
+	}
+}
+
+// TestWebSocketHostile sends broken WebSocket streams after a good
+// handshake: each ends only its own connection, with a close frame whose
+// code says why, and a session of another client keeps working.
+func TestWebSocketHostile(t *testing.T) {
+	s := newTestServer(t)
+	srv := serveDERP(t, s, derpServeOpts{plain: true})
+	fs := &FastStart{WebSocket: true}
+	a, _ := dialFast(t, fs, srv.URL)
+	b, _ := dialFast(t, fs, srv.URL)
+
+	tests := []struct {
+		name     string
+		send     []byte
+		wantCode uint16
+	}{
+		{"text message", wsFrame(0x81, []byte("hello"), false), 1003},
+		{"unmasked frame", wsFrame(0x82, []byte("hello"), true), 1002},
+		{"reserved bit", wsFrame(0xc2, []byte("hello"), false), 1002},
+		{"continuation first", wsFrame(0x80, []byte("hello"), false), 1002},
+		{"new message inside one", append(wsFrame(0x02, []byte("he"), false), wsFrame(0x82, []byte("llo"), false)...), 1002},
+		{"fragmented ping", wsFrame(0x09, []byte("x"), false), 1002},
+		{"oversized ping", wsFrame(0x89, make([]byte, 126), false), 1002},
+		{"one-byte close", wsFrame(0x88, []byte{3}, false), 1002},
+		{"unknown opcode", wsFrame(0x83, nil, false), 1002},
+		{"unknown control opcode", wsFrame(0x8b, nil, false), 1002},
+		{"length top bit", []byte{0x82, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4}, 1002},
+		{"close", wsFrame(0x88, binary.BigEndian.AppendUint16(nil, 1001), false), 1001},
+		{"empty close", wsFrame(0x88, nil, false), 1000},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			nc, br, resp := wsDial(t, srv.Addr, nil)
+			if resp.StatusCode != http.StatusSwitchingProtocols {
+				t.Fatalf("handshake: %s", resp.Status)
+			}
+			if _, err := nc.Write(tt.send); err != nil {
+				t.Fatal(err)
+			}
+			ops, payloads := readServerFrames(t, br)
+			if len(ops) == 0 || ops[len(ops)-1] != wsClose || len(payloads[len(ops)-1]) < 2 {
+				t.Fatalf("server sent opcodes %v, want a close frame last", ops)
+			}
+			if code := binary.BigEndian.Uint16(payloads[len(ops)-1]); code != tt.wantCode {
+				t.Errorf("close code %d (%q), want %d", code, payloads[len(ops)-1][2:], tt.wantCode)
+			}
+		})
+	}
+	relayBothWays(t, a, b)
+}
+
+// TestWebSocketPing checks that the server answers a WebSocket ping with a
+// pong carrying the same payload, and that pongs and empty frames between
+// the pieces of a message change nothing.
+func TestWebSocketPing(t *testing.T) {
+	s := newTestServer(t)
+	srv := serveDERP(t, s, derpServeOpts{plain: true})
+	nc, br, _ := wsDial(t, srv.Addr, nil)
+	nc.Write(wsFrame(0x89, []byte("are you there"), false))
+	// The server's first message is its ServerKey frame; then the pong.
+	var sawPong bool
+	for !sawPong {
+		var h [2]byte
+		if _, err := io.ReadFull(br, h[:]); err != nil {
+			t.Fatal(err)
+		}
+		p := make([]byte, h[1]&0x7f)
+		io.ReadFull(br, p)
+		if h[0]&0x0f == wsPong {
+			sawPong = true
+			if string(p) != "are you there" {
+				t.Errorf("pong payload %q", p)
+			}
+		}
+	}
+}
+
+// TestWebSocketPingFlood checks that a flood of pings gets a bounded
+// number of pongs, and that the stream goes on to the close frame after
+// it.
+func TestWebSocketPingFlood(t *testing.T) {
+	s := newTestServer(t)
+	srv := serveDERP(t, s, derpServeOpts{plain: true})
+	nc, br, _ := wsDial(t, srv.Addr, nil)
+	var flood []byte
+	for range 1000 {
+		flood = append(flood, wsFrame(0x89, []byte("p"), false)...)
+	}
+	nc.Write(flood)
+	// Then a close frame, whose echo ends the count.
+	nc.Write(wsFrame(0x88, binary.BigEndian.AppendUint16(nil, 1000), false))
+	ops, _ := readServerFrames(t, br)
+	pongs := bytes.Count(ops, []byte{wsPong})
+	if len(ops) == 0 || ops[len(ops)-1] != wsClose {
+		t.Errorf("server sent opcodes %v, want a close frame last", ops)
+	}
+	// The flood takes far less than a second to arrive, but allow for
+	// a slow machine crossing into a second window.
+	if pongs < 1 || pongs > 2*wsPongsPerSecond {
+		t.Errorf("%d pongs for 1000 pings, want 1 to %d", pongs, 2*wsPongsPerSecond)
+	}
+}
+
+// TestWSConnStream round-trips random writes through a client and a
+// server wsConn, with pings, pongs and empty frames in between, and reads
+// of random sizes under short deadlines that expire in the middle of
+// headers.
+func TestWSConnStream(t *testing.T) {
+	cc, sc := net.Pipe()
+	defer cc.Close()
+	defer sc.Close()
+	client := newWSConn(cc, nil, true)
+	server := newWSConn(sc, nil, false)
+	rng := rand.New(rand.NewPCG(1, 2))
+	var want bytes.Buffer
+	done := make(chan error, 1)
+	go func() {
+		rng := rand.New(rand.NewPCG(3, 4))
+		for i := range 300 {
+			n := rng.IntN(3 * wsMaxFrame / 2)
+			if i%7 == 0 {
+				n = 0
+			}
+			p := make([]byte, n)
+			for j := range p {
+				p[j] = byte(rng.Uint32())
+			}
+			want.Write(p)
+			if _, err := client.Write(p); err != nil {
+				done <- err
+				return
+			}
+			if i%5 == 0 {
+				client.wmu.Lock()
+				client.writeFrameLocked(wsPong, []byte("unsolicited"))
+				client.wmu.Unlock()
+			}
+		}
+		done <- client.Close()
+	}()
+	// The server answers pings by writing, so someone must read the
+	// client's side: here nobody pings, so the server writes nothing
+	// until the close echo, which the pipe needs read.
+	go io.Copy(io.Discard, client.br)
+	var got bytes.Buffer
+	buf := make([]byte, 40000)
+	for {
+		sc.SetReadDeadline(time.Now().Add(time.Duration(rng.IntN(50)) * time.Microsecond))
+		n, err := server.Read(buf[:1+rng.IntN(len(buf)-1)])
+		got.Write(buf[:n])
+		if err == io.EOF {
+			break
+		}
+		if err != nil && !isTimeout(err) {
+			t.Fatalf("server read: %v", err)
+		}
+	}
+	if err := <-done; err != nil && !errors.Is(err, net.ErrClosed) {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got.Bytes(), want.Bytes()) {
+		t.Fatalf("server read %d bytes, client wrote %d (equal prefix: %v)", got.Len(), want.Len(), bytes.HasPrefix(want.Bytes(), got.Bytes()))
+	}
+}
+
+// TestWSMask checks the word-at-a-time mask against the byte loop.
+func TestWSMask(t *testing.T) {
+	mask := [4]byte{1, 2, 3, 250}
+	for n := range 40 {
+		for off := range 4 {
+			p := make([]byte, n)
+			for i := range p {
+				p[i] = byte(i * 7)
+			}
+			want := bytes.Clone(p)
+			for i := range want {
+				want[i] ^= mask[(off+i)&3]
+			}
+			if end := wsMask(p, mask, off); end != (off+n)&3 || !bytes.Equal(p, want) {
+				t.Fatalf("n=%d off=%d: got %x (end %d), want %x (end %d)", n, off, p, end, want, (off+n)&3)
+			}
+		}
+	}
+}
+
+// TestWebSocketDialErrors checks that the client refuses servers that do
+// not complete the handshake properly.
+func TestWebSocketDialErrors(t *testing.T) {
+	tests := []struct {
+		name    string
+		reply   func(w http.ResponseWriter, r *http.Request)
+		wantErr string
+	}{
+		{"not upgraded", func(w http.ResponseWriter, r *http.Request) {
+			http.Error(w, "no websockets here", http.StatusForbidden)
+		}, "403 Forbidden: no websockets here"},
+		{"wrong accept", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Upgrade", "websocket")
+			w.Header().Set("Connection", "Upgrade")
+			w.Header().Set("Sec-WebSocket-Accept", "bm9wZQ==")
+			w.Header().Set("Sec-WebSocket-Protocol", "derp")
+			w.WriteHeader(http.StatusSwitchingProtocols)
+		}, "wrong Sec-WebSocket-Accept"},
+		{"no subprotocol", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Upgrade", "websocket")
+			w.Header().Set("Connection", "Upgrade")
+			w.Header().Set("Sec-WebSocket-Accept", wsAcceptKey(r.Header.Get("Sec-WebSocket-Key")))
+			w.WriteHeader(http.StatusSwitchingProtocols)
+		}, `server chose subprotocol ""`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newTestServer(t)
+			srv := serveDERP(t, s, derpServeOpts{plain: true, handler: http.HandlerFunc(tt.reply)})
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			c, _, err := (&FastStart{WebSocket: true}).Dial(ctx, srv.URL, mustKey(t))
+			if err == nil {
+				c.Close()
+				t.Fatal("Dial succeeded")
+			}
+			if !strings.Contains(err.Error(), tt.wantErr) {
+				t.Errorf("error %q, want it to contain %q", err, tt.wantErr)
+			}
+		})
+	}
+}
