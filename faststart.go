@@ -105,6 +105,8 @@ type Handshake struct {
 	TLSVersion uint16
 	// Attempts is the number of connections made (2 after a fallback).
 	Attempts int
+	// URL is the URL dialled.
+	URL string
 }
 
 // Dial connects to serverURL and logs in with priv. On the fast path Dial
@@ -126,7 +128,7 @@ func (f *FastStart) Dial(ctx context.Context, serverURL string, priv PrivateKey,
 		key = PublicKey{}
 	}
 	c, hs, err := f.dial(ctx, u, priv, key, opts)
-	hs.Attempts = 1
+	hs.Attempts, hs.URL = 1, serverURL
 	if err == nil || !errors.Is(err, ErrServerKeyMismatch) || key.IsZero() || ctx.Err() != nil {
 		return c, hs, err
 	}
@@ -134,7 +136,7 @@ func (f *FastStart) Dial(ctx context.Context, serverURL string, priv PrivateKey,
 	// which learns the key from the server.
 	reason := "configured server key is stale (" + err.Error() + "); retried with the upgrade path"
 	c, hs, err = f.dial(ctx, u, priv, PublicKey{}, opts)
-	hs.Attempts = 2
+	hs.Attempts, hs.URL = 2, serverURL
 	if hs.Reason == "" {
 		hs.Reason = reason
 	} else {
@@ -533,11 +535,21 @@ func (c *Client) readServerStart() error {
 type ReconnectingClient struct {
 	// URL is the server's DERP URL, such as "https://derp.example.com/derp".
 	URL string
+	// Fallbacks are more servers of the same region (a mesh), tried in
+	// order when a dial to URL fails; every reconnect starts again with
+	// URL, the ideal node. A connection to a fallback sends the
+	// Ideal-Node header naming URL's host, so the server can count
+	// clients that are not where they should be.
+	Fallbacks []string
+	// NodeConnectTimeout bounds the TCP connect to each node while there
+	// are Fallbacks, so that an unreachable node costs little of
+	// DialTimeout. Default 1.5 s.
+	NodeConnectTimeout time.Duration
 	// PrivateKey is the client's identity.
 	PrivateKey PrivateKey
 	// Dialer dials each connection; nil means a zero FastStart. Its
-	// ServerKey, if set, is the first key tried; later the key learned
-	// from the server is used.
+	// ServerKey, if set, is the first key tried for URL; later the key
+	// learned from each server is used for it.
 	Dialer *FastStart
 	// Options are passed to every connection (MeshKey, CanAckPings, …).
 	Options []ClientOption
@@ -558,9 +570,10 @@ type ReconnectingClient struct {
 	mu           sync.Mutex
 	c            *Client
 	gen          int
-	learned      PublicKey
-	preferred    bool // what the caller wants
-	sentPref     bool // what the current connection was told
+	learned      PublicKey            // the current or last server's key
+	keys         map[string]PublicKey // learned keys by URL
+	preferred    bool                 // what the caller wants
+	sentPref     bool                 // what the current connection was told
 	closed       bool
 	failures     int
 	nextDial     time.Time
@@ -640,16 +653,6 @@ func (rc *ReconnectingClient) current(ctx context.Context) (*Client, int, error)
 }
 
 func (rc *ReconnectingClient) dial(ctx context.Context) (*Client, int, error) {
-	var f FastStart
-	if rc.Dialer != nil {
-		f = *rc.Dialer
-	}
-	rc.mu.Lock()
-	if !rc.learned.IsZero() {
-		f.ServerKey = rc.learned
-	}
-	rc.mu.Unlock()
-
 	timeout := rc.DialTimeout
 	if timeout <= 0 {
 		timeout = 10 * time.Second
@@ -657,7 +660,18 @@ func (rc *ReconnectingClient) dial(ctx context.Context) (*Client, int, error) {
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	opts := append(rc.Options[:len(rc.Options):len(rc.Options)], CanAckPings(true))
-	c, hs, err := f.Dial(dctx, rc.URL, rc.PrivateKey, opts...)
+	var c *Client
+	var hs Handshake
+	var err error
+	for i, node := range append([]string{rc.URL}, rc.Fallbacks...) {
+		c, hs, err = rc.dialerFor(i, node).Dial(dctx, node, rc.PrivateKey, opts...)
+		if err == nil || dctx.Err() != nil {
+			break
+		}
+		if len(rc.Fallbacks) > 0 {
+			rc.logf("relay: node unreachable", "url", node, "err", err)
+		}
+	}
 	rc.mu.Lock()
 	defer rc.mu.Unlock()
 	if err == nil && rc.preferred {
@@ -681,11 +695,55 @@ func (rc *ReconnectingClient) dial(ctx context.Context) (*Client, int, error) {
 	rc.c = c
 	rc.gen++
 	rc.learned = hs.ServerKey
-	rc.logf("relay: connected", "url", rc.URL, "path", hs.Path.String(), "reason", hs.Reason, "generation", rc.gen)
+	if rc.keys == nil {
+		rc.keys = map[string]PublicKey{}
+	}
+	rc.keys[hs.URL] = hs.ServerKey
+	rc.logf("relay: connected", "url", hs.URL, "path", hs.Path.String(), "reason", hs.Reason, "generation", rc.gen)
 	if rc.OnConnect != nil {
 		rc.OnConnect(hs)
 	}
 	return c, rc.gen, nil
+}
+
+// dialerFor returns the FastStart for node, the i-th of the region.
+func (rc *ReconnectingClient) dialerFor(i int, node string) *FastStart {
+	var f FastStart
+	if rc.Dialer != nil {
+		f = *rc.Dialer
+	}
+	if i > 0 {
+		f.ServerKey = PublicKey{} // Dialer's key is URL's
+		f.Header = f.Header.Clone()
+		if f.Header == nil {
+			f.Header = http.Header{}
+		}
+		if u, err := url.Parse(rc.URL); err == nil {
+			f.Header.Set(IdealNodeHeader, u.Hostname())
+		}
+	}
+	rc.mu.Lock()
+	if k, ok := rc.keys[node]; ok {
+		f.ServerKey = k
+	}
+	rc.mu.Unlock()
+	if len(rc.Fallbacks) > 0 {
+		dial := f.DialContext
+		if dial == nil {
+			var d net.Dialer
+			dial = d.DialContext
+		}
+		per := rc.NodeConnectTimeout
+		if per <= 0 {
+			per = 1500 * time.Millisecond
+		}
+		f.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			ctx, cancel := context.WithTimeout(ctx, per)
+			defer cancel()
+			return dial(ctx, network, addr)
+		}
+	}
+	return &f
 }
 
 func (rc *ReconnectingClient) logf(msg string, args ...any) {

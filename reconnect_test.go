@@ -3,7 +3,11 @@ package relay
 import (
 	"context"
 	"errors"
+	"net"
+	"net/http"
+	"slices"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -214,4 +218,129 @@ func TestStartTestServer(t *testing.T) {
 		t.Fatalf("handshake %+v", hs)
 	}
 	ts.Close() // idempotent with the cleanup
+}
+
+// nodeSwitch is a DialContext that makes chosen addresses unreachable:
+// refused at once, or a black hole that never answers.
+type nodeSwitch struct {
+	mu    sync.Mutex
+	state map[string]string // addr → "refuse" or "blackhole"
+	dials []string
+}
+
+func (n *nodeSwitch) set(addr, state string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.state == nil {
+		n.state = map[string]string{}
+	}
+	n.state[addr] = state
+}
+
+func (n *nodeSwitch) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	n.mu.Lock()
+	st := n.state[addr]
+	n.dials = append(n.dials, addr)
+	n.mu.Unlock()
+	switch st {
+	case "refuse":
+		return nil, &net.OpError{Op: "dial", Net: network, Err: syscall.ECONNREFUSED}
+	case "blackhole":
+		<-ctx.Done()
+		return nil, &net.OpError{Op: "dial", Net: network, Err: ctx.Err()}
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, network, addr)
+}
+
+// idealNodeLog records the Ideal-Node header of each request.
+type idealNodeLog struct {
+	next http.Handler
+	mu   sync.Mutex
+	seen []string
+}
+
+func (h *idealNodeLog) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h.mu.Lock()
+	h.seen = append(h.seen, r.Header.Get(IdealNodeHeader))
+	h.mu.Unlock()
+	h.next.ServeHTTP(w, r)
+}
+
+func (h *idealNodeLog) values() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return slices.Clone(h.seen)
+}
+
+// TestReconnectingClientFailover runs a ReconnectingClient over a region of
+// two servers (plain HTTP, so remembered keys decide the path): it fails
+// over to the second node when the first refuses or does not answer,
+// tells that node its ideal node, goes back to the first node on the next
+// reconnect once it is reachable, and remembers each node's own key.
+func TestReconnectingClientFailover(t *testing.T) {
+	sA, sB := newTestServer(t), newTestServer(t)
+	logA, logB := &idealNodeLog{next: sA}, &idealNodeLog{next: sB}
+	a := serveDERP(t, sA, derpServeOpts{plain: true, handler: logA})
+	b := serveDERP(t, sB, derpServeOpts{plain: true, handler: logB})
+	sw := &nodeSwitch{}
+	sw.set(a.Addr, "refuse") // before the harness's Recv loop connects
+	h := newRCHarness(t, &TestServer{URL: a.URL}, func(rc *ReconnectingClient) {
+		rc.Fallbacks = []string{b.URL}
+		rc.NodeConnectTimeout = 100 * time.Millisecond
+		rc.Dialer = &FastStart{DialContext: sw.dial}
+	})
+	ctx := context.Background()
+	self := h.rc.PrivateKey.Public()
+	connect := func(want string, wantServer *Server) Handshake {
+		t.Helper()
+		rcNext[ServerInfo](t, h) // the Recv loop connected by itself
+		if err := h.rc.Send(ctx, self, []byte("hi")); err != nil {
+			t.Fatal(err)
+		}
+		if p := rcNext[*ReceivedPacket](t, h); string(p.Data) != "hi" {
+			t.Fatalf("got %q", p.Data)
+		}
+		h.mu.Lock()
+		hs := h.connects[len(h.connects)-1]
+		h.mu.Unlock()
+		if hs.URL != want || hs.ServerKey != wantServer.PublicKey() || h.rc.ServerPublicKey() != wantServer.PublicKey() {
+			t.Fatalf("connected to %s with key %s, want %s with %s", hs.URL, hs.ServerKey.ShortString(), want, wantServer.PublicKey().ShortString())
+		}
+		return hs
+	}
+	cut := func(s *Server) {
+		t.Helper()
+		s.closePeer(self)
+		waitFor(t, func() bool { return !s.IsClientConnected(self) })
+	}
+
+	hs := connect(b.URL, sB)
+	if hs.Path != UpgradePath {
+		t.Errorf("first connection to B took %s, want upgrade (no key known)", hs.Path)
+	}
+	if got := logB.values(); !slices.Equal(got, []string{"127.0.0.1"}) {
+		t.Errorf("B saw Ideal-Node %q, want [127.0.0.1]", got)
+	}
+	if st := sB.Stats(); st.CurrentNotIdealConns != 1 {
+		t.Errorf("B counts %d not-ideal connections, want 1", st.CurrentNotIdealConns)
+	}
+
+	// A is back: the next reconnect goes to the ideal node, with no
+	// Ideal-Node header.
+	sw.set(a.Addr, "")
+	cut(sB)
+	connect(a.URL, sA)
+	if got := logA.values(); !slices.Equal(got, []string{""}) {
+		t.Errorf("A saw Ideal-Node %q, want one empty", got)
+	}
+
+	// A stops answering: after NodeConnectTimeout the client is on B
+	// again, and takes the fast path with B's own key at the first try.
+	sw.set(a.Addr, "blackhole")
+	cut(sA)
+	hs = connect(b.URL, sB)
+	if hs.Path != FastPath || hs.KeySource != "configured" || hs.Attempts != 1 {
+		t.Errorf("reconnect to B: %+v, want the fast path with B's remembered key at the first attempt", hs)
+	}
 }
