@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"slices"
@@ -342,5 +343,46 @@ func TestReconnectingClientFailover(t *testing.T) {
 	hs = connect(b.URL, sB)
 	if hs.Path != FastPath || hs.KeySource != "configured" || hs.Attempts != 1 {
 		t.Errorf("reconnect to B: %+v, want the fast path with B's remembered key at the first attempt", hs)
+	}
+}
+
+// TestReconnectingClientFailoverBeyondTCP checks that a node that accepts
+// TCP but cannot serve DERP (here it answers 503) also sends the client on
+// to the next node, over WebSocket too, with the Ideal-Node header.
+func TestReconnectingClientFailoverBeyondTCP(t *testing.T) {
+	for _, ws := range []bool{false, true} {
+		t.Run(fmt.Sprintf("websocket=%v", ws), func(t *testing.T) {
+			sA, sB := newTestServer(t), newTestServer(t)
+			down := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				http.Error(w, "down for maintenance", http.StatusServiceUnavailable)
+			})
+			a := serveDERP(t, sA, derpServeOpts{plain: true, handler: down})
+			logB := &idealNodeLog{next: sB}
+			b := serveDERP(t, sB, derpServeOpts{plain: true, handler: logB})
+			h := newRCHarness(t, &TestServer{URL: a.URL}, func(rc *ReconnectingClient) {
+				rc.Fallbacks = []string{b.URL}
+				rc.Dialer = &FastStart{WebSocket: ws}
+			})
+			rcNext[ServerInfo](t, h)
+			self := h.rc.PrivateKey.Public()
+			if err := h.rc.Send(context.Background(), self, []byte("hi")); err != nil {
+				t.Fatal(err)
+			}
+			if p := rcNext[*ReceivedPacket](t, h); string(p.Data) != "hi" {
+				t.Fatalf("got %q", p.Data)
+			}
+			h.mu.Lock()
+			hs := h.connects[0]
+			h.mu.Unlock()
+			if hs.URL != b.URL || hs.ServerKey != sB.PublicKey() {
+				t.Errorf("connected to %s (%s), want %s", hs.URL, hs.ServerKey.ShortString(), b.URL)
+			}
+			if got := logB.values(); !slices.Equal(got, []string{"127.0.0.1"}) {
+				t.Errorf("B saw Ideal-Node %q, want [127.0.0.1]", got)
+			}
+			if st := sB.Stats(); ws && st.WebSocketAccepts != 1 {
+				t.Errorf("B counted %d WebSocket accepts, want 1", st.WebSocketAccepts)
+			}
+		})
 	}
 }
