@@ -22,6 +22,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -165,8 +166,20 @@ func parseMetaCertCandidate(cert *x509.Certificate) (pub PublicKey, version int,
 // the meta cert. Prefer srv.Serve(tls.NewListener(ln, cfg)), which uses cfg
 // as it is.
 //
+// The meta cert goes only into TLS 1.3 handshakes. TLS 1.2 sends the
+// chain in clear text, where the meta cert would tell every observer that
+// the server is a DERP server and which key it has, and DERP clients do
+// not trust it there anyway. So cfg.GetConfigForClient is wrapped (or set)
+// to decide for each ClientHello, the way crypto/tls picks the version:
+// the first version the client lists that the config allows. A TLS 1.3
+// handshake uses cfg itself (or the wrapped callback's config, with the
+// meta cert); a TLS 1.2 handshake gets a clone of cfg with the certificates
+// cfg had before AppendMetaCert (or the wrapped callback's config with
+// only its NextProtos rewritten).
+//
 // AppendMetaCert modifies cfg, so call it before cfg is used by any
-// listener; cfg must not be nil.
+// listener, and set cfg.GetConfigForClient, if at all, before it; cfg must
+// not be nil.
 func AppendMetaCert(cfg *tls.Config, metaCert []byte) {
 	if len(metaCert) == 0 {
 		return
@@ -174,21 +187,63 @@ func AppendMetaCert(cfg *tls.Config, metaCert []byte) {
 	// Our own copy, so that a caller reusing its buffer cannot change
 	// what every later handshake serves.
 	meta := bytes.Clone(metaCert)
+	certs, byName, getCert := cfg.Certificates, cfg.NameToCertificate, cfg.GetCertificate //lint:ignore SA1019 kept as the caller set it
+	getConfig := cfg.GetConfigForClient
 	appendMetaCertToConfig(cfg, meta)
-	if getConfig := cfg.GetConfigForClient; getConfig != nil {
-		cfg.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
-			c, err := getConfig(hello)
-			if err != nil || c == nil {
+	var once sync.Once
+	var tls12 *tls.Config // cfg without the meta cert, made at the first TLS 1.2 handshake
+	withoutMeta := func() *tls.Config {
+		once.Do(func() {
+			tls12 = cfg.Clone()
+			tls12.Certificates, tls12.NameToCertificate, tls12.GetCertificate = certs, byName, getCert //lint:ignore SA1019 as above
+			tls12.GetConfigForClient = nil
+		})
+		return tls12
+	}
+	cfg.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		var c *tls.Config
+		if getConfig != nil {
+			var err error
+			if c, err = getConfig(hello); err != nil {
 				return c, err
 			}
-			// The returned config may be shared by other handshakes (or
-			// be cfg itself), so it is cloned rather than changed. Its
-			// own GetConfigForClient is never consulted by crypto/tls.
-			c = c.Clone()
+		}
+		if c == nil || c == cfg {
+			if negotiatesTLS13(hello, cfg) {
+				return c, nil
+			}
+			return withoutMeta(), nil
+		}
+		// The returned config may be shared by other handshakes, so it is
+		// cloned rather than changed. Its own GetConfigForClient is never
+		// consulted by crypto/tls.
+		c = c.Clone()
+		if negotiatesTLS13(hello, c) {
 			appendMetaCertToConfig(c, meta)
-			return c, nil
+		} else {
+			c.NextProtos = metaCertNextProtos(c.NextProtos)
+		}
+		return c, nil
+	}
+}
+
+// negotiatesTLS13 reports whether a server with cfg will agree on TLS 1.3
+// with the client that sent hello: crypto/tls takes the first version in
+// the client's list that the server supports (by default TLS 1.2 to 1.3).
+func negotiatesTLS13(hello *tls.ClientHelloInfo, cfg *tls.Config) bool {
+	lo, hi := cfg.MinVersion, cfg.MaxVersion
+	if lo == 0 {
+		lo = tls.VersionTLS12
+	}
+	if hi == 0 || hi > tls.VersionTLS13 {
+		hi = tls.VersionTLS13
+	}
+	for _, v := range hello.SupportedVersions {
+		if v >= lo && v <= hi {
+			return v == tls.VersionTLS13
 		}
 	}
+	return false
 }
 
 // appendMetaCertToConfig does AppendMetaCert's work on everything in cfg

@@ -699,7 +699,7 @@ func TestAppendMetaCertPassesErrors(t *testing.T) {
 	pki := newMetaCertTestPKI(t)
 	meta := metaCertTestMint(t, metaCertTestKey(t))
 	errCert := errors.New("no certificate for you")
-	hello := &tls.ClientHelloInfo{ServerName: metaCertTestServerName}
+	hello := &tls.ClientHelloInfo{ServerName: metaCertTestServerName, SupportedVersions: []uint16{tls.VersionTLS13, tls.VersionTLS12}}
 
 	var ret *tls.Certificate
 	var retErr error
@@ -757,29 +757,71 @@ func TestAppendMetaCertPassesErrors(t *testing.T) {
 	}
 }
 
-// TestMetaCertTLS12 shows that a TLS 1.2 client receives the meta cert too,
-// in clear text: ignoring it below TLS 1.3 is the client's job.
+// TestMetaCertTLS12 checks that TLS 1.2 handshakes get the chain without
+// the meta cert, whichever side limits the version and wherever the
+// certificates come from, while TLS 1.3 handshakes on the same config get
+// it.
 func TestMetaCertTLS12(t *testing.T) {
 	pki := newMetaCertTestPKI(t)
 	pub := metaCertTestKey(t)
 	meta := metaCertTestMint(t, pub)
 	shared := &pki.cert
-	cfg := &tls.Config{
-		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return shared, nil },
-		MaxVersion:     tls.VersionTLS12,
+	configs := map[string]func() *tls.Config{
+		"static": func() *tls.Config { return &tls.Config{Certificates: []tls.Certificate{pki.cert}} },
+		"GetCertificate": func() *tls.Config {
+			return &tls.Config{GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return shared, nil }}
+		},
+		"GetConfigForClient": func() *tls.Config {
+			inner := &tls.Config{Certificates: []tls.Certificate{pki.cert}, NextProtos: []string{"h2"}}
+			return &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) { return inner, nil }}
+		},
 	}
-	AppendMetaCert(cfg, meta)
-	client := pki.clientConfig()
-	client.MinVersion = tls.VersionTLS12
-	state, clientErr, serverErr := metaCertTestHandshake(cfg, client)
-	if clientErr != nil || serverErr != nil {
-		t.Fatalf("handshake: client %v, server %v", clientErr, serverErr)
+	for name, mk := range configs {
+		for _, limit := range []string{"server", "client", "none"} {
+			t.Run(name+"/limit="+limit, func(t *testing.T) {
+				cfg := mk()
+				client := pki.clientConfig()
+				client.MinVersion = tls.VersionTLS12
+				client.NextProtos = []string{"h2", "http/1.1"}
+				want := uint16(tls.VersionTLS12)
+				switch limit {
+				case "server":
+					if cfg.GetConfigForClient != nil {
+						t.Skip("the inner config sets the version")
+					}
+					cfg.MaxVersion = tls.VersionTLS12
+				case "client":
+					client.MaxVersion = tls.VersionTLS12
+				default:
+					want = tls.VersionTLS13
+				}
+				AppendMetaCert(cfg, meta)
+				for i := range 3 { // the TLS 1.2 config is made once and reused
+					state, clientErr, serverErr := metaCertTestHandshake(cfg, client)
+					if clientErr != nil || serverErr != nil {
+						t.Fatalf("handshake %d: client %v, server %v", i, clientErr, serverErr)
+					}
+					if state.Version != want {
+						t.Fatalf("negotiated version %x, want %x", state.Version, want)
+					}
+					if state.NegotiatedProtocol != "http/1.1" {
+						t.Errorf("negotiated %q, want http/1.1", state.NegotiatedProtocol)
+					}
+					if want == tls.VersionTLS13 {
+						checkMetaCertState(t, state, 2, meta, pub)
+						continue
+					}
+					if n := len(state.PeerCertificates); n != 2 {
+						t.Errorf("TLS 1.2 client saw %d certificates, want the leaf and the CA", n)
+					}
+					if _, _, ok := ParseMetaCert(state.PeerCertificates); ok {
+						t.Errorf("TLS 1.2 client saw the meta cert")
+					}
+				}
+				checkUntouched(t, shared)
+			})
+		}
 	}
-	if state.Version != tls.VersionTLS12 {
-		t.Errorf("negotiated version %x, want TLS 1.2", state.Version)
-	}
-	checkMetaCertState(t, state, 2, meta, pub)
-	checkUntouched(t, shared)
 }
 
 func FuzzParseMetaCert(f *testing.F) {
