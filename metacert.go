@@ -187,7 +187,9 @@ func AppendMetaCert(cfg *tls.Config, metaCert []byte) {
 	// Our own copy, so that a caller reusing its buffer cannot change
 	// what every later handshake serves.
 	meta := bytes.Clone(metaCert)
-	certs, byName, getCert := cfg.Certificates, cfg.NameToCertificate, cfg.GetCertificate //lint:ignore SA1019 kept as the caller set it
+	// What cfg serves without the meta cert, for TLS 1.2.
+	//lint:ignore SA1019 a caller that still fills it keeps it.
+	certs, byName, getCert := cfg.Certificates, cfg.NameToCertificate, cfg.GetCertificate
 	getConfig := cfg.GetConfigForClient
 	appendMetaCertToConfig(cfg, meta)
 	var once sync.Once
@@ -195,7 +197,8 @@ func AppendMetaCert(cfg *tls.Config, metaCert []byte) {
 	withoutMeta := func() *tls.Config {
 		once.Do(func() {
 			tls12 = cfg.Clone()
-			tls12.Certificates, tls12.NameToCertificate, tls12.GetCertificate = certs, byName, getCert //lint:ignore SA1019 as above
+			//lint:ignore SA1019 as above.
+			tls12.Certificates, tls12.NameToCertificate, tls12.GetCertificate = certs, byName, getCert
 			tls12.GetConfigForClient = nil
 		})
 		return tls12
