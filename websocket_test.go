@@ -421,3 +421,40 @@ func TestWebSocketDialErrors(t *testing.T) {
 		})
 	}
 }
+
+// TestWebSocketRestartAndStall checks the session life cycle over
+// WebSocket: a stalled WebSocket reader is evicted by the write timeout
+// without disturbing others, and Server.Close sends ServerRestarting and
+// then a close frame, which the client reads as the end of the stream.
+func TestWebSocketRestartAndStall(t *testing.T) {
+	s := NewServer(mustKey(t), WithWriteTimeout(100*time.Millisecond), WithRestartNotice(time.Second, 10*time.Second))
+	defer s.Close()
+	srv := serveDERP(t, s, derpServeOpts{plain: true})
+	fs := &FastStart{WebSocket: true}
+	stalled, _ := dialFast(t, fs, srv.URL)
+	sender, _ := dialFast(t, fs, srv.URL)
+	other, _ := dialFast(t, fs, srv.URL)
+
+	big := make([]byte, 60000)
+	deadline := time.Now().Add(10 * time.Second)
+	for s.Stats().WriteTimeouts == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("stalled WebSocket reader never timed out")
+		}
+		sender.Send(stalled.PublicKey(), big)
+		time.Sleep(time.Millisecond)
+	}
+	waitFor(t, func() bool { return !s.IsClientConnected(stalled.PublicKey()) })
+	relayBothWays(t, sender, other)
+
+	s.Close()
+	msgs, err := recvUntilErr(t, other)
+	var restarting bool
+	for _, m := range msgs {
+		_, ok := m.(ServerRestarting)
+		restarting = restarting || ok
+	}
+	if !restarting || !errors.Is(err, io.EOF) {
+		t.Errorf("after Close: messages %v, error %v; want ServerRestarting, then EOF", msgs, err)
+	}
+}
