@@ -141,17 +141,22 @@ func relayBothWays(t testing.TB, a, b *Client) {
 	}
 }
 
-// headerLog records the Derp-Fast-Start header of each request before
-// passing it on.
+// headerLog records one header (Derp-Fast-Start unless header says
+// otherwise) of each request before passing it on.
 type headerLog struct {
-	next http.Handler
-	mu   sync.Mutex
-	seen []string
+	next   http.Handler
+	header string // default FastStartHeader
+	mu     sync.Mutex
+	seen   []string
 }
 
 func (h *headerLog) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	name := h.header
+	if name == "" {
+		name = FastStartHeader
+	}
 	h.mu.Lock()
-	h.seen = append(h.seen, r.Header.Get(FastStartHeader))
+	h.seen = append(h.seen, r.Header.Get(name))
 	h.mu.Unlock()
 	h.next.ServeHTTP(w, r)
 }

@@ -254,26 +254,6 @@ func (n *nodeSwitch) dial(ctx context.Context, network, addr string) (net.Conn, 
 	return d.DialContext(ctx, network, addr)
 }
 
-// idealNodeLog records the Ideal-Node header of each request.
-type idealNodeLog struct {
-	next http.Handler
-	mu   sync.Mutex
-	seen []string
-}
-
-func (h *idealNodeLog) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	h.mu.Lock()
-	h.seen = append(h.seen, r.Header.Get(IdealNodeHeader))
-	h.mu.Unlock()
-	h.next.ServeHTTP(w, r)
-}
-
-func (h *idealNodeLog) values() []string {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return slices.Clone(h.seen)
-}
-
 // TestReconnectingClientFailover runs a ReconnectingClient over a region of
 // two servers (plain HTTP, so remembered keys decide the path): it fails
 // over to the second node when the first refuses or does not answer,
@@ -281,7 +261,7 @@ func (h *idealNodeLog) values() []string {
 // reconnect once it is reachable, and remembers each node's own key.
 func TestReconnectingClientFailover(t *testing.T) {
 	sA, sB := newTestServer(t), newTestServer(t)
-	logA, logB := &idealNodeLog{next: sA}, &idealNodeLog{next: sB}
+	logA, logB := &headerLog{next: sA, header: IdealNodeHeader}, &headerLog{next: sB, header: IdealNodeHeader}
 	a := serveDERP(t, sA, derpServeOpts{plain: true, handler: logA})
 	b := serveDERP(t, sB, derpServeOpts{plain: true, handler: logB})
 	sw := &nodeSwitch{}
@@ -357,7 +337,7 @@ func TestReconnectingClientFailoverBeyondTCP(t *testing.T) {
 				http.Error(w, "down for maintenance", http.StatusServiceUnavailable)
 			})
 			a := serveDERP(t, sA, derpServeOpts{plain: true, handler: down})
-			logB := &idealNodeLog{next: sB}
+			logB := &headerLog{next: sB, header: IdealNodeHeader}
 			b := serveDERP(t, sB, derpServeOpts{plain: true, handler: logB})
 			h := newRCHarness(t, &TestServer{URL: a.URL}, func(rc *ReconnectingClient) {
 				rc.Fallbacks = []string{b.URL}
