@@ -131,6 +131,13 @@ func TestWebSocketHandshake(t *testing.T) {
 			t.Errorf("%v: %s, want 400", h, resp.Status)
 		}
 	}
+	// Without the derp subprotocol it is an old Tailscale client that
+	// says "Upgrade: WebSocket" and speaks DERP: it gets DERP's 101.
+	_, _, resp = wsDial(t, srv.Addr, map[string]string{"Sec-WebSocket-Protocol": "chat", "Upgrade": "WebSocket"})
+	if resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Upgrade") != "DERP" ||
+		resp.Header.Get(PublicKeyHeader) != s.PublicKey().String() {
+		t.Errorf("no derp subprotocol: %s %v, want DERP's 101", resp.Status, resp.Header)
+	}
 	if st := s.Stats(); st.WebSocketAccepts != 1 || st.Rejected["websocket_version"] != 1 || st.Rejected["websocket_handshake"] != 3 {
 		t.Errorf("stats: %d accepts, rejected %v", st.WebSocketAccepts, st.Rejected)
 	}
