@@ -354,3 +354,62 @@ func TestQuickStart(t *testing.T) {
 		t.Fatalf("stats %+v", st)
 	}
 }
+
+// FastStart can carry DERP over WebSocket, as browsers must, and tunnel
+// through an HTTP CONNECT proxy; here a WebSocket client and a fast-start
+// client relay through the same server.
+func ExampleFastStart_webSocket() {
+	serverKey, _ := relay.GeneratePrivateKey()
+	srv := relay.NewServer(serverKey)
+	defer srv.Close()
+	cert, roots := exampleCert()
+	tlsConfig := &tls.Config{Certificates: []tls.Certificate{cert}}
+	relay.AppendMetaCert(tlsConfig, srv.MetaCert())
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second}
+	go hs.Serve(tls.NewListener(ln, tlsConfig))
+	defer hs.Close()
+	url := "https://" + ln.Addr().String() + "/derp"
+
+	ctx := context.Background()
+	connect := func(d *relay.FastStart) *relay.Client {
+		priv, _ := relay.GeneratePrivateKey()
+		c, h, err := d.Dial(ctx, url, priv)
+		if err != nil {
+			log.Fatal(err)
+		}
+		fmt.Printf("%s path (%s)\n", h.Path, h.Reason)
+		if _, err := c.Recv(); err != nil { // ServerInfo: logged in
+			log.Fatal(err)
+		}
+		return c
+	}
+	ws := connect(&relay.FastStart{
+		TLSConfig: &tls.Config{RootCAs: roots},
+		WebSocket: true,
+		// Proxy: http.ProxyFromEnvironment would tunnel through
+		// HTTPS_PROXY; it never proxies 127.0.0.1.
+		Proxy: http.ProxyFromEnvironment,
+	})
+	defer ws.Close()
+	fast := connect(&relay.FastStart{TLSConfig: &tls.Config{RootCAs: roots}})
+	defer fast.Close()
+
+	ws.Send(fast.PublicKey(), []byte("from a browser, say"))
+	for {
+		m, err := fast.Recv()
+		if err != nil {
+			log.Fatal(err)
+		}
+		if p, ok := m.(*relay.ReceivedPacket); ok {
+			fmt.Printf("%q, over WebSocket: %v\n", p.Data, p.Source == ws.PublicKey())
+			break
+		}
+	}
+	fmt.Println("WebSocket sessions:", srv.Stats().WebSocketAccepts)
+	// Output:
+	// upgrade path (WebSocket transport)
+	// fast path ()
+	// "from a browser, say", over WebSocket: true
+	// WebSocket sessions: 1
+}
