@@ -21,10 +21,31 @@ func BenchmarkSendRecv(b *testing.B) {
 	}
 }
 
+// BenchmarkSendRecvWebSocket is BenchmarkSendRecv with both clients over
+// WebSocket through ServeHTTP (plain HTTP).
+func BenchmarkSendRecvWebSocket(b *testing.B) {
+	for _, size := range []int{100, 1000, 10000} {
+		b.Run(fmt.Sprint(size), func(b *testing.B) {
+			s := newTestServer(b)
+			srv := serveDERP(b, s, derpServeOpts{plain: true})
+			fs := &FastStart{WebSocket: true}
+			from, _ := dialFast(b, fs, srv.URL)
+			to, _ := dialFast(b, fs, srv.URL)
+			benchRelay(b, s, from, to, size)
+		})
+	}
+}
+
 func benchSendRecv(b *testing.B, size int) {
 	s := NewServer(mustKey(b))
 	addr := tcpServer(b, s)
 	from, to := tcpClient(b, addr), tcpClient(b, addr)
+	benchRelay(b, s, from, to, size)
+}
+
+// benchRelay sends b.N packets of size bytes from one client to the other
+// through s, with at most 32 in flight.
+func benchRelay(b *testing.B, s *Server, from, to *Client, size int) {
 	pkt := make([]byte, size)
 	const window = 32
 	credits := make(chan struct{}, window)

@@ -48,6 +48,9 @@ const (
 	// anywhere, and coder/websocket, which Tailscale uses at both ends,
 	// refuses messages over 32 KiB by default.)
 	wsMaxFrame = 32 << 10
+	// wsMaxHeader is the longest frame header: 2 bytes, a 64-bit length
+	// and a mask.
+	wsMaxHeader = 14
 	// wsCloseWait bounds how long Close waits to send its close frame.
 	wsCloseWait = time.Second
 	// wsPongsPerSecond bounds the pings answered: WebSocket control
@@ -385,11 +388,12 @@ func (c *wsConn) writeFrameLocked(op byte, p []byte) (int, error) {
 // write on the connection below.
 func (c *wsConn) writeRawLocked(b0 byte, p []byte) (int, error) {
 	bp := wsWriteBufs.Get().(*[]byte)
-	defer func() {
-		if cap(*bp) <= wsMaxFrame+14 {
-			wsWriteBufs.Put(bp)
-		}
-	}()
+	defer wsWriteBufs.Put(bp)
+	if need := wsMaxHeader + len(p); cap(*bp) < need {
+		// Sized for any frame, once: letting append grow it would
+		// allocate again at every larger write.
+		*bp = make([]byte, 0, max(need, wsMaxHeader+wsMaxFrame))
+	}
 	b := append((*bp)[:0], b0, 0)
 	var maskBit byte
 	if c.client {

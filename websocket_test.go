@@ -465,3 +465,30 @@ func TestWebSocketRestartAndStall(t *testing.T) {
 		t.Errorf("after Close: messages %v, error %v; want ServerRestarting, then EOF", msgs, err)
 	}
 }
+
+// TestWSConnNoAlloc checks that writing and reading WebSocket messages
+// allocates nothing once warm, on both sides: the client masks into a
+// pooled scratch buffer, and large payloads are cut into several messages.
+func TestWSConnNoAlloc(t *testing.T) {
+	var wire bytes.Buffer
+	client := newWSConn(wsFuzzConn{w: &wire}, nil, true)
+	server := newWSConn(wsFuzzConn{r: &wire, w: io.Discard}, nil, false)
+	pkt := make([]byte, 40000) // two messages
+	buf := make([]byte, 16<<10)
+	roundTrip := func() {
+		if _, err := client.Write(pkt); err != nil {
+			t.Fatal(err)
+		}
+		for got := 0; got < len(pkt); {
+			n, err := server.Read(buf)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got += n
+		}
+	}
+	roundTrip()
+	if allocs := testing.AllocsPerRun(100, roundTrip); allocs != 0 {
+		t.Errorf("%v allocations per round trip", allocs)
+	}
+}
