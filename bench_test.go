@@ -97,7 +97,7 @@ func benchRelay(b *testing.B, s *Server, from, to *Client, size int) {
 // caller's goroutine waits for each session), "http" with ServeHTTP behind
 // a net/http server; on Linux their sessions park.
 func BenchmarkIdleClients(b *testing.B) {
-	for _, via := range []string{"accept", "http"} {
+	for _, via := range []string{"accept", "http", "websocket"} {
 		b.Run(via, func(b *testing.B) { benchIdleClients(b, via) })
 	}
 }
@@ -109,11 +109,17 @@ func benchIdleClients(b *testing.B, via string) {
 		s := NewServer(mustKey(b))
 		var addr, request string
 		var ts *httptest.Server
-		if via == "http" {
+		switch via {
+		case "http":
 			ts = httptest.NewServer(s)
 			addr = ts.Listener.Addr().String()
 			request = "GET /derp HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n"
-		} else {
+		case "websocket":
+			ts = httptest.NewServer(s)
+			addr = ts.Listener.Addr().String()
+			request = "GET /derp HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" +
+				"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: derp\r\n\r\n"
+		default:
 			addr = tcpServer(b, s)
 		}
 		runtime.GC()
@@ -127,7 +133,11 @@ func benchIdleClients(b *testing.B, via string) {
 				b.Fatal(err)
 			}
 			conns = append(conns, nc)
-			if _, err := nc.Write(append([]byte(request), rawLogin(b, s.PublicKey())...)); err != nil {
+			login := rawLogin(b, s.PublicKey())
+			if via == "websocket" {
+				login = wsFrame(0x82, login, false)
+			}
+			if _, err := nc.Write(append([]byte(request), login...)); err != nil {
 				b.Fatal(err)
 			}
 		}
