@@ -113,6 +113,7 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	s.stats.webSockets.Add(1) // before the 101, which a test may act on at once
 	fmt.Fprintf(brw.Writer, "HTTP/1.1 101 Switching Protocols\r\n"+
 		"Upgrade: websocket\r\n"+
 		"Connection: Upgrade\r\n"+
@@ -122,7 +123,6 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 		nc.Close()
 		return
 	}
-	s.stats.webSockets.Add(1)
 	wc := newWSConn(nc, brw.Reader, false)
 	ctx := context.WithoutCancel(r.Context())
 	ao := acceptOpts{notIdeal: r.Header.Get(IdealNodeHeader) != "", detached: true}
