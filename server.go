@@ -544,6 +544,11 @@ func parkSocket(nc net.Conn) syscall.Conn {
 		case *net.UnixConn:
 			return u
 		}
+	case *wsConn:
+		// Likewise: a WebSocket read times out only when its buffer
+		// holds less than the next frame header or payload byte it
+		// needs, so those must come from the connection below.
+		return parkSocket(c.Conn)
 	}
 	return nil
 }
@@ -1142,7 +1147,10 @@ func (c *sconn) parkReader() bool {
 		return false
 	}
 	c.readParkID = id
-	c.br.drop()         // empty: the reader is between frames
+	c.br.drop() // empty: the reader is between frames
+	if ws, ok := c.br.nc.(*wsConn); ok {
+		ws.releaseReadBuffer()
+	}
 	c.br.resumed = true // the deadline has passed: the next reader sets it again
 	if c.pingIdle {
 		// The client has been quiet for up to a park delay already;

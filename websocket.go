@@ -136,9 +136,10 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 // *ProtocolError, after a close frame that says why. Writes send messages
 // of at most 32 KiB.
 type wsConn struct {
-	net.Conn               // the connection under the WebSocket
-	br       *bufio.Reader // reads of Conn; may hold bytes already
-	client   bool          // this side masks its frames and expects unmasked ones
+	net.Conn                // the connection under the WebSocket
+	br        *bufio.Reader // reads of Conn; may hold bytes already; nil while released
+	pooledBuf bool          // br came from wsReadBufs
+	client    bool          // this side masks its frames and expects unmasked ones
 
 	// Read state, owned by the reader.
 	remain  uint64 // payload bytes left in the current data frame
@@ -161,7 +162,30 @@ func newWSConn(nc net.Conn, br *bufio.Reader, client bool) *wsConn {
 	return &wsConn{Conn: nc, br: br, client: client}
 }
 
+// wsReadBufs holds the read buffers of parked server sessions' WebSocket
+// connections, which give theirs back (releaseReadBuffer).
+var wsReadBufs = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 4096) }}
+
+// releaseReadBuffer drops the read buffer if it holds nothing, so that an
+// idle connection holds none; the next Read takes one from the pool. Only
+// the reader may call it, between reads.
+func (c *wsConn) releaseReadBuffer() {
+	if c.br == nil || c.br.Buffered() != 0 {
+		return
+	}
+	if c.pooledBuf {
+		c.br.Reset(nil)
+		wsReadBufs.Put(c.br)
+	}
+	c.br, c.pooledBuf = nil, false
+}
+
 func (c *wsConn) Read(p []byte) (int, error) {
+	if c.br == nil {
+		c.br = wsReadBufs.Get().(*bufio.Reader)
+		c.br.Reset(c.Conn)
+		c.pooledBuf = true
+	}
 	for c.remain == 0 {
 		if c.rerr != nil {
 			return 0, c.rerr

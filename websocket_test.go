@@ -306,9 +306,9 @@ func TestWebSocketPingFlood(t *testing.T) {
 }
 
 // TestWSConnStream round-trips random writes through a client and a
-// server wsConn, with pings, pongs and empty frames in between, and reads
-// of random sizes under short deadlines that expire in the middle of
-// headers.
+// server wsConn, with pongs and empty frames in between, and reads of
+// random sizes under short deadlines that expire in the middle of headers,
+// with the read buffer given back between reads now and then.
 func TestWSConnStream(t *testing.T) {
 	cc, sc := net.Pipe()
 	defer cc.Close()
@@ -352,6 +352,9 @@ func TestWSConnStream(t *testing.T) {
 		sc.SetReadDeadline(time.Now().Add(time.Duration(rng.IntN(50)) * time.Microsecond))
 		n, err := server.Read(buf[:1+rng.IntN(len(buf)-1)])
 		got.Write(buf[:n])
+		if rng.IntN(3) == 0 {
+			server.releaseReadBuffer() // as a parking session does
+		}
 		if err == io.EOF {
 			break
 		}
@@ -509,4 +512,30 @@ func raceEnabled() bool {
 		}
 	}
 	return false
+}
+
+// TestWebSocketParks checks that idle WebSocket sessions park like any
+// other, and that parked sessions wake for packets and pings.
+func TestWebSocketParks(t *testing.T) {
+	if !parkSupported {
+		t.Skip("sessions park only on Linux")
+	}
+	s := newTestServer(t, WithIdlePark(time.Millisecond))
+	srv := serveDERP(t, s, derpServeOpts{plain: true})
+	fs := &FastStart{WebSocket: true}
+	a, _ := dialFast(t, fs, srv.URL)
+	b, _ := dialFast(t, fs, srv.URL)
+	for round := range 3 {
+		waitFor(t, func() bool { return s.Stats().CurrentParked == 2 })
+		relayBothWays(t, a, b)
+		if round == 1 {
+			a.SendPing([8]byte{'w', 's'})
+			if p, ok := recvMsg[Pong](t, a); !ok || p != (Pong{'w', 's'}) {
+				t.Fatalf("pong %x", p)
+			}
+		}
+	}
+	if st := s.Stats(); st.Parks < 6 {
+		t.Errorf("%d parks, want at least 6", st.Parks)
+	}
 }
