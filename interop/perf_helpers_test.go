@@ -34,9 +34,11 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/coder/websocket"
 	"golang.org/x/crypto/nacl/box"
 	"golang.org/x/sys/unix"
 	"tailscale.com/derp/derpserver"
+	"tailscale.com/net/wsconn"
 	"tailscale.com/types/key"
 	"tailscale.com/types/logger"
 
@@ -59,7 +61,7 @@ var serverKeyMagic = []byte("DERP🔑") // 8 bytes
 
 // rawConn is a logged-in DERP connection driven by hand.
 type rawConn struct {
-	nc   net.Conn // *net.TCPConn, or *tls.Conn for the https transport
+	nc   net.Conn // *net.TCPConn, *tls.Conn for https, a wsconn for websocket
 	pub  relay.PublicKey
 	rest []byte // bytes read past the ServerInfo frame during login
 }
@@ -97,6 +99,20 @@ func dialRaw(addr, transport string, serverPub relay.PublicKey) (*rawConn, error
 	if err != nil {
 		return nil, err
 	}
+	if transport == "websocket" {
+		// As Tailscale's js/wasm client connects: coder/websocket with
+		// the derp subprotocol, binary messages through wsconn.
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		defer cancel()
+		wc, _, err := websocket.Dial(ctx, "http://"+addr+"/derp", &websocket.DialOptions{
+			Subprotocols: []string{"derp"},
+			HTTPClient:   &http.Client{Transport: &http.Transport{DisableKeepAlives: true}},
+		})
+		if err != nil {
+			return nil, err
+		}
+		return rawLogin(wsconn.NetConn(context.Background(), wc, websocket.MessageBinary, addr), priv, "", serverPub)
+	}
 	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
 	if err != nil {
 		return nil, err
@@ -117,12 +133,18 @@ func dialRaw(addr, transport string, serverPub relay.PublicKey) (*rawConn, error
 		}
 		nc = tc
 	}
-	rc := &rawConn{nc: nc, pub: priv.Public()}
-	var out []byte
+	request := ""
 	if transport == "http" || transport == "https" {
-		out = append(out, upgradeRequest...)
+		request = upgradeRequest
 	}
-	out = append(out, clientInfoFrame(priv, serverPub)...)
+	return rawLogin(nc, priv, request, serverPub)
+}
+
+// rawLogin writes request (if any) and a ClientInfo over nc, and reads up
+// to the ServerInfo.
+func rawLogin(nc net.Conn, priv relay.PrivateKey, request string, serverPub relay.PublicKey) (*rawConn, error) {
+	rc := &rawConn{nc: nc, pub: priv.Public()}
+	out := append([]byte(request), clientInfoFrame(priv, serverPub)...)
 	nc.SetDeadline(time.Now().Add(15 * time.Second))
 	if _, err := nc.Write(out); err != nil {
 		nc.Close()
@@ -767,6 +789,7 @@ func serveRelay(which, transport string) (*servedRelay, error) {
 		accept      func(ctx context.Context, nc net.Conn, brw *bufio.ReadWriter, remote string)
 		h           http.Handler
 		closeServer func()
+		tsServer    *derpserver.Server
 	)
 	switch which {
 	case "ours", "ours-nopark":
@@ -784,6 +807,7 @@ func serveRelay(which, transport string) (*servedRelay, error) {
 	case "tailscale":
 		priv := key.NewNode()
 		s := derpserver.New(priv, logger.Discard)
+		tsServer = s
 		pub = priv.Public().Raw32()
 		accept = func(ctx context.Context, nc net.Conn, brw *bufio.ReadWriter, remote string) {
 			s.Accept(ctx, nc, brw, remote)
@@ -792,9 +816,15 @@ func serveRelay(which, transport string) (*servedRelay, error) {
 	default:
 		return nil, fmt.Errorf("server %q: want ours or tailscale", which)
 	}
-	if transport != "http" && transport != "https" && transport != "tcp" {
+	switch transport {
+	case "http", "https", "tcp":
+	case "websocket":
+		if which == "tailscale" {
+			h = derpserver.AddWebSocketSupport(tsServer, h)
+		}
+	default:
 		closeServer()
-		return nil, fmt.Errorf("transport %q: want http, https or tcp", transport)
+		return nil, fmt.Errorf("transport %q: want http, https, websocket or tcp", transport)
 	}
 	var lc net.ListenConfig
 	if cc := os.Getenv("PERF_CC"); cc != "" {
@@ -826,7 +856,7 @@ func serveRelay(which, transport string) (*servedRelay, error) {
 	}
 	var wg sync.WaitGroup
 	sr := &servedRelay{addr: ln.Addr().String(), pub: pub}
-	if transport == "http" || transport == "https" {
+	if transport != "tcp" {
 		hs := &http.Server{Handler: h}
 		wg.Go(func() { hs.Serve(ln) })
 		sr.close = func() {

@@ -16,7 +16,7 @@ package interop
 // congestion control of every socket of the run, client's and servers';
 // empty: the system's), PERF_TRANSPORT (http, https or tcp; http), PERF_SERVERS
 // (tailscale,ours), PERF_IDLE_CLIENTS (5000), PERF_IDLE_TRANSPORTS
-// (http,https,tcp), PERF_OUT (append the markdown tables to this file),
+// (http,https,websocket,tcp), PERF_OUT (append the markdown tables to this file),
 // PERF_CPUPROFILE (each server child writes a CPU profile of its whole life
 // to $PERF_CPUPROFILE.ours / .tailscale), PERF_HEAPPROFILE (the idle
 // benchmark's children write a heap profile with all clients connected to
@@ -585,7 +585,7 @@ func BenchmarkIdleMemory(b *testing.B) {
 	}
 	type rkey struct{ transport, server string }
 	results := map[rkey]idleResult{}
-	transports := envList("PERF_IDLE_TRANSPORTS", "http,https,tcp")
+	transports := envList("PERF_IDLE_TRANSPORTS", "http,https,websocket,tcp")
 	for _, tr := range transports {
 		b.Run("transport="+tr, func(b *testing.B) {
 			for _, name := range names {
