@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -153,6 +154,12 @@ type wsConn struct {
 
 	wmu       sync.Mutex
 	closeSent bool
+
+	// The pong due for the latest ping, sent by unlockWrite.
+	pongMu  sync.Mutex
+	pong    [wsMaxControl]byte
+	pongLen int
+	pongDue atomic.Bool
 }
 
 func newWSConn(nc net.Conn, br *bufio.Reader, client bool) *wsConn {
@@ -310,13 +317,15 @@ func (c *wsConn) controlFrame(op byte, fin bool, n uint64, hlen int, mask [4]byt
 			return nil
 		}
 		c.pongs--
-		c.wmu.Lock()
-		defer c.wmu.Unlock()
-		if !c.closeSent {
-			if _, err := c.writeFrameLocked(wsPong, p); err != nil {
-				c.rerr = err
-				return err
-			}
+		// The reader never waits for a write under way (a peer that
+		// does not read would stall our reading too): it leaves the
+		// pong to whoever holds wmu, which sends it before letting go.
+		c.pongMu.Lock()
+		c.pongLen = copy(c.pong[:], p)
+		c.pongMu.Unlock()
+		c.pongDue.Store(true)
+		if c.wmu.TryLock() {
+			c.unlockWrite()
 		}
 		return nil
 	case wsPong:
@@ -383,7 +392,7 @@ var wsWriteBufs = sync.Pool{New: func() any { return new([]byte) }}
 // Write sends p as binary messages of at most wsMaxFrame bytes.
 func (c *wsConn) Write(p []byte) (int, error) {
 	c.wmu.Lock()
-	defer c.wmu.Unlock()
+	defer c.unlockWrite()
 	if c.closeSent {
 		return 0, net.ErrClosed
 	}
@@ -399,6 +408,24 @@ func (c *wsConn) Write(p []byte) (int, error) {
 		written += len(chunk)
 		if written == len(p) {
 			return written, nil
+		}
+	}
+}
+
+// unlockWrite sends the pong due, if any, and unlocks wmu. It looks again
+// after unlocking, so that a pong left while it held wmu is not stranded.
+func (c *wsConn) unlockWrite() {
+	for {
+		if c.pongDue.Swap(false) && !c.closeSent {
+			var p [wsMaxControl]byte
+			c.pongMu.Lock()
+			n := copy(p[:], c.pong[:c.pongLen])
+			c.pongMu.Unlock()
+			c.writeFrameLocked(wsPong, p[:n]) // a broken connection fails the next write too
+		}
+		c.wmu.Unlock()
+		if !c.pongDue.Load() || !c.wmu.TryLock() {
+			return
 		}
 	}
 }

@@ -539,3 +539,31 @@ func TestWebSocketParks(t *testing.T) {
 		t.Errorf("%d parks, want at least 6", st.Parks)
 	}
 }
+
+// TestWSConnPongWhileWriting checks that a ping does not make the reader
+// wait for a write under way: the pong goes out when the writer lets go.
+func TestWSConnPongWhileWriting(t *testing.T) {
+	var out bytes.Buffer
+	c := newWSConn(wsFuzzConn{r: bytes.NewReader(wsFrame(0x89, []byte("hi"), false)), w: &out}, nil, false)
+	c.wmu.Lock() // a write under way
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.Read(make([]byte, 10))
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != io.EOF {
+			t.Fatalf("Read: %v, want EOF after the ping", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the reader waited for the writer")
+	}
+	if out.Len() != 0 {
+		t.Fatalf("pong written while the writer held the lock: %x", out.Bytes())
+	}
+	c.unlockWrite()
+	if got, want := out.Bytes(), []byte{0x8a, 2, 'h', 'i'}; !bytes.Equal(got, want) {
+		t.Fatalf("after the write: %x, want the pong %x", got, want)
+	}
+}
