@@ -1527,3 +1527,21 @@ func TestDialProxyErrors(t *testing.T) {
 		}
 	})
 }
+
+func TestHostPort(t *testing.T) {
+	for in, want := range map[string]string{
+		"https://derp.example.com/derp": "derp.example.com:443",
+		"http://derp.example.com/derp":  "derp.example.com:80",
+		"https://derp.example.com:8443": "derp.example.com:8443",
+		"http://[::1]/derp":             "[::1]:80",
+		"https://[2001:db8::1]:444/":    "[2001:db8::1]:444",
+	} {
+		u, err := url.Parse(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := hostPort(u); got != want {
+			t.Errorf("hostPort(%s) = %q, want %q", in, got, want)
+		}
+	}
+}
