@@ -15,6 +15,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -1260,6 +1261,52 @@ func TestAdmissionURL(t *testing.T) {
 		t.Fatal("denied client logged in")
 	}
 	waitFor(t, func() bool { return s.Stats().Errors["login:login_rejected"] == 1 })
+}
+
+// TestAdmissionURLBounded checks that each AdmissionURL hook has at most
+// maxAdmissionRequests requests in flight, that the rest wait for a slot
+// and then get their answers, and that a login whose deadline passes while
+// it waits is refused (fail-closed) or admitted (fail-open).
+func TestAdmissionURLBounded(t *testing.T) {
+	release := make(chan struct{})
+	var inFlight, most atomic.Int64
+	svc := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n := inFlight.Add(1)
+		for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
+		}
+		<-release
+		inFlight.Add(-1)
+		fmt.Fprint(w, `{"Allow":true}`)
+	}))
+	defer svc.Close()
+	hook := AdmissionURL(svc.URL, false, svc.Client())
+	hookOpen := AdmissionURL(svc.URL, true, svc.Client())
+	const logins = maxAdmissionRequests + 36
+	errs := make(chan error, 2*logins)
+	for range logins {
+		go func() { errs <- hook(context.Background(), Admission{Key: mustKey(t).Public()}) }()
+		go func() { errs <- hookOpen(context.Background(), Admission{Key: mustKey(t).Public()}) }()
+	}
+	waitFor(t, func() bool { return inFlight.Load() == 2*maxAdmissionRequests })
+	// Late logins time out waiting for a slot: refused, or admitted
+	// without asking when the hook fails open.
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	if err := hook(ctx, Admission{Key: mustKey(t).Public()}); err == nil || !strings.Contains(err.Error(), "busy") {
+		t.Errorf("fail-closed login waiting past its deadline: %v, want a busy error", err)
+	}
+	if err := hookOpen(ctx, Admission{Key: mustKey(t).Public()}); err != nil {
+		t.Errorf("fail-open login waiting past its deadline: %v, want admitted", err)
+	}
+	cancel()
+	close(release)
+	for range 2 * logins {
+		if err := <-errs; err != nil {
+			t.Errorf("queued login: %v", err)
+		}
+	}
+	if m := most.Load(); m != 2*maxAdmissionRequests {
+		t.Errorf("%d requests in flight at most, want %d (two hooks)", m, 2*maxAdmissionRequests)
+	}
 }
 
 func TestQueueByteCap(t *testing.T) {

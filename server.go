@@ -173,11 +173,27 @@ func WithAdmission(f func(ctx context.Context, a Admission) error) ServerOption 
 // {"Allow":true}. Each request is bounded by 5 s and by the login deadline.
 // If the service cannot be reached, failOpen admits the client (derper's
 // default) instead of refusing it. client nil means http.DefaultClient.
+//
+// At most maxAdmissionRequests requests are in flight at once; further
+// logins wait for a slot within their login deadline, so that a mass
+// reconnect reaches the service as a bounded queue rather than a burst. A
+// login whose deadline passes while it waits counts as the service being
+// unreachable.
 func AdmissionURL(url string, failOpen bool, client *http.Client) func(context.Context, Admission) error {
 	if client == nil {
 		client = http.DefaultClient
 	}
+	slots := make(chan struct{}, maxAdmissionRequests)
 	return func(ctx context.Context, a Admission) error {
+		select {
+		case slots <- struct{}{}:
+			defer func() { <-slots }()
+		case <-ctx.Done():
+			if failOpen {
+				return nil
+			}
+			return fmt.Errorf("admission service busy: %w", ctx.Err())
+		}
 		var source string
 		if ap, err := netip.ParseAddrPort(a.RemoteAddr); err == nil {
 			source = ap.Addr().Unmap().String()
@@ -214,6 +230,10 @@ func AdmissionURL(url string, failOpen bool, client *http.Client) func(context.C
 		return nil
 	}
 }
+
+// maxAdmissionRequests bounds the requests one AdmissionURL hook has in
+// flight.
+const maxAdmissionRequests = 64
 
 // WithRateLimit limits how fast each non-mesh client may send, in bytes per
 // second of frame payload, with the given burst (raised to at least one
