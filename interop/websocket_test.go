@@ -4,8 +4,12 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"io"
+	"net"
 	"net/http"
+	neturl "net/url"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/coder/websocket"
@@ -119,4 +123,89 @@ func TestOurWebSocketClientTailscaleServer(t *testing.T) {
 	oursToTS(t, ours, tsWS, small...)
 	exchange(t, tsHTTP, ours)
 	ourPingPong(t, ours, [8]byte{'w', 's', 0, 0, 0, 0, 0, 2})
+}
+
+// TestOurClientThroughProxyTailscaleServer dials Tailscale's server over TLS
+// 1.3 with the meta cert through an HTTP CONNECT proxy: the tunnel goes to
+// the URL's host and port and fast start works inside it, both over DERP's
+// own upgrade and over WebSocket.
+func TestOurClientThroughProxyTailscaleServer(t *testing.T) {
+	checkNoLeaks(t)
+	cert, pool := selfSignedCert(t)
+	s := newTSServer(t)
+	url := serveTLS(t, derpMux(derpserver.AddWebSocketSupport(s, derpserver.Handler(s))), tsServerTLSConfig(cert, s, 0))
+	proxyURL, targets := startConnectProxy(t)
+	fs := &relay.FastStart{TLSConfig: &tls.Config{RootCAs: pool}, Proxy: http.ProxyURL(proxyURL)}
+	ours, hs := dialFastStart(t, "ours via proxy", fs, url)
+	if hs.Path != relay.FastPath || hs.KeySource != "meta-cert" {
+		t.Errorf("handshake through the proxy %+v, want the fast path with the meta cert", hs)
+	}
+	wfs := *fs
+	wfs.WebSocket = true
+	oursWS, _ := dialFastStart(t, "ours via proxy, websocket", &wfs, url)
+	ts, _ := dialTSHTTP(t, "tailscale derphttp", url, &tls.Config{RootCAs: pool})
+	exchange(t, ts, ours)
+	oursToTS(t, oursWS, ts, payload("ws via proxy"))
+	host := strings.TrimSuffix(strings.TrimPrefix(url, "https://"), "/derp")
+	if got := targets(); len(got) != 2 || got[0] != host || got[1] != host {
+		t.Errorf("proxy saw CONNECT %q, want %s twice", got, host)
+	}
+}
+
+// startConnectProxy runs a minimal HTTP CONNECT proxy on 127.0.0.1 and
+// returns its URL and a function listing the targets it was asked for.
+func startConnectProxy(t *testing.T) (*neturl.URL, func() []string) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var targets []string
+	var wg sync.WaitGroup
+	var conns []net.Conn
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			wg.Go(func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				req, err := http.ReadRequest(br)
+				if err != nil || req.Method != http.MethodConnect {
+					return
+				}
+				up, err := net.Dial("tcp", req.Host)
+				if err != nil {
+					return
+				}
+				mu.Lock()
+				targets = append(targets, req.Host)
+				conns = append(conns, up)
+				mu.Unlock()
+				io.WriteString(c, "HTTP/1.1 200 Connection established\r\n\r\n")
+				wg.Go(func() { io.Copy(up, br); up.Close() })
+				io.Copy(c, up)
+			})
+		}
+	})
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return &neturl.URL{Scheme: "http", Host: ln.Addr().String()}, func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]string(nil), targets...)
+	}
 }
