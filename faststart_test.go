@@ -552,15 +552,7 @@ func interceptingProxy(t testing.TB, upstream string, upstreamTLS *tls.Config) (
 		defer up.Close()
 		_, _, ok := ParseMetaCert(up.ConnectionState().PeerCertificates)
 		sawMeta <- ok
-		done := make(chan struct{})
-		go func() {
-			io.Copy(up, down)
-			up.Close()
-			close(done)
-		}()
-		io.Copy(down, up)
-		down.Close()
-		<-done
+		pipeBoth(down, down, up)
 	})
 	return ln.Addr().String(), &tls.Config{RootCAs: pool, CurvePreferences: []tls.CurveID{tls.X25519}}, sawMeta
 }
@@ -1293,11 +1285,10 @@ type connectProxy struct {
 }
 
 // startConnectProxy serves a connectProxy on 127.0.0.1, over TLS if
-// tlsCert is not nil. Cleanup closes the listener and every tunnel and
-// waits for them.
+// tlsCert is not nil. Cleanup (acceptLoop's) closes the listener and every
+// client connection, which ends each tunnel, and waits for them.
 func startConnectProxy(t testing.TB, p *connectProxy, tlsCert *tls.Certificate) {
 	t.Helper()
-	var ln net.Listener
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -1307,42 +1298,12 @@ func startConnectProxy(t testing.TB, p *connectProxy, tlsCert *tls.Certificate) 
 		ln = tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{*tlsCert}})
 		p.URL.Scheme = "https"
 	}
-	var wg sync.WaitGroup
-	var cmu sync.Mutex
-	var conns []net.Conn
-	track := func(c net.Conn) {
-		cmu.Lock()
-		conns = append(conns, c)
-		cmu.Unlock()
-	}
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			track(c)
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				p.serve(c, track)
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		cmu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		cmu.Unlock()
-		wg.Wait()
-	})
+	acceptLoop(t, ln, p.serve)
 }
 
-func (p *connectProxy) serve(c net.Conn, track func(net.Conn)) {
+// serve proxies one client connection; closing c ends the tunnel (the
+// copy from c fails and closes the upstream connection).
+func (p *connectProxy) serve(c net.Conn) {
 	defer c.Close()
 	br := bufio.NewReader(c)
 	req, err := http.ReadRequest(br)
@@ -1366,17 +1327,23 @@ func (p *connectProxy) serve(c net.Conn, track func(net.Conn)) {
 		fmt.Fprintf(c, "HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
 		return
 	}
-	track(up)
 	defer up.Close()
 	fmt.Fprintf(c, "HTTP/1.1 200 Connection established\r\n\r\n%s", p.extra)
+	pipeBoth(c, br, up)
+}
+
+// pipeBoth copies client bytes (read from fromClient, which may hold some
+// already) to up and up's bytes to client until either side ends, closing
+// both, and returns when both copies have.
+func pipeBoth(client net.Conn, fromClient io.Reader, up net.Conn) {
 	done := make(chan struct{})
 	go func() {
-		io.Copy(up, br)
+		io.Copy(up, fromClient)
 		up.Close()
 		close(done)
 	}()
-	io.Copy(c, up)
-	c.Close()
+	io.Copy(client, up)
+	client.Close()
 	<-done
 }
 

@@ -152,58 +152,45 @@ func TestOurClientThroughProxyTailscaleServer(t *testing.T) {
 	}
 }
 
-// startConnectProxy runs a minimal HTTP CONNECT proxy on 127.0.0.1 and
-// returns its URL and a function listing the targets it was asked for.
+// startConnectProxy runs a minimal HTTP CONNECT proxy on 127.0.0.1 (through
+// acceptLoop) and returns its URL and a function listing the targets it
+// was asked for.
 func startConnectProxy(t *testing.T) (*neturl.URL, func() []string) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var mu sync.Mutex
 	var targets []string
-	var wg sync.WaitGroup
-	var conns []net.Conn
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c)
-			mu.Unlock()
-			wg.Go(func() {
-				defer c.Close()
-				br := bufio.NewReader(c)
-				req, err := http.ReadRequest(br)
-				if err != nil || req.Method != http.MethodConnect {
-					return
-				}
-				up, err := net.Dial("tcp", req.Host)
-				if err != nil {
-					return
-				}
-				mu.Lock()
-				targets = append(targets, req.Host)
-				conns = append(conns, up)
-				mu.Unlock()
-				io.WriteString(c, "HTTP/1.1 200 Connection established\r\n\r\n")
-				wg.Go(func() { io.Copy(up, br); up.Close() })
-				io.Copy(c, up)
-			})
+	var ups []net.Conn
+	tunnel := func(_ context.Context, c net.Conn, brw *bufio.ReadWriter, _ string) {
+		defer c.Close()
+		req, err := http.ReadRequest(brw.Reader)
+		if err != nil || req.Method != http.MethodConnect {
+			return
 		}
-	})
-	t.Cleanup(func() {
-		ln.Close()
+		up, err := net.Dial("tcp", req.Host)
+		if err != nil {
+			return
+		}
 		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
+		targets = append(targets, req.Host)
+		ups = append(ups, up)
 		mu.Unlock()
-		wg.Wait()
-	})
-	return &neturl.URL{Scheme: "http", Host: ln.Addr().String()}, func() []string {
+		io.WriteString(c, "HTTP/1.1 200 Connection established\r\n\r\n")
+		done := make(chan struct{})
+		go func() { io.Copy(up, brw.Reader); up.Close(); close(done) }()
+		io.Copy(c, up)
+		c.Close()
+		<-done
+	}
+	closeTunnels := func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, up := range ups {
+			up.Close()
+		}
+		return nil
+	}
+	addr := acceptLoop(t, tunnel, closeTunnels)
+	return &neturl.URL{Scheme: "http", Host: addr}, func() []string {
 		mu.Lock()
 		defer mu.Unlock()
 		return append([]string(nil), targets...)
