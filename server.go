@@ -38,6 +38,7 @@ package relay
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/subtle"
 	"crypto/tls"
@@ -47,6 +48,7 @@ import (
 	"expvar"
 	"fmt"
 	"io"
+	"iter"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -84,6 +86,7 @@ type Server struct {
 
 	replay nonceGuard
 	stats  serverCounters
+	rate   atomic.Pointer[rateLimit] // nil: no limit
 	mesh   meshState
 	park   parker // idle sessions without a reader goroutine
 }
@@ -240,6 +243,7 @@ const maxAdmissionRequests = 64
 // maximal SendPacket). The limit is announced to clients in ServerInfo and
 // enforced by reading more slowly, so TCP flow control slows the sender and
 // nothing is dropped. Zero bytesPerSec, the default, means no limit.
+// Server.SetRateLimit changes it while the server runs.
 func WithRateLimit(bytesPerSec, burst int) ServerOption {
 	return func(c *serverConfig) { c.rateBytesPerSec, c.rateBurst = bytesPerSec, burst }
 }
@@ -365,9 +369,6 @@ func NewServer(priv PrivateKey, opts ...ServerOption) *Server {
 	if cfg.queueDepth < 1 {
 		cfg.queueDepth = 1
 	}
-	if cfg.rateBytesPerSec > 0 && cfg.rateBurst < maxSendFrame {
-		cfg.rateBurst = maxSendFrame
-	}
 	s := &Server{
 		priv:     priv,
 		pub:      priv.Public(),
@@ -383,6 +384,7 @@ func NewServer(priv PrivateKey, opts ...ServerOption) *Server {
 	for i := range s.shards {
 		s.shards[i].m = map[PublicKey]*keyEntry{}
 	}
+	s.rate.Store(newRateLimit(cfg.rateBytesPerSec, cfg.rateBurst))
 	s.replay.init()
 	s.stats.init()
 	mc, err := MintMetaCert(s.pub, ProtocolVersion)
@@ -422,7 +424,8 @@ type sconn struct {
 	ctx        context.Context // the caller's; its end ends the session
 	stopClose  func() bool     // stops the AfterFunc of ctx, if ctx can end
 
-	dup atomic.Bool // another connection has the same key
+	dup  atomic.Bool // another connection has the same key
+	home atomic.Bool // preferred, for Sessions
 
 	pingIdle bool // liveness pings and an idle read deadline apply (set at login)
 	parkable bool // the reader may be parked when idle (set by setupReads)
@@ -434,12 +437,12 @@ type sconn struct {
 	sentTo       map[PublicKey]*keyEntry
 
 	// Reader-owned state.
-	preferred  bool
-	notHere    tokenBucket
-	rateLimit  *tokenBucket
-	rateWaited int64
-	recvPkts   atomic.Int64
-	recvBytes  atomic.Int64
+	preferred bool
+	notHere   tokenBucket
+	rateLimit *tokenBucket
+	rateCfg   *rateLimit // the limit rateLimit follows
+	recvPkts  atomic.Int64
+	recvBytes atomic.Int64
 
 	// Writer-side counters.
 	sentPkts  atomic.Int64
@@ -734,8 +737,8 @@ func (s *Server) releaseConn(ip netip.Addr) {
 	if s.perIP[ip]--; s.perIP[ip] <= 0 {
 		delete(s.perIP, ip)
 	}
-	s.mu.Unlock()
 	s.stats.sessions.Add(-1)
+	s.mu.Unlock()
 	s.sessions.Done()
 }
 
@@ -814,11 +817,10 @@ func (s *Server) login(ctx context.Context, c *sconn, bw *bufio.Writer) error {
 	// the outbox, after the client is registered: a client that has seen
 	// ServerInfo is reachable, and nothing can overtake it.
 	si := serverInfoJSON{Version: ProtocolVersion}
-	if !c.isMesh && s.cfg.rateBytesPerSec > 0 {
-		si.TokenBucketBytesPerSecond = s.cfg.rateBytesPerSec
-		si.TokenBucketBytesBurst = s.cfg.rateBurst
-		c.rateLimit = &tokenBucket{rate: float64(s.cfg.rateBytesPerSec), burst: float64(s.cfg.rateBurst),
-			tokens: float64(s.cfg.rateBurst), last: time.Now()}
+	if rl := s.rate.Load(); !c.isMesh && rl != nil {
+		si.TokenBucketBytesPerSecond = rl.bytesPerSec
+		si.TokenBucketBytesBurst = rl.burst
+		c.applyRate(rl)
 	}
 	js, _ := json.Marshal(si)
 	c.serverInfo = appendFrame(nil, FrameServerInfo, sealBox(make([]byte, 0, nonceLen+boxOverhead+len(js)), shared, js))
@@ -871,12 +873,13 @@ func (s *Server) register(c *sconn) bool {
 	}
 	sh.mu.Unlock()
 	s.broadcastLocked(c.presence())
-	s.mu.Unlock()
-
+	// The gauges change under s.mu, with the table: ConsistencyCheck
+	// compares them.
 	s.stats.current.Add(1)
 	if c.notIdeal {
 		s.stats.notIdeal.Add(1)
 	}
+	s.mu.Unlock()
 	if c.fastStart {
 		s.stats.fastStarts.Add(1)
 	} else {
@@ -941,12 +944,11 @@ func (s *Server) unregister(c *sconn) {
 	if last {
 		s.broadcastLocked(PeerPresent{Key: c.key}) // Flags 0: gone
 	}
-	s.mu.Unlock()
-
 	s.stats.current.Add(-1)
 	if c.notIdeal {
 		s.stats.notIdeal.Add(-1)
 	}
+	s.mu.Unlock()
 	if c.preferred {
 		s.stats.home.Add(-1)
 	}
@@ -1264,12 +1266,17 @@ func (c *sconn) readLoop() error {
 			}
 			return err
 		}
-		if c.rateLimit != nil && t != FramePing && t != FrameNotePreferred {
+		if !c.isMesh && t != FramePing && t != FrameNotePreferred {
 			// Ping and NotePreferred are tiny and bounded: pacing them
 			// would only make a limited client look dead to its own
 			// liveness checks.
-			if err := c.paceRead(n); err != nil {
-				return err
+			if rl := c.s.rate.Load(); rl != c.rateCfg {
+				c.applyRate(rl)
+			}
+			if c.rateLimit != nil {
+				if err := c.paceRead(n); err != nil {
+					return err
+				}
 			}
 		}
 		if c.dup.Load() {
@@ -1339,6 +1346,9 @@ func (c *sconn) skipFrame(t FrameType, n uint32) error {
 // one maximal SendPacket, which lets 1 MiB frames that the server reads and
 // discards through at 16 times the limit); the cap only keeps a lying
 // length from buying a wait of hours before its frame is refused.
+//
+// A wait ends early when Server.SetRateLimit changes the limit: the debt is
+// then paid at the new rate, or forgiven if the limit is gone.
 func (c *sconn) paceRead(n uint32) error {
 	cost := int(min(n, maxUnknownFrame))
 	d := c.rateLimit.reserve(cost, time.Now())
@@ -1348,13 +1358,71 @@ func (c *sconn) paceRead(n uint32) error {
 	c.s.stats.rateWaits.Add(1)
 	t := time.NewTimer(d)
 	defer t.Stop()
-	select {
-	case <-t.C:
+	for {
+		select {
+		case <-t.C:
+			return nil
+		case <-c.rateCfg.changed:
+			c.applyRate(c.s.rate.Load())
+			if c.rateLimit == nil {
+				return nil
+			}
+			if d = c.rateLimit.reserve(0, time.Now()); d <= 0 {
+				return nil
+			}
+			t.Reset(d)
+		case <-c.quitChan():
+			return net.ErrClosed
+		case <-c.ctx.Done():
+			return c.ctx.Err()
+		}
+	}
+}
+
+// rateLimit is a per-client receive limit set by WithRateLimit or
+// SetRateLimit. It is immutable; changed is closed when it is replaced.
+type rateLimit struct {
+	bytesPerSec, burst int
+	changed            chan struct{}
+}
+
+// newRateLimit returns nil (no limit) for bytesPerSec <= 0, and raises burst
+// to one maximal SendPacket: a smaller one could never pay for it.
+func newRateLimit(bytesPerSec, burst int) *rateLimit {
+	if bytesPerSec <= 0 {
 		return nil
-	case <-c.quitChan():
-		return net.ErrClosed
-	case <-c.ctx.Done():
-		return c.ctx.Err()
+	}
+	return &rateLimit{bytesPerSec: bytesPerSec, burst: max(burst, maxSendFrame), changed: make(chan struct{})}
+}
+
+// SetRateLimit changes the limit of WithRateLimit while the server runs:
+// bytes per second of frame payload that each non-mesh client may send, with
+// the given burst; zero bytesPerSec removes the limit. Sessions follow it from
+// their next frame (a read waiting for tokens is woken to pay its debt at the
+// new rate); ServerInfo announces it to clients that log in afterwards, since
+// the protocol has no way to tell those already connected.
+func (s *Server) SetRateLimit(bytesPerSec, burst int) {
+	old := s.rate.Swap(newRateLimit(bytesPerSec, burst))
+	if old != nil {
+		close(old.changed)
+	}
+}
+
+// applyRate makes the session's token bucket follow rl, keeping what the
+// client saved (up to the new burst) or owes.
+func (c *sconn) applyRate(rl *rateLimit) {
+	c.rateCfg = rl
+	switch {
+	case rl == nil:
+		c.rateLimit = nil
+	case c.rateLimit == nil:
+		c.rateLimit = &tokenBucket{rate: float64(rl.bytesPerSec), burst: float64(rl.burst),
+			tokens: float64(rl.burst), last: time.Now()}
+	default:
+		b := c.rateLimit
+		b.refill(time.Now())
+		b.rate, b.burst = float64(rl.bytesPerSec), float64(rl.burst)
+		b.tokens = min(b.tokens, b.burst)
 	}
 }
 
@@ -1490,6 +1558,7 @@ func (c *sconn) handleNotePreferred(n uint32) error {
 		return nil
 	}
 	c.preferred = v
+	c.home.Store(v)
 	if v {
 		c.s.stats.home.Add(1)
 	} else {
@@ -1554,12 +1623,199 @@ func (c *sconn) handleClosePeer(n uint32) error {
 	}
 	k := PublicKey(b)
 	c.br.Discard(KeyLen)
-	c.s.closePeer(k)
+	n = uint32(c.s.closePeer(k))
+	c.s.log.Info("relay: closed peer on mesh request", "key", k.ShortString(), "conns", n, "by", c.key.ShortString())
 	return nil
 }
 
-// closePeer closes every local connection of k.
-func (s *Server) closePeer(k PublicKey) {
+// ClosePeer ends every session of key k on this server, as a mesh peer's
+// ClosePeer frame does, and reports how many there were. The client may
+// reconnect: it is an operator's tool to move clients elsewhere (or to
+// restart a stuck session), not a ban; refuse keys with WithAdmission.
+func (s *Server) ClosePeer(k PublicKey) int {
+	n := s.closePeer(k)
+	s.log.Info("relay: closed peer", "key", k.ShortString(), "conns", n)
+	return n
+}
+
+// SessionInfo describes one client session, for debugging and operator
+// pages: see Server.Sessions.
+type SessionInfo struct {
+	Key        PublicKey
+	Info       ClientInfo     // what the client said at login
+	RemoteAddr netip.AddrPort // zero if the caller of Accept gave none
+	Connected  time.Time      // when the login completed
+	Mesh       bool           // a mesh peer (logged in with the mesh key)
+	Home       bool           // the client said this server is its home
+	Duplicate  bool           // another session has the same key
+	Active     bool           // this session receives the key's packets
+	NotIdeal   bool           // the upgrade request had Ideal-Node
+	FastStart  bool           // logged in without waiting for the 101
+	WebSocket  bool           // DERP over WebSocket
+	Parked     bool           // idle, with no reader goroutine (WithIdlePark)
+	// Packets and bytes (without framing) received from and sent to the
+	// client so far; two snapshots give its traffic in between.
+	PacketsReceived, BytesReceived int64
+	PacketsSent, BytesSent         int64
+	// RTT is the kernel's smoothed round-trip time of the session's TCP
+	// connection (Linux), or zero where unknown.
+	RTT time.Duration
+}
+
+// Sessions returns the server's logged-in sessions, oldest first within a
+// key and otherwise in no particular order. It takes a snapshot of which
+// sessions exist, then describes each as the loop reaches it; the loop body
+// may call the Server's methods. On Linux each session costs one system call
+// (for RTT).
+func (s *Server) Sessions() iter.Seq[SessionInfo] {
+	return func(yield func(SessionInfo) bool) {
+		s.mu.Lock()
+		conns := make([]*sconn, 0, len(s.conns))
+		for c := range s.conns {
+			if c.entry != nil {
+				conns = append(conns, c)
+			}
+		}
+		s.mu.Unlock()
+		slices.SortFunc(conns, func(a, b *sconn) int { return cmp.Compare(a.connNum, b.connNum) })
+		for _, c := range conns {
+			c.mu.Lock()
+			parked, gone := c.readParkID != 0, c.closed
+			c.mu.Unlock()
+			if gone {
+				continue
+			}
+			_, ws := c.nc.(*wsConn)
+			si := SessionInfo{
+				Key:             c.key,
+				Info:            c.info,
+				RemoteAddr:      c.remoteAddr,
+				Connected:       c.start,
+				Mesh:            c.isMesh,
+				Home:            c.home.Load(),
+				Duplicate:       c.dup.Load(),
+				Active:          c.entry.active.Load() == c,
+				NotIdeal:        c.notIdeal,
+				FastStart:       c.fastStart,
+				WebSocket:       ws,
+				Parked:          parked,
+				PacketsReceived: c.recvPkts.Load(),
+				BytesReceived:   c.recvBytes.Load(),
+				PacketsSent:     c.sentPkts.Load(),
+				BytesSent:       c.sentBytes.Load(),
+				RTT:             socketRTT(parkSocket(c.nc)),
+			}
+			if !yield(si) {
+				return
+			}
+		}
+	}
+}
+
+// ConsistencyCheck verifies the server's internal bookkeeping, for health
+// checks and tests: that the routing table and the session list agree, that
+// every key's receiving session is one of its sessions, and that the gauges
+// of Stats match what they count. It returns nil or an error listing every
+// problem found. It holds the server's lock while it runs, so logins and
+// logouts wait; it costs a walk over all sessions.
+func (s *Server) ConsistencyCheck() error {
+	var errs []error
+	bad := func(format string, args ...any) {
+		if len(errs) < 20 {
+			errs = append(errs, fmt.Errorf(format, args...))
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	registered := map[*sconn]bool{}
+	var notIdeal int64
+	for c := range s.conns {
+		if c.entry != nil {
+			registered[c] = false
+			if c.notIdeal {
+				notIdeal++
+			}
+		}
+	}
+	var dupKeys, dupConns int64
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.RLock()
+		for k, e := range sh.m {
+			if s.shard(k) != sh {
+				bad("key %s is in routing shard %d, want %d", k.ShortString(), i, k[0]%numShards)
+			}
+			if len(e.conns) == 0 {
+				bad("key %s has a routing entry but no session", k.ShortString())
+				continue
+			}
+			if len(e.conns) > 1 {
+				dupKeys++
+				dupConns += int64(len(e.conns))
+			}
+			active := e.active.Load()
+			if !slices.Contains(e.conns, active) {
+				bad("key %s: the session receiving its packets is not one of its %d sessions", k.ShortString(), len(e.conns))
+			}
+			for _, c := range e.conns {
+				seen, ok := registered[c]
+				switch {
+				case !ok:
+					bad("key %s: a routed session (conn %d) is not in the session list", k.ShortString(), c.connNum)
+				case seen:
+					bad("key %s: session (conn %d) routed twice", k.ShortString(), c.connNum)
+				}
+				registered[c] = true
+				if c.key != k || c.entry != e {
+					bad("conn %d: routed under key %s, but it is %s's", c.connNum, k.ShortString(), c.key.ShortString())
+				}
+				if c.dup.Load() != (len(e.conns) > 1) {
+					bad("conn %d: duplicate flag %v with %d sessions for its key", c.connNum, c.dup.Load(), len(e.conns))
+				}
+			}
+		}
+		sh.mu.RUnlock()
+	}
+	for c, seen := range registered {
+		if !seen {
+			bad("conn %d (key %s) is logged in but not routed", c.connNum, c.key.ShortString())
+		}
+	}
+	gauge := func(name string, got, want int64) {
+		if got != want {
+			bad("gauge %s is %d, but %d counted", name, got, want)
+		}
+	}
+	gauge("current_connections", s.stats.current.Load(), int64(len(registered)))
+	gauge("current_not_ideal_connections", s.stats.notIdeal.Load(), notIdeal)
+	gauge("current_dup_keys", s.stats.dupKeys.Load(), dupKeys)
+	gauge("current_dup_connections", s.stats.dupConns.Load(), dupConns)
+	gauge("watchers", s.stats.watchers.Load(), int64(len(s.watchers)))
+	if h := s.stats.home.Load(); h < 0 || h > int64(len(registered)) {
+		bad("gauge current_home_connections is %d with %d sessions", h, len(registered))
+	}
+	if p := s.stats.parked.Load(); p < 0 || p > int64(len(registered)) {
+		bad("gauge current_parked is %d with %d sessions", p, len(registered))
+	}
+	var perIP int
+	for ip, n := range s.perIP {
+		if n <= 0 {
+			bad("per-IP count of %v is %d", ip, n)
+		}
+		perIP += n
+	}
+	gauge("sessions (admitted connections)", s.stats.sessions.Load(), int64(perIP))
+	if perIP < len(registered) {
+		bad("%d connections admitted, but %d sessions logged in", perIP, len(registered))
+	}
+	if len(errs) == 0 {
+		return nil
+	}
+	return fmt.Errorf("relay: inconsistent state: %w", errors.Join(errs...))
+}
+
+// closePeer closes every local connection of k and returns how many.
+func (s *Server) closePeer(k PublicKey) int {
 	sh := s.shard(k)
 	sh.mu.RLock()
 	var conns []*sconn
@@ -1567,10 +1823,10 @@ func (s *Server) closePeer(k PublicKey) {
 		conns = append(conns, e.conns...)
 	}
 	sh.mu.RUnlock()
-	s.log.Info("relay: closing peer on mesh request", "key", k.ShortString(), "conns", len(conns))
 	for _, c := range conns {
 		c.closeConn()
 	}
+	return len(conns)
 }
 
 // addWatcher subscribes c to connection changes, starting with a

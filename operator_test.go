@@ -1,0 +1,333 @@
+package relay
+
+import (
+	"context"
+	"net"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// Tests of the operator's tools: SetRateLimit, ClosePeer, Sessions and
+// ConsistencyCheck.
+
+func TestSetRateLimit(t *testing.T) {
+	s := NewServer(mustKey(t)) // no limit at first
+	addr := tcpServer(t, s)
+	a, b := tcpClient(t, addr), tcpClient(t, addr)
+	if a.limiter != nil {
+		t.Fatal("client limited without a server limit")
+	}
+	a.Send(b.PublicKey(), []byte{1})
+	recvMsg[*ReceivedPacket](t, b)
+
+	// 1 byte/s: after one maximal packet (the burst) the next one owes
+	// its whole size, which would take minutes to pay.
+	s.SetRateLimit(1, 0)
+	a.Send(b.PublicKey(), make([]byte, MaxPacketSize))
+	recvMsg[*ReceivedPacket](t, b)
+	a.Send(b.PublicKey(), []byte{2})
+	waitFor(t, func() bool { return s.Stats().RateLimitWaits == 1 })
+	b.opts.recvTimeout = 200 * time.Millisecond
+	if m, err := b.Recv(); err == nil {
+		t.Fatalf("a paced packet arrived at once: %T", m)
+	}
+	// b's read timed out, which ends its Client: reconnect it under the
+	// same key.
+	b = tcpClientKey(t, addr, b.priv)
+
+	// Raising the limit wakes the waiting read: the debt is paid at the
+	// new rate.
+	s.SetRateLimit(1<<30, 0)
+	if p, ok := recvMsg[*ReceivedPacket](t, b); !ok || len(p.Data) != 1 || p.Data[0] != 2 {
+		t.Fatalf("after raising the limit got %+v", p)
+	}
+
+	// A new login is told the current limit; burst is raised to one
+	// maximal SendPacket.
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
+	c, err := NewClient(mustKey(t), cc, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if info, _ := recvMsg[ServerInfo](t, c); info.TokenBucketBytesPerSecond != 1<<30 || info.TokenBucketBytesBurst != maxSendFrame {
+		t.Fatalf("ServerInfo after SetRateLimit: %+v", info)
+	}
+
+	// Removing the limit forgives a debt being waited for.
+	s.SetRateLimit(1, 0)
+	a.Send(b.PublicKey(), make([]byte, MaxPacketSize)) // refills nothing: the old bucket is kept
+	a.Send(b.PublicKey(), []byte{3})
+	waitFor(t, func() bool { return s.Stats().RateLimitWaits >= 2 })
+	s.SetRateLimit(0, 0)
+	for want := byte(3); ; {
+		p, ok := recvMsg[*ReceivedPacket](t, b)
+		if !ok {
+			t.FailNow()
+		}
+		if len(p.Data) == 1 && p.Data[0] == want {
+			break
+		}
+	}
+	if info, _ := recvMsg[ServerInfo](t, pipeClientRaw(t, s)); info.TokenBucketBytesPerSecond != 0 {
+		t.Fatalf("ServerInfo after removing the limit: %+v", info)
+	}
+}
+
+// tcpClientKey logs in a client with the given key over TCP.
+func tcpClientKey(t *testing.T, addr string, priv PrivateKey) *Client {
+	t.Helper()
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return loginClient(t, nc, priv)
+}
+
+// pipeClientRaw connects a client to s over a pipe without reading anything.
+func pipeClientRaw(t *testing.T, s *Server) *Client {
+	t.Helper()
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
+	c, err := NewClient(mustKey(t), cc, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func TestSetRateLimitSparesMesh(t *testing.T) {
+	const mk = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+	s := newTestServer(t, WithMeshKey(mk))
+	m := pipeClient(t, s, MeshKey(mk))
+	dst := pipeClient(t, s)
+	s.SetRateLimit(1, 0)
+	src := mustKey(t).Public()
+	for i := range 3 { // three maximal packets: a client would wait for days
+		if err := m.ForwardPacket(src, dst.PublicKey(), make([]byte, MaxPacketSize)); err != nil {
+			t.Fatal(i, err)
+		}
+		recvMsg[*ReceivedPacket](t, dst)
+	}
+	if n := s.Stats().RateLimitWaits; n != 0 {
+		t.Fatalf("mesh peer waited %d times", n)
+	}
+}
+
+func TestClosePeer(t *testing.T) {
+	s := newTestServer(t)
+	priv := mustKey(t)
+	var dups []*Client
+	for i := range 2 {
+		cc, sc := net.Pipe()
+		go s.Accept(context.Background(), sc, nil, "127.0.0.1:"+string(rune('1'+i)))
+		dups = append(dups, loginClient(t, cc, priv))
+	}
+	other := pipeClient(t, s)
+	other.Send(priv.Public(), []byte("x")) // other will be told PeerGone
+	recvMsg[*ReceivedPacket](t, dups[1])
+
+	if n := s.ClosePeer(mustKey(t).Public()); n != 0 {
+		t.Fatalf("ClosePeer of an unknown key closed %d", n)
+	}
+	if n := s.ClosePeer(priv.Public()); n != 2 {
+		t.Fatalf("ClosePeer closed %d sessions, want 2", n)
+	}
+	for i, d := range dups {
+		if _, err := recvUntilErr(t, d); err == nil {
+			t.Fatalf("session %d not closed", i)
+		}
+	}
+	if g, _ := recvMsg[PeerGone](t, other); g.Peer != priv.Public() || g.Reason != PeerGoneDisconnected {
+		t.Fatalf("PeerGone %+v", g)
+	}
+	waitFor(t, func() bool { return !s.IsClientConnected(priv.Public()) })
+	// Not a ban: the key logs in again.
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:3")
+	loginClient(t, cc, priv)
+	if !s.IsClientConnected(priv.Public()) {
+		t.Fatal("key could not reconnect after ClosePeer")
+	}
+	if err := s.ConsistencyCheck(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestSessions(t *testing.T) {
+	s := NewServer(mustKey(t))
+	addr := tcpServer(t, s)
+	a := tcpClient(t, addr, AppName("app-a"), CanAckPings(true))
+	b := tcpClient(t, addr)
+	a.NotePreferred(true)
+	for i := range 3 {
+		a.Send(b.PublicKey(), make([]byte, 100+i))
+		recvMsg[*ReceivedPacket](t, b)
+	}
+	a.SendPing([8]byte{}) // frames are handled in order: NotePreferred is seen
+	recvMsg[Pong](t, a)
+	dupPriv := mustKey(t)
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "10.1.2.3:4")
+	loginClient(t, cc, dupPriv)
+	tcpClientKey(t, addr, dupPriv)
+
+	got := map[PublicKey][]SessionInfo{}
+	for si := range s.Sessions() {
+		got[si.Key] = append(got[si.Key], si)
+	}
+	if len(got) != 3 || len(got[dupPriv.Public()]) != 2 {
+		t.Fatalf("sessions %+v", got)
+	}
+	sa, sb := got[a.PublicKey()][0], got[b.PublicKey()][0]
+	if !sa.Home || sb.Home || sa.Info.AppName != "app-a" || !sa.Info.CanAckPings || sa.Info.Version != ProtocolVersion {
+		t.Errorf("a: %+v", sa)
+	}
+	if sa.PacketsReceived != 3 || sa.BytesReceived != 303 || sa.PacketsSent != 0 {
+		t.Errorf("a's traffic %+v", sa)
+	}
+	if sb.PacketsSent != 3 || sb.BytesSent != 303 || sb.PacketsReceived != 0 {
+		t.Errorf("b's traffic %+v", sb)
+	}
+	if sa.RemoteAddr.Addr().String() != "127.0.0.1" || sa.RemoteAddr.Port() == 0 || sa.Connected.IsZero() || time.Since(sa.Connected) > time.Minute {
+		t.Errorf("a's address and time %+v", sa)
+	}
+	if !sa.Active || sa.Duplicate || sa.Mesh || sa.WebSocket {
+		t.Errorf("a's flags %+v", sa)
+	}
+	if runtime.GOOS == "linux" && runtime.GOARCH != "386" && (sa.RTT <= 0 || sa.RTT > time.Second) {
+		t.Errorf("a's RTT over loopback TCP: %v", sa.RTT)
+	}
+	ds := got[dupPriv.Public()]
+	if ds[0].RemoteAddr.String() != "10.1.2.3:4" || ds[0].RTT != 0 {
+		t.Errorf("first duplicate (over a pipe): %+v", ds[0])
+	}
+	if !ds[0].Duplicate || !ds[1].Duplicate || ds[0].Active || !ds[1].Active {
+		t.Errorf("duplicates: %+v", ds)
+	}
+
+	// Stopping early stops; the loop body may call the server.
+	n := 0
+	for range s.Sessions() {
+		n++
+		s.Stats()
+		if err := s.ConsistencyCheck(); err != nil {
+			t.Error(err)
+		}
+		break
+	}
+	if n != 1 {
+		t.Fatalf("broke after %d", n)
+	}
+	b.Close()
+	waitFor(t, func() bool {
+		for si := range s.Sessions() {
+			if si.Key == b.PublicKey() {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+func TestConsistencyCheck(t *testing.T) {
+	const mk = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+	s := newTestServer(t, WithMeshKey(mk), WithMaxConnections(0, 50))
+	if err := s.ConsistencyCheck(); err != nil {
+		t.Fatalf("empty server: %v", err)
+	}
+	w := pipeClient(t, s, MeshKey(mk))
+	w.WatchConnectionChanges()
+	recvMsg[PeerPresent](t, w)
+
+	// Logins, duplicates and logouts race with the checks, which must
+	// never see the table and the gauges disagree.
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	errc := make(chan error, 1)
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if err := s.ConsistencyCheck(); err != nil {
+				select {
+				case errc <- err:
+				default:
+				}
+				return
+			}
+		}
+	})
+	shared := mustKey(t)
+	for i := range 40 {
+		priv := mustKey(t)
+		if i%3 == 0 {
+			priv = shared
+		}
+		cc, sc := net.Pipe()
+		go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
+		c, err := NewClient(priv, cc, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i%2 == 0 {
+			go func() { recvUntilErr(t, c) }()
+			c.Close()
+		} else {
+			t.Cleanup(func() { c.Close() })
+			go func() {
+				for {
+					if _, err := c.Recv(); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}
+	waitFor(t, func() bool { return s.Stats().Accepts == 41 && s.Stats().CurrentConnections <= 21 })
+	close(stop)
+	wg.Wait()
+	select {
+	case err := <-errc:
+		t.Fatalf("check during logins and logouts: %v", err)
+	default:
+	}
+	waitFor(t, func() bool { return s.ConsistencyCheck() == nil })
+
+	// Damage is reported, each kind by name.
+	s.stats.current.Add(1)
+	err := s.ConsistencyCheck()
+	if err == nil || !strings.Contains(err.Error(), "current_connections") {
+		t.Fatalf("wrong gauge: %v", err)
+	}
+	s.stats.current.Add(-1)
+	sh := s.shard(w.PublicKey())
+	sh.mu.Lock()
+	e := sh.m[w.PublicKey()]
+	delete(sh.m, w.PublicKey())
+	sh.mu.Unlock()
+	err = s.ConsistencyCheck()
+	if err == nil || !strings.Contains(err.Error(), "logged in but not routed") {
+		t.Fatalf("unrouted session: %v", err)
+	}
+	sh.mu.Lock()
+	sh.m[w.PublicKey()] = e
+	active := e.active.Swap(nil)
+	sh.mu.Unlock()
+	err = s.ConsistencyCheck()
+	if err == nil || !strings.Contains(err.Error(), "not one of its") {
+		t.Fatalf("bad active session: %v", err)
+	}
+	e.active.Store(active)
+	if err := s.ConsistencyCheck(); err != nil {
+		t.Fatal(err)
+	}
+}
