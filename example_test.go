@@ -413,3 +413,52 @@ func ExampleFastStart_webSocket() {
 	// "from a browser, say", over WebSocket: true
 	// WebSocket sessions: 1
 }
+
+// An operator's view of a running server: every session with its traffic,
+// a self-check for a health endpoint, and ending a client's sessions.
+func ExampleServer_Sessions() {
+	serverKey, _ := relay.GeneratePrivateKey()
+	srv := relay.NewServer(serverKey)
+	defer srv.Close()
+
+	connect := func(app string) *relay.Client {
+		clientSide, serverSide := net.Pipe()
+		go srv.Accept(context.Background(), serverSide, nil, "192.0.2.7:41641")
+		priv, _ := relay.GeneratePrivateKey()
+		c, err := relay.NewClient(priv, clientSide, nil, relay.AppName(app))
+		if err != nil {
+			log.Fatal(err)
+		}
+		// ServerInfo comes once the server has registered the client:
+		// packets sent to it before then would be dropped.
+		if _, err := c.Recv(); err != nil {
+			log.Fatal(err)
+		}
+		return c
+	}
+	alice, bob := connect("alice"), connect("bob")
+	defer alice.Close()
+	defer bob.Close()
+	alice.Send(bob.PublicKey(), []byte("hello"))
+	for {
+		m, err := bob.Recv()
+		if err != nil {
+			log.Fatal(err)
+		}
+		if _, ok := m.(*relay.ReceivedPacket); ok {
+			break
+		}
+	}
+
+	for si := range srv.Sessions() { // in login order
+		fmt.Printf("%s from %v: sent %d packets (%d bytes) through the relay\n",
+			si.Info.AppName, si.RemoteAddr, si.PacketsReceived, si.BytesReceived)
+	}
+	fmt.Println("consistent:", srv.ConsistencyCheck() == nil)
+	fmt.Println("closed:", srv.ClosePeer(bob.PublicKey()))
+	// Output:
+	// alice from 192.0.2.7:41641: sent 1 packets (5 bytes) through the relay
+	// bob from 192.0.2.7:41641: sent 0 packets (0 bytes) through the relay
+	// consistent: true
+	// closed: 1
+}
