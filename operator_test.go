@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"runtime"
 	"strings"
@@ -329,5 +330,48 @@ func TestConsistencyCheck(t *testing.T) {
 	e.active.Store(active)
 	if err := s.ConsistencyCheck(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestPrometheusRTT(t *testing.T) {
+	s := NewServer(mustKey(t))
+	addr := tcpServer(t, s)
+	a, b := tcpClient(t, addr), tcpClient(t, addr)
+	a.Send(b.PublicKey(), []byte("x"))
+	recvMsg[*ReceivedPacket](t, b)
+	pipeClient(t, s) // no RTT over a pipe: not counted
+	var buf strings.Builder
+	if err := s.WritePrometheus(&buf); err != nil {
+		t.Fatal(err)
+	}
+	out := buf.String()
+	if runtime.GOOS != "linux" || runtime.GOARCH == "386" {
+		if strings.Contains(out, "rtt") {
+			t.Fatalf("RTT histogram without RTTs:\n%s", out)
+		}
+		return
+	}
+	if !strings.Contains(out, "# TYPE derp_client_rtt_seconds histogram\n") ||
+		!strings.Contains(out, "derp_client_rtt_seconds_bucket{le=\"+Inf\"} 2\n") ||
+		!strings.Contains(out, "derp_client_rtt_seconds_count 2\n") {
+		t.Fatalf("no RTT histogram of 2 sessions in:\n%s", out)
+	}
+	// Buckets are cumulative: counts never fall, and 2.5 s holds both
+	// loopback sessions.
+	prev := int64(0)
+	for line := range strings.Lines(out) {
+		rest, ok := strings.CutPrefix(line, "derp_client_rtt_seconds_bucket{le=\"")
+		if !ok {
+			continue
+		}
+		le, count, _ := strings.Cut(strings.TrimSpace(rest), "\"} ")
+		var n int64
+		if _, err := fmt.Sscan(count, &n); err != nil || n < prev {
+			t.Fatalf("bucket le=%s count %q after %d", le, count, prev)
+		}
+		prev = n
+		if le == "2.5" && n != 2 {
+			t.Fatalf("bucket le=2.5 holds %d of 2 loopback sessions", n)
+		}
 	}
 }

@@ -1007,6 +1007,9 @@ func TestWritePrometheus(t *testing.T) {
 			t.Errorf("missing %q in:\n%s", want, out)
 		}
 	}
+	if strings.Contains(out, "rtt") { // a pipe has no TCP RTT
+		t.Errorf("RTT histogram of sessions over pipes:\n%s", out)
+	}
 }
 
 func TestConnReader(t *testing.T) {

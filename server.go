@@ -2869,6 +2869,10 @@ func (s *Server) ExpVar() expvar.Var {
 // /metrics handler needs no client library:
 //
 //	mux.HandleFunc("/metrics", func(w http.ResponseWriter, r *http.Request) { srv.WritePrometheus(w) })
+//
+// On Linux it also writes derp_client_rtt_seconds, a histogram of the
+// kernel's smoothed RTT of every TCP session, sampled as it writes: one
+// system call per session, about 1 µs each.
 func (s *Server) WritePrometheus(w io.Writer) error {
 	st := s.Stats()
 	bw := bufio.NewWriter(w)
@@ -2928,7 +2932,44 @@ func (s *Server) WritePrometheus(w io.Writer) error {
 	labelled("bytes_dropped", "Bytes of packets dropped, by reason and kind.", st.BytesDropped, split("reason", "kind"))
 	labelled("errors", "Failed logins and sessions ended by an error, by phase and reason.", st.Errors, split("phase", "reason"))
 	labelled("rejected", "Connections refused before login, by reason.", st.Rejected, split("reason", ""))
+	s.writeRTTHistogram(bw)
 	return bw.Flush()
+}
+
+// rttBuckets are the upper bounds of derp_client_rtt_seconds.
+var rttBuckets = [...]time.Duration{
+	time.Millisecond, 5 * time.Millisecond, 10 * time.Millisecond, 25 * time.Millisecond,
+	50 * time.Millisecond, 100 * time.Millisecond, 250 * time.Millisecond, 500 * time.Millisecond,
+	time.Second, 2500 * time.Millisecond,
+}
+
+// writeRTTHistogram writes the histogram of the sessions' TCP RTTs, if the
+// platform reports any.
+func (s *Server) writeRTTHistogram(bw *bufio.Writer) {
+	var counts [len(rttBuckets)]int64
+	var n int64
+	var sum time.Duration
+	for si := range s.Sessions() {
+		if si.RTT <= 0 {
+			continue
+		}
+		n++
+		sum += si.RTT
+		for i, b := range rttBuckets {
+			if si.RTT <= b {
+				counts[i]++
+			}
+		}
+	}
+	if n == 0 {
+		return
+	}
+	const name = "derp_client_rtt_seconds"
+	fmt.Fprintf(bw, "# HELP %s Smoothed TCP round-trip time of client sessions, from the kernel.\n# TYPE %s histogram\n", name, name)
+	for i, b := range rttBuckets {
+		fmt.Fprintf(bw, "%s_bucket{le=\"%g\"} %d\n", name, b.Seconds(), counts[i])
+	}
+	fmt.Fprintf(bw, "%s_bucket{le=\"+Inf\"} %d\n%s_sum %g\n%s_count %d\n", name, n, name, sum.Seconds(), name, n)
 }
 
 // The mesh: the servers of a region share a mesh key, and each one watches
