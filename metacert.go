@@ -23,6 +23,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -49,10 +50,16 @@ const metaCertValidity = 30 * 24 * time.Hour
 //
 // The signing key is generated for this call and thrown away: nobody ever
 // verifies the signature, since the cert is trusted only because it arrived
-// inside a TLS 1.3 session the leaf already authenticated. Mint once per
-// server and serve the same DER for the life of the process; clients ignore
-// validity, so a meta cert that expires during a long uptime does no harm.
+// inside a TLS 1.3 session the leaf already authenticated. DERP clients
+// ignore validity too, but other TLS stacks and middleboxes may not, so
+// [AppendMetaCert] mints a fresh one, for the same key and version, when
+// the one it serves has less than a week left.
 func MintMetaCert(pub PublicKey, protocolVersion int) ([]byte, error) {
+	return mintMetaCertAt(pub, protocolVersion, time.Now())
+}
+
+// mintMetaCertAt is MintMetaCert at the given time.
+func mintMetaCertAt(pub PublicKey, protocolVersion int, now time.Time) ([]byte, error) {
 	if protocolVersion < 1 || protocolVersion > 255 {
 		return nil, fmt.Errorf("relay: mint meta cert: protocol version %d outside 1..255", protocolVersion)
 	}
@@ -60,7 +67,6 @@ func MintMetaCert(pub PublicKey, protocolVersion int) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("relay: mint meta cert: %w", err)
 	}
-	now := time.Now()
 	name := pkix.Name{CommonName: MetaCertCommonNamePrefix + pub.String()}
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(int64(protocolVersion)),
@@ -177,6 +183,12 @@ func parseMetaCertCandidate(cert *x509.Certificate) (pub PublicKey, version int,
 // cfg had before AppendMetaCert (or the wrapped callback's config with
 // only its NextProtos rewritten).
 //
+// A meta cert that names a key (as every one from [MintMetaCert] does) is
+// renewed while cfg is in use: the first TLS 1.3 handshake after it has less
+// than a week of validity left mints a new one for the same key and version,
+// and later handshakes serve that (from a clone of cfg, if the meta cert was
+// in cfg's own certificates).
+//
 // AppendMetaCert modifies cfg, so call it before cfg is used by any
 // listener, and set cfg.GetConfigForClient, if at all, before it; cfg must
 // not be nil.
@@ -192,17 +204,25 @@ func AppendMetaCert(cfg *tls.Config, metaCert []byte) {
 	certs, byName, getCert := cfg.Certificates, cfg.NameToCertificate, cfg.GetCertificate
 	getConfig := cfg.GetConfigForClient
 	appendMetaCertToConfig(cfg, meta)
+	// without returns a clone of cfg as it was before AppendMetaCert.
+	without := func() *tls.Config {
+		c := cfg.Clone()
+		//lint:ignore SA1019 as above.
+		c.Certificates, c.NameToCertificate, c.GetCertificate = certs, byName, getCert
+		c.GetConfigForClient = nil
+		return c
+	}
 	var once sync.Once
 	var tls12 *tls.Config // cfg without the meta cert, made at the first TLS 1.2 handshake
 	withoutMeta := func() *tls.Config {
-		once.Do(func() {
-			tls12 = cfg.Clone()
-			//lint:ignore SA1019 as above.
-			tls12.Certificates, tls12.NameToCertificate, tls12.GetCertificate = certs, byName, getCert
-			tls12.GetConfigForClient = nil
-		})
+		once.Do(func() { tls12 = without() })
 		return tls12
 	}
+	renew := newMetaRenewer(meta, func(der []byte) *tls.Config {
+		c := without()
+		appendMetaCertToConfig(c, der)
+		return c
+	})
 	cfg.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 		var c *tls.Config
 		if getConfig != nil {
@@ -213,6 +233,9 @@ func AppendMetaCert(cfg *tls.Config, metaCert []byte) {
 		}
 		if c == nil || c == cfg {
 			if negotiatesTLS13(hello, cfg) {
+				if m := renew.current(); m.cfg != nil {
+					return m.cfg, nil
+				}
 				return c, nil
 			}
 			return withoutMeta(), nil
@@ -222,12 +245,73 @@ func AppendMetaCert(cfg *tls.Config, metaCert []byte) {
 		// consulted by crypto/tls.
 		c = c.Clone()
 		if negotiatesTLS13(hello, c) {
-			appendMetaCertToConfig(c, meta)
+			appendMetaCertToConfig(c, renew.current().der)
 		} else {
 			c.NextProtos = metaCertNextProtos(c.NextProtos)
 		}
 		return c, nil
 	}
+}
+
+// metaCertRenewBefore is how long before its NotAfter a served meta cert is
+// replaced.
+const metaCertRenewBefore = 7 * 24 * time.Hour
+
+// metaCertNow is the clock of meta cert renewal; tests move it.
+var metaCertNow = time.Now
+
+// metaRenewer keeps the meta cert that AppendMetaCert serves fresh.
+type metaRenewer struct {
+	pub     PublicKey
+	version int
+	config  func(der []byte) *tls.Config // the TLS 1.3 config serving der
+	mu      sync.Mutex                   // serializes renewals
+	cur     atomic.Pointer[servedMeta]
+}
+
+// servedMeta is a meta cert being served, with the config that serves it
+// (nil: the config AppendMetaCert was given).
+type servedMeta struct {
+	der     []byte
+	cfg     *tls.Config
+	renewAt time.Time // zero: never (the DER names no key)
+}
+
+func newMetaRenewer(der []byte, config func([]byte) *tls.Config) *metaRenewer {
+	r := &metaRenewer{config: config}
+	m := &servedMeta{der: der}
+	if cert, err := x509.ParseCertificate(der); err == nil {
+		if pub, version, ok := parseMetaCertCandidate(cert); ok && version > 0 {
+			r.pub, r.version = pub, version
+			m.renewAt = cert.NotAfter.Add(-metaCertRenewBefore)
+		}
+	}
+	r.cur.Store(m)
+	return r
+}
+
+// current returns the meta cert to serve now, minting a new one if the
+// served one is due for renewal. If minting fails (crypto/rand failing),
+// the old one is served and minting is retried an hour later.
+func (r *metaRenewer) current() *servedMeta {
+	m := r.cur.Load()
+	now := metaCertNow()
+	if m.renewAt.IsZero() || now.Before(m.renewAt) {
+		return m
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if m = r.cur.Load(); now.Before(m.renewAt) {
+		return m
+	}
+	der, err := mintMetaCertAt(r.pub, r.version, now)
+	if err != nil {
+		r.cur.Store(&servedMeta{der: m.der, cfg: m.cfg, renewAt: now.Add(time.Hour)})
+		return m
+	}
+	m = &servedMeta{der: der, cfg: r.config(der), renewAt: now.Add(metaCertValidity - metaCertRenewBefore)}
+	r.cur.Store(m)
+	return m
 }
 
 // negotiatesTLS13 reports whether a server with cfg will agree on TLS 1.3

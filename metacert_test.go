@@ -853,3 +853,90 @@ func FuzzParseMetaCert(f *testing.F) {
 		}
 	})
 }
+
+// TestMetaCertRenewal moves the renewal clock: a served meta cert with less
+// than a week left is replaced, once, by a fresh one for the same key and
+// version, in every kind of config, and TLS 1.2 still gets none.
+func TestMetaCertRenewal(t *testing.T) {
+	pki := newMetaCertTestPKI(t)
+	pub := metaCertTestKey(t)
+	shared := &pki.cert
+	configs := map[string]func() *tls.Config{
+		"static": func() *tls.Config { return &tls.Config{Certificates: []tls.Certificate{pki.cert}} },
+		"GetCertificate": func() *tls.Config {
+			return &tls.Config{GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return shared, nil }}
+		},
+		"GetConfigForClient": func() *tls.Config {
+			inner := &tls.Config{Certificates: []tls.Certificate{pki.cert}}
+			return &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) { return inner, nil }}
+		},
+	}
+	start := time.Now()
+	t.Cleanup(func() { metaCertNow = time.Now })
+	for name, mk := range configs {
+		t.Run(name, func(t *testing.T) {
+			metaCertNow = time.Now
+			meta := metaCertTestMint(t, pub)
+			cfg := mk()
+			AppendMetaCert(cfg, meta)
+			served := func(at time.Duration) *x509.Certificate {
+				t.Helper()
+				metaCertNow = func() time.Time { return start.Add(at) }
+				client := pki.clientConfig()
+				client.NextProtos = []string{"h2", "http/1.1"}
+				state, clientErr, serverErr := metaCertTestHandshake(cfg, client)
+				if clientErr != nil || serverErr != nil {
+					t.Fatalf("handshake at +%v: client %v, server %v", at, clientErr, serverErr)
+				}
+				if state.NegotiatedProtocol != "http/1.1" {
+					t.Errorf("negotiated %q", state.NegotiatedProtocol)
+				}
+				certs := state.PeerCertificates
+				if len(certs) != 3 {
+					t.Fatalf("at +%v the client saw %d certificates, want leaf, CA, meta cert", at, len(certs))
+				}
+				if got, version, ok := ParseMetaCert(certs[2:]); !ok || got != pub || version != ProtocolVersion {
+					t.Fatalf("at +%v: meta cert for %v version %d (%v)", at, got, version, ok)
+				}
+				return certs[2]
+			}
+			const day = 24 * time.Hour
+			if c := served(22 * day); !bytes.Equal(c.Raw, meta) {
+				t.Fatal("renewed with 8 days left")
+			}
+			first := served(24 * day)
+			if bytes.Equal(first.Raw, meta) {
+				t.Fatal("not renewed with 6 days left")
+			}
+			if want := start.Add(24*day + metaCertValidity); first.NotAfter.Before(want.Add(-time.Minute)) || first.NotAfter.After(want.Add(time.Minute)) {
+				t.Errorf("renewed NotAfter %v, want about %v", first.NotAfter, want)
+			}
+			if c := served(25 * day); !bytes.Equal(c.Raw, first.Raw) {
+				t.Fatal("renewed again a day after renewing")
+			}
+			if c := served(50 * day); bytes.Equal(c.Raw, first.Raw) {
+				t.Fatal("the renewed meta cert was not renewed in turn")
+			}
+			client := pki.clientConfig()
+			client.MinVersion, client.MaxVersion = tls.VersionTLS12, tls.VersionTLS12
+			state, clientErr, serverErr := metaCertTestHandshake(cfg, client)
+			if clientErr != nil || serverErr != nil {
+				t.Fatalf("TLS 1.2 handshake: client %v, server %v", clientErr, serverErr)
+			}
+			if _, _, ok := ParseMetaCert(state.PeerCertificates); ok || len(state.PeerCertificates) != 2 {
+				t.Errorf("TLS 1.2 client saw %d certificates, a meta cert: %v", len(state.PeerCertificates), ok)
+			}
+			checkUntouched(t, shared)
+		})
+	}
+}
+
+// A meta cert that names no key is served as it is, forever.
+func TestMetaCertRenewalNeedsKey(t *testing.T) {
+	t.Cleanup(func() { metaCertNow = time.Now })
+	r := newMetaRenewer([]byte("not a certificate"), func([]byte) *tls.Config { panic("renewed") })
+	metaCertNow = func() time.Time { return time.Now().Add(10 * 365 * 24 * time.Hour) }
+	if m := r.current(); string(m.der) != "not a certificate" || m.cfg != nil {
+		t.Fatalf("served %+v", m)
+	}
+}
