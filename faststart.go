@@ -103,6 +103,10 @@ type Handshake struct {
 	KeySource string
 	// TLSVersion is the negotiated TLS version, or 0 for plain HTTP.
 	TLSVersion uint16
+	// TLS is the state of the TLS connection to the DERP server (not to
+	// a proxy), nil for plain HTTP: the chain it presented, for pinning or
+	// for spotting a TLS-intercepting middlebox.
+	TLS *tls.ConnectionState
 	// Attempts is the number of connections made (2 after a fallback).
 	Attempts int
 	// URL is the URL dialled.
@@ -176,7 +180,8 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 				return nil, hs, err
 			}
 			nc = tc
-			hs.TLSVersion = tc.ConnectionState().Version
+			cs := tc.ConnectionState()
+			hs.TLSVersion, hs.TLS = cs.Version, &cs
 		}
 		return f.webSocket(nc, u, priv, hs, opts)
 	}
@@ -187,7 +192,7 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 		}
 		nc = tc
 		cs := tc.ConnectionState()
-		hs.TLSVersion = cs.Version
+		hs.TLSVersion, hs.TLS = cs.Version, &cs
 		var reason string
 		hs, reason = chooseKey(hs, cs, known)
 		if hs.ServerKey.IsZero() || f.DisableFastStart {

@@ -240,6 +240,14 @@ func TestDialPaths(t *testing.T) {
 					t.Errorf("handshake %+v\nwant path %s, key source %q, %d attempts, TLS %#x, key %s",
 						hs, tt.wantPath, tt.wantSource, tt.wantTries, tt.wantTLS, s.PublicKey().ShortString())
 				}
+				if (hs.TLS != nil) != (tt.wantTLS != 0) || hs.TLS != nil && hs.TLS.Version != hs.TLSVersion {
+					t.Errorf("TLS state %v with TLS version %#x", hs.TLS != nil, hs.TLSVersion)
+				}
+				if hs.KeySource == "meta-cert" {
+					if k, _, ok := ParseMetaCert(hs.TLS.PeerCertificates); !ok || k != s.PublicKey() {
+						t.Errorf("key from the meta cert, but the chain in Handshake.TLS names %v (%v)", k, ok)
+					}
+				}
 				if tt.wantReason == "" && hs.Reason != "" {
 					t.Errorf("Reason = %q, want none", hs.Reason)
 				}
@@ -568,6 +576,10 @@ func TestTLSInterceptingProxy(t *testing.T) {
 	if hs.Path != UpgradePath || hs.TLSVersion != tls.VersionTLS13 || hs.KeySource != "http-header" ||
 		hs.ServerKey != s.PublicKey() || !strings.Contains(hs.Reason, "no meta cert") {
 		t.Errorf("handshake %+v, want the upgrade path over TLS 1.3 because there is no meta cert", hs)
+	}
+	// The chain the client saw is the proxy's: Handshake.TLS shows it.
+	if _, _, ok := ParseMetaCert(hs.TLS.PeerCertificates); ok || len(hs.TLS.PeerCertificates) == 0 {
+		t.Errorf("Handshake.TLS shows %d certificates, meta cert %v", len(hs.TLS.PeerCertificates), ok)
 	}
 	if !<-sawMeta {
 		t.Error("the server did not show the proxy its meta cert")
