@@ -173,18 +173,6 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 	}()
 
 	hs.KeySource = "configured"
-	if f.WebSocket {
-		if u.Scheme == "https" {
-			tc, err := f.tlsHandshake(ctx, nc, u, false)
-			if err != nil {
-				return nil, hs, err
-			}
-			nc = tc
-			cs := tc.ConnectionState()
-			hs.TLSVersion, hs.TLS = cs.Version, &cs
-		}
-		return f.webSocket(nc, u, priv, hs, opts)
-	}
 	if u.Scheme == "https" {
 		tc, err := f.tlsHandshake(ctx, nc, u, false)
 		if err != nil {
@@ -193,8 +181,13 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 		nc = tc
 		cs := tc.ConnectionState()
 		hs.TLSVersion, hs.TLS = cs.Version, &cs
+	}
+	if f.WebSocket {
+		return f.webSocket(nc, u, priv, hs, opts)
+	}
+	if hs.TLS != nil {
 		var reason string
-		hs, reason = chooseKey(hs, cs, known)
+		hs, reason = chooseKey(hs, *hs.TLS, known)
 		if hs.ServerKey.IsZero() || f.DisableFastStart {
 			hs.Reason = reason
 			if f.DisableFastStart {

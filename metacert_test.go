@@ -138,6 +138,23 @@ func newMetaCertTestPKI(t testing.TB) *metaCertTestPKI {
 // clientConfig verifies the server's chain the standard way, so every
 // handshake also shows that an extra certificate at the end does not upset
 // path building.
+// serverConfigs makes server configs that take their certificate in each
+// of the ways AppendMetaCert handles: a static chain, GetCertificate
+// returning the shared p.cert, and GetConfigForClient returning a shared
+// config that offers h2.
+func (p *metaCertTestPKI) serverConfigs() map[string]func() *tls.Config {
+	return map[string]func() *tls.Config{
+		"static": func() *tls.Config { return &tls.Config{Certificates: []tls.Certificate{p.cert}} },
+		"GetCertificate": func() *tls.Config {
+			return &tls.Config{GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return &p.cert, nil }}
+		},
+		"GetConfigForClient": func() *tls.Config {
+			inner := &tls.Config{Certificates: []tls.Certificate{p.cert}, NextProtos: []string{"h2"}}
+			return &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) { return inner, nil }}
+		},
+	}
+}
+
 func (p *metaCertTestPKI) clientConfig() *tls.Config {
 	return &tls.Config{
 		RootCAs:    p.roots,
@@ -766,16 +783,7 @@ func TestMetaCertTLS12(t *testing.T) {
 	pub := metaCertTestKey(t)
 	meta := metaCertTestMint(t, pub)
 	shared := &pki.cert
-	configs := map[string]func() *tls.Config{
-		"static": func() *tls.Config { return &tls.Config{Certificates: []tls.Certificate{pki.cert}} },
-		"GetCertificate": func() *tls.Config {
-			return &tls.Config{GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return shared, nil }}
-		},
-		"GetConfigForClient": func() *tls.Config {
-			inner := &tls.Config{Certificates: []tls.Certificate{pki.cert}, NextProtos: []string{"h2"}}
-			return &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) { return inner, nil }}
-		},
-	}
+	configs := pki.serverConfigs()
 	for name, mk := range configs {
 		for _, limit := range []string{"server", "client", "none"} {
 			t.Run(name+"/limit="+limit, func(t *testing.T) {
@@ -861,16 +869,7 @@ func TestMetaCertRenewal(t *testing.T) {
 	pki := newMetaCertTestPKI(t)
 	pub := metaCertTestKey(t)
 	shared := &pki.cert
-	configs := map[string]func() *tls.Config{
-		"static": func() *tls.Config { return &tls.Config{Certificates: []tls.Certificate{pki.cert}} },
-		"GetCertificate": func() *tls.Config {
-			return &tls.Config{GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return shared, nil }}
-		},
-		"GetConfigForClient": func() *tls.Config {
-			inner := &tls.Config{Certificates: []tls.Certificate{pki.cert}}
-			return &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) { return inner, nil }}
-		},
-	}
+	configs := pki.serverConfigs()
 	start := time.Now()
 	t.Cleanup(func() { metaCertNow = time.Now })
 	for name, mk := range configs {

@@ -48,14 +48,7 @@ func TestSetRateLimit(t *testing.T) {
 
 	// A new login is told the current limit; burst is raised to one
 	// maximal SendPacket.
-	cc, sc := net.Pipe()
-	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
-	c, err := NewClient(mustKey(t), cc, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	if info, _ := recvMsg[ServerInfo](t, c); info.TokenBucketBytesPerSecond != 1<<30 || info.TokenBucketBytesBurst != maxSendFrame {
+	if info, _ := recvMsg[ServerInfo](t, pipeClientRaw(t, s)); info.TokenBucketBytesPerSecond != 1<<30 || info.TokenBucketBytesBurst != maxSendFrame {
 		t.Fatalf("ServerInfo after SetRateLimit: %+v", info)
 	}
 
