@@ -1623,8 +1623,8 @@ func (c *sconn) handleClosePeer(n uint32) error {
 	}
 	k := PublicKey(b)
 	c.br.Discard(KeyLen)
-	n = uint32(c.s.closePeer(k))
-	c.s.log.Info("relay: closed peer on mesh request", "key", k.ShortString(), "conns", n, "by", c.key.ShortString())
+	closed := c.s.closePeer(k)
+	c.s.log.Info("relay: closed peer on mesh request", "key", k.ShortString(), "conns", closed, "by", c.key.ShortString())
 	return nil
 }
 
@@ -1662,9 +1662,9 @@ type SessionInfo struct {
 	RTT time.Duration
 }
 
-// Sessions returns the server's logged-in sessions, oldest first within a
-// key and otherwise in no particular order. It takes a snapshot of which
-// sessions exist, then describes each as the loop reaches it; the loop body
+// Sessions returns the server's logged-in sessions in the order they
+// connected. It takes a snapshot of which sessions exist, then describes each
+// as the loop reaches it (skipping those that ended meanwhile); the loop body
 // may call the Server's methods. On Linux each session costs one system call
 // (for RTT).
 func (s *Server) Sessions() iter.Seq[SessionInfo] {
