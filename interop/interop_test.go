@@ -576,3 +576,75 @@ func TestDuplicateKeyTailscaleClients(t *testing.T) {
 	})
 	tsToTS(t, sender, dup1, payload("to the one left"))
 }
+
+// TestOperatorToolsWithTailscaleClients runs our server's operator tools
+// on sessions of Tailscale's client: Sessions reports what the client said
+// at login and its traffic, SetRateLimit reaches the ServerInfo of the next
+// Tailscale login, ClosePeer disconnects a Tailscale client, and
+// ConsistencyCheck holds throughout.
+func TestOperatorToolsWithTailscaleClients(t *testing.T) {
+	checkNoLeaks(t)
+	s := newOurServer(t)
+	addr := acceptLoop(t, s.Accept, s.Close)
+	a := dialTS(t, "tailscale a", addr, derp.CanAckPings(true))
+	b := dialTS(t, "tailscale b", addr)
+	if a.info.TokenBucketBytesPerSecond != 0 {
+		t.Fatalf("limit before SetRateLimit: %+v", a.info)
+	}
+	tsToTS(t, a, b, payload("x"))
+
+	seen := map[relay.PublicKey]relay.SessionInfo{}
+	for si := range s.Sessions() {
+		seen[si.Key] = si
+	}
+	sa, sb := seen[a.relayPub()], seen[b.relayPub()]
+	if len(seen) != 2 || sa.Info.Version != relay.ProtocolVersion || !sa.Info.CanAckPings || sb.Info.CanAckPings {
+		t.Errorf("sessions of Tailscale clients: %+v", seen)
+	}
+	if sa.PacketsReceived != 1 || sb.PacketsSent != 1 || sa.BytesReceived != int64(len(payload("x"))) {
+		t.Errorf("traffic: a %+v, b %+v", sa, sb)
+	}
+	if err := s.ConsistencyCheck(); err != nil {
+		t.Fatal(err)
+	}
+
+	const rate = 8 << 20
+	s.SetRateLimit(rate, 0)
+	c := dialTS(t, "tailscale c", addr)
+	if c.info.TokenBucketBytesPerSecond != rate || c.info.TokenBucketBytesBurst < relay.MaxPacketSize {
+		t.Errorf("Tailscale client parsed ServerInfo %+v after SetRateLimit(%d, 0)", c.info, rate)
+	}
+	tsToTS(t, c, a, payload("limited"))
+
+	if n := s.ClosePeer(b.relayPub()); n != 1 {
+		t.Fatalf("ClosePeer closed %d sessions", n)
+	}
+	// Tailscale's client sees its connection end.
+	ended := make(chan error, 1)
+	go func() {
+		for {
+			if _, err := b.recv(); err != nil {
+				ended <- err
+				return
+			}
+		}
+	}()
+	select {
+	case err := <-ended:
+		t.Logf("tailscale b after ClosePeer: %v", err)
+	case <-time.After(recvTimeout):
+		b.close()
+		<-ended
+		t.Fatal("tailscale b still connected after ClosePeer")
+	}
+	// The session unregisters as it ends, which may be just after the
+	// client saw its connection close.
+	for deadline := time.Now().Add(recvTimeout); s.IsClientConnected(b.relayPub()); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("b still registered after ClosePeer")
+		}
+	}
+	if err := s.ConsistencyCheck(); err != nil {
+		t.Fatal(err)
+	}
+}
