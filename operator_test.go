@@ -171,10 +171,16 @@ func TestSessions(t *testing.T) {
 	loginClient(t, cc, dupPriv)
 	tcpClientKey(t, addr, dupPriv)
 
-	got := map[PublicKey][]SessionInfo{}
-	for si := range s.Sessions() {
-		got[si.Key] = append(got[si.Key], si)
-	}
+	// The server counts a packet sent once its write returned, which may
+	// be just after the client read it.
+	var got map[PublicKey][]SessionInfo
+	waitFor(t, func() bool {
+		got = map[PublicKey][]SessionInfo{}
+		for si := range s.Sessions() {
+			got[si.Key] = append(got[si.Key], si)
+		}
+		return len(got[b.PublicKey()]) == 1 && got[b.PublicKey()][0].PacketsSent == 3
+	})
 	if len(got) != 3 || len(got[dupPriv.Public()]) != 2 {
 		t.Fatalf("sessions %+v", got)
 	}

@@ -593,9 +593,17 @@ func TestOperatorToolsWithTailscaleClients(t *testing.T) {
 	}
 	tsToTS(t, a, b, payload("x"))
 
-	seen := map[relay.PublicKey]relay.SessionInfo{}
-	for si := range s.Sessions() {
-		seen[si.Key] = si
+	// The server counts a packet sent once its write returned, which may
+	// be just after the client read it.
+	var seen map[relay.PublicKey]relay.SessionInfo
+	for deadline := time.Now().Add(recvTimeout); ; time.Sleep(5 * time.Millisecond) {
+		seen = map[relay.PublicKey]relay.SessionInfo{}
+		for si := range s.Sessions() {
+			seen[si.Key] = si
+		}
+		if seen[b.relayPub()].PacketsSent > 0 || time.Now().After(deadline) {
+			break
+		}
 	}
 	sa, sb := seen[a.relayPub()], seen[b.relayPub()]
 	if len(seen) != 2 || sa.Info.Version != relay.ProtocolVersion || !sa.Info.CanAckPings || sb.Info.CanAckPings {
