@@ -648,6 +648,16 @@ func TestQueueDropsOldest(t *testing.T) {
 	sender.SendPing([8]byte{})
 	recvMsg[Pong](t, sender) // the sender was never blocked
 	waitFor(t, func() bool { return s.Stats().PacketsDropped["queue_head/other"] > 0 })
+	// Every drop is the stuck receiver's, and Sessions says so.
+	for si := range s.Sessions() {
+		want := int64(0)
+		if si.Key == stuck.PublicKey() {
+			want = s.Stats().PacketsDropped["queue_head/other"]
+		}
+		if si.PacketsDropped != want {
+			t.Errorf("session %s: %d packets dropped, want %d", si.Key.ShortString(), si.PacketsDropped, want)
+		}
+	}
 	// When the receiver reads, the newest packets are there.
 	if last := lastPacketByte(stuck, 300*time.Millisecond); last != 49 {
 		t.Errorf("last packet delivered %d, want 49", last)

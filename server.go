@@ -447,6 +447,7 @@ type sconn struct {
 	// Writer-side counters.
 	sentPkts  atomic.Int64
 	sentBytes atomic.Int64
+	dropped   atomic.Int64 // packets for this client dropped here
 
 	mu sync.Mutex // guards everything below
 	// outbox
@@ -1657,6 +1658,10 @@ type SessionInfo struct {
 	// client so far; two snapshots give its traffic in between.
 	PacketsReceived, BytesReceived int64
 	PacketsSent, BytesSent         int64
+	// PacketsDropped counts packets for the client that were dropped
+	// here: pushed out of its full queue, or lost to a failed write or
+	// the session's end (Stats.PacketsDropped has them by reason).
+	PacketsDropped int64
 	// RTT is the kernel's smoothed round-trip time of the session's TCP
 	// connection (Linux), or zero where unknown.
 	RTT time.Duration
@@ -1703,6 +1708,7 @@ func (s *Server) Sessions() iter.Seq[SessionInfo] {
 				BytesReceived:   c.recvBytes.Load(),
 				PacketsSent:     c.sentPkts.Load(),
 				BytesSent:       c.sentBytes.Load(),
+				PacketsDropped:  c.dropped.Load(),
 				RTT:             socketRTT(parkSocket(c.nc)),
 			}
 			if !yield(si) {
@@ -1948,7 +1954,7 @@ func (c *sconn) enqueue(p *packet, disco bool) {
 		}
 	}
 	if old := q.push(p); old != nil {
-		c.s.stats.drop(dropQueueHead, disco, old.n)
+		c.drop(dropQueueHead, disco, old.n)
 		putPacket(old)
 	}
 	// The packet count alone would let one stalled receiver pin 32
@@ -1956,7 +1962,7 @@ func (c *sconn) enqueue(p *packet, disco bool) {
 	// first, always keeping the newest packet.
 	for q.bytes > maxQueueBytes && q.n > 1 {
 		old := q.pop()
-		c.s.stats.drop(dropQueueHead, disco, old.n)
+		c.drop(dropQueueHead, disco, old.n)
 		putPacket(old)
 	}
 	c.kickLocked()
@@ -1969,7 +1975,7 @@ func (c *sconn) refuseClosedLocked(p *packet, disco bool) bool {
 		return false
 	}
 	c.mu.Unlock()
-	c.s.stats.drop(dropGone, disco, p.n)
+	c.drop(dropGone, disco, p.n)
 	putPacket(p)
 	return true
 }
@@ -2244,7 +2250,7 @@ func (c *sconn) writeBatch(ws *writerState) error {
 		// The connection is broken: whatever of the batch reached the
 		// socket may never reach the client, so count the batch lost.
 		for i, p := range ws.pkts {
-			c.s.stats.drop(dropWriteError, i < ws.discos, p.n)
+			c.drop(dropWriteError, i < ws.discos, p.n)
 		}
 		return err
 	}
@@ -2363,11 +2369,17 @@ func (c *sconn) closeConn() {
 	c.nc.Close()
 }
 
+// drop counts a packet for c that will not reach it.
+func (c *sconn) drop(r dropReason, disco bool, n int) {
+	c.dropped.Add(1)
+	c.s.stats.drop(r, disco, n)
+}
+
 func (c *sconn) dropAllLocked(r dropReason) {
 	for _, q := range []*pktRing{&c.disco, &c.other} {
 		disco := q == &c.disco
 		for p := q.pop(); p != nil; p = q.pop() {
-			c.s.stats.drop(r, disco, p.n)
+			c.drop(r, disco, p.n)
 			putPacket(p)
 		}
 		q.buf = nil
