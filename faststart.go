@@ -4,9 +4,12 @@ import (
 	"bufio"
 	"context"
 	crand "crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -14,7 +17,9 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -64,6 +69,8 @@ type FastStart struct {
 	// browsers must, for networks that let only WebSocket through. It
 	// always takes the upgrade path: a WebSocket client waits for the 101.
 	WebSocket bool
+
+	node *Node // set by DialNode: how to check the server's certificate
 }
 
 // clientReadBuf is the read buffer of dialled clients: it bounds the HTTP
@@ -356,6 +363,9 @@ func (f *FastStart) tlsHandshake(ctx context.Context, nc net.Conn, u *url.URL, p
 	if cfg.ServerName == "" || proxy {
 		cfg.ServerName = u.Hostname()
 	}
+	if f.node != nil && !proxy {
+		f.node.verifyWith(cfg)
+	}
 	cfg.NextProtos = nil
 	tc := tls.Client(nc, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
@@ -539,9 +549,15 @@ type ReconnectingClient struct {
 	// Ideal-Node header naming URL's host, so the server can count
 	// clients that are not where they should be.
 	Fallbacks []string
+	// Region, if not nil, is used instead of URL and Fallbacks: its nodes
+	// are dialled in order as FastStart.DialNode does (by their own
+	// addresses, checking CertName or its pin), STUN-only nodes skipped,
+	// and a node other than the first sends the first node's Name as
+	// Ideal-Node.
+	Region *Region
 	// NodeConnectTimeout bounds the TCP connect to each node while there
-	// are Fallbacks, so that an unreachable node costs little of
-	// DialTimeout. Default 1.5 s.
+	// are Fallbacks (or more than one node in Region), so that an
+	// unreachable node costs little of DialTimeout. Default 1.5 s.
 	NodeConnectTimeout time.Duration
 	// PrivateKey is the client's identity.
 	PrivateKey PrivateKey
@@ -661,13 +677,22 @@ func (rc *ReconnectingClient) dial(ctx context.Context) (*Client, int, error) {
 	var c *Client
 	var hs Handshake
 	var err error
-	for i, node := range append([]string{rc.URL}, rc.Fallbacks...) {
-		c, hs, err = rc.dialerFor(i, node).Dial(dctx, node, rc.PrivateKey, opts...)
+	targets := rc.targets()
+	if len(targets) == 0 {
+		err = fmt.Errorf("relay: region %d (%s) has no DERP node", rc.Region.RegionID, rc.Region.RegionCode)
+	}
+	for i, t := range targets {
+		f := rc.dialerFor(i, t, len(targets) > 1)
+		if t.node != nil {
+			c, hs, err = f.DialNode(dctx, t.node, rc.PrivateKey, opts...)
+		} else {
+			c, hs, err = f.Dial(dctx, t.url, rc.PrivateKey, opts...)
+		}
 		if err == nil || dctx.Err() != nil {
 			break
 		}
-		if len(rc.Fallbacks) > 0 {
-			rc.logf("relay: node unreachable", "url", node, "err", err)
+		if len(targets) > 1 {
+			rc.logf("relay: node unreachable", "url", t.url, "node", t.name(), "err", err)
 		}
 	}
 	rc.mu.Lock()
@@ -683,7 +708,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context) (*Client, int, error) {
 	if err != nil {
 		rc.failures++
 		rc.nextDial = time.Now().Add(rc.backoff(rc.failures, time.Now()))
-		rc.logf("relay: connect failed", "url", rc.URL, "failures", rc.failures, "err", err)
+		rc.logf("relay: connect failed", "url", rc.URL, "region", rc.regionID(), "failures", rc.failures, "err", err)
 		return nil, 0, err
 	}
 	if rc.closed {
@@ -696,7 +721,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context) (*Client, int, error) {
 	if rc.keys == nil {
 		rc.keys = map[string]PublicKey{}
 	}
-	rc.keys[hs.URL] = hs.ServerKey
+	rc.keys[rc.keyID(hs.URL, targets)] = hs.ServerKey
 	rc.logf("relay: connected", "url", hs.URL, "path", hs.Path.String(), "reason", hs.Reason, "generation", rc.gen)
 	if rc.OnConnect != nil {
 		rc.OnConnect(hs)
@@ -704,8 +729,59 @@ func (rc *ReconnectingClient) dial(ctx context.Context) (*Client, int, error) {
 	return c, rc.gen, nil
 }
 
-// dialerFor returns the FastStart for node, the i-th of the region.
-func (rc *ReconnectingClient) dialerFor(i int, node string) *FastStart {
+// dialTarget is a server ReconnectingClient may dial: a URL, or a node of
+// its Region.
+type dialTarget struct {
+	url  string
+	node *Node // nil for URL and Fallbacks
+}
+
+// name is the target's node name, or its URL.
+func (t dialTarget) name() string {
+	if t.node != nil {
+		return t.node.Name
+	}
+	return t.url
+}
+
+// targets lists the servers to try, the ideal one first.
+func (rc *ReconnectingClient) targets() []dialTarget {
+	var ts []dialTarget
+	if rc.Region == nil {
+		for _, u := range append([]string{rc.URL}, rc.Fallbacks...) {
+			ts = append(ts, dialTarget{url: u})
+		}
+		return ts
+	}
+	for _, n := range rc.Region.Nodes {
+		if n != nil && !n.STUNOnly && n.HostName != "" {
+			ts = append(ts, dialTarget{url: n.URL(), node: n})
+		}
+	}
+	return ts
+}
+
+// keyID is what a learned server key is remembered by: the URL, or for
+// a region (whose nodes may share a host name) the node's name too.
+func (rc *ReconnectingClient) keyID(u string, targets []dialTarget) string {
+	for _, t := range targets {
+		if t.url == u && t.node != nil {
+			return t.node.Name + " " + u
+		}
+	}
+	return u
+}
+
+func (rc *ReconnectingClient) regionID() int {
+	if rc.Region == nil {
+		return 0
+	}
+	return rc.Region.RegionID
+}
+
+// dialerFor returns the FastStart for t, the i-th server to try; several
+// says whether there are more than one.
+func (rc *ReconnectingClient) dialerFor(i int, t dialTarget, several bool) *FastStart {
 	var f FastStart
 	if rc.Dialer != nil {
 		f = *rc.Dialer
@@ -716,16 +792,20 @@ func (rc *ReconnectingClient) dialerFor(i int, node string) *FastStart {
 		if f.Header == nil {
 			f.Header = http.Header{}
 		}
-		if u, err := url.Parse(rc.URL); err == nil {
+		if rc.Region != nil {
+			if ideal := rc.Region.Nodes[0]; ideal != nil && ideal.Name != "" {
+				f.Header.Set(IdealNodeHeader, ideal.Name)
+			}
+		} else if u, err := url.Parse(rc.URL); err == nil {
 			f.Header.Set(IdealNodeHeader, u.Hostname())
 		}
 	}
 	rc.mu.Lock()
-	if k, ok := rc.keys[node]; ok {
+	if k, ok := rc.keys[rc.keyID(t.url, []dialTarget{t})]; ok {
 		f.ServerKey = k
 	}
 	rc.mu.Unlock()
-	if len(rc.Fallbacks) > 0 {
+	if several {
 		dial := f.DialContext
 		if dial == nil {
 			var d net.Dialer
@@ -938,6 +1018,265 @@ func (rc *ReconnectingClient) Close() error {
 	rc.mu.Unlock()
 	if c != nil {
 		return c.Close()
+	}
+	return nil
+}
+
+// Region is a DERP region as Tailscale's DERP map describes one
+// (tailcfg.DERPRegion): a region of a DERP map decodes into it with
+// encoding/json. It keeps what a client needs to connect; give it to
+// ReconnectingClient.Region.
+type Region struct {
+	RegionID   int
+	RegionCode string
+	RegionName string
+	// Nodes are the region's servers, the preferred one first.
+	Nodes []*Node
+}
+
+// Node is one server of a Region, with the fields and JSON names of a node
+// of Tailscale's DERP map (tailcfg.DERPNode). Dial one with
+// FastStart.DialNode.
+type Node struct {
+	// Name names the node uniquely across regions, such as "1a"; it is
+	// not a host name. A client on another node of the region sends
+	// the region's first node's Name as Ideal-Node.
+	Name     string
+	RegionID int
+	// HostName is the server's DNS name: the TLS server name, the name
+	// its certificate must have (unless CertName says otherwise) and,
+	// unless IPv4 and IPv6 say otherwise, the name dialled.
+	HostName string
+	// CertName, if set, is the name the certificate must have instead of
+	// HostName (which is still sent as the TLS server name), or
+	// "sha256-raw:" and the hex SHA-256 of the DER of the server's leaf
+	// certificate, which pins a self-signed certificate (meta certs are
+	// not the leaf).
+	CertName string `json:",omitempty"`
+	// IPv4 and IPv6 are addresses to dial instead of looking HostName
+	// up in DNS. Empty means DNS; a string that is not an address of
+	// the family ("none" by convention) disables the family. With both
+	// families, IPv6 is tried first and IPv4 200 ms later, or at once
+	// if IPv6 fails.
+	IPv4 string `json:",omitempty"`
+	IPv6 string `json:",omitempty"`
+	// STUNPort is the node's STUN port (0 means 3478, -1 none); this
+	// package does not speak STUN.
+	STUNPort int `json:",omitempty"`
+	// STUNOnly marks a node without DERP, which clients skip.
+	STUNOnly bool `json:",omitempty"`
+	// DERPPort is the HTTPS port; 0 means 443.
+	DERPPort int `json:",omitempty"`
+	// InsecureForTests skips the verification of the certificate.
+	InsecureForTests bool `json:",omitempty"`
+	// STUNTestIP and CanPort80 are kept for DERP maps; this package does
+	// not use them.
+	STUNTestIP string `json:",omitempty"`
+	CanPort80  bool   `json:",omitempty"`
+}
+
+// URL returns the node's DERP URL, "https://HostName[:DERPPort]/derp".
+func (n *Node) URL() string {
+	host := n.HostName
+	if n.DERPPort != 0 {
+		host = net.JoinHostPort(host, strconv.Itoa(n.DERPPort))
+	} else if strings.Contains(host, ":") {
+		host = "[" + host + "]"
+	}
+	return "https://" + host + "/derp"
+}
+
+// DialNode dials a node of a DERP map as Dial dials a URL: to its IPv4 or
+// IPv6 address if the node gives one, checking the certificate against
+// CertName or its pin if the node gives one. f's DialContext makes the
+// connections and f's TLSConfig supplies the roots; Proxy, if it returns a
+// proxy, tunnels to HostName and the proxy resolves it.
+func (f *FastStart) DialNode(ctx context.Context, n *Node, priv PrivateKey, opts ...ClientOption) (*Client, Handshake, error) {
+	if n == nil || n.STUNOnly || n.HostName == "" {
+		name := "nil"
+		if n != nil {
+			name = strconv.Quote(n.Name)
+		}
+		return nil, Handshake{}, fmt.Errorf("relay: dial node %s: no DERP server (STUN only or no host name)", name)
+	}
+	return f.forNode(n).Dial(ctx, n.URL(), priv, opts...)
+}
+
+// forNode returns a copy of f that dials n's addresses and checks n's
+// certificate.
+func (f *FastStart) forNode(n *Node) *FastStart {
+	g := *f
+	g.node = n
+	dial := f.DialContext
+	if dial == nil {
+		var d net.Dialer
+		dial = d.DialContext
+	}
+	g.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		host, port, err := net.SplitHostPort(addr)
+		if err != nil || host != n.HostName {
+			return dial(ctx, network, addr) // a proxy, not the node
+		}
+		return n.dial(ctx, dial, port)
+	}
+	return &g
+}
+
+// happyEyeballsDelay is how long IPv6 has before IPv4 is tried too (a
+// variable for tests).
+var happyEyeballsDelay = 200 * time.Millisecond
+
+// dial connects to the node's port: HostName through DNS, or the node's own
+// addresses, IPv6 first.
+func (n *Node) dial(ctx context.Context, dial func(ctx context.Context, network, addr string) (net.Conn, error), port string) (net.Conn, error) {
+	family := func(s string, want6 bool) (network, host string, ok bool) {
+		network = "tcp4"
+		if want6 {
+			network = "tcp6"
+		}
+		if s == "" {
+			return network, n.HostName, true
+		}
+		ip, err := netip.ParseAddr(s)
+		if err != nil || ip.Is6() != want6 || ip.Is4In6() {
+			return "", "", false
+		}
+		return network, ip.String(), true
+	}
+	if n.IPv4 == "" && n.IPv6 == "" {
+		return dial(ctx, "tcp", net.JoinHostPort(n.HostName, port)) // the dialer's own dual-stack dialling
+	}
+	type target struct{ network, addr string }
+	var targets []target
+	for _, want6 := range []bool{true, false} {
+		s := n.IPv4
+		if want6 {
+			s = n.IPv6
+		}
+		if network, host, ok := family(s, want6); ok {
+			targets = append(targets, target{network, net.JoinHostPort(host, port)})
+		}
+	}
+	switch len(targets) {
+	case 0:
+		return nil, fmt.Errorf("relay: node %q has neither IPv4 (%q) nor IPv6 (%q)", n.Name, n.IPv4, n.IPv6)
+	case 1:
+		return dial(ctx, targets[0].network, targets[0].addr)
+	}
+	// Both: IPv6 first, IPv4 after a head start or as soon as IPv6
+	// fails; the first connection wins and the other is closed.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	results := make(chan result, len(targets))
+	start := func(t target) {
+		go func() {
+			c, err := dial(ctx, t.network, t.addr)
+			results <- result{c, err}
+		}()
+	}
+	start(targets[0])
+	timer := time.NewTimer(happyEyeballsDelay)
+	defer timer.Stop()
+	started, pending := 1, 1
+	var errs []error
+	for {
+		select {
+		case <-timer.C:
+			if started == 1 {
+				start(targets[1])
+				started, pending = 2, pending+1
+			}
+			continue
+		case r := <-results:
+			pending--
+			if r.err == nil {
+				if pending > 0 {
+					// The other attempt is cancelled; close what it
+					// may still return.
+					go func() {
+						if r := <-results; r.c != nil {
+							r.c.Close()
+						}
+					}()
+				}
+				return r.c, nil
+			}
+			errs = append(errs, r.err)
+			if started == 1 {
+				start(targets[1])
+				started, pending = 2, pending+1
+			}
+			if pending == 0 {
+				return nil, fmt.Errorf("relay: node %q: %w", n.Name, errors.Join(errs...))
+			}
+		}
+	}
+}
+
+// verifyWith makes cfg check the server's certificate as n says: against
+// CertName, against a pinned hash, or not at all (InsecureForTests).
+func (n *Node) verifyWith(cfg *tls.Config) {
+	switch pin, pinned := strings.CutPrefix(n.CertName, "sha256-raw:"); {
+	case n.InsecureForTests:
+		cfg.InsecureSkipVerify = true
+	case pinned:
+		cfg.InsecureSkipVerify = true
+		cfg.VerifyConnection = chainVerify(cfg.VerifyConnection, func(cs tls.ConnectionState) error {
+			leaf := leafCert(cs.PeerCertificates)
+			if leaf == nil {
+				return errors.New("relay: no certificate to check against the pin")
+			}
+			sum := sha256.Sum256(leaf.Raw)
+			if !strings.EqualFold(hex.EncodeToString(sum[:]), pin) {
+				return fmt.Errorf("relay: server certificate's SHA-256 %x is not the pinned %s", sum, pin)
+			}
+			return nil
+		})
+	case n.CertName != "":
+		roots := cfg.RootCAs
+		cfg.InsecureSkipVerify = true
+		cfg.VerifyConnection = chainVerify(cfg.VerifyConnection, func(cs tls.ConnectionState) error {
+			leaf := leafCert(cs.PeerCertificates)
+			if leaf == nil {
+				return errors.New("relay: server sent no certificate")
+			}
+			inter := x509.NewCertPool()
+			for _, c := range cs.PeerCertificates {
+				if c != leaf {
+					inter.AddCert(c)
+				}
+			}
+			_, err := leaf.Verify(x509.VerifyOptions{DNSName: n.CertName, Roots: roots, Intermediates: inter})
+			return err
+		})
+	}
+}
+
+// chainVerify returns a VerifyConnection callback that runs check, then
+// prev if there was one.
+func chainVerify(prev, check func(tls.ConnectionState) error) func(tls.ConnectionState) error {
+	return func(cs tls.ConnectionState) error {
+		if err := check(cs); err != nil {
+			return err
+		}
+		if prev != nil {
+			return prev(cs)
+		}
+		return nil
+	}
+}
+
+// leafCert returns the first certificate of a chain that is not a meta
+// cert.
+func leafCert(chain []*x509.Certificate) *x509.Certificate {
+	for _, c := range chain {
+		if _, _, ok := parseMetaCertCandidate(c); !ok {
+			return c
+		}
 	}
 	return nil
 }

@@ -1,0 +1,315 @@
+package relay
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// Tests of DERP-map nodes: Node, Region, FastStart.DialNode and
+// ReconnectingClient.Region.
+
+// serveRegionNode serves s (through h, if not nil) over TLS on 127.0.0.1 with a
+// self-signed certificate for certNames and the meta cert, and records the
+// server names clients sent.
+type nodeServer struct {
+	port  int
+	cert  tls.Certificate
+	roots *tls.Config // a client config trusting the certificate
+	mu    sync.Mutex
+	snis  []string
+}
+
+func serveRegionNode(t *testing.T, s *Server, h http.Handler, certNames ...string) *nodeServer {
+	t.Helper()
+	if h == nil {
+		h = s
+	}
+	cert, pool, err := selfSignedCert(certNames...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns := &nodeServer{cert: cert, roots: &tls.Config{RootCAs: pool}}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}}
+	AppendMetaCert(cfg, s.MetaCert())
+	inner := cfg.GetConfigForClient
+	cfg.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		ns.mu.Lock()
+		ns.snis = append(ns.snis, hello.ServerName)
+		ns.mu.Unlock()
+		return inner(hello)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns.port = ln.Addr().(*net.TCPAddr).Port
+	hs := &http.Server{Handler: h, ErrorLog: quietLog}
+	go hs.Serve(tls.NewListener(ln, cfg))
+	t.Cleanup(func() { hs.Close() })
+	t.Cleanup(func() { s.Close() }) // runs first: hijacked sessions end
+	return ns
+}
+
+func (ns *nodeServer) lastSNI() string {
+	ns.mu.Lock()
+	defer ns.mu.Unlock()
+	if len(ns.snis) == 0 {
+		return ""
+	}
+	return ns.snis[len(ns.snis)-1]
+}
+
+func TestRegionJSON(t *testing.T) {
+	// A region as a DERP map serves it (field names as Tailscale writes
+	// them, and one in another case, which encoding/json accepts).
+	const js = `{"RegionID": 900, "RegionCode": "home", "RegionName": "Home lab",
+		"Avoid": false, "Latitude": 1.5,
+		"Nodes": [
+			{"Name": "900a", "RegionID": 900, "HostName": "derp.example", "CertName": "sha256-raw:00ff",
+			 "IPv4": "192.0.2.1", "IPv6": "none", "STUNPort": -1, "DERPPort": 8443, "CanPort80": true},
+			{"Name": "900s", "RegionID": 900, "HostName": "stun.example", "STUNOnly": true, "stuntestip": "192.0.2.9"}
+		]}`
+	var r Region
+	if err := json.Unmarshal([]byte(js), &r); err != nil {
+		t.Fatal(err)
+	}
+	a, s := r.Nodes[0], r.Nodes[1]
+	if r.RegionID != 900 || r.RegionCode != "home" || len(r.Nodes) != 2 {
+		t.Fatalf("region %+v", r)
+	}
+	if a.Name != "900a" || a.HostName != "derp.example" || a.CertName != "sha256-raw:00ff" || a.IPv4 != "192.0.2.1" ||
+		a.IPv6 != "none" || a.STUNPort != -1 || a.DERPPort != 8443 || !a.CanPort80 {
+		t.Errorf("node %+v", a)
+	}
+	if !s.STUNOnly || s.STUNTestIP != "192.0.2.9" {
+		t.Errorf("STUN node %+v", s)
+	}
+	for _, tt := range []struct {
+		n    Node
+		want string
+	}{
+		{Node{HostName: "derp.example"}, "https://derp.example/derp"},
+		{Node{HostName: "derp.example", DERPPort: 8443}, "https://derp.example:8443/derp"},
+		{Node{HostName: "2001:db8::1"}, "https://[2001:db8::1]/derp"},
+		{Node{HostName: "2001:db8::1", DERPPort: 8443}, "https://[2001:db8::1]:8443/derp"},
+	} {
+		if got := tt.n.URL(); got != tt.want {
+			t.Errorf("URL of %+v = %q, want %q", tt.n, got, tt.want)
+		}
+	}
+}
+
+func TestDialNode(t *testing.T) {
+	s := newTestServer(t)
+	// The certificate names only cert.test; the node is dialled as
+	// derp.test, which DNS does not know: the IPv4 field must be used.
+	ns := serveRegionNode(t, s, nil, "cert.test")
+	sum := sha256.Sum256(ns.cert.Certificate[0])
+	pin := "sha256-raw:" + hex.EncodeToString(sum[:])
+	node := func(mod func(*Node)) *Node {
+		n := &Node{Name: "1a", HostName: "derp.test", IPv4: "127.0.0.1", IPv6: "none", DERPPort: ns.port, CertName: "cert.test"}
+		if mod != nil {
+			mod(n)
+		}
+		return n
+	}
+	trusting := &FastStart{TLSConfig: ns.roots}
+	ctx := context.Background()
+
+	good := []struct {
+		name string
+		fs   *FastStart
+		n    *Node
+	}{
+		{"CertName", trusting, node(nil)},
+		{"pin, no roots", &FastStart{}, node(func(n *Node) { n.CertName = pin })},
+		{"pin in capitals", &FastStart{}, node(func(n *Node) { n.CertName = "sha256-raw:" + strings.ToUpper(pin[len("sha256-raw:"):]) })},
+		{"InsecureForTests", &FastStart{}, node(func(n *Node) { n.CertName, n.InsecureForTests = "", true })},
+		{"IPv4 only, IPv6 not an address", trusting, node(func(n *Node) { n.IPv6 = "not-an-ip" })},
+	}
+	for _, tt := range good {
+		t.Run(tt.name, func(t *testing.T) {
+			c, hs, err := tt.fs.DialNode(ctx, tt.n, mustKey(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if hs.Path != FastPath || hs.KeySource != "meta-cert" || hs.ServerKey != s.PublicKey() || hs.URL != tt.n.URL() {
+				t.Errorf("handshake %+v", hs)
+			}
+			if sni := ns.lastSNI(); sni != "derp.test" {
+				t.Errorf("server name sent %q, want the node's HostName", sni)
+			}
+			if _, ok := recvMsg[ServerInfo](t, c); !ok {
+				t.Fatal("no ServerInfo")
+			}
+		})
+	}
+
+	bad := []struct {
+		name, want string
+		fs         *FastStart
+		n          *Node
+	}{
+		{"certificate not for HostName", "derp.test", trusting, node(func(n *Node) { n.CertName = "" })},
+		{"certificate not for CertName", "other.test", trusting, node(func(n *Node) { n.CertName = "other.test" })},
+		{"CertName without the roots", "certificate", &FastStart{}, node(nil)},
+		{"wrong pin", "not the pinned", &FastStart{}, node(func(n *Node) { n.CertName = "sha256-raw:" + strings.Repeat("ab", 32) })},
+		{"no family", "neither IPv4", trusting, node(func(n *Node) { n.IPv4 = "none" })},
+		{"STUN only", "STUN only", trusting, node(func(n *Node) { n.STUNOnly = true })},
+		{"no host name", "no host name", trusting, node(func(n *Node) { n.HostName = "" })},
+	}
+	for _, tt := range bad {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			c, _, err := tt.fs.DialNode(ctx, tt.n, mustKey(t))
+			if err == nil {
+				c.Close()
+				t.Fatal("dialled")
+			}
+			if !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("error %q, want it to mention %q", err, tt.want)
+			}
+		})
+	}
+	if _, _, err := trusting.DialNode(ctx, nil, mustKey(t)); err == nil {
+		t.Error("dialled a nil node")
+	}
+}
+
+// TestDialNodeBothFamilies gives a node an IPv6 address that fails and an
+// IPv4 address that works, or the reverse: either way the working one is
+// used, and with both working IPv6 wins.
+func TestDialNodeBothFamilies(t *testing.T) {
+	ln6, err := net.Listen("tcp6", "[::1]:0")
+	if err != nil {
+		t.Skipf("no IPv6 loopback: %v", err)
+	}
+	ln6.Close()
+	s := newTestServer(t)
+	ns := serveRegionNode(t, s, nil, "derp.test")
+	var mu sync.Mutex
+	var dialled []string
+	fs := &FastStart{TLSConfig: ns.roots, DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		mu.Lock()
+		dialled = append(dialled, network+" "+addr)
+		mu.Unlock()
+		if strings.HasPrefix(addr, "[::1]") {
+			// The "IPv6 address" is the IPv4 listener, reached over
+			// IPv4 by this dialer, so that both families can work.
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp4", net.JoinHostPort("127.0.0.1", strconv.Itoa(ns.port)))
+		}
+		if strings.HasPrefix(addr, "[::2]") {
+			return nil, errors.New("connection refused")
+		}
+		if strings.HasPrefix(addr, "[100::1]") {
+			<-ctx.Done() // black-holed
+			return nil, ctx.Err()
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, network, addr)
+	}}
+	saved := happyEyeballsDelay
+	t.Cleanup(func() { happyEyeballsDelay = saved })
+	for _, tt := range []struct {
+		name, ipv6, ipv4 string
+		delay            time.Duration // IPv6's head start
+		want             []string
+	}{
+		{"IPv6 works", "::1", "127.0.0.1", time.Hour, []string{"tcp6 [::1]:P"}},
+		// IPv4 must start as soon as IPv6 fails, not after its head
+		// start: with an hour of it, the dial would time out.
+		{"IPv6 refused", "::2", "127.0.0.1", time.Hour, []string{"tcp6 [::2]:P", "tcp4 127.0.0.1:P"}},
+		{"IPv6 black-holed", "100::1", "127.0.0.1", 200 * time.Millisecond, []string{"tcp6 [100::1]:P", "tcp4 127.0.0.1:P"}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			happyEyeballsDelay = tt.delay
+			mu.Lock()
+			dialled = nil
+			mu.Unlock()
+			n := &Node{Name: "1a", HostName: "derp.test", IPv4: tt.ipv4, IPv6: tt.ipv6, DERPPort: ns.port}
+			start := time.Now()
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			c, _, err := fs.DialNode(ctx, n, mustKey(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.Close()
+			mu.Lock()
+			got := strings.ReplaceAll(strings.Join(dialled, ", "), strconv.Itoa(ns.port), "P")
+			mu.Unlock()
+			if want := strings.Join(tt.want, ", "); got != want {
+				t.Errorf("dialled %s, want %s", got, want)
+			}
+			if tt.ipv6 == "100::1" && time.Since(start) < tt.delay {
+				t.Errorf("IPv4 started before IPv6 had its %v", tt.delay)
+			}
+		})
+	}
+}
+
+// TestReconnectingClientRegion fails over from a region's first node to
+// the second, skipping a STUN-only node, and sends the first node's name
+// as Ideal-Node.
+func TestReconnectingClientRegion(t *testing.T) {
+	a, b := newTestServer(t), newTestServer(t)
+	nsA := serveRegionNode(t, a, nil, "a.test")
+	hl := &headerLog{header: IdealNodeHeader, next: b}
+	nsB := serveRegionNode(t, b, hl, "b.test")
+
+	// Node A is down: its port refuses. Both certificates are pinned, so
+	// no roots are needed.
+	closed, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadPort := closed.Addr().(*net.TCPAddr).Port
+	closed.Close()
+	pinOf := func(c tls.Certificate) string {
+		sum := sha256.Sum256(c.Certificate[0])
+		return "sha256-raw:" + hex.EncodeToString(sum[:])
+	}
+	region := &Region{RegionID: 7, RegionCode: "test", Nodes: []*Node{
+		{Name: "7a", HostName: "a.test", IPv4: "127.0.0.1", IPv6: "none", DERPPort: deadPort, CertName: pinOf(nsA.cert)},
+		{Name: "7s", HostName: "stun.test", STUNOnly: true},
+		{Name: "7b", HostName: "b.test", IPv4: "127.0.0.1", IPv6: "none", DERPPort: nsB.port, CertName: pinOf(nsB.cert)},
+	}}
+	var hss []Handshake
+	rc := &ReconnectingClient{Region: region, PrivateKey: mustKey(t), OnConnect: func(h Handshake) { hss = append(hss, h) }}
+	t.Cleanup(func() { rc.Close() })
+	peer := pipeClient(t, b)
+	if err := rc.Send(context.Background(), peer.PublicKey(), []byte("via 7b")); err != nil {
+		t.Fatal(err)
+	}
+	if p, _ := recvMsg[*ReceivedPacket](t, peer); string(p.Data) != "via 7b" {
+		t.Fatalf("got %q", p.Data)
+	}
+	if len(hss) != 1 || hss[0].URL != region.Nodes[2].URL() || hss[0].ServerKey != b.PublicKey() || hss[0].Path != FastPath {
+		t.Fatalf("handshakes %+v", hss)
+	}
+	if got := hl.values(); len(got) != 1 || got[0] != "7a" {
+		t.Errorf("Ideal-Node headers %q, want [7a]", got)
+	}
+
+	// A region with no DERP node is an error, not a hang.
+	rc2 := &ReconnectingClient{Region: &Region{RegionID: 8, Nodes: []*Node{{Name: "8s", HostName: "s", STUNOnly: true}}}, PrivateKey: mustKey(t)}
+	t.Cleanup(func() { rc2.Close() })
+	err = rc2.Send(context.Background(), peer.PublicKey(), []byte("x"))
+	if err == nil || !strings.Contains(err.Error(), "no DERP node") {
+		t.Fatalf("empty region: %v", err)
+	}
+}
