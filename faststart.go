@@ -1049,9 +1049,10 @@ type Node struct {
 	HostName string
 	// CertName, if set, is the name the certificate must have instead of
 	// HostName (which is still sent as the TLS server name), or
-	// "sha256-raw:" and the hex SHA-256 of the DER of the server's leaf
-	// certificate, which pins a self-signed certificate (meta certs are
-	// not the leaf).
+	// "sha256-raw:" and the hex SHA-256 of the DER of the server's
+	// certificate, which pins a self-signed certificate: the server must
+	// present that one certificate (besides meta certs), valid now and,
+	// unless HostName is an IP address, for HostName.
 	CertName string `json:",omitempty"`
 	// IPv4 and IPv6 are addresses to dial instead of looking HostName
 	// up in DNS. Empty means DNS; a string that is not an address of
@@ -1224,15 +1225,35 @@ func (n *Node) verifyWith(cfg *tls.Config) {
 	case n.InsecureForTests:
 		cfg.InsecureSkipVerify = true
 	case pinned:
+		// As Tailscale's client checks a pin: the server presents that
+		// one certificate (and meta certs), valid now, and for the
+		// server name if one was sent (not for an IP address).
 		cfg.InsecureSkipVerify = true
 		cfg.VerifyConnection = chainVerify(cfg.VerifyConnection, func(cs tls.ConnectionState) error {
-			leaf := leafCert(cs.PeerCertificates)
+			var leaf *x509.Certificate
+			for _, c := range cs.PeerCertificates {
+				if _, _, meta := parseMetaCertCandidate(c); meta {
+					continue
+				}
+				if leaf != nil {
+					return errors.New("relay: a pinned server presented more than one certificate")
+				}
+				leaf = c
+			}
 			if leaf == nil {
 				return errors.New("relay: no certificate to check against the pin")
 			}
 			sum := sha256.Sum256(leaf.Raw)
 			if !strings.EqualFold(hex.EncodeToString(sum[:]), pin) {
 				return fmt.Errorf("relay: server certificate's SHA-256 %x is not the pinned %s", sum, pin)
+			}
+			if cs.ServerName != "" {
+				if err := leaf.VerifyHostname(cs.ServerName); err != nil {
+					return fmt.Errorf("relay: pinned certificate: %w", err)
+				}
+			}
+			if now := time.Now(); now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
+				return fmt.Errorf("relay: pinned certificate valid only from %v to %v", leaf.NotBefore, leaf.NotAfter)
 			}
 			return nil
 		})

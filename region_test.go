@@ -133,8 +133,13 @@ func TestDialNode(t *testing.T) {
 		n    *Node
 	}{
 		{"CertName", trusting, node(nil)},
-		{"pin, no roots", &FastStart{}, node(func(n *Node) { n.CertName = pin })},
-		{"pin in capitals", &FastStart{}, node(func(n *Node) { n.CertName = "sha256-raw:" + strings.ToUpper(pin[len("sha256-raw:"):]) })},
+		// A pinned certificate must also name HostName, unless that is
+		// an IP address (then no server name is sent).
+		{"pin, no roots", &FastStart{}, node(func(n *Node) { n.CertName, n.HostName = pin, "cert.test" })},
+		{"pin in capitals", &FastStart{}, node(func(n *Node) {
+			n.CertName, n.HostName = "sha256-raw:"+strings.ToUpper(pin[len("sha256-raw:"):]), "cert.test"
+		})},
+		{"pin, IP address as HostName", &FastStart{}, node(func(n *Node) { n.CertName, n.HostName, n.IPv4, n.IPv6 = pin, "127.0.0.1", "", "" })},
 		{"InsecureForTests", &FastStart{}, node(func(n *Node) { n.CertName, n.InsecureForTests = "", true })},
 		{"IPv4 only, IPv6 not an address", trusting, node(func(n *Node) { n.IPv6 = "not-an-ip" })},
 	}
@@ -148,8 +153,12 @@ func TestDialNode(t *testing.T) {
 			if hs.Path != FastPath || hs.KeySource != "meta-cert" || hs.ServerKey != s.PublicKey() || hs.URL != tt.n.URL() {
 				t.Errorf("handshake %+v", hs)
 			}
-			if sni := ns.lastSNI(); sni != "derp.test" {
-				t.Errorf("server name sent %q, want the node's HostName", sni)
+			want := tt.n.HostName
+			if want == "127.0.0.1" {
+				want = "" // no SNI for an IP address
+			}
+			if sni := ns.lastSNI(); sni != want {
+				t.Errorf("server name sent %q, want %q", sni, want)
 			}
 			if _, ok := recvMsg[ServerInfo](t, c); !ok {
 				t.Fatal("no ServerInfo")
@@ -166,6 +175,7 @@ func TestDialNode(t *testing.T) {
 		{"certificate not for CertName", "other.test", trusting, node(func(n *Node) { n.CertName = "other.test" })},
 		{"CertName without the roots", "certificate", &FastStart{}, node(nil)},
 		{"wrong pin", "not the pinned", &FastStart{}, node(func(n *Node) { n.CertName = "sha256-raw:" + strings.Repeat("ab", 32) })},
+		{"pinned certificate not for HostName", "derp.test", &FastStart{}, node(func(n *Node) { n.CertName = pin })},
 		{"no family", "neither IPv4", trusting, node(func(n *Node) { n.IPv4 = "none" })},
 		{"STUN only", "STUN only", trusting, node(func(n *Node) { n.STUNOnly = true })},
 		{"no host name", "no host name", trusting, node(func(n *Node) { n.HostName = "" })},

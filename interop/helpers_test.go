@@ -368,9 +368,9 @@ func acceptLoop(t *testing.T, accept func(ctx context.Context, nc net.Conn, brw 
 	return ln.Addr().String()
 }
 
-// selfSignedCert returns a fresh ECDSA certificate for 127.0.0.1 and
-// localhost, and a pool trusting it.
-func selfSignedCert(t *testing.T) (tls.Certificate, *x509.CertPool) {
+// selfSignedCert returns a fresh ECDSA certificate for 127.0.0.1,
+// localhost and moreNames, and a pool trusting it.
+func selfSignedCert(t *testing.T, moreNames ...string) (tls.Certificate, *x509.CertPool) {
 	t.Helper()
 	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -386,7 +386,7 @@ func selfSignedCert(t *testing.T) (tls.Certificate, *x509.CertPool) {
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
-		DNSNames:              []string{"localhost"},
+		DNSNames:              append([]string{"localhost"}, moreNames...),
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &priv.PublicKey, priv)
 	if err != nil {
