@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
+	"net"
 	"net/url"
 	"strconv"
 	"testing"
@@ -115,5 +116,76 @@ func TestDERPMapRegion(t *testing.T) {
 				t.Errorf("ReconnectingClient handshakes %+v", rhs)
 			}
 		})
+	}
+}
+
+// TestDERPMapRegionFailover gives the region a first node that refuses
+// connections: Tailscale's region client and our ReconnectingClient both
+// move on to our server, the second node, and tell it with Ideal-Node that
+// they are not on their ideal node, which our server records.
+func TestDERPMapRegionFailover(t *testing.T) {
+	checkNoLeaks(t)
+	cert, _ := selfSignedCert(t, "derp.invalid")
+	sum := sha256.Sum256(cert.Certificate[0])
+	pin := "sha256-raw:" + hex.EncodeToString(sum[:])
+	s := newOurServer(t)
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}}
+	relay.AppendMetaCert(cfg, s.MetaCert())
+	u, err := url.Parse(serveTLS(t, derpMux(s), cfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	port, _ := strconv.Atoi(u.Port())
+	dead, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadPort := dead.Addr().(*net.TCPAddr).Port
+	dead.Close()
+	node := func(name string, port int) *tailcfg.DERPNode {
+		return &tailcfg.DERPNode{Name: name, RegionID: 901, HostName: "derp.invalid", CertName: pin,
+			IPv4: "127.0.0.1", IPv6: "none", DERPPort: port}
+	}
+	tr := &tailcfg.DERPRegion{RegionID: 901, RegionCode: "fo", Nodes: []*tailcfg.DERPNode{node("901a", deadPort), node("901b", port)}}
+	js, err := json.Marshal(tr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r relay.Region
+	if err := json.Unmarshal(js, &r); err != nil {
+		t.Fatal(err)
+	}
+
+	priv := key.NewNode()
+	tc := derphttp.NewRegionClient(priv, t.Logf, netmon.NewStatic(), func() *tailcfg.DERPRegion { return tr })
+	t.Cleanup(func() { tc.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 2*recvTimeout)
+	defer cancel()
+	if err := tc.Connect(ctx); err != nil {
+		t.Fatalf("tailscale region client: %v", err)
+	}
+	ts := &tsPeer{name: "tailscale region client", pub: priv.Public(), send: tc.Send, ping: tc.SendPing,
+		recv: tc.Recv, close: func() { tc.Close() }, serverKey: tc.ServerPublicKey}
+	tsWaitServerInfo(t, ts)
+
+	rcPriv := newPriv(t)
+	rc := &relay.ReconnectingClient{Region: &r, PrivateKey: rcPriv}
+	t.Cleanup(func() { rc.Close() })
+	if err := rc.Send(ctx, ts.relayPub(), payload("failed over")); err != nil {
+		t.Fatal(err)
+	}
+	if p := recvTSPacket(t, ts); string(p.Data) != string(payload("failed over")) {
+		t.Errorf("tailscale client got %q", p.Data)
+	}
+
+	notIdeal := map[relay.PublicKey]bool{}
+	for si := range s.Sessions() {
+		notIdeal[si.Key] = si.NotIdeal
+	}
+	if len(notIdeal) != 2 || !notIdeal[ts.relayPub()] || !notIdeal[rcPriv.Public()] {
+		t.Errorf("not-ideal flags by session: %v (tailscale %v, ours %v)", notIdeal, ts.relayPub().ShortString(), rcPriv.Public().ShortString())
+	}
+	if n := s.Stats().CurrentNotIdealConns; n != 2 {
+		t.Errorf("CurrentNotIdealConns = %d, want 2", n)
 	}
 }
