@@ -681,6 +681,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context) (*Client, int, error) {
 	if len(targets) == 0 {
 		err = fmt.Errorf("relay: region %d (%s) has no DERP node", rc.Region.RegionID, rc.Region.RegionCode)
 	}
+	var won dialTarget
 	for i, t := range targets {
 		f := rc.dialerFor(i, t, len(targets) > 1)
 		if t.node != nil {
@@ -688,6 +689,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context) (*Client, int, error) {
 		} else {
 			c, hs, err = f.Dial(dctx, t.url, rc.PrivateKey, opts...)
 		}
+		won = t
 		if err == nil || dctx.Err() != nil {
 			break
 		}
@@ -721,7 +723,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context) (*Client, int, error) {
 	if rc.keys == nil {
 		rc.keys = map[string]PublicKey{}
 	}
-	rc.keys[rc.keyID(hs.URL, targets)] = hs.ServerKey
+	rc.keys[won.keyID()] = hs.ServerKey
 	rc.logf("relay: connected", "url", hs.URL, "path", hs.Path.String(), "reason", hs.Reason, "generation", rc.gen)
 	if rc.OnConnect != nil {
 		rc.OnConnect(hs)
@@ -761,15 +763,13 @@ func (rc *ReconnectingClient) targets() []dialTarget {
 	return ts
 }
 
-// keyID is what a learned server key is remembered by: the URL, or for
-// a region (whose nodes may share a host name) the node's name too.
-func (rc *ReconnectingClient) keyID(u string, targets []dialTarget) string {
-	for _, t := range targets {
-		if t.url == u && t.node != nil {
-			return t.node.Name + " " + u
-		}
+// keyID is what the server key learned from t is remembered by: the URL,
+// or for a node (nodes may share a host name) its name too.
+func (t dialTarget) keyID() string {
+	if t.node != nil {
+		return t.node.Name + " " + t.url
 	}
-	return u
+	return t.url
 }
 
 func (rc *ReconnectingClient) regionID() int {
@@ -801,7 +801,7 @@ func (rc *ReconnectingClient) dialerFor(i int, t dialTarget, several bool) *Fast
 		}
 	}
 	rc.mu.Lock()
-	if k, ok := rc.keys[rc.keyID(t.url, []dialTarget{t})]; ok {
+	if k, ok := rc.keys[t.keyID()]; ok {
 		f.ServerKey = k
 	}
 	rc.mu.Unlock()
