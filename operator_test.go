@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net"
 	"runtime"
 	"strings"
@@ -372,5 +373,79 @@ func TestPrometheusRTT(t *testing.T) {
 		if le == "2.5" && n != 2 {
 			t.Fatalf("bucket le=2.5 holds %d of 2 loopback sessions", n)
 		}
+	}
+}
+
+// logLines returns the lines of b that contain substr.
+func logLines(b *syncBuffer, substr string) []string {
+	var out []string
+	for l := range strings.Lines(b.String()) {
+		if strings.Contains(l, substr) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+func TestSetDebugKeys(t *testing.T) {
+	var logs syncBuffer
+	s := newTestServer(t, WithLogger(slog.New(slog.NewTextHandler(&logs, nil))), WithQueueDepth(4), WithWriteTimeout(0))
+	debugged := mustKey(t)
+	s.SetDebugKeys(debugged.Public())
+	// The debugged client does not read: its queue overflows.
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:7")
+	a := loginClient(t, cc, debugged)
+	b := pipeClient(t, s)
+	short := a.PublicKey().ShortString()
+	if got := logLines(&logs, "debug key: connected"); len(got) != 1 || !strings.Contains(got[0], short) {
+		t.Fatalf("connected lines %q", got)
+	}
+
+	// Drops to and from the debugged key are logged; b's own are not.
+	nowhere := mustKey(t).Public()
+	b.Send(nowhere, []byte("b to nowhere"))
+	for range 50 {
+		b.Send(a.PublicKey(), []byte("to the stalled a"))
+	}
+	b.SendPing([8]byte{})
+	recvMsg[Pong](t, b)
+	drops := logLines(&logs, "debug key: packet dropped")
+	if n := s.Stats().PacketsDropped["queue_head/other"]; len(drops) == 0 || int64(len(drops)) >= n || len(drops) > 30 {
+		// 20 at once, then 10 a second: the flood takes milliseconds.
+		t.Fatalf("%d drop lines for %d drops, want about 20", len(drops), n)
+	}
+	for _, l := range drops {
+		if !strings.Contains(l, "reason=queue_head") || !strings.Contains(l, "dst="+short) {
+			t.Errorf("drop line %q", l)
+		}
+	}
+	// After a pause the limit lets a line through and it says how many
+	// were left out.
+	time.Sleep(150 * time.Millisecond)
+	a.Send(nowhere, []byte("a to nowhere"))
+	waitFor(t, func() bool { return len(logLines(&logs, "reason=unknown_dest")) == 1 })
+	if l := logLines(&logs, "reason=unknown_dest")[0]; !strings.Contains(l, "src="+short) || !strings.Contains(l, "suppressed=") {
+		t.Errorf("line after the pause %q", l)
+	}
+
+	a.Close()
+	waitFor(t, func() bool { return len(logLines(&logs, "debug key: disconnected")) == 1 })
+	if l := logLines(&logs, "debug key: disconnected")[0]; !strings.Contains(l, short) || !strings.Contains(l, "dropped=") {
+		t.Errorf("disconnected line %q", l)
+	}
+
+	// Off: nothing more, and b was never logged.
+	s.SetDebugKeys()
+	pipeClient(t, s, AppName("c"))
+	if got := logLines(&logs, "debug key: connected"); len(got) != 1 {
+		t.Errorf("connected lines after SetDebugKeys(): %q", got)
+	}
+	// b's own drop (to nowhere) and b's login concern no debug key.
+	if got := logLines(&logs, "dst="+nowhere.ShortString()+" "); len(got) != 1 {
+		t.Errorf("drops to nowhere logged: %q, want only a's", got)
+	}
+	if got := logLines(&logs, "key="+b.PublicKey().ShortString()); len(got) != 0 {
+		t.Errorf("lines about b's session, which is not debugged: %q", got)
 	}
 }

@@ -87,6 +87,7 @@ type Server struct {
 	replay nonceGuard
 	stats  serverCounters
 	rate   atomic.Pointer[rateLimit] // nil: no limit
+	debug  debugLog                  // SetDebugKeys
 	mesh   meshState
 	park   parker // idle sessions without a reader goroutine
 }
@@ -893,6 +894,10 @@ func (s *Server) register(c *sconn) bool {
 		}
 		s.log.Info("relay: duplicate key", "key", c.key.ShortString(), "conns", len(dups))
 	}
+	if s.debug.has(c.key) {
+		s.log.Info("relay: debug key: connected", "key", c.key.ShortString(), "remote", c.remote, "conn", c.connNum,
+			"fastStart", c.fastStart, "mesh", c.isMesh, "sessions", max(len(dups), 1))
+	}
 	c.startKeepAlive()
 	c.mu.Lock()
 	c.registered = true
@@ -954,6 +959,13 @@ func (s *Server) unregister(c *sconn) {
 		s.stats.home.Add(-1)
 	}
 	s.stats.addSession(c)
+	if s.debug.has(c.key) {
+		c.mu.Lock()
+		why := c.endErr
+		c.mu.Unlock()
+		s.log.Info("relay: debug key: disconnected", "key", c.key.ShortString(), "remote", c.remote, "conn", c.connNum,
+			"err", why, "received", c.recvPkts.Load(), "sent", c.sentPkts.Load(), "dropped", c.dropped.Load())
+	}
 	if alone != nil {
 		alone.setHealth("")
 	}
@@ -1535,6 +1547,7 @@ func (s *Server) routePacket(c *sconn, src, dst PublicKey, n int, forwarded bool
 		reason = dropUnknownDestOnFwd
 	}
 	s.stats.drop(reason, disco, n)
+	s.debugDrop(reason, src, dst, disco, n)
 	if disco && c.notHere.allow(1, time.Now()) {
 		c.enqueuePeerGone(dst, PeerGoneNotHere)
 	}
@@ -1954,7 +1967,7 @@ func (c *sconn) enqueue(p *packet, disco bool) {
 		}
 	}
 	if old := q.push(p); old != nil {
-		c.drop(dropQueueHead, disco, old.n)
+		c.drop(dropQueueHead, disco, old)
 		putPacket(old)
 	}
 	// The packet count alone would let one stalled receiver pin 32
@@ -1962,7 +1975,7 @@ func (c *sconn) enqueue(p *packet, disco bool) {
 	// first, always keeping the newest packet.
 	for q.bytes > maxQueueBytes && q.n > 1 {
 		old := q.pop()
-		c.drop(dropQueueHead, disco, old.n)
+		c.drop(dropQueueHead, disco, old)
 		putPacket(old)
 	}
 	c.kickLocked()
@@ -1975,7 +1988,7 @@ func (c *sconn) refuseClosedLocked(p *packet, disco bool) bool {
 		return false
 	}
 	c.mu.Unlock()
-	c.drop(dropGone, disco, p.n)
+	c.drop(dropGone, disco, p)
 	putPacket(p)
 	return true
 }
@@ -2250,7 +2263,7 @@ func (c *sconn) writeBatch(ws *writerState) error {
 		// The connection is broken: whatever of the batch reached the
 		// socket may never reach the client, so count the batch lost.
 		for i, p := range ws.pkts {
-			c.drop(dropWriteError, i < ws.discos, p.n)
+			c.drop(dropWriteError, i < ws.discos, p)
 		}
 		return err
 	}
@@ -2370,16 +2383,17 @@ func (c *sconn) closeConn() {
 }
 
 // drop counts a packet for c that will not reach it.
-func (c *sconn) drop(r dropReason, disco bool, n int) {
+func (c *sconn) drop(r dropReason, disco bool, p *packet) {
 	c.dropped.Add(1)
-	c.s.stats.drop(r, disco, n)
+	c.s.stats.drop(r, disco, p.n)
+	c.s.debugDrop(r, p.src, c.key, disco, p.n)
 }
 
 func (c *sconn) dropAllLocked(r dropReason) {
 	for _, q := range []*pktRing{&c.disco, &c.other} {
 		disco := q == &c.disco
 		for p := q.pop(); p != nil; p = q.pop() {
-			c.drop(r, disco, p.n)
+			c.drop(r, disco, p)
 			putPacket(p)
 		}
 		q.buf = nil
@@ -3920,4 +3934,72 @@ func (cr *connReader) ReadByte() (byte, error) {
 	cr.r++
 	cr.release()
 	return b, nil
+}
+
+// SetDebugKeys makes the server log, at Info level, what happens to the
+// sessions of the given keys and to the packets they send or should
+// receive: each login and logout, and each dropped packet with its reason.
+// It is for chasing one client's trouble on a busy server without logging
+// every client. Drops are logged at most 10 a second (bursts of 20), and
+// the next drop line written says how many were left out; logins and
+// logouts always are. No keys turns it off.
+// It costs nothing per relayed packet; only drops, logins and logouts look
+// the keys up.
+func (s *Server) SetDebugKeys(keys ...PublicKey) {
+	if len(keys) == 0 {
+		s.debug.keys.Store(nil)
+		return
+	}
+	m := make(map[PublicKey]struct{}, len(keys))
+	for _, k := range keys {
+		m[k] = struct{}{}
+	}
+	s.debug.keys.Store(&m)
+}
+
+// debugLog is the rate-limited log of SetDebugKeys.
+type debugLog struct {
+	keys       atomic.Pointer[map[PublicKey]struct{}]
+	mu         sync.Mutex
+	bucket     tokenBucket
+	suppressed int
+}
+
+// has reports whether k is a debug key.
+func (d *debugLog) has(k PublicKey) bool {
+	m := d.keys.Load()
+	if m == nil {
+		return false
+	}
+	_, ok := (*m)[k]
+	return ok
+}
+
+// log writes a drop line unless the rate limit says otherwise.
+func (d *debugLog) log(l *slog.Logger, msg string, args ...any) {
+	d.mu.Lock()
+	if d.bucket.rate == 0 {
+		d.bucket = tokenBucket{rate: 10, burst: 20, tokens: 20, last: time.Now()}
+	}
+	if !d.bucket.allow(1, time.Now()) {
+		d.suppressed++
+		d.mu.Unlock()
+		return
+	}
+	if d.suppressed > 0 {
+		args = append(args, "suppressed", d.suppressed)
+		d.suppressed = 0
+	}
+	d.mu.Unlock()
+	l.Info(msg, args...)
+}
+
+// debugDrop logs a dropped packet if its sender or addressee is a debug
+// key.
+func (s *Server) debugDrop(r dropReason, src, dst PublicKey, disco bool, n int) {
+	if !s.debug.has(src) && !s.debug.has(dst) {
+		return
+	}
+	s.debug.log(s.log, "relay: debug key: packet dropped", "reason", dropReasonNames[r], "src", src.ShortString(),
+		"dst", dst.ShortString(), "disco", disco, "bytes", n)
 }
