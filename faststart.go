@@ -1100,6 +1100,9 @@ func (f *FastStart) DialNode(ctx context.Context, n *Node, priv PrivateKey, opts
 		}
 		return nil, Handshake{}, fmt.Errorf("relay: dial node %s: no DERP server (STUN only or no host name)", name)
 	}
+	if _, err := netip.ParseAddr(n.HostName); err != nil && strings.ContainsAny(n.HostName, "/@?#%[]: \t\r\n") {
+		return nil, Handshake{}, fmt.Errorf("relay: dial node %q: host name %q is not a host name", n.Name, n.HostName)
+	}
 	return f.forNode(n).Dial(ctx, n.URL(), priv, opts...)
 }
 

@@ -179,6 +179,8 @@ func TestDialNode(t *testing.T) {
 		{"no family", "neither IPv4", trusting, node(func(n *Node) { n.IPv4 = "none" })},
 		{"STUN only", "STUN only", trusting, node(func(n *Node) { n.STUNOnly = true })},
 		{"no host name", "no host name", trusting, node(func(n *Node) { n.HostName = "" })},
+		{"URL in the host name", "not a host name", trusting, node(func(n *Node) { n.HostName = "evil.test/x?@derp.test" })},
+		{"port in the host name", "not a host name", trusting, node(func(n *Node) { n.HostName = "derp.test:443" })},
 	}
 	for _, tt := range bad {
 		t.Run(tt.name, func(t *testing.T) {
