@@ -30,10 +30,7 @@ import (
 // the fast path, and relay between each other.
 func TestDERPMapRegion(t *testing.T) {
 	checkNoLeaks(t)
-	cert, _ := selfSignedCert(t, "derp.invalid")
-	sum := sha256.Sum256(cert.Certificate[0])
-	pin := "sha256-raw:" + hex.EncodeToString(sum[:])
-
+	cert, pin := pinnedCert(t)
 	ours := newOurServer(t)
 	ourCfg := &tls.Config{Certificates: []tls.Certificate{cert}}
 	relay.AppendMetaCert(ourCfg, ours.MetaCert())
@@ -42,27 +39,15 @@ func TestDERPMapRegion(t *testing.T) {
 	theirURL := serveTLS(t, derpMux(derpserver.Handler(theirs)), tsServerTLSConfig(cert, theirs, 0))
 
 	region := func(serverURL string) (*tailcfg.DERPRegion, *relay.Region) {
-		u, err := url.Parse(serverURL)
-		if err != nil {
-			t.Fatal(err)
+		port := portOf(t, serverURL)
+		tr := &tailcfg.DERPRegion{RegionID: 900, RegionCode: "interop", RegionName: "Interop",
+			Nodes: []*tailcfg.DERPNode{regionNode("900a", pin, port)}}
+		r := decodeRegion(t, tr)
+		if n := r.Nodes[0]; n.Name != "900a" || n.HostName != "derp.invalid" || n.CertName != pin || n.IPv4 != "127.0.0.1" ||
+			n.IPv6 != "none" || n.DERPPort != port || n.STUNPort != -1 || r.RegionCode != "interop" {
+			t.Fatalf("decoded region %+v, node %+v", r, n)
 		}
-		port, _ := strconv.Atoi(u.Port())
-		tr := &tailcfg.DERPRegion{RegionID: 900, RegionCode: "interop", RegionName: "Interop", Nodes: []*tailcfg.DERPNode{{
-			Name: "900a", RegionID: 900, HostName: "derp.invalid", CertName: pin,
-			IPv4: "127.0.0.1", IPv6: "none", DERPPort: port, STUNPort: -1,
-		}}}
-		js, err := json.Marshal(tr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var r relay.Region
-		if err := json.Unmarshal(js, &r); err != nil {
-			t.Fatal(err)
-		}
-		if n := r.Nodes[0]; n.HostName != "derp.invalid" || n.CertName != pin || n.IPv4 != "127.0.0.1" || n.IPv6 != "none" || n.DERPPort != port {
-			t.Fatalf("decoded node %+v from %s", n, js)
-		}
-		return tr, &r
+		return tr, r
 	}
 
 	for _, tc := range []struct {
@@ -75,18 +60,9 @@ func TestDERPMapRegion(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			tr, r := region(tc.url)
 
-			// Tailscale's region client.
-			priv := key.NewNode()
-			tc2 := derphttp.NewRegionClient(priv, t.Logf, netmon.NewStatic(), func() *tailcfg.DERPRegion { return tr })
-			t.Cleanup(func() { tc2.Close() })
+			ts := dialTSRegion(t, tr)
 			ctx, cancel := context.WithTimeout(context.Background(), recvTimeout)
 			defer cancel()
-			if err := tc2.Connect(ctx); err != nil {
-				t.Fatalf("tailscale region client: %v", err)
-			}
-			ts := &tsPeer{name: "tailscale region client", pub: priv.Public(), send: tc2.Send, ping: tc2.SendPing,
-				recv: tc2.Recv, close: func() { tc2.Close() }, serverKey: tc2.ServerPublicKey}
-			tsWaitServerInfo(t, ts)
 
 			// Ours: DialNode once, and a ReconnectingClient on the region.
 			dnPriv := newPriv(t)
@@ -125,51 +101,25 @@ func TestDERPMapRegion(t *testing.T) {
 // they are not on their ideal node, which our server records.
 func TestDERPMapRegionFailover(t *testing.T) {
 	checkNoLeaks(t)
-	cert, _ := selfSignedCert(t, "derp.invalid")
-	sum := sha256.Sum256(cert.Certificate[0])
-	pin := "sha256-raw:" + hex.EncodeToString(sum[:])
+	cert, pin := pinnedCert(t)
 	s := newOurServer(t)
 	cfg := &tls.Config{Certificates: []tls.Certificate{cert}}
 	relay.AppendMetaCert(cfg, s.MetaCert())
-	u, err := url.Parse(serveTLS(t, derpMux(s), cfg))
-	if err != nil {
-		t.Fatal(err)
-	}
-	port, _ := strconv.Atoi(u.Port())
+	port := portOf(t, serveTLS(t, derpMux(s), cfg))
 	dead, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	deadPort := dead.Addr().(*net.TCPAddr).Port
 	dead.Close()
-	node := func(name string, port int) *tailcfg.DERPNode {
-		return &tailcfg.DERPNode{Name: name, RegionID: 901, HostName: "derp.invalid", CertName: pin,
-			IPv4: "127.0.0.1", IPv6: "none", DERPPort: port}
-	}
-	tr := &tailcfg.DERPRegion{RegionID: 901, RegionCode: "fo", Nodes: []*tailcfg.DERPNode{node("901a", deadPort), node("901b", port)}}
-	js, err := json.Marshal(tr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var r relay.Region
-	if err := json.Unmarshal(js, &r); err != nil {
-		t.Fatal(err)
-	}
+	tr := &tailcfg.DERPRegion{RegionID: 900, RegionCode: "fo",
+		Nodes: []*tailcfg.DERPNode{regionNode("900a", pin, deadPort), regionNode("900b", pin, port)}}
+	ts := dialTSRegion(t, tr)
 
-	priv := key.NewNode()
-	tc := derphttp.NewRegionClient(priv, t.Logf, netmon.NewStatic(), func() *tailcfg.DERPRegion { return tr })
-	t.Cleanup(func() { tc.Close() })
 	ctx, cancel := context.WithTimeout(context.Background(), 2*recvTimeout)
 	defer cancel()
-	if err := tc.Connect(ctx); err != nil {
-		t.Fatalf("tailscale region client: %v", err)
-	}
-	ts := &tsPeer{name: "tailscale region client", pub: priv.Public(), send: tc.Send, ping: tc.SendPing,
-		recv: tc.Recv, close: func() { tc.Close() }, serverKey: tc.ServerPublicKey}
-	tsWaitServerInfo(t, ts)
-
 	rcPriv := newPriv(t)
-	rc := &relay.ReconnectingClient{Region: &r, PrivateKey: rcPriv}
+	rc := &relay.ReconnectingClient{Region: decodeRegion(t, tr), PrivateKey: rcPriv}
 	t.Cleanup(func() { rc.Close() })
 	if err := rc.Send(ctx, ts.relayPub(), payload("failed over")); err != nil {
 		t.Fatal(err)
@@ -188,4 +138,68 @@ func TestDERPMapRegionFailover(t *testing.T) {
 	if n := s.Stats().CurrentNotIdealConns; n != 2 {
 		t.Errorf("CurrentNotIdealConns = %d, want 2", n)
 	}
+}
+
+// pinnedCert returns a self-signed certificate for derp.invalid (among
+// others) and its sha256-raw pin, as a DERP map's CertName gives it.
+func pinnedCert(t *testing.T) (tls.Certificate, string) {
+	t.Helper()
+	cert, _ := selfSignedCert(t, "derp.invalid")
+	sum := sha256.Sum256(cert.Certificate[0])
+	return cert, "sha256-raw:" + hex.EncodeToString(sum[:])
+}
+
+// regionNode is a node of region 900 at derp.invalid (which DNS cannot
+// resolve) reached at 127.0.0.1:port, IPv6 disabled, with the pinned
+// certificate.
+func regionNode(name, pin string, port int) *tailcfg.DERPNode {
+	return &tailcfg.DERPNode{Name: name, RegionID: 900, HostName: "derp.invalid", CertName: pin,
+		IPv4: "127.0.0.1", IPv6: "none", DERPPort: port, STUNPort: -1}
+}
+
+// decodeRegion encodes a Tailscale DERP region to JSON and decodes it into
+// ours.
+func decodeRegion(t *testing.T, tr *tailcfg.DERPRegion) *relay.Region {
+	t.Helper()
+	js, err := json.Marshal(tr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r relay.Region
+	if err := json.Unmarshal(js, &r); err != nil {
+		t.Fatal(err)
+	}
+	return &r
+}
+
+// dialTSRegion connects Tailscale's region client to tr and waits for its
+// ServerInfo.
+func dialTSRegion(t *testing.T, tr *tailcfg.DERPRegion) *tsPeer {
+	t.Helper()
+	priv := key.NewNode()
+	c := derphttp.NewRegionClient(priv, t.Logf, netmon.NewStatic(), func() *tailcfg.DERPRegion { return tr })
+	t.Cleanup(func() { c.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 2*recvTimeout)
+	defer cancel()
+	if err := c.Connect(ctx); err != nil {
+		t.Fatalf("tailscale region client: %v", err)
+	}
+	p := &tsPeer{name: "tailscale region client", pub: priv.Public(), send: c.Send, ping: c.SendPing,
+		recv: c.Recv, close: func() { c.Close() }, serverKey: c.ServerPublicKey}
+	tsWaitServerInfo(t, p)
+	return p
+}
+
+// portOf returns the port of a server URL.
+func portOf(t *testing.T, serverURL string) int {
+	t.Helper()
+	u, err := url.Parse(serverURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	port, err := strconv.Atoi(u.Port())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return port
 }
