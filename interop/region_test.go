@@ -31,10 +31,7 @@ import (
 func TestDERPMapRegion(t *testing.T) {
 	checkNoLeaks(t)
 	cert, pin := pinnedCert(t)
-	ours := newOurServer(t)
-	ourCfg := &tls.Config{Certificates: []tls.Certificate{cert}}
-	relay.AppendMetaCert(ourCfg, ours.MetaCert())
-	ourURL := serveTLS(t, derpMux(ours), ourCfg)
+	ours, ourURL := serveOursTLS(t, cert)
 	theirs := newTSServer(t)
 	theirURL := serveTLS(t, derpMux(derpserver.Handler(theirs)), tsServerTLSConfig(cert, theirs, 0))
 
@@ -102,10 +99,8 @@ func TestDERPMapRegion(t *testing.T) {
 func TestDERPMapRegionFailover(t *testing.T) {
 	checkNoLeaks(t)
 	cert, pin := pinnedCert(t)
-	s := newOurServer(t)
-	cfg := &tls.Config{Certificates: []tls.Certificate{cert}}
-	relay.AppendMetaCert(cfg, s.MetaCert())
-	port := portOf(t, serveTLS(t, derpMux(s), cfg))
+	s, sURL := serveOursTLS(t, cert)
+	port := portOf(t, sURL)
 	dead, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -202,4 +197,14 @@ func portOf(t *testing.T, serverURL string) int {
 		t.Fatal(err)
 	}
 	return port
+}
+
+// serveOursTLS serves a new server of ours over TLS with cert and its meta
+// cert, and returns it and its URL.
+func serveOursTLS(t *testing.T, cert tls.Certificate) (*relay.Server, string) {
+	t.Helper()
+	s := newOurServer(t)
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}}
+	relay.AppendMetaCert(cfg, s.MetaCert())
+	return s, serveTLS(t, derpMux(s), cfg)
 }
