@@ -9,6 +9,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"fmt"
 	"log"
 	"math/big"
@@ -461,4 +462,60 @@ func ExampleServer_Sessions() {
 	// bob from 192.0.2.7:41641: sent 0 packets (0 bytes) through the relay
 	// consistent: true
 	// closed: 1
+}
+
+// Measuring a region's HTTPS latency, as Tailscale's netcheck does: TLS to
+// the first node that answers, then one request for /derp/latency-check over
+// that connection through net/http. No DERP login happens.
+func ExampleFastStart_DialRegionTLS() {
+	// A server whose first node is down and whose second answers.
+	serverKey, _ := relay.GeneratePrivateKey()
+	srv := relay.NewServer(serverKey)
+	defer srv.Close()
+	cert, roots := exampleCert()
+	tlsConfig := &tls.Config{Certificates: []tls.Certificate{cert}}
+	relay.AppendMetaCert(tlsConfig, srv.MetaCert())
+	mux := http.NewServeMux()
+	mux.Handle("/derp", srv)
+	mux.HandleFunc("/derp/latency-check", relay.ServeProbe)
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go hs.Serve(tls.NewListener(ln, tlsConfig))
+	defer hs.Close()
+	down, _ := net.Listen("tcp", "127.0.0.1:0")
+	down.Close()
+
+	region := &relay.Region{RegionID: 1, RegionCode: "lab", Nodes: []*relay.Node{
+		{Name: "1a", HostName: "127.0.0.1", DERPPort: down.Addr().(*net.TCPAddr).Port},
+		{Name: "1b", HostName: "127.0.0.1", DERPPort: ln.Addr().(*net.TCPAddr).Port},
+	}}
+	dialer := &relay.FastStart{TLSConfig: &tls.Config{RootCAs: roots}}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, node, err := dialer.DialRegionTLS(ctx, region)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer conn.Close()
+
+	// The connection is already through TLS: hand it to net/http once.
+	handed := false
+	client := &http.Client{Transport: &http.Transport{
+		DialTLSContext: func(context.Context, string, string) (net.Conn, error) {
+			if handed {
+				return nil, errors.New("one connection only")
+			}
+			handed = true
+			return conn, nil
+		},
+	}}
+	start := time.Now()
+	resp, err := client.Head("https://" + node.HostName + "/derp/latency-check")
+	if err != nil {
+		log.Fatal(err)
+	}
+	resp.Body.Close()
+	latency := time.Since(start)
+	fmt.Printf("node %s answered %s in %v\n", node.Name, resp.Status, latency > 0)
+	// Output: node 1b answered 200 OK in true
 }

@@ -69,6 +69,12 @@ type FastStart struct {
 	// browsers must, for networks that let only WebSocket through. It
 	// always takes the upgrade path: a WebSocket client waits for the 101.
 	WebSocket bool
+	// IPv6HeadStart is how long DialNode and DialRegionTLS try a node's
+	// IPv6 address alone before trying its IPv4 address too, when the
+	// node gives both (an IPv6 failure starts IPv4 at once). Zero means
+	// 200 ms; negative starts both at once, as Tailscale's client does
+	// unless told to prefer IPv6.
+	IPv6HeadStart time.Duration
 
 	node *Node // set by DialNode: how to check the server's certificate
 }
@@ -806,20 +812,11 @@ func (rc *ReconnectingClient) dialerFor(i int, t dialTarget, several bool) *Fast
 	}
 	rc.mu.Unlock()
 	if several {
-		dial := f.DialContext
-		if dial == nil {
-			var d net.Dialer
-			dial = d.DialContext
-		}
 		per := rc.NodeConnectTimeout
 		if per <= 0 {
-			per = 1500 * time.Millisecond
+			per = defaultNodeConnectTimeout
 		}
-		f.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
-			ctx, cancel := context.WithTimeout(ctx, per)
-			defer cancel()
-			return dial(ctx, network, addr)
-		}
+		f.DialContext = boundConnect(f.DialContext, per)
 	}
 	return &f
 }
@@ -1058,7 +1055,7 @@ type Node struct {
 	// up in DNS. Empty means DNS; a string that is not an address of
 	// the family ("none" by convention) disables the family. With both
 	// families, IPv6 is tried first and IPv4 200 ms later, or at once
-	// if IPv6 fails.
+	// if IPv6 fails (see FastStart.IPv6HeadStart).
 	IPv4 string `json:",omitempty"`
 	IPv6 string `json:",omitempty"`
 	// STUNPort is the node's STUN port (0 means 3478, -1 none); this
@@ -1093,17 +1090,96 @@ func (n *Node) URL() string {
 // connections and f's TLSConfig supplies the roots; Proxy, if it returns a
 // proxy, tunnels to HostName and the proxy resolves it.
 func (f *FastStart) DialNode(ctx context.Context, n *Node, priv PrivateKey, opts ...ClientOption) (*Client, Handshake, error) {
+	if err := n.check(); err != nil {
+		return nil, Handshake{}, err
+	}
+	return f.forNode(n).Dial(ctx, n.URL(), priv, opts...)
+}
+
+// check reports why n cannot be dialled, if it cannot.
+func (n *Node) check() error {
 	if n == nil || n.STUNOnly || n.HostName == "" {
 		name := "nil"
 		if n != nil {
 			name = strconv.Quote(n.Name)
 		}
-		return nil, Handshake{}, fmt.Errorf("relay: dial node %s: no DERP server (STUN only or no host name)", name)
+		return fmt.Errorf("relay: dial node %s: no DERP server (STUN only or no host name)", name)
 	}
 	if _, err := netip.ParseAddr(n.HostName); err != nil && strings.ContainsAny(n.HostName, "/@?#%[]: \t\r\n") {
-		return nil, Handshake{}, fmt.Errorf("relay: dial node %q: host name %q is not a host name", n.Name, n.HostName)
+		return fmt.Errorf("relay: dial node %q: host name %q is not a host name", n.Name, n.HostName)
 	}
-	return f.forNode(n).Dial(ctx, n.URL(), priv, opts...)
+	return nil
+}
+
+// DialRegionTLS connects to the first node of r that answers and runs TLS
+// with it, and stops there: no HTTP request, no DERP. It is for measuring a
+// region's latency (send an HTTP request for /derp/latency-check over the
+// connection, as ExampleFastStart_DialRegionTLS does) or checking that a
+// region is reachable without logging in. Nodes are tried in order,
+// STUN-only ones skipped, each dialled and its certificate checked as
+// DialNode does; while more than one node is left, each TCP connect gets
+// at most 1.5 s. It returns the node connected to. ctx bounds the call, not
+// the returned connection.
+func (f *FastStart) DialRegionTLS(ctx context.Context, r *Region) (*tls.Conn, *Node, error) {
+	if r == nil {
+		return nil, nil, errors.New("relay: dial region: nil region")
+	}
+	var nodes []*Node
+	for _, n := range r.Nodes {
+		if n != nil && !n.STUNOnly && n.HostName != "" {
+			nodes = append(nodes, n)
+		}
+	}
+	if len(nodes) == 0 {
+		return nil, nil, fmt.Errorf("relay: dial region %d (%s): no DERP node", r.RegionID, r.RegionCode)
+	}
+	var errs []error
+	for i, n := range nodes {
+		if err := n.check(); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		g := f.forNode(n)
+		if i < len(nodes)-1 {
+			g.DialContext = boundConnect(g.DialContext, defaultNodeConnectTimeout)
+		}
+		u, err := url.Parse(n.URL())
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		nc, err := g.dialTCP(ctx, u)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("node %q: %w", n.Name, err))
+		} else if tc, err := g.tlsHandshake(ctx, nc, u, false); err != nil {
+			nc.Close()
+			errs = append(errs, fmt.Errorf("node %q: %w", n.Name, err))
+		} else {
+			return tc, n, nil
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, nil, fmt.Errorf("relay: dial region %d (%s): %w", r.RegionID, r.RegionCode, errors.Join(errs...))
+}
+
+// defaultNodeConnectTimeout bounds the TCP connect to one of several nodes
+// or URLs, so that an unreachable one costs little of the whole dial.
+const defaultNodeConnectTimeout = 1500 * time.Millisecond
+
+// boundConnect returns dial (a net.Dialer if nil) with each connect
+// bounded by per.
+func boundConnect(dial func(ctx context.Context, network, addr string) (net.Conn, error), per time.Duration) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	if dial == nil {
+		var d net.Dialer
+		dial = d.DialContext
+	}
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		ctx, cancel := context.WithTimeout(ctx, per)
+		defer cancel()
+		return dial(ctx, network, addr)
+	}
 }
 
 // forNode returns a copy of f that dials n's addresses and checks n's
@@ -1121,18 +1197,19 @@ func (f *FastStart) forNode(n *Node) *FastStart {
 		if err != nil || host != n.HostName {
 			return dial(ctx, network, addr) // a proxy, not the node
 		}
-		return n.dial(ctx, dial, port)
+		return n.dial(ctx, dial, port, f.IPv6HeadStart)
 	}
 	return &g
 }
 
-// happyEyeballsDelay is how long IPv6 has before IPv4 is tried too (a
-// variable for tests).
-var happyEyeballsDelay = 200 * time.Millisecond
+// defaultIPv6HeadStart is how long IPv6 has before IPv4 is tried too,
+// unless FastStart.IPv6HeadStart says otherwise.
+const defaultIPv6HeadStart = 200 * time.Millisecond
 
 // dial connects to the node's port: HostName through DNS, or the node's own
-// addresses, IPv6 first.
-func (n *Node) dial(ctx context.Context, dial func(ctx context.Context, network, addr string) (net.Conn, error), port string) (net.Conn, error) {
+// addresses, IPv6 first with headStart (0 means the default, negative
+// none).
+func (n *Node) dial(ctx context.Context, dial func(ctx context.Context, network, addr string) (net.Conn, error), port string, headStart time.Duration) (net.Conn, error) {
 	family := func(s string, want6 bool) (network, host string, ok bool) {
 		network = "tcp4"
 		if want6 {
@@ -1182,10 +1259,17 @@ func (n *Node) dial(ctx context.Context, dial func(ctx context.Context, network,
 			results <- result{c, err}
 		}()
 	}
+	if headStart == 0 {
+		headStart = defaultIPv6HeadStart
+	}
 	start(targets[0])
-	timer := time.NewTimer(happyEyeballsDelay)
-	defer timer.Stop()
 	started, pending := 1, 1
+	if headStart < 0 {
+		start(targets[1])
+		started, pending = 2, 2
+	}
+	timer := time.NewTimer(max(headStart, 0))
+	defer timer.Stop()
 	var errs []error
 	for {
 		select {

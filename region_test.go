@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
@@ -9,6 +10,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -202,8 +204,8 @@ func TestDialNode(t *testing.T) {
 }
 
 // TestDialNodeBothFamilies gives a node an IPv6 address that fails and an
-// IPv4 address that works, or the reverse: either way the working one is
-// used, and with both working IPv6 wins.
+// IPv4 address that works: the working one is used, and with both working
+// IPv6 wins its head start. A negative head start runs both at once.
 func TestDialNodeBothFamilies(t *testing.T) {
 	ln6, err := net.Listen("tcp6", "[::1]:0")
 	if err != nil {
@@ -214,6 +216,7 @@ func TestDialNodeBothFamilies(t *testing.T) {
 	ns := serveRegionNode(t, s, nil, "derp.test")
 	var mu sync.Mutex
 	var dialled []string
+	v4started := make(chan struct{})
 	fs := &FastStart{TLSConfig: ns.roots, DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 		mu.Lock()
 		dialled = append(dialled, network+" "+addr)
@@ -231,11 +234,23 @@ func TestDialNodeBothFamilies(t *testing.T) {
 			<-ctx.Done() // black-holed
 			return nil, ctx.Err()
 		}
+		if strings.HasPrefix(addr, "[100::2]") {
+			// Black-holed until IPv4 has been tried: only a dial that
+			// runs both at once connects.
+			select {
+			case <-v4started:
+				return nil, errors.New("network unreachable")
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		}
+		if strings.HasPrefix(addr, "127.0.0.2") {
+			close(v4started)
+			addr = strings.Replace(addr, "127.0.0.2", "127.0.0.1", 1)
+		}
 		var d net.Dialer
 		return d.DialContext(ctx, network, addr)
 	}}
-	saved := happyEyeballsDelay
-	t.Cleanup(func() { happyEyeballsDelay = saved })
 	for _, tt := range []struct {
 		name, ipv6, ipv4 string
 		delay            time.Duration // IPv6's head start
@@ -246,9 +261,12 @@ func TestDialNodeBothFamilies(t *testing.T) {
 		// start: with an hour of it, the dial would time out.
 		{"IPv6 refused", "::2", "127.0.0.1", time.Hour, []string{"tcp6 [::2]:P", "tcp4 127.0.0.1:P"}},
 		{"IPv6 black-holed", "100::1", "127.0.0.1", 200 * time.Millisecond, []string{"tcp6 [100::1]:P", "tcp4 127.0.0.1:P"}},
+		// Both at once: the IPv6 attempt is still pending when IPv4
+		// starts (it fails only then), so both were in flight together.
+		{"both at once", "100::2", "127.0.0.2", -1, []string{"tcp4 127.0.0.2:P", "tcp6 [100::2]:P"}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			happyEyeballsDelay = tt.delay
+			fs.IPv6HeadStart = tt.delay
 			mu.Lock()
 			dialled = nil
 			mu.Unlock()
@@ -262,6 +280,9 @@ func TestDialNodeBothFamilies(t *testing.T) {
 			}
 			c.Close()
 			mu.Lock()
+			if tt.delay < 0 {
+				slices.Sort(dialled) // started together: any order
+			}
 			got := strings.ReplaceAll(strings.Join(dialled, ", "), strconv.Itoa(ns.port), "P")
 			mu.Unlock()
 			if want := strings.Join(tt.want, ", "); got != want {
@@ -323,5 +344,112 @@ func TestReconnectingClientRegion(t *testing.T) {
 	err = rc2.Send(context.Background(), peer.PublicKey(), []byte("x"))
 	if err == nil || !strings.Contains(err.Error(), "no DERP node") {
 		t.Fatalf("empty region: %v", err)
+	}
+}
+
+// TestDialRegionTLS connects to a region's first node that passes TLS,
+// skipping a node whose certificate does not match its pin and a STUN-only
+// node, and sends nothing: the connection carries one HTTP request
+// afterwards, the first its server sees.
+func TestDialRegionTLS(t *testing.T) {
+	a, b := newTestServer(t), newTestServer(t)
+	hlA, hlB := &headerLog{header: "X-Probe", next: a}, &headerLog{header: "X-Probe", next: http.HandlerFunc(ServeProbe)}
+	nsA := serveRegionNode(t, a, hlA, "a.test")
+	nsB := serveRegionNode(t, b, hlB, "b.test")
+	pinOf := func(c tls.Certificate) string {
+		sum := sha256.Sum256(c.Certificate[0])
+		return "sha256-raw:" + hex.EncodeToString(sum[:])
+	}
+	region := &Region{RegionID: 7, RegionCode: "test", Nodes: []*Node{
+		// A serves its own certificate, not the one pinned.
+		{Name: "7a", HostName: "a.test", IPv4: "127.0.0.1", IPv6: "none", DERPPort: nsA.port, CertName: pinOf(nsB.cert)},
+		{Name: "7s", HostName: "stun.test", STUNOnly: true},
+		{Name: "7b", HostName: "b.test", IPv4: "127.0.0.1", IPv6: "none", DERPPort: nsB.port, CertName: pinOf(nsB.cert)},
+	}}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var fs FastStart
+	conn, node, err := fs.DialRegionTLS(ctx, region)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if node != region.Nodes[2] {
+		t.Fatalf("connected to node %q, want 7b", node.Name)
+	}
+	cs := conn.ConnectionState()
+	if !cs.HandshakeComplete || cs.ServerName != "b.test" || cs.NegotiatedProtocol != "" {
+		t.Errorf("TLS state: complete %v, server name %q, ALPN %q", cs.HandshakeComplete, cs.ServerName, cs.NegotiatedProtocol)
+	}
+	if k, _, ok := ParseMetaCert(cs.PeerCertificates); !ok || k != b.PublicKey() {
+		t.Errorf("meta cert key %v (found %v), want %v", k.ShortString(), ok, b.PublicKey().ShortString())
+	}
+	if got := nsA.lastSNI(); got != "a.test" {
+		t.Errorf("node 7a was not tried first (SNI %q)", got)
+	}
+
+	// Nothing was sent yet: one request now is the first B sees.
+	req, _ := http.NewRequest("GET", "https://b.test/derp/latency-check", nil)
+	req.Header.Set("X-Probe", "1")
+	if err := req.Write(conn); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(conn), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Errorf("latency check: %s", resp.Status)
+	}
+	if got := hlB.values(); !slices.Equal(got, []string{"1"}) {
+		t.Errorf("B saw requests with X-Probe %q, want only the test's", got)
+	}
+	if got := hlA.values(); len(got) != 0 {
+		t.Errorf("A saw requests %q", got)
+	}
+
+	// Failures name every node tried.
+	dead, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadPort := dead.Addr().(*net.TCPAddr).Port
+	dead.Close()
+	_, _, err = fs.DialRegionTLS(ctx, &Region{RegionID: 8, Nodes: []*Node{
+		{Name: "8a", HostName: "127.0.0.1", DERPPort: deadPort},
+		{Name: "8b", HostName: "a.test", IPv4: "127.0.0.1", IPv6: "none", DERPPort: nsA.port, CertName: pinOf(nsB.cert)},
+	}})
+	if err == nil || !strings.Contains(err.Error(), `"8a"`) || !strings.Contains(err.Error(), `"8b"`) || !strings.Contains(err.Error(), "pinned") {
+		t.Errorf("dead region: %v", err)
+	}
+	if _, _, err := fs.DialRegionTLS(ctx, &Region{RegionID: 9, Nodes: []*Node{{Name: "9s", HostName: "s", STUNOnly: true}}}); err == nil || !strings.Contains(err.Error(), "no DERP node") {
+		t.Errorf("STUN-only region: %v", err)
+	}
+	if _, _, err := fs.DialRegionTLS(ctx, nil); err == nil {
+		t.Error("dialled a nil region")
+	}
+
+	// A node that accepts TCP and never answers TLS holds the dial only
+	// as long as ctx.
+	mute, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mute.Close()
+	go func() {
+		for {
+			c, err := mute.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+		}
+	}()
+	sctx, scancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer scancel()
+	_, _, err = fs.DialRegionTLS(sctx, &Region{RegionID: 10, Nodes: []*Node{{Name: "10a", HostName: "127.0.0.1", DERPPort: mute.Addr().(*net.TCPAddr).Port}}})
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("mute node: %v, want the context's deadline", err)
 	}
 }

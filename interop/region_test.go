@@ -1,12 +1,14 @@
 package interop
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"net"
+	"net/http"
 	"net/url"
 	"strconv"
 	"testing"
@@ -132,6 +134,85 @@ func TestDERPMapRegionFailover(t *testing.T) {
 	}
 	if n := s.Stats().CurrentNotIdealConns; n != 2 {
 		t.Errorf("CurrentNotIdealConns = %d, want 2", n)
+	}
+}
+
+// TestDialRegionTLS is netcheck's HTTPS latency probe in both directions:
+// our FastStart.DialRegionTLS and Tailscale's netcheck client
+// (derphttp.NewNetcheckClient) read the same DERP-map region, whose first
+// node is down, connect to its second node, our server or Tailscale's, with
+// TLS only, find the server's meta cert in the chain, and send one request
+// for /derp/latency-check over the connection.
+func TestDialRegionTLS(t *testing.T) {
+	checkNoLeaks(t)
+	cert, pin := pinnedCert(t)
+	ours := newOurServer(t)
+	ourCfg := &tls.Config{Certificates: []tls.Certificate{cert}}
+	relay.AppendMetaCert(ourCfg, ours.MetaCert())
+	ourMux := derpMux(ours)
+	ourMux.HandleFunc("/derp/latency-check", relay.ServeProbe)
+	ourURL := serveTLS(t, ourMux, ourCfg)
+	theirs := newTSServer(t)
+	theirMux := derpMux(derpserver.Handler(theirs))
+	theirMux.HandleFunc("/derp/latency-check", derpserver.ProbeHandler)
+	theirURL := serveTLS(t, theirMux, tsServerTLSConfig(cert, theirs, 0))
+	dead, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadPort := dead.Addr().(*net.TCPAddr).Port
+	dead.Close()
+
+	// probe sends one latency check over conn.
+	probe := func(t *testing.T, conn net.Conn) {
+		t.Helper()
+		req, _ := http.NewRequest("HEAD", "https://derp.invalid/derp/latency-check", nil)
+		if err := req.Write(conn); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(conn), req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Errorf("latency check: %s", resp.Status)
+		}
+	}
+	for _, tc := range []struct {
+		name, url string
+		key       relay.PublicKey
+	}{
+		{"our server", ourURL, ours.PublicKey()},
+		{"tailscale server", theirURL, relayKey(theirs.PublicKey())},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tr := &tailcfg.DERPRegion{RegionID: 900, RegionCode: "nc",
+				Nodes: []*tailcfg.DERPNode{regionNode("900a", pin, deadPort), regionNode("900b", pin, portOf(t, tc.url))}}
+			ctx, cancel := context.WithTimeout(context.Background(), 2*recvTimeout)
+			defer cancel()
+
+			conn, node, err := (&relay.FastStart{}).DialRegionTLS(ctx, decodeRegion(t, tr))
+			if err != nil {
+				t.Fatalf("our DialRegionTLS: %v", err)
+			}
+			defer conn.Close()
+			if k, _, ok := relay.ParseMetaCert(conn.ConnectionState().PeerCertificates); node.Name != "900b" || !ok || k != tc.key {
+				t.Errorf("ours: node %q, meta cert key %v (found %v), want 900b and %v", node.Name, k.ShortString(), ok, tc.key.ShortString())
+			}
+			probe(t, conn)
+
+			nc := derphttp.NewNetcheckClient(t.Logf, netmon.NewStatic())
+			tconn, closer, tnode, err := nc.DialRegionTLS(ctx, tr)
+			if err != nil {
+				t.Fatalf("tailscale DialRegionTLS: %v", err)
+			}
+			defer closer.Close()
+			if k, _, ok := relay.ParseMetaCert(tconn.ConnectionState().PeerCertificates); tnode.Name != "900b" || !ok || k != tc.key {
+				t.Errorf("tailscale: node %q, meta cert key %v (found %v), want 900b and %v", tnode.Name, k.ShortString(), ok, tc.key.ShortString())
+			}
+			probe(t, tconn)
+		})
 	}
 }
 
