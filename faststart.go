@@ -537,7 +537,9 @@ func (c *Client) readServerStart() error {
 // backoff and jitter, honours the server's ServerRestarting notice, re-sends
 // NotePreferred after a reconnect, answers the server's Pings, and remembers
 // the server key it learned so that later connections take the fast path
-// even over plain HTTP or TLS 1.2.
+// even over plain HTTP or TLS 1.2. It also remembers the address each host
+// name was last reached at: when DNS fails on a reconnect, it dials that
+// address (the certificate is still checked against the name).
 //
 // Set the exported fields, then call its methods; the fields must not
 // change afterwards. Send, NotePreferred, Ping and Close may be called
@@ -590,10 +592,11 @@ type ReconnectingClient struct {
 	mu           sync.Mutex
 	c            *Client
 	gen          int
-	learned      PublicKey            // the current or last server's key
-	keys         map[string]PublicKey // learned keys by URL
-	preferred    bool                 // what the caller wants
-	sentPref     bool                 // what the current connection was told
+	learned      PublicKey             // the current or last server's key
+	keys         map[string]PublicKey  // learned keys by URL
+	lastGood     map[string]netip.Addr // where each host name was last reached
+	preferred    bool                  // what the caller wants
+	sentPref     bool                  // what the current connection was told
 	closed       bool
 	failures     int
 	nextDial     time.Time
@@ -818,8 +821,65 @@ func (rc *ReconnectingClient) dialerFor(i int, t dialTarget, several bool) *Fast
 		}
 		f.DialContext = boundConnect(f.DialContext, per)
 	}
+	f.DialContext = rc.lastGoodDial(f.DialContext)
 	return &f
 }
+
+// lastGoodDial returns dial (a net.Dialer if nil) remembering the address
+// each host name was last reached at; when a later lookup of the name
+// fails, it dials that address instead. TLS still checks the certificate
+// against the name, so a stale address can only fail, never impersonate.
+func (rc *ReconnectingClient) lastGoodDial(dial func(ctx context.Context, network, addr string) (net.Conn, error)) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	if dial == nil {
+		var d net.Dialer
+		dial = d.DialContext
+	}
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dial(ctx, network, addr)
+		host, port, serr := net.SplitHostPort(addr)
+		if serr != nil {
+			return c, err
+		}
+		if _, perr := netip.ParseAddr(host); perr == nil {
+			return c, err // an address: nothing was looked up
+		}
+		host = strings.ToLower(host)
+		if err == nil {
+			if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+				rc.mu.Lock()
+				if rc.lastGood == nil {
+					rc.lastGood = map[string]netip.Addr{}
+				}
+				if len(rc.lastGood) < maxLastGood {
+					rc.lastGood[host] = ta.AddrPort().Addr().Unmap()
+				}
+				rc.mu.Unlock()
+			}
+			return c, nil
+		}
+		var dnsErr *net.DNSError
+		if !errors.As(err, &dnsErr) || ctx.Err() != nil {
+			return nil, err
+		}
+		rc.mu.Lock()
+		ip, ok := rc.lastGood[host]
+		rc.mu.Unlock()
+		if !ok {
+			return nil, err
+		}
+		c, err2 := dial(ctx, network, net.JoinHostPort(ip.String(), port))
+		if err2 != nil {
+			return nil, fmt.Errorf("%w; and at its last good address %s: %w", err, ip, err2)
+		}
+		rc.logf("relay: DNS lookup failed; dialled the last good address", "host", host, "addr", ip.String(), "err", err)
+		return c, nil
+	}
+}
+
+// maxLastGood bounds the host names a ReconnectingClient remembers
+// addresses for (its URL and Fallbacks, or its Region's nodes, and their
+// proxies: a handful).
+const maxLastGood = 64
 
 func (rc *ReconnectingClient) logf(msg string, args ...any) {
 	if rc.Logger != nil {

@@ -7,6 +7,8 @@ import (
 	"net"
 	"net/http"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -364,5 +366,82 @@ func TestReconnectingClientFailoverBeyondTCP(t *testing.T) {
 				t.Errorf("B counted %d WebSocket accepts, want 1", st.WebSocketAccepts)
 			}
 		})
+	}
+}
+
+// TestReconnectingClientLastGoodAddress breaks DNS after a first connection:
+// the reconnect dials the address the name was last reached at, and the
+// certificate is still checked against the name. Without a last good
+// address, the DNS error is returned.
+func TestReconnectingClientLastGoodAddress(t *testing.T) {
+	s := newTestServer(t)
+	ns := serveRegionNode(t, s, nil, "derp.test")
+	var mu sync.Mutex
+	var dialled []string
+	dnsDown := false
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		mu.Lock()
+		dialled = append(dialled, addr)
+		down := dnsDown
+		mu.Unlock()
+		if host, port, _ := net.SplitHostPort(addr); host == "derp.test" {
+			if down {
+				return nil, &net.OpError{Op: "dial", Net: network, Err: &net.DNSError{Err: "server misbehaving", Name: host, IsTemporary: true}}
+			}
+			addr = net.JoinHostPort("127.0.0.1", port)
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, network, addr)
+	}
+	url := "https://derp.test:" + strconv.Itoa(ns.port) + "/derp"
+	newRC := func() *ReconnectingClient {
+		rc := &ReconnectingClient{URL: url, PrivateKey: mustKey(t), MinBackoff: time.Millisecond, MaxBackoff: 2 * time.Millisecond,
+			Dialer: &FastStart{TLSConfig: ns.roots, DialContext: dial}}
+		t.Cleanup(func() { rc.Close() })
+		return rc
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	rc := newRC()
+	peer := pipeClient(t, s)
+	if err := rc.Send(ctx, peer.PublicKey(), []byte("one")); err != nil {
+		t.Fatal(err)
+	}
+	if p, _ := recvMsg[*ReceivedPacket](t, peer); string(p.Data) != "one" {
+		t.Fatalf("got %q", p.Data)
+	}
+
+	mu.Lock()
+	dnsDown, dialled = true, nil
+	mu.Unlock()
+	s.ClosePeer(rc.PrivateKey.Public())
+	var err error
+	for range 100 { // the first Send may still find the old connection
+		if err = rc.Send(ctx, peer.PublicKey(), []byte("two")); err == nil && rc.Generation() == 2 {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err != nil || rc.Generation() != 2 {
+		t.Fatalf("reconnect with DNS down: %v (generation %d)", err, rc.Generation())
+	}
+	if p, _ := recvMsg[*ReceivedPacket](t, peer); string(p.Data) != "two" {
+		t.Fatalf("got %q", p.Data)
+	}
+	mu.Lock()
+	got := strings.Join(dialled, ", ")
+	mu.Unlock()
+	if want := "derp.test:P, 127.0.0.1:P"; strings.ReplaceAll(got, strconv.Itoa(ns.port), "P") != want {
+		t.Errorf("dialled %s, want %s", got, want)
+	}
+	if sni := ns.lastSNI(); sni != "derp.test" {
+		t.Errorf("TLS server name %q, want derp.test", sni)
+	}
+
+	// A client that never reached the name has nothing to fall back on.
+	err = newRC().Send(ctx, peer.PublicKey(), []byte("three"))
+	var dnsErr *net.DNSError
+	if !errors.As(err, &dnsErr) {
+		t.Errorf("fresh client with DNS down: %v, want the DNS error", err)
 	}
 }
