@@ -195,6 +195,9 @@ func TestSessions(t *testing.T) {
 	if sb.PacketsSent != 3 || sb.BytesSent != 303 || sb.PacketsReceived != 0 {
 		t.Errorf("b's traffic %+v", sb)
 	}
+	if sa.Senders != 0 || sb.Senders != 1 {
+		t.Errorf("senders: a %d, b %d; want 0 and 1", sa.Senders, sb.Senders)
+	}
 	if sa.RemoteAddr.Addr().String() != "127.0.0.1" || sa.RemoteAddr.Port() == 0 || sa.Connected.IsZero() || time.Since(sa.Connected) > time.Minute {
 		t.Errorf("a's address and time %+v", sa)
 	}
@@ -225,6 +228,16 @@ func TestSessions(t *testing.T) {
 	if n != 1 {
 		t.Fatalf("broke after %d", n)
 	}
+	// a leaves: b no longer counts it among its senders.
+	a.Close()
+	waitFor(t, func() bool {
+		for si := range s.Sessions() {
+			if si.Key == b.PublicKey() {
+				return si.Senders == 0
+			}
+		}
+		return false
+	})
 	b.Close()
 	waitFor(t, func() bool {
 		for si := range s.Sessions() {

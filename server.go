@@ -1675,6 +1675,10 @@ type SessionInfo struct {
 	// here: pushed out of its full queue, or lost to a failed write or
 	// the session's end (Stats.PacketsDropped has them by reason).
 	PacketsDropped int64
+	// Senders counts the distinct peers whose packets reached the client
+	// and that have not disconnected since: the peers it is told PeerGone
+	// about. (Exact, where Tailscale's debug page estimates it.)
+	Senders int
 	// RTT is the kernel's smoothed round-trip time of the session's TCP
 	// connection (Linux), or zero where unknown.
 	RTT time.Duration
@@ -1698,7 +1702,7 @@ func (s *Server) Sessions() iter.Seq[SessionInfo] {
 		slices.SortFunc(conns, func(a, b *sconn) int { return cmp.Compare(a.connNum, b.connNum) })
 		for _, c := range conns {
 			c.mu.Lock()
-			parked, gone := c.readParkID != 0, c.closed
+			parked, gone, senders := c.readParkID != 0, c.closed, len(c.sentFrom)
 			c.mu.Unlock()
 			if gone {
 				continue
@@ -1722,6 +1726,7 @@ func (s *Server) Sessions() iter.Seq[SessionInfo] {
 				PacketsSent:     c.sentPkts.Load(),
 				BytesSent:       c.sentBytes.Load(),
 				PacketsDropped:  c.dropped.Load(),
+				Senders:         senders,
 				RTT:             socketRTT(parkSocket(c.nc)),
 			}
 			if !yield(si) {
