@@ -764,12 +764,21 @@ func (rc *ReconnectingClient) targets() []dialTarget {
 		}
 		return ts
 	}
-	for _, n := range rc.Region.Nodes {
-		if n != nil && !n.STUNOnly && n.HostName != "" {
-			ts = append(ts, dialTarget{url: n.URL(), node: n})
-		}
+	for _, n := range rc.Region.derpNodes() {
+		ts = append(ts, dialTarget{url: n.URL(), node: n})
 	}
 	return ts
+}
+
+// derpNodes returns r's nodes that serve DERP, in order.
+func (r *Region) derpNodes() []*Node {
+	var nodes []*Node
+	for _, n := range r.Nodes {
+		if n != nil && !n.STUNOnly && n.HostName != "" {
+			nodes = append(nodes, n)
+		}
+	}
+	return nodes
 }
 
 // keyID is what the server key learned from t is remembered by: the URL,
@@ -1184,12 +1193,7 @@ func (f *FastStart) DialRegionTLS(ctx context.Context, r *Region) (*tls.Conn, *N
 	if r == nil {
 		return nil, nil, errors.New("relay: dial region: nil region")
 	}
-	var nodes []*Node
-	for _, n := range r.Nodes {
-		if n != nil && !n.STUNOnly && n.HostName != "" {
-			nodes = append(nodes, n)
-		}
-	}
+	nodes := r.derpNodes()
 	if len(nodes) == 0 {
 		return nil, nil, fmt.Errorf("relay: dial region %d (%s): no DERP node", r.RegionID, r.RegionCode)
 	}
