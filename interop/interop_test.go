@@ -409,7 +409,7 @@ func TestMeshInterop(t *testing.T) {
 		// that is not connected here, reaches our client with that source.
 		src := newPriv(t).Public()
 		pkt := payload("forwarded by tailscale")
-		if err := w.raw.ForwardPacket(tsKey(src), tsKey(ours.pub), pkt); err != nil {
+		if err := w.raw.ForwardPacket(tsKey(src), tsKey(ours.pub), derp.LoanBytes(pkt)); err != nil {
 			t.Fatal(err)
 		}
 		if got := recvPacket(t, ours); got.Source != src || !bytes.Equal(got.Data, pkt) {
