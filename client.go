@@ -89,7 +89,9 @@ func CanAckPings(v bool) ClientOption { return func(o *clientOptions) { o.canAck
 // IsProber tells the server that this client is a monitoring prober.
 func IsProber(v bool) ClientOption { return func(o *clientOptions) { o.isProber = v } }
 
-// AppName tells the server an application name, for its statistics.
+// AppName tells the server an application name, for its statistics and
+// for mesh watchers (PeerPresent.AppName). It must be valid (ValidAppName):
+// servers refuse other names, so NewClient does too.
 func AppName(name string) ClientOption { return func(o *clientOptions) { o.appName = name } }
 
 // RecvTimeout bounds how long Recv waits for each frame; the default, 120 s,
@@ -130,6 +132,9 @@ func NewClient(priv PrivateKey, nc net.Conn, brw *bufio.ReadWriter, opts ...Clie
 	}
 	if o.meshKeyErr != nil {
 		return nil, o.meshKeyErr
+	}
+	if !ValidAppName(o.appName) {
+		return nil, fmt.Errorf("relay: NewClient: AppName %.40q is not up to %d bytes of printable ASCII", o.appName, MaxAppNameLen)
 	}
 	if priv.IsZero() {
 		return nil, errors.New("relay: NewClient: zero private key")

@@ -86,7 +86,7 @@ const (
 	maxInfoLen       = 1 << 20                             // JSON documents
 	maxClientFrame   = 1 << 20                             // largest frame a client accepts
 	peerGoneLen      = KeyLen + 1                          // 33
-	peerPresentLen   = KeyLen + 16 + 2 + 1                 // 51
+	peerPresentLen   = KeyLen + 16 + 2 + 1                 // 51: up to the flags
 	minPingLen       = 8                                   // Ping and Pong
 	maxServerPingLen = 1000                                // server accepts Ping up to this
 	restartingLen    = 8                                   // two uint32 ms
@@ -199,16 +199,43 @@ func appendPeerGone(b []byte, k PublicKey, r PeerGoneReason) []byte {
 	return append(b, byte(r))
 }
 
-// appendPeerPresent appends the 51-byte payload of a PeerPresent frame.
-func appendPeerPresent(b []byte, k PublicKey, ap netip.AddrPort, flags PeerPresentFlags) []byte {
-	b = append(b, k[:]...)
+// appendPeerPresent appends the payload of a PeerPresent frame: key,
+// address, port and flags (51 bytes), then the length of the peer's app name
+// and the name, as Tailscale's servers send since v1.104. An invalid name is
+// sent as none.
+func appendPeerPresent(b []byte, m PeerPresent) []byte {
+	b = append(b, m.Key[:]...)
 	var ip [16]byte
-	if a := ap.Addr(); a.IsValid() {
+	if a := m.Addr.Addr(); a.IsValid() {
 		ip = a.As16()
 	}
 	b = append(b, ip[:]...)
-	b = binary.BigEndian.AppendUint16(b, ap.Port())
-	return append(b, byte(flags))
+	b = binary.BigEndian.AppendUint16(b, m.Addr.Port())
+	b = append(b, byte(m.Flags))
+	name := m.AppName
+	if !ValidAppName(name) {
+		name = ""
+	}
+	b = append(b, byte(len(name)))
+	return append(b, name...)
+}
+
+// MaxAppNameLen is the longest ClientInfo.AppName, in bytes.
+const MaxAppNameLen = 32
+
+// ValidAppName reports whether name may be a ClientInfo.AppName: at most
+// MaxAppNameLen bytes of printable ASCII (space to tilde). The empty name is
+// valid. Servers refuse logins with other names, as Tailscale's do.
+func ValidAppName(name string) bool {
+	if len(name) > MaxAppNameLen {
+		return false
+	}
+	for i := range len(name) {
+		if b := name[i]; b < ' ' || b > '~' {
+			return false
+		}
+	}
+	return true
 }
 
 // appendRestarting appends the payload of a Restarting frame.
@@ -299,6 +326,10 @@ type PeerPresent struct {
 	Key   PublicKey
 	Addr  netip.AddrPort // the peer's remote address; IPv4 is unmapped; zero if unknown
 	Flags PeerPresentFlags
+	// AppName is the name the peer gave in its ClientInfo, if the server
+	// sends it (this package's and Tailscale's since v1.104 do) and it is
+	// valid (ValidAppName).
+	AppName string
 }
 
 // KeepAlive is the server's periodic one-way keepalive.
@@ -369,7 +400,9 @@ func parsePeerGone(p []byte) (PeerGone, error) {
 }
 
 // parsePeerPresent parses a PeerPresent payload of any of its historical
-// lengths: key only, key and address, or key, address and flags.
+// lengths: key only, key and address, key, address and flags, or all that
+// and an app name. A truncated or invalid app name is ignored, as are bytes
+// after it.
 func parsePeerPresent(p []byte) (PeerPresent, error) {
 	if len(p) < KeyLen {
 		return PeerPresent{}, errSkip
@@ -385,6 +418,12 @@ func parsePeerPresent(p []byte) (PeerPresent, error) {
 	}
 	if len(p) >= peerPresentLen {
 		m.Flags = PeerPresentFlags(p[addrEnd])
+	}
+	if len(p) > peerPresentLen {
+		n := int(p[peerPresentLen])
+		if name := p[peerPresentLen+1:]; n <= len(name) && ValidAppName(string(name[:n])) {
+			m.AppName = string(name[:n])
+		}
 	}
 	return m, nil
 }
@@ -422,7 +461,7 @@ type ClientInfo struct {
 	Version     int    // protocol version the client speaks (2 today)
 	CanAckPings bool   // the client answers server Pings with Pongs
 	IsProber    bool   // the client is a monitoring prober
-	AppName     string // opaque application name, for statistics
+	AppName     string // application name, for statistics; see ValidAppName
 }
 
 // clientInfoJSON is the wire form of ClientInfo. JSON field names match

@@ -60,9 +60,13 @@ func TestFrameGolden(t *testing.T) {
 		}, "08 00000021" + khex + "01",
 			func(p []byte) (any, error) { return parsePeerGone(p) }, PeerGone{Peer: k, Reason: PeerGoneNotHere}},
 		{"PeerPresent", func(bw *bufio.Writer) error {
-			return writeFrame(bw, FramePeerPresent, appendPeerPresent(nil, k, ap, PeerIsMeshPeer|PeerIsNotIdeal))
-		}, "09 00000033" + khex + "00000000000000000000ffffc0000201 a2a9 0a",
+			return writeFrame(bw, FramePeerPresent, appendPeerPresent(nil, PeerPresent{Key: k, Addr: ap, Flags: PeerIsMeshPeer | PeerIsNotIdeal}))
+		}, "09 00000034" + khex + "00000000000000000000ffffc0000201 a2a9 0a 00",
 			func(p []byte) (any, error) { return parsePeerPresent(p) }, PeerPresent{Key: k, Addr: ap, Flags: PeerIsMeshPeer | PeerIsNotIdeal}},
+		{"PeerPresent with app name", func(bw *bufio.Writer) error {
+			return writeFrame(bw, FramePeerPresent, appendPeerPresent(nil, PeerPresent{Key: k, Addr: ap, Flags: PeerIsRegular, AppName: "tailscaled"}))
+		}, "09 0000003e" + khex + "00000000000000000000ffffc0000201 a2a9 01 0a 7461696c7363616c6564",
+			func(p []byte) (any, error) { return parsePeerPresent(p) }, PeerPresent{Key: k, Addr: ap, Flags: PeerIsRegular, AppName: "tailscaled"}},
 		{"ForwardPacket", func(bw *bufio.Writer) error { return writeFrame(bw, FrameForwardPacket, k[:], k2[:], []byte("x")) },
 			"0a 00000041" + khex + k2hex + "78", nil, nil},
 		{"WatchConns", func(bw *bufio.Writer) error { return writeFrame(bw, FrameWatchConns) },
@@ -126,12 +130,26 @@ func TestParseOldAndFutureForms(t *testing.T) {
 		t.Errorf("32-byte PeerPresent: %+v %v", p, err)
 	}
 	ap := netip.MustParseAddrPort("[2001:db8::1]:7")
-	full := appendPeerPresent(nil, k, ap, PeerIsProber)
+	full := appendPeerPresent(nil, PeerPresent{Key: k, Addr: ap, Flags: PeerIsProber, AppName: "app"})
 	if p, err := parsePeerPresent(full[:50]); err != nil || p.Addr != ap || p.Flags != 0 {
 		t.Errorf("50-byte PeerPresent: %+v %v", p, err)
 	}
-	if p, err := parsePeerPresent(append(full, 1, 2, 3)); err != nil || p.Addr != ap || p.Flags != PeerIsProber {
+	if p, err := parsePeerPresent(full[:51]); err != nil || p.Addr != ap || p.Flags != PeerIsProber || p.AppName != "" {
+		t.Errorf("51-byte PeerPresent (before Tailscale v1.104): %+v %v", p, err)
+	}
+	if p, err := parsePeerPresent(append(full, 1, 2, 3)); err != nil || p.Addr != ap || p.Flags != PeerIsProber || p.AppName != "app" {
 		t.Errorf("long PeerPresent: %+v %v", p, err)
+	}
+	// An app name cut short or not printable ASCII is dropped; the rest
+	// of the message stands.
+	for _, bad := range [][]byte{full[:len(full)-1], append(full[:51:51], 3, 'a', 0, 'b'), append(full[:51:51], 40)} {
+		if p, err := parsePeerPresent(bad); err != nil || p.Flags != PeerIsProber || p.AppName != "" {
+			t.Errorf("PeerPresent %x: %+v %v", bad[51:], p, err)
+		}
+	}
+	// An invalid name is never sent.
+	if got := appendPeerPresent(nil, PeerPresent{Key: k, AppName: "bad\nname"}); len(got) != 52 || got[51] != 0 {
+		t.Errorf("PeerPresent with an invalid name: %x", got[51:])
 	}
 	for _, short := range [][]byte{nil, k[:31]} {
 		if _, err := parsePeerGone(short); err != errSkip {

@@ -76,8 +76,8 @@ func FuzzFrameDecoders(f *testing.F) {
 	f.Add([]byte{})
 	f.Add(appendFrame(nil, FrameServerKey, appendServerKey(nil, k)))
 	f.Add(appendFrame(nil, FramePeerGone, appendPeerGone(nil, k, PeerGoneNotHere)))
-	f.Add(appendFrame(nil, FramePeerPresent, appendPeerPresent(nil, k, netip.MustParseAddrPort("192.0.2.1:443"), PeerIsProber)))
-	f.Add(appendFrame(nil, FramePeerPresent, appendPeerPresent(nil, k, netip.MustParseAddrPort("[2001:db8::1]:1"), 0)))
+	f.Add(appendFrame(nil, FramePeerPresent, appendPeerPresent(nil, PeerPresent{Key: k, Addr: netip.MustParseAddrPort("192.0.2.1:443"), Flags: PeerIsProber})))
+	f.Add(appendFrame(nil, FramePeerPresent, appendPeerPresent(nil, PeerPresent{Key: k, Addr: netip.MustParseAddrPort("[2001:db8::1]:1"), AppName: "tailscaled"})))
 	f.Add(appendFrame(nil, FramePing, []byte("12345678")))
 	f.Add(appendFrame(nil, FrameRestarting, appendRestarting(nil, time.Second, time.Minute)))
 	f.Add(appendFrame(nil, FrameRecvPacket, append(k[:], "data"...)))
@@ -136,9 +136,12 @@ func checkPayload(t *testing.T, p []byte) {
 		t.Fatalf("PeerGone: %v on %d bytes", err, len(p))
 	}
 	if pp, err := parsePeerPresent(p); err == nil {
-		again, err := parsePeerPresent(appendPeerPresent(nil, pp.Key, pp.Addr, pp.Flags))
+		again, err := parsePeerPresent(appendPeerPresent(nil, pp))
 		if err != nil || again != pp {
 			t.Fatalf("PeerPresent round trip: %+v != %+v (%v)", again, pp, err)
+		}
+		if !ValidAppName(pp.AppName) || (pp.AppName != "" && len(p) < peerPresentLen+1+len(pp.AppName)) {
+			t.Fatalf("PeerPresent app name %q from %d bytes", pp.AppName, len(p))
 		}
 		if pp.Addr.IsValid() && pp.Addr.Addr().Is4In6() {
 			t.Fatalf("PeerPresent address %v not unmapped", pp.Addr)
@@ -337,7 +340,7 @@ func FuzzClientStream(f *testing.F) {
 	steady := frames(
 		appendFrame(nil, FrameRecvPacket, append(kb(someone), "hello"...)),
 		appendFrame(nil, FramePeerGone, appendPeerGone(nil, someone, PeerGoneNotHere)),
-		appendFrame(nil, FramePeerPresent, appendPeerPresent(nil, someone, netip.MustParseAddrPort("192.0.2.1:1"), PeerIsRegular)),
+		appendFrame(nil, FramePeerPresent, appendPeerPresent(nil, PeerPresent{Key: someone, Addr: netip.MustParseAddrPort("192.0.2.1:1"), Flags: PeerIsRegular, AppName: "app"})),
 		appendFrame(nil, FrameKeepAlive, nil),
 		appendFrame(nil, FramePing, []byte("abcdefgh")),
 		appendFrame(nil, FramePong, []byte("abcdefgh")),

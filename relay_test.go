@@ -779,6 +779,12 @@ func TestLoginFailures(t *testing.T) {
 		{"bad json", func(t *testing.T, s *Server, nc net.Conn) error {
 			return rawClientInfoJSON(t, nc, []byte(`{"meshKey":""}`))
 		}, "login:bad_client_info_json"},
+		{"app name not printable", func(t *testing.T, s *Server, nc net.Conn) error {
+			return rawClientInfoJSON(t, nc, []byte(`{"version":2,"AppName":"tab\there"}`))
+		}, "login:bad_app_name"},
+		{"app name too long", func(t *testing.T, s *Server, nc net.Conn) error {
+			return rawClientInfoJSON(t, nc, []byte(`{"version":2,"AppName":"`+strings.Repeat("a", MaxAppNameLen+1)+`"}`))
+		}, "login:bad_app_name"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -974,9 +980,9 @@ func TestMeshWatchAndClosePeer(t *testing.T) {
 	if seen[a.PublicKey()] != PeerIsRegular || seen[w.PublicKey()] != PeerIsMeshPeer {
 		t.Fatalf("flags %v", seen)
 	}
-	b := pipeClient(t, s, IsProber(true))
+	b := pipeClient(t, s, IsProber(true), AppName("probe/1.0 (x)"))
 	p, _ := recvMsg[PeerPresent](t, w)
-	if p.Key != b.PublicKey() || p.Flags != PeerIsProber {
+	if p.Key != b.PublicKey() || p.Flags != PeerIsProber || p.AppName != "probe/1.0 (x)" {
 		t.Fatalf("live present %+v", p)
 	}
 	// Forwarded packets reach the local client with the original source.
@@ -1718,5 +1724,24 @@ func TestRouteFollowsReconnect(t *testing.T) {
 		a.Send(bKey.Public(), []byte("lost"))
 		waitFor(t, func() bool { return s.Stats().PacketsDropped["unknown_dest/other"] == int64(round+1) })
 		b = dialB()
+	}
+}
+
+func TestValidAppName(t *testing.T) {
+	for name, want := range map[string]bool{
+		"": true, "tailscaled": true, " ~": true, strings.Repeat("x", MaxAppNameLen): true,
+		strings.Repeat("x", MaxAppNameLen+1): false, "a\x00": false, "tab\t": false, "é": false, "\x7f": false,
+	} {
+		if got := ValidAppName(name); got != want {
+			t.Errorf("ValidAppName(%q) = %v", name, got)
+		}
+	}
+	// A client refuses to send a name servers would refuse.
+	cc, sc := net.Pipe()
+	defer cc.Close()
+	defer sc.Close()
+	if c, err := NewClient(mustKey(t), cc, nil, AppName("bad\nname")); err == nil {
+		c.Close()
+		t.Fatal("NewClient accepted an invalid app name")
 	}
 }

@@ -459,7 +459,7 @@ type sconn struct {
 	hasPong      bool
 	keepAlive    bool
 	peerGone     []peerGoneItem
-	meshUpdates  []PeerPresent // Key, Addr, Flags; Flags==0 means gone
+	meshUpdates  []PeerPresent // Flags==0 means gone
 	health       *string
 	restarting   *ServerRestarting
 	serverInfo   []byte // the ServerInfo frame, until written
@@ -788,6 +788,9 @@ func (s *Server) login(ctx context.Context, c *sconn, bw *bufio.Writer) error {
 	var info clientInfoJSON
 	if err := json.Unmarshal(msg, &info); err != nil {
 		return &ProtocolError{Reason: "bad_client_info_json", Frame: t, Err: err}
+	}
+	if !ValidAppName(info.AppName) {
+		return protoErr("bad_app_name", t, fmt.Sprintf("AppName %.40q is not up to %d bytes of printable ASCII", info.AppName, MaxAppNameLen))
 	}
 	if !s.replay.check([nonceLen]byte(sealed[:nonceLen]), time.Now()) {
 		return &ProtocolError{Reason: "replayed_client_info", Frame: t, Err: ErrReplayedLogin}
@@ -1898,7 +1901,7 @@ func (c *sconn) presence() PeerPresent {
 	if f == 0 {
 		f = PeerIsRegular
 	}
-	return PeerPresent{Key: c.key, Addr: c.remoteAddr, Flags: f}
+	return PeerPresent{Key: c.key, Addr: c.remoteAddr, Flags: f, AppName: c.info.AppName}
 }
 
 // broadcastLocked queues u to every watcher; s.mu must be held.
@@ -2157,7 +2160,7 @@ func (c *sconn) takeLocked(ws *writerState) bool {
 		if u.Flags == 0 {
 			ws.control = appendFrame(ws.control, FramePeerGone, appendPeerGone(nil, u.Key, PeerGoneDisconnected))
 		} else {
-			ws.control = appendFrame(ws.control, FramePeerPresent, appendPeerPresent(nil, u.Key, u.Addr, u.Flags))
+			ws.control = appendFrame(ws.control, FramePeerPresent, appendPeerPresent(nil, u))
 		}
 	}
 	if cap(c.meshUpdates) > 1024 {

@@ -381,9 +381,9 @@ func tsRecvUntilErr(t *testing.T, p *tsPeer) ([]derp.ReceivedMessage, error) {
 }
 
 // TestMeshInterop checks the mesh frames across implementations: a mesh
-// watcher (WatchConns) gets PeerPresent in the 51-byte layout (key, address,
-// flags) and PeerGone, and a mesh peer's ForwardPacket is delivered with the
-// original source key.
+// watcher (WatchConns) gets PeerPresent (key, address, flags, and since
+// Tailscale v1.104 the peer's app name) and PeerGone, and a mesh peer's
+// ForwardPacket is delivered with the original source key.
 func TestMeshInterop(t *testing.T) {
 	mesh := newPriv(t) // 32 random bytes
 	meshHex := hex.EncodeToString(mesh[:])
@@ -400,10 +400,10 @@ func TestMeshInterop(t *testing.T) {
 		if err := w.raw.WatchConnectionChanges(); err != nil {
 			t.Fatal(err)
 		}
-		tsWaitPeerPresent(t, w, w.relayPub(), addrPortOf(t, w.nc.LocalAddr()), derp.PeerPresentIsMeshPeer)
+		tsWaitPeerPresent(t, w, w.relayPub(), addrPortOf(t, w.nc.LocalAddr()), derp.PeerPresentIsMeshPeer, "")
 
-		ours := dialOurs(t, "ours", addr)
-		tsWaitPeerPresent(t, w, ours.pub, addrPortOf(t, ours.c.LocalAddr()), derp.PeerPresentIsRegular)
+		ours := dialOurs(t, "ours", addr, relay.AppName("relay-interop/1"))
+		tsWaitPeerPresent(t, w, ours.pub, addrPortOf(t, ours.c.LocalAddr()), derp.PeerPresentIsRegular, "relay-interop/1")
 
 		// ForwardPacket from the Tailscale mesh peer, on behalf of a key
 		// that is not connected here, reaches our client with that source.
@@ -431,10 +431,10 @@ func TestMeshInterop(t *testing.T) {
 		if err := w.c.WatchConnectionChanges(); err != nil {
 			t.Fatal(err)
 		}
-		ourWaitPeerPresent(t, w, w.pub, addrPortOf(t, w.c.LocalAddr()), relay.PeerIsMeshPeer)
+		ourWaitPeerPresent(t, w, w.pub, addrPortOf(t, w.c.LocalAddr()), relay.PeerIsMeshPeer, "")
 
-		ts := dialTS(t, "tailscale", addr)
-		ourWaitPeerPresent(t, w, ts.relayPub(), addrPortOf(t, ts.nc.LocalAddr()), relay.PeerIsRegular)
+		ts := dialTS(t, "tailscale", addr, derp.AppName("tailscaled-interop"))
+		ourWaitPeerPresent(t, w, ts.relayPub(), addrPortOf(t, ts.nc.LocalAddr()), relay.PeerIsRegular, "tailscaled-interop")
 
 		src := newPriv(t).Public()
 		pkt := payload("forwarded by ours")
@@ -461,26 +461,26 @@ func addrPortOf(t *testing.T, a net.Addr) netip.AddrPort {
 
 // tsWaitPeerPresent waits for a Tailscale watcher's PeerPresent about peer
 // and checks the address and flags it carries.
-func tsWaitPeerPresent(t *testing.T, w *tsPeer, peer relay.PublicKey, addr netip.AddrPort, flags derp.PeerPresentFlags) {
+func tsWaitPeerPresent(t *testing.T, w *tsPeer, peer relay.PublicKey, addr netip.AddrPort, flags derp.PeerPresentFlags, appName string) {
 	t.Helper()
 	m := recvTS(t, "wait for PeerPresent", w, func(m derp.ReceivedMessage) bool {
 		pp, ok := m.(derp.PeerPresentMessage)
 		return ok && pp.Key == tsKey(peer)
 	}).(derp.PeerPresentMessage)
-	if m.IPPort != addr || m.Flags != flags {
-		t.Fatalf("%s: PeerPresent for %v has address %v flags %#x, want %v flags %#x", w.name, peer.ShortString(), m.IPPort, m.Flags, addr, flags)
+	if m.IPPort != addr || m.Flags != flags || m.AppName != appName {
+		t.Fatalf("%s: PeerPresent for %v has address %v flags %#x app name %q, want %v flags %#x app name %q", w.name, peer.ShortString(), m.IPPort, m.Flags, m.AppName, addr, flags, appName)
 	}
 }
 
 // ourWaitPeerPresent waits for our watcher's PeerPresent about peer.
-func ourWaitPeerPresent(t *testing.T, w *ourPeer, peer relay.PublicKey, addr netip.AddrPort, flags relay.PeerPresentFlags) {
+func ourWaitPeerPresent(t *testing.T, w *ourPeer, peer relay.PublicKey, addr netip.AddrPort, flags relay.PeerPresentFlags, appName string) {
 	t.Helper()
 	m := recvOurs(t, "wait for PeerPresent", w, func(m relay.Message) bool {
 		pp, ok := m.(relay.PeerPresent)
 		return ok && pp.Key == peer
 	}).(relay.PeerPresent)
-	if m.Addr != addr || m.Flags != flags {
-		t.Fatalf("%s: PeerPresent for %v has address %v flags %#x, want %v flags %#x", w.name, peer.ShortString(), m.Addr, m.Flags, addr, flags)
+	if m.Addr != addr || m.Flags != flags || m.AppName != appName {
+		t.Fatalf("%s: PeerPresent for %v has address %v flags %#x app name %q, want %v flags %#x app name %q", w.name, peer.ShortString(), m.Addr, m.Flags, m.AppName, addr, flags, appName)
 	}
 }
 
