@@ -664,6 +664,48 @@ func TestQueueDropsOldest(t *testing.T) {
 	}
 }
 
+// TestFloodDoesNotDelayControlFrames floods a receiver that is not reading,
+// then has it ping: the Pong comes after at most the batch already being
+// written, ahead of the full queue of packets behind it.
+func TestFloodDoesNotDelayControlFrames(t *testing.T) {
+	s := newTestServer(t, WithWriteTimeout(0))
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:9")
+	flooded := loginClient(t, cc, mustKey(t))
+	sender := pipeClient(t, s)
+	for i := range 200 {
+		if err := sender.Send(flooded.PublicKey(), []byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The sender's Pong says its packets are all queued (or dropped).
+	sender.SendPing([8]byte{1})
+	recvMsg[Pong](t, sender)
+	if err := flooded.SendPing([8]byte{2}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return s.Stats().PingsReceived >= 2 })
+	for n := 1; ; n++ {
+		m, err := flooded.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p, ok := m.(Pong); ok {
+			if p != [8]byte{2} {
+				t.Fatalf("pong %x", p)
+			}
+			// The batch being written when the flood began holds at
+			// most the queue's 32 packets; the full queue of 32
+			// behind it would put the Pong at 34 or later (checked by
+			// writing control frames last: 34).
+			if n > 33 {
+				t.Fatalf("Pong was message %d, behind the queued packets", n)
+			}
+			return
+		}
+	}
+}
+
 // A burst much larger than a queue, read in one go, reaches a receiver that
 // keeps reading: the reader lets the queue's writer run when the queue
 // fills instead of dropping, even on one CPU.
