@@ -669,9 +669,7 @@ func TestQueueDropsOldest(t *testing.T) {
 // written, ahead of the full queue of packets behind it.
 func TestFloodDoesNotDelayControlFrames(t *testing.T) {
 	s := newTestServer(t, WithWriteTimeout(0))
-	cc, sc := net.Pipe()
-	go s.Accept(context.Background(), sc, nil, "127.0.0.1:9")
-	flooded := loginClient(t, cc, mustKey(t))
+	flooded := pipeClient(t, s) // over net.Pipe: its writer blocks until it reads
 	sender := pipeClient(t, s)
 	for i := range 200 {
 		if err := sender.Send(flooded.PublicKey(), []byte{byte(i)}); err != nil {
