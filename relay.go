@@ -60,10 +60,13 @@
 // The examples are the place to start: a [Server] serving /derp from a
 // net/http server with TLS and the meta cert, and [Client]s connected by
 // [FastStart] relaying packets through it. [Server.Accept] and [NewClient]
-// run DERP over any net.Conn for tests and custom transports. To watch a
-// running server: [Server.Stats] (also as expvar and Prometheus text),
-// [Server.Sessions] for each session's traffic and RTT, and
-// [Server.ConsistencyCheck] for a health endpoint.
+// run DERP over any net.Conn for tests and custom transports. A client of a
+// DERP map uses [Region] and [Node] with [FastStart.DialNode] or
+// [ReconnectingClient], and [FastStart.DialRegionTLS] to measure a region's
+// latency without logging in. To watch a running server: [Server.Stats]
+// (also as expvar and Prometheus text), [Server.Sessions] for each
+// session's traffic and RTT, and [Server.ConsistencyCheck] for a health
+// endpoint.
 package relay
 
 import (
