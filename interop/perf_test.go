@@ -14,7 +14,10 @@ package interop
 // (500ms), PERF_PAIRS (16), PERF_WINDOW (32), PERF_SIZES (100,1200,10000),
 // PERF_MODES (closed,deep,open), PERF_DEEP_WINDOW (1024), PERF_CC (the TCP
 // congestion control of every socket of the run, client's and servers';
-// empty: the system's), PERF_TRANSPORT (http, https or tcp; http), PERF_SERVERS
+// empty: the system's), PERF_RPS (a diagnostic: "server" or "client" steers
+// loopback's receive work to that CPU with RPS for the run, as a NIC whose
+// interrupts land there would, and restores the setting; needs root; empty:
+// where the kernel does it, on the sending CPU), PERF_TRANSPORT (http, https or tcp; http), PERF_SERVERS
 // (tailscale,ours), PERF_IDLE_CLIENTS (5000), PERF_IDLE_TRANSPORTS
 // (http,https,websocket,tcp), PERF_OUT (append the markdown tables to this file),
 // PERF_CPUPROFILE (each server child writes a CPU profile of its whole life
@@ -27,6 +30,7 @@ package interop
 // TestPerfLoadClient, a quick in-process check of the load client.
 
 import (
+	"bytes"
 	"cmp"
 	"fmt"
 	"math"
@@ -336,8 +340,9 @@ func BenchmarkSideBySide(b *testing.B) {
 	if pinned {
 		defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
 	}
-	perfLog(b, fmt.Sprintf("servers pinned to CPU 0: %v (GOMAXPROCS %d); load client pinned to CPU 1: %v; %d CPUs; transport %s; %d pairs, window %d, %v slices after %v warmup, %d repetitions\n",
-		servers[0].pinned, servers[0].procs, pinned, runtime.NumCPU(), transport, npairs, window, sliceDur, warmup, reps))
+	rps := setLoopbackRPS(b, os.Getenv("PERF_RPS"))
+	perfLog(b, fmt.Sprintf("servers pinned to CPU 0: %v (GOMAXPROCS %d); load client pinned to CPU 1: %v; %d CPUs; transport %s; %d pairs, window %d, %v slices after %v warmup, %d repetitions; loopback receive work (RPS): %s\n",
+		servers[0].pinned, servers[0].procs, pinned, runtime.NumCPU(), transport, npairs, window, sliceDur, warmup, reps, rps))
 
 	type rkey struct {
 		cfg    sbsConfig
@@ -626,4 +631,38 @@ func BenchmarkIdleMemory(b *testing.B) {
 	}
 	perfLog(b, tbl.String())
 	perfOut(tbl.String())
+}
+
+// loopbackRPS is the file that steers loopback's receive processing.
+const loopbackRPS = "/sys/class/net/lo/queues/rx-0/rps_cpus"
+
+// setLoopbackRPS steers loopback's receive processing to the server's CPU
+// (0) or the load client's (1) for the rest of the benchmark, and restores
+// the old mask when it ends. "" leaves the kernel's default, which runs it on
+// the sending CPU. It returns a description for the log.
+func setLoopbackRPS(b *testing.B, where string) string {
+	var cpu int
+	switch where {
+	case "":
+		return "default (on the sending CPU)"
+	case "server":
+		cpu = 0
+	case "client":
+		cpu = 1
+	default:
+		b.Fatalf("PERF_RPS=%q: want server or client", where)
+	}
+	old, err := os.ReadFile(loopbackRPS)
+	if err != nil {
+		b.Fatalf("PERF_RPS: %v", err)
+	}
+	if err := os.WriteFile(loopbackRPS, []byte(strconv.FormatInt(1<<cpu, 16)), 0); err != nil {
+		b.Fatalf("PERF_RPS: %v (needs root)", err)
+	}
+	b.Cleanup(func() {
+		if err := os.WriteFile(loopbackRPS, bytes.TrimSpace(old), 0); err != nil {
+			b.Errorf("restore %s to %q: %v", loopbackRPS, bytes.TrimSpace(old), err)
+		}
+	})
+	return fmt.Sprintf("the %s's CPU %d", where, cpu)
 }
