@@ -553,9 +553,12 @@ type ReconnectingClient struct {
 	URL string
 	// Fallbacks are more servers of the same region (a mesh), tried in
 	// order when a dial to URL fails; every reconnect starts again with
-	// URL, the ideal node. A connection to a fallback sends the
-	// Ideal-Node header naming URL's host, so the server can count
-	// clients that are not where they should be.
+	// URL, the ideal node. A connection that ends before the server's
+	// ServerInfo (a login the server refused after a fast-path dial had
+	// already succeeded) counts as a failed dial of that server: the next
+	// dial starts with the server after it. A connection to a fallback
+	// sends the Ideal-Node header naming URL's host, so the server can
+	// count clients that are not where they should be.
 	Fallbacks []string
 	// Region, if not nil, is used instead of URL and Fallbacks: its nodes
 	// are dialled in order as FastStart.DialNode does (by their own
@@ -565,7 +568,10 @@ type ReconnectingClient struct {
 	Region *Region
 	// NodeConnectTimeout bounds the TCP connect to each node while there
 	// are Fallbacks (or more than one node in Region), so that an
-	// unreachable node costs little of DialTimeout. Default 1.5 s.
+	// unreachable node costs little of DialTimeout. Default 1.5 s. A node
+	// that accepts TCP and then stalls is bounded too: while more nodes
+	// remain, each attempt gets an equal share of what is left of
+	// DialTimeout.
 	NodeConnectTimeout time.Duration
 	// PrivateKey is the client's identity.
 	PrivateKey PrivateKey
@@ -599,6 +605,9 @@ type ReconnectingClient struct {
 	sentPref     bool                  // what the current connection was told
 	closed       bool
 	failures     int
+	cTarget      int // index in targets() of c's server
+	nTargets     int // len(targets()) when c was dialled
+	startAt      int // index in targets() the next dial starts with
 	nextDial     time.Time
 	restartUntil time.Time
 	pings        map[[8]byte]chan struct{}
@@ -690,15 +699,27 @@ func (rc *ReconnectingClient) dial(ctx context.Context) (*Client, int, error) {
 	if len(targets) == 0 {
 		err = fmt.Errorf("relay: region %d (%s) has no DERP node", rc.Region.RegionID, rc.Region.RegionCode)
 	}
+	// Start with the ideal server, or with the one after a server that
+	// accepted the last connection and then ended it before confirming
+	// the login.
+	rc.mu.Lock()
+	first := rc.startAt
+	rc.startAt = 0
+	rc.mu.Unlock()
 	var won dialTarget
-	for i, t := range targets {
+	wonIdx := 0
+	for k := range targets {
+		i := (first + k) % len(targets)
+		t := targets[i]
 		f := rc.dialerFor(i, t, len(targets) > 1)
+		actx, acancel := attemptContext(dctx, len(targets)-k)
 		if t.node != nil {
-			c, hs, err = f.DialNode(dctx, t.node, rc.PrivateKey, opts...)
+			c, hs, err = f.DialNode(actx, t.node, rc.PrivateKey, opts...)
 		} else {
-			c, hs, err = f.Dial(dctx, t.url, rc.PrivateKey, opts...)
+			c, hs, err = f.Dial(actx, t.url, rc.PrivateKey, opts...)
 		}
-		won = t
+		acancel()
+		won, wonIdx = t, i
 		if err == nil || dctx.Err() != nil {
 			break
 		}
@@ -727,6 +748,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context) (*Client, int, error) {
 		return nil, 0, ErrClosed
 	}
 	rc.c = c
+	rc.cTarget, rc.nTargets = wonIdx, len(targets)
 	rc.gen++
 	rc.learned = hs.ServerKey
 	if rc.keys == nil {
@@ -975,9 +997,13 @@ func (rc *ReconnectingClient) Recv(ctx context.Context) (Message, error) {
 			closed := rc.closed
 			if !c.gotInfo {
 				// The server hung up before confirming the login (refused,
-				// or not a DERP server): back off as for a failed dial.
+				// or not a DERP server): back off as for a failed dial,
+				// and start the next one with the server after it.
 				rc.failures++
 				rc.nextDial = time.Now().Add(rc.backoff(rc.failures, time.Now()))
+				if rc.c == nil && rc.nTargets > 1 {
+					rc.startAt = (rc.cTarget + 1) % rc.nTargets
+				}
 			}
 			rc.mu.Unlock()
 			if closed {
@@ -1186,9 +1212,11 @@ func (n *Node) check() error {
 // connection, as ExampleFastStart_DialRegionTLS does) or checking that a
 // region is reachable without logging in. Nodes are tried in order,
 // STUN-only ones skipped, each dialled and its certificate checked as
-// DialNode does; while more than one node is left, each TCP connect gets
-// at most 1.5 s. It returns the node connected to. ctx bounds the call, not
-// the returned connection.
+// DialNode does. While more than one node is left, each TCP connect gets
+// at most 1.5 s, and each node's connect and handshake together an equal
+// share of what is left of ctx's deadline (5 s if it has none), so a node
+// that accepts TCP and stalls TLS cannot hold up the others. It returns the
+// node connected to. ctx bounds the call, not the returned connection.
 func (f *FastStart) DialRegionTLS(ctx context.Context, r *Region) (*tls.Conn, *Node, error) {
 	if r == nil {
 		return nil, nil, errors.New("relay: dial region: nil region")
@@ -1212,21 +1240,44 @@ func (f *FastStart) DialRegionTLS(ctx context.Context, r *Region) (*tls.Conn, *N
 			errs = append(errs, err)
 			continue
 		}
-		nc, err := g.dialTCP(ctx, u)
+		actx, acancel := attemptContext(ctx, len(nodes)-i)
+		nc, err := g.dialTCP(actx, u)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("node %q: %w", n.Name, err))
-		} else if tc, err := g.tlsHandshake(ctx, nc, u, false); err != nil {
+		} else if tc, err := g.tlsHandshake(actx, nc, u, false); err != nil {
 			nc.Close()
 			errs = append(errs, fmt.Errorf("node %q: %w", n.Name, err))
 		} else {
+			acancel()
 			return tc, n, nil
 		}
+		acancel()
 		if ctx.Err() != nil {
 			break
 		}
 	}
 	return nil, nil, fmt.Errorf("relay: dial region %d (%s): %w", r.RegionID, r.RegionCode, errors.Join(errs...))
 }
+
+// attemptContext returns the context for dialling one of left servers still
+// to try. While more than one is left, the attempt gets an equal share of
+// what remains before ctx's deadline (defaultNodeAttemptTimeout if it has
+// none), so that a server that accepts TCP and then stalls the TLS
+// handshake or the upgrade cannot use up the whole dial.
+func attemptContext(ctx context.Context, left int) (context.Context, context.CancelFunc) {
+	if left <= 1 {
+		return context.WithCancel(ctx)
+	}
+	d := defaultNodeAttemptTimeout
+	if dl, ok := ctx.Deadline(); ok {
+		d = time.Until(dl) / time.Duration(left)
+	}
+	return context.WithTimeout(ctx, d)
+}
+
+// defaultNodeAttemptTimeout bounds a whole attempt on one of several
+// servers when the caller's context has no deadline.
+const defaultNodeAttemptTimeout = 5 * time.Second
 
 // defaultNodeConnectTimeout bounds the TCP connect to one of several nodes
 // or URLs, so that an unreachable one costs little of the whole dial.

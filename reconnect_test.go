@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -366,6 +367,118 @@ func TestReconnectingClientFailoverBeyondTCP(t *testing.T) {
 				t.Errorf("B counted %d WebSocket accepts, want 1", st.WebSocketAccepts)
 			}
 		})
+	}
+}
+
+// TestReconnectingClientFailoverAfterRefusedLogin checks a node that takes
+// the fast path (so the dial succeeds before the server answers) and then
+// refuses the login: the next dial starts with the next node instead of
+// returning to the refusing one, and the reconnect after that starts with
+// the ideal node again.
+func TestReconnectingClientFailoverAfterRefusedLogin(t *testing.T) {
+	var refused atomic.Int32
+	sA := newTestServer(t, WithAdmission(func(ctx context.Context, a Admission) error {
+		refused.Add(1)
+		return errors.New("not today")
+	}))
+	sB := newTestServer(t)
+	a := serveDERP(t, sA, derpServeOpts{plain: true})
+	b := serveDERP(t, sB, derpServeOpts{plain: true})
+	h := newRCHarness(t, &TestServer{URL: a.URL}, func(rc *ReconnectingClient) {
+		rc.Fallbacks = []string{b.URL}
+		rc.Dialer = &FastStart{ServerKey: sA.PublicKey()} // the fast path to A
+	})
+	self := h.rc.PrivateKey.Public()
+	urls := func() []string {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		var us []string
+		for _, hs := range h.connects {
+			us = append(us, hs.URL)
+		}
+		return us
+	}
+	rcNext[ServerInfo](t, h)
+	if got, want := urls(), []string{a.URL, b.URL}; !slices.Equal(got, want) {
+		t.Fatalf("connections %q, want %q: A's refusal must move the next dial to B", got, want)
+	}
+	h.mu.Lock()
+	first := h.connects[0]
+	h.mu.Unlock()
+	if first.Path != FastPath {
+		t.Errorf("connection to A took %s, want the fast path (the dial must succeed before the refusal)", first.Path)
+	}
+	if !sB.IsClientConnected(self) {
+		t.Error("B does not see the client")
+	}
+
+	// B drops the client: the next dial tries the ideal node A first
+	// again, and A's refusal sends it back to B.
+	sB.closePeer(self)
+	rcNext[ServerInfo](t, h)
+	if got, want := urls(), []string{a.URL, b.URL, a.URL, b.URL}; !slices.Equal(got, want) {
+		t.Fatalf("connections %q, want %q", got, want)
+	}
+	if n := refused.Load(); n != 2 {
+		t.Errorf("A refused %d logins, want 2", n)
+	}
+}
+
+// TestReconnectingClientFailoverStalledNode checks nodes that accept TCP
+// and then never answer: one stalls the TLS handshake, one the HTTP
+// upgrade. Each gets an equal share of DialTimeout while more nodes remain,
+// so the client still reaches the last node within one DialTimeout.
+func TestReconnectingClientFailoverStalledNode(t *testing.T) {
+	// stall listens for connections it never answers, and counts them.
+	stall := func(t *testing.T) (string, *atomic.Int32) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var n atomic.Int32
+		var mu sync.Mutex
+		var conns []net.Conn
+		t.Cleanup(func() {
+			ln.Close()
+			mu.Lock()
+			for _, c := range conns {
+				c.Close()
+			}
+			mu.Unlock()
+		})
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				n.Add(1)
+				mu.Lock()
+				conns = append(conns, c) // read nothing, answer nothing
+				mu.Unlock()
+			}
+		}()
+		return ln.Addr().String(), &n
+	}
+	ts := StartTestServer(t)
+	tlsAddr, tlsConns := stall(t)
+	httpAddr, httpConns := stall(t)
+	h := newRCHarness(t, &TestServer{URL: "https://" + tlsAddr + "/derp"}, func(rc *ReconnectingClient) {
+		rc.Fallbacks = []string{"http://" + httpAddr + "/derp", ts.URL}
+		rc.Dialer = &FastStart{TLSConfig: ts.TLSConfig}
+		rc.DialTimeout = 3 * time.Second
+	})
+	rcNext[ServerInfo](t, h)
+	h.mu.Lock()
+	hs := h.connects[0]
+	h.mu.Unlock()
+	if hs.URL != ts.URL {
+		t.Fatalf("first connection to %s, want %s", hs.URL, ts.URL)
+	}
+	// One dial reached the last node: each stalled node was tried once
+	// (3 s / 3 = 1 s, then 2 s / 2 = 1 s), without using up DialTimeout.
+	if a, b := tlsConns.Load(), httpConns.Load(); a != 1 || b != 1 {
+		t.Errorf("the stalled nodes saw %d and %d connections, want 1 each: one dial", a, b)
 	}
 }
 

@@ -452,4 +452,20 @@ func TestDialRegionTLS(t *testing.T) {
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("mute node: %v, want the context's deadline", err)
 	}
+
+	// Before another node, the mute one gets only its share of ctx (half
+	// of it here), and the next node is still reached.
+	sctx, scancel = context.WithTimeout(ctx, 2*time.Second)
+	defer scancel()
+	conn, node, err = fs.DialRegionTLS(sctx, &Region{RegionID: 11, Nodes: []*Node{
+		{Name: "11a", HostName: "127.0.0.1", DERPPort: mute.Addr().(*net.TCPAddr).Port},
+		{Name: "11b", HostName: "b.test", IPv4: "127.0.0.1", IPv6: "none", DERPPort: nsB.port, CertName: pinOf(nsB.cert)},
+	}})
+	if err != nil {
+		t.Fatalf("mute node first: %v", err)
+	}
+	conn.Close()
+	if node.Name != "11b" {
+		t.Errorf("connected to %q, want 11b", node.Name)
+	}
 }
