@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"reflect"
 	"runtime"
 	"strings"
 	"sync"
@@ -1065,6 +1066,25 @@ func TestWritePrometheus(t *testing.T) {
 	}
 	if strings.Contains(out, "rtt") { // a pipe has no TCP RTT
 		t.Errorf("RTT histogram of sessions over pipes:\n%s", out)
+	}
+
+	// Every number in Stats is exported: one unlabelled metric per int64
+	// field.
+	var fields []string
+	st := reflect.TypeOf(Stats{})
+	for i := range st.NumField() {
+		if st.Field(i).Type.Kind() == reflect.Int64 {
+			fields = append(fields, st.Field(i).Name)
+		}
+	}
+	var scalars []string
+	for line := range strings.Lines(out) {
+		if name, _, ok := strings.Cut(strings.TrimSpace(line), " "); ok && strings.HasPrefix(name, "derp_") && !strings.Contains(name, "{") {
+			scalars = append(scalars, name)
+		}
+	}
+	if len(scalars) != len(fields) {
+		t.Errorf("%d unlabelled metrics for %d int64 fields of Stats\nmetrics: %q\nfields: %q", len(scalars), len(fields), scalars, fields)
 	}
 }
 

@@ -321,7 +321,7 @@ func WithMaxConnections(total, perIP int) ServerOption {
 // WithRestartNotice sets what Close tells clients in its ServerRestarting
 // frame: each client is asked to wait a random delay up to spread before
 // reconnecting (so clients do not all come back at once), and to keep trying
-// for tryFor. Defaults: 5 s and 30 s.
+// for tryFor. Defaults: 2 s and 5 s.
 func WithRestartNotice(spread, tryFor time.Duration) ServerOption {
 	return func(c *serverConfig) { c.restartDelay, c.restartTryFor = spread, tryFor }
 }
@@ -2820,7 +2820,11 @@ type Stats struct {
 	// "unknown_dest_on_fwd", "gone_disconnected", "queue_head", "queue_tail",
 	// "write_error", "dup_client", "mesh_queue", "mesh_link_down") and kind
 	// ("disco", "other"), as "reason/kind". Every combination is present,
-	// zero or not.
+	// zero or not. "queue_tail" and "dup_client" are Tailscale's names for
+	// drops this server never makes (a full queue loses its oldest packet,
+	// counted as "queue_head", and a key with several sessions is routed
+	// to the one that sent last); they stay, at zero, so dashboards built
+	// on those names find them.
 	PacketsDropped map[string]int64
 	BytesDropped   map[string]int64
 	// Errors counts failed logins ("login:<reason>") and sessions ended by
@@ -2934,6 +2938,8 @@ func (s *Server) WritePrometheus(w io.Writer) error {
 	metric("packets_forwarded_out", "counter", "Packets forwarded to mesh peers.", st.PacketsForwardedOut)
 	metric("got_ping", "counter", "Pings received.", st.PingsReceived)
 	metric("sent_pong", "counter", "Pongs sent.", st.PongsSent)
+	metric("sent_ping", "counter", "Liveness pings sent to clients.", st.PingsSent)
+	metric("got_pong", "counter", "Pongs received for liveness pings.", st.PongsReceived)
 	metric("home_moves_in", "counter", "Clients that made this server home after their first 5 s.", st.HomeMovesIn)
 	metric("home_moves_out", "counter", "Clients that stopped calling this server home after their first 5 s.", st.HomeMovesOut)
 	metric("sclient_write_timeouts", "counter", "Sessions ended by the write deadline.", st.WriteTimeouts)
