@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -1040,6 +1041,48 @@ func TestMeshWatchAndClosePeer(t *testing.T) {
 	}
 	if _, err := recvUntilErr(t, b); err == nil {
 		t.Fatal("b not closed")
+	}
+}
+
+// TestTCPUserTimeout checks that sessions on TCP get TCP_USER_TIMEOUT: 15 s
+// by default, the option's value, or the kernel's default (0) when it is
+// zero; through TLS too.
+func TestTCPUserTimeout(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("TCP_USER_TIMEOUT is Linux's")
+	}
+	for _, tc := range []struct {
+		name string
+		opts []ServerOption
+		tls  bool
+		want time.Duration
+	}{
+		{"default", nil, false, 15 * time.Second},
+		{"set", []ServerOption{WithTCPUserTimeout(1234 * time.Millisecond)}, false, 1234 * time.Millisecond},
+		{"tls", []ServerOption{WithTCPUserTimeout(2 * time.Second)}, true, 2 * time.Second},
+		{"off", []ServerOption{WithTCPUserTimeout(0)}, false, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newTestServer(t, tc.opts...)
+			cc, sc := tcpPair(t)
+			tcp := sc.(*net.TCPConn)
+			var nc, sn net.Conn = cc, sc
+			if tc.tls {
+				cert, _ := testCert(t, "derp.test")
+				sn = tls.Server(sc, &tls.Config{Certificates: []tls.Certificate{cert}})
+				nc = tls.Client(cc, &tls.Config{InsecureSkipVerify: true})
+			}
+			go s.Accept(context.Background(), sn, nil, sc.RemoteAddr().String())
+			c := loginClient(t, nc, mustKey(t))
+			defer c.Close()
+			got, err := tcpUserTimeoutOf(tcp)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != tc.want {
+				t.Errorf("TCP_USER_TIMEOUT %v, want %v", got, tc.want)
+			}
+		})
 	}
 }
 

@@ -125,6 +125,7 @@ type serverConfig struct {
 	queueDepth       int
 	keepAlive        time.Duration
 	idleTimeout      time.Duration
+	userTimeout      time.Duration
 	idlePark         time.Duration
 	maxConns         int
 	maxConnsPerIP    int
@@ -276,6 +277,19 @@ func WithKeepAlive(d time.Duration) ServerOption {
 	return func(c *serverConfig) { c.keepAlive = d }
 }
 
+// WithTCPUserTimeout bounds how long data the server sends to a client may
+// stay unacknowledged before the kernel ends the connection (the socket
+// option TCP_USER_TIMEOUT, Linux only). Without it a client that vanished
+// (its machine off, its network gone, no RST) is retransmitted to for many
+// minutes, whatever it declared; with it the session ends, as a write
+// error, d after the first unacknowledged frame (at the latest one
+// keepalive interval after the client vanished). It applies to sessions on
+// TCP, under TLS and WebSocket too; other connections are left alone.
+// Default 15 s, as Tailscale's derper sets; zero leaves the socket as it is.
+func WithTCPUserTimeout(d time.Duration) ServerOption {
+	return func(c *serverConfig) { c.userTimeout = d }
+}
+
 // WithIdleTimeout makes the server check that clients which declared
 // CanAckPings (Tailscale's clients do) are alive: each keepalive is sent as a
 // Ping instead, and a session from which nothing at all, not even the Pong,
@@ -357,6 +371,7 @@ func NewServer(priv PrivateKey, opts ...ServerOption) *Server {
 		queueDepth:       32,
 		keepAlive:        60 * time.Second,
 		idleTimeout:      150 * time.Second,
+		userTimeout:      15 * time.Second,
 		idlePark:         defaultIdlePark,
 		maxClientInfo:    16 << 10,
 		restartDelay:     2 * time.Second,
@@ -591,6 +606,13 @@ func (s *Server) startSession(ctx context.Context, nc net.Conn, brw *bufio.ReadW
 		s.log.Info("relay: refusing connection", "remote", remoteAddr, "err", err)
 		nc.Close()
 		return nil
+	}
+	if s.cfg.userTimeout > 0 {
+		if tc, ok := parkSocket(nc).(*net.TCPConn); ok {
+			if err := setTCPUserTimeout(tc, s.cfg.userTimeout); err != nil {
+				s.log.Debug("relay: TCP_USER_TIMEOUT", "remote", remoteAddr, "err", err)
+			}
+		}
 	}
 	c := &sconn{
 		s:          s,

@@ -8,7 +8,45 @@ import (
 	"os"
 	"sync"
 	"syscall"
+	"time"
 )
+
+// tcpUserTimeout is the socket option TCP_USER_TIMEOUT (linux/tcp.h), which
+// package syscall does not name.
+const tcpUserTimeout = 0x12
+
+// setTCPUserTimeout makes the kernel end the connection when data sent on
+// it stays unacknowledged for d, instead of retransmitting for many minutes.
+func setTCPUserTimeout(tc *net.TCPConn, d time.Duration) error {
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	ms := max(1, d.Milliseconds())
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, tcpUserTimeout, int(min(ms, 1<<31-1)))
+	}); err != nil {
+		return err
+	}
+	return serr
+}
+
+// tcpUserTimeoutOf reads TCP_USER_TIMEOUT back.
+func tcpUserTimeoutOf(tc *net.TCPConn) (time.Duration, error) {
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var ms int
+	var gerr error
+	if err := rc.Control(func(fd uintptr) {
+		ms, gerr = syscall.GetsockoptInt(int(fd), syscall.IPPROTO_TCP, tcpUserTimeout)
+	}); err != nil {
+		return 0, err
+	}
+	return time.Duration(ms) * time.Millisecond, gerr
+}
 
 // parkSupported reports whether idle sessions can give up their reader
 // goroutine on this platform.

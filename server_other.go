@@ -6,7 +6,13 @@ import (
 	"errors"
 	"net"
 	"syscall"
+	"time"
 )
+
+// setTCPUserTimeout does nothing here: TCP_USER_TIMEOUT is Linux's.
+func setTCPUserTimeout(tc *net.TCPConn, d time.Duration) error { return nil }
+
+func tcpUserTimeoutOf(tc *net.TCPConn) (time.Duration, error) { return 0, errors.ErrUnsupported }
 
 // parkSupported reports whether idle sessions can give up their reader
 // goroutine on this platform.
