@@ -548,8 +548,29 @@ func waitFor(t testing.TB, cond func() bool) {
 }
 
 func TestDuplicateKeys(t *testing.T) {
-	s := newTestServer(t)
+	const mk = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+	s := newTestServer(t, WithMeshKey(mk))
+	w := pipeClient(t, s, MeshKey(mk))
+	if err := w.WatchConnectionChanges(); err != nil {
+		t.Fatal(err)
+	}
 	priv := mustKey(t)
+	// present waits for the watcher to see priv's key at port.
+	present := func(port uint16) {
+		t.Helper()
+		for {
+			p, ok := recvMsg[PeerPresent](t, w)
+			if !ok {
+				t.Fatalf("watcher never saw the key at port %d", port)
+			}
+			if p.Key == priv.Public() {
+				if p.Flags == 0 || p.Addr.Port() != port {
+					t.Fatalf("watcher saw %+v, want the key present at port %d", p, port)
+				}
+				return
+			}
+		}
+	}
 	cc1, sc1 := net.Pipe()
 	go s.Accept(context.Background(), sc1, nil, "127.0.0.1:1")
 	d1 := loginClient(t, cc1, priv)
@@ -567,6 +588,33 @@ func TestDuplicateKeys(t *testing.T) {
 	if st := s.Stats(); st.CurrentDupKeys != 1 || st.CurrentDupConns != 2 || st.TotalDupLogins != 1 {
 		t.Errorf("dup stats %+v", st)
 	}
+	present(1)
+	present(2)
+
+	// A third connection: all three are told there are 3. It is the
+	// active one when it leaves: the two left are told there are 2, and
+	// watchers that last saw the key at its address learn that the key
+	// is still here, at d2's.
+	cc3, sc3 := net.Pipe()
+	go s.Accept(context.Background(), sc3, nil, "127.0.0.1:3")
+	d3 := loginClient(t, cc3, priv)
+	for _, d := range []*Client{d1, d2, d3} {
+		if h, _ := recvMsg[Health](t, d); !strings.Contains(h.Problem, "(3 in all)") {
+			t.Fatalf("health with 3 connections %q", h.Problem)
+		}
+	}
+	present(3)
+	d3.Close()
+	for _, d := range []*Client{d1, d2} {
+		if h, _ := recvMsg[Health](t, d); !strings.Contains(h.Problem, "(2 in all)") {
+			t.Fatalf("health with 2 connections left %q", h.Problem)
+		}
+	}
+	present(2)
+	if st := s.Stats(); st.CurrentDupKeys != 1 || st.CurrentDupConns != 2 || st.TotalDupLogins != 2 {
+		t.Errorf("dup stats after the third left %+v", st)
+	}
+
 	// The newest is active.
 	sender.Send(priv.Public(), []byte("to d2"))
 	if p, _ := recvMsg[*ReceivedPacket](t, d2); string(p.Data) != "to d2" {
@@ -585,6 +633,7 @@ func TestDuplicateKeys(t *testing.T) {
 	if h.Problem != "" {
 		t.Fatalf("health after dup ended %q", h.Problem)
 	}
+	present(2) // d1 was active
 	sender.Send(priv.Public(), []byte("again"))
 	if p, _ := recvMsg[*ReceivedPacket](t, d2); string(p.Data) != "again" {
 		t.Fatalf("d2 got %q", p.Data)

@@ -913,7 +913,7 @@ func (s *Server) register(c *sconn) bool {
 		s.stats.upgrades.Add(1)
 	}
 	if len(dups) > 0 {
-		msg := fmt.Sprintf("another connection (%d in all) is using this node key %s on this relay; only the one that sent last receives packets", len(dups), c.key.ShortString())
+		msg := dupHealth(len(dups), c.key)
 		for _, d := range dups {
 			d.setHealth(msg)
 		}
@@ -930,6 +930,11 @@ func (s *Server) register(c *sconn) bool {
 	c.mu.Unlock()
 	s.log.Debug("relay: client connected", "remote", c.remote, "key", c.key.ShortString(), "mesh", c.isMesh, "fastStart", c.fastStart)
 	return true
+}
+
+// dupHealth is the Health problem of each of n connections sharing key k.
+func dupHealth(n int, k PublicKey) string {
+	return fmt.Sprintf("another connection (%d in all) is using this node key %s on this relay; only the one that sent last receives packets", n, k.ShortString())
 }
 
 // unregister removes c from the routing table. If it was the key's last
@@ -951,9 +956,11 @@ func (s *Server) unregister(c *sconn) {
 			break
 		}
 	}
-	var alone *sconn
+	var alone, successor *sconn
+	var stillDup []*sconn
 	var gone map[*sconn]struct{}
 	last := len(e.conns) == 0 // read under sh.mu: a duplicate may be leaving too
+	wasActive := e.active.Load() == c
 	switch len(e.conns) {
 	case 0:
 		delete(sh.m, c.key)
@@ -963,17 +970,27 @@ func (s *Server) unregister(c *sconn) {
 		alone = e.conns[0]
 		alone.dup.Store(false)
 		e.active.Store(alone)
+		if wasActive {
+			successor = alone
+		}
 		s.stats.dupKeys.Add(-1)
 		s.stats.dupConns.Add(-2)
 	default:
-		if e.active.Load() == c {
-			e.active.Store(e.conns[len(e.conns)-1])
+		if wasActive {
+			successor = e.conns[len(e.conns)-1]
+			e.active.Store(successor)
 		}
+		stillDup = append(stillDup, e.conns...)
 		s.stats.dupConns.Add(-1)
 	}
 	sh.mu.Unlock()
-	if last {
+	switch {
+	case last:
 		s.broadcastLocked(PeerPresent{Key: c.key}) // Flags 0: gone
+	case successor != nil:
+		// Watchers learned the leaving connection's address last; the
+		// key is still here, at the successor's.
+		s.broadcastLocked(successor.presence())
 	}
 	s.stats.current.Add(-1)
 	if c.notIdeal {
@@ -993,6 +1010,12 @@ func (s *Server) unregister(c *sconn) {
 	}
 	if alone != nil {
 		alone.setHealth("")
+	}
+	if len(stillDup) > 0 {
+		msg := dupHealth(len(stillDup), c.key)
+		for _, d := range stillDup {
+			d.setHealth(msg)
+		}
 	}
 	if last {
 		if !s.meshAdopt(c.key, gone) {
