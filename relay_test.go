@@ -1434,6 +1434,86 @@ func TestAdmissionURL(t *testing.T) {
 	waitFor(t, func() bool { return s.Stats().Errors["login:login_rejected"] == 1 })
 }
 
+// TestAdmissionServiceCache checks CacheFor: verdicts to admit and to
+// refuse are remembered per key and address until they expire; concurrent
+// logins of one key share one request; what the service did not decide
+// (an error status) is asked again.
+func TestAdmissionServiceCache(t *testing.T) {
+	allowed, denied := mustKey(t).Public(), mustKey(t).Public()
+	var requests atomic.Int64
+	var failing atomic.Bool
+	release := make(chan struct{})
+	var slow atomic.Bool
+	svc := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		requests.Add(1)
+		if slow.Load() {
+			<-release
+		}
+		if failing.Load() {
+			http.Error(w, "overloaded", http.StatusServiceUnavailable)
+			return
+		}
+		var req struct{ NodePublic string }
+		json.NewDecoder(r.Body).Decode(&req)
+		fmt.Fprintf(w, `{"Allow":%v}`, req.NodePublic == "nodekey:"+allowed.String())
+	}))
+	defer svc.Close()
+	unblock := sync.OnceFunc(func() { close(release) })
+	defer unblock() // before svc.Close, which waits for handlers
+	as := &AdmissionService{URL: svc.URL, Client: svc.Client(), CacheFor: 200 * time.Millisecond}
+	ctx := context.Background()
+	admit := func(k PublicKey, addr string) error { return as.Admit(ctx, Admission{Key: k, RemoteAddr: addr}) }
+	want := func(n int64) {
+		t.Helper()
+		if got := requests.Load(); got != n {
+			t.Errorf("%d requests, want %d", got, n)
+		}
+	}
+
+	for range 3 {
+		if err := admit(allowed, "192.0.2.1:1"); err != nil {
+			t.Fatalf("allowed key: %v", err)
+		}
+		if err := admit(denied, "192.0.2.1:2"); err == nil {
+			t.Fatal("denied key admitted")
+		}
+	}
+	want(2) // one request per key; the port does not matter
+	if err := admit(allowed, "192.0.2.9:1"); err != nil {
+		t.Fatal(err)
+	}
+	want(3) // another address is asked about
+
+	// Expired verdicts are asked again; an error status is not remembered
+	// (and not forgiven: the service is reachable).
+	time.Sleep(250 * time.Millisecond)
+	failing.Store(true)
+	for range 2 {
+		if err := admit(allowed, "192.0.2.1:1"); err == nil || !strings.Contains(err.Error(), "503") {
+			t.Fatalf("while failing: %v", err)
+		}
+	}
+	want(5)
+	failing.Store(false)
+
+	// Concurrent logins of one key wait for one request.
+	time.Sleep(250 * time.Millisecond)
+	slow.Store(true)
+	errs := make(chan error, 10)
+	for range 10 {
+		go func() { errs <- admit(allowed, "192.0.2.1:1") }()
+	}
+	waitFor(t, func() bool { return requests.Load() == 6 })
+	time.Sleep(20 * time.Millisecond) // let the others find it in flight
+	unblock()
+	for range 10 {
+		if err := <-errs; err != nil {
+			t.Errorf("concurrent login: %v", err)
+		}
+	}
+	want(6)
+}
+
 // TestAdmissionURLBounded checks that each AdmissionURL hook has at most
 // maxAdmissionRequests requests in flight, that the rest wait for a slot
 // and then get their answers, and that a login whose deadline passes while

@@ -184,56 +184,188 @@ func WithAdmission(f func(ctx context.Context, a Admission) error) ServerOption 
 // reconnect reaches the service as a bounded queue rather than a burst. A
 // login whose deadline passes while it waits counts as the service being
 // unreachable.
+//
+// It is (&AdmissionService{URL: url, FailOpen: failOpen, Client:
+// client}).Admit; set AdmissionService.CacheFor to remember verdicts.
 func AdmissionURL(url string, failOpen bool, client *http.Client) func(context.Context, Admission) error {
+	return (&AdmissionService{URL: url, FailOpen: failOpen, Client: client}).Admit
+}
+
+// AdmissionService asks an HTTP service whether clients may log in, as
+// AdmissionURL describes; pass its Admit method to WithAdmission. Set the
+// fields before the first Admit and do not change them afterwards.
+type AdmissionService struct {
+	URL      string
+	FailOpen bool         // admit when the service cannot be reached
+	Client   *http.Client // nil: http.DefaultClient
+	// CacheFor, if positive, remembers each verdict the service gave, to
+	// admit or to refuse, for a key logging in from an IP address, for this
+	// long: a client that reconnects, or a flood of logins with a refused
+	// key, is answered without a request. Logins of one key from one
+	// address while its request is in flight wait for that request. What
+	// the service did not decide (it was unreachable, answered an error
+	// status or garbage, or the login ran out of time) is not remembered.
+	// At most maxAdmissionVerdicts verdicts are kept. A key refused later
+	// is still admitted until its verdict expires: keep CacheFor short
+	// (a minute) where revocation must be quick.
+	CacheFor time.Duration
+
+	once  sync.Once
+	slots chan struct{}
+
+	mu       sync.Mutex
+	verdicts map[admissionKey]admissionVerdict
+	inflight map[admissionKey]*admissionCall
+}
+
+type admissionKey struct {
+	key    PublicKey
+	source string // the client's IP address
+}
+
+type admissionVerdict struct {
+	allow bool
+	until time.Time
+}
+
+// admissionCall is a request in flight; done is closed when decided says
+// whether the service decided, and allow what.
+type admissionCall struct {
+	done           chan struct{}
+	decided, allow bool
+}
+
+// errAdmissionDenied is the refusal of a client by the admission service.
+var errAdmissionDenied = errors.New("admission service denied the client")
+
+// maxAdmissionVerdicts bounds the verdicts an AdmissionService remembers.
+const maxAdmissionVerdicts = 1 << 16
+
+// Admit asks the service (or its cache) whether a may log in; it is a hook
+// for WithAdmission.
+func (as *AdmissionService) Admit(ctx context.Context, a Admission) error {
+	as.once.Do(func() { as.slots = make(chan struct{}, maxAdmissionRequests) })
+	var source string
+	if ap, err := netip.ParseAddrPort(a.RemoteAddr); err == nil {
+		source = ap.Addr().Unmap().String()
+	}
+	if as.CacheFor <= 0 {
+		allow, decided, err := as.ask(ctx, a.Key, source)
+		return as.verdict(allow, decided, err)
+	}
+	k := admissionKey{a.Key, source}
+	for {
+		as.mu.Lock()
+		if v, ok := as.verdicts[k]; ok && time.Now().Before(v.until) {
+			as.mu.Unlock()
+			return as.verdict(v.allow, true, nil)
+		}
+		if call, ok := as.inflight[k]; ok {
+			as.mu.Unlock()
+			select {
+			case <-call.done:
+			case <-ctx.Done():
+				return as.verdict(false, false, fmt.Errorf("%w: busy: %w", errAdmissionUnreachable, ctx.Err()))
+			}
+			if call.decided {
+				return as.verdict(call.allow, true, nil)
+			}
+			continue // undecided: ask again, for this login
+		}
+		call := &admissionCall{done: make(chan struct{})}
+		if as.inflight == nil {
+			as.inflight = map[admissionKey]*admissionCall{}
+		}
+		as.inflight[k] = call
+		as.mu.Unlock()
+
+		allow, decided, err := as.ask(ctx, a.Key, source)
+		as.mu.Lock()
+		delete(as.inflight, k)
+		call.decided, call.allow = decided, allow
+		if decided {
+			as.rememberLocked(k, allow)
+		}
+		as.mu.Unlock()
+		close(call.done)
+		return as.verdict(allow, decided, err)
+	}
+}
+
+// rememberLocked stores a verdict, making room by dropping expired ones; if
+// none has expired, the verdict is not stored.
+func (as *AdmissionService) rememberLocked(k admissionKey, allow bool) {
+	now := time.Now()
+	if as.verdicts == nil {
+		as.verdicts = map[admissionKey]admissionVerdict{}
+	}
+	if _, ok := as.verdicts[k]; !ok && len(as.verdicts) >= maxAdmissionVerdicts {
+		for k, v := range as.verdicts {
+			if !now.Before(v.until) {
+				delete(as.verdicts, k)
+			}
+		}
+		if len(as.verdicts) >= maxAdmissionVerdicts {
+			return
+		}
+	}
+	as.verdicts[k] = admissionVerdict{allow, now.Add(as.CacheFor)}
+}
+
+// verdict turns the outcome of a request into the hook's answer.
+func (as *AdmissionService) verdict(allow, decided bool, err error) error {
+	switch {
+	case decided && allow:
+		return nil
+	case decided:
+		return errAdmissionDenied
+	case as.FailOpen && errors.Is(err, errAdmissionUnreachable):
+		return nil
+	}
+	return err
+}
+
+// errAdmissionUnreachable marks failures to reach the service, which
+// FailOpen forgives.
+var errAdmissionUnreachable = errors.New("admission service unreachable")
+
+// ask sends one request. decided reports whether the service gave a
+// verdict; if not, err says why.
+func (as *AdmissionService) ask(ctx context.Context, key PublicKey, source string) (allow, decided bool, err error) {
+	select {
+	case as.slots <- struct{}{}:
+		defer func() { <-as.slots }()
+	case <-ctx.Done():
+		return false, false, fmt.Errorf("%w: busy: %w", errAdmissionUnreachable, ctx.Err())
+	}
+	client := as.Client
 	if client == nil {
 		client = http.DefaultClient
 	}
-	slots := make(chan struct{}, maxAdmissionRequests)
-	return func(ctx context.Context, a Admission) error {
-		select {
-		case slots <- struct{}{}:
-			defer func() { <-slots }()
-		case <-ctx.Done():
-			if failOpen {
-				return nil
-			}
-			return fmt.Errorf("admission service busy: %w", ctx.Err())
-		}
-		var source string
-		if ap, err := netip.ParseAddrPort(a.RemoteAddr); err == nil {
-			source = ap.Addr().Unmap().String()
-		}
-		body, _ := json.Marshal(struct {
-			NodePublic string
-			Source     string
-		}{"nodekey:" + a.Key.String(), source})
-		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		defer cancel()
-		req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
-		if err != nil {
-			return err
-		}
-		req.Header.Set("Content-Type", "application/json")
-		resp, err := client.Do(req)
-		if err != nil {
-			if failOpen {
-				return nil
-			}
-			return fmt.Errorf("admission service unreachable: %w", err)
-		}
-		defer resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("admission service answered %s", resp.Status)
-		}
-		var verdict struct{ Allow bool }
-		if err := json.NewDecoder(io.LimitReader(resp.Body, 4096)).Decode(&verdict); err != nil {
-			return fmt.Errorf("admission service reply: %w", err)
-		}
-		if !verdict.Allow {
-			return errors.New("admission service denied the client")
-		}
-		return nil
+	body, _ := json.Marshal(struct {
+		NodePublic string
+		Source     string
+	}{"nodekey:" + key.String(), source})
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, as.URL, bytes.NewReader(body))
+	if err != nil {
+		return false, false, err
 	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := client.Do(req)
+	if err != nil {
+		return false, false, fmt.Errorf("%w: %w", errAdmissionUnreachable, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return false, false, fmt.Errorf("admission service answered %s", resp.Status)
+	}
+	var v struct{ Allow bool }
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 4096)).Decode(&v); err != nil {
+		return false, false, fmt.Errorf("admission service reply: %w", err)
+	}
+	return v.Allow, true, nil
 }
 
 // maxAdmissionRequests bounds the requests one AdmissionURL hook has in
