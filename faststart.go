@@ -40,7 +40,12 @@ import (
 type FastStart struct {
 	// TLSConfig is used for https URLs. It is cloned; ServerName defaults to
 	// the URL's host; ALPN is not offered (DERP needs HTTP/1.1). Nil means
-	// the system roots.
+	// the system roots. Without RootCAs (and verification callbacks of
+	// its own), a server the system's roots do not vouch for (or a system without any, such as a bare container) is
+	// checked against Let's Encrypt's two roots, built in, as Tailscale's
+	// client does: its DERP servers, and most others, have their
+	// certificates from it. The server's own certificate is always the
+	// first of its chain; meta certs come after it.
 	TLSConfig *tls.Config
 	// DialContext dials the TCP connection. Nil means a net.Dialer.
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
@@ -371,6 +376,11 @@ func (f *FastStart) tlsHandshake(ctx context.Context, nc net.Conn, u *url.URL, p
 	}
 	if f.node != nil && !proxy {
 		f.node.verifyWith(cfg)
+	}
+	if !cfg.InsecureSkipVerify && cfg.RootCAs == nil && cfg.VerifyConnection == nil && cfg.VerifyPeerCertificate == nil {
+		// (Callbacks of the caller's own may read the verified chains,
+		// which crypto/tls fills only when it verifies.)
+		verifyWithFallbackRoots(cfg)
 	}
 	cfg.NextProtos = nil
 	tc := tls.Client(nc, cfg)
@@ -1432,18 +1442,14 @@ func (n *Node) verifyWith(cfg *tls.Config) {
 		// server name if one was sent (not for an IP address).
 		cfg.InsecureSkipVerify = true
 		cfg.VerifyConnection = chainVerify(cfg.VerifyConnection, func(cs tls.ConnectionState) error {
-			var leaf *x509.Certificate
-			for _, c := range cs.PeerCertificates {
-				if _, _, meta := parseMetaCertCandidate(c); meta {
-					continue
-				}
-				if leaf != nil {
-					return errors.New("relay: a pinned server presented more than one certificate")
-				}
-				leaf = c
-			}
+			leaf := leafCert(cs.PeerCertificates)
 			if leaf == nil {
 				return errors.New("relay: no certificate to check against the pin")
+			}
+			for _, c := range cs.PeerCertificates[1:] {
+				if _, _, meta := parseMetaCertCandidate(c); !meta {
+					return errors.New("relay: a pinned server presented more than one certificate")
+				}
 			}
 			sum := sha256.Sum256(leaf.Raw)
 			if !strings.EqualFold(hex.EncodeToString(sum[:]), pin) {
@@ -1463,21 +1469,108 @@ func (n *Node) verifyWith(cfg *tls.Config) {
 		roots := cfg.RootCAs
 		cfg.InsecureSkipVerify = true
 		cfg.VerifyConnection = chainVerify(cfg.VerifyConnection, func(cs tls.ConnectionState) error {
-			leaf := leafCert(cs.PeerCertificates)
-			if leaf == nil {
-				return errors.New("relay: server sent no certificate")
-			}
-			inter := x509.NewCertPool()
-			for _, c := range cs.PeerCertificates {
-				if c != leaf {
-					inter.AddCert(c)
-				}
-			}
-			_, err := leaf.Verify(x509.VerifyOptions{DNSName: n.CertName, Roots: roots, Intermediates: inter})
-			return err
+			return verifyChain(cs.PeerCertificates, n.CertName, roots)
 		})
 	}
 }
+
+// verifyChain checks chain (leaf first, then intermediates and perhaps a
+// meta cert) for name against roots. Nil roots means the system's, and if
+// they do not vouch for the chain (or the system has none), Let's
+// Encrypt's.
+func verifyChain(chain []*x509.Certificate, name string, roots *x509.CertPool) error {
+	leaf := leafCert(chain)
+	if leaf == nil {
+		return errors.New("relay: server sent no certificate")
+	}
+	opts := x509.VerifyOptions{DNSName: name, Roots: roots, Intermediates: x509.NewCertPool()}
+	for _, c := range chain {
+		if c != leaf {
+			opts.Intermediates.AddCert(c)
+		}
+	}
+	_, err := leaf.Verify(opts)
+	if err == nil || roots != nil {
+		return err
+	}
+	opts.Roots = fallbackRoots()
+	if _, ferr := leaf.Verify(opts); ferr == nil {
+		return nil
+	}
+	return &tls.CertificateVerificationError{UnverifiedCertificates: chain, Err: err}
+}
+
+// verifyWithFallbackRoots makes cfg, which verifies against the system's
+// roots, fall back to Let's Encrypt's roots (see fallbackRoots) when the
+// system's do not vouch for the server.
+func verifyWithFallbackRoots(cfg *tls.Config) {
+	name := cfg.ServerName
+	cfg.InsecureSkipVerify = true
+	cfg.VerifyConnection = chainVerify(cfg.VerifyConnection, func(cs tls.ConnectionState) error {
+		return verifyChain(cs.PeerCertificates, name, nil)
+	})
+}
+
+// fallbackRoots returns the roots a client trusts when the system's roots
+// do not vouch for a server (a container or small device without CA
+// certificates): those of Let's Encrypt, which issues the certificates of
+// Tailscale's DERP servers and of most others. Tests replace it.
+var fallbackRoots = sync.OnceValue(func() *x509.CertPool {
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM([]byte(letsEncryptRoots)) {
+		panic("relay: bad built-in root certificates")
+	}
+	return pool
+})
+
+// letsEncryptRoots are ISRG Root X1 (RSA, until 2035) and ISRG Root X2
+// (ECDSA, until 2040), as Mozilla's root store has them.
+const letsEncryptRoots = `-----BEGIN CERTIFICATE-----
+MIIFazCCA1OgAwIBAgIRAIIQz7DSQONZRGPgu2OCiwAwDQYJKoZIhvcNAQELBQAw
+TzELMAkGA1UEBhMCVVMxKTAnBgNVBAoTIEludGVybmV0IFNlY3VyaXR5IFJlc2Vh
+cmNoIEdyb3VwMRUwEwYDVQQDEwxJU1JHIFJvb3QgWDEwHhcNMTUwNjA0MTEwNDM4
+WhcNMzUwNjA0MTEwNDM4WjBPMQswCQYDVQQGEwJVUzEpMCcGA1UEChMgSW50ZXJu
+ZXQgU2VjdXJpdHkgUmVzZWFyY2ggR3JvdXAxFTATBgNVBAMTDElTUkcgUm9vdCBY
+MTCCAiIwDQYJKoZIhvcNAQEBBQADggIPADCCAgoCggIBAK3oJHP0FDfzm54rVygc
+h77ct984kIxuPOZXoHj3dcKi/vVqbvYATyjb3miGbESTtrFj/RQSa78f0uoxmyF+
+0TM8ukj13Xnfs7j/EvEhmkvBioZxaUpmZmyPfjxwv60pIgbz5MDmgK7iS4+3mX6U
+A5/TR5d8mUgjU+g4rk8Kb4Mu0UlXjIB0ttov0DiNewNwIRt18jA8+o+u3dpjq+sW
+T8KOEUt+zwvo/7V3LvSye0rgTBIlDHCNAymg4VMk7BPZ7hm/ELNKjD+Jo2FR3qyH
+B5T0Y3HsLuJvW5iB4YlcNHlsdu87kGJ55tukmi8mxdAQ4Q7e2RCOFvu396j3x+UC
+B5iPNgiV5+I3lg02dZ77DnKxHZu8A/lJBdiB3QW0KtZB6awBdpUKD9jf1b0SHzUv
+KBds0pjBqAlkd25HN7rOrFleaJ1/ctaJxQZBKT5ZPt0m9STJEadao0xAH0ahmbWn
+OlFuhjuefXKnEgV4We0+UXgVCwOPjdAvBbI+e0ocS3MFEvzG6uBQE3xDk3SzynTn
+jh8BCNAw1FtxNrQHusEwMFxIt4I7mKZ9YIqioymCzLq9gwQbooMDQaHWBfEbwrbw
+qHyGO0aoSCqI3Haadr8faqU9GY/rOPNk3sgrDQoo//fb4hVC1CLQJ13hef4Y53CI
+rU7m2Ys6xt0nUW7/vGT1M0NPAgMBAAGjQjBAMA4GA1UdDwEB/wQEAwIBBjAPBgNV
+HRMBAf8EBTADAQH/MB0GA1UdDgQWBBR5tFnme7bl5AFzgAiIyBpY9umbbjANBgkq
+hkiG9w0BAQsFAAOCAgEAVR9YqbyyqFDQDLHYGmkgJykIrGF1XIpu+ILlaS/V9lZL
+ubhzEFnTIZd+50xx+7LSYK05qAvqFyFWhfFQDlnrzuBZ6brJFe+GnY+EgPbk6ZGQ
+3BebYhtF8GaV0nxvwuo77x/Py9auJ/GpsMiu/X1+mvoiBOv/2X/qkSsisRcOj/KK
+NFtY2PwByVS5uCbMiogziUwthDyC3+6WVwW6LLv3xLfHTjuCvjHIInNzktHCgKQ5
+ORAzI4JMPJ+GslWYHb4phowim57iaztXOoJwTdwJx4nLCgdNbOhdjsnvzqvHu7Ur
+TkXWStAmzOVyyghqpZXjFaH3pO3JLF+l+/+sKAIuvtd7u+Nxe5AW0wdeRlN8NwdC
+jNPElpzVmbUq4JUagEiuTDkHzsxHpFKVK7q4+63SM1N95R1NbdWhscdCb+ZAJzVc
+oyi3B43njTOQ5yOf+1CceWxG1bQVs5ZufpsMljq4Ui0/1lvh+wjChP4kqKOJ2qxq
+4RgqsahDYVvTH9w7jXbyLeiNdd8XM2w9U/t7y0Ff/9yi0GE44Za4rF2LN9d11TPA
+mRGunUHBcnWEvgJBQl9nJEiU0Zsnvgc/ubhPgXRR4Xq37Z0j4r7g1SgEEzwxA57d
+emyPxgcYxn/eR44/KJ4EBs+lVDR3veyJm+kXQ99b21/+jh5Xos1AnX5iItreGCc=
+-----END CERTIFICATE-----
+-----BEGIN CERTIFICATE-----
+MIICGzCCAaGgAwIBAgIQQdKd0XLq7qeAwSxs6S+HUjAKBggqhkjOPQQDAzBPMQsw
+CQYDVQQGEwJVUzEpMCcGA1UEChMgSW50ZXJuZXQgU2VjdXJpdHkgUmVzZWFyY2gg
+R3JvdXAxFTATBgNVBAMTDElTUkcgUm9vdCBYMjAeFw0yMDA5MDQwMDAwMDBaFw00
+MDA5MTcxNjAwMDBaME8xCzAJBgNVBAYTAlVTMSkwJwYDVQQKEyBJbnRlcm5ldCBT
+ZWN1cml0eSBSZXNlYXJjaCBHcm91cDEVMBMGA1UEAxMMSVNSRyBSb290IFgyMHYw
+EAYHKoZIzj0CAQYFK4EEACIDYgAEzZvVn4CDCuwJSvMWSj5cz3es3mcFDR0HttwW
++1qLFNvicWDEukWVEYmO6gbf9yoWHKS5xcUy4APgHoIYOIvXRdgKam7mAHf7AlF9
+ItgKbppbd9/w+kHsOdx1ymgHDB/qo0IwQDAOBgNVHQ8BAf8EBAMCAQYwDwYDVR0T
+AQH/BAUwAwEB/zAdBgNVHQ4EFgQUfEKWrt5LSDv6kviejM9ti6lyN5UwCgYIKoZI
+zj0EAwMDaAAwZQIwe3lORlCEwkSHRhtFcP9Ymd70/aTSVaYgLXTWNLxBo1BfASdW
+tL4ndQavEi51mI38AjEAi/V3bNTIZargCyzuFJ0nN6T5U6VR5CmD1/iQMVtCnwr1
+/q4AaOeMSQ+2b1tbFfLn
+-----END CERTIFICATE-----
+`
 
 // chainVerify returns a VerifyConnection callback that runs check, then
 // prev if there was one.
@@ -1493,13 +1586,16 @@ func chainVerify(prev, check func(tls.ConnectionState) error) func(tls.Connectio
 	}
 }
 
-// leafCert returns the first certificate of a chain that is not a meta
-// cert.
+// leafCert returns the server's own certificate: the first of its chain,
+// the one whose key crypto/tls checked the handshake's signature against
+// (it does so even when it leaves the chain to us). Meta certs come after
+// it; a chain that starts with one is checked as any other and fails, as
+// it must: a meta cert is self-signed by whoever made it, so skipping it
+// would let a server sign with a key of its own while presenting another
+// server's (public) certificate next.
 func leafCert(chain []*x509.Certificate) *x509.Certificate {
-	for _, c := range chain {
-		if _, _, ok := parseMetaCertCandidate(c); !ok {
-			return c
-		}
+	if len(chain) == 0 {
+		return nil
 	}
-	return nil
+	return chain[0]
 }

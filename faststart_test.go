@@ -4,14 +4,21 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"log"
 	"maps"
+	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -1522,5 +1529,114 @@ func TestHostPort(t *testing.T) {
 		if got := hostPort(u); got != want {
 			t.Errorf("hostPort(%s) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// TestChainMustStartWithTheLeaf plays a server that signs the TLS handshake
+// with the key of a meta cert it made itself, and presents another server's
+// (public) certificate after it. crypto/tls checks the handshake's
+// signature against the first certificate only, so every way this package
+// verifies a chain must verify that first one: by name against roots, by
+// CertName, by pin, and with the built-in fallback roots. The same server
+// with its own chain (leaf first, meta cert last) is accepted each way.
+func TestChainMustStartWithTheLeaf(t *testing.T) {
+	real, pool, err := selfSignedCert("b.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, evilKey, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(int64(ProtocolVersion)),
+		Subject:      pkix.Name{CommonName: MetaCertCommonNamePrefix + mustKey(t).Public().String()},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+	}
+	evilMeta, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, evilKey.Public(), evilKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, _ := x509.ParseCertificate(evilMeta); c == nil {
+		t.Fatal("meta cert does not parse")
+	} else if _, _, ok := parseMetaCertCandidate(c); !ok {
+		t.Fatal("the forged meta cert is not one")
+	}
+	sum := sha256.Sum256(real.Certificate[0])
+	pin := "sha256-raw:" + hex.EncodeToString(sum[:])
+
+	serve := func(cert tls.Certificate) int {
+		ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				go func() {
+					c.(*tls.Conn).Handshake()
+					c.Close()
+				}()
+			}
+		}()
+		return ln.Addr().(*net.TCPAddr).Port
+	}
+	goodPort := serve(tls.Certificate{Certificate: [][]byte{real.Certificate[0], evilMeta}, PrivateKey: real.PrivateKey})
+	evilPort := serve(tls.Certificate{Certificate: [][]byte{evilMeta, real.Certificate[0]}, PrivateKey: evilKey})
+
+	saved := fallbackRoots
+	t.Cleanup(func() { fallbackRoots = saved })
+	var names []string
+	for _, der := range saved().Subjects() { //lint:ignore SA1019 not a system pool
+		var n pkix.RDNSequence
+		if _, err := asn1.Unmarshal(der, &n); err != nil {
+			t.Fatal(err)
+		}
+		var name pkix.Name
+		name.FillFromRDNSequence(&n)
+		names = append(names, name.CommonName)
+	}
+	slices.Sort(names)
+	if !slices.Equal(names, []string{"ISRG Root X1", "ISRG Root X2"}) {
+		t.Errorf("built-in roots %q, want ISRG Root X1 and X2", names)
+	}
+	fallbackRoots = func() *x509.CertPool { return pool }
+
+	for _, tc := range []struct {
+		name     string
+		certName string
+		roots    *x509.CertPool
+	}{
+		{"roots", "", pool},
+		{"fallback roots", "", nil},
+		{"CertName", "b.test", pool},
+		{"CertName, fallback roots", "b.test", nil},
+		{"pin", pin, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := FastStart{TLSConfig: &tls.Config{RootCAs: tc.roots}}
+			dial := func(port int) error {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				c, _, err := f.DialRegionTLS(ctx, &Region{RegionID: 1, Nodes: []*Node{
+					{Name: "1a", HostName: "b.test", IPv4: "127.0.0.1", IPv6: "none", DERPPort: port, CertName: tc.certName},
+				}})
+				if err == nil {
+					c.Close()
+				}
+				return err
+			}
+			if err := dial(goodPort); err != nil {
+				t.Fatalf("the real server: %v", err)
+			}
+			if err := dial(evilPort); err == nil {
+				t.Fatal("accepted a server whose handshake key is its own meta cert's, in front of another server's certificate")
+			}
+		})
 	}
 }
