@@ -16,8 +16,9 @@ package interop
 // congestion control of every socket of the run, client's and servers';
 // empty: the system's), PERF_RPS (a diagnostic: "server" or "client" steers
 // loopback's receive work to that CPU with RPS for the run, as a NIC whose
-// interrupts land there would, and restores the setting; needs root; empty:
-// where the kernel does it, on the sending CPU), PERF_TRANSPORT (http, https or tcp; http), PERF_SERVERS
+// interrupts land there would; "rfs" gives each socket's receive work to the
+// CPU of its user, as two hosts on a network; restored after; needs root;
+// empty: where the kernel does it, on the sending CPU), PERF_TRANSPORT (http, https or tcp; http), PERF_SERVERS
 // (tailscale,ours), PERF_IDLE_CLIENTS (5000), PERF_IDLE_TRANSPORTS
 // (http,https,websocket,tcp), PERF_OUT (append the markdown tables to this file),
 // PERF_CPUPROFILE (each server child writes a CPU profile of its whole life
@@ -633,36 +634,64 @@ func BenchmarkIdleMemory(b *testing.B) {
 	perfOut(tbl.String())
 }
 
-// loopbackRPS is the file that steers loopback's receive processing.
-const loopbackRPS = "/sys/class/net/lo/queues/rx-0/rps_cpus"
+// The files that steer loopback's receive processing: the CPUs RPS may use,
+// and the flow tables RFS needs to follow each socket's reader.
+const (
+	loopbackRPS      = "/sys/class/net/lo/queues/rx-0/rps_cpus"
+	loopbackFlowCnt  = "/sys/class/net/lo/queues/rx-0/rps_flow_cnt"
+	rpsSockFlowTable = "/proc/sys/net/core/rps_sock_flow_entries"
+)
 
-// setLoopbackRPS steers loopback's receive processing to the server's CPU
-// (0) or the load client's (1) for the rest of the benchmark, and restores
-// the old mask when it ends. "" leaves the kernel's default, which runs it on
-// the sending CPU. It returns a description for the log.
+// setLoopbackRPS places loopback's receive processing for the rest of the
+// benchmark, and restores the old settings when it ends:
+//
+//   - "" leaves the kernel's default: the sending CPU does it, so a sender's
+//     CPU also does the receiver's TCP work;
+//   - "server" or "client" steers all of it to the server's CPU (0) or the
+//     load client's (1) with RPS, as a NIC whose interrupts land there would;
+//   - "rfs" steers each packet to the CPU of the process that last used its
+//     socket (RFS), so each side does its own receive work, and a sender
+//     whose window reopens transmits from its own CPU: the placement of two
+//     hosts on a network.
+//
+// It returns a description for the log.
 func setLoopbackRPS(b *testing.B, where string) string {
-	var cpu int
+	settings := map[string]string{}
+	var desc string
 	switch where {
 	case "":
 		return "default (on the sending CPU)"
 	case "server":
-		cpu = 0
+		settings[loopbackRPS], desc = "1", "the server's CPU 0"
 	case "client":
-		cpu = 1
+		settings[loopbackRPS], desc = "2", "the client's CPU 1"
+	case "rfs":
+		settings[loopbackRPS] = "3"
+		settings[loopbackFlowCnt] = "32768"
+		settings[rpsSockFlowTable] = "32768"
+		desc = "the CPU of each socket's user (RFS)"
 	default:
-		b.Fatalf("PERF_RPS=%q: want server or client", where)
+		b.Fatalf("PERF_RPS=%q: want server, client or rfs", where)
 	}
-	old, err := os.ReadFile(loopbackRPS)
-	if err != nil {
-		b.Fatalf("PERF_RPS: %v", err)
-	}
-	if err := os.WriteFile(loopbackRPS, []byte(strconv.FormatInt(1<<cpu, 16)), 0); err != nil {
-		b.Fatalf("PERF_RPS: %v (needs root)", err)
-	}
-	b.Cleanup(func() {
-		if err := os.WriteFile(loopbackRPS, bytes.TrimSpace(old), 0); err != nil {
-			b.Errorf("restore %s to %q: %v", loopbackRPS, bytes.TrimSpace(old), err)
+	// The global table first, the queue's mask last, so RPS never runs
+	// half set up; restore in the opposite order.
+	for _, path := range []string{rpsSockFlowTable, loopbackFlowCnt, loopbackRPS} {
+		v, ok := settings[path]
+		if !ok {
+			continue
 		}
-	})
-	return fmt.Sprintf("the %s's CPU %d", where, cpu)
+		old, err := os.ReadFile(path)
+		if err != nil {
+			b.Fatalf("PERF_RPS: %v", err)
+		}
+		if err := os.WriteFile(path, []byte(v), 0); err != nil {
+			b.Fatalf("PERF_RPS: %v (needs root)", err)
+		}
+		b.Cleanup(func() {
+			if err := os.WriteFile(path, bytes.TrimSpace(old), 0); err != nil {
+				b.Errorf("restore %s to %q: %v", path, bytes.TrimSpace(old), err)
+			}
+		})
+	}
+	return desc
 }
