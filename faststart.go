@@ -612,6 +612,7 @@ type ReconnectingClient struct {
 	keys         map[string]PublicKey  // learned keys by URL
 	lastGood     map[string]netip.Addr // where each host name was last reached
 	preferred    bool                  // what the caller wants
+	watch        bool                  // WatchConnectionChanges was called
 	sentPref     bool                  // what the current connection was told
 	closed       bool
 	failures     int
@@ -747,6 +748,12 @@ func (rc *ReconnectingClient) dial(ctx context.Context) (*Client, int, error) {
 		}
 	}
 	rc.sentPref = rc.preferred // a new connection starts as "not home"
+	if err == nil && rc.watch {
+		// Likewise for WatchConnectionChanges.
+		if err = c.WatchConnectionChanges(); err != nil {
+			c.Close()
+		}
+	}
 	if err != nil {
 		rc.failures++
 		rc.nextDial = time.Now().Add(rc.backoff(rc.failures, time.Now()))
@@ -979,6 +986,77 @@ func (rc *ReconnectingClient) NotePreferred(preferred bool) error {
 	return nil
 }
 
+// Connect connects now unless connected, waiting out the backoff after a
+// failed dial within ctx, and returns the dial's error. The other methods
+// connect by themselves; Connect reports a bad configuration early.
+func (rc *ReconnectingClient) Connect(ctx context.Context) error {
+	_, _, err := rc.current(ctx)
+	return err
+}
+
+// ForwardPacket hands the server a packet from src to dst, as a mesh peer
+// does (the client needs the server's mesh key, in Options), connecting
+// first if needed. A failed write drops the connection and is returned.
+func (rc *ReconnectingClient) ForwardPacket(ctx context.Context, src, dst PublicKey, pkt []byte) error {
+	c, _, err := rc.current(ctx)
+	if err != nil {
+		return err
+	}
+	if err := c.ForwardPacket(src, dst, pkt); err != nil {
+		if !errors.Is(err, ErrPacketTooLarge) {
+			rc.drop(c)
+		}
+		return err
+	}
+	return nil
+}
+
+// ClosePeer asks the server to end the sessions of key (mesh key needed),
+// connecting first if needed.
+func (rc *ReconnectingClient) ClosePeer(ctx context.Context, key PublicKey) error {
+	c, _, err := rc.current(ctx)
+	if err != nil {
+		return err
+	}
+	if err := c.ClosePeer(key); err != nil {
+		rc.drop(c)
+		return err
+	}
+	return nil
+}
+
+// WatchConnectionChanges asks the server (mesh key needed) to report which
+// clients are connected, as PeerPresent and PeerGone messages from Recv:
+// on this connection and on every later one, each of which starts with
+// the whole list again. A watcher that reconnects should forget what it
+// learned from the old connection when RecvDetail's generation changes.
+func (rc *ReconnectingClient) WatchConnectionChanges() error {
+	rc.mu.Lock()
+	rc.watch = true
+	c := rc.c
+	rc.mu.Unlock()
+	if c == nil {
+		return nil // the next connection asks
+	}
+	if err := c.WatchConnectionChanges(); err != nil {
+		rc.drop(c)
+		return err
+	}
+	return nil
+}
+
+// LocalAddr returns the local address of the current connection, or nil
+// when not connected.
+func (rc *ReconnectingClient) LocalAddr() net.Addr {
+	rc.mu.Lock()
+	c := rc.c
+	rc.mu.Unlock()
+	if c == nil {
+		return nil
+	}
+	return c.LocalAddr()
+}
+
 // Recv returns the next message, reconnecting (with backoff) as often as
 // needed; it returns an error only when ctx is done or the client is closed.
 // A ServerInfo message starts every connection. The server's Pings are
@@ -987,11 +1065,18 @@ func (rc *ReconnectingClient) NotePreferred(preferred bool) error {
 // cannot be resumed mid-frame, cancelling ctx while Recv waits drops the
 // current connection.
 func (rc *ReconnectingClient) Recv(ctx context.Context) (Message, error) {
+	m, _, err := rc.RecvDetail(ctx)
+	return m, err
+}
+
+// RecvDetail is Recv, and also returns the generation (see Generation) of
+// the connection the message arrived on.
+func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, error) {
 	for {
-		c, _, err := rc.current(ctx)
+		c, gen, err := rc.current(ctx)
 		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, ErrClosed) {
-				return nil, err
+				return nil, 0, err
 			}
 			continue // current waits out the backoff before the next dial
 		}
@@ -1001,7 +1086,7 @@ func (rc *ReconnectingClient) Recv(ctx context.Context) (Message, error) {
 		if err != nil {
 			rc.drop(c)
 			if ctx.Err() != nil {
-				return nil, ctx.Err()
+				return nil, 0, ctx.Err()
 			}
 			rc.mu.Lock()
 			closed := rc.closed
@@ -1017,7 +1102,7 @@ func (rc *ReconnectingClient) Recv(ctx context.Context) (Message, error) {
 			}
 			rc.mu.Unlock()
 			if closed {
-				return nil, ErrClosed
+				return nil, 0, ErrClosed
 			}
 			rc.logf("relay: connection lost", "url", rc.URL, "err", err)
 			continue
@@ -1048,7 +1133,7 @@ func (rc *ReconnectingClient) Recv(ctx context.Context) (Message, error) {
 			rc.restartUntil = rc.nextDial.Add(m.TryFor)
 			rc.mu.Unlock()
 		}
-		return m, nil
+		return m, gen, nil
 	}
 }
 

@@ -558,3 +558,94 @@ func TestReconnectingClientLastGoodAddress(t *testing.T) {
 		t.Errorf("fresh client with DNS down: %v, want the DNS error", err)
 	}
 }
+
+// TestReconnectingClientMesh uses a ReconnectingClient as a mesh peer:
+// Connect, WatchConnectionChanges (asked again on each new connection, which
+// RecvDetail's generation tells apart), ForwardPacket, ClosePeer and
+// LocalAddr.
+func TestReconnectingClientMesh(t *testing.T) {
+	const mk = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+	ts := StartTestServer(t, WithMeshKey(mk))
+	s := ts.Server
+	rc := &ReconnectingClient{
+		URL:        ts.URL,
+		PrivateKey: mustKey(t),
+		Dialer:     &FastStart{TLSConfig: ts.TLSConfig},
+		Options:    []ClientOption{MeshKey(mk)},
+		MinBackoff: 10 * time.Millisecond,
+		MaxBackoff: 50 * time.Millisecond,
+	}
+	defer rc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if rc.LocalAddr() != nil {
+		t.Error("LocalAddr before connecting")
+	}
+	if err := rc.WatchConnectionChanges(); err != nil { // before connecting: asked on connect
+		t.Fatal(err)
+	}
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if a, ok := rc.LocalAddr().(*net.TCPAddr); !ok || !a.IP.IsLoopback() {
+		t.Errorf("LocalAddr %v", rc.LocalAddr())
+	}
+	peer, _, err := (&FastStart{TLSConfig: ts.TLSConfig}).Dial(ctx, ts.URL, mustKey(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.Close()
+	type msgGen struct {
+		m   Message
+		gen int
+	}
+	msgs := make(chan msgGen, 64)
+	go func() {
+		for {
+			m, gen, err := rc.RecvDetail(ctx)
+			if err != nil {
+				close(msgs)
+				return
+			}
+			msgs <- msgGen{m, gen}
+		}
+	}()
+	// presentOn waits for PeerPresent of key on connection generation gen.
+	presentOn := func(key PublicKey, gen int) {
+		t.Helper()
+		for mg := range msgs {
+			if p, ok := mg.m.(PeerPresent); ok && p.Key == key && p.Flags != 0 {
+				if mg.gen != gen {
+					t.Fatalf("PeerPresent on generation %d, want %d", mg.gen, gen)
+				}
+				return
+			}
+		}
+		t.Fatalf("no PeerPresent for %s", key.ShortString())
+	}
+	presentOn(peer.PublicKey(), 1)
+
+	// Forwarded packets arrive from the source named.
+	src := mustKey(t).Public()
+	if err := rc.ForwardPacket(ctx, src, peer.PublicKey(), []byte("fwd")); err != nil {
+		t.Fatal(err)
+	}
+	if p, _ := recvMsg[*ReceivedPacket](t, peer); p == nil || p.Source != src || string(p.Data) != "fwd" {
+		t.Fatalf("forwarded packet %+v", p)
+	}
+
+	// A new connection watches again and lists the peer again.
+	s.closePeer(rc.PrivateKey.Public())
+	presentOn(peer.PublicKey(), 2)
+	if g := rc.Generation(); g != 2 {
+		t.Errorf("generation %d, want 2", g)
+	}
+
+	// ClosePeer ends the peer's session.
+	if err := rc.ClosePeer(ctx, peer.PublicKey()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := recvUntilErr(t, peer); err == nil {
+		t.Error("the peer's session was not closed")
+	}
+}
