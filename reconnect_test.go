@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"slices"
@@ -436,28 +437,10 @@ func TestReconnectingClientFailoverStalledNode(t *testing.T) {
 			t.Fatal(err)
 		}
 		var n atomic.Int32
-		var mu sync.Mutex
-		var conns []net.Conn
-		t.Cleanup(func() {
-			ln.Close()
-			mu.Lock()
-			for _, c := range conns {
-				c.Close()
-			}
-			mu.Unlock()
+		acceptLoop(t, ln, func(nc net.Conn) {
+			n.Add(1)
+			io.Copy(io.Discard, nc) // until the test ends
 		})
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				n.Add(1)
-				mu.Lock()
-				conns = append(conns, c) // read nothing, answer nothing
-				mu.Unlock()
-			}
-		}()
 		return ln.Addr().String(), &n
 	}
 	ts := StartTestServer(t)
