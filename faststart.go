@@ -41,11 +41,12 @@ type FastStart struct {
 	// TLSConfig is used for https URLs. It is cloned; ServerName defaults to
 	// the URL's host; ALPN is not offered (DERP needs HTTP/1.1). Nil means
 	// the system roots. Without RootCAs (and verification callbacks of
-	// its own), a server the system's roots do not vouch for (or a system without any, such as a bare container) is
-	// checked against Let's Encrypt's two roots, built in, as Tailscale's
-	// client does: its DERP servers, and most others, have their
-	// certificates from it. The server's own certificate is always the
-	// first of its chain; meta certs come after it.
+	// its own), a server the system's roots do not vouch for (or a system
+	// without any, such as a bare container) is checked against Let's
+	// Encrypt's two roots, built in, as Tailscale's client does: its DERP
+	// servers, and most others, have their certificates from it. The
+	// server's own certificate is always the first of its chain; meta
+	// certs come after it.
 	TLSConfig *tls.Config
 	// DialContext dials the TCP connection. Nil means a net.Dialer.
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
