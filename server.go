@@ -50,6 +50,7 @@ import (
 	"io"
 	"iter"
 	"log/slog"
+	"math/bits"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -58,6 +59,7 @@ import (
 	"os"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -596,6 +598,8 @@ type sconn struct {
 	sentPkts  atomic.Int64
 	sentBytes atomic.Int64
 	dropped   atomic.Int64 // packets for this client dropped here
+	batches   [batchBuckets]atomic.Int64 // packet batches written, by size (Stats.PacketsPerBatch)
+	queueWait atomic.Int64               // ns, summed over batches (Stats.QueueWait)
 
 	mu sync.Mutex // guards everything below
 	// outbox
@@ -2154,6 +2158,8 @@ func (c *sconn) enqueue(p *packet, disco bool) {
 	if old := q.push(p); old != nil {
 		c.drop(dropQueueHead, disco, old)
 		putPacket(old)
+	} else if q.n == 1 {
+		q.since = monoNanos()
 	}
 	// The packet count alone would let one stalled receiver pin 32
 	// maximal packets per queue; the byte cap bounds that too, oldest
@@ -2216,7 +2222,8 @@ const writerLinger = 500 * time.Millisecond
 type writerState struct {
 	bw      *bufio.Writer // only for conns without writev; nil until needed
 	pkts    []*packet
-	discos  int // the first discos entries of pkts are disco
+	discos  int   // the first discos entries of pkts are disco
+	wait    int64 // ns the oldest of pkts waited
 	control []byte
 	newSrcs []*sconn
 	fwdSrcs []PublicKey // new sources of forwarded packets (mesh recipients)
@@ -2363,6 +2370,15 @@ func (c *sconn) takeLocked(ws *writerState) bool {
 		c.hasPing = false
 		c.s.stats.sentPing.Add(1)
 	}
+	ws.wait = 0
+	if c.disco.n > 0 || c.other.n > 0 {
+		now := monoNanos()
+		for _, q := range [...]*pktRing{&c.disco, &c.other} {
+			if q.n > 0 {
+				ws.wait = max(ws.wait, now-q.since)
+			}
+		}
+	}
 	for p := c.disco.pop(); p != nil; p = c.disco.pop() {
 		ws.pkts = append(ws.pkts, p)
 	}
@@ -2455,9 +2471,25 @@ func (c *sconn) writeBatch(ws *writerState) error {
 	if n := len(ws.pkts); n > 0 {
 		c.sentPkts.Add(int64(n))
 		c.sentBytes.Add(bytes)
+		c.batches[batchBucket(n)].Add(1)
+		c.queueWait.Add(ws.wait)
 	}
 	return nil
 }
+
+// batchBuckets is the number of buckets of Stats.PacketsPerBatch.
+const batchBuckets = 8
+
+// batchBucket is the bucket of Stats.PacketsPerBatch for a batch of n ≥ 1
+// packets: 1, 2–3, 4–7, …, 128 or more.
+func batchBucket(n int) int {
+	return min(bits.Len(uint(n))-1, batchBuckets-1)
+}
+
+// monoNanos is a monotonic clock in nanoseconds.
+func monoNanos() int64 { return int64(time.Since(monoBase)) }
+
+var monoBase = time.Now()
 
 // writeBuffered writes a batch through ws.bw: for TLS and other conns
 // without writev, where each Write may cost a record of its own.
@@ -2650,7 +2682,8 @@ type pktRing struct {
 	buf   []*packet
 	head  int
 	n     int
-	bytes int // sum of the queued packets' lengths
+	bytes int   // sum of the queued packets' lengths
+	since int64 // monoNanos when the ring last became non-empty
 }
 
 // push appends p; if the ring is full it first removes and returns the
@@ -2900,6 +2933,8 @@ type serverCounters struct {
 	mu                             sync.Mutex
 	closedRecvPkts, closedRecvByts int64
 	closedSentPkts, closedSentByts int64
+	closedBatches                  [batchBuckets]int64
+	closedQueueWait                int64
 	errors                         map[string]int64 // login/session failures by reason
 	rejected                       map[string]int64
 }
@@ -2924,6 +2959,10 @@ func (sc *serverCounters) addSession(c *sconn) {
 	sc.closedRecvByts += c.recvBytes.Load()
 	sc.closedSentPkts += c.sentPkts.Load()
 	sc.closedSentByts += c.sentBytes.Load()
+	for i := range sc.closedBatches {
+		sc.closedBatches[i] += c.batches[i].Load()
+	}
+	sc.closedQueueWait += c.queueWait.Load()
 	sc.mu.Unlock()
 }
 
@@ -2993,6 +3032,17 @@ type Stats struct {
 	WriteTimeouts             int64 // sessions ended by the write deadline
 	UnknownFrames             int64 // frames read and ignored
 	RateLimitWaits            int64 // frames whose read waited for the rate limit
+	// PacketsPerBatch counts the batches of packets written to clients
+	// (one writev, or one flush under TLS, each) by the packets they held:
+	// 1, 2–3, 4–7, 8–15, 16–31, 32–63, 64–127, 128 or more. Bigger
+	// batches mean the writers are behind and each system call carries
+	// more.
+	PacketsPerBatch [batchBuckets]int64
+	// QueueWait sums, over those batches, how long each batch's oldest
+	// packet had waited in its queue (from when the queue last became
+	// non-empty); divided by the number of batches, it is the mean queue
+	// delay.
+	QueueWait time.Duration
 	// PacketsDropped and BytesDropped count drops by reason ("unknown_dest",
 	// "unknown_dest_on_fwd", "gone_disconnected", "queue_head", "queue_tail",
 	// "write_error", "dup_client", "mesh_queue", "mesh_link_down") and kind
@@ -3055,10 +3105,15 @@ func (s *Server) Stats() Stats {
 	sc.mu.Lock()
 	st.PacketsReceived, st.BytesReceived = sc.closedRecvPkts, sc.closedRecvByts
 	st.PacketsSent, st.BytesSent = sc.closedSentPkts, sc.closedSentByts
+	st.PacketsPerBatch, st.QueueWait = sc.closedBatches, time.Duration(sc.closedQueueWait)
 	for c := range s.conns {
 		st.PacketsReceived += c.recvPkts.Load()
 		st.BytesReceived += c.recvBytes.Load()
 		st.PacketsSent += c.sentPkts.Load()
+		for i := range st.PacketsPerBatch {
+			st.PacketsPerBatch[i] += c.batches[i].Load()
+		}
+		st.QueueWait += time.Duration(c.queueWait.Load())
 		st.BytesSent += c.sentBytes.Load()
 	}
 	for k, v := range sc.errors {
@@ -3122,6 +3177,18 @@ func (s *Server) WritePrometheus(w io.Writer) error {
 	metric("sclient_write_timeouts", "counter", "Sessions ended by the write deadline.", st.WriteTimeouts)
 	metric("unknown_frames", "counter", "Frames read and ignored.", st.UnknownFrames)
 	metric("rate_limit_waits", "counter", "Frame reads that waited for the rate limit.", st.RateLimitWaits)
+	fmt.Fprintf(bw, "# HELP derp_queue_wait_seconds Summed over packet batches written to clients: how long each batch's oldest packet waited.\n# TYPE derp_queue_wait_seconds counter\nderp_queue_wait_seconds %g\n", st.QueueWait.Seconds())
+	fmt.Fprintf(bw, "# HELP derp_packets_per_batch Packets per write to a client.\n# TYPE derp_packets_per_batch histogram\n")
+	var batches int64
+	for i, n := range st.PacketsPerBatch {
+		batches += n
+		le := "+Inf"
+		if i < batchBuckets-1 {
+			le = strconv.Itoa(2<<i - 1)
+		}
+		fmt.Fprintf(bw, "derp_packets_per_batch_bucket{le=%q} %d\n", le, batches)
+	}
+	fmt.Fprintf(bw, "derp_packets_per_batch_sum %d\nderp_packets_per_batch_count %d\n", st.PacketsSent, batches)
 	labelled := func(name, help string, m map[string]int64, labels func(k string) string) {
 		fmt.Fprintf(bw, "# HELP derp_%s %s\n# TYPE derp_%s counter\n", name, help, name)
 		keys := make([]string, 0, len(m))
