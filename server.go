@@ -597,7 +597,7 @@ type sconn struct {
 	// Writer-side counters.
 	sentPkts  atomic.Int64
 	sentBytes atomic.Int64
-	dropped   atomic.Int64 // packets for this client dropped here
+	dropped   atomic.Int64               // packets for this client dropped here
 	batches   [batchBuckets]atomic.Int64 // packet batches written, by size (Stats.PacketsPerBatch)
 	queueWait atomic.Int64               // ns, summed over batches (Stats.QueueWait)
 
