@@ -22,6 +22,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"os/exec"
 	"runtime"
 	"slices"
 	"strings"
@@ -1376,4 +1378,129 @@ func TestLoad2000Clients(t *testing.T) {
 	}
 	recvGroup.Wait()
 	s.Close()
+}
+
+// TestTCPUserTimeoutVanishedClient makes two clients vanish for real: they
+// live in a network namespace of the test's own, whose link then goes down,
+// so nothing they would send arrives and no RST ever comes. Each server has
+// one packet for its client that stays unacknowledged. With
+// WithTCPUserTimeout(3 s) the session ends; with zero (the kernel's
+// default, minutes of retransmissions) it is still up at that moment.
+// Linux, as root, with iproute2 and network namespaces; otherwise skipped.
+func TestTCPUserTimeoutVanishedClient(t *testing.T) {
+	if urls := os.Getenv("RELAY_VANISH_URLS"); urls != "" {
+		vanishClient(urls) // the test binary again, inside the namespace
+		return
+	}
+	if runtime.GOOS != "linux" || os.Geteuid() != 0 {
+		t.Skip("needs Linux and root for a network namespace")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("needs iproute2's ip")
+	}
+	id := os.Getpid() % 100000
+	ns, host, peer := fmt.Sprintf("relayvanish%d", id), fmt.Sprintf("rvh%d", id), fmt.Sprintf("rvp%d", id)
+	hostIP, peerIP := fmt.Sprintf("10.213.%d.1", id%250), fmt.Sprintf("10.213.%d.2", id%250)
+	ip := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+		}
+	}
+	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+		t.Skipf("cannot make a network namespace here: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() }) // takes the veth pair with it
+	ip("link", "add", host, "type", "veth", "peer", "name", peer)
+	ip("link", "set", peer, "netns", ns)
+	ip("addr", "add", hostIP+"/30", "dev", host)
+	ip("link", "set", host, "up")
+	ip("netns", "exec", ns, "ip", "addr", "add", peerIP+"/30", "dev", peer)
+	ip("netns", "exec", ns, "ip", "link", "set", peer, "up")
+
+	serve := func(ut time.Duration) (*Server, string) {
+		s := newTestServer(t, WithTCPUserTimeout(ut))
+		ln, err := net.Listen("tcp", hostIP+":0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		hs := &http.Server{Handler: s}
+		go hs.Serve(ln)
+		t.Cleanup(func() { hs.Close() })
+		return s, "http://" + ln.Addr().String() + "/derp"
+	}
+	bounded, boundedURL := serve(3 * time.Second)
+	unbounded, unboundedURL := serve(0)
+
+	cmd := exec.Command("ip", "netns", "exec", ns, os.Args[0], "-test.run", "^TestTCPUserTimeoutVanishedClient$")
+	cmd.Env = append(os.Environ(), "RELAY_VANISH_URLS="+boundedURL+" "+unboundedURL)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdin, err := cmd.StdinPipe() // closed at cleanup: the clients exit
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); cmd.Process.Kill(); cmd.Wait() })
+	var keys []PublicKey
+	sc := bufio.NewScanner(stdout)
+	for len(keys) < 2 && sc.Scan() {
+		if h, ok := strings.CutPrefix(sc.Text(), "KEY "); ok {
+			k, err := ParsePublicKey(h)
+			if err != nil {
+				t.Fatal(err)
+			}
+			keys = append(keys, k)
+		} else if strings.HasPrefix(sc.Text(), "ERR ") {
+			t.Fatalf("client: %s", sc.Text())
+		}
+	}
+	if len(keys) < 2 {
+		t.Fatal("the clients in the namespace did not log in")
+	}
+	waitFor(t, func() bool { return bounded.IsClientConnected(keys[0]) && unbounded.IsClientConnected(keys[1]) })
+
+	ip("netns", "exec", ns, "ip", "link", "set", peer, "down") // the clients vanish
+	for i, u := range []string{boundedURL, unboundedURL} {
+		sender, _, err := (&FastStart{}).Dial(context.Background(), u, mustKey(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sender.Close()
+		if err := sender.Send(keys[i], []byte("are you there?")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start := time.Now()
+	for bounded.IsClientConnected(keys[0]) {
+		if time.Since(start) > 30*time.Second {
+			t.Fatal("the session of a vanished client is still up 30 s after its server's unacknowledged packet, with TCP_USER_TIMEOUT 3 s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("session ended %v after the unacknowledged packet", time.Since(start).Round(10*time.Millisecond))
+	if !unbounded.IsClientConnected(keys[1]) {
+		t.Error("without TCP_USER_TIMEOUT the vanished client's session ended as soon: something else ended it")
+	}
+}
+
+// vanishClient logs in to each of the space-separated DERP URLs, prints
+// "KEY <public key>" for each, and waits for stdin to close.
+func vanishClient(urls string) {
+	for _, u := range strings.Fields(urls) {
+		priv, err := GeneratePrivateKey()
+		if err == nil {
+			_, _, err = (&FastStart{}).Dial(context.Background(), u, priv)
+		}
+		if err != nil {
+			fmt.Println("ERR", err)
+			return
+		}
+		fmt.Println("KEY", priv.Public().String())
+	}
+	io.Copy(io.Discard, os.Stdin)
 }
