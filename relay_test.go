@@ -1585,6 +1585,9 @@ func TestBatchStats(t *testing.T) {
 			t.Fatalf("packet %d: %+v", i, p)
 		}
 	}
+	// The writer counts a batch after its write returns, which may be
+	// after the reader has it all.
+	waitFor(t, func() bool { return s.Stats().PacketsSent == 10 })
 	st := s.Stats()
 	var batches int64
 	for _, n := range st.PacketsPerBatch {
