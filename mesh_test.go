@@ -3,9 +3,11 @@ package relay
 import (
 	"bytes"
 	"context"
+	"errors"
 	"net"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -501,4 +503,120 @@ func TestMeshPeerDisappearsAndReturns(t *testing.T) {
 	waitRoute(t, a.s, y2.PublicKey(), b2)
 	waitRoute(t, b2.s, x.PublicKey(), a)
 	exchange(t, x, y2)
+}
+
+// blockingForwarder is a PacketForwarder that blocks until release is
+// closed, then fails or succeeds; it counts its calls.
+type blockingForwarder struct {
+	release chan struct{}
+	fail    bool
+	entered atomic.Int64
+	calls   atomic.Int64
+}
+
+func (f *blockingForwarder) ForwardPacket(src, dst PublicKey, pkt []byte) error {
+	f.entered.Add(1)
+	<-f.release
+	f.calls.Add(1)
+	if f.fail {
+		return errors.New("no route")
+	}
+	return nil
+}
+
+func (f *blockingForwarder) String() string { return "blocking" }
+
+// TestPacketForwarder routes packets through forwarders an embedder adds:
+// a *Client logged in to another server with its mesh key delivers them
+// there; a slow forwarder holds up no reader and loses only what its
+// queue cannot hold, counted; a failing one counts write errors; removing
+// the last route tells the clients that received from the key that it is
+// gone.
+func TestPacketForwarder(t *testing.T) {
+	a := newTestServer(t, WithMeshKey(testMeshKey))
+	b := newTestServer(t, WithMeshKey(testMeshKey))
+	addrB := tcpServer(t, b)
+	x := tcpClient(t, addrB)
+	fwd := tcpClient(t, addrB, MeshKey(testMeshKey)) // a's route to b
+	y := pipeClient(t, a)
+
+	a.AddPacketForwarder(x.PublicKey(), fwd)
+	if u, ok := a.MeshPeerFor(x.PublicKey()); !ok || !strings.HasPrefix(u, "forwarder *relay.Client") {
+		t.Errorf("MeshPeerFor: %q, %v", u, ok)
+	}
+	if err := y.Send(x.PublicKey(), []byte("via b")); err != nil {
+		t.Fatal(err)
+	}
+	if p, _ := recvMsg[*ReceivedPacket](t, x); p == nil || p.Source != y.PublicKey() || string(p.Data) != "via b" {
+		t.Fatalf("x got %+v", p)
+	}
+	waitFor(t, func() bool { return a.Stats().PacketsForwardedOut == 1 })
+
+	// y receives a packet forwarded in from x (as a mesh peer of a's
+	// would send it), so y is one of x's recipients; when the forwarder,
+	// x's only route, is removed, y is told x is gone.
+	m := pipeClient(t, a, MeshKey(testMeshKey))
+	if err := m.ForwardPacket(x.PublicKey(), y.PublicKey(), []byte("from x")); err != nil {
+		t.Fatal(err)
+	}
+	if p, _ := recvMsg[*ReceivedPacket](t, y); p == nil || p.Source != x.PublicKey() {
+		t.Fatalf("y got %+v", p)
+	}
+	a.RemovePacketForwarder(x.PublicKey(), fwd)
+	if g, _ := recvMsg[PeerGone](t, y); g.Peer != x.PublicKey() || g.Reason != PeerGoneDisconnected {
+		t.Errorf("y was told %+v, want x gone", g)
+	}
+	if _, ok := a.MeshPeerFor(x.PublicKey()); ok {
+		t.Error("x still has a route")
+	}
+
+	// A forwarder that blocks: the reader keeps going (the Pong comes
+	// back), and what the queue cannot hold is dropped and counted.
+	slow := &blockingForwarder{release: make(chan struct{})}
+	k := mustKey(t).Public()
+	a.AddPacketForwarder(k, slow)
+	const sent = 300
+	y.Send(k, make([]byte, 100))
+	waitFor(t, func() bool { return slow.entered.Load() == 1 }) // holding the first
+	for range sent - 1 {
+		if err := y.Send(k, make([]byte, 100)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	y.SendPing([8]byte{1})
+	if _, ok := recvMsg[Pong](t, y); !ok {
+		t.Fatal("the reader waited for the forwarder")
+	}
+	dropped := a.Stats().PacketsDropped["mesh_queue/other"]
+	close(slow.release)
+	waitFor(t, func() bool { return slow.calls.Load() == 1+meshQueueDepth })
+	if want := int64(sent - 1 - meshQueueDepth); dropped != want {
+		t.Errorf("%d dropped, want %d: %d sent, one held by the forwarder, %d queued", dropped, want, sent, meshQueueDepth)
+	}
+
+	// A forwarder that fails: each packet counts as a write error.
+	bad := &blockingForwarder{release: make(chan struct{}), fail: true}
+	close(bad.release)
+	a.AddPacketForwarder(k, bad) // newer than slow: it wins
+	before := a.Stats().PacketsDropped["write_error/other"]
+	y.Send(k, make([]byte, 100))
+	waitFor(t, func() bool { return a.Stats().PacketsDropped["write_error/other"] == before+1 })
+	a.RemovePacketForwarder(k, bad)
+	if u, _ := a.MeshPeerFor(k); u != "forwarder blocking" {
+		t.Errorf("after removing the newer route: %q, want the older one", u)
+	}
+	a.RemovePacketForwarder(k, slow)
+
+	// Close stops every forwarder's goroutine; adding afterwards does
+	// nothing.
+	a.AddPacketForwarder(k, slow)
+	a.Close()
+	if n := bytes.Count([]byte(leakedGoroutines()), []byte("relay.(*meshLink).forwardLoop(")); n != 0 {
+		t.Errorf("%d forwarder goroutines after Close", n)
+	}
+	late := mustKey(t).Public()
+	a.AddPacketForwarder(late, slow)
+	if _, ok := a.MeshPeerFor(late); ok {
+		t.Error("a route was added after Close")
+	}
 }

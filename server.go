@@ -3306,7 +3306,11 @@ type meshState struct {
 	wg     sync.WaitGroup // the links' run goroutines
 
 	mu     sync.RWMutex
-	routes map[PublicKey]*meshRoute // keys announced by at least one peer
+	routes map[PublicKey]*meshRoute      // keys announced by at least one peer
+	custom map[PacketForwarder]*meshLink // AddPacketForwarder's, by forwarder
+	closed bool                          // closeMesh ran: no more custom links
+
+	customWG sync.WaitGroup // the custom links' forwardLoop goroutines
 }
 
 // meshRoute says where a key announced by mesh peers can be reached.
@@ -3333,6 +3337,12 @@ type meshLink struct {
 	ring   fwdRing
 
 	keys map[PublicKey]struct{} // keys this peer announced; guarded by s.mesh.mu
+
+	// For AddPacketForwarder's links (no peer URL, no client): packets go
+	// to fwd; stop ends forwardLoop; stopped (guarded by mu) refuses more.
+	fwd     PacketForwarder
+	stop    chan struct{}
+	stopped bool
 }
 
 func newMeshLink(s *Server, peerURL string) *meshLink {
@@ -3434,6 +3444,18 @@ func meshPeerURL(raw string) (string, error) {
 // and they have not left the region.
 func (s *Server) closeMesh() {
 	m := &s.mesh
+	m.mu.Lock()
+	m.closed = true
+	var custom []*meshLink
+	for f, l := range m.custom {
+		custom = append(custom, l)
+		delete(m.custom, f)
+	}
+	m.mu.Unlock()
+	for _, l := range custom {
+		l.stopForwarding()
+	}
+	m.customWG.Wait()
 	if m.cancel == nil {
 		return
 	}
@@ -3611,7 +3633,7 @@ func (l *meshLink) writeLoop(c *Client, stop <-chan struct{}) {
 // the link is down; otherwise old is the item dropped to make room, if any.
 func (l *meshLink) enqueue(dst PublicKey, p *packet) (old fwdItem, ok bool) {
 	l.mu.Lock()
-	if l.client == nil {
+	if (l.client == nil && l.fwd == nil) || l.stopped {
 		l.mu.Unlock()
 		return fwdItem{}, false
 	}
@@ -3663,7 +3685,9 @@ func (s *Server) meshLookup(k PublicKey) *meshLink {
 
 // MeshPeerFor reports the URL of the mesh peer (as normalized from
 // WithMeshPeers) through which packets for k are forwarded when k has no
-// connection here: the peer that announced k most recently.
+// connection here: the peer that announced k most recently. For a route
+// added with AddPacketForwarder it is "forwarder " and the forwarder's
+// String, or its type and address.
 func (s *Server) MeshPeerFor(k PublicKey) (peerURL string, ok bool) {
 	if l := s.meshLookup(k); l != nil {
 		return l.url, true
@@ -3671,15 +3695,136 @@ func (s *Server) MeshPeerFor(k PublicKey) (peerURL string, ok bool) {
 	return "", false
 }
 
-// meshAdd records that l's peer announced k. Announcing again (a new login
-// there) makes l the newest route to k.
-func (s *Server) meshAdd(k PublicKey, l *meshLink) {
-	if k == s.pub {
-		return // our own watch connection at that peer
+// PacketForwarder carries packets to clients connected to another server,
+// for Server.AddPacketForwarder. A *Client logged in to that server with its
+// mesh key is one. ForwardPacket must not keep pkt after it returns.
+type PacketForwarder interface {
+	ForwardPacket(src, dst PublicKey, pkt []byte) error
+}
+
+// AddPacketForwarder makes packets for dst go through f while dst has no
+// session here: the route an embedder's own mesh found for dst (its own
+// watch connections, its own service discovery), as WithMeshPeers does for
+// the keys its peers announce. Among f, other forwarders and mesh peers, the
+// route added last wins. Packets wait for f in a queue of its own (256
+// packets, the oldest dropped when full, counted as "mesh_queue"), which one
+// goroutine per forwarder serves, so a slow f delays no client's reader; a
+// packet f returns an error for is counted as "write_error". Packets that
+// arrived forwarded are not forwarded again (one hop). f identifies the
+// forwarder (one queue and goroutine per f, shared by its keys), so it must
+// be comparable: a pointer, typically. Adding after Close does nothing.
+func (s *Server) AddPacketForwarder(dst PublicKey, f PacketForwarder) {
+	if f == nil {
+		return
 	}
 	m := &s.mesh
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.closed {
+		return
+	}
+	l := m.custom[f]
+	if l == nil {
+		l = newMeshLink(s, fmt.Sprintf("forwarder %T %p", f, f))
+		if st, ok := f.(fmt.Stringer); ok {
+			l.url = "forwarder " + st.String()
+		}
+		l.fwd, l.stop = f, make(chan struct{})
+		if m.custom == nil {
+			m.custom = map[PacketForwarder]*meshLink{}
+		}
+		m.custom[f] = l
+		m.customWG.Add(1)
+		go l.forwardLoop()
+	}
+	s.meshAddLocked(dst, l)
+}
+
+// RemovePacketForwarder undoes AddPacketForwarder(dst, f). If f was dst's
+// last route and dst has no session here, the clients that received packets
+// from dst are told it is gone. A forwarder with no key left stops, and the
+// packets still queued for it are dropped (counted as "mesh_link_down").
+func (s *Server) RemovePacketForwarder(dst PublicKey, f PacketForwarder) {
+	m := &s.mesh
+	m.mu.Lock()
+	l := m.custom[f]
+	if l == nil {
+		m.mu.Unlock()
+		return
+	}
+	gone := s.meshUnrouteLocked(dst, l)
+	last := len(l.keys) == 0
+	if last {
+		delete(m.custom, f)
+	}
+	m.mu.Unlock()
+	if last {
+		l.stopForwarding()
+	}
+	for r := range gone {
+		r.enqueuePeerGone(dst, PeerGoneDisconnected)
+	}
+}
+
+// stopForwarding ends a custom link: its queue is dropped and forwardLoop
+// returns.
+func (l *meshLink) stopForwarding() {
+	l.mu.Lock()
+	l.stopped = true
+	stale := l.ring.popAll(nil)
+	l.mu.Unlock()
+	close(l.stop)
+	for _, it := range stale {
+		l.s.stats.drop(dropMeshLinkDown, looksLikeDisco(it.p.buf[:it.p.n]), it.p.n)
+		putPacket(it.p)
+	}
+}
+
+// forwardLoop hands a custom link's queued packets to its forwarder until
+// the link stops.
+func (l *meshLink) forwardLoop() {
+	defer l.s.mesh.customWG.Done()
+	var batch []fwdItem
+	for {
+		select {
+		case <-l.stop:
+			return
+		case <-l.wake:
+		}
+		for {
+			l.mu.Lock()
+			batch = l.ring.popAll(batch[:0])
+			l.mu.Unlock()
+			if len(batch) == 0 {
+				break
+			}
+			for _, it := range batch {
+				if err := l.fwd.ForwardPacket(it.p.src, it.dst, it.p.buf[:it.p.n]); err != nil {
+					l.s.stats.drop(dropWriteError, looksLikeDisco(it.p.buf[:it.p.n]), it.p.n)
+					l.s.log.Debug("relay: forwarder failed", "forwarder", l.url, "dst", it.dst.ShortString(), "err", err)
+				} else {
+					l.s.stats.forwardedOut.Add(1)
+				}
+				putPacket(it.p)
+			}
+			clear(batch)
+		}
+	}
+}
+
+// meshAdd records that l's peer announced k. Announcing again (a new login
+// there) makes l the newest route to k.
+func (s *Server) meshAdd(k PublicKey, l *meshLink) {
+	s.mesh.mu.Lock()
+	defer s.mesh.mu.Unlock()
+	s.meshAddLocked(k, l)
+}
+
+func (s *Server) meshAddLocked(k PublicKey, l *meshLink) {
+	if k == s.pub {
+		return // our own watch connection at that peer
+	}
+	m := &s.mesh
 	r := m.routes[k]
 	if r == nil {
 		r = &meshRoute{}
