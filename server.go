@@ -3589,6 +3589,35 @@ func (l *meshLink) watch(c *Client) (watched bool, restartIn time.Duration, err 
 // writeLoop forwards queued packets over c until stop is closed or a write
 // fails; a failed write closes c, which ends the watch and reconnects.
 func (l *meshLink) writeLoop(c *Client, stop <-chan struct{}) {
+	l.serveQueue(stop, func(batch []fwdItem) bool {
+		// One flush for the whole burst, not one per packet.
+		err := c.forwardBatch(len(batch), func(i int) (src, dst *PublicKey, pkt []byte) {
+			return &batch[i].p.src, &batch[i].dst, batch[i].p.buf[:batch[i].p.n]
+		})
+		for _, it := range batch {
+			if err != nil {
+				// Whether any of the burst arrived is unknown: count it
+				// all as failed.
+				l.s.stats.drop(dropWriteError, looksLikeDisco(it.p.buf[:it.p.n]), it.p.n)
+			}
+			putPacket(it.p)
+		}
+		if err != nil {
+			if !errors.Is(err, ErrClosed) {
+				l.s.log.Info("relay: mesh forward failed", "peer", l.url, "err", err)
+			}
+			c.Close()
+			return false
+		}
+		l.s.stats.forwardedOut.Add(int64(len(batch)))
+		return true
+	})
+}
+
+// serveQueue waits for packets in l's ring until stop is closed, and hands
+// each burst, oldest first, to send, which owns its packets; it returns
+// when stop is closed or send reports false.
+func (l *meshLink) serveQueue(stop <-chan struct{}, send func(batch []fwdItem) bool) {
 	var batch []fwdItem
 	for {
 		select {
@@ -3603,28 +3632,11 @@ func (l *meshLink) writeLoop(c *Client, stop <-chan struct{}) {
 			if len(batch) == 0 {
 				break
 			}
-			// One flush for the whole burst, not one per packet.
-			err := c.forwardBatch(len(batch), func(i int) (src, dst *PublicKey, pkt []byte) {
-				return &batch[i].p.src, &batch[i].dst, batch[i].p.buf[:batch[i].p.n]
-			})
-			for _, it := range batch {
-				if err != nil {
-					// Whether any of the burst arrived is unknown: count
-					// it all as failed.
-					l.s.stats.drop(dropWriteError, looksLikeDisco(it.p.buf[:it.p.n]), it.p.n)
-				}
-				putPacket(it.p)
-			}
-			if err != nil {
-				clear(batch)
-				if !errors.Is(err, ErrClosed) {
-					l.s.log.Info("relay: mesh forward failed", "peer", l.url, "err", err)
-				}
-				c.Close()
+			ok := send(batch)
+			clear(batch)
+			if !ok {
 				return
 			}
-			l.s.stats.forwardedOut.Add(int64(len(batch)))
-			clear(batch)
 		}
 	}
 }
@@ -3784,32 +3796,18 @@ func (l *meshLink) stopForwarding() {
 // the link stops.
 func (l *meshLink) forwardLoop() {
 	defer l.s.mesh.customWG.Done()
-	var batch []fwdItem
-	for {
-		select {
-		case <-l.stop:
-			return
-		case <-l.wake:
-		}
-		for {
-			l.mu.Lock()
-			batch = l.ring.popAll(batch[:0])
-			l.mu.Unlock()
-			if len(batch) == 0 {
-				break
+	l.serveQueue(l.stop, func(batch []fwdItem) bool {
+		for _, it := range batch {
+			if err := l.fwd.ForwardPacket(it.p.src, it.dst, it.p.buf[:it.p.n]); err != nil {
+				l.s.stats.drop(dropWriteError, looksLikeDisco(it.p.buf[:it.p.n]), it.p.n)
+				l.s.log.Debug("relay: forwarder failed", "forwarder", l.url, "dst", it.dst.ShortString(), "err", err)
+			} else {
+				l.s.stats.forwardedOut.Add(1)
 			}
-			for _, it := range batch {
-				if err := l.fwd.ForwardPacket(it.p.src, it.dst, it.p.buf[:it.p.n]); err != nil {
-					l.s.stats.drop(dropWriteError, looksLikeDisco(it.p.buf[:it.p.n]), it.p.n)
-					l.s.log.Debug("relay: forwarder failed", "forwarder", l.url, "dst", it.dst.ShortString(), "err", err)
-				} else {
-					l.s.stats.forwardedOut.Add(1)
-				}
-				putPacket(it.p)
-			}
-			clear(batch)
+			putPacket(it.p)
 		}
-	}
+		return true
+	})
 }
 
 // meshAdd records that l's peer announced k. Announcing again (a new login
