@@ -197,7 +197,7 @@ func AdmissionURL(url string, failOpen bool, client *http.Client) func(context.C
 // AdmissionURL describes; pass its Admit method to WithAdmission. Set the
 // fields before the first Admit and do not change them afterwards.
 type AdmissionService struct {
-	URL      string
+	URL      string       // where each login's question is POSTed
 	FailOpen bool         // admit when the service cannot be reached
 	Client   *http.Client // nil: http.DefaultClient
 	// CacheFor, if positive, remembers each verdict the service gave, to
