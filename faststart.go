@@ -1570,10 +1570,8 @@ func verifyChain(chain []*x509.Certificate, name string, roots *x509.CertPool) e
 		return errors.New("relay: server sent no certificate")
 	}
 	opts := x509.VerifyOptions{DNSName: name, Roots: roots, Intermediates: x509.NewCertPool()}
-	for _, c := range chain {
-		if c != leaf {
-			opts.Intermediates.AddCert(c)
-		}
+	for _, c := range chain[1:] {
+		opts.Intermediates.AddCert(c)
 	}
 	_, err := leaf.Verify(opts)
 	if err == nil || roots != nil {
