@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"path/filepath"
 	"reflect"
 	"runtime"
 	"strconv"
@@ -2032,4 +2033,146 @@ func TestValidAppName(t *testing.T) {
 		c.Close()
 		t.Fatal("NewClient accepted an invalid app name")
 	}
+}
+
+// fakeTailscaled serves the part of tailscaled's LocalAPI that
+// AdmissionTailscaled uses, on a Unix socket, with tailscaled's checks:
+// the Host must be its own, browsers (Origin, Referer) are refused.
+type fakeTailscaled struct {
+	sock  string
+	known map[string]bool // "nodekey:<hex>"
+	mode  atomic.Value    // "", "denied", "old", "liar"
+
+	mu       sync.Mutex
+	requests []*http.Request
+}
+
+func newFakeTailscaled(t *testing.T, known ...PublicKey) *fakeTailscaled {
+	t.Helper()
+	f := &fakeTailscaled{sock: filepath.Join(t.TempDir(), "tailscaled.sock"), known: map[string]bool{}}
+	for _, k := range known {
+		f.known["nodekey:"+k.String()] = true
+	}
+	f.mode.Store("")
+	ln, err := net.Listen("unix", f.sock)
+	if err != nil {
+		t.Skipf("unix socket: %v", err)
+	}
+	hs := &http.Server{Handler: f}
+	go hs.Serve(ln)
+	t.Cleanup(func() { hs.Close() })
+	return f
+}
+
+func (f *fakeTailscaled) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	f.mu.Lock()
+	f.requests = append(f.requests, r.Clone(context.Background()))
+	f.mu.Unlock()
+	if r.Host != "local-tailscaled.sock" || r.Header.Get("Origin") != "" || r.Referer() != "" {
+		http.Error(w, "invalid localapi request", http.StatusForbidden)
+		return
+	}
+	if r.URL.Path != "/localapi/v0/whois" || r.Method != http.MethodGet {
+		http.NotFound(w, r)
+		return
+	}
+	addr := r.FormValue("addr")
+	switch f.mode.Load() {
+	case "denied":
+		http.Error(w, "whois access denied", http.StatusForbidden)
+		return
+	case "old":
+		http.Error(w, "invalid 'addr' parameter", http.StatusBadRequest)
+		return
+	case "liar":
+		addr = "nodekey:" + strings.Repeat("ab", 32)
+	default:
+		if !f.known[addr] {
+			http.Error(w, "no match for IP:port", http.StatusNotFound)
+			return
+		}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	fmt.Fprintf(w, `{"Node":{"ID":7,"Name":"node.example.ts.net.","Key":%q},"UserProfile":{"ID":1}}`, addr)
+}
+
+// TestAdmissionTailscaled checks admission through the local tailscaled's
+// LocalAPI: known nodes are admitted, others refused, and every unclear
+// answer refuses too, with an error that says what was wrong.
+func TestAdmissionTailscaled(t *testing.T) {
+	node := mustKey(t)
+	f := newFakeTailscaled(t, node.Public())
+	ctx := context.Background()
+	hook := AdmissionTailscaled(f.sock)
+	if err := hook(ctx, Admission{Key: node.Public(), RemoteAddr: "192.0.2.1:1"}); err != nil {
+		t.Fatalf("known node refused: %v", err)
+	}
+	stranger := mustKey(t).Public()
+	if err := hook(ctx, Admission{Key: stranger}); !errors.Is(err, errTailscaledDenied) {
+		t.Fatalf("unknown node: %v", err)
+	}
+	f.mu.Lock()
+	if len(f.requests) != 2 {
+		t.Fatalf("%d requests", len(f.requests))
+	}
+	r := f.requests[0]
+	if r.Method != "GET" || r.URL.Path != "/localapi/v0/whois" || r.URL.RawQuery != "addr=nodekey%3A"+node.Public().String() {
+		t.Errorf("request %s %s", r.Method, r.URL)
+	}
+	f.mu.Unlock()
+
+	for _, tt := range []struct{ mode, want string }{
+		{"denied", "403 Forbidden"},
+		{"old", "too old"},
+		{"liar", "not about the key asked"},
+	} {
+		f.mode.Store(tt.mode)
+		err := hook(ctx, Admission{Key: node.Public()})
+		if err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: got %v, want an error with %q", tt.mode, err, tt.want)
+		}
+	}
+	f.mode.Store("")
+
+	// No tailscaled: refused, unless FailOpen.
+	missing := filepath.Join(t.TempDir(), "none.sock")
+	if err := AdmissionTailscaled(missing)(ctx, Admission{Key: node.Public()}); err == nil || !strings.Contains(err.Error(), missing) {
+		t.Errorf("without tailscaled: %v", err)
+	}
+	if err := (&AdmissionService{Tailscaled: missing, FailOpen: true}).Admit(ctx, Admission{Key: node.Public()}); err != nil {
+		t.Errorf("FailOpen without tailscaled: %v", err)
+	}
+
+	// A cache answers again for any address.
+	f.mu.Lock()
+	n0 := len(f.requests)
+	f.mu.Unlock()
+	as := &AdmissionService{Tailscaled: f.sock, CacheFor: time.Minute}
+	for i := range 3 {
+		if err := as.Admit(ctx, Admission{Key: node.Public(), RemoteAddr: fmt.Sprintf("192.0.2.%d:1", i+1)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.mu.Lock()
+	if n := len(f.requests) - n0; n != 1 {
+		t.Errorf("%d requests for 3 cached logins", n)
+	}
+	f.mu.Unlock()
+
+	// End to end through a server.
+	s := newTestServer(t, WithAdmission(hook))
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
+	loginClient(t, cc, node)
+	cc2, sc2 := net.Pipe()
+	go s.Accept(context.Background(), sc2, nil, "127.0.0.1:2")
+	c, err := NewClient(mustKey(t), cc2, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := recvUntilErr(t, c); err == nil {
+		t.Fatal("unknown node logged in")
+	}
+	waitFor(t, func() bool { return s.Stats().Errors["login:login_rejected"] == 1 })
 }

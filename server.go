@@ -194,12 +194,19 @@ func AdmissionURL(url string, failOpen bool, client *http.Client) func(context.C
 }
 
 // AdmissionService asks an HTTP service whether clients may log in, as
-// AdmissionURL describes; pass its Admit method to WithAdmission. Set the
+// AdmissionURL describes, or the local tailscaled, as AdmissionTailscaled
+// describes; pass its Admit method to WithAdmission. Set the
 // fields before the first Admit and do not change them afterwards.
 type AdmissionService struct {
 	URL      string       // where each login's question is POSTed
 	FailOpen bool         // admit when the service cannot be reached
-	Client   *http.Client // nil: http.DefaultClient
+	Client   *http.Client // nil: http.DefaultClient; not used with Tailscaled
+
+	// Tailscaled, if set, replaces URL: it is the Unix socket of a
+	// tailscaled on this machine, which is asked, as AdmissionTailscaled
+	// describes, whether each client is a node of its tailnet.
+	Tailscaled string
+
 	// CacheFor, if positive, remembers each verdict the service gave, to
 	// admit or to refuse, for a key logging in from an IP address, for this
 	// long: a client that reconnects, or a flood of logins with a refused
@@ -214,6 +221,7 @@ type AdmissionService struct {
 
 	once  sync.Once
 	slots chan struct{}
+	local *http.Client // for Tailscaled
 
 	mu       sync.Mutex
 	verdicts map[admissionKey]admissionVerdict
@@ -240,15 +248,107 @@ type admissionCall struct {
 // errAdmissionDenied is the refusal of a client by the admission service.
 var errAdmissionDenied = errors.New("admission service denied the client")
 
+// errTailscaledDenied is the refusal of a client the local tailscaled does
+// not know.
+var errTailscaledDenied = errors.New("not a node of the local tailscaled's tailnet")
+
+// AdmissionTailscaled returns an admission hook for WithAdmission that
+// admits only the nodes of one tailnet, as Tailscale's derper does with
+// --verify-clients: for each login it asks the tailscaled running on this
+// machine, through the LocalAPI on its Unix socket, whether the client's
+// key belongs to a node it knows (GET /localapi/v0/whois?addr=nodekey:<hex>).
+// A node tailscaled does not know is refused. So is every client when
+// tailscaled cannot be asked or gives no clear answer (the error says why:
+// no socket, access denied, a tailscaled too old for the query, or a reply
+// that is not about the key asked): an unreachable tailscaled fails closed.
+//
+// socket "" means /var/run/tailscale/tailscaled.sock, where tailscaled
+// listens on Linux. The process needs read access to the LocalAPI: it runs
+// as root or as tailscaled's operator user. Requests are bounded as with
+// AdmissionURL. For a cache, or to fail open, use AdmissionService with its
+// Tailscaled field set.
+func AdmissionTailscaled(socket string) func(context.Context, Admission) error {
+	if socket == "" {
+		socket = defaultTailscaledSocket
+	}
+	return (&AdmissionService{Tailscaled: socket}).Admit
+}
+
+// defaultTailscaledSocket is where tailscaled's LocalAPI listens on Linux.
+const defaultTailscaledSocket = "/var/run/tailscale/tailscaled.sock"
+
+// localAPIHost is the Host header tailscaled's LocalAPI requires.
+const localAPIHost = "local-tailscaled.sock"
+
+// maxWhoIsReply bounds the LocalAPI reply read: a node with its
+// capabilities and user profile, a few KiB in practice.
+const maxWhoIsReply = 1 << 20
+
+// askTailscaled asks tailscaled's LocalAPI whether it knows key.
+func (as *AdmissionService) askTailscaled(ctx context.Context, key PublicKey) (allow, decided bool, err error) {
+	nodeKey := "nodekey:" + key.String()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+localAPIHost+"/localapi/v0/whois?addr="+url.QueryEscape(nodeKey), nil)
+	if err != nil {
+		return false, false, err
+	}
+	resp, err := as.local.Do(req)
+	if err != nil {
+		return false, false, fmt.Errorf("%w: tailscaled at %s: %w", errAdmissionUnreachable, as.Tailscaled, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxWhoIsReply))
+	if err != nil {
+		return false, false, fmt.Errorf("tailscaled reply: %w", err)
+	}
+	switch resp.StatusCode {
+	case http.StatusOK:
+	case http.StatusNotFound:
+		return false, true, nil
+	case http.StatusBadRequest:
+		if bytes.Contains(body, []byte("invalid 'addr' parameter")) {
+			return false, false, errors.New("tailscaled is too old to look up node keys")
+		}
+		fallthrough
+	default:
+		return false, false, fmt.Errorf("tailscaled answered %s: %.200q", resp.Status, bytes.TrimSpace(body))
+	}
+	var who struct {
+		Node *struct{ Key string }
+	}
+	if err := json.Unmarshal(body, &who); err != nil {
+		return false, false, fmt.Errorf("tailscaled reply: %w", err)
+	}
+	if who.Node == nil || who.Node.Key != nodeKey {
+		return false, false, errors.New("tailscaled reply is not about the key asked")
+	}
+	return true, true, nil
+}
+
+// dialTailscaled connects to the Tailscaled socket, whatever address the
+// HTTP client asks for.
+func (as *AdmissionService) dialTailscaled(ctx context.Context, _, _ string) (net.Conn, error) {
+	var d net.Dialer
+	return d.DialContext(ctx, "unix", as.Tailscaled)
+}
+
 // maxAdmissionVerdicts bounds the verdicts an AdmissionService remembers.
 const maxAdmissionVerdicts = 1 << 16
 
 // Admit asks the service (or its cache) whether a may log in; it is a hook
 // for WithAdmission.
 func (as *AdmissionService) Admit(ctx context.Context, a Admission) error {
-	as.once.Do(func() { as.slots = make(chan struct{}, maxAdmissionRequests) })
-	var source string
-	if ap, err := netip.ParseAddrPort(a.RemoteAddr); err == nil {
+	as.once.Do(func() {
+		as.slots = make(chan struct{}, maxAdmissionRequests)
+		if as.Tailscaled != "" {
+			as.local = &http.Client{Transport: &http.Transport{
+				DialContext:         as.dialTailscaled,
+				MaxIdleConnsPerHost: 8,
+				IdleConnTimeout:     time.Minute,
+			}}
+		}
+	})
+	var source string // tailscaled's answer does not depend on it
+	if ap, err := netip.ParseAddrPort(a.RemoteAddr); err == nil && as.Tailscaled == "" {
 		source = ap.Addr().Unmap().String()
 	}
 	if as.CacheFor <= 0 {
@@ -319,6 +419,8 @@ func (as *AdmissionService) verdict(allow, decided bool, err error) error {
 	switch {
 	case decided && allow:
 		return nil
+	case decided && as.Tailscaled != "":
+		return errTailscaledDenied
 	case decided:
 		return errAdmissionDenied
 	case as.FailOpen && errors.Is(err, errAdmissionUnreachable):
@@ -339,6 +441,11 @@ func (as *AdmissionService) ask(ctx context.Context, key PublicKey, source strin
 		defer func() { <-as.slots }()
 	case <-ctx.Done():
 		return false, false, fmt.Errorf("%w: busy: %w", errAdmissionUnreachable, ctx.Err())
+	}
+	if as.Tailscaled != "" {
+		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		return as.askTailscaled(ctx, key)
 	}
 	client := as.Client
 	if client == nil {
