@@ -2040,6 +2040,7 @@ func TestValidAppName(t *testing.T) {
 // the Host must be its own, browsers (Origin, Referer) are refused.
 type fakeTailscaled struct {
 	sock  string
+	self  PublicKey       // the machine's own node
 	known map[string]bool // "nodekey:<hex>"
 	mode  atomic.Value    // "", "denied", "old", "liar"
 
@@ -2049,8 +2050,8 @@ type fakeTailscaled struct {
 
 func newFakeTailscaled(t *testing.T, known ...PublicKey) *fakeTailscaled {
 	t.Helper()
-	f := &fakeTailscaled{sock: filepath.Join(t.TempDir(), "tailscaled.sock"), known: map[string]bool{}}
-	for _, k := range known {
+	f := &fakeTailscaled{sock: filepath.Join(t.TempDir(), "tailscaled.sock"), known: map[string]bool{}, self: mustKey(t).Public()}
+	for _, k := range append(known, f.self) {
 		f.known["nodekey:"+k.String()] = true
 	}
 	f.mode.Store("")
@@ -2070,6 +2071,14 @@ func (f *fakeTailscaled) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f.mu.Unlock()
 	if r.Host != "local-tailscaled.sock" || r.Header.Get("Origin") != "" || r.Referer() != "" {
 		http.Error(w, "invalid localapi request", http.StatusForbidden)
+		return
+	}
+	if r.URL.Path == "/localapi/v0/status" && r.URL.RawQuery == "peers=false" {
+		self, state := f.self, "Running"
+		if f.mode.Load() == "loggedout" {
+			self, state = PublicKey{}, "NeedsLogin"
+		}
+		fmt.Fprintf(w, `{"Version":"1.104.5","BackendState":%q,"Self":{"ID":"n1","PublicKey":"nodekey:%s"}}`, state, self)
 		return
 	}
 	if r.URL.Path != "/localapi/v0/whois" || r.Method != http.MethodGet {
@@ -2158,6 +2167,29 @@ func TestAdmissionTailscaled(t *testing.T) {
 		t.Errorf("%d requests for 3 cached logins", n)
 	}
 	f.mu.Unlock()
+
+	// Check, for health endpoints: tailscaled knows its own node.
+	if err := (&AdmissionService{Tailscaled: f.sock}).Check(ctx); err != nil {
+		t.Errorf("Check: %v", err)
+	}
+	for _, tt := range []struct{ mode, want string }{
+		{"loggedout", `no node key (state "NeedsLogin")`},
+		{"denied", "403 Forbidden"},
+		{"liar", "not about the key asked"},
+	} {
+		f.mode.Store(tt.mode)
+		err := (&AdmissionService{Tailscaled: f.sock}).Check(ctx)
+		if err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("Check, %s: got %v, want an error with %q", tt.mode, err, tt.want)
+		}
+	}
+	f.mode.Store("")
+	if err := (&AdmissionService{Tailscaled: missing}).Check(ctx); err == nil {
+		t.Error("Check without tailscaled passed")
+	}
+	if err := (&AdmissionService{URL: "http://192.0.2.1/"}).Check(ctx); err != nil {
+		t.Errorf("Check with a URL: %v", err)
+	}
 
 	// End to end through a server.
 	s := newTestServer(t, WithAdmission(hook))

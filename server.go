@@ -324,6 +324,67 @@ func (as *AdmissionService) askTailscaled(ctx context.Context, key PublicKey) (a
 	return true, true, nil
 }
 
+// Check tests that the service can answer, for a health endpoint. With
+// Tailscaled set it does what derper's consistency check does with
+// --verify-clients: it asks tailscaled for this machine's own node key
+// (GET /localapi/v0/status?peers=false) and then whether that node would be
+// admitted, which fails if tailscaled is unreachable, not logged in, too
+// old, or refuses the process access. With a URL it returns nil without a
+// request: the admission protocol has no question without side effects.
+func (as *AdmissionService) Check(ctx context.Context) error {
+	if as.Tailscaled == "" {
+		return nil
+	}
+	as.init()
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+localAPIHost+"/localapi/v0/status?peers=false", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := as.local.Do(req)
+	if err != nil {
+		return fmt.Errorf("tailscaled at %s: %w", as.Tailscaled, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxWhoIsReply))
+	if err != nil {
+		return fmt.Errorf("tailscaled status: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("tailscaled status: %s: %.200q", resp.Status, bytes.TrimSpace(body))
+	}
+	var st struct {
+		BackendState string
+		Self         *struct{ PublicKey string }
+	}
+	if err := json.Unmarshal(body, &st); err != nil {
+		return fmt.Errorf("tailscaled status: %w", err)
+	}
+	if st.Self == nil || st.Self.PublicKey == "" {
+		return fmt.Errorf("tailscaled has no node key (state %q)", st.BackendState)
+	}
+	hex, ok := strings.CutPrefix(st.Self.PublicKey, "nodekey:")
+	self, err := ParsePublicKey(hex)
+	if err == nil && !ok {
+		err = errors.New(`no "nodekey:" prefix`)
+	}
+	if err != nil {
+		return fmt.Errorf("tailscaled status: own key: %w", err)
+	}
+	if self.IsZero() {
+		return fmt.Errorf("tailscaled has no node key (state %q)", st.BackendState)
+	}
+	allow, _, err := as.askTailscaled(ctx, self)
+	switch {
+	case err != nil:
+		return err
+	case !allow:
+		return errors.New("tailscaled does not know its own node key")
+	}
+	return nil
+}
+
 // dialTailscaled connects to the Tailscaled socket, whatever address the
 // HTTP client asks for.
 func (as *AdmissionService) dialTailscaled(ctx context.Context, _, _ string) (net.Conn, error) {
@@ -337,16 +398,7 @@ const maxAdmissionVerdicts = 1 << 16
 // Admit asks the service (or its cache) whether a may log in; it is a hook
 // for WithAdmission.
 func (as *AdmissionService) Admit(ctx context.Context, a Admission) error {
-	as.once.Do(func() {
-		as.slots = make(chan struct{}, maxAdmissionRequests)
-		if as.Tailscaled != "" {
-			as.local = &http.Client{Transport: &http.Transport{
-				DialContext:         as.dialTailscaled,
-				MaxIdleConnsPerHost: 8,
-				IdleConnTimeout:     time.Minute,
-			}}
-		}
-	})
+	as.init()
 	var source string // tailscaled's answer does not depend on it
 	if ap, err := netip.ParseAddrPort(a.RemoteAddr); err == nil && as.Tailscaled == "" {
 		source = ap.Addr().Unmap().String()
@@ -392,6 +444,20 @@ func (as *AdmissionService) Admit(ctx context.Context, a Admission) error {
 		close(call.done)
 		return as.verdict(allow, decided, err)
 	}
+}
+
+// init prepares as on first use.
+func (as *AdmissionService) init() {
+	as.once.Do(func() {
+		as.slots = make(chan struct{}, maxAdmissionRequests)
+		if as.Tailscaled != "" {
+			as.local = &http.Client{Transport: &http.Transport{
+				DialContext:         as.dialTailscaled,
+				MaxIdleConnsPerHost: 8,
+				IdleConnTimeout:     time.Minute,
+			}}
+		}
+	})
 }
 
 // rememberLocked stores a verdict, making room by dropping expired ones; if

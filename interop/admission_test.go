@@ -46,7 +46,12 @@ func (a *admissionRecorder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, `{"Allow":%v}`, q.NodePublic == a.known)
 		return
 	}
-	// tailscaled's LocalAPI: it refuses requests for other hosts.
+	// tailscaled's LocalAPI: it refuses requests for other hosts. The
+	// machine's own node is the known one.
+	if r.Host == "local-tailscaled.sock" && r.URL.Path == "/localapi/v0/status" {
+		fmt.Fprintf(w, `{"BackendState":"Running","Self":{"ID":"n1","PublicKey":%q}}`, a.known)
+		return
+	}
 	if r.Host != "local-tailscaled.sock" || r.URL.Path != "/localapi/v0/whois" {
 		http.Error(w, "invalid localapi request", http.StatusForbidden)
 		return
@@ -151,6 +156,23 @@ func TestAdmissionInterop(t *testing.T) {
 				if tq != oq {
 					t.Errorf("question %d differs:\n tailscale: %+v\n ours:      %+v", i, tq, oq)
 				}
+			}
+			if mode != "tailscaled" {
+				return
+			}
+			// The health check: Tailscale's ConsistencyCheck and our
+			// AdmissionService.Check ask tailscaled the same questions.
+			rec.take()
+			if err := ts.ConsistencyCheck(); err != nil && strings.Contains(err.Error(), "verifyClient") {
+				t.Errorf("Tailscale's check: %v", err)
+			}
+			tsAsked := rec.take()
+			if err := (&relay.AdmissionService{Tailscaled: sock}).Check(context.Background()); err != nil {
+				t.Errorf("our Check: %v", err)
+			}
+			ourAsked := rec.take()
+			if len(tsAsked) != 2 || fmt.Sprint(tsAsked) != fmt.Sprint(ourAsked) {
+				t.Errorf("health check questions differ:\n tailscale: %+v\n ours:      %+v", tsAsked, ourAsked)
 			}
 		})
 	}
