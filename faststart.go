@@ -111,6 +111,7 @@ func (p Path) String() string {
 
 // Handshake reports how Dial connected.
 type Handshake struct {
+	// Path is the handshake that connected: FastPath or UpgradePath.
 	Path Path
 	// Reason says why the fast path was not taken, or what went wrong with
 	// a first attempt that was retried; empty on a plain fast path.
@@ -1215,9 +1216,9 @@ func (rc *ReconnectingClient) Close() error {
 // encoding/json. It keeps what a client needs to connect; give it to
 // ReconnectingClient.Region.
 type Region struct {
-	RegionID   int
-	RegionCode string
-	RegionName string
+	RegionID   int    // the region's number in the DERP map
+	RegionCode string // a short name, such as "nyc"
+	RegionName string // a human-readable name, such as "New York City"
 	// Nodes are the region's servers, the preferred one first.
 	Nodes []*Node
 }
@@ -1230,7 +1231,7 @@ type Node struct {
 	// not a host name. A client on another node of the region sends
 	// the region's first node's Name as Ideal-Node.
 	Name     string
-	RegionID int
+	RegionID int // the number of the node's Region
 	// HostName is the server's DNS name: the TLS server name, the name
 	// its certificate must have (unless CertName says otherwise) and,
 	// unless IPv4 and IPv6 say otherwise, the name dialled.

@@ -305,8 +305,8 @@ func (r PeerGoneReason) String() string {
 // left after sending to this client, or a disco packet was sent to a key the
 // server does not know.
 type PeerGone struct {
-	Peer   PublicKey
-	Reason PeerGoneReason
+	Peer   PublicKey      // the peer that is gone
+	Reason PeerGoneReason // why: it disconnected, or the server never had it
 }
 
 // PeerPresentFlags describe a connection announced in a [PeerPresent].
@@ -323,9 +323,9 @@ const (
 
 // PeerPresent tells a mesh watcher that a peer connected.
 type PeerPresent struct {
-	Key   PublicKey
-	Addr  netip.AddrPort // the peer's remote address; IPv4 is unmapped; zero if unknown
-	Flags PeerPresentFlags
+	Key   PublicKey        // the peer that connected
+	Addr  netip.AddrPort   // the peer's remote address; IPv4 is unmapped; zero if unknown
+	Flags PeerPresentFlags // what kind of connection it is; zero from old servers
 	// AppName is the name the peer gave in its ClientInfo, if the server
 	// sends it (this package's and Tailscale's since v1.104 do) and it is
 	// valid (ValidAppName).
@@ -344,23 +344,23 @@ type Pong [8]byte
 // Health carries a problem the server wants the user to see; an empty
 // Problem means the earlier problem is over.
 type Health struct {
-	Problem string
+	Problem string // for people to read; empty: no problem any more
 }
 
 // ServerRestarting says the server is going away: reconnect after
 // ReconnectIn and keep trying for TryFor before treating it as a failure.
 type ServerRestarting struct {
-	ReconnectIn time.Duration
-	TryFor      time.Duration
+	ReconnectIn time.Duration // wait this long before reconnecting
+	TryFor      time.Duration // then keep trying this long
 }
 
 // ServerInfo is the server's login reply. A non-zero TokenBucketBytesPerSecond
 // is a per-client receive rate limit the server enforces; the Client then
 // limits its own sends to fit it (frame header and key included).
 type ServerInfo struct {
-	Version                   int
-	TokenBucketBytesPerSecond int
-	TokenBucketBytesBurst     int
+	Version                   int // the server's protocol version
+	TokenBucketBytesPerSecond int // the rate limit; zero: none
+	TokenBucketBytesBurst     int // the burst the rate limit allows
 }
 
 func (*ReceivedPacket) msg()  {}

@@ -434,6 +434,7 @@ type TB interface {
 // TestServer is a relay server running in-process on 127.0.0.1 with TLS and
 // the meta cert, for integration tests.
 type TestServer struct {
+	// Server is the relay server, for its statistics and sessions.
 	Server *Server
 	// URL is the server's DERP URL, "https://127.0.0.1:<port>/derp".
 	URL string

@@ -140,9 +140,9 @@ type serverConfig struct {
 
 // Admission describes a client asking to log in, for the admission hook.
 type Admission struct {
-	Key        PublicKey
-	Info       ClientInfo
-	RemoteAddr string // as given to Accept; for HTTP, the request's RemoteAddr
+	Key        PublicKey  // the key the client proved it owns
+	Info       ClientInfo // what the client said at login
+	RemoteAddr string     // as given to Accept; for HTTP, the request's RemoteAddr
 }
 
 // WithLogger sets the server's logger. The default discards everything.
@@ -2012,7 +2012,7 @@ func (s *Server) ClosePeer(k PublicKey) int {
 // SessionInfo describes one client session, for debugging and operator
 // pages: see Server.Sessions.
 type SessionInfo struct {
-	Key        PublicKey
+	Key        PublicKey      // the client's key
 	Info       ClientInfo     // what the client said at login
 	RemoteAddr netip.AddrPort // zero if the caller of Accept gave none
 	Connected  time.Time      // when the login completed
@@ -3199,7 +3199,7 @@ type Stats struct {
 	BytesSent                 int64 // their bytes, without framing
 	PacketsForwardedIn        int64 // packets received from mesh peers
 	PacketsForwardedOut       int64 // packets forwarded to mesh peers
-	PingsReceived, PongsSent  int64
+	PingsReceived, PongsSent  int64 // pings from clients, and the pongs that answered them
 	PingsSent, PongsReceived  int64 // liveness pings to clients that can ack them
 	HomeMovesIn, HomeMovesOut int64 // NotePreferred changes after the first 5 s
 	WriteTimeouts             int64 // sessions ended by the write deadline
