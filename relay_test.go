@@ -1015,9 +1015,16 @@ func TestAdmission(t *testing.T) {
 	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
 	loginClient(t, cc, allowed)
 
-	cc2, sc2 := net.Pipe()
-	go s.Accept(context.Background(), sc2, nil, "127.0.0.1:2")
-	c, err := NewClient(mustKey(t), cc2, nil)
+	wantLoginRefused(t, s, 1)
+}
+
+// wantLoginRefused logs a client with a new key in to s and checks that the
+// server refuses it, as its n-th rejected login.
+func wantLoginRefused(t *testing.T, s *Server, n int64) {
+	t.Helper()
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:2")
+	c, err := NewClient(mustKey(t), cc, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1026,7 +1033,7 @@ func TestAdmission(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "before ServerInfo") {
 		t.Fatalf("refused client got %v", err)
 	}
-	waitFor(t, func() bool { return s.Stats().Errors["login:login_rejected"] == 1 })
+	waitFor(t, func() bool { return s.Stats().Errors["login:login_rejected"] == n })
 }
 
 func TestNonMeshCannotSendPrivilegedFrames(t *testing.T) {
@@ -1424,18 +1431,7 @@ func TestAdmissionURL(t *testing.T) {
 	}
 
 	// End to end through a server.
-	s := newTestServer(t, WithAdmission(AdmissionURL(svc.URL, false, nil)))
-	cc, sc := net.Pipe()
-	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
-	c, err := NewClient(mustKey(t), cc, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if _, err := recvUntilErr(t, c); err == nil {
-		t.Fatal("denied client logged in")
-	}
-	waitFor(t, func() bool { return s.Stats().Errors["login:login_rejected"] == 1 })
+	wantLoginRefused(t, newTestServer(t, WithAdmission(AdmissionURL(svc.URL, false, nil))), 1)
 }
 
 // TestAdmissionServiceCache checks CacheFor: verdicts to admit and to
@@ -2196,15 +2192,5 @@ func TestAdmissionTailscaled(t *testing.T) {
 	cc, sc := net.Pipe()
 	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
 	loginClient(t, cc, node)
-	cc2, sc2 := net.Pipe()
-	go s.Accept(context.Background(), sc2, nil, "127.0.0.1:2")
-	c, err := NewClient(mustKey(t), cc2, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if _, err := recvUntilErr(t, c); err == nil {
-		t.Fatal("unknown node logged in")
-	}
-	waitFor(t, func() bool { return s.Stats().Errors["login:login_rejected"] == 1 })
+	wantLoginRefused(t, s, 1)
 }
