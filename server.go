@@ -284,23 +284,33 @@ const localAPIHost = "local-tailscaled.sock"
 // capabilities and user profile, a few KiB in practice.
 const maxWhoIsReply = 1 << 20
 
-// askTailscaled asks tailscaled's LocalAPI whether it knows key.
-func (as *AdmissionService) askTailscaled(ctx context.Context, key PublicKey) (allow, decided bool, err error) {
-	nodeKey := "nodekey:" + key.String()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+localAPIHost+"/localapi/v0/whois?addr="+url.QueryEscape(nodeKey), nil)
+// localAPIGet sends a GET for path to tailscaled's LocalAPI and returns the
+// reply's status and body (up to maxWhoIsReply bytes).
+func (as *AdmissionService) localAPIGet(ctx context.Context, path string) (status int, body []byte, err error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+localAPIHost+path, nil)
 	if err != nil {
-		return false, false, err
+		return 0, nil, err
 	}
 	resp, err := as.local.Do(req)
 	if err != nil {
-		return false, false, fmt.Errorf("%w: tailscaled at %s: %w", errAdmissionUnreachable, as.Tailscaled, err)
+		return 0, nil, fmt.Errorf("%w: tailscaled at %s: %w", errAdmissionUnreachable, as.Tailscaled, err)
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxWhoIsReply))
+	body, err = io.ReadAll(io.LimitReader(resp.Body, maxWhoIsReply))
 	if err != nil {
-		return false, false, fmt.Errorf("tailscaled reply: %w", err)
+		return 0, nil, fmt.Errorf("tailscaled reply: %w", err)
 	}
-	switch resp.StatusCode {
+	return resp.StatusCode, body, nil
+}
+
+// askTailscaled asks tailscaled's LocalAPI whether it knows key.
+func (as *AdmissionService) askTailscaled(ctx context.Context, key PublicKey) (allow, decided bool, err error) {
+	nodeKey := "nodekey:" + key.String()
+	status, body, err := as.localAPIGet(ctx, "/localapi/v0/whois?addr="+url.QueryEscape(nodeKey))
+	if err != nil {
+		return false, false, err
+	}
+	switch status {
 	case http.StatusOK:
 	case http.StatusNotFound:
 		return false, true, nil
@@ -310,7 +320,7 @@ func (as *AdmissionService) askTailscaled(ctx context.Context, key PublicKey) (a
 		}
 		fallthrough
 	default:
-		return false, false, fmt.Errorf("tailscaled answered %s: %.200q", resp.Status, bytes.TrimSpace(body))
+		return false, false, fmt.Errorf("tailscaled answered %d %s: %.200q", status, http.StatusText(status), bytes.TrimSpace(body))
 	}
 	var who struct {
 		Node *struct{ Key string }
@@ -338,21 +348,12 @@ func (as *AdmissionService) Check(ctx context.Context) error {
 	as.init()
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+localAPIHost+"/localapi/v0/status?peers=false", nil)
+	status, body, err := as.localAPIGet(ctx, "/localapi/v0/status?peers=false")
 	if err != nil {
 		return err
 	}
-	resp, err := as.local.Do(req)
-	if err != nil {
-		return fmt.Errorf("tailscaled at %s: %w", as.Tailscaled, err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxWhoIsReply))
-	if err != nil {
-		return fmt.Errorf("tailscaled status: %w", err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("tailscaled status: %s: %.200q", resp.Status, bytes.TrimSpace(body))
+	if status != http.StatusOK {
+		return fmt.Errorf("tailscaled status: %d %s: %.200q", status, http.StatusText(status), bytes.TrimSpace(body))
 	}
 	var st struct {
 		BackendState string
@@ -508,9 +509,9 @@ func (as *AdmissionService) ask(ctx context.Context, key PublicKey, source strin
 	case <-ctx.Done():
 		return false, false, fmt.Errorf("%w: busy: %w", errAdmissionUnreachable, ctx.Err())
 	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
 	if as.Tailscaled != "" {
-		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		defer cancel()
 		return as.askTailscaled(ctx, key)
 	}
 	client := as.Client
@@ -521,8 +522,6 @@ func (as *AdmissionService) ask(ctx context.Context, key PublicKey, source strin
 		NodePublic string
 		Source     string
 	}{"nodekey:" + key.String(), source})
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, as.URL, bytes.NewReader(body))
 	if err != nil {
 		return false, false, err
