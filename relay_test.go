@@ -556,6 +556,12 @@ func TestDuplicateKeys(t *testing.T) {
 	if err := w.WatchConnectionChanges(); err != nil {
 		t.Fatal(err)
 	}
+	// The watch is in place once its first flood arrives, which holds the
+	// watcher itself. Were the duplicates to log in before, the flood
+	// would hold only the key's active session, the second.
+	if p, _ := recvMsg[PeerPresent](t, w); p.Key != w.PublicKey() {
+		t.Fatalf("first flood: %+v", p)
+	}
 	priv := mustKey(t)
 	// present waits for the watcher to see priv's key at port.
 	present := func(port uint16) {
