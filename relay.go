@@ -66,7 +66,10 @@
 // latency without logging in. To watch a running server: [Server.Stats]
 // (also as expvar and Prometheus text), [Server.Sessions] for each
 // session's traffic and RTT, and [Server.ConsistencyCheck] for a health
-// endpoint.
+// endpoint. To admit only some clients, give [WithAdmission] a hook of your
+// own, or one that asks an admission service ([AdmissionURL],
+// [AdmissionService]) or the local tailscaled ([AdmissionTailscaled]), as
+// Tailscale's derper does.
 package relay
 
 import (
