@@ -777,7 +777,8 @@ func pinProcess(cpu int) (restore func(), ok bool) {
 type servedRelay struct {
 	addr  string
 	pub   relay.PublicKey
-	close func() // stops listening and ends every session
+	close func()     // stops listening and ends every session
+	stats func() any // ours only: the server's counters
 }
 
 // serveRelay serves which ("ours", "ours-nopark" or "tailscale") on 127.0.0.1 over
@@ -790,6 +791,7 @@ func serveRelay(which, transport string) (*servedRelay, error) {
 		h           http.Handler
 		closeServer func()
 		tsServer    *derpserver.Server
+		ourStats    func() any
 	)
 	switch which {
 	case "ours", "ours-nopark":
@@ -804,6 +806,7 @@ func serveRelay(which, transport string) (*servedRelay, error) {
 		s := relay.NewServer(priv, opts...)
 		pub = s.PublicKey()
 		accept, h, closeServer = s.Accept, s, func() { s.Close() }
+		ourStats = func() any { return s.Stats() }
 	case "tailscale":
 		priv := key.NewNode()
 		s := derpserver.New(priv, logger.Discard)
@@ -855,7 +858,7 @@ func serveRelay(which, transport string) (*servedRelay, error) {
 		ln = tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}})
 	}
 	var wg sync.WaitGroup
-	sr := &servedRelay{addr: ln.Addr().String(), pub: pub}
+	sr := &servedRelay{addr: ln.Addr().String(), pub: pub, stats: ourStats}
 	if transport != "tcp" {
 		hs := &http.Server{Handler: h}
 		wg.Go(func() { hs.Serve(ln) })
@@ -908,6 +911,14 @@ func perfServerMain(which, transport string) error {
 			return err
 		}
 		defer func() { pprof.StopCPUProfile(); f.Close() }()
+	}
+	if path := os.Getenv("PERF_RELAYSTATS"); path != "" && sr.stats != nil {
+		// A diagnostic: our server's counters (batch sizes, queue
+		// delay, drops) over the whole run.
+		defer func() {
+			b, _ := json.MarshalIndent(sr.stats(), "", " ")
+			os.WriteFile(path+"."+which, b, 0o644)
+		}()
 	}
 	fmt.Printf("READY %s %x %d %d\n", sr.addr, sr.pub[:], os.Getpid(), runtime.GOMAXPROCS(0))
 	sc := bufio.NewScanner(os.Stdin)

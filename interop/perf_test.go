@@ -24,7 +24,9 @@ package interop
 // PERF_CPUPROFILE (each server child writes a CPU profile of its whole life
 // to $PERF_CPUPROFILE.ours / .tailscale), PERF_HEAPPROFILE (the idle
 // benchmark's children write a heap profile with all clients connected to
-// $PERF_HEAPPROFILE.<transport>.<server>).
+// $PERF_HEAPPROFILE.<transport>.<server>), PERF_RELAYSTATS (our server child
+// writes its Stats, with the batch sizes and queue delay, as JSON to
+// $PERF_RELAYSTATS.ours when it exits).
 //
 // Neither benchmark runs without -bench, and TestPerfServerProcess returns
 // at once unless PERF_SERVER is set, so plain `go test` only runs
