@@ -106,7 +106,7 @@ type keyEntry struct {
 	active atomic.Pointer[sconn] // receives packets for the key
 	// Guarded by the shard's mu:
 	conns      []*sconn // oldest first
-	recipients map[*sconn]struct{}
+	recipients recipientSet
 }
 
 func (s *Server) shard(k PublicKey) *routeShard { return &s.shards[k[0]%numShards] }
@@ -747,6 +747,7 @@ type sconn struct {
 	stopClose  func() bool     // stops the AfterFunc of ctx, if ctx can end
 
 	dup  atomic.Bool // another connection has the same key
+	left atomic.Bool // ended: recipient sets may drop it (forgetRecipient)
 	home atomic.Bool // preferred, for Sessions
 
 	pingIdle bool // liveness pings and an idle read deadline apply (set at login)
@@ -780,6 +781,7 @@ type sconn struct {
 	ping         [8]byte // liveness ping to send
 	hasPing      bool
 	hasPong      bool
+	wsPong       bool // a WebSocket pong is due (wsPongDue)
 	keepAlive    bool
 	peerGone     []peerGoneItem
 	meshUpdates  []PeerPresent // Flags==0 means gone
@@ -862,8 +864,19 @@ func (s *Server) runSession(ctx context.Context, nc net.Conn, brw *bufio.ReadWri
 		return
 	}
 	c.done = done
+	if wc, ok := nc.(*wsConn); ok {
+		wc.onPong = c.wsPongDue // set by the reader's goroutine, before it reads
+	}
 	c.setupReads()
 	c.serve()
+}
+
+// wsPongDue has the writer send the WebSocket pong that fell due.
+func (c *sconn) wsPongDue() {
+	c.mu.Lock()
+	c.wsPong = true
+	c.kickLocked()
+	c.mu.Unlock()
 }
 
 // mayPark reports whether a session over nc could be parked.
@@ -988,6 +1001,7 @@ func (c *sconn) serve() {
 	quiet := endErr == nil && c.isEnded() // the caller or Close ended the session
 	s.unregister(c)
 	c.shutdown()
+	s.stats.addSession(c) // what the writer's last batch added
 	c.release()
 	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) && !quiet {
 		s.stats.countSessionError(err)
@@ -1004,6 +1018,10 @@ func (c *sconn) release() {
 	if c.stopClose != nil {
 		c.stopClose()
 	}
+	// The reader is done: a session that ended with bytes still buffered
+	// (a protocol error, a failed login) must give its buffer back too, or
+	// the budget of big buffers would shrink for good.
+	c.br.drop()
 	c.s.releaseConn(c.remoteAddr.Addr())
 }
 
@@ -1248,6 +1266,9 @@ func dupHealth(n int, k PublicKey) string {
 // unregister removes c from the routing table. If it was the key's last
 // connection, every client that received packets from it is told PeerGone.
 func (s *Server) unregister(c *sconn) {
+	c.mu.Lock()
+	c.registered = false
+	c.mu.Unlock()
 	s.mu.Lock()
 	delete(s.conns, c)
 	if _, ok := s.watchers[c]; ok {
@@ -1272,7 +1293,7 @@ func (s *Server) unregister(c *sconn) {
 	switch len(e.conns) {
 	case 0:
 		delete(sh.m, c.key)
-		gone = e.recipients
+		gone = e.recipients.m
 		e.active.Store(nil)
 	case 1:
 		alone = e.conns[0]
@@ -1304,17 +1325,20 @@ func (s *Server) unregister(c *sconn) {
 	if c.notIdeal {
 		s.stats.notIdeal.Add(-1)
 	}
+	recvd, sent := c.recvPkts.Load(), c.sentPkts.Load() // addSession zeroes them
+	// Under s.mu, with c gone from s.conns: Stats sees c's counters in
+	// exactly one place.
+	s.stats.addSession(c)
 	s.mu.Unlock()
 	if c.preferred {
 		s.stats.home.Add(-1)
 	}
-	s.stats.addSession(c)
 	if s.debug.has(c.key) {
 		c.mu.Lock()
 		why := c.endErr
 		c.mu.Unlock()
 		s.log.Info("relay: debug key: disconnected", "key", c.key.ShortString(), "remote", c.remote, "conn", c.connNum,
-			"err", why, "received", c.recvPkts.Load(), "sent", c.sentPkts.Load(), "dropped", c.dropped.Load())
+			"err", why, "received", recvd, "sent", sent, "dropped", c.dropped.Load())
 	}
 	if alone != nil {
 		alone.setHealth("")
@@ -1352,6 +1376,9 @@ func (s *Server) lookupEntry(k PublicKey) (*keyEntry, *sconn) {
 	return e, e.active.Load()
 }
 
+// maxSentTo bounds the destinations a session remembers having sent to.
+const maxSentTo = 4096
+
 // noteSentTo registers c to be told PeerGone when dst's last connection
 // leaves. Tailscale tells only clients that received from the peer; a client
 // that only sent to it would keep sending into the void (and learn nothing
@@ -1365,17 +1392,17 @@ func (c *sconn) noteSentTo(dst PublicKey, e *keyEntry) {
 	if c.sentTo[dst] == e {
 		return
 	}
-	if c.sentTo == nil || len(c.sentTo) >= 4096 {
-		c.sentTo = map[PublicKey]*keyEntry{} // re-registering is harmless
+	if c.sentTo == nil || len(c.sentTo) >= maxSentTo {
+		// Start again rather than grow. The entries c forgets keep it as
+		// a recipient (re-registering is harmless); once c has ended,
+		// addRecipient sweeps it out of them.
+		c.sentTo = map[PublicKey]*keyEntry{}
 	}
 	c.sentTo[dst] = e
 	sh := c.s.shard(dst)
 	sh.mu.Lock()
 	if sh.m[dst] == e {
-		if e.recipients == nil {
-			e.recipients = map[*sconn]struct{}{}
-		}
-		e.recipients[c] = struct{}{}
+		e.recipients.add(c)
 	}
 	sh.mu.Unlock()
 }
@@ -1596,9 +1623,82 @@ func (c *sconn) shutdown() {
 	c.end()
 	c.nc.Close()
 	c.writers.Wait()
+	c.s.forgetRecipient(c) // reader and writer are done: no more registrations
 	c.mu.Lock()
 	c.dropAllLocked(dropGone)
 	c.mu.Unlock()
+}
+
+// forgetRecipient removes the ended session c from the recipients of every
+// key it sent to or received from, which would otherwise keep it (and its
+// maps) until those keys leave: a client reconnecting in a loop to send to
+// one long-lived peer would grow that peer's entry without bound.
+func (s *Server) forgetRecipient(c *sconn) {
+	c.left.Store(true)
+	for dst, e := range c.sentTo {
+		sh := s.shard(dst)
+		sh.mu.Lock()
+		if sh.m[dst] == e { // a removed entry's set belongs to its unregister
+			delete(e.recipients.m, c)
+		}
+		sh.mu.Unlock()
+	}
+	c.mu.Lock()
+	from := make([]PublicKey, 0, len(c.sentFrom))
+	for k := range c.sentFrom {
+		from = append(from, k)
+	}
+	c.mu.Unlock()
+	if len(from) == 0 {
+		return
+	}
+	s.mesh.mu.Lock()
+	for _, k := range from {
+		if r := s.mesh.routes[k]; r != nil {
+			delete(r.recipients.m, c)
+		}
+		sh := s.shard(k)
+		sh.mu.Lock()
+		if e := sh.m[k]; e != nil {
+			delete(e.recipients.m, c)
+		}
+		sh.mu.Unlock()
+	}
+	s.mesh.mu.Unlock()
+}
+
+// recipientSet is the sessions to tell when a key leaves. Sessions that
+// ended remove themselves (forgetRecipient) from the sets they know of; add
+// sweeps out any others, so a set holds at most about twice its live
+// members.
+type recipientSet struct {
+	m       map[*sconn]struct{}
+	sweepAt int // size at which add next sweeps
+}
+
+// minSweep is the size below which a recipientSet is not swept.
+const minSweep = 64
+
+func (rs *recipientSet) add(c *sconn) {
+	if rs.m == nil {
+		rs.m = map[*sconn]struct{}{}
+	}
+	if len(rs.m) >= max(rs.sweepAt, minSweep) {
+		for r := range rs.m {
+			if r.left.Load() {
+				delete(rs.m, r)
+			}
+		}
+		rs.sweepAt = 2 * len(rs.m)
+	}
+	rs.m[c] = struct{}{}
+}
+
+// merge adds the members of o.
+func (rs *recipientSet) merge(o map[*sconn]struct{}) {
+	for r := range o {
+		rs.add(r)
+	}
 }
 
 // readLoop reads and dispatches frames until the connection ends.
@@ -2058,7 +2158,11 @@ func (s *Server) Sessions() iter.Seq[SessionInfo] {
 		slices.SortFunc(conns, func(a, b *sconn) int { return cmp.Compare(a.connNum, b.connNum) })
 		for _, c := range conns {
 			c.mu.Lock()
-			parked, gone, senders := c.readParkID != 0, c.closed, len(c.sentFrom)
+			// unregister clears registered under c.mu before it moves
+			// the counters into the totals: read them here too.
+			parked, gone, senders := c.readParkID != 0, c.closed || !c.registered, len(c.sentFrom)
+			recvP, recvB := c.recvPkts.Load(), c.recvBytes.Load()
+			sentP, sentB := c.sentPkts.Load(), c.sentBytes.Load()
 			c.mu.Unlock()
 			if gone {
 				continue
@@ -2077,10 +2181,10 @@ func (s *Server) Sessions() iter.Seq[SessionInfo] {
 				FastStart:       c.fastStart,
 				WebSocket:       ws,
 				Parked:          parked,
-				PacketsReceived: c.recvPkts.Load(),
-				BytesReceived:   c.recvBytes.Load(),
-				PacketsSent:     c.sentPkts.Load(),
-				BytesSent:       c.sentBytes.Load(),
+				PacketsReceived: recvP,
+				BytesReceived:   recvB,
+				PacketsSent:     sentP,
+				BytesSent:       sentB,
 				PacketsDropped:  c.dropped.Load(),
 				Senders:         senders,
 				RTT:             socketRTT(parkSocket(c.nc)),
@@ -2397,6 +2501,10 @@ type writerState struct {
 	discos  int   // the first discos entries of pkts are disco
 	wait    int64 // ns the oldest of pkts waited
 	control []byte
+	// ctlTail is where a Restarting frame starts in control, which is
+	// written after the packets; len(control) when there is none.
+	ctlTail int
+	wsPong  bool // a WebSocket pong is due (wsConn.onPong)
 	newSrcs []*sconn
 	fwdSrcs []PublicKey // new sources of forwarded packets (mesh recipients)
 
@@ -2574,11 +2682,13 @@ func (c *sconn) takeLocked(ws *writerState) bool {
 			}
 		}
 	}
+	ws.ctlTail = len(ws.control)
+	ws.wsPong, c.wsPong = c.wsPong, false
 	if c.restarting != nil {
 		ws.control = appendFrame(ws.control, FrameRestarting, appendRestarting(nil, c.restarting.ReconnectIn, c.restarting.TryFor))
 		c.restarting = nil
 	}
-	return len(ws.control) > 0 || len(ws.pkts) > 0
+	return len(ws.control) > 0 || len(ws.pkts) > 0 || ws.wsPong
 }
 
 // registerRecipients records that c received packets from new sources, so
@@ -2588,10 +2698,7 @@ func (c *sconn) registerRecipients(ws *writerState) {
 		sh := c.s.shard(src.key)
 		sh.mu.Lock()
 		if e := sh.m[src.key]; e != nil {
-			if e.recipients == nil {
-				e.recipients = map[*sconn]struct{}{}
-			}
-			e.recipients[c] = struct{}{}
+			e.recipients.add(c)
 		}
 		sh.mu.Unlock()
 	}
@@ -2613,15 +2720,22 @@ func (c *sconn) writeBatch(ws *writerState) error {
 	if wt := c.writeTimeout(); wt > 0 {
 		c.nc.SetWriteDeadline(time.Now().Add(wt))
 	}
+	if ws.wsPong && len(ws.control) == 0 && len(ws.pkts) == 0 {
+		// Only a WebSocket pong: unlockWrite sends it. Any other
+		// write would have sent it too. A failed pong fails the next
+		// write, as it leaves the connection broken.
+		if wc, ok := c.nc.(*wsConn); ok {
+			wc.wmu.Lock()
+			wc.unlockWrite()
+		}
+		return nil
+	}
 	// Control frames other than Restarting first: they are small and
 	// time-sensitive (Pong). Restarting was appended last to control, but
-	// packets queued before Close should still go out before it, so split.
-	ctl := ws.control
-	var tail []byte
-	if n := len(ctl); n >= frameHeaderLen+restartingLen && FrameType(ctl[n-frameHeaderLen-restartingLen]) == FrameRestarting {
-		tail = ctl[n-frameHeaderLen-restartingLen:]
-		ctl = ctl[:n-frameHeaderLen-restartingLen]
-	}
+	// packets queued before Close should still go out before it, so split
+	// where takeLocked put it (the bytes themselves cannot tell: a key
+	// inside a PeerGone may hold any value).
+	ctl, tail := ws.control[:ws.ctlTail], ws.control[ws.ctlTail:]
 	var bytes int64
 	for _, p := range ws.pkts {
 		bytes += int64(p.n)
@@ -3125,16 +3239,19 @@ func (sc *serverCounters) drop(r dropReason, disco bool, n int) {
 	sc.dropBytes[r][k].Add(int64(n))
 }
 
+// addSession moves the counters of c, which has left s.conns, into the
+// totals. It is called twice: when c is unregistered, and again once its
+// writer has finished, for what a last batch added meanwhile.
 func (sc *serverCounters) addSession(c *sconn) {
 	sc.mu.Lock()
-	sc.closedRecvPkts += c.recvPkts.Load()
-	sc.closedRecvByts += c.recvBytes.Load()
-	sc.closedSentPkts += c.sentPkts.Load()
-	sc.closedSentByts += c.sentBytes.Load()
+	sc.closedRecvPkts += c.recvPkts.Swap(0)
+	sc.closedRecvByts += c.recvBytes.Swap(0)
+	sc.closedSentPkts += c.sentPkts.Swap(0)
+	sc.closedSentByts += c.sentBytes.Swap(0)
 	for i := range sc.closedBatches {
-		sc.closedBatches[i] += c.batches[i].Load()
+		sc.closedBatches[i] += c.batches[i].Swap(0)
 	}
-	sc.closedQueueWait += c.queueWait.Load()
+	sc.closedQueueWait += c.queueWait.Swap(0)
 	sc.mu.Unlock()
 }
 
@@ -3494,7 +3611,7 @@ type meshRoute struct {
 	// recipients are the local clients that were written packets forwarded
 	// from the key; they are told PeerGone when it leaves the region, as
 	// keyEntry.recipients are for local keys.
-	recipients map[*sconn]struct{}
+	recipients recipientSet
 }
 
 // meshLink is this server's connection to one mesh peer: it watches the
@@ -4066,10 +4183,10 @@ func (s *Server) meshUnrouteLocked(k PublicKey, l *meshLink) map[*sconn]struct{}
 	defer sh.mu.Unlock()
 	if e := sh.m[k]; e != nil {
 		// Still connected here: its local departure will tell them.
-		e.recipients = mergeRecipients(e.recipients, r.recipients)
+		e.recipients.merge(r.recipients.m)
 		return nil
 	}
-	return r.recipients
+	return r.recipients.m
 }
 
 // meshAdopt is called when k's last local connection ended. It reports
@@ -4089,7 +4206,7 @@ func (s *Server) meshAdopt(k PublicKey, recipients map[*sconn]struct{}) bool {
 	if r == nil {
 		return false
 	}
-	r.recipients = mergeRecipients(r.recipients, recipients)
+	r.recipients.merge(recipients)
 	return true
 }
 
@@ -4102,20 +4219,14 @@ func (s *Server) meshNoteRecipient(c *sconn, srcs []PublicKey) {
 	s.mesh.mu.Lock()
 	for _, k := range srcs {
 		if r := s.mesh.routes[k]; r != nil {
-			if r.recipients == nil {
-				r.recipients = map[*sconn]struct{}{}
-			}
-			r.recipients[c] = struct{}{}
+			r.recipients.add(c)
 			continue
 		}
 		sh := s.shard(k)
 		sh.mu.Lock()
 		e := sh.m[k]
 		if e != nil {
-			if e.recipients == nil {
-				e.recipients = map[*sconn]struct{}{}
-			}
-			e.recipients[c] = struct{}{}
+			e.recipients.add(c)
 		}
 		sh.mu.Unlock()
 		if e == nil {
@@ -4133,20 +4244,6 @@ func (s *Server) meshNoteRecipient(c *sconn, srcs []PublicKey) {
 		}
 		c.mu.Unlock()
 	}
-}
-
-// mergeRecipients adds the members of src to dst, allocating dst if needed.
-func mergeRecipients(dst, src map[*sconn]struct{}) map[*sconn]struct{} {
-	if len(src) == 0 {
-		return dst
-	}
-	if dst == nil {
-		dst = make(map[*sconn]struct{}, len(src))
-	}
-	for r := range src {
-		dst[r] = struct{}{}
-	}
-	return dst
 }
 
 // removeLink removes l from links, keeping the order.
@@ -4329,7 +4426,8 @@ func (cr *connReader) release() {
 	}
 }
 
-// drop gives the buffer back; it must be empty.
+// drop gives the buffer back, with whatever it still holds: between frames
+// it is empty; at the end of a session the rest is unwanted.
 func (cr *connReader) drop() {
 	if cr.buf != nil {
 		putReadBuf(cr.buf)

@@ -160,6 +160,12 @@ type wsConn struct {
 	pong    [wsMaxControl]byte
 	pongLen int
 	pongDue atomic.Bool
+	// onPong, if set (a server session, by its reader), is called when a
+	// pong falls due: the session's writer sends it, under the write
+	// deadline it sets for each batch. Otherwise a goroutine sends it;
+	// pongWriter says one is on its way.
+	onPong     func()
+	pongWriter atomic.Bool
 }
 
 func newWSConn(nc net.Conn, br *bufio.Reader, client bool) *wsConn {
@@ -317,15 +323,24 @@ func (c *wsConn) controlFrame(op byte, fin bool, n uint64, hlen int, mask [4]byt
 			return nil
 		}
 		c.pongs--
-		// The reader never waits for a write under way (a peer that
-		// does not read would stall our reading too): it leaves the
-		// pong to whoever holds wmu, which sends it before letting go.
+		// The reader never writes: a peer that does not read would
+		// stall our reading too, and a write deadline left over from
+		// the last write could fail the pong halfway, which under TLS
+		// breaks the connection for good. It leaves the pong to
+		// whoever holds wmu next, which sends it before letting go.
 		c.pongMu.Lock()
 		c.pongLen = copy(c.pong[:], p)
 		c.pongMu.Unlock()
 		c.pongDue.Store(true)
-		if c.wmu.TryLock() {
-			c.unlockWrite()
+		switch {
+		case c.onPong != nil:
+			c.onPong()
+		case c.pongWriter.CompareAndSwap(false, true):
+			go func() {
+				c.wmu.Lock()
+				c.pongWriter.Store(false)
+				c.unlockWrite()
+			}()
 		}
 		return nil
 	case wsPong:
@@ -416,17 +431,24 @@ func (c *wsConn) Write(p []byte) (int, error) {
 // after unlocking, so that a pong left while it held wmu is not stranded.
 func (c *wsConn) unlockWrite() {
 	for {
-		if c.pongDue.Swap(false) && !c.closeSent {
-			var p [wsMaxControl]byte
-			c.pongMu.Lock()
-			n := copy(p[:], c.pong[:c.pongLen])
-			c.pongMu.Unlock()
-			c.writeFrameLocked(wsPong, p[:n]) // a broken connection fails the next write too
+		if !c.closeSent {
+			c.writePongLocked()
 		}
 		c.wmu.Unlock()
 		if !c.pongDue.Load() || !c.wmu.TryLock() {
 			return
 		}
+	}
+}
+
+// writePongLocked sends the pong due, if any.
+func (c *wsConn) writePongLocked() {
+	if c.pongDue.Swap(false) {
+		var p [wsMaxControl]byte
+		c.pongMu.Lock()
+		n := copy(p[:], c.pong[:c.pongLen])
+		c.pongMu.Unlock()
+		c.writeFrameLocked(wsPong, p[:n]) // a broken connection fails the next write too
 	}
 }
 
@@ -493,6 +515,7 @@ func (c *wsConn) writeClose(code uint16, reason string) {
 	}
 	p = append(p, reason...)
 	c.Conn.SetWriteDeadline(time.Now().Add(wsCloseWait))
+	c.writePongLocked() // pings answered before the close
 	c.writeFrameLocked(wsClose, p)
 }
 

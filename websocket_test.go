@@ -567,3 +567,26 @@ func TestWSConnPongWhileWriting(t *testing.T) {
 		t.Fatalf("after the write: %x, want the pong %x", got, want)
 	}
 }
+
+// A WebSocket session over TLS that has been idle for longer than the
+// write timeout answers a ping and goes on relaying: the pong goes out
+// under a fresh write deadline, not the expired one of the last write,
+// which would fail it halfway and leave the TLS stream broken.
+func TestWebSocketPongAfterIdleTLS(t *testing.T) {
+	s := newTestServer(t, WithWriteTimeout(100*time.Millisecond))
+	srv := serveDERP(t, s, derpServeOpts{})
+	ws := &FastStart{TLSConfig: srv.ClientTLS, WebSocket: true}
+	a, _ := dialFast(t, ws, srv.URL)
+	b, _ := dialFast(t, ws, srv.URL)
+	relayBothWays(t, a, b)
+	time.Sleep(300 * time.Millisecond) // the last write's deadline passes
+	wc := a.nc.(*wsConn)
+	wc.wmu.Lock()
+	_, err := wc.writeFrameLocked(wsPing, []byte("hi"))
+	wc.wmu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond) // the pong is written
+	relayBothWays(t, a, b)
+}

@@ -1,0 +1,296 @@
+package relay
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+)
+
+// What a session leaves behind when it ends, and what one client's ending
+// does to the others' streams.
+
+// The writer splits a batch's control frames so that a Restarting notice
+// goes after the packets. It must know where that notice starts, not guess
+// from the bytes: a PeerGone frame's last 13 bytes begin with byte 20 of the
+// departed key, which an attacker can choose to be FrameRestarting's type,
+// and a PeerGone cut there would derail the victim's stream.
+func TestPeerGoneKeyByteNotTakenForRestarting(t *testing.T) {
+	s := newTestServer(t, WithWriteTimeout(0))
+	victim := pipeClient(t, s)
+	vk := victim.priv.Public()
+	b := pipeClient(t, s)
+
+	var apriv PrivateKey
+	for {
+		apriv = mustKey(t)
+		if apriv.Public()[20] == byte(FrameRestarting) {
+			break
+		}
+	}
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:3")
+	attacker := loginClient(t, cc, apriv)
+	ak := apriv.Public()
+
+	// The victim receives from the attacker, so it will be told PeerGone.
+	if err := attacker.Send(vk, []byte("hi")); err != nil {
+		t.Fatal(err)
+	}
+	if p, ok := recvMsg[*ReceivedPacket](t, victim); !ok || p.Source != ak {
+		t.Fatal("attacker's packet not relayed")
+	}
+	// The victim reads nothing for now: its writer blocks on b's first
+	// packet (net.Pipe has no buffer), and the next batch holds both
+	// PeerGone(attacker) and b's second packet.
+	if err := b.Send(vk, []byte("one")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	attacker.Close()
+	waitFor(t, func() bool { return !s.IsClientConnected(ak) })
+	if err := b.Send(vk, []byte("two")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+
+	victim.opts.recvTimeout = 2 * time.Second
+	var got []string
+	for range 3 {
+		m, err := victim.Recv()
+		if err != nil {
+			got = append(got, "error: "+err.Error())
+			break
+		}
+		switch m := m.(type) {
+		case *ReceivedPacket:
+			got = append(got, "packet "+string(m.Data))
+		case PeerGone:
+			if m.Peer == ak {
+				got = append(got, "PeerGone(attacker)")
+			} else {
+				got = append(got, "PeerGone(corrupted key "+m.Peer.ShortString()+")")
+			}
+		default:
+			got = append(got, "other")
+		}
+	}
+	want := []string{"packet one", "PeerGone(attacker)", "packet two"}
+	if len(got) != 3 || got[0] != want[0] || got[1] != want[1] || got[2] != want[2] {
+		t.Errorf("victim received %q, want %q", got, want)
+	}
+}
+
+// A client that reconnects in a loop, sending to or receiving from one
+// long-lived peer, must not grow that peer's set of sessions to tell
+// PeerGone: each ended session leaves it.
+func TestEndedSessionsLeaveRecipientSets(t *testing.T) {
+	for _, dir := range []string{"sent to", "received from"} {
+		t.Run(dir, func(t *testing.T) {
+			s := newTestServer(t)
+			long := pipeClient(t, s)
+			lk := long.priv.Public()
+			const n = 30
+			for i := range n {
+				x := pipeClient(t, s)
+				xk := x.priv.Public()
+				if dir == "sent to" {
+					if err := x.Send(lk, []byte{byte(i)}); err != nil {
+						t.Fatal(err)
+					}
+					if _, ok := recvMsg[*ReceivedPacket](t, long); !ok {
+						t.Fatal("packet not relayed")
+					}
+				} else {
+					if err := long.Send(xk, []byte{byte(i)}); err != nil {
+						t.Fatal(err)
+					}
+					if _, ok := recvMsg[*ReceivedPacket](t, x); !ok {
+						t.Fatal("packet not relayed")
+					}
+				}
+				x.Close()
+				waitFor(t, func() bool { return !s.IsClientConnected(xk) })
+			}
+			waitFor(t, func() bool { return s.Stats().CurrentConnections == 1 })
+			e, _ := s.lookupEntry(lk)
+			sh := s.shard(lk)
+			// The last session's shutdown may still be under way.
+			waitFor(t, func() bool {
+				sh.mu.RLock()
+				defer sh.mu.RUnlock()
+				return len(e.recipients.m) == 0
+			})
+		})
+	}
+}
+
+// Sessions that ended without removing themselves (a session that sent to
+// more than maxSentTo peers forgets the first ones) are swept out as the
+// set grows: it holds at most about twice its live members.
+func TestRecipientSetSweepsEndedSessions(t *testing.T) {
+	var rs recipientSet
+	live := make([]*sconn, 10)
+	for i := range live {
+		live[i] = new(sconn)
+		rs.add(live[i])
+	}
+	most := 0
+	for range 1000 {
+		c := new(sconn)
+		rs.add(c)
+		c.left.Store(true)
+		most = max(most, len(rs.m))
+	}
+	if most > 2*minSweep {
+		t.Errorf("the set grew to %d members with %d live, want at most %d", most, len(live), 2*minSweep)
+	}
+	for _, c := range live {
+		if _, ok := rs.m[c]; !ok {
+			t.Fatal("a live member was swept out")
+		}
+	}
+}
+
+// badLogin sends s a ClientInfo whose box does not open, with more bytes
+// behind it in the same write, and waits for the login to end.
+func badLogin(t *testing.T, s *Server) {
+	t.Helper()
+	cc, sc := net.Pipe()
+	done := make(chan struct{})
+	go func() {
+		s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
+		close(done)
+	}()
+	go io.Copy(io.Discard, cc) // ServerKey
+	payload := make([]byte, 300)
+	for i := range payload {
+		payload[i] = byte(i + 1)
+	}
+	bw := bufio.NewWriter(cc)
+	writeFrame(bw, FrameClientInfo, payload)
+	bw.Write(make([]byte, 100)) // the client's next bytes, pipelined
+	bw.Flush()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("login did not end")
+	}
+	cc.Close()
+}
+
+// A session or login that ends with bytes still in its read buffer gives
+// the buffer back: otherwise the budget of big buffers (maxBigReadBufs)
+// would shrink with every such connection, which needs no authentication,
+// and then every reader of the process would get small buffers for good.
+func TestReadBufferReturnedWhenSessionEnds(t *testing.T) {
+	t.Run("protocol error", func(t *testing.T) {
+		s := newTestServer(t)
+		before := bigReadBufs.Load()
+		const n = 10
+		for range n {
+			cc, sc := net.Pipe()
+			done := make(chan struct{})
+			go func() {
+				s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
+				close(done)
+			}()
+			c := loginClient(t, cc, mustKey(t))
+			// A 2-byte NotePreferred (fatal) and 300 more bytes in
+			// one write.
+			b := appendFrame(nil, FrameNotePreferred, []byte{1, 1})
+			b = append(b, make([]byte, 300)...)
+			go cc.Write(b)
+			select {
+			case <-done:
+			case <-time.After(5 * time.Second):
+				t.Fatal("session did not end")
+			}
+			c.Close()
+		}
+		if got := s.Stats().Errors["session:bad_note_preferred_length"]; got != n {
+			t.Fatalf("%d bad_note_preferred_length errors, want %d", got, n)
+		}
+		if after := bigReadBufs.Load(); after != before {
+			t.Errorf("big read buffers in use: %d before %d sessions ended by a protocol error, %d after", before, n, after)
+		}
+	})
+	t.Run("failed login", func(t *testing.T) {
+		s := newTestServer(t)
+		before := bigReadBufs.Load()
+		for range maxBigReadBufs + 20 {
+			badLogin(t, s)
+		}
+		if got := s.Stats().Errors["login:bad_client_info_box"]; got != maxBigReadBufs+20 {
+			t.Fatalf("%d bad_client_info_box login errors, want %d", got, maxBigReadBufs+20)
+		}
+		if after := bigReadBufs.Load(); after != before {
+			t.Errorf("big read buffers in use: %d before %d failed logins, %d after", before, maxBigReadBufs+20, after)
+		}
+		b := getReadBuf()
+		defer putReadBuf(b)
+		if len(b) != bigReadBufSize {
+			t.Errorf("after the failed logins getReadBuf returns %d bytes, want %d", len(b), bigReadBufSize)
+		}
+	})
+}
+
+// gateConn holds the server's next Write to the client until released;
+// that write then succeeds, as one the kernel accepted.
+type gateConn struct {
+	net.Conn
+	mu      sync.Mutex
+	armed   bool
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (g *gateConn) Write(p []byte) (int, error) {
+	g.mu.Lock()
+	armed := g.armed
+	g.armed = false
+	g.mu.Unlock()
+	if armed {
+		close(g.entered)
+		<-g.release
+		return len(p), nil
+	}
+	return g.Conn.Write(p)
+}
+
+// A batch whose write completes while its session is ending still counts in
+// Stats.PacketsSent.
+func TestStatsCountLastBatchOfEndingSession(t *testing.T) {
+	s := newTestServer(t)
+	a := pipeClient(t, s)
+	cc, sc := net.Pipe()
+	g := &gateConn{Conn: sc, entered: make(chan struct{}), release: make(chan struct{})}
+	go s.Accept(context.Background(), g, nil, "127.0.0.1:2")
+	x := loginClient(t, cc, mustKey(t))
+	xk := x.priv.Public()
+	before := s.Stats().PacketsSent
+
+	g.mu.Lock()
+	g.armed = true
+	g.mu.Unlock()
+	if err := a.Send(xk, []byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-g.entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no write to x")
+	}
+	cc.Close() // the client hangs up while the server writes its packet
+	waitFor(t, func() bool { return !s.IsClientConnected(xk) })
+	close(g.release) // the write succeeds
+	waitFor(t, func() bool { return s.Stats().CurrentConnections == 1 })
+	var st Stats
+	waitFor(t, func() bool { st = s.Stats(); return st.PacketsSent != before })
+	if sent := st.PacketsSent - before; sent != 1 {
+		t.Errorf("one packet written to x, Stats.PacketsSent grew by %d", sent)
+	}
+}
