@@ -46,6 +46,37 @@ type Client struct {
 	closed      atomic.Bool
 	closeOnce   sync.Once
 	closeResult error
+	// interrupted is set by interrupt: every read and write fails at
+	// once from then on, whatever deadline is set later.
+	interrupted atomic.Bool
+}
+
+// pastDeadline is a deadline that has passed: I/O under it fails at once.
+var pastDeadline = time.Unix(1, 0)
+
+// interrupt makes the connection's reads and writes under way, and all
+// later ones, fail with a timeout: the way to abandon a blocked call, since
+// a DERP stream cannot resume mid-frame. The caller then drops the Client.
+func (c *Client) interrupt() {
+	c.interrupted.Store(true)
+	c.nc.SetReadDeadline(pastDeadline)
+	c.nc.SetWriteDeadline(pastDeadline)
+}
+
+// setReadDeadline and setWriteDeadline set a deadline unless interrupt
+// was called, whose deadline stays.
+func (c *Client) setReadDeadline(t time.Time) {
+	c.nc.SetReadDeadline(t)
+	if c.interrupted.Load() {
+		c.nc.SetReadDeadline(pastDeadline)
+	}
+}
+
+func (c *Client) setWriteDeadline(t time.Time) {
+	c.nc.SetWriteDeadline(t)
+	if c.interrupted.Load() {
+		c.nc.SetWriteDeadline(pastDeadline)
+	}
 }
 
 // ClientOption configures NewClient.
@@ -170,8 +201,8 @@ func NewClient(priv PrivateKey, nc net.Conn, brw *bufio.ReadWriter, opts ...Clie
 
 func (c *Client) recvServerKey() error {
 	if c.opts.loginTimeout > 0 {
-		c.nc.SetReadDeadline(time.Now().Add(c.opts.loginTimeout))
-		defer c.nc.SetReadDeadline(time.Time{})
+		c.setReadDeadline(time.Now().Add(c.opts.loginTimeout))
+		defer c.setReadDeadline(time.Time{})
 	}
 	t, n, err := readFrameHeader(c.br)
 	if err != nil {
@@ -277,8 +308,8 @@ func (c *Client) forwardBatch(n int, item func(i int) (src, dst *PublicKey, pkt 
 	if c.werr != nil {
 		return c.werr
 	}
-	c.nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
-	defer c.nc.SetWriteDeadline(time.Time{})
+	c.setWriteDeadline(time.Now().Add(5 * time.Second))
+	defer c.setWriteDeadline(time.Time{})
 	for i := range n {
 		src, dst, pkt := item(i)
 		if len(pkt) > MaxPacketSize {
@@ -385,7 +416,7 @@ func (c *Client) recv() (Message, error) {
 			c.discard = 0
 		}
 		if c.opts.recvTimeout > 0 {
-			c.nc.SetReadDeadline(time.Now().Add(c.opts.recvTimeout))
+			c.setReadDeadline(time.Now().Add(c.opts.recvTimeout))
 		}
 		if c.maybeHTTP {
 			c.maybeHTTP = false

@@ -525,8 +525,8 @@ func (f *FastStart) webSocket(nc net.Conn, u *url.URL, priv PrivateKey, hs Hands
 // key is not the assumed one.
 func (c *Client) readServerStart() error {
 	if c.opts.loginTimeout > 0 {
-		c.nc.SetReadDeadline(time.Now().Add(c.opts.loginTimeout))
-		defer c.nc.SetReadDeadline(time.Time{})
+		c.setReadDeadline(time.Now().Add(c.opts.loginTimeout))
+		defer c.setReadDeadline(time.Time{})
 	}
 	assumed := c.serverKey
 	c.maybeHTTP = false
@@ -546,7 +546,8 @@ func (c *Client) readServerStart() error {
 
 // ReconnectingClient is a long-lived DERP client built on FastStart: it
 // connects on first use, reconnects after any failure with exponential
-// backoff and jitter, honours the server's ServerRestarting notice, re-sends
+// backoff and jitter, honours the server's ServerRestarting notice (waiting
+// at most MaxBackoff, then retrying quickly for at most a minute), re-sends
 // NotePreferred after a reconnect, answers the server's Pings, and remembers
 // the server key it learned so that later connections take the fast path
 // even over plain HTTP or TLS 1.2. It also remembers the address each host
@@ -624,24 +625,40 @@ type ReconnectingClient struct {
 	nextDial     time.Time
 	restartUntil time.Time
 	pings        map[[8]byte]chan struct{}
+	done         chan struct{} // closed by Close; made by doneCh
 }
+
+// doneCh returns the channel Close closes. rc.mu must be held.
+func (rc *ReconnectingClient) doneCh() chan struct{} {
+	if rc.done == nil {
+		rc.done = make(chan struct{})
+	}
+	return rc.done
+}
+
+// maxRestartTry bounds how long after a ServerRestarting notice's wait the
+// client retries at MinBackoff.
+const maxRestartTry = time.Minute
 
 // ErrNotConnected is returned by ReconnectingClient.Ping when the Pong did
 // not arrive on the connection the Ping was sent on.
 var ErrNotConnected = errors.New("relay: connection lost")
 
 func (rc *ReconnectingClient) backoff(failures int, now time.Time) time.Duration {
-	lo, hi := rc.MinBackoff, rc.MaxBackoff
+	lo, hi := rc.backoffBounds()
+	return backoffStep(lo, hi, failures, now.Before(rc.restartUntil))
+}
+
+// backoffBounds returns MinBackoff and MaxBackoff with their defaults.
+func (rc *ReconnectingClient) backoffBounds() (lo, hi time.Duration) {
+	lo, hi = rc.MinBackoff, rc.MaxBackoff
 	if lo <= 0 {
 		lo = 100 * time.Millisecond
 	}
 	if hi <= 0 {
 		hi = 5 * time.Second
 	}
-	if hi < lo {
-		hi = lo
-	}
-	return backoffStep(lo, hi, failures, now.Before(rc.restartUntil))
+	return lo, max(hi, lo)
 }
 
 // backoffStep returns a jittered wait for the given number of consecutive
@@ -684,6 +701,7 @@ func (rc *ReconnectingClient) current(ctx context.Context) (*Client, int, error)
 		return c, gen, nil
 	}
 	wait := time.Until(rc.nextDial)
+	done := rc.doneCh()
 	rc.mu.Unlock()
 	if wait > 0 {
 		t := time.NewTimer(wait)
@@ -692,18 +710,35 @@ func (rc *ReconnectingClient) current(ctx context.Context) (*Client, int, error)
 		case <-ctx.Done():
 			t.Stop()
 			return nil, 0, ctx.Err()
+		case <-done:
+			t.Stop()
+			return nil, 0, ErrClosed
 		}
 	}
-	return rc.dial(ctx)
+	return rc.dial(ctx, done)
 }
 
-func (rc *ReconnectingClient) dial(ctx context.Context) (*Client, int, error) {
+// dial connects to the first of rc's servers that answers. Close (closing
+// done) cancels it.
+func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*Client, int, error) {
 	timeout := rc.DialTimeout
 	if timeout <= 0 {
 		timeout = 10 * time.Second
 	}
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	select {
+	case <-done:
+		return nil, 0, ErrClosed
+	default:
+	}
+	go func() {
+		select {
+		case <-done:
+			cancel()
+		case <-dctx.Done():
+		}
+	}()
 	opts := append(rc.Options[:len(rc.Options):len(rc.Options)], CanAckPings(true))
 	var c *Client
 	var hs Handshake
@@ -756,15 +791,17 @@ func (rc *ReconnectingClient) dial(ctx context.Context) (*Client, int, error) {
 			c.Close()
 		}
 	}
+	if rc.closed {
+		if err == nil {
+			c.Close()
+		}
+		return nil, 0, ErrClosed
+	}
 	if err != nil {
 		rc.failures++
 		rc.nextDial = time.Now().Add(rc.backoff(rc.failures, time.Now()))
 		rc.logf("relay: connect failed", "url", rc.URL, "region", rc.regionID(), "failures", rc.failures, "err", err)
 		return nil, 0, err
-	}
-	if rc.closed {
-		c.Close()
-		return nil, 0, ErrClosed
 	}
 	rc.c = c
 	rc.cTarget, rc.nTargets = wonIdx, len(targets)
@@ -954,15 +991,28 @@ func (rc *ReconnectingClient) drop(c *Client) {
 
 // Send sends pkt to dst, connecting first if needed. A failed write drops
 // the connection (the next call reconnects) and is returned; the packet is
-// not retried.
+// not retried. ctx bounds the write too: if it ends while a server that has
+// stopped reading holds the write, Send returns ctx's error and drops the
+// connection, as a DERP stream cannot resume mid-frame. (A ctx that can end
+// costs one small allocation per call.)
 func (rc *ReconnectingClient) Send(ctx context.Context, dst PublicKey, pkt []byte) error {
 	c, _, err := rc.current(ctx)
 	if err != nil {
 		return err
 	}
+	var stop func() bool
+	if ctx.Done() != nil {
+		stop = context.AfterFunc(ctx, c.interrupt)
+	}
 	err = c.Send(dst, pkt)
+	if stop != nil {
+		stop()
+	}
 	if err != nil && !errors.Is(err, ErrPacketTooLarge) && !errors.Is(err, ErrRateLimited) {
 		rc.drop(c)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
 	}
 	return err
 }
@@ -999,18 +1049,27 @@ func (rc *ReconnectingClient) Connect(ctx context.Context) error {
 // ForwardPacket hands the server a packet from src to dst, as a mesh peer
 // does (the client needs the server's mesh key, in Options), connecting
 // first if needed. A failed write drops the connection and is returned.
+// ctx bounds the write as for Send.
 func (rc *ReconnectingClient) ForwardPacket(ctx context.Context, src, dst PublicKey, pkt []byte) error {
 	c, _, err := rc.current(ctx)
 	if err != nil {
 		return err
 	}
-	if err := c.ForwardPacket(src, dst, pkt); err != nil {
-		if !errors.Is(err, ErrPacketTooLarge) {
-			rc.drop(c)
-		}
-		return err
+	var stop func() bool
+	if ctx.Done() != nil {
+		stop = context.AfterFunc(ctx, c.interrupt)
 	}
-	return nil
+	err = c.ForwardPacket(src, dst, pkt)
+	if stop != nil {
+		stop()
+	}
+	if err != nil && !errors.Is(err, ErrPacketTooLarge) {
+		rc.drop(c)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+	return err
 }
 
 // ClosePeer asks the server to end the sessions of key (mesh key needed),
@@ -1082,8 +1141,17 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			}
 			continue // current waits out the backoff before the next dial
 		}
-		stop := context.AfterFunc(ctx, func() { c.nc.SetReadDeadline(time.Unix(1, 0)) })
+		stop := context.AfterFunc(ctx, c.interrupt)
 		m, err := c.Recv()
+		if p, ok := m.(Ping); ok && err == nil {
+			// Answered while ctx can still interrupt: a server that
+			// stopped reading must not hold Recv past ctx.
+			if err := c.SendPong(p); err != nil {
+				rc.drop(c)
+			}
+			stop()
+			continue
+		}
 		stop()
 		if err != nil {
 			rc.drop(c)
@@ -1110,11 +1178,6 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			continue
 		}
 		switch m := m.(type) {
-		case Ping:
-			if err := c.SendPong(m); err != nil {
-				rc.drop(c)
-			}
-			continue
 		case Pong:
 			rc.mu.Lock()
 			ch, ok := rc.pings[m]
@@ -1129,10 +1192,15 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			rc.failures = 0
 			rc.mu.Unlock()
 		case ServerRestarting:
+			// The server chooses these, up to 49 days each: bounded,
+			// so that a broken server cannot stop reconnects for weeks
+			// or have them hammer it at MinBackoff as long. The wait is
+			// one between dials, so MaxBackoff bounds it.
 			now := time.Now()
+			_, hi := rc.backoffBounds()
 			rc.mu.Lock()
-			rc.nextDial = now.Add(m.ReconnectIn)
-			rc.restartUntil = rc.nextDial.Add(m.TryFor)
+			rc.nextDial = now.Add(min(m.ReconnectIn, hi))
+			rc.restartUntil = rc.nextDial.Add(min(m.TryFor, maxRestartTry))
 			rc.mu.Unlock()
 		}
 		return m, gen, nil
@@ -1198,9 +1266,13 @@ func (rc *ReconnectingClient) Generation() int {
 	return rc.gen
 }
 
-// Close closes the current connection; every later call returns ErrClosed.
+// Close closes the current connection and cancels a dial or a wait for one
+// under way; every later call returns ErrClosed.
 func (rc *ReconnectingClient) Close() error {
 	rc.mu.Lock()
+	if !rc.closed {
+		close(rc.doneCh()) // wakes a wait for the next dial, cancels a dial
+	}
 	rc.closed = true
 	c := rc.c
 	rc.c = nil

@@ -1,0 +1,400 @@
+package relay
+
+// A reconnecting client against servers that stall, stop reading, or send
+// notices that would keep it away for weeks: ctx, RecvTimeout and Close
+// must still end every call.
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// scriptedServer is a scripted DERP server at the far end of a net.Pipe
+// that FastStart dials through DialContext. script runs once per dial.
+type scriptedServer struct {
+	priv   PrivateKey
+	dials  atomic.Int32
+	script func(n int, sc net.Conn, br *bufio.Reader, clientPub PublicKey)
+
+	mu     sync.Mutex
+	conns  []net.Conn
+	wg     sync.WaitGroup
+	once   sync.Once
+	closed chan struct{}
+}
+
+func (s *scriptedServer) init() {
+	s.once.Do(func() { s.closed = make(chan struct{}) })
+}
+
+// stall blocks until the test ends, reading nothing.
+func (s *scriptedServer) stall() { s.init(); <-s.closed }
+
+func (s *scriptedServer) close() {
+	s.init()
+	close(s.closed)
+	s.mu.Lock()
+	for _, c := range s.conns {
+		c.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+}
+
+func (s *scriptedServer) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	s.init()
+	cc, sc := net.Pipe()
+	s.mu.Lock()
+	s.conns = append(s.conns, cc, sc)
+	s.mu.Unlock()
+	s.wg.Add(1)
+	go s.serve(sc)
+	return cc, nil
+}
+
+// dialTCP is dial over a real loopback TCP connection.
+func (s *scriptedServer) dialTCP(ctx context.Context, network, addr string) (net.Conn, error) {
+	s.init()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	defer ln.Close()
+	cc, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		return nil, err
+	}
+	sc, err := ln.Accept()
+	if err != nil {
+		cc.Close()
+		return nil, err
+	}
+	s.mu.Lock()
+	s.conns = append(s.conns, cc, sc)
+	s.mu.Unlock()
+	s.wg.Add(1)
+	go s.serve(sc)
+	return cc, nil
+}
+
+func (s *scriptedServer) serve(sc net.Conn) {
+	n := int(s.dials.Add(1))
+	defer s.wg.Done()
+	defer sc.Close()
+	br := bufio.NewReader(sc)
+	// The upgrade request.
+	req, err := http.ReadRequest(br)
+	if err != nil {
+		return
+	}
+	if req.Header.Get("Upgrade") != "DERP" {
+		return
+	}
+	io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+	sc.Write(appendFrame(nil, FrameServerKey, appendServerKey(nil, s.priv.Public())))
+	// The ClientInfo.
+	var h [5]byte
+	if _, err := io.ReadFull(br, h[:]); err != nil {
+		return
+	}
+	p := make([]byte, binary.BigEndian.Uint32(h[1:]))
+	if _, err := io.ReadFull(br, p); err != nil {
+		return
+	}
+	clientPub := PublicKey(p[:KeyLen])
+	sc.Write(serverInfoFrame(s.priv, clientPub, []byte(`{"version":2}`)))
+	s.script(n, sc, br, clientPub)
+}
+
+func newScriptedRC(t *testing.T, s *scriptedServer, opts ...ClientOption) *ReconnectingClient {
+	rc := &ReconnectingClient{
+		URL:        "http://derp.invalid/derp",
+		PrivateKey: mustKey(t),
+		Dialer:     &FastStart{DialContext: s.dial},
+		MinBackoff: 10 * time.Millisecond,
+		MaxBackoff: 20 * time.Millisecond,
+		Options:    opts,
+	}
+	t.Cleanup(func() { rc.Close(); s.close() })
+	return rc
+}
+
+// callWithin runs f and reports whether it returned within d. f keeps
+// running in the background otherwise (the test's cleanup unblocks it).
+func callWithin(d time.Duration, f func()) (time.Duration, bool) {
+	done := make(chan struct{})
+	start := time.Now()
+	go func() { f(); close(done) }()
+	select {
+	case <-done:
+		return time.Since(start), true
+	case <-time.After(d):
+		return d, false
+	}
+}
+
+// The server pings and then stops reading, so the pong the reconnecting
+// client answers with cannot be written: Recv(ctx) must still return when
+// ctx ends.
+func TestReconnectingRecvCtxEndsStuckPong(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
+		var ping [8]byte
+		sc.Write(appendFrame(nil, FramePing, ping[:]))
+		s.stall() // never reads again
+	}
+	rc := newScriptedRC(t, s)
+	if _, err := rc.Recv(context.Background()); err != nil { // ServerInfo
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	var err error
+	took, ok := callWithin(3*time.Second, func() { _, err = rc.Recv(ctx) })
+	if !ok {
+		t.Fatalf("Recv(ctx with 200ms timeout) still blocked after %v: it is stuck in SendPong, ctx ignored", took)
+	}
+	t.Logf("Recv returned after %v: %v", took, err)
+}
+
+// The same over loopback TCP, where the pong waits behind a Send that the
+// full socket buffers hold: Recv(ctx) must still return when ctx ends.
+func TestReconnectingRecvCtxEndsPongBehindStuckSend(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	pingNow := make(chan struct{})
+	s.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
+		<-pingNow // the client's sender is blocked by now; we read nothing
+		var ping [8]byte
+		sc.Write(appendFrame(nil, FramePing, ping[:]))
+		s.stall()
+	}
+	rc := newScriptedRC(t, s)
+	rc.Dialer = &FastStart{DialContext: s.dialTCP}
+	if _, err := rc.Recv(context.Background()); err != nil { // ServerInfo
+		t.Fatal(err)
+	}
+	go func() { // fill the socket buffers until Send blocks
+		for rc.Send(context.Background(), PublicKey{1}, make([]byte, MaxPacketSize)) == nil {
+		}
+	}()
+	time.Sleep(500 * time.Millisecond)
+	close(pingNow)
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	var err error
+	took, ok := callWithin(3*time.Second, func() { _, err = rc.Recv(ctx) })
+	if !ok {
+		t.Fatalf("Recv(ctx with 200ms timeout) still blocked after %v (SendPong waits behind a stuck Send)", took)
+	}
+	t.Logf("Recv returned after %v: %v", took, err)
+}
+
+// Send(ctx) to a server that stopped reading returns when ctx ends.
+func TestReconnectingSendCtxEndsStuckWrite(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(int, net.Conn, *bufio.Reader, PublicKey) { s.stall() }
+	rc := newScriptedRC(t, s)
+	if err := rc.Connect(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	var err error
+	took, ok := callWithin(3*time.Second, func() { err = rc.Send(ctx, PublicKey{1}, make([]byte, 1000)) })
+	if !ok {
+		t.Fatalf("Send(ctx with 200ms timeout) still blocked after %v", took)
+	}
+	t.Logf("Send returned after %v: %v", took, err)
+}
+
+// Close wakes a Recv that waits out a restart notice's delay, and nothing
+// dials after Close.
+func TestReconnectingCloseDuringBackoff(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
+		if n == 1 {
+			// Ask the client to come back in 1.5 s, then hang up.
+			sc.Write(appendFrame(nil, FrameRestarting, appendRestarting(nil, 1500*time.Millisecond, time.Second)))
+			return
+		}
+		io.Copy(io.Discard, br)
+	}
+	rc := newScriptedRC(t, s)
+	rc.MaxBackoff = 10 * time.Second // the notice's 1.5 s stands
+	ctx := context.Background()
+	if _, err := rc.Recv(ctx); err != nil { // ServerInfo
+		t.Fatal(err)
+	}
+	if m, err := rc.Recv(ctx); err != nil {
+		t.Fatal(err)
+	} else if _, ok := m.(ServerRestarting); !ok {
+		t.Fatalf("got %T", m)
+	}
+	errc := make(chan error, 1)
+	go func() { _, err := rc.Recv(ctx); errc <- err }()
+	time.Sleep(100 * time.Millisecond) // Recv is now waiting out the 1.5 s
+	rc.Close()
+	closedAt := time.Now()
+	dialsAtClose := s.dials.Load()
+	select {
+	case err := <-errc:
+		t.Logf("Recv returned %v after Close", err)
+	case <-time.After(time.Second):
+		err := <-errc
+		t.Errorf("Recv still blocked 1s after Close (the notice asked for 1.5s); returned %v after %v", err, time.Since(closedAt).Round(10*time.Millisecond))
+	}
+	if d := s.dials.Load() - dialsAtClose; d > 0 {
+		t.Errorf("%d new connection(s) dialled (and logged in) after Close", d)
+	}
+}
+
+// A ctx that ends while Recv skips frames it ignores (unassigned types)
+// stays ended: Recv returns, though a fresh read deadline is set per frame
+// and the server never stops sending.
+func TestReconnectingRecvCtxBetweenSkippedFrames(t *testing.T) {
+	lost := 0
+	const runs = 5
+	for range runs {
+		s := &scriptedServer{priv: mustKey(t)}
+		s.script = func(_ int, sc net.Conn, _ *bufio.Reader, _ PublicKey) {
+			f := appendFrame(nil, 0x40, make([]byte, 16)) // unassigned type: skipped
+			for {
+				select {
+				case <-s.closed:
+					return
+				default:
+				}
+				if _, err := sc.Write(f); err != nil {
+					return
+				}
+			}
+		}
+		rc := &ReconnectingClient{URL: "http://derp.invalid/derp", PrivateKey: mustKey(t),
+			Dialer: &FastStart{DialContext: s.dial}, Options: []ClientOption{RecvTimeout(time.Second)}}
+		if _, err := rc.Recv(context.Background()); err != nil { // ServerInfo
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+		if _, ok := callWithin(3*time.Second, func() { rc.Recv(ctx) }); !ok {
+			lost++
+		}
+		cancel()
+		rc.Close()
+		s.close()
+	}
+	if lost > 0 {
+		t.Fatalf("in %d of %d runs Recv(ctx with a 20ms timeout) was still running 3s later", lost, runs)
+	}
+}
+
+// A restart notice asking for 49 days, with TryFor to match, delays the
+// next dial by at most MaxBackoff.
+func TestReconnectingRestartNoticeBounded(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
+		if n == 1 {
+			sc.Write(appendFrame(nil, FrameRestarting, []byte{0xff, 0xff, 0xff, 0xff, 0, 0, 0x13, 0x88}))
+			return
+		}
+		io.Copy(io.Discard, br)
+	}
+	rc := newScriptedRC(t, s)
+	rc.Fallbacks = []string{"http://derp2.invalid/derp"}
+	ctx := context.Background()
+	for {
+		m, err := rc.Recv(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := m.(ServerRestarting); ok {
+			break
+		}
+	}
+	// The server hung up: the next Recv reconnects (to URL or the fallback).
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	m, err := rc.Recv(cctx)
+	rc.mu.Lock()
+	wait := time.Until(rc.nextDial)
+	rc.mu.Unlock()
+	if err != nil {
+		t.Fatalf("Recv (MaxBackoff 20ms, one fallback, 5s ctx): %v; next dial in %v (%d dials)", err, wait.Round(time.Hour), s.dials.Load())
+	}
+	t.Logf("reconnected: %T", m)
+}
+
+// A WebSocket client whose server pings and then stops reading returns
+// from Recv at RecvTimeout: the pong is not written by the reader.
+func TestWebSocketClientPongDoesNotBlockRecv(t *testing.T) {
+	srvPriv := mustKey(t)
+	var conns []net.Conn
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	t.Cleanup(func() {
+		close(stop)
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		cc, sc := net.Pipe()
+		mu.Lock()
+		conns = append(conns, cc, sc)
+		mu.Unlock()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			br := bufio.NewReader(sc)
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+				"Sec-WebSocket-Accept: "+wsAcceptKey(req.Header.Get("Sec-WebSocket-Key"))+"\r\n"+
+				"Sec-WebSocket-Protocol: derp\r\n\r\n")
+			sc.Write(wsFrame(0x82, appendFrame(nil, FrameServerKey, appendServerKey(nil, srvPriv.Public())), true))
+			// Read the client's masked frame carrying the ClientInfo.
+			wc := newWSConn(sc, br, false)
+			var h [5]byte
+			if _, err := io.ReadFull(wc, h[:]); err != nil {
+				return
+			}
+			p := make([]byte, binary.BigEndian.Uint32(h[1:]))
+			if _, err := io.ReadFull(wc, p); err != nil {
+				return
+			}
+			sc.Write(wsFrame(0x82, serverInfoFrame(srvPriv, PublicKey(p[:KeyLen]), []byte(`{"version":2}`)), true))
+			sc.Write(wsFrame(0x80|wsPing, []byte("hi"), true))
+			<-stop // stops reading
+		}()
+		return cc, nil
+	}
+	f := &FastStart{WebSocket: true, DialContext: dial}
+	c, _, err := f.Dial(context.Background(), "http://derp.invalid/derp", mustKey(t), RecvTimeout(300*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if m, err := c.Recv(); err != nil {
+		t.Fatal(err)
+	} else if _, ok := m.(ServerInfo); !ok {
+		t.Fatalf("got %T", m)
+	}
+	took, ok := callWithin(3*time.Second, func() { _, err = c.Recv() })
+	if !ok {
+		t.Fatalf("Recv with RecvTimeout(300ms) still blocked after %v: stuck writing the WebSocket pong", took)
+	}
+	t.Logf("Recv returned after %v: %v", took, err)
+}
