@@ -557,7 +557,8 @@ func WithRateLimit(bytesPerSec, burst int) ServerOption {
 }
 
 // WithLoginTimeout bounds the whole login: writing ServerKey, reading
-// ClientInfo and the admission hook. Default 10 s.
+// ClientInfo and the admission hook. Default 10 s; zero means no limit
+// (the admission hook's context then has no deadline of its own).
 func WithLoginTimeout(d time.Duration) ServerOption {
 	return func(c *serverConfig) { c.loginTimeout = d }
 }
@@ -785,6 +786,7 @@ type sconn struct {
 	keepAlive    bool
 	peerGone     []peerGoneItem
 	meshUpdates  []PeerPresent // Flags==0 means gone
+	floodQueued  bool          // meshUpdates starts with a whole list not yet taken
 	health       *string
 	restarting   *ServerRestarting
 	serverInfo   []byte // the ServerInfo frame, until written
@@ -1148,7 +1150,10 @@ func (s *Server) login(ctx context.Context, c *sconn, bw *bufio.Writer) error {
 		subtle.ConstantTimeCompare(info.MeshKey[:], s.cfg.meshKey[:]) == 1
 	c.pingIdle = s.cfg.idleTimeout > 0 && info.CanAckPings && !c.isMesh
 	if !c.isMesh && s.cfg.admit != nil {
-		actx, cancel := context.WithDeadline(ctx, deadline)
+		actx, cancel := context.WithCancel(ctx)
+		if s.cfg.loginTimeout > 0 {
+			actx, cancel = context.WithDeadline(ctx, deadline)
+		}
 		c.mu.Lock()
 		c.admitCancel = cancel // so that Close can cut the hook short
 		if c.ended {
@@ -2336,8 +2341,12 @@ func (s *Server) addWatcher(c *sconn) {
 	// newer login can be queued before it.
 	c.mu.Lock()
 	c.watching = true
-	if !c.closed {
+	// A list still queued, with the updates after it, is already the
+	// whole state: a watcher asking again and again without reading
+	// queues no more than one list at a time.
+	if !c.closed && !c.floodQueued {
 		c.meshUpdates = append(c.meshUpdates, present...)
+		c.floodQueued = true
 		c.kickLocked()
 	}
 	c.mu.Unlock()
@@ -2503,10 +2512,11 @@ type writerState struct {
 	control []byte
 	// ctlTail is where a Restarting frame starts in control, which is
 	// written after the packets; len(control) when there is none.
-	ctlTail int
-	wsPong  bool // a WebSocket pong is due (wsConn.onPong)
-	newSrcs []*sconn
-	fwdSrcs []PublicKey // new sources of forwarded packets (mesh recipients)
+	ctlTail  int
+	wsPong   bool // a WebSocket pong is due (wsConn.onPong)
+	newSrcs  []*sconn
+	fwdSrcs  []PublicKey // new sources of forwarded packets (mesh recipients)
+	lateSrcs []PublicKey // new local sources that left before their packets were written
 
 	// The vectored path: frame headers, control frames and small payloads
 	// are copied into scratch; vec lists the pieces of scratch and the
@@ -2546,6 +2556,7 @@ func (c *sconn) writeLoop() {
 		ws.pkts = ws.pkts[:0]
 		ws.newSrcs = ws.newSrcs[:0]
 		ws.fwdSrcs = ws.fwdSrcs[:0]
+		ws.lateSrcs = ws.lateSrcs[:0]
 		writerPool.Put(ws)
 	}()
 	for {
@@ -2627,6 +2638,7 @@ func (c *sconn) takeLocked(ws *writerState) bool {
 			ws.control = appendFrame(ws.control, FramePeerPresent, appendPeerPresent(nil, u))
 		}
 	}
+	c.floodQueued = false
 	if cap(c.meshUpdates) > 1024 {
 		c.meshUpdates = nil
 	} else {
@@ -2697,15 +2709,25 @@ func (c *sconn) registerRecipients(ws *writerState) {
 	for _, src := range ws.newSrcs {
 		sh := c.s.shard(src.key)
 		sh.mu.Lock()
-		if e := sh.m[src.key]; e != nil {
+		e := sh.m[src.key]
+		if e != nil {
 			e.recipients.add(c)
 		}
 		sh.mu.Unlock()
+		if e == nil {
+			// The source left while its packet waited here: a mesh
+			// peer may have it now, else c is told it is gone.
+			ws.lateSrcs = append(ws.lateSrcs, src.key)
+		}
 	}
 	clear(ws.newSrcs)
 	ws.newSrcs = ws.newSrcs[:0]
+	if len(ws.lateSrcs) > 0 {
+		c.s.meshNoteRecipient(c, ws.lateSrcs, true)
+		ws.lateSrcs = ws.lateSrcs[:0]
+	}
 	if len(ws.fwdSrcs) > 0 {
-		c.s.meshNoteRecipient(c, ws.fwdSrcs)
+		c.s.meshNoteRecipient(c, ws.fwdSrcs, false)
 		ws.fwdSrcs = ws.fwdSrcs[:0]
 	}
 }
@@ -4210,11 +4232,13 @@ func (s *Server) meshAdopt(k PublicKey, recipients map[*sconn]struct{}) bool {
 	return true
 }
 
-// meshNoteRecipient records that c was written packets forwarded from the
-// keys srcs, so that c is told when they leave the region. A key with no
-// route and no local connection (its PeerPresent is still on its way over
-// the watch connection) is forgotten by c, so its next packet tries again.
-func (s *Server) meshNoteRecipient(c *sconn, srcs []PublicKey) {
+// meshNoteRecipient records that c was written packets from the keys srcs,
+// forwarded by mesh peers or (local) from local clients that have left
+// since, so that c is told when they leave the region. A key with no route
+// and no local connection is gone if it was local, and c is told so now;
+// a forwarded one's PeerPresent may still be on its way over the watch
+// connection, so c forgets it and its next packet tries again.
+func (s *Server) meshNoteRecipient(c *sconn, srcs []PublicKey, local bool) {
 	var unknown []PublicKey
 	s.mesh.mu.Lock()
 	for _, k := range srcs {
@@ -4234,6 +4258,12 @@ func (s *Server) meshNoteRecipient(c *sconn, srcs []PublicKey) {
 		}
 	}
 	s.mesh.mu.Unlock()
+	if local {
+		for _, k := range unknown {
+			c.enqueuePeerGone(k, PeerGoneDisconnected) // forgets k too
+		}
+		return
+	}
 	if len(unknown) > 0 {
 		c.mu.Lock()
 		for _, k := range unknown {

@@ -3,9 +3,14 @@ package relay
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -292,5 +297,168 @@ func TestStatsCountLastBatchOfEndingSession(t *testing.T) {
 	waitFor(t, func() bool { st = s.Stats(); return st.PacketsSent != before })
 	if sent := st.PacketsSent - before; sent != 1 {
 		t.Errorf("one packet written to x, Stats.PacketsSent grew by %d", sent)
+	}
+}
+
+// A client that leaves while its packet still waits in a receiver's queue:
+// the receiver is written the packet and then told PeerGone, and when the
+// client comes back, sends again and leaves again, it is told again.
+func TestPeerGoneForSourceThatLeftBeforeDelivery(t *testing.T) {
+	s := newTestServer(t, WithWriteTimeout(20*time.Second))
+	r := pipeClient(t, s)
+	other := pipeClient(t, s)
+	kPriv := mustKey(t)
+	kk := kPriv.Public()
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
+	k := loginClient(t, cc, kPriv)
+
+	other.Send(r.PublicKey(), []byte("first")) // r's writer blocks: r reads nothing yet
+	time.Sleep(100 * time.Millisecond)
+	k.Send(r.PublicKey(), []byte("from k #1")) // waits in r's queue
+	time.Sleep(50 * time.Millisecond)
+	k.Close()
+	waitFor(t, func() bool { return !s.IsClientConnected(kk) })
+	r.opts.recvTimeout = 5 * time.Second
+	var got []string
+	for len(got) < 3 {
+		m, err := r.Recv()
+		if err != nil {
+			t.Fatalf("after %q: %v", got, err)
+		}
+		switch m := m.(type) {
+		case *ReceivedPacket:
+			got = append(got, string(m.Data))
+		case PeerGone:
+			if m.Peer == kk {
+				got = append(got, "PeerGone(k)")
+			}
+		}
+	}
+	if want := []string{"first", "from k #1", "PeerGone(k)"}; !slices.Equal(got, want) {
+		t.Fatalf("r received %q, want %q", got, want)
+	}
+
+	cc2, sc2 := net.Pipe()
+	go s.Accept(context.Background(), sc2, nil, "127.0.0.1:1")
+	k2 := loginClient(t, cc2, kPriv)
+	k2.Send(r.PublicKey(), []byte("from k #2"))
+	if p, ok := recvMsg[*ReceivedPacket](t, r); !ok || string(p.Data) != "from k #2" {
+		t.Fatalf("got %+v", p)
+	}
+	k2.Close()
+	if g, ok := recvMsg[PeerGone](t, r); !ok || g.Peer != kk {
+		t.Fatalf("after k's second session: %+v, want PeerGone(k)", g)
+	}
+}
+
+// The mesh form: the client's last packet through this server is written
+// after it moved to a mesh peer; the receiver is told when it leaves the
+// region.
+func TestPeerGoneForSourceThatMovedBeforeDelivery(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey), WithWriteTimeout(20*time.Second))
+	la := newMeshLink(s, "a")
+	r := pipeClient(t, s)
+	other := pipeClient(t, s)
+	k := pipeClient(t, s)
+	kk := k.PublicKey()
+
+	other.Send(r.PublicKey(), []byte("first")) // r's writer blocks: r reads nothing yet
+	time.Sleep(100 * time.Millisecond)
+	k.Send(r.PublicKey(), []byte("last packet of k here"))
+	time.Sleep(50 * time.Millisecond)
+	s.meshAdd(kk, la) // k logged in at peer a
+	k.Close()         // and left this server
+	waitFor(t, func() bool { return !s.IsClientConnected(kk) })
+	r.opts.recvTimeout = 5 * time.Second
+	for got := 0; got < 2; {
+		m, err := r.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch m := m.(type) {
+		case *ReceivedPacket:
+			got++
+		case PeerGone:
+			t.Fatalf("told PeerGone(%s) while k is still in the region", m.Peer.ShortString())
+		}
+	}
+	waitFor(t, func() bool { // the writer registered r with k's route
+		s.mesh.mu.Lock()
+		defer s.mesh.mu.Unlock()
+		rt := s.mesh.routes[kk]
+		return rt != nil && len(rt.recipients.m) > 0
+	})
+	s.meshRemove(kk, la, true) // k left the region
+	if g, ok := recvMsg[PeerGone](t, r); !ok || g.Peer != kk {
+		t.Fatalf("after k left the region: %+v, want PeerGone(k)", g)
+	}
+}
+
+// A mesh client asking for the connection list again and again, without
+// reading, has at most one list queued at a time.
+func TestWatchConnsRepeatedStaysBounded(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey))
+	const clients = 50
+	for range clients {
+		pipeClient(t, s)
+	}
+	w := pipeClient(t, s, MeshKey(testMeshKey))
+	var wc *sconn
+	for _, c := range s.snapshotConns() {
+		if c.key == w.PublicKey() {
+			wc = c
+		}
+	}
+	for range 2000 {
+		if err := w.WatchConnectionChanges(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// NotePreferred after them: once it counts, they were all handled.
+	if err := w.NotePreferred(true); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return s.Stats().CurrentHomeConnections == 1 })
+	wc.mu.Lock()
+	n := len(wc.meshUpdates)
+	wc.mu.Unlock()
+	if n > clients+1 {
+		t.Fatalf("2000 WatchConns queued %d updates for %d connected keys", n, clients+1)
+	}
+	// The list still arrives whole.
+	seen := map[PublicKey]bool{}
+	for len(seen) < clients+1 {
+		p, ok := recvMsg[PeerPresent](t, w)
+		if !ok {
+			t.FailNow()
+		}
+		seen[p.Key] = true
+	}
+}
+
+// With WithLoginTimeout(0) the admission hook still runs, with no deadline
+// of its own (it used to get one that had already passed).
+func TestLoginTimeoutZeroAdmissionAsks(t *testing.T) {
+	var asked atomic.Int64
+	svc := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		asked.Add(1)
+		fmt.Fprint(w, `{"Allow":false}`)
+	}))
+	defer svc.Close()
+	s := newTestServer(t, WithLoginTimeout(0), WithAdmission(AdmissionURL(svc.URL, true, nil)))
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
+	c, err := NewClient(mustKey(t), cc, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.opts.recvTimeout = 5 * time.Second
+	if m, err := c.Recv(); err == nil {
+		t.Fatalf("a client the service refuses was admitted (%T; service asked %d times)", m, asked.Load())
+	}
+	if asked.Load() != 1 {
+		t.Fatalf("the service was asked %d times, want 1", asked.Load())
 	}
 }
