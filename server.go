@@ -550,8 +550,10 @@ const maxAdmissionRequests = 64
 // second of frame payload, with the given burst (raised to at least one
 // maximal SendPacket). The limit is announced to clients in ServerInfo and
 // enforced by reading more slowly, so TCP flow control slows the sender and
-// nothing is dropped. Zero bytesPerSec, the default, means no limit.
-// Server.SetRateLimit changes it while the server runs.
+// nothing is dropped. NotePreferred and 8-byte Pings are not paced, so
+// that a limited client still passes liveness checks. Zero bytesPerSec,
+// the default, means no limit. Server.SetRateLimit changes it while the
+// server runs.
 func WithRateLimit(bytesPerSec, burst int) ServerOption {
 	return func(c *serverConfig) { c.rateBytesPerSec, c.rateBurst = bytesPerSec, burst }
 }
@@ -1537,8 +1539,11 @@ func (c *sconn) onStall(since time.Time, boundary bool) error {
 		// stack refers to the reader's state any more.
 		return errIdleStall
 	}
-	// Inside a frame: a slow client, or one that stopped mid-frame.
-	if c.pingIdle && time.Duration(c.br.stalls)*c.br.timeout >= cfg.idleTimeout {
+	// Inside a frame: a slow client, or one that stopped mid-frame. The
+	// deadline is not moved by traffic, so the first one to pass may
+	// come just after a byte: only the whole periods after it are
+	// silence.
+	if c.pingIdle && time.Duration(c.br.stalls-1)*c.br.timeout >= cfg.idleTimeout {
 		return c.idleError()
 	}
 	c.br.arm(now, c.br.timeout)
@@ -1740,10 +1745,10 @@ func (c *sconn) readLoop() error {
 			}
 			return err
 		}
-		if !c.isMesh && t != FramePing && t != FrameNotePreferred {
-			// Ping and NotePreferred are tiny and bounded: pacing them
-			// would only make a limited client look dead to its own
-			// liveness checks.
+		if !c.isMesh && !(t == FramePing && n <= minPingLen) && t != FrameNotePreferred {
+			// Ping and NotePreferred are tiny: pacing them would only
+			// make a limited client look dead to its own liveness
+			// checks. A Ping longer than its 8 bytes of data is paced.
 			if rl := c.s.rate.Load(); rl != c.rateCfg {
 				c.applyRate(rl)
 			}

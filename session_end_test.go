@@ -2,6 +2,7 @@ package relay
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -460,5 +461,69 @@ func TestLoginTimeoutZeroAdmissionAsks(t *testing.T) {
 	}
 	if asked.Load() != 1 {
 		t.Fatalf("the service was asked %d times, want 1", asked.Load())
+	}
+}
+
+// A client that answers pings and sends all the time, each frame arriving
+// in two pieces, is never ended as idle, even with an idle timeout below
+// the park delay (the reader's deadline, min of the two, passes inside
+// frames and is not moved by traffic).
+func TestActiveClientMidFrameNotIdle(t *testing.T) {
+	skipIfNoPark(t)
+	s := NewServer(mustKey(t), WithKeepAlive(100*time.Millisecond),
+		WithIdleTimeout(250*time.Millisecond), WithIdlePark(time.Second))
+	addr := tcpServer(t, s)
+	b := tcpClient(t, addr)
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := loginClient(t, &slowConn{Conn: nc}, mustKey(t), CanAckPings(true))
+	go func() { // answer pings
+		a.opts.recvTimeout = 10 * time.Second
+		for {
+			m, err := a.Recv()
+			if err != nil {
+				return
+			}
+			if p, ok := m.(Ping); ok {
+				a.SendPong(p)
+			}
+		}
+	}()
+	bk := b.PublicKey()
+	frame := appendFrame(nil, FrameSendPacket, append(bk[:], bytes.Repeat([]byte("x"), 100)...))
+	for end := time.Now().Add(1500 * time.Millisecond); time.Now().Before(end); {
+		a.wmu.Lock() // no Pong between the pieces
+		_, err := nc.Write(frame[:3])
+		if err == nil {
+			time.Sleep(20 * time.Millisecond) // never silent for longer
+			_, err = nc.Write(frame[3:])
+		}
+		a.wmu.Unlock()
+		if err != nil {
+			t.Fatalf("active client cut off: %v (errors %v)", err, s.Stats().Errors)
+		}
+	}
+	if e := s.Stats().Errors; len(e) != 0 || !s.IsClientConnected(a.PublicKey()) {
+		t.Fatalf("active client ended: errors %v", e)
+	}
+}
+
+// Under a rate limit, Pings longer than their 8 bytes of data are paced:
+// they are not a way around the limit.
+func TestRateLimitPacesLongPings(t *testing.T) {
+	s := NewServer(mustKey(t), WithRateLimit(1000, 0))
+	addr := tcpServer(t, s)
+	a := tcpClient(t, addr)
+	a.limiter = nil
+	const n = 2000
+	ping := appendFrame(nil, FramePing, make([]byte, maxServerPingLen))
+	go a.nc.Write(bytes.Repeat(ping, n))
+	time.Sleep(500 * time.Millisecond)
+	// The burst is one maximal SendPacket (64 KiB): about 65 Pings, and
+	// 1000 B/s after it.
+	if got := s.Stats().PingsReceived; got > 200 {
+		t.Errorf("%d Pings of %d bytes read in 0.5 s under a 1000 B/s limit", got, maxServerPingLen)
 	}
 }
