@@ -595,7 +595,8 @@ type ReconnectingClient struct {
 	// Options are passed to every connection (MeshKey, CanAckPings, …).
 	Options []ClientOption
 	// OnConnect, if set, is called after each connection with how it was
-	// made (fast path or not, and why).
+	// made (fast path or not, and why), before the call that dialled goes
+	// on; it may call the client's methods.
 	OnConnect func(Handshake)
 	// Logger receives one line per connection and failure; nil is quiet.
 	Logger *slog.Logger
@@ -607,6 +608,7 @@ type ReconnectingClient struct {
 	DialTimeout time.Duration
 
 	dialMu sync.Mutex // one dial at a time
+	prefMu sync.Mutex // one NotePreferred at a time
 
 	mu           sync.Mutex
 	c            *Client
@@ -775,6 +777,12 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 			rc.logf("relay: node unreachable", "url", t.url, "node", t.name(), "err", err)
 		}
 	}
+	connected := false
+	defer func() { // after rc.mu is unlocked: it may call rc's methods
+		if connected && rc.OnConnect != nil {
+			rc.OnConnect(hs)
+		}
+	}()
 	rc.mu.Lock()
 	defer rc.mu.Unlock()
 	if err == nil && rc.preferred {
@@ -812,9 +820,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 	}
 	rc.keys[won.keyID()] = hs.ServerKey
 	rc.logf("relay: connected", "url", hs.URL, "path", hs.Path.String(), "reason", hs.Reason, "generation", rc.gen)
-	if rc.OnConnect != nil {
-		rc.OnConnect(hs)
-	}
+	connected = true
 	return c, rc.gen, nil
 }
 
@@ -980,13 +986,19 @@ func (rc *ReconnectingClient) drop(c *Client) {
 	rc.mu.Lock()
 	if rc.c == c {
 		rc.c = nil
-		for k, ch := range rc.pings {
-			close(ch)
-			delete(rc.pings, k)
-		}
+		rc.wakePingsLocked()
 	}
 	rc.mu.Unlock()
 	c.Close()
+}
+
+// wakePingsLocked ends the Pings waiting on the current connection, which
+// is going away: they return ErrNotConnected.
+func (rc *ReconnectingClient) wakePingsLocked() {
+	for k, ch := range rc.pings {
+		close(ch)
+		delete(rc.pings, k)
+	}
 }
 
 // Send sends pkt to dst, connecting first if needed. A failed write drops
@@ -1020,6 +1032,10 @@ func (rc *ReconnectingClient) Send(ctx context.Context, dst PublicKey, pkt []byt
 // NotePreferred records whether this server is the client's home; the value
 // is sent now if connected and again after every reconnect.
 func (rc *ReconnectingClient) NotePreferred(preferred bool) error {
+	// One call at a time from the decision to the write, so that two
+	// calls cannot write in the opposite order of their decisions.
+	rc.prefMu.Lock()
+	defer rc.prefMu.Unlock()
 	rc.mu.Lock()
 	rc.preferred = preferred
 	c := rc.c
@@ -1224,6 +1240,16 @@ func (rc *ReconnectingClient) Ping(ctx context.Context) (time.Duration, error) {
 	binary.LittleEndian.PutUint64(data[:], rand.Uint64())
 	ch := make(chan struct{}, 1)
 	rc.mu.Lock()
+	if rc.c != c {
+		// Dropped (or closed) since current returned it: no Pong can
+		// come, and nothing would wake this Ping.
+		closed := rc.closed
+		rc.mu.Unlock()
+		if closed {
+			return 0, ErrClosed
+		}
+		return 0, ErrNotConnected
+	}
 	if rc.pings == nil {
 		rc.pings = map[[8]byte]chan struct{}{}
 	}
@@ -1242,6 +1268,12 @@ func (rc *ReconnectingClient) Ping(ctx context.Context) (time.Duration, error) {
 	select {
 	case _, ok := <-ch:
 		if !ok {
+			rc.mu.Lock()
+			closed := rc.closed
+			rc.mu.Unlock()
+			if closed {
+				return 0, ErrClosed
+			}
 			return 0, ErrNotConnected
 		}
 		return time.Since(start), nil
@@ -1276,6 +1308,7 @@ func (rc *ReconnectingClient) Close() error {
 	rc.closed = true
 	c := rc.c
 	rc.c = nil
+	rc.wakePingsLocked()
 	rc.mu.Unlock()
 	if c != nil {
 		return c.Close()

@@ -403,3 +403,136 @@ func TestWebSocketClientPongDoesNotBlockRecv(t *testing.T) {
 	}
 	t.Logf("Recv returned after %v: %v", took, err)
 }
+
+// A Ping waiting for its Pong when Close is called must return promptly,
+// not at its ctx deadline.
+func TestReconnectingPingEndsOnClose(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
+		io.Copy(io.Discard, br) // reads everything, answers no Ping
+	}
+	rc := newScriptedRC(t, s)
+	go func() {
+		for {
+			if _, err := rc.Recv(context.Background()); err != nil {
+				return
+			}
+		}
+	}()
+	if err := rc.Connect(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	errc := make(chan error, 1)
+	go func() { _, err := rc.Ping(ctx); errc <- err }()
+	time.Sleep(200 * time.Millisecond)
+	rc.Close()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, ErrClosed) {
+			t.Fatalf("Ping returned %v after Close, want ErrClosed", err)
+		}
+	case <-time.After(2 * time.Second):
+		cancel()
+		err := <-errc
+		t.Fatalf("Ping still waiting 2s after Close (its ctx had 30s); returned %v only when ctx was cancelled", err)
+	}
+}
+
+// OnConnect calling a method of the ReconnectingClient (to log the
+// generation, the local address, the server key) must not deadlock. The
+// callback gives up after 2s so that the test ends.
+func TestReconnectingOnConnectMayCallBack(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) { io.Copy(io.Discard, br) }
+	rc := newScriptedRC(t, s)
+	var stuck atomic.Bool
+	rc.OnConnect = func(hs Handshake) {
+		done := make(chan struct{})
+		go func() { rc.Generation(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(2 * time.Second):
+			stuck.Store(true)
+		}
+	}
+	if err := rc.Connect(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if stuck.Load() {
+		t.Fatalf("rc.Generation() called from OnConnect blocked for 2s (a real callback would deadlock)")
+	}
+}
+
+// After concurrent NotePreferred(true) and NotePreferred(false) return, the
+// server's last-told value must be what the client recorded (rc.preferred),
+// since later calls with that same value send nothing.
+func TestReconnectingNotePreferredConcurrent(t *testing.T) {
+	var last atomic.Int32 // 0 false, 1 true
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
+		var wmu sync.Mutex
+		for {
+			var h [5]byte
+			if _, err := io.ReadFull(br, h[:]); err != nil {
+				return
+			}
+			p := make([]byte, binary.BigEndian.Uint32(h[1:]))
+			if _, err := io.ReadFull(br, p); err != nil {
+				return
+			}
+			switch FrameType(h[0]) {
+			case FrameNotePreferred:
+				last.Store(int32(p[0]))
+			case FramePing:
+				wmu.Lock()
+				sc.Write(appendFrame(nil, FramePong, p))
+				wmu.Unlock()
+			}
+		}
+	}
+	rc := newScriptedRC(t, s)
+	go func() {
+		for {
+			if _, err := rc.Recv(context.Background()); err != nil {
+				return
+			}
+		}
+	}()
+	if err := rc.Connect(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	bad := 0
+	const runs = 50000
+	for i := range runs {
+		var wg sync.WaitGroup
+		wg.Add(2)
+		go func() { defer wg.Done(); rc.NotePreferred(true) }()
+		go func() { defer wg.Done(); rc.NotePreferred(false) }()
+		wg.Wait()
+		if _, err := rc.Ping(context.Background()); err != nil { // barrier: the server has read both
+			t.Fatalf("run %d: ping: %v", i, err)
+		}
+		rc.mu.Lock()
+		want := rc.preferred
+		rc.mu.Unlock()
+		if got := last.Load() == 1; got != want {
+			bad++
+			if bad == 1 {
+				// Does a later call with the recorded value repair it?
+				rc.NotePreferred(want)
+				rc.Ping(context.Background())
+				t.Logf("run %d: client recorded preferred=%v, server was last told %v; NotePreferred(%v) again leaves the server at %v",
+					i, want, got, want, last.Load() == 1)
+			}
+			// Re-sync for the next run.
+			rc.NotePreferred(!want)
+			rc.NotePreferred(want)
+			rc.Ping(context.Background())
+		}
+	}
+	if bad > 0 {
+		t.Fatalf("%d of %d runs: the server's preferred flag disagrees with the client's", bad, runs)
+	}
+}
