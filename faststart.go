@@ -596,7 +596,7 @@ type ReconnectingClient struct {
 	Options []ClientOption
 	// OnConnect, if set, is called after each connection with how it was
 	// made (fast path or not, and why), before the call that dialled goes
-	// on; it may call the client's methods.
+	// on, with no lock held: it may call the client's methods.
 	OnConnect func(Handshake)
 	// Logger receives one line per connection and failure; nil is quiet.
 	Logger *slog.Logger
@@ -691,6 +691,19 @@ func (rc *ReconnectingClient) current(ctx context.Context) (*Client, int, error)
 	}
 	rc.mu.Unlock()
 
+	c, gen, hs, err := rc.dialOnce(ctx)
+	if err == nil && hs != nil && rc.OnConnect != nil {
+		// With no lock held: it may call rc's methods, even ones that
+		// dial again.
+		rc.OnConnect(*hs)
+	}
+	return c, gen, err
+}
+
+// dialOnce dials unless another caller connected meanwhile, one caller at
+// a time, after the wait the last failure set. hs is nil when it did not
+// dial.
+func (rc *ReconnectingClient) dialOnce(ctx context.Context) (*Client, int, *Handshake, error) {
 	rc.dialMu.Lock()
 	defer rc.dialMu.Unlock()
 	rc.mu.Lock()
@@ -698,9 +711,9 @@ func (rc *ReconnectingClient) current(ctx context.Context) (*Client, int, error)
 		c, gen, closed := rc.c, rc.gen, rc.closed
 		rc.mu.Unlock()
 		if closed {
-			return nil, 0, ErrClosed
+			return nil, 0, nil, ErrClosed
 		}
-		return c, gen, nil
+		return c, gen, nil, nil
 	}
 	wait := time.Until(rc.nextDial)
 	done := rc.doneCh()
@@ -711,18 +724,19 @@ func (rc *ReconnectingClient) current(ctx context.Context) (*Client, int, error)
 		case <-t.C:
 		case <-ctx.Done():
 			t.Stop()
-			return nil, 0, ctx.Err()
+			return nil, 0, nil, ctx.Err()
 		case <-done:
 			t.Stop()
-			return nil, 0, ErrClosed
+			return nil, 0, nil, ErrClosed
 		}
 	}
-	return rc.dial(ctx, done)
+	c, gen, hs, err := rc.dial(ctx, done)
+	return c, gen, &hs, err
 }
 
 // dial connects to the first of rc's servers that answers. Close (closing
 // done) cancels it.
-func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*Client, int, error) {
+func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*Client, int, Handshake, error) {
 	timeout := rc.DialTimeout
 	if timeout <= 0 {
 		timeout = 10 * time.Second
@@ -731,7 +745,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 	defer cancel()
 	select {
 	case <-done:
-		return nil, 0, ErrClosed
+		return nil, 0, Handshake{}, ErrClosed
 	default:
 	}
 	go func() {
@@ -777,12 +791,6 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 			rc.logf("relay: node unreachable", "url", t.url, "node", t.name(), "err", err)
 		}
 	}
-	connected := false
-	defer func() { // after rc.mu is unlocked: it may call rc's methods
-		if connected && rc.OnConnect != nil {
-			rc.OnConnect(hs)
-		}
-	}()
 	rc.mu.Lock()
 	defer rc.mu.Unlock()
 	if err == nil && rc.preferred {
@@ -803,13 +811,13 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 		if err == nil {
 			c.Close()
 		}
-		return nil, 0, ErrClosed
+		return nil, 0, Handshake{}, ErrClosed
 	}
 	if err != nil {
 		rc.failures++
 		rc.nextDial = time.Now().Add(rc.backoff(rc.failures, time.Now()))
 		rc.logf("relay: connect failed", "url", rc.URL, "region", rc.regionID(), "failures", rc.failures, "err", err)
-		return nil, 0, err
+		return nil, 0, Handshake{}, err
 	}
 	rc.c = c
 	rc.cTarget, rc.nTargets = wonIdx, len(targets)
@@ -820,8 +828,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 	}
 	rc.keys[won.keyID()] = hs.ServerKey
 	rc.logf("relay: connected", "url", hs.URL, "path", hs.Path.String(), "reason", hs.Reason, "generation", rc.gen)
-	connected = true
-	return c, rc.gen, nil
+	return c, rc.gen, hs, nil
 }
 
 // dialTarget is a server ReconnectingClient may dial: a URL, or a node of
@@ -1037,6 +1044,10 @@ func (rc *ReconnectingClient) NotePreferred(preferred bool) error {
 	rc.prefMu.Lock()
 	defer rc.prefMu.Unlock()
 	rc.mu.Lock()
+	if rc.closed {
+		rc.mu.Unlock()
+		return ErrClosed
+	}
 	rc.preferred = preferred
 	c := rc.c
 	send := c != nil && rc.sentPref != preferred
@@ -1109,6 +1120,10 @@ func (rc *ReconnectingClient) ClosePeer(ctx context.Context, key PublicKey) erro
 // learned from the old connection when RecvDetail's generation changes.
 func (rc *ReconnectingClient) WatchConnectionChanges() error {
 	rc.mu.Lock()
+	if rc.closed {
+		rc.mu.Unlock()
+		return ErrClosed
+	}
 	rc.watch = true
 	c := rc.c
 	rc.mu.Unlock()
@@ -1225,7 +1240,8 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 
 // Ping sends a Ping and waits for its Pong, returning the round-trip time.
 // It needs a concurrent Recv loop. Without a deadline in ctx it waits at
-// most 5 seconds.
+// most 5 seconds. Concurrent Pings may go unanswered: a server keeps one
+// Pong queued at a time (see Client.SendPing).
 func (rc *ReconnectingClient) Ping(ctx context.Context) (time.Duration, error) {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc

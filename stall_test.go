@@ -536,3 +536,68 @@ func TestReconnectingNotePreferredConcurrent(t *testing.T) {
 		t.Fatalf("%d of %d runs: the server's preferred flag disagrees with the client's", bad, runs)
 	}
 }
+
+// OnConnect may call methods that dial again: here, Sends until one fails
+// (the server hangs up at once) and a Connect that dials the next
+// connection, which calls OnConnect in turn.
+func TestReconnectingOnConnectMayRedial(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
+		if n > 1 {
+			io.Copy(io.Discard, br)
+		}
+	}
+	rc := newScriptedRC(t, s)
+	rc.Dialer = &FastStart{DialContext: s.dialTCP} // writes do not wait for the reader
+	var calls atomic.Int32
+	var cbErr atomic.Value
+	rc.OnConnect = func(Handshake) {
+		if calls.Add(1) > 1 {
+			return
+		}
+		for rc.Generation() == 1 {
+			rc.Send(context.Background(), PublicKey{1}, []byte("x")) // fails once the hang-up arrives
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			err := rc.Connect(ctx)
+			cancel()
+			if err != nil {
+				cbErr.Store(err)
+				return
+			}
+		}
+	}
+	if _, ok := callWithin(10*time.Second, func() { rc.Connect(context.Background()) }); !ok {
+		t.Fatal("Connect with an OnConnect that dials again did not return")
+	}
+	if err := cbErr.Load(); err != nil {
+		t.Fatalf("Connect from OnConnect: %v", err)
+	}
+	if calls.Load() != 2 || rc.Generation() != 2 {
+		t.Fatalf("OnConnect called %d times, generation %d; want 2 and 2", calls.Load(), rc.Generation())
+	}
+}
+
+// After Close every method that would talk to the server returns ErrClosed.
+func TestReconnectingMethodsAfterClose(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) { io.Copy(io.Discard, br) }
+	rc := newScriptedRC(t, s)
+	if err := rc.Connect(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	rc.Close()
+	ctx := context.Background()
+	for name, err := range map[string]error{
+		"Send":                   rc.Send(ctx, PublicKey{1}, []byte("x")),
+		"NotePreferred":          rc.NotePreferred(true),
+		"WatchConnectionChanges": rc.WatchConnectionChanges(),
+		"Connect":                rc.Connect(ctx),
+	} {
+		if !errors.Is(err, ErrClosed) {
+			t.Errorf("%s after Close: %v, want ErrClosed", name, err)
+		}
+	}
+	if _, err := rc.Ping(ctx); !errors.Is(err, ErrClosed) {
+		t.Errorf("Ping after Close: %v, want ErrClosed", err)
+	}
+}
