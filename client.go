@@ -288,8 +288,9 @@ func (c *Client) Send(dst PublicKey, pkt []byte) error {
 
 // ForwardPacket sends pkt to dst as if it came from src. Only mesh peers may
 // send it; the server disconnects anyone else. The write must finish within
-// 5 seconds or the connection is closed, so that one stuck mesh link cannot
-// hold its caller forever.
+// 5 seconds or it fails, and every later write on the Client fails too
+// (Close it and connect again), so that one stuck mesh link cannot hold its
+// caller forever.
 func (c *Client) ForwardPacket(src, dst PublicKey, pkt []byte) error {
 	if len(pkt) > MaxPacketSize {
 		return ErrPacketTooLarge
@@ -337,7 +338,9 @@ func (c *Client) NotePreferred(preferred bool) error {
 	return c.writeFrame(FrameNotePreferred, b[:])
 }
 
-// SendPing sends a Ping; the server answers with a Pong carrying data.
+// SendPing sends a Ping; the server answers with a Pong carrying data,
+// unless a Pong for an earlier Ping is still queued (servers keep one, as
+// Tailscale's does), in which case this Ping goes unanswered.
 func (c *Client) SendPing(data [8]byte) error { return c.writeFrame(FramePing, data[:]) }
 
 // SendPong answers a Ping from the server.
@@ -393,8 +396,9 @@ func (c *Client) Close() error {
 }
 
 // Recv returns the next message from the server. A *ReceivedPacket and its
-// Data are valid only until the next call to Recv. Frames of unknown types, and known
-// frames too short to parse, are skipped. Any error is permanent.
+// Data are valid only until the next call to Recv. Frames of unknown types,
+// and known frames too short to parse (except ServerKey and ServerInfo,
+// whose malformed forms are errors), are skipped. Any error is permanent.
 func (c *Client) Recv() (Message, error) {
 	if c.rerr != nil {
 		return nil, c.rerr

@@ -266,8 +266,11 @@ type Message interface {
 // pointer to a struct the Client reuses, so receiving allocates nothing; it
 // and its Data are valid only until the next call to Recv.
 type ReceivedPacket struct {
-	// Source is the sender's public key, or zero if the server did not say
-	// (the version-1 layout, only possible for some mesh-forwarded packets).
+	// Source is the sender's public key: the first 32 bytes of the
+	// frame. A frame without one (the version-1 layout, which a server
+	// writes for a mesh-forwarded packet whose source is zero, as
+	// Tailscale's does) cannot be told apart: its first 32 data bytes are
+	// taken as Source.
 	Source PublicKey
 	// Data is the packet. It aliases the client's read buffer and is valid
 	// only until the next call to Recv.
@@ -301,9 +304,10 @@ func (r PeerGoneReason) String() string {
 	return "reason(0x" + strconv.FormatUint(uint64(r), 16) + ")"
 }
 
-// PeerGone says that a peer is no longer reachable through this server: it
-// left after sending to this client, or a disco packet was sent to a key the
-// server does not know.
+// PeerGone says that a peer is no longer reachable through this server: a
+// peer this client sent to or received from has left (for a mesh watcher:
+// any client has left), or a disco packet was sent to a key the server does
+// not know.
 type PeerGone struct {
 	Peer   PublicKey      // the peer that is gone
 	Reason PeerGoneReason // why: it disconnected, or the server never had it

@@ -181,7 +181,7 @@ func WithAdmission(f func(ctx context.Context, a Admission) error) ServerOption 
 // If the service cannot be reached, failOpen admits the client (derper's
 // default) instead of refusing it. client nil means http.DefaultClient.
 //
-// At most maxAdmissionRequests requests are in flight at once; further
+// At most 64 requests are in flight at once; further
 // logins wait for a slot within their login deadline, so that a mass
 // reconnect reaches the service as a bounded queue rather than a burst. A
 // login whose deadline passes while it waits counts as the service being
@@ -214,7 +214,7 @@ type AdmissionService struct {
 	// address while its request is in flight wait for that request. What
 	// the service did not decide (it was unreachable, answered an error
 	// status or garbage, or the login ran out of time) is not remembered.
-	// At most maxAdmissionVerdicts verdicts are kept. A key refused later
+	// At most 65536 verdicts are kept. A key refused later
 	// is still admitted until its verdict expires: keep CacheFor short
 	// (a minute) where revocation must be quick.
 	CacheFor time.Duration
@@ -625,8 +625,8 @@ var defaultIdlePark = 5 * time.Second
 // CurrentParked.
 //
 // Parking needs Linux and a session over *net.TCPConn, *net.UnixConn or a
-// *tls.Conn over one of those (any other wrapper might hold buffered bytes
-// that the socket would not show). Sessions given to Accept park too, but
+// *tls.Conn over one of those, or DERP over WebSocket on any of these (any
+// other wrapper might hold buffered bytes that the socket would not show). Sessions given to Accept park too, but
 // Accept's caller keeps waiting on its own goroutine until the session ends;
 // ServeHTTP's sessions hold no goroutine at all while parked. Default 5 s;
 // zero turns parking off.
@@ -2142,8 +2142,9 @@ type SessionInfo struct {
 	// the session's end (Stats.PacketsDropped has them by reason).
 	PacketsDropped int64
 	// Senders counts the distinct peers whose packets reached the client
-	// and that have not disconnected since: the peers it is told PeerGone
-	// about. (Exact, where Tailscale's debug page estimates it.)
+	// and that have not disconnected since. (Exact, where Tailscale's
+	// debug page estimates it. The client is also told PeerGone about
+	// peers it only sent to; those are not counted.)
 	Senders int
 	// RTT is the kernel's smoothed round-trip time of the session's TCP
 	// connection (Linux), or zero where unknown.
@@ -4644,7 +4645,8 @@ func (cr *connReader) ReadByte() (byte, error) {
 
 // SetDebugKeys makes the server log, at Info level, what happens to the
 // sessions of the given keys and to the packets they send or should
-// receive: each login and logout, and each dropped packet with its reason.
+// receive: each login and logout, and each dropped packet with its reason
+// (drops on the way to a mesh peer or a PacketForwarder are only counted).
 // It is for chasing one client's trouble on a busy server without logging
 // every client. Drops are logged at most 10 a second (bursts of 20), and
 // the next drop line written says how many were left out; logins and
