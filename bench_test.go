@@ -190,3 +190,31 @@ func rawLogin(tb testing.TB, serverKey PublicKey) []byte {
 	payload := sealBox(append([]byte{}, pub[:]...), shared, []byte(`{"version":2}`))
 	return appendFrame(nil, FrameClientInfo, payload)
 }
+
+// TestRelayPathNoAlloc guards what BenchmarkSendRecv shows: relaying a
+// packet allocates nothing, in the server or the clients, over TCP and over
+// WebSocket. (An occasional allocation of the runtime or a timer rounds
+// away over the thousands of packets.)
+func TestRelayPathNoAlloc(t *testing.T) {
+	if raceEnabled() {
+		t.Skip("the race detector's sync.Pool drops items")
+	}
+	for _, ws := range []bool{false, true} {
+		r := testing.Benchmark(func(b *testing.B) {
+			s := NewServer(mustKey(b))
+			if ws {
+				srv := serveDERP(b, s, derpServeOpts{plain: true})
+				fs := &FastStart{WebSocket: true}
+				from, _ := dialFast(b, fs, srv.URL)
+				to, _ := dialFast(b, fs, srv.URL)
+				benchRelay(b, s, from, to, 1000)
+				return
+			}
+			addr := tcpServer(b, s)
+			benchRelay(b, s, tcpClient(b, addr), tcpClient(b, addr), 1000)
+		})
+		if r.N < 1000 || r.AllocsPerOp() != 0 {
+			t.Errorf("WebSocket %v: %d allocations over %d packets (%d per packet)", ws, r.MemAllocs, r.N, r.AllocsPerOp())
+		}
+	}
+}
