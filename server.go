@@ -2520,6 +2520,7 @@ type writerState struct {
 	// written after the packets; len(control) when there is none.
 	ctlTail  int
 	wsPong   bool // a WebSocket pong is due (wsConn.onPong)
+	last     bool // control ends with the Restarting notice: the last batch
 	newSrcs  []*sconn
 	fwdSrcs  []PublicKey // new sources of forwarded packets (mesh recipients)
 	lateSrcs []PublicKey // new local sources that left before their packets were written
@@ -2594,13 +2595,18 @@ func (c *sconn) writeLoop() {
 			ws.pkts[i] = nil
 		}
 		ws.pkts = ws.pkts[:0]
-		if err != nil {
-			c.writeFailed(err)
+		if err != nil || ws.last {
+			if err != nil {
+				c.writeFailed(err)
+			}
 			c.mu.Lock()
 			c.flushing = false
 			c.writing = false
 			c.wake = nil
 			c.mu.Unlock()
+			if err == nil {
+				c.closeWrite() // after the Restarting notice
+			}
 			return
 		}
 	}
@@ -2702,9 +2708,13 @@ func (c *sconn) takeLocked(ws *writerState) bool {
 	}
 	ws.ctlTail = len(ws.control)
 	ws.wsPong, c.wsPong = c.wsPong, false
-	if c.restarting != nil {
+	ws.last = c.restarting != nil
+	if ws.last {
 		ws.control = appendFrame(ws.control, FrameRestarting, appendRestarting(nil, c.restarting.ReconnectIn, c.restarting.TryFor))
 		c.restarting = nil
+		// Nothing may follow the notice: what is queued from now on is
+		// refused, and counted as dropped.
+		c.closed = true
 	}
 	return len(ws.control) > 0 || len(ws.pkts) > 0 || ws.wsPong
 }

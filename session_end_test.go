@@ -527,3 +527,54 @@ func TestRateLimitPacesLongPings(t *testing.T) {
 		t.Errorf("%d Pings of %d bytes read in 0.5 s under a 1000 B/s limit", got, maxServerPingLen)
 	}
 }
+
+// Nothing follows the Restarting notice of Server.Close: a packet queued
+// while the notice is being written is refused (and counted), not written
+// after it.
+func TestRestartingNoticeIsLast(t *testing.T) {
+	s := NewServer(mustKey(t), WithRestartNotice(time.Millisecond, time.Second))
+	r := pipeClient(t, s) // reads nothing until told
+	snd := pipeClient(t, s)
+	var rc *sconn
+	for _, c := range s.snapshotConns() {
+		if c.key == r.PublicKey() {
+			rc = c
+		}
+	}
+	closed := make(chan struct{})
+	go func() { s.Close(); close(closed) }()
+	// r's writer is blocked writing the notice into the pipe.
+	waitFor(t, func() bool {
+		rc.mu.Lock()
+		defer rc.mu.Unlock()
+		return rc.flushing && rc.restarting == nil
+	})
+	if err := snd.Send(r.PublicKey(), []byte("after restarting")); err != nil {
+		t.Fatal(err)
+	}
+	queued := func() bool {
+		rc.mu.Lock()
+		defer rc.mu.Unlock()
+		return rc.other.n > 0
+	}
+	dropped := func() bool { return s.Stats().PacketsDropped["gone_disconnected/other"] == 1 }
+	waitFor(t, func() bool { return queued() || dropped() })
+	if queued() {
+		t.Fatal("a packet was queued behind the Restarting notice")
+	}
+	r.opts.recvTimeout = 5 * time.Second
+	var got []string
+	for {
+		m, err := r.Recv()
+		if err != nil {
+			break
+		}
+		got = append(got, fmt.Sprintf("%T", m))
+	}
+	if len(got) == 0 || got[len(got)-1] != "relay.ServerRestarting" {
+		t.Errorf("r received %v, want ServerRestarting last", got)
+	}
+	r.Close()
+	snd.Close()
+	<-closed
+}
