@@ -188,15 +188,25 @@ func TestReconnectingRecvCtxEndsPongBehindStuckSend(t *testing.T) {
 // after a 200 ms ctx ends.
 func wantRecvEndsWithCtx(t *testing.T, rc *ReconnectingClient) {
 	t.Helper()
+	wantEndsWithCtx(t, "Recv", func(ctx context.Context) error {
+		_, err := rc.Recv(ctx)
+		return err
+	})
+}
+
+// wantEndsWithCtx checks that call returns, with ctx's error, soon after a
+// 200 ms ctx ends.
+func wantEndsWithCtx(t *testing.T, what string, call func(context.Context) error) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
 	var err error
-	took, ok := callWithin(3*time.Second, func() { _, err = rc.Recv(ctx) })
+	took, ok := callWithin(3*time.Second, func() { err = call(ctx) })
 	if !ok {
-		t.Fatalf("Recv(ctx with 200ms timeout) still blocked after %v", took)
+		t.Fatalf("%s(ctx with 200ms timeout) still blocked after %v", what, took)
 	}
 	if !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("Recv returned %v after %v, want the context's error", err, took)
+		t.Fatalf("%s returned %v after %v, want the context's error", what, err, took)
 	}
 }
 
@@ -208,16 +218,9 @@ func TestReconnectingSendCtxEndsStuckWrite(t *testing.T) {
 	if err := rc.Connect(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-	defer cancel()
-	var err error
-	took, ok := callWithin(3*time.Second, func() { err = rc.Send(ctx, PublicKey{1}, make([]byte, 1000)) })
-	if !ok {
-		t.Fatalf("Send(ctx with 200ms timeout) still blocked after %v", took)
-	}
-	if !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("Send returned %v after %v, want the context's error", err, took)
-	}
+	wantEndsWithCtx(t, "Send", func(ctx context.Context) error {
+		return rc.Send(ctx, PublicKey{1}, make([]byte, 1000))
+	})
 }
 
 // Close wakes a Recv that waits out a restart notice's delay, and nothing
