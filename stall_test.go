@@ -415,16 +415,7 @@ func TestReconnectingPingEndsOnClose(t *testing.T) {
 		io.Copy(io.Discard, br) // reads everything, answers no Ping
 	}
 	rc := newScriptedRC(t, s)
-	go func() {
-		for {
-			if _, err := rc.Recv(context.Background()); err != nil {
-				return
-			}
-		}
-	}()
-	if err := rc.Connect(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	connectWithRecvLoop(t, rc)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	errc := make(chan error, 1)
@@ -496,16 +487,7 @@ func TestReconnectingNotePreferredConcurrent(t *testing.T) {
 		}
 	}
 	rc := newScriptedRC(t, s)
-	go func() {
-		for {
-			if _, err := rc.Recv(context.Background()); err != nil {
-				return
-			}
-		}
-	}()
-	if err := rc.Connect(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	connectWithRecvLoop(t, rc)
 	bad := 0
 	const runs = 50000
 	for i := range runs {
@@ -602,5 +584,21 @@ func TestReconnectingMethodsAfterClose(t *testing.T) {
 	}
 	if _, err := rc.Ping(ctx); !errors.Is(err, ErrClosed) {
 		t.Errorf("Ping after Close: %v, want ErrClosed", err)
+	}
+}
+
+// connectWithRecvLoop connects rc and keeps a Recv loop running on it (for
+// Ping's Pongs) until rc is closed.
+func connectWithRecvLoop(t *testing.T, rc *ReconnectingClient) {
+	t.Helper()
+	go func() {
+		for {
+			if _, err := rc.Recv(context.Background()); err != nil {
+				return
+			}
+		}
+	}()
+	if err := rc.Connect(context.Background()); err != nil {
+		t.Fatal(err)
 	}
 }
