@@ -101,13 +101,8 @@ func (s *scriptedServer) serve(sc net.Conn) {
 	}
 	io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
 	sc.Write(appendFrame(nil, FrameServerKey, appendServerKey(nil, s.priv.Public())))
-	// The ClientInfo.
-	var h [5]byte
-	if _, err := io.ReadFull(br, h[:]); err != nil {
-		return
-	}
-	p := make([]byte, binary.BigEndian.Uint32(h[1:]))
-	if _, err := io.ReadFull(br, p); err != nil {
+	_, p, err := readRawFrame(br) // the ClientInfo
+	if err != nil {
 		return
 	}
 	clientPub := PublicKey(p[:KeyLen])
@@ -374,13 +369,8 @@ func TestWebSocketClientPongDoesNotBlockRecv(t *testing.T) {
 				"Sec-WebSocket-Protocol: derp\r\n\r\n")
 			sc.Write(wsFrame(0x82, appendFrame(nil, FrameServerKey, appendServerKey(nil, srvPriv.Public())), true))
 			// Read the client's masked frame carrying the ClientInfo.
-			wc := newWSConn(sc, br, false)
-			var h [5]byte
-			if _, err := io.ReadFull(wc, h[:]); err != nil {
-				return
-			}
-			p := make([]byte, binary.BigEndian.Uint32(h[1:]))
-			if _, err := io.ReadFull(wc, p); err != nil {
+			_, p, err := readRawFrame(newWSConn(sc, br, false))
+			if err != nil {
 				return
 			}
 			sc.Write(wsFrame(0x82, serverInfoFrame(srvPriv, PublicKey(p[:KeyLen]), []byte(`{"version":2}`)), true))
@@ -468,15 +458,11 @@ func TestReconnectingNotePreferredConcurrent(t *testing.T) {
 	s.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
 		var wmu sync.Mutex
 		for {
-			var h [5]byte
-			if _, err := io.ReadFull(br, h[:]); err != nil {
+			ft, p, err := readRawFrame(br)
+			if err != nil {
 				return
 			}
-			p := make([]byte, binary.BigEndian.Uint32(h[1:]))
-			if _, err := io.ReadFull(br, p); err != nil {
-				return
-			}
-			switch FrameType(h[0]) {
+			switch ft {
 			case FrameNotePreferred:
 				last.Store(int32(p[0]))
 			case FramePing:
@@ -601,4 +587,15 @@ func connectWithRecvLoop(t *testing.T, rc *ReconnectingClient) {
 	if err := rc.Connect(context.Background()); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// readRawFrame reads one DERP frame, however long its length says it is.
+func readRawFrame(r io.Reader) (FrameType, []byte, error) {
+	var h [frameHeaderLen]byte
+	if _, err := io.ReadFull(r, h[:]); err != nil {
+		return 0, nil, err
+	}
+	p := make([]byte, binary.BigEndian.Uint32(h[1:]))
+	_, err := io.ReadFull(r, p)
+	return FrameType(h[0]), p, err
 }
