@@ -53,12 +53,18 @@ func (s *scriptedServer) close() {
 func (s *scriptedServer) dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	s.init()
 	cc, sc := net.Pipe()
+	return s.start(cc, sc), nil
+}
+
+// start serves sc, the server's end of a connection whose client end is
+// cc, and returns cc; close closes both.
+func (s *scriptedServer) start(cc, sc net.Conn) net.Conn {
 	s.mu.Lock()
 	s.conns = append(s.conns, cc, sc)
 	s.mu.Unlock()
 	s.wg.Add(1)
 	go s.serve(sc)
-	return cc, nil
+	return cc
 }
 
 // dialTCP is dial over a real loopback TCP connection.
@@ -78,12 +84,7 @@ func (s *scriptedServer) dialTCP(ctx context.Context, network, addr string) (net
 		cc.Close()
 		return nil, err
 	}
-	s.mu.Lock()
-	s.conns = append(s.conns, cc, sc)
-	s.mu.Unlock()
-	s.wg.Add(1)
-	go s.serve(sc)
-	return cc, nil
+	return s.start(cc, sc), nil
 }
 
 func (s *scriptedServer) serve(sc net.Conn) {
