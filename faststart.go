@@ -1019,11 +1019,18 @@ func (rc *ReconnectingClient) Send(ctx context.Context, dst PublicKey, pkt []byt
 	if err != nil {
 		return err
 	}
+	return rc.writeUnder(ctx, c, func() error { return c.Send(dst, pkt) })
+}
+
+// writeUnder runs write on c, which ctx's end interrupts. A failure other
+// than a packet refused before it was written drops c; if ctx ended, its
+// error is returned.
+func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write func() error) error {
 	var stop func() bool
 	if ctx.Done() != nil {
 		stop = context.AfterFunc(ctx, c.interrupt)
 	}
-	err = c.Send(dst, pkt)
+	err := write()
 	if stop != nil {
 		stop()
 	}
@@ -1082,21 +1089,7 @@ func (rc *ReconnectingClient) ForwardPacket(ctx context.Context, src, dst Public
 	if err != nil {
 		return err
 	}
-	var stop func() bool
-	if ctx.Done() != nil {
-		stop = context.AfterFunc(ctx, c.interrupt)
-	}
-	err = c.ForwardPacket(src, dst, pkt)
-	if stop != nil {
-		stop()
-	}
-	if err != nil && !errors.Is(err, ErrPacketTooLarge) {
-		rc.drop(c)
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-	}
-	return err
+	return rc.writeUnder(ctx, c, func() error { return c.ForwardPacket(src, dst, pkt) })
 }
 
 // ClosePeer asks the server to end the sessions of key (mesh key needed),
