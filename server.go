@@ -1402,7 +1402,7 @@ func (c *sconn) noteSentTo(dst PublicKey, e *keyEntry) {
 	if c.sentTo == nil || len(c.sentTo) >= maxSentTo {
 		// Start again rather than grow. The entries c forgets keep it as
 		// a recipient (re-registering is harmless); once c has ended,
-		// addRecipient sweeps it out of them.
+		// recipientSet.add sweeps it out of them.
 		c.sentTo = map[PublicKey]*keyEntry{}
 	}
 	c.sentTo[dst] = e
