@@ -927,8 +927,13 @@ func (s *Server) startSession(ctx context.Context, nc net.Conn, brw *bufio.ReadW
 	ap, _ := netip.ParseAddrPort(remoteAddr)
 	ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 	if err := s.admitConn(ap.Addr()); err != nil {
-		s.stats.countRejected("too_many_connections")
-		s.log.Info("relay: refusing connection", "remote", remoteAddr, "err", err)
+		if errors.Is(err, ErrClosed) {
+			s.stats.countRejected("server_closed")
+			s.log.Debug("relay: refusing connection", "remote", remoteAddr, "err", err)
+		} else {
+			s.stats.countRejected("too_many_connections")
+			s.log.Info("relay: refusing connection", "remote", remoteAddr, "err", err)
+		}
 		nc.Close()
 		return nil
 	}
@@ -972,7 +977,13 @@ func (s *Server) startSession(ctx context.Context, nc net.Conn, brw *bufio.ReadW
 		c.ctx = context.Background()
 		c.mu.Unlock()
 	}
-	if err != nil {
+	switch {
+	case err == nil:
+	case ctx.Err() != nil || c.isEnded():
+		// The caller's context or Close ended the login: not the
+		// client's failure.
+		s.log.Debug("relay: login cut short", "remote", remoteAddr, "err", err)
+	default:
 		s.stats.countLoginError(err)
 		s.log.Info("relay: login failed", "remote", remoteAddr, "err", err)
 	}
@@ -1554,6 +1565,12 @@ func (c *sconn) onStall(since time.Time, boundary bool) error {
 // reader goroutine then exits and must not touch the session's reader state
 // any more. If the session cannot be parked it goes on as one that cannot.
 func (c *sconn) parkReader() bool {
+	var parkErr error
+	defer func() { // after c.mu is unlocked: no log handler runs under it
+		if parkErr != nil {
+			c.s.log.Warn("relay: cannot park idle session", "remote", c.remote, "err", parkErr)
+		}
+	}()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	now := time.Now()
@@ -1563,7 +1580,7 @@ func (c *sconn) parkReader() bool {
 	}
 	id, err := c.s.park.add(c)
 	if err != nil {
-		c.s.log.Warn("relay: cannot park idle session", "remote", c.remote, "err", err)
+		parkErr = err
 		c.parkable = false
 		if c.pingIdle {
 			c.br.timeout, c.br.track = c.s.cfg.idleTimeout, true
@@ -3171,9 +3188,18 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	go s.accept(ctx, nc, brw, remote, ao)
 }
 
-// hijack takes the connection from net/http, or answers 500 and reports
-// false.
+// hijack takes the connection from net/http, or answers 503 (the server is
+// closed) or 500 (it cannot be taken) and reports false.
 func (s *Server) hijack(w http.ResponseWriter, r *http.Request) (net.Conn, *bufio.ReadWriter, bool) {
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if closed {
+		// An answer a client can act on, rather than a 101 and a hang-up.
+		s.stats.countRejected("server_closed")
+		http.Error(w, "relay: server is shutting down", http.StatusServiceUnavailable)
+		return nil, nil, false
+	}
 	nc, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
 		s.stats.countRejected("hijack_failed")
@@ -3384,7 +3410,9 @@ type Stats struct {
 	// Errors counts failed logins ("login:<reason>") and sessions ended by
 	// a protocol violation or I/O error ("session:<reason>").
 	Errors map[string]int64
-	// Rejected counts connections refused before login by reason.
+	// Rejected counts connections refused before login by reason, such
+	// as "too_many_connections", "server_closed" (after Close) or
+	// "hijack_failed".
 	Rejected map[string]int64
 }
 
@@ -4681,6 +4709,14 @@ type debugLog struct {
 	mu         sync.Mutex
 	bucket     tokenBucket
 	suppressed int
+	pending    []debugLine // lines for the writer goroutine
+	writing    bool        // a writer goroutine is running
+}
+
+// debugLine is a log line waiting for debugLog's writer.
+type debugLine struct {
+	msg  string
+	args []any
 }
 
 // has reports whether k is a debug key.
@@ -4708,8 +4744,39 @@ func (d *debugLog) log(l *slog.Logger, msg string, args ...any) {
 		args = append(args, "suppressed", d.suppressed)
 		d.suppressed = 0
 	}
+	// A goroutine of its own writes the line: callers may hold a
+	// session's lock, and a handler may be slow or call the server.
+	if len(d.pending) >= maxDebugPending {
+		d.suppressed++ // the handler is stuck
+	} else {
+		d.pending = append(d.pending, debugLine{msg, args})
+	}
+	if !d.writing {
+		d.writing = true
+		go d.write(l)
+	}
 	d.mu.Unlock()
-	l.Info(msg, args...)
+}
+
+// maxDebugPending bounds the lines waiting for a slow log handler.
+const maxDebugPending = 100
+
+// write logs the pending lines until there are none.
+func (d *debugLog) write(l *slog.Logger) {
+	for {
+		d.mu.Lock()
+		lines := d.pending
+		d.pending = nil
+		if len(lines) == 0 {
+			d.writing = false
+			d.mu.Unlock()
+			return
+		}
+		d.mu.Unlock()
+		for _, x := range lines {
+			l.Info(x.msg, x.args...)
+		}
+	}
 }
 
 // debugDrop logs a dropped packet if its sender or addressee is a debug
