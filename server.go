@@ -2607,6 +2607,13 @@ func (c *sconn) writeLoop() {
 		c.mu.Unlock()
 		c.registerRecipients(ws)
 		err := c.writeBatch(ws)
+		if err == nil && !c.vectored && c.writeTimeout() > 0 {
+			// Under TLS the reader writes too: crypto/tls answers a
+			// KeyUpdate from inside Read, and under this batch's
+			// deadline, passed by then, that answer would fail and
+			// break the connection for good.
+			c.nc.SetWriteDeadline(time.Time{})
+		}
 		for i, p := range ws.pkts {
 			putPacket(p)
 			ws.pkts[i] = nil
@@ -2928,7 +2935,23 @@ func (c *sconn) writeFailed(err error) {
 		c.s.stats.writeTimeouts.Add(1)
 		c.s.log.Info("relay: write timeout, dropping client", "remote", c.remote, "key", c.key.ShortString())
 	}
-	c.closeConn()
+	// The socket itself: tls.Conn.Close would first try a close_notify,
+	// under a deadline of its own of 5 s, into the socket that just failed.
+	c.end()
+	c.unpark() // a parked socket must leave the epoll set before it closes
+	closeSocket(c.nc)
+}
+
+// closeSocket closes the connection under nc's TLS and WebSocket layers.
+func closeSocket(nc net.Conn) {
+	switch c := nc.(type) {
+	case *tls.Conn:
+		closeSocket(c.NetConn())
+	case *wsConn:
+		closeSocket(c.Conn)
+	default:
+		nc.Close()
+	}
 }
 
 // closeConn ends the session from the server side. Cancelling the session's
