@@ -543,11 +543,12 @@ func TestRestartingNoticeIsLast(t *testing.T) {
 	}
 	closed := make(chan struct{})
 	go func() { s.Close(); close(closed) }()
-	// r's writer is blocked writing the notice into the pipe.
+	// r's writer took the notice (Close set it with closeAfter) and is
+	// blocked writing it into the pipe.
 	waitFor(t, func() bool {
 		rc.mu.Lock()
 		defer rc.mu.Unlock()
-		return rc.flushing && rc.restarting == nil
+		return rc.closeAfter && rc.restarting == nil && rc.flushing
 	})
 	if err := snd.Send(r.PublicKey(), []byte("after restarting")); err != nil {
 		t.Fatal(err)
