@@ -162,8 +162,9 @@ type wsConn struct {
 	pongDue atomic.Bool
 	// onPong, if set (a server session, by its reader), is called when a
 	// pong falls due: the session's writer sends it, under the write
-	// deadline it sets for each batch. Otherwise a goroutine sends it;
-	// pongWriter says one is on its way.
+	// deadline it sets for each batch. Before that (the login) the
+	// server's reader sends it if no write is under way; a client's pongs
+	// are sent by a goroutine, and pongWriter says one is on its way.
 	onPong     func()
 	pongWriter atomic.Bool
 }
@@ -323,11 +324,12 @@ func (c *wsConn) controlFrame(op byte, fin bool, n uint64, hlen int, mask [4]byt
 			return nil
 		}
 		c.pongs--
-		// The reader never writes: a peer that does not read would
-		// stall our reading too, and a write deadline left over from
-		// the last write could fail the pong halfway, which under TLS
-		// breaks the connection for good. It leaves the pong to
-		// whoever holds wmu next, which sends it before letting go.
+		// Once a session runs, the reader does not write: a peer that
+		// does not read would stall our reading too, and a write
+		// deadline left over from the last write could fail the pong
+		// halfway, which under TLS breaks the connection for good. The
+		// pong is left to whoever holds wmu next, which sends it before
+		// letting go.
 		c.pongMu.Lock()
 		c.pongLen = copy(c.pong[:], p)
 		c.pongMu.Unlock()
@@ -335,6 +337,13 @@ func (c *wsConn) controlFrame(op byte, fin bool, n uint64, hlen int, mask [4]byt
 		switch {
 		case c.onPong != nil:
 			c.onPong()
+		case !c.client:
+			// A server connection before its session starts: the
+			// login's deadline bounds the write, and the pong goes out
+			// before a close frame the reader may echo next.
+			if c.wmu.TryLock() {
+				c.unlockWrite()
+			}
 		case c.pongWriter.CompareAndSwap(false, true):
 			go func() {
 				c.wmu.Lock()
