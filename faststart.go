@@ -1093,17 +1093,14 @@ func (rc *ReconnectingClient) ForwardPacket(ctx context.Context, src, dst Public
 }
 
 // ClosePeer asks the server to end the sessions of key (mesh key needed),
-// connecting first if needed.
+// connecting first if needed. A failed write drops the connection and is
+// returned. ctx bounds the write as for Send.
 func (rc *ReconnectingClient) ClosePeer(ctx context.Context, key PublicKey) error {
 	c, _, err := rc.current(ctx)
 	if err != nil {
 		return err
 	}
-	if err := c.ClosePeer(key); err != nil {
-		rc.drop(c)
-		return err
-	}
-	return nil
+	return rc.writeUnder(ctx, c, func() error { return c.ClosePeer(key) })
 }
 
 // WatchConnectionChanges asks the server (mesh key needed) to report which
@@ -1270,8 +1267,9 @@ func (rc *ReconnectingClient) Ping(ctx context.Context) (time.Duration, error) {
 		rc.mu.Unlock()
 	}()
 	start := time.Now()
-	if err := c.SendPing(data); err != nil {
-		rc.drop(c)
+	// ctx bounds the write too: a server that stopped reading must not
+	// hold Ping past it.
+	if err := rc.writeUnder(ctx, c, func() error { return c.SendPing(data) }); err != nil {
 		return 0, err
 	}
 	select {

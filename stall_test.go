@@ -600,3 +600,32 @@ func readRawFrame(r io.Reader) (FrameType, []byte, error) {
 	_, err := io.ReadFull(r, p)
 	return FrameType(h[0]), p, err
 }
+
+// Ping to a server that stopped reading returns when ctx ends: its write
+// must not hold it past the wait its doc promises.
+func TestReconnectingPingCtxEndsStuckWrite(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(int, net.Conn, *bufio.Reader, PublicKey) { s.stall() }
+	rc := newScriptedRC(t, s)
+	if err := rc.Connect(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	wantEndsWithCtx(t, "Ping", func(ctx context.Context) error {
+		_, err := rc.Ping(ctx)
+		return err
+	})
+}
+
+// ClosePeer(ctx) to a server that stopped reading returns when ctx ends,
+// as Send and ForwardPacket do.
+func TestReconnectingClosePeerCtxEndsStuckWrite(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(int, net.Conn, *bufio.Reader, PublicKey) { s.stall() }
+	rc := newScriptedRC(t, s)
+	if err := rc.Connect(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	wantEndsWithCtx(t, "ClosePeer", func(ctx context.Context) error {
+		return rc.ClosePeer(ctx, PublicKey{1})
+	})
+}
