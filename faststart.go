@@ -546,7 +546,10 @@ func (c *Client) readServerStart() error {
 
 // ReconnectingClient is a long-lived DERP client built on FastStart: it
 // connects on first use, reconnects after any failure with exponential
-// backoff and jitter, honours the server's ServerRestarting notice (waiting
+// backoff and jitter (a connection the server ends within MaxBackoff of its
+// ServerInfo is a failure too, so that a server that takes logins and hangs
+// up at once is not redialled in a tight loop; after a longer one the
+// client reconnects at once), honours the server's ServerRestarting notice (waiting
 // at most MaxBackoff, then retrying quickly for at most a minute), re-sends
 // NotePreferred after a reconnect, answers the server's Pings, and remembers
 // the server key it learned so that later connections take the fast path
@@ -625,6 +628,8 @@ type ReconnectingClient struct {
 	nTargets     int // len(targets()) when c was dialled
 	startAt      int // index in targets() the next dial starts with
 	nextDial     time.Time
+	notBefore    time.Time // no dial before this either: the backoff after a short session
+	infoAt       time.Time // when the current connection's ServerInfo arrived
 	restartUntil time.Time
 	pings        map[[8]byte]chan struct{}
 	done         chan struct{} // closed by Close; made by doneCh
@@ -715,7 +720,11 @@ func (rc *ReconnectingClient) dialOnce(ctx context.Context) (*Client, int, *Hand
 		}
 		return c, gen, nil, nil
 	}
-	wait := time.Until(rc.nextDial)
+	next := rc.nextDial
+	if rc.notBefore.After(next) {
+		next = rc.notBefore
+	}
+	wait := time.Until(next)
 	done := rc.doneCh()
 	rc.mu.Unlock()
 	if wait > 0 {
@@ -1166,14 +1175,16 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 		m, err := c.Recv()
 		if p, ok := m.(Ping); ok && err == nil {
 			// Answered while ctx can still interrupt: a server that
-			// stopped reading must not hold Recv past ctx.
-			if err := c.SendPong(p); err != nil {
-				rc.drop(c)
-			}
+			// stopped reading must not hold Recv past ctx. A failed
+			// write ends the connection as a failed read does.
+			err = c.SendPong(p)
 			stop()
-			continue
+			if err == nil {
+				continue
+			}
+		} else {
+			stop()
 		}
-		stop()
 		if err != nil {
 			rc.drop(c)
 			if ctx.Err() != nil {
@@ -1181,15 +1192,27 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			}
 			rc.mu.Lock()
 			closed := rc.closed
-			if !c.gotInfo {
+			now := time.Now()
+			_, hi := rc.backoffBounds()
+			switch {
+			case !c.gotInfo:
 				// The server hung up before confirming the login (refused,
 				// or not a DERP server): back off as for a failed dial,
 				// and start the next one with the server after it.
 				rc.failures++
-				rc.nextDial = time.Now().Add(rc.backoff(rc.failures, time.Now()))
+				rc.nextDial = now.Add(rc.backoff(rc.failures, now))
 				if rc.c == nil && rc.nTargets > 1 {
 					rc.startAt = (rc.cTarget + 1) % rc.nTargets
 				}
+			case now.Sub(rc.infoAt) < hi:
+				// The server ended the session soon after taking it: a
+				// failure too, or a server that does so every time
+				// would be redialled in a tight loop. A restart
+				// notice's wait (nextDial) still holds if it is longer.
+				rc.failures++
+				rc.notBefore = now.Add(rc.backoff(rc.failures, now))
+			default:
+				rc.failures = 0
 			}
 			rc.mu.Unlock()
 			if closed {
@@ -1209,8 +1232,9 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 				continue
 			}
 		case ServerInfo:
+			// failures are reset when the session ends, if it lasted.
 			rc.mu.Lock()
-			rc.failures = 0
+			rc.infoAt = time.Now()
 			rc.mu.Unlock()
 		case ServerRestarting:
 			// The server chooses these, up to 49 days each: bounded,

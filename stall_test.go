@@ -629,3 +629,30 @@ func TestReconnectingClosePeerCtxEndsStuckWrite(t *testing.T) {
 		return rc.ClosePeer(ctx, PublicKey{1})
 	})
 }
+
+// A server that takes every login and hangs up at once is redialled with
+// backoff, not in a tight loop: a session that ends right after its
+// ServerInfo counts as a failure.
+func TestReconnectingBacksOffAfterShortSessions(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(int, net.Conn, *bufio.Reader, PublicKey) {} // hangs up after ServerInfo
+	rc := newScriptedRC(t, s)
+	rc.MinBackoff, rc.MaxBackoff = 100*time.Millisecond, time.Second
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	infos := 0
+	for {
+		m, err := rc.Recv(ctx)
+		if err != nil {
+			break
+		}
+		if _, ok := m.(ServerInfo); ok {
+			infos++
+		}
+	}
+	// Waits of 50–100, 100–200, 200–400 and 400–800 ms allow at most 5
+	// dials in the second; without backoff there are thousands.
+	if n := s.dials.Load(); n > 10 || infos == 0 {
+		t.Fatalf("%d dials (%d ServerInfo) in 1s against a server that hangs up after each login", n, infos)
+	}
+}
