@@ -636,10 +636,12 @@ var errHeaderTooLarge = errors.New("HTTP response header larger than the read bu
 // checkHeaderSize waits until the HTTP response at the head of br has its
 // whole header buffered, so that http.ReadResponse cannot be made to buffer
 // without limit by a hostile server: the header must fit in br's buffer.
+// The header ends at the first empty line; lines end in CRLF or, as
+// http.ReadResponse also accepts, a bare LF.
 func checkHeaderSize(br *bufio.Reader) error {
 	for {
 		b, _ := br.Peek(br.Buffered()) // everything buffered so far
-		if bytes.Contains(b, []byte("\r\n\r\n")) {
+		if bytes.Contains(b, []byte("\n\r\n")) || bytes.Contains(b, []byte("\n\n")) {
 			return nil
 		}
 		if _, err := br.Peek(br.Buffered() + 1); err == bufio.ErrBufferFull {

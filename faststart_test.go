@@ -1640,3 +1640,67 @@ func TestChainMustStartWithTheLeaf(t *testing.T) {
 		})
 	}
 }
+
+// TestBareLFResponses: HTTP responses whose lines end in a bare LF, which
+// Go's parser (and so Tailscale's client) accepts, from a DERP server (101
+// on the upgrade and the fast path) or a CONNECT proxy, must not leave Dial
+// or Recv waiting for a CRLF CRLF that never comes.
+func TestBareLFResponses(t *testing.T) {
+	srvPriv := mustKey(t)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	// serve answers a CONNECT (if proxy) and then the upgrade with bare
+	// LFs, then logs the client in and reads until the client hangs up.
+	serve := func(proxy bool) func(ctx context.Context, network, addr string) (net.Conn, error) {
+		return func(ctx context.Context, network, addr string) (net.Conn, error) {
+			cc, sc := net.Pipe()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer sc.Close()
+				br := bufio.NewReader(sc)
+				if proxy {
+					if _, err := http.ReadRequest(br); err != nil {
+						return
+					}
+					io.WriteString(sc, "HTTP/1.1 200 Connection established\n\n")
+				}
+				if _, err := http.ReadRequest(br); err != nil {
+					return
+				}
+				io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\nUpgrade: DERP\nConnection: Upgrade\n\n")
+				sc.Write(appendFrame(nil, FrameServerKey, appendServerKey(nil, srvPriv.Public())))
+				_, p, err := readRawFrame(br)
+				if err != nil || len(p) < KeyLen {
+					return
+				}
+				sc.Write(serverInfoFrame(srvPriv, PublicKey(p[:KeyLen]), []byte(`{"version":2}`)))
+				io.Copy(io.Discard, br)
+			}()
+			return cc, nil
+		}
+	}
+	for _, tt := range []struct {
+		name string
+		fs   *FastStart
+	}{
+		{"upgrade", &FastStart{DialContext: serve(false)}},
+		{"fast start answered with 101", &FastStart{DialContext: serve(false), ServerKey: srvPriv.Public()}},
+		{"proxy", &FastStart{DialContext: serve(true), Proxy: http.ProxyURL(&url.URL{Scheme: "http", Host: "proxy.invalid:3128"})}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			c, _, err := tt.fs.Dial(ctx, "http://derp.invalid/derp", mustKey(t), RecvTimeout(5*time.Second))
+			if err != nil {
+				t.Fatalf("Dial: %v", err)
+			}
+			defer c.Close()
+			if m, err := c.Recv(); err != nil {
+				t.Fatalf("Recv: %v", err)
+			} else if _, ok := m.(ServerInfo); !ok {
+				t.Fatalf("Recv: %T, want ServerInfo", m)
+			}
+		})
+	}
+}
