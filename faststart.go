@@ -610,8 +610,8 @@ type ReconnectingClient struct {
 	// DialTimeout bounds each connection attempt. Default 10 s.
 	DialTimeout time.Duration
 
-	dialMu sync.Mutex // one dial at a time
-	prefMu sync.Mutex // one NotePreferred at a time
+	dialing chan struct{} // holds a token while a call dials: one at a time; made under mu
+	prefMu  sync.Mutex    // one NotePreferred at a time
 
 	mu           sync.Mutex
 	c            *Client
@@ -707,10 +707,22 @@ func (rc *ReconnectingClient) current(ctx context.Context) (*Client, int, error)
 
 // dialOnce dials unless another caller connected meanwhile, one caller at
 // a time, after the wait the last failure set. hs is nil when it did not
-// dial.
+// dial. ctx bounds the wait for another caller's dial too.
 func (rc *ReconnectingClient) dialOnce(ctx context.Context) (*Client, int, *Handshake, error) {
-	rc.dialMu.Lock()
-	defer rc.dialMu.Unlock()
+	rc.mu.Lock()
+	if rc.dialing == nil {
+		rc.dialing = make(chan struct{}, 1)
+	}
+	dialing, done := rc.dialing, rc.doneCh()
+	rc.mu.Unlock()
+	select {
+	case dialing <- struct{}{}:
+	case <-ctx.Done():
+		return nil, 0, nil, ctx.Err()
+	case <-done:
+		return nil, 0, nil, ErrClosed
+	}
+	defer func() { <-dialing }()
 	rc.mu.Lock()
 	if rc.c != nil || rc.closed {
 		c, gen, closed := rc.c, rc.gen, rc.closed
@@ -725,7 +737,6 @@ func (rc *ReconnectingClient) dialOnce(ctx context.Context) (*Client, int, *Hand
 		next = rc.notBefore
 	}
 	wait := time.Until(next)
-	done := rc.doneCh()
 	rc.mu.Unlock()
 	if wait > 0 {
 		t := time.NewTimer(wait)
@@ -1082,8 +1093,9 @@ func (rc *ReconnectingClient) NotePreferred(preferred bool) error {
 }
 
 // Connect connects now unless connected, waiting out the backoff after a
-// failed dial within ctx, and returns the dial's error. The other methods
-// connect by themselves; Connect reports a bad configuration early.
+// failed dial (or another call's dial under way) within ctx, and returns the
+// dial's error. The other methods connect by themselves; Connect reports a
+// bad configuration early.
 func (rc *ReconnectingClient) Connect(ctx context.Context) error {
 	_, _, err := rc.current(ctx)
 	return err

@@ -656,3 +656,37 @@ func TestReconnectingBacksOffAfterShortSessions(t *testing.T) {
 		t.Fatalf("%d dials (%d ServerInfo) in 1s against a server that hangs up after each login", n, infos)
 	}
 }
+
+// A call that needs a connection while another call's dial is under way
+// (here against a server that never answers the upgrade, so the dial runs
+// until DialTimeout) waits for it only as long as its own ctx lasts.
+func TestReconnectingSendCtxEndsWaitForOtherDial(t *testing.T) {
+	var mu sync.Mutex
+	var conns []net.Conn
+	var dials atomic.Int32
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	silent := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		dials.Add(1)
+		cc, sc := net.Pipe()
+		mu.Lock()
+		conns = append(conns, cc, sc)
+		mu.Unlock()
+		go io.Copy(io.Discard, sc) // reads the upgrade request, never answers
+		return cc, nil
+	}
+	rc := &ReconnectingClient{URL: "http://derp.invalid/derp", PrivateKey: mustKey(t),
+		Dialer: &FastStart{DialContext: silent}, DialTimeout: 30 * time.Second}
+	t.Cleanup(func() { rc.Close() })
+	go rc.Connect(context.Background()) // dials until DialTimeout or Close
+	waitForT(t, "the first dial", func() bool { return dials.Load() == 1 })
+	wantEndsWithCtx(t, "Send", func(ctx context.Context) error {
+		return rc.Send(ctx, PublicKey{1}, []byte("x"))
+	})
+	wantEndsWithCtx(t, "Connect", rc.Connect)
+}
