@@ -587,7 +587,10 @@ type ReconnectingClient struct {
 	// unreachable node costs little of DialTimeout. Default 1.5 s. A node
 	// that accepts TCP and then stalls is bounded too: while more nodes
 	// remain, each attempt gets an equal share of what is left of
-	// DialTimeout.
+	// DialTimeout, up to the server's ServerInfo (a dial that returns
+	// before it, as on the fast path, leaves what is left of the share to
+	// Recv's wait for it, counted from Recv's first wait). The last node
+	// to try has only RecvTimeout to send its ServerInfo.
 	NodeConnectTimeout time.Duration
 	// PrivateKey is the client's identity.
 	PrivateKey PrivateKey
@@ -624,9 +627,11 @@ type ReconnectingClient struct {
 	sentPref     bool                  // what the current connection was told
 	closed       bool
 	failures     int
-	cTarget      int // index in targets() of c's server
-	nTargets     int // len(targets()) when c was dialled
-	startAt      int // index in targets() the next dial starts with
+	cTarget      int           // index in targets() of c's server
+	nTargets     int           // len(targets()) when c was dialled
+	startAt      int           // index in targets() the next dial starts with
+	loginWait    time.Duration // how long Recv may wait for c's ServerInfo; 0: RecvTimeout
+	loginBy      time.Time     // when c's ServerInfo is due, from Recv's first wait; zero: not yet
 	nextDial     time.Time
 	notBefore    time.Time // no dial before this either: the backoff after a short session
 	infoAt       time.Time // when the current connection's ServerInfo arrived
@@ -792,6 +797,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 	rc.mu.Unlock()
 	var won dialTarget
 	wonIdx := 0
+	var loginWait time.Duration
 	for k := range targets {
 		i := (first + k) % len(targets)
 		t := targets[i]
@@ -801,6 +807,12 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 			c, hs, err = f.DialNode(actx, t.node, rc.PrivateKey, opts...)
 		} else {
 			c, hs, err = f.Dial(actx, t.url, rc.PrivateKey, opts...)
+		}
+		if dl, ok := actx.Deadline(); ok && err == nil && len(targets)-k > 1 {
+			// The dial returns before the login is confirmed (always on
+			// the fast path): while more servers remain, what is left
+			// of the attempt's share bounds the wait for ServerInfo.
+			loginWait = max(time.Until(dl), time.Millisecond)
 		}
 		acancel()
 		won, wonIdx = t, i
@@ -841,6 +853,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 	}
 	rc.c = c
 	rc.cTarget, rc.nTargets = wonIdx, len(targets)
+	rc.loginWait, rc.loginBy = loginWait, time.Time{}
 	rc.gen++
 	rc.learned = hs.ServerKey
 	if rc.keys == nil {
@@ -1184,18 +1197,26 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			continue // current waits out the backoff before the next dial
 		}
 		stop := context.AfterFunc(ctx, c.interrupt)
+		var login *time.Timer // the login's bound, if any, until ServerInfo
+		if !c.gotInfo {
+			if by := rc.loginDeadline(gen); !by.IsZero() {
+				login = time.AfterFunc(time.Until(by), c.interrupt)
+			}
+		}
 		m, err := c.Recv()
-		if p, ok := m.(Ping); ok && err == nil {
+		p, isPing := m.(Ping)
+		if isPing && err == nil {
 			// Answered while ctx can still interrupt: a server that
 			// stopped reading must not hold Recv past ctx. A failed
 			// write ends the connection as a failed read does.
 			err = c.SendPong(p)
-			stop()
-			if err == nil {
-				continue
-			}
-		} else {
-			stop()
+		}
+		stop()
+		if login != nil && !login.Stop() && err != nil {
+			err = fmt.Errorf("relay: login not confirmed (no ServerInfo) within the server's share of DialTimeout: %w", err)
+		}
+		if isPing && err == nil {
+			continue
 		}
 		if err != nil {
 			rc.drop(c)
@@ -1262,6 +1283,21 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 		}
 		return m, gen, nil
 	}
+}
+
+// loginDeadline returns when the ServerInfo of connection gen is due, or
+// zero if only RecvTimeout bounds the wait. The clock starts at the first
+// wait for it, so that a caller slow to call Recv loses nothing.
+func (rc *ReconnectingClient) loginDeadline(gen int) time.Time {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	if rc.gen != gen || rc.loginWait <= 0 {
+		return time.Time{}
+	}
+	if rc.loginBy.IsZero() {
+		rc.loginBy = time.Now().Add(rc.loginWait)
+	}
+	return rc.loginBy
 }
 
 // Ping sends a Ping and waits for its Pong, returning the round-trip time.

@@ -690,3 +690,49 @@ func TestReconnectingSendCtxEndsWaitForOtherDial(t *testing.T) {
 	})
 	wantEndsWithCtx(t, "Connect", rc.Connect)
 }
+
+// A node that upgrades the connection, sends its ServerKey and then never
+// confirms the login (no ServerInfo) is a node that accepted and stalled:
+// while another node remains, it gets its share of DialTimeout, not
+// RecvTimeout's 120 s, before the client moves on.
+func TestReconnectingFailoverWhenLoginStalls(t *testing.T) {
+	good := &scriptedServer{priv: mustKey(t)}
+	good.script = func(_ int, _ net.Conn, br *bufio.Reader, _ PublicKey) { io.Copy(io.Discard, br) }
+	stalled := &scriptedServer{priv: mustKey(t)}
+	stalled.init()
+	var stalledDials atomic.Int32
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		if addr != "stalled.invalid:80" {
+			return good.dial(ctx, network, addr)
+		}
+		stalledDials.Add(1)
+		cc, sc := net.Pipe()
+		stalled.mu.Lock()
+		stalled.conns = append(stalled.conns, cc, sc)
+		stalled.mu.Unlock()
+		stalled.wg.Add(1)
+		go func() {
+			defer stalled.wg.Done()
+			br := bufio.NewReader(sc)
+			if _, err := http.ReadRequest(br); err != nil {
+				return
+			}
+			io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+			sc.Write(appendFrame(nil, FrameServerKey, appendServerKey(nil, stalled.priv.Public())))
+			io.Copy(io.Discard, br) // the ClientInfo, and no answer
+		}()
+		return cc, nil
+	}
+	rc := &ReconnectingClient{URL: "http://stalled.invalid/derp", Fallbacks: []string{"http://good.invalid/derp"},
+		PrivateKey: mustKey(t), Dialer: &FastStart{DialContext: dial}, DialTimeout: 2 * time.Second}
+	t.Cleanup(func() { rc.Close(); stalled.close(); good.close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second) // RecvTimeout is 120 s
+	defer cancel()
+	m, err := rc.Recv(ctx)
+	if err != nil {
+		t.Fatalf("Recv: %v (the stalled node was dialled %d times)", err, stalledDials.Load())
+	}
+	if _, ok := m.(ServerInfo); !ok || good.dials.Load() != 1 {
+		t.Fatalf("got %T, %d dials of the good node, want its ServerInfo", m, good.dials.Load())
+	}
+}
