@@ -553,7 +553,9 @@ func (c *Client) readServerStart() error {
 // at most MaxBackoff, then retrying quickly for at most a minute), re-sends
 // NotePreferred after a reconnect, answers the server's Pings, and remembers
 // the server key it learned so that later connections take the fast path
-// even over plain HTTP or TLS 1.2. It also remembers the address each host
+// even over plain HTTP or TLS 1.2 (unless such a dial fails once after
+// connecting, as it does through a reverse proxy that does not pass fast
+// start through: that server is then dialled as if no key were known). It also remembers the address each host
 // name was last reached at: when DNS fails on a reconnect, it dials that
 // address (the certificate is still checked against the name).
 //
@@ -596,7 +598,8 @@ type ReconnectingClient struct {
 	PrivateKey PrivateKey
 	// Dialer dials each connection; nil means a zero FastStart. Its
 	// ServerKey, if set, is the first key tried for URL; later the key
-	// learned from each server is used for it.
+	// learned from each server is used for it, and neither once a fast
+	// start with a known key failed on that server.
 	Dialer *FastStart
 	// Options are passed to every connection (MeshKey, CanAckPings, …).
 	Options []ClientOption
@@ -621,6 +624,7 @@ type ReconnectingClient struct {
 	gen          int
 	learned      PublicKey             // the current or last server's key
 	keys         map[string]PublicKey  // learned keys by URL
+	noFast       map[string]bool       // servers (keyID) a fast start with a known key failed on
 	lastGood     map[string]netip.Addr // where each host name was last reached
 	preferred    bool                  // what the caller wants
 	watch        bool                  // WatchConnectionChanges was called
@@ -816,6 +820,19 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 		}
 		acancel()
 		won, wonIdx = t, i
+		if err != nil && hs.Path == FastPath && hs.KeySource == "configured" {
+			// The fast path with a key known in advance failed after
+			// the connection was made: something between (a reverse
+			// proxy) does not pass fast start through. From now on
+			// the server is dialled as if no key were known.
+			rc.mu.Lock()
+			if rc.noFast == nil {
+				rc.noFast = map[string]bool{}
+			}
+			rc.noFast[t.keyID()] = true
+			rc.mu.Unlock()
+			rc.logf("relay: fast start failed with a known key; not using it again for this server", "url", t.url, "node", t.name(), "err", err)
+		}
 		if err == nil || dctx.Err() != nil {
 			break
 		}
@@ -943,7 +960,9 @@ func (rc *ReconnectingClient) dialerFor(i int, t dialTarget, several bool) *Fast
 		}
 	}
 	rc.mu.Lock()
-	if k, ok := rc.keys[t.keyID()]; ok {
+	if rc.noFast[t.keyID()] {
+		f.ServerKey = PublicKey{} // dialled as if no key were known
+	} else if k, ok := rc.keys[t.keyID()]; ok {
 		f.ServerKey = k
 	}
 	rc.mu.Unlock()

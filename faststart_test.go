@@ -22,6 +22,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
 	"net/url"
 	"runtime"
 	"slices"
@@ -1702,5 +1703,42 @@ func TestBareLFResponses(t *testing.T) {
 				t.Fatalf("Recv: %T, want ServerInfo", m)
 			}
 		})
+	}
+}
+
+// TestFastStartThroughReverseProxy: a reverse proxy in front of the server
+// (here net/http/httputil's; nginx and Caddy behave alike) passes the
+// upgrade but not fast start, whose answer is not HTTP: a fast-start dial
+// through it fails. A ReconnectingClient, which learns the server's key on
+// its first connection and then takes the fast path with it, must still
+// reconnect.
+func TestFastStartThroughReverseProxy(t *testing.T) {
+	s := newTestServer(t)
+	backend := serveDERP(t, s, derpServeOpts{plain: true})
+	bu, err := url.Parse(backend.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rp := httputil.NewSingleHostReverseProxy(&url.URL{Scheme: "http", Host: bu.Host})
+	rp.ErrorLog = quietLog
+	proxy := httptest.NewServer(rp)
+	t.Cleanup(proxy.Close)
+	h := newRCHarness(t, &TestServer{URL: proxy.URL + "/derp"}, func(rc *ReconnectingClient) {
+		rc.DialTimeout = 2 * time.Second // a fast-start attempt fails only at the end of it
+	})
+	rcNext[ServerInfo](t, h)
+	if h.rc.ServerPublicKey() != s.PublicKey() {
+		t.Fatal("the reconnecting client did not learn the server's key")
+	}
+	for range 2 {
+		s.closePeer(h.rc.PrivateKey.Public())
+		rcNext[ServerInfo](t, h) // reconnected
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for i, hs := range h.connects {
+		if hs.Path != UpgradePath {
+			t.Errorf("connection %d took the %s path through the proxy", i+1, hs.Path)
+		}
 	}
 }
