@@ -570,7 +570,7 @@ func (c *Client) skipHTTPResponse() error {
 	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return fmt.Errorf("relay: server answered fast start with %q: %s", resp.Status, bytes.TrimSpace(body))
+		return fmt.Errorf("%w with %q: %s", errFastStartAnswered, resp.Status, bytes.TrimSpace(body))
 	}
 	if h := resp.Header.Get(PublicKeyHeader); h != "" {
 		if k, err := ParsePublicKey(h); err == nil && k != c.serverKey {
@@ -579,6 +579,11 @@ func (c *Client) skipHTTPResponse() error {
 	}
 	return nil
 }
+
+// errFastStartAnswered means the fast-start request got an HTTP answer
+// other than 101: the server refused it, or something between (a reverse
+// proxy) does not pass fast start through.
+var errFastStartAnswered = errors.New("relay: server answered fast start")
 
 // tokenBucket is the client's copy of the server's announced receive limit.
 type tokenBucket struct {

@@ -33,7 +33,9 @@ import (
 // comes from the meta cert in a TLS 1.3 chain, or from ServerKey. With a
 // configured ServerKey the fast path is taken on every transport (plain
 // HTTP: 1 round trip; TLS 1.2: 3 instead of 4), and a server that turns out
-// to have another key is redialled on the classic path.
+// to have another key, or answers the fast-start request with HTTP other
+// than a 101 (as a reverse proxy in between that does not pass fast start
+// through may, with a 502), is redialled on the classic path.
 //
 // The zero FastStart is ready to use. Its fields must not change while Dial
 // runs; FastStart never modifies TLSConfig.
@@ -153,12 +155,22 @@ func (f *FastStart) Dial(ctx context.Context, serverURL string, priv PrivateKey,
 	}
 	c, hs, err := f.dial(ctx, u, priv, key, opts)
 	hs.Attempts, hs.URL = 1, serverURL
-	if err == nil || !errors.Is(err, ErrServerKeyMismatch) || key.IsZero() || ctx.Err() != nil {
+	if err == nil || key.IsZero() || ctx.Err() != nil {
 		return c, hs, err
 	}
-	// The configured key was stale: forget it and take the classic path,
-	// which learns the key from the server.
-	reason := "configured server key is stale (" + err.Error() + "); retried with the upgrade path"
+	var reason string
+	switch {
+	case errors.Is(err, ErrServerKeyMismatch):
+		// The configured key was stale: forget it and take the classic
+		// path, which learns the key from the server.
+		reason = "configured server key is stale (" + err.Error() + "); retried with the upgrade path"
+	case errors.Is(err, errFastStartAnswered):
+		// An HTTP answer, such as a reverse proxy's 502: whatever is in
+		// between may pass the classic upgrade.
+		reason = "fast start failed (" + err.Error() + "); retried with the upgrade path"
+	default:
+		return c, hs, err
+	}
 	c, hs, err = f.dial(ctx, u, priv, PublicKey{}, opts)
 	hs.Attempts, hs.URL = 2, serverURL
 	if hs.Reason == "" {

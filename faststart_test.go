@@ -1742,3 +1742,43 @@ func TestFastStartThroughReverseProxy(t *testing.T) {
 		}
 	}
 }
+
+// TestFastStartAnswered502: a dial with a configured key whose fast-start
+// request gets an HTTP error at once (a reverse proxy that tried to read the
+// server's answer as HTTP) is retried on the upgrade path, as a stale key is.
+func TestFastStartAnswered502(t *testing.T) {
+	srvPriv := mustKey(t)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		cc, sc := net.Pipe()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer sc.Close()
+			br := bufio.NewReader(sc)
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			if req.Header.Get(FastStartHeader) != "" {
+				io.WriteString(sc, "HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+				return
+			}
+			io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+			sc.Write(appendFrame(nil, FrameServerKey, appendServerKey(nil, srvPriv.Public())))
+			_, p, err := readRawFrame(br)
+			if err != nil || len(p) < KeyLen {
+				return
+			}
+			sc.Write(serverInfoFrame(srvPriv, PublicKey(p[:KeyLen]), []byte(`{"version":2}`)))
+			io.Copy(io.Discard, br)
+		}()
+		return cc, nil
+	}
+	c, hs := dialFast(t, &FastStart{DialContext: dial, ServerKey: srvPriv.Public()}, "http://derp.invalid/derp")
+	c.Close()
+	if hs.Path != UpgradePath || hs.Attempts != 2 || !strings.Contains(hs.Reason, "502") {
+		t.Errorf("handshake %+v, want the upgrade path after a fast start answered with 502", hs)
+	}
+}
