@@ -565,7 +565,7 @@ func (c *Client) readServerStart() error {
 // at most MaxBackoff, then retrying quickly for at most a minute), re-sends
 // NotePreferred after a reconnect, answers the server's Pings, and remembers
 // the server key it learned so that later connections take the fast path
-// even over plain HTTP or TLS 1.2 (unless such a dial fails once after
+// even over plain HTTP or TLS 1.2 (unless such a dial times out after
 // connecting, as it does through a reverse proxy that does not pass fast
 // start through: that server is then dialled as if no key were known). It also remembers the address each host
 // name was last reached at: when DNS fails on a reconnect, it dials that
@@ -611,7 +611,7 @@ type ReconnectingClient struct {
 	// Dialer dials each connection; nil means a zero FastStart. Its
 	// ServerKey, if set, is the first key tried for URL; later the key
 	// learned from each server is used for it, and neither once a fast
-	// start with a known key failed on that server.
+	// start with a known key timed out on that server.
 	Dialer *FastStart
 	// Options are passed to every connection (MeshKey, CanAckPings, …).
 	Options []ClientOption
@@ -832,11 +832,14 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 		}
 		acancel()
 		won, wonIdx = t, i
-		if err != nil && hs.Path == FastPath && hs.KeySource == "configured" {
-			// The fast path with a key known in advance failed after
-			// the connection was made: something between (a reverse
-			// proxy) does not pass fast start through. From now on
-			// the server is dialled as if no key were known.
+		if err != nil && hs.Path == FastPath && hs.KeySource == "configured" &&
+			(errors.Is(err, context.DeadlineExceeded) || isTimeout(err)) {
+			// The fast path with a key known in advance got no answer
+			// after the connection was made: something between (a
+			// reverse proxy) does not pass fast start through, and the
+			// server waits for a ClientInfo it never gets. From now on
+			// the server is dialled as if no key were known. (A server
+			// that hangs up, as one restarting may, keeps its key.)
 			rc.mu.Lock()
 			if rc.noFast == nil {
 				rc.noFast = map[string]bool{}
