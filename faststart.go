@@ -558,18 +558,19 @@ func (c *Client) readServerStart() error {
 
 // ReconnectingClient is a long-lived DERP client built on FastStart: it
 // connects on first use, reconnects after any failure with exponential
-// backoff and jitter (a connection the server ends within MaxBackoff of its
-// ServerInfo is a failure too, so that a server that takes logins and hangs
-// up at once is not redialled in a tight loop; after a longer one the
-// client reconnects at once), honours the server's ServerRestarting notice (waiting
-// at most MaxBackoff, then retrying quickly for at most a minute), re-sends
-// NotePreferred after a reconnect, answers the server's Pings, and remembers
-// the server key it learned so that later connections take the fast path
-// even over plain HTTP or TLS 1.2 (unless such a dial times out after
-// connecting, as it does through a reverse proxy that does not pass fast
-// start through: that server is then dialled as if no key were known). It also remembers the address each host
-// name was last reached at: when DNS fails on a reconnect, it dials that
-// address (the certificate is still checked against the name).
+// backoff and jitter (a connection the server ends within MaxBackoff of
+// its ServerInfo is a failure too, so that a server that takes logins and
+// hangs up at once is not redialled in a tight loop; after a longer one the
+// client reconnects at once), honours the server's ServerRestarting notice
+// (waiting at most MaxBackoff, then retrying quickly for at most a minute),
+// re-sends NotePreferred after a reconnect, answers the server's Pings, and
+// remembers the server key it learned so that later connections take the
+// fast path even over plain HTTP or TLS 1.2 (unless such a dial times out
+// after connecting, as it does through a reverse proxy that does not pass
+// fast start through: that server is then dialled as if no key were
+// known). It also remembers the address each host name was last reached
+// at: when DNS fails on a reconnect, it dials that address (the
+// certificate is still checked against the name).
 //
 // Set the exported fields, then call its methods; the fields must not
 // change afterwards. Send, NotePreferred, Ping and Close may be called
@@ -636,7 +637,7 @@ type ReconnectingClient struct {
 	gen          int
 	learned      PublicKey             // the current or last server's key
 	keys         map[string]PublicKey  // learned keys by URL
-	noFast       map[string]bool       // servers (keyID) a fast start with a known key failed on
+	noFast       map[string]bool       // servers (keyID) a fast start with a known key timed out on
 	lastGood     map[string]netip.Addr // where each host name was last reached
 	preferred    bool                  // what the caller wants
 	watch        bool                  // WatchConnectionChanges was called
