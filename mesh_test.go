@@ -620,3 +620,42 @@ func TestPacketForwarder(t *testing.T) {
 		t.Error("a route was added after Close")
 	}
 }
+
+// TestMeshNotHereNeverAfterPresent: a ForwardPacket for a key that is not
+// here is answered with PeerGone(NotHere) on the mesh link, and the peer
+// drops its route. If the key logs in while the packet is being read, the
+// watcher must not be told NotHere after the key's PeerPresent: it would
+// drop the route of a connected key, and the rest of the region could not
+// reach it until it reconnected.
+func TestMeshNotHereNeverAfterPresent(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey))
+	w := pipeClient(t, s, MeshKey(testMeshKey))
+	if err := w.WatchConnectionChanges(); err != nil {
+		t.Fatal(err)
+	}
+	if p, _ := recvMsg[PeerPresent](t, w); p.Key != w.PublicKey() {
+		t.Fatalf("flood: %+v", p)
+	}
+	dPriv, src := mustKey(t), mustKey(t).Public()
+	d := dPriv.Public()
+	disco := append([]byte(discoMagic), make([]byte, 100)...)
+	frame := mkFrame(FrameForwardPacket, src[:], d[:], disco)
+	// The frame's header and keys arrive, the payload not yet: the
+	// server has looked d up (not here) and waits for the payload.
+	if _, err := w.nc.Write(frame[:frameHeaderLen+2*KeyLen]); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return strings.Contains(leakedGoroutines(), "relay.peekUpTo(") })
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
+	loginClient(t, cc, dPriv)
+	if p, _ := recvMsg[PeerPresent](t, w); p.Key != d {
+		t.Fatalf("live present %+v", p)
+	}
+	if _, err := w.nc.Write(frame[frameHeaderLen+2*KeyLen:]); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return s.Stats().PacketsDropped["unknown_dest_on_fwd/disco"] == 1 })
+	// d is connected: nothing may say otherwise.
+	expectPongFirst(t, w)
+}

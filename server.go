@@ -2032,9 +2032,26 @@ func (s *Server) routePacket(c *sconn, src, dst PublicKey, n int, forwarded bool
 	s.stats.drop(reason, disco, n)
 	s.debugDrop(reason, src, dst, disco, n)
 	if disco && c.notHere.allow(1, time.Now()) {
-		c.enqueuePeerGone(dst, PeerGoneNotHere)
+		s.tellNotHere(c, dst)
 	}
 	return nil
+}
+
+// tellNotHere queues PeerGone(dst, NotHere) to c. A mesh peer watching
+// this server drops its route to dst when told, so for a mesh session dst
+// is looked up again under s.mu, where logins are announced: if dst logged
+// in since routePacket looked, its PeerPresent may already be queued, and a
+// NotHere after it would leave the peer with no route to a connected key.
+func (s *Server) tellNotHere(c *sconn, dst PublicKey) {
+	if !c.isMesh {
+		c.enqueuePeerGone(dst, PeerGoneNotHere)
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.lookup(dst) == nil {
+		c.enqueuePeerGone(dst, PeerGoneNotHere)
+	}
 }
 
 func peekUpTo(br *connReader, n int) []byte {
