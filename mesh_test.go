@@ -659,3 +659,25 @@ func TestMeshNotHereNeverAfterPresent(t *testing.T) {
 	// d is connected: nothing may say otherwise.
 	expectPongFirst(t, w)
 }
+
+// TestMeshForwardedInCountsDrops: PacketsForwardedIn counts every packet a
+// mesh peer forwards here, delivered or dropped, as packets_received counts
+// the packets of local clients (and as Tailscale's packets_forwarded_in
+// does); the drops are then a fraction of it.
+func TestMeshForwardedInCountsDrops(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey))
+	y := pipeClient(t, s)
+	w := pipeClient(t, s, MeshKey(testMeshKey))
+	src := mustKey(t).Public()
+	if err := w.ForwardPacket(src, y.PublicKey(), []byte("delivered")); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.ForwardPacket(src, mustKey(t).Public(), []byte("for nobody here")); err != nil {
+		t.Fatal(err)
+	}
+	recvMsg[*ReceivedPacket](t, y)
+	waitFor(t, func() bool { return s.Stats().PacketsDropped["unknown_dest_on_fwd/other"] == 1 })
+	if got := s.Stats().PacketsForwardedIn; got != 2 {
+		t.Errorf("PacketsForwardedIn %d, want 2 (one delivered, one dropped)", got)
+	}
+}

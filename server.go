@@ -2021,13 +2021,13 @@ func (s *Server) routePacket(c *sconn, src, dst PublicKey, n int, forwarded bool
 	if _, err := c.br.Discard(n); err != nil {
 		return err
 	}
-	if !forwarded {
-		c.recvPkts.Add(1)
-		c.recvBytes.Add(int64(n))
-	}
 	reason := dropUnknownDest
 	if forwarded {
+		s.stats.forwardedIn.Add(1) // received, as the drop counted below
 		reason = dropUnknownDestOnFwd
+	} else {
+		c.recvPkts.Add(1)
+		c.recvBytes.Add(int64(n))
 	}
 	s.stats.drop(reason, disco, n)
 	s.debugDrop(reason, src, dst, disco, n)
@@ -3417,7 +3417,7 @@ type Stats struct {
 	BytesReceived             int64 // their bytes, without framing
 	PacketsSent               int64 // packets written to clients
 	BytesSent                 int64 // their bytes, without framing
-	PacketsForwardedIn        int64 // packets received from mesh peers
+	PacketsForwardedIn        int64 // packets received from mesh peers, delivered or dropped
 	PacketsForwardedOut       int64 // packets forwarded to mesh peers
 	PingsReceived, PongsSent  int64 // pings from clients, and the pongs that answered them
 	PingsSent, PongsReceived  int64 // liveness pings to clients that can ack them
