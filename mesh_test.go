@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"strings"
@@ -679,5 +680,38 @@ func TestMeshForwardedInCountsDrops(t *testing.T) {
 	waitFor(t, func() bool { return s.Stats().PacketsDropped["unknown_dest_on_fwd/other"] == 1 })
 	if got := s.Stats().PacketsForwardedIn; got != 2 {
 		t.Errorf("PacketsForwardedIn %d, want 2 (one delivered, one dropped)", got)
+	}
+}
+
+// describingForwarder is a PacketForwarder whose String asks its server
+// something, as a forwarder describing its state might.
+type describingForwarder struct{ s *Server }
+
+func (f *describingForwarder) ForwardPacket(src, dst PublicKey, pkt []byte) error { return nil }
+
+func (f *describingForwarder) String() string {
+	_, routed := f.s.MeshPeerFor(PublicKey{1})
+	return fmt.Sprintf("describing (key 1 routed: %v)", routed)
+}
+
+// TestPacketForwarderStringMayCallServer: the server calls a forwarder's
+// String with no lock held, so String may call the Server.
+func TestPacketForwarderStringMayCallServer(t *testing.T) {
+	s := NewServer(mustKey(t), WithMeshKey(testMeshKey))
+	f := &describingForwarder{s: s}
+	k := mustKey(t).Public()
+	done := make(chan struct{})
+	go func() {
+		s.AddPacketForwarder(k, f)
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("AddPacketForwarder deadlocked in the forwarder's String") // s stays locked
+	}
+	defer s.Close()
+	if u, ok := s.MeshPeerFor(k); !ok || u != "forwarder describing (key 1 routed: false)" {
+		t.Errorf("MeshPeerFor: %q, %v", u, ok)
 	}
 }

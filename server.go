@@ -4097,9 +4097,19 @@ func (s *Server) meshLookup(k PublicKey) *meshLink {
 // String, or its type and address.
 func (s *Server) MeshPeerFor(k PublicKey) (peerURL string, ok bool) {
 	if l := s.meshLookup(k); l != nil {
-		return l.url, true
+		return l.name(), true
 	}
 	return "", false
+}
+
+// name is the link's peer URL or, for AddPacketForwarder's, "forwarder "
+// and the forwarder's String if it has one. It is called with no lock held:
+// String is the embedder's code and may call the Server.
+func (l *meshLink) name() string {
+	if st, ok := l.fwd.(fmt.Stringer); ok {
+		return "forwarder " + st.String()
+	}
+	return l.url
 }
 
 // PacketForwarder carries packets to clients connected to another server,
@@ -4132,10 +4142,7 @@ func (s *Server) AddPacketForwarder(dst PublicKey, f PacketForwarder) {
 	}
 	l := m.custom[f]
 	if l == nil {
-		l = newMeshLink(s, fmt.Sprintf("forwarder %T %p", f, f))
-		if st, ok := f.(fmt.Stringer); ok {
-			l.url = "forwarder " + st.String()
-		}
+		l = newMeshLink(s, fmt.Sprintf("forwarder %T %p", f, f)) // String: see name
 		l.fwd, l.stop = f, make(chan struct{})
 		if m.custom == nil {
 			m.custom = map[PacketForwarder]*meshLink{}
@@ -4195,7 +4202,9 @@ func (l *meshLink) forwardLoop() {
 		for _, it := range batch {
 			if err := l.fwd.ForwardPacket(it.p.src, it.dst, it.p.buf[:it.p.n]); err != nil {
 				l.s.stats.drop(dropWriteError, looksLikeDisco(it.p.buf[:it.p.n]), it.p.n)
-				l.s.log.Debug("relay: forwarder failed", "forwarder", l.url, "dst", it.dst.ShortString(), "err", err)
+				if l.s.log.Enabled(context.Background(), slog.LevelDebug) { // name may cost a String call
+					l.s.log.Debug("relay: forwarder failed", "forwarder", l.name(), "dst", it.dst.ShortString(), "err", err)
+				}
 			} else {
 				l.s.stats.forwardedOut.Add(1)
 			}
