@@ -445,7 +445,7 @@ func TestMeshForwardNeverBlocks(t *testing.T) {
 	pkt := []byte("to a peer")
 	forward := func() {
 		t.Helper()
-		if !s.meshForward(src, dst, bytesReader(pkt), len(pkt)) {
+		if s.meshForward(src, dst, bytesReader(pkt), len(pkt)) == nil {
 			t.Fatal("meshForward found no route")
 		}
 	}
@@ -466,7 +466,7 @@ func TestMeshForwardNeverBlocks(t *testing.T) {
 		}
 		putPacket(it.p)
 	}
-	if s.meshForward(src, mustKey(t).Public(), bytesReader(pkt), len(pkt)) {
+	if s.meshForward(src, mustKey(t).Public(), bytesReader(pkt), len(pkt)) != nil {
 		t.Fatal("meshForward claimed a key with no route")
 	}
 }
@@ -713,5 +713,43 @@ func TestPacketForwarderStringMayCallServer(t *testing.T) {
 	defer s.Close()
 	if u, ok := s.MeshPeerFor(k); !ok || u != "forwarder describing (key 1 routed: false)" {
 		t.Errorf("MeshPeerFor: %q, %v", u, ok)
+	}
+}
+
+// TestMeshPeerGoneToSenders: a client that only sent to a key is told when
+// the key leaves (TestPeerGoneDisconnected), whether the key was connected
+// here or reached through a mesh peer, and wherever it was when it left.
+func TestMeshPeerGoneToSenders(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey))
+	la := newMeshLink(s, "a")
+	c := pipeClient(t, s)
+	kPriv := mustKey(t)
+	k := kPriv.Public()
+	s.meshAdd(k, la)
+	if err := c.Send(k, []byte("to a peer's client")); err != nil {
+		t.Fatal(err)
+	}
+	// Routed (the link is down, so the packet is dropped there).
+	waitFor(t, func() bool { return s.Stats().PacketsDropped["mesh_link_down/other"] == 1 })
+	s.meshRemove(k, la, true) // k left the region
+	if g, _ := recvMsg[PeerGone](t, c); g.Peer != k || g.Reason != PeerGoneDisconnected {
+		t.Fatalf("got %+v", g)
+	}
+
+	// k returns at the peer, c sends to it again, then k moves here and
+	// leaves from here.
+	s.meshAdd(k, la)
+	if err := c.Send(k, []byte("again")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return s.Stats().PacketsDropped["mesh_link_down/other"] == 2 })
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
+	kc := loginClient(t, cc, kPriv)
+	s.meshRemove(k, la, true) // still here: nothing to tell
+	expectPongFirst(t, c)
+	kc.Close()
+	if g, _ := recvMsg[PeerGone](t, c); g.Peer != k || g.Reason != PeerGoneDisconnected {
+		t.Fatalf("got %+v", g)
 	}
 }

@@ -757,10 +757,12 @@ type sconn struct {
 	parkable bool // the reader may be parked when idle (set by setupReads)
 	vectored bool // nc is a plain socket: the writer uses writev, not a bufio.Writer
 
-	// Reader-owned: destinations this client sent to (noteSentTo).
+	// Reader-owned: destinations this client sent to (noteSentTo), and
+	// those reached through mesh routes (noteSentToMesh).
 	lastDst      PublicKey
 	lastDstEntry *keyEntry
 	sentTo       map[PublicKey]*keyEntry
+	sentToMesh   map[PublicKey]*meshRoute
 
 	// Reader-owned state.
 	preferred bool
@@ -1676,10 +1678,15 @@ func (s *Server) forgetRecipient(c *sconn) {
 		from = append(from, k)
 	}
 	c.mu.Unlock()
-	if len(from) == 0 {
+	if len(from) == 0 && len(c.sentToMesh) == 0 {
 		return
 	}
 	s.mesh.mu.Lock()
+	for k, r := range c.sentToMesh {
+		if s.mesh.routes[k] == r { // a removed route's set belongs to whoever removed it
+			delete(r.recipients.m, c)
+		}
+	}
 	for _, k := range from {
 		if r := s.mesh.routes[k]; r != nil {
 			delete(r.recipients.m, c)
@@ -2013,10 +2020,13 @@ func (s *Server) routePacket(c *sconn, src, dst PublicKey, n int, forwarded bool
 	var head [minDiscoLen]byte
 	m := copy(head[:], peekUpTo(c.br, min(n, minDiscoLen)))
 	disco := looksLikeDisco(head[:m]) && n >= minDiscoLen
-	if !forwarded && s.meshForward(src, dst, c.br, n) {
-		c.recvPkts.Add(1)
-		c.recvBytes.Add(int64(n))
-		return nil
+	if !forwarded {
+		if r := s.meshForward(src, dst, c.br, n); r != nil {
+			c.noteSentToMesh(dst, r)
+			c.recvPkts.Add(1)
+			c.recvBytes.Add(int64(n))
+			return nil
+		}
 	}
 	if _, err := c.br.Discard(n); err != nil {
 		return err
@@ -4054,19 +4064,20 @@ func (l *meshLink) enqueue(dst PublicKey, p *packet) (old fwdItem, ok bool) {
 }
 
 // meshForward reads an n-byte packet from br and forwards it to dst through
-// a mesh peer, reporting whether one was found. It never blocks on the
-// peer: the packet is queued, and dropped (counted) if the link is down.
-func (s *Server) meshForward(src, dst PublicKey, br *connReader, n int) bool {
-	l := s.meshLookup(dst)
+// a mesh peer, returning dst's route, or nil if it has none. It never blocks
+// on the peer: the packet is queued, and dropped (counted) if the link is
+// down.
+func (s *Server) meshForward(src, dst PublicKey, br *connReader, n int) *meshRoute {
+	r, l := s.meshRoute(dst)
 	if l == nil {
-		return false
+		return nil
 	}
 	p := getPacket(n)
 	if _, err := io.ReadFull(br, p.buf[:n]); err != nil {
 		// The stream is broken; the caller's discard meets the same error
 		// and ends the session.
 		putPacket(p)
-		return false
+		return nil
 	}
 	p.n, p.src = n, src
 	old, ok := l.enqueue(dst, p)
@@ -4077,17 +4088,43 @@ func (s *Server) meshForward(src, dst PublicKey, br *connReader, n int) bool {
 		s.stats.drop(dropMeshQueue, looksLikeDisco(old.p.buf[:old.p.n]), old.p.n)
 		putPacket(old.p)
 	}
-	return true
+	return r
+}
+
+// noteSentToMesh registers c to be told PeerGone when dst, reached through
+// the mesh route r, leaves the region, as noteSentTo does for local keys.
+// c remembers the route it registered with: a map lookup per packet.
+func (c *sconn) noteSentToMesh(dst PublicKey, r *meshRoute) {
+	if c.sentToMesh[dst] == r {
+		return
+	}
+	if c.sentToMesh == nil || len(c.sentToMesh) >= maxSentTo {
+		c.sentToMesh = map[PublicKey]*meshRoute{} // see noteSentTo
+	}
+	c.sentToMesh[dst] = r
+	m := &c.s.mesh
+	m.mu.Lock()
+	if m.routes[dst] == r {
+		r.recipients.add(c)
+	}
+	m.mu.Unlock()
 }
 
 // meshLookup returns the link through which packets for k go, or nil.
 func (s *Server) meshLookup(k PublicKey) *meshLink {
+	_, l := s.meshRoute(k)
+	return l
+}
+
+// meshRoute returns k's mesh route and the link packets for k go through,
+// or nils.
+func (s *Server) meshRoute(k PublicKey) (*meshRoute, *meshLink) {
 	s.mesh.mu.RLock()
 	defer s.mesh.mu.RUnlock()
 	if r := s.mesh.routes[k]; r != nil {
-		return r.links[len(r.links)-1]
+		return r, r.links[len(r.links)-1]
 	}
-	return nil
+	return nil, nil
 }
 
 // MeshPeerFor reports the URL of the mesh peer (as normalized from
