@@ -3725,8 +3725,9 @@ type meshRoute struct {
 	// even before the server it left says it is gone.
 	links []*meshLink
 	// recipients are the local clients that were written packets forwarded
-	// from the key; they are told PeerGone when it leaves the region, as
-	// keyEntry.recipients are for local keys.
+	// from the key or sent packets to it (noteSentToMesh); they are told
+	// PeerGone when it leaves the region, as keyEntry.recipients are for
+	// local keys.
 	recipients recipientSet
 }
 
@@ -4193,7 +4194,7 @@ func (s *Server) AddPacketForwarder(dst PublicKey, f PacketForwarder) {
 
 // RemovePacketForwarder undoes AddPacketForwarder(dst, f). If f was dst's
 // last route and dst has no session here, the clients that received packets
-// from dst are told it is gone. A forwarder with no key left stops, and the
+// from dst or sent packets to it are told it is gone. A forwarder with no key left stops, and the
 // packets still queued for it are dropped (counted as "mesh_link_down").
 func (s *Server) RemovePacketForwarder(dst PublicKey, f PacketForwarder) {
 	m := &s.mesh
