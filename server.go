@@ -1299,11 +1299,11 @@ func (s *Server) unregister(c *sconn) {
 	sh := s.shard(c.key)
 	sh.mu.Lock()
 	e := c.entry
-	for i, x := range e.conns {
-		if x == c {
-			e.conns = append(e.conns[:i], e.conns[i+1:]...)
-			break
-		}
+	if i := slices.Index(e.conns, c); i >= 0 {
+		// slices.Delete clears the vacated slot: a pointer left beyond
+		// the length would keep the ended session, and whatever it
+		// holds, for as long as the entry lives.
+		e.conns = slices.Delete(e.conns, i, i+1)
 	}
 	var alone, successor *sconn
 	var stillDup []*sconn
@@ -1313,7 +1313,11 @@ func (s *Server) unregister(c *sconn) {
 	switch len(e.conns) {
 	case 0:
 		delete(sh.m, c.key)
+		// The entry leaves the table with its set, which nothing adds to
+		// any more: sessions that sent here keep the entry (sentTo,
+		// lastDstEntry) but must not keep the recipients alive with it.
 		gone = e.recipients.m
+		e.recipients = recipientSet{}
 		e.active.Store(nil)
 	case 1:
 		alone = e.conns[0]
@@ -1672,6 +1676,9 @@ func (s *Server) forgetRecipient(c *sconn) {
 		}
 		sh.mu.Unlock()
 	}
+	// c may stay in sets it was forgotten from (see noteSentTo) until they
+	// are swept: it should hold no more than itself meanwhile.
+	c.sentTo, c.lastDst, c.lastDstEntry = nil, PublicKey{}, nil
 	c.mu.Lock()
 	from := make([]PublicKey, 0, len(c.sentFrom))
 	for k := range c.sentFrom {

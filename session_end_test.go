@@ -9,11 +9,13 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+	"weak"
 )
 
 // What a session leaves behind when it ends, and what one client's ending
@@ -578,4 +580,102 @@ func TestRestartingNoticeIsLast(t *testing.T) {
 	r.Close()
 	snd.Close()
 	<-closed
+}
+
+// An ended session must be garbage once it has left: nothing a live session
+// holds may keep it (with its connection and its map of destinations, up to
+// 4096 keys, about 400 KiB) reachable. Two ways a client could otherwise
+// make the server keep every session it ever had:
+//   - a chain of sessions, each sending to the next and then leaving: a live
+//     session remembers the routing entries of the keys it sent to, and an
+//     entry that left the table kept its last session and its recipients;
+//   - one key logging in many times and leaving newest first: its routing
+//     entry's list of sessions kept those that left beyond its length.
+func TestEndedSessionsAreFreed(t *testing.T) {
+	// No keepalive: a stopped timer may stay in the runtime's heap, holding
+	// its session, until it would have fired. Over TCP, so that the
+	// clients need not read the PeerGone and Health frames they are sent.
+	s := newTestServer(t, WithKeepAlive(0))
+	addr := tcpServer(t, s)
+	var ended []weak.Pointer[sconn]
+	// login logs in a client with priv and returns it with its session.
+	login := func(priv PrivateKey) (*Client, *sconn) {
+		t.Helper()
+		c := tcpClientKey(t, addr, priv)
+		var newest *sconn
+		for _, x := range s.snapshotConns() {
+			if newest == nil || x.connNum > newest.connNum {
+				newest = x
+			}
+		}
+		return c, newest
+	}
+	var probe *sconn // the first to leave, kept to look inside
+	leave := func(c *Client, sc *sconn) {
+		t.Helper()
+		if probe == nil {
+			probe = sc
+		} else {
+			ended = append(ended, weak.Make(sc))
+		}
+		c.Close()
+		waitFor(t, func() bool { return !slices.Contains(s.snapshotConns(), sc) })
+	}
+
+	const n = 20
+	long, _ := login(mustKey(t))
+	prev, prevConn := long, (*sconn)(nil)
+	for i := range n {
+		x, xc := login(mustKey(t))
+		if err := prev.Send(x.PublicKey(), []byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := recvMsg[*ReceivedPacket](t, x); !ok {
+			t.Fatal("packet not relayed")
+		}
+		if prevConn != nil {
+			leave(prev, prevConn)
+		}
+		prev, prevConn = x, xc
+	}
+
+	dupKey := mustKey(t)
+	var dups []*Client
+	var dupConns []*sconn
+	for range n {
+		c, sc := login(dupKey)
+		dups, dupConns = append(dups, c), append(dupConns, sc)
+	}
+	for i := n - 1; i > 0; i-- {
+		leave(dups[i], dupConns[i])
+	}
+
+	// long, the chain's last session and the first duplicate remain.
+	waitFor(t, func() bool { return s.stats.sessions.Load() == 3 })
+	// An ended session may still be in the recipient sets of keys it sent
+	// to before maxSentTo made it forget them, until a sweep: meanwhile it
+	// must not hold its map of up to 4096 destinations (about 400 KiB).
+	if probe.sentTo != nil || probe.lastDstEntry != nil {
+		t.Errorf("an ended session still holds %d destinations", len(probe.sentTo))
+	}
+	reachable := func() int {
+		runtime.GC()
+		k := 0
+		for _, w := range ended {
+			if w.Value() != nil {
+				k++
+			}
+		}
+		return k
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for k := reachable(); k > 0; k = reachable() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d ended sessions are still reachable", k, len(ended))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := s.stats.sessions.Load(); got != 3 {
+		t.Fatalf("%d sessions left, want 3: the test's clients were disconnected", got)
+	}
 }
