@@ -2453,14 +2453,19 @@ func (c *sconn) setHealth(msg string) {
 func (c *sconn) enqueuePeerGone(k PublicKey, r PeerGoneReason) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closed || len(c.peerGone) >= maxPendingControl {
+	if c.closed {
 		return
 	}
 	if r == PeerGoneDisconnected {
-		delete(c.sentFrom, k) // a later return of k must register again
+		// Even when the notice itself does not fit: a later return of k
+		// must register again.
+		delete(c.sentFrom, k)
 		if c.lastSrc == k {
 			c.lastSrc = PublicKey{}
 		}
+	}
+	if len(c.peerGone) >= maxPendingControl {
+		return
 	}
 	c.peerGone = append(c.peerGone, peerGoneItem{k, r})
 	c.kickLocked()

@@ -679,3 +679,96 @@ func TestEndedSessionsAreFreed(t *testing.T) {
 		t.Fatalf("%d sessions left, want 3: the test's clients were disconnected", got)
 	}
 }
+
+// A client whose queue of PeerGone notices is full misses the notices
+// beyond it, but must still forget the peers they were about: a peer left
+// in its set of senders is counted in SessionInfo.Senders for good, and
+// when it comes back and sends again it is not a new sender, so its next
+// departure is never announced.
+func TestPeerGoneQueueFullForgetsSenders(t *testing.T) {
+	s := newTestServer(t, WithKeepAlive(0), WithWriteTimeout(0))
+	r := pipeClient(t, s)
+	rk := r.PublicKey()
+	const n = maxPendingControl + 4
+	srcs := make([]*Client, n)
+	for i := range srcs {
+		srcs[i] = pipeClient(t, s)
+		if err := srcs[i].Send(rk, []byte{1}); err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := recvMsg[*ReceivedPacket](t, r); !ok {
+			t.Fatal("packet not relayed")
+		}
+	}
+	senders := func() int {
+		for si := range s.Sessions() {
+			if si.Key == rk {
+				return si.Senders
+			}
+		}
+		t.Fatal("receiver gone")
+		return 0
+	}
+	if got := senders(); got != n {
+		t.Fatalf("%d senders, want %d", got, n)
+	}
+	// r stops reading: its writer blocks on the pipe with one more packet,
+	// and every sender leaves meanwhile, more than its queue of notices
+	// holds.
+	var rc *sconn
+	for _, c := range s.snapshotConns() {
+		if c.key == rk {
+			rc = c
+		}
+	}
+	if err := srcs[0].Send(rk, []byte{1}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool {
+		rc.mu.Lock()
+		defer rc.mu.Unlock()
+		return rc.flushing && rc.other.n == 0
+	})
+	for _, c := range srcs {
+		c.Close()
+	}
+	waitFor(t, func() bool { return s.Stats().CurrentConnections == 1 })
+	announced := map[PublicKey]bool{}
+	r.opts.recvTimeout = 500 * time.Millisecond
+	for {
+		m, err := r.Recv()
+		if err != nil {
+			break // quiet: everything queued was read
+		}
+		if g, ok := m.(PeerGone); ok {
+			announced[g.Peer] = true
+		}
+	}
+	if len(announced) != maxPendingControl {
+		t.Fatalf("%d of %d departures announced, want the %d that fit", len(announced), n, maxPendingControl)
+	}
+	if got := senders(); got != 0 {
+		t.Errorf("%d senders left after all %d left (%d announced)", got, n, len(announced))
+	}
+	// A sender whose notice was lost comes back, sends, and leaves again:
+	// this time r must be told.
+	var back *Client
+	for _, c := range srcs {
+		if !announced[c.PublicKey()] {
+			cc, sc := net.Pipe()
+			go s.Accept(context.Background(), sc, nil, "127.0.0.1:1234")
+			back = loginClient(t, cc, c.priv)
+			break
+		}
+	}
+	if err := back.Send(rk, []byte{2}); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := recvMsg[*ReceivedPacket](t, r); !ok {
+		t.Fatal("packet not relayed")
+	}
+	back.Close()
+	if g, ok := recvMsg[PeerGone](t, r); !ok || g.Peer != back.PublicKey() {
+		t.Fatalf("after the returning sender left: %+v, want its PeerGone", g)
+	}
+}
