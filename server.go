@@ -4752,6 +4752,10 @@ func (cr *connReader) Read(p []byte) (int, error) {
 	if cr.w == cr.r {
 		cr.release()
 		if len(p) >= directReadSize || (cr.raw == nil && cr.buf == nil && len(p) >= len(cr.small)) {
+			// The buffer is empty and this read bypasses it: it must not
+			// be held while the read waits, for a client that stops
+			// inside a large payload.
+			cr.drop()
 			n, err := cr.read(p)
 			cr.hot = n == len(p)
 			return n, err

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"net"
@@ -770,5 +771,42 @@ func TestPeerGoneQueueFullForgetsSenders(t *testing.T) {
 	back.Close()
 	if g, ok := recvMsg[PeerGone](t, r); !ok || g.Peer != back.PublicKey() {
 		t.Fatalf("after the returning sender left: %+v, want its PeerGone", g)
+	}
+}
+
+// A client that stops inside a large packet's payload pins the packet's
+// buffer while the reader waits for the rest, but not a read buffer as
+// well: the reader reads the payload straight into the packet, and the
+// buffer, empty, goes back to the pool (and to the budget of big buffers,
+// which a few hundred such clients would otherwise hold for good).
+func TestStalledPayloadHoldsNoReadBuffer(t *testing.T) {
+	s := newTestServer(t)
+	addr := tcpServer(t, s)
+	dst := tcpClient(t, addr)
+	dk := dst.PublicKey()
+	before := bigReadBufs.Load()
+	const k = 10
+	for range k {
+		r := (&hostileEnv{addr: addr}).dialLogin(t, `{"version":2}`)
+		hdr := binary.BigEndian.AppendUint32([]byte{byte(FrameSendPacket)}, KeyLen+MaxPacketSize)
+		if err := r.send(hdr, dk[:], []byte("the first bytes of the payload")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The readers are inside the payloads once they have noted dst as a
+	// destination.
+	e, _ := s.lookupEntry(dk)
+	sh := s.shard(dk)
+	waitFor(t, func() bool {
+		sh.mu.RLock()
+		defer sh.mu.RUnlock()
+		return len(e.recipients.m) == k
+	})
+	deadline := time.Now().Add(5 * time.Second)
+	for bigReadBufs.Load() > before {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d big read buffers held by %d readers waiting inside payloads", bigReadBufs.Load()-before, k)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
