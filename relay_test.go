@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -1518,6 +1519,39 @@ func TestAdmissionServiceCache(t *testing.T) {
 		}
 	}
 	want(6)
+}
+
+// A flood of logins with new keys fills the cache of verdicts; it must not
+// keep every later verdict out of it (each login of a flapping client would
+// then ask the service again) while costing a walk over the whole cache per
+// login.
+func TestAdmissionServiceCacheFull(t *testing.T) {
+	var requests atomic.Int64
+	svc := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		requests.Add(1)
+		fmt.Fprint(w, `{"Allow":true}`)
+	}))
+	defer svc.Close()
+	as := &AdmissionService{URL: svc.URL, Client: svc.Client(), CacheFor: time.Hour}
+	as.mu.Lock()
+	for i := range maxAdmissionVerdicts {
+		var k PublicKey
+		binary.BigEndian.PutUint32(k[:], uint32(i))
+		as.rememberLocked(admissionKey{k, "192.0.2.1"}, false) // the flood's
+	}
+	as.mu.Unlock()
+	flapping := mustKey(t).Public()
+	for range 3 {
+		if err := as.Admit(context.Background(), Admission{Key: flapping, RemoteAddr: "192.0.2.7:1"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := requests.Load(); got != 1 {
+		t.Errorf("the service was asked %d times for one key, want 1", got)
+	}
+	if n := len(as.verdicts); n > maxAdmissionVerdicts {
+		t.Errorf("%d verdicts kept, want at most %d", n, maxAdmissionVerdicts)
+	}
 }
 
 // TestAdmissionURLBounded checks that each AdmissionURL hook has at most

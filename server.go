@@ -214,7 +214,8 @@ type AdmissionService struct {
 	// address while its request is in flight wait for that request. What
 	// the service did not decide (it was unreachable, answered an error
 	// status or garbage, or the login ran out of time) is not remembered.
-	// At most 65536 verdicts are kept. A key refused later
+	// At most 65536 verdicts are kept: when that many are current, a
+	// quarter of them make room for new ones. A key refused later
 	// is still admitted until its verdict expires: keep CacheFor short
 	// (a minute) where revocation must be quick.
 	CacheFor time.Duration
@@ -461,8 +462,11 @@ func (as *AdmissionService) init() {
 	})
 }
 
-// rememberLocked stores a verdict, making room by dropping expired ones; if
-// none has expired, the verdict is not stored.
+// rememberLocked stores a verdict. When the cache is full it makes room by
+// dropping the expired verdicts and, if that leaves it over three quarters
+// full, others too: a flood of logins with new keys then costs one walk
+// over the cache per quarter of it, not one per login, and does not keep
+// new verdicts (a flapping client's) out until the flood's expire.
 func (as *AdmissionService) rememberLocked(k admissionKey, allow bool) {
 	now := time.Now()
 	if as.verdicts == nil {
@@ -474,8 +478,11 @@ func (as *AdmissionService) rememberLocked(k admissionKey, allow bool) {
 				delete(as.verdicts, k)
 			}
 		}
-		if len(as.verdicts) >= maxAdmissionVerdicts {
-			return
+		for k := range as.verdicts { // in no particular order
+			if len(as.verdicts) <= maxAdmissionVerdicts*3/4 {
+				break
+			}
+			delete(as.verdicts, k)
 		}
 	}
 	as.verdicts[k] = admissionVerdict{allow, now.Add(as.CacheFor)}
