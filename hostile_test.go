@@ -201,9 +201,16 @@ func (r *rawConn) expectClosed(t *testing.T) {
 // expectAlive pings and waits for the matching Pong, skipping other frames.
 func (r *rawConn) expectAlive(t *testing.T) {
 	t.Helper()
+	r.expectAlivePrefix(t, nil)
+}
+
+// expectAlivePrefix is expectAlive with the bytes of next sent right after
+// the Ping, in the same write.
+func (r *rawConn) expectAlivePrefix(t *testing.T, next []byte) {
+	t.Helper()
 	var data [8]byte
 	rand.Read(data[:])
-	if err := r.send(mkFrame(FramePing, data[:])); err != nil {
+	if err := r.send(mkFrame(FramePing, data[:]), next); err != nil {
 		t.Fatalf("connection should have survived: %v", err)
 	}
 	for {

@@ -4472,6 +4472,10 @@ type connReader struct {
 	rawFn  func(fd uintptr) bool // rawRead, bound once
 	rawN   int
 	rawErr error
+	// stashed is how many unread bytes (the start of a frame, at most
+	// len(small)) a raw reader keeps in small instead of buf while it
+	// waits for the socket; only inside fillRaw.
+	stashed int
 }
 
 // arm sets the read deadline to now+d.
@@ -4517,7 +4521,7 @@ func (cr *connReader) stalled(err error, since time.Time) error {
 		return err
 	}
 	cr.stalls++
-	return cr.onStall(since, cr.boundary && cr.r == cr.w)
+	return cr.onStall(since, cr.boundary && cr.r == cr.w && cr.stashed == 0)
 }
 
 // Read buffers are big while few readers hold one, so that a busy session
@@ -4674,8 +4678,18 @@ func (cr *connReader) fillRaw() error {
 			return io.EOF
 		}
 		if err := cr.stalled(err, since); err != nil {
+			cr.unstash()
 			return err
 		}
+	}
+}
+
+// unstash moves the stashed bytes back into a buffer.
+func (cr *connReader) unstash() {
+	if cr.stashed > 0 {
+		cr.buf = getReadBuf()
+		cr.r, cr.w = 0, copy(cr.buf, cr.small[:cr.stashed])
+		cr.stashed = 0
 	}
 }
 
@@ -4687,7 +4701,8 @@ func (cr *connReader) rawRead(fd uintptr) bool {
 	switch {
 	case cr.buf == nil:
 		cr.buf = getReadBuf()
-		cr.r, cr.w = 0, 0
+		cr.r, cr.w = 0, copy(cr.buf, cr.small[:cr.stashed])
+		cr.stashed = 0
 	case cr.r == cr.w:
 		cr.r, cr.w = 0, 0
 	case cr.w == len(cr.buf):
@@ -4696,7 +4711,10 @@ func (cr *connReader) rawRead(fd uintptr) bool {
 	}
 	n, err := sysRead(fd, cr.buf[cr.w:])
 	if err == errWouldBlock {
-		if cr.r == cr.w {
+		if n := cr.w - cr.r; n <= len(cr.small) {
+			// Waiting with at most the start of a frame: a client that
+			// stops inside a frame header must not hold a buffer.
+			cr.stashed = copy(cr.small[:], cr.buf[cr.r:cr.w])
 			cr.drop()
 		}
 		return false

@@ -810,3 +810,43 @@ func TestStalledPayloadHoldsNoReadBuffer(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// Likewise for a client that stops inside a frame header (on a plain
+// socket): the few bytes it sent wait without a read buffer.
+func TestStalledHeaderHoldsNoReadBuffer(t *testing.T) {
+	s := newTestServer(t)
+	addr := tcpServer(t, s)
+	before := bigReadBufs.Load()
+	const k = 10
+	var conns []*rawConn
+	for range k {
+		r := (&hostileEnv{addr: addr}).dialLogin(t, `{"version":2}`)
+		// The Pong says the reader has read the Ping and the two bytes
+		// after it, which arrived with it.
+		r.expectAlivePrefix(t, []byte{byte(FramePing), 0})
+		conns = append(conns, r)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for bigReadBufs.Load() > before {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d big read buffers held by %d readers waiting inside frame headers", bigReadBufs.Load()-before, k)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// The headers' first bytes were kept: the frames complete.
+	for _, r := range conns {
+		data := []byte("12345678")
+		if err := r.send([]byte{0, 0, 8}, data); err != nil {
+			t.Fatal(err)
+		}
+		for {
+			ft, p, err := r.readFrame()
+			if err != nil {
+				t.Fatalf("waiting for the Pong of the completed Ping: %v", err)
+			}
+			if ft == FramePong && bytes.Equal(p, data) {
+				break
+			}
+		}
+	}
+}
