@@ -4695,8 +4695,8 @@ func (cr *connReader) unstash() {
 
 // rawRead is the raw reader's callback: it reads from fd into the buffer,
 // taking one from the pool if needed, and reports false (wait for the
-// socket) with the buffer given back if it was empty, when the socket has
-// nothing.
+// socket) when the socket has nothing, with the buffer given back if it held
+// no more than small does (stashed there meanwhile).
 func (cr *connReader) rawRead(fd uintptr) bool {
 	switch {
 	case cr.buf == nil:
@@ -4711,7 +4711,7 @@ func (cr *connReader) rawRead(fd uintptr) bool {
 	}
 	n, err := sysRead(fd, cr.buf[cr.w:])
 	if err == errWouldBlock {
-		if n := cr.w - cr.r; n <= len(cr.small) {
+		if cr.w-cr.r <= len(cr.small) {
 			// Waiting with at most the start of a frame: a client that
 			// stops inside a frame header must not hold a buffer.
 			cr.stashed = copy(cr.small[:], cr.buf[cr.r:cr.w])
