@@ -356,10 +356,21 @@ func (c *Client) WatchConnectionChanges() error { return c.writeFrame(FrameWatch
 func (c *Client) ClosePeer(key PublicKey) error { return c.writeFrame(FrameClosePeer, key[:]) }
 
 func (c *Client) writeFrame(t FrameType, payload []byte) error {
+	return c.writeFrameWithin(0, t, payload)
+}
+
+// writeFrameWithin is writeFrame under a write deadline d from now (none if
+// d is zero): as with forwardBatch, a server that stops reading then fails
+// the write, leaving the Client unusable, instead of holding it forever.
+func (c *Client) writeFrameWithin(d time.Duration, t FrameType, payload []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	if c.werr != nil {
 		return c.werr
+	}
+	if d > 0 {
+		c.setWriteDeadline(time.Now().Add(d))
+		defer c.setWriteDeadline(time.Time{})
 	}
 	if err := writeFrame(c.bw, t, payload); err != nil {
 		return c.writeFailed(err)

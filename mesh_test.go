@@ -1,13 +1,16 @@
 package relay
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -751,5 +754,125 @@ func TestMeshPeerGoneToSenders(t *testing.T) {
 	kc.Close()
 	if g, _ := recvMsg[PeerGone](t, c); g.Peer != k || g.Reason != PeerGoneDisconnected {
 		t.Fatalf("got %+v", g)
+	}
+}
+
+// stallingMeshPeer is a scripted mesh peer that a server's mesh link dials
+// over a net.Pipe (WithMeshDialer's DialContext), so that a peer that stops
+// reading stalls the link's writes at once. Each connection is logged in,
+// its frames are read on a goroutine of their own (on connection n, only
+// up to the WatchConns if stalls(n)), and it is told that the peer's client
+// k is present; then script runs, given a channel closed once the WatchConns
+// was read. Cleanup ends every connection.
+type stallingMeshPeer struct {
+	priv   PrivateKey
+	k      PublicKey
+	dials  atomic.Int32
+	stalls func(n int) bool
+	script func(n int, sc net.Conn, watching <-chan struct{})
+	closed chan struct{}
+	wg     sync.WaitGroup
+}
+
+func newStallingMeshPeer(t *testing.T, stalls func(n int) bool, script func(n int, sc net.Conn, watching <-chan struct{})) *stallingMeshPeer {
+	p := &stallingMeshPeer{priv: mustKey(t), k: mustKey(t).Public(), stalls: stalls, script: script, closed: make(chan struct{})}
+	t.Cleanup(func() { close(p.closed); p.wg.Wait() })
+	return p
+}
+
+func (p *stallingMeshPeer) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	cc, sc := net.Pipe()
+	n := int(p.dials.Add(1))
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		defer sc.Close()
+		go func() { <-p.closed; sc.Close() }()
+		br := bufio.NewReader(sc)
+		if _, err := http.ReadRequest(br); err != nil {
+			return
+		}
+		io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+		sc.Write(appendFrame(nil, FrameServerKey, appendServerKey(nil, p.priv.Public())))
+		_, ci, err := readRawFrame(br)
+		if err != nil || len(ci) < KeyLen {
+			return
+		}
+		watching := make(chan struct{})
+		go func() {
+			for {
+				ft, _, err := readRawFrame(br)
+				if err != nil {
+					return
+				}
+				if ft == FrameWatchConns {
+					close(watching)
+					if p.stalls(n) {
+						return // reads nothing more
+					}
+				}
+			}
+		}()
+		sc.Write(serverInfoFrame(p.priv, PublicKey(ci[:KeyLen]), []byte(`{"version":2}`)))
+		sc.Write(appendFrame(nil, FramePeerPresent, appendPeerPresent(nil, PeerPresent{Key: p.k})))
+		p.script(n, sc, watching)
+		<-p.closed
+	}()
+	return cc, nil
+}
+
+// TestMeshLinkPongToStalledPeer: a mesh peer that pings the link and then
+// stops reading (a wedged peer, or a path that blackholes one way) must not
+// wedge the link: the Pong's write is bounded like a forward's, the link is
+// declared dead, the keys learned from the peer are withdrawn (a local
+// client that received from one is told PeerGone), and the link reconnects.
+func TestMeshLinkPongToStalledPeer(t *testing.T) {
+	pingNow := make(chan struct{})
+	p := newStallingMeshPeer(t, func(n int) bool { return n == 1 }, func(n int, sc net.Conn, watching <-chan struct{}) {
+		if n == 1 {
+			<-watching
+			select {
+			case <-pingNow:
+			case <-time.After(10 * time.Second):
+			}
+			sc.Write(appendFrame(nil, FramePing, []byte("stalled!")))
+		}
+	})
+	s := newTestServer(t, WithMeshKey(testMeshKey), WithMeshPeers("http://peer.invalid/derp"),
+		WithMeshDialer(&FastStart{DialContext: p.dial}))
+	y := pipeClient(t, s)
+	waitFor(t, func() bool { _, ok := s.MeshPeerFor(p.k); return ok })
+	// y receives a packet from k (forwarded by the peer's own link, here
+	// a mesh client), so it is to be told when k leaves the region. No
+	// traffic goes through the stalled link: only the Pong.
+	fwd := pipeClient(t, s, MeshKey(testMeshKey))
+	if err := fwd.ForwardPacket(p.k, y.PublicKey(), []byte("from k")); err != nil {
+		t.Fatal(err)
+	}
+	if m, ok := recvMsg[*ReceivedPacket](t, y); !ok || m.Source != p.k {
+		t.Fatalf("got %+v", m)
+	}
+	close(pingNow)
+	waitForWithin(t, 30*time.Second, func() bool { return p.dials.Load() >= 2 })
+	if g, ok := recvMsg[PeerGone](t, y); !ok || g.Peer != p.k || g.Reason != PeerGoneDisconnected {
+		t.Fatalf("got %+v, want PeerGone(%s, Disconnected)", g, p.k.ShortString())
+	}
+	waitFor(t, func() bool { _, ok := s.MeshPeerFor(p.k); return ok }) // announced again
+}
+
+// TestMeshLinkWatchToStalledPeer: a mesh peer that takes the login and then
+// reads nothing more (its ServerInfo is never read either: the link is
+// writing its WatchConns) must not hold the link, nor Server.Close, forever:
+// the WatchConns write is bounded too, and the link dials again.
+func TestMeshLinkWatchToStalledPeer(t *testing.T) {
+	p := &scriptedServer{priv: mustKey(t)}
+	p.script = func(int, net.Conn, *bufio.Reader, PublicKey) { p.stall() }
+	s := NewServer(mustKey(t), WithMeshKey(testMeshKey), WithMeshPeers("http://peer.invalid/derp"),
+		WithMeshDialer(&FastStart{DialContext: p.dial}))
+	t.Cleanup(func() { s.Close() })
+	t.Cleanup(p.close) // first: unblocks what Close would wait for
+	waitForWithin(t, 30*time.Second, func() bool { return p.dials.Load() >= 2 })
+	if took, ok := callWithin(20*time.Second, func() { s.Close() }); !ok {
+		t.Fatalf("Server.Close still blocked after %v", took)
 	}
 }

@@ -541,10 +541,16 @@ func TestNotePreferred(t *testing.T) {
 
 func waitFor(t testing.TB, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	waitForWithin(t, 5*time.Second, cond)
+}
+
+// waitForWithin is waitFor with a hang guard of d.
+func waitForWithin(t testing.TB, d time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatal("condition not reached in 5s")
+			t.Fatalf("condition not reached in %v", d)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}

@@ -3713,8 +3713,12 @@ const (
 	// client's queue; when full, the oldest packet is dropped.
 	meshQueueDepth  = 256
 	meshDialTimeout = 10 * time.Second
-	meshMinBackoff  = 100 * time.Millisecond
-	meshMaxBackoff  = 5 * time.Second
+	// meshWriteTimeout bounds each of a link's own frames (WatchConns,
+	// Pongs) as ForwardPacket's bound does its forwards: a peer that stops
+	// reading ends the connection instead of wedging the link.
+	meshWriteTimeout = 5 * time.Second
+	meshMinBackoff   = 100 * time.Millisecond
+	meshMaxBackoff   = 5 * time.Second
 )
 
 // errMeshSelf ends a link whose URL reaches this very server.
@@ -3945,7 +3949,7 @@ func (l *meshLink) session(ctx context.Context) (watched bool, restartIn time.Du
 		c.Close()
 		return false, 0, errMeshSelf
 	}
-	if err := c.WatchConnectionChanges(); err != nil {
+	if err := c.writeFrameWithin(meshWriteTimeout, FrameWatchConns, nil); err != nil {
 		c.Close()
 		return false, 0, err
 	}
@@ -3999,7 +4003,12 @@ func (l *meshLink) watch(c *Client) (watched bool, restartIn time.Duration, err 
 			// on a stale route: either way the key is not there.
 			l.s.meshRemove(m.Peer, l, true)
 		case Ping:
-			c.SendPong(m)
+			// Bounded: a peer that pings and stops reading must not
+			// hold the watch (and, behind the Client's write lock,
+			// the forwards) forever. A failed write ends the link.
+			if err := c.writeFrameWithin(meshWriteTimeout, FramePong, m[:]); err != nil {
+				return watched, restartIn, err
+			}
 		case ServerRestarting:
 			restartIn = m.ReconnectIn
 			l.s.log.Info("relay: mesh peer restarting", "peer", l.url, "reconnectIn", m.ReconnectIn)
