@@ -626,11 +626,15 @@ type ReconnectingClient struct {
 	// Defaults: 100 ms and 5 s. Each wait is uniformly random in
 	// [d/2, d] for the current step d.
 	MinBackoff, MaxBackoff time.Duration
-	// DialTimeout bounds each connection attempt. Default 10 s.
+	// DialTimeout bounds each connection attempt, up to the frames a new
+	// connection starts with (NotePreferred, WatchConns). Default 10 s.
 	DialTimeout time.Duration
 
 	dialing chan struct{} // holds a token while a call dials: one at a time; made under mu
-	prefMu  sync.Mutex    // one NotePreferred at a time
+	// setupMu is held by NotePreferred and WatchConnectionChanges from
+	// their decision to their write, and by dial while it writes a new
+	// connection's first frames (taken before mu).
+	setupMu sync.Mutex
 
 	mu           sync.Mutex
 	c            *Client
@@ -856,22 +860,35 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 			rc.logf("relay: node unreachable", "url", t.url, "node", t.name(), "err", err)
 		}
 	}
+	if err == nil {
+		// The new connection's first frames. Under setupMu, so that a
+		// concurrent NotePreferred or WatchConnectionChanges either
+		// sees this connection or is seen here; but not under mu, nor
+		// beyond dctx (which Close cancels): a server that does not
+		// read them (over a transport with no buffer, such as a pipe)
+		// must not hold Close, Generation and the other calls.
+		rc.setupMu.Lock()
+		defer rc.setupMu.Unlock()
+		rc.mu.Lock()
+		pref, watch := rc.preferred, rc.watch
+		rc.mu.Unlock()
+		stop := context.AfterFunc(dctx, c.interrupt)
+		if pref {
+			err = c.NotePreferred(true)
+		}
+		if err == nil && watch {
+			err = c.WatchConnectionChanges()
+		}
+		if !stop() && err == nil {
+			err = dctx.Err() // interrupted: c is unusable
+		}
+		if err != nil {
+			c.Close()
+		}
+	}
 	rc.mu.Lock()
 	defer rc.mu.Unlock()
-	if err == nil && rc.preferred {
-		// Under rc.mu, so that a concurrent NotePreferred either sees
-		// this connection or is seen here.
-		if err = c.NotePreferred(true); err != nil {
-			c.Close()
-		}
-	}
 	rc.sentPref = rc.preferred // a new connection starts as "not home"
-	if err == nil && rc.watch {
-		// Likewise for WatchConnectionChanges.
-		if err = c.WatchConnectionChanges(); err != nil {
-			c.Close()
-		}
-	}
 	if rc.closed {
 		if err == nil {
 			c.Close()
@@ -1116,8 +1133,8 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 func (rc *ReconnectingClient) NotePreferred(preferred bool) error {
 	// One call at a time from the decision to the write, so that two
 	// calls cannot write in the opposite order of their decisions.
-	rc.prefMu.Lock()
-	defer rc.prefMu.Unlock()
+	rc.setupMu.Lock()
+	defer rc.setupMu.Unlock()
 	rc.mu.Lock()
 	if rc.closed {
 		rc.mu.Unlock()
@@ -1178,6 +1195,8 @@ func (rc *ReconnectingClient) ClosePeer(ctx context.Context, key PublicKey) erro
 // the whole list again. A watcher that reconnects should forget what it
 // learned from the old connection when RecvDetail's generation changes.
 func (rc *ReconnectingClient) WatchConnectionChanges() error {
+	rc.setupMu.Lock()
+	defer rc.setupMu.Unlock()
 	rc.mu.Lock()
 	if rc.closed {
 		rc.mu.Unlock()

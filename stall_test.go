@@ -12,6 +12,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -734,5 +735,75 @@ func TestReconnectingFailoverWhenLoginStalls(t *testing.T) {
 	}
 	if _, ok := m.(ServerInfo); !ok || good.dials.Load() != 1 {
 		t.Fatalf("got %T, %d dials of the good node, want its ServerInfo", m, good.dials.Load())
+	}
+}
+
+// TestReconnectingDialWriteToStalledServer: the frames a new connection
+// starts with (NotePreferred, WatchConns) are written before the dial
+// returns. Over a transport with no buffer (a net.Pipe here; a socket whose
+// buffer is full alike), a server that stops reading after the login (or,
+// as Tailscale's does, writes its ServerInfo before reading on, which the
+// client reads only later) holds that write. It must not hold the client's
+// lock, so that Generation and Close return, nor outlast DialTimeout.
+func TestReconnectingDialWriteToStalledServer(t *testing.T) {
+	for _, tt := range []struct {
+		name, write string
+		set         func(*ReconnectingClient) error
+	}{
+		{"NotePreferred", "relay.(*Client).NotePreferred(", func(rc *ReconnectingClient) error { return rc.NotePreferred(true) }},
+		{"WatchConns", "relay.(*Client).WatchConnectionChanges(", func(rc *ReconnectingClient) error { return rc.WatchConnectionChanges() }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			s := &scriptedServer{priv: mustKey(t)}
+			s.script = func(int, net.Conn, *bufio.Reader, PublicKey) { s.stall() }
+			rc := newScriptedRC(t, s)
+			t.Cleanup(func() { // first, should a write still hold rc's lock
+				s.mu.Lock()
+				for _, c := range s.conns {
+					c.Close()
+				}
+				s.mu.Unlock()
+			})
+			rc.DialTimeout = time.Second
+			if err := tt.set(rc); err != nil { // not connected: for the dial to send
+				t.Fatal(err)
+			}
+			stuck := func() bool { return strings.Contains(leakedGoroutines(), tt.write) }
+			connect := func() chan error {
+				ch := make(chan error, 1)
+				go func() { ch <- rc.Connect(context.Background()) }()
+				return ch
+			}
+			wantReturn := func(ch chan error, what string) error {
+				t.Helper()
+				select {
+				case err := <-ch:
+					return err
+				case <-time.After(10 * time.Second):
+					t.Fatalf("Connect still blocked 10 s after %s", what)
+					return nil
+				}
+			}
+
+			// DialTimeout bounds the write, and Generation does not wait.
+			ch := connect()
+			waitFor(t, stuck)
+			if took, ok := callWithin(3*time.Second, func() { rc.Generation() }); !ok {
+				t.Fatalf("Generation blocked for %v behind the dial's write", took)
+			}
+			if err := wantReturn(ch, "its 1 s DialTimeout"); err == nil {
+				t.Fatal("Connect succeeded without its first frame written")
+			}
+
+			// Close ends the write, and returns.
+			ch = connect()
+			waitFor(t, stuck)
+			if took, ok := callWithin(3*time.Second, func() { rc.Close() }); !ok {
+				t.Fatalf("Close blocked for %v behind the dial's write", took)
+			}
+			if err := wantReturn(ch, "Close"); !errors.Is(err, ErrClosed) {
+				t.Fatalf("Connect after Close: %v, want ErrClosed", err)
+			}
+		})
 	}
 }
