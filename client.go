@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -287,10 +288,11 @@ func (c *Client) Send(dst PublicKey, pkt []byte) error {
 }
 
 // ForwardPacket sends pkt to dst as if it came from src. Only mesh peers may
-// send it; the server disconnects anyone else. The write must finish within
-// 5 seconds or it fails, and every later write on the Client fails too
-// (Close it and connect again), so that one stuck mesh link cannot hold its
-// caller forever.
+// send it; the server disconnects anyone else. The write, with any wait for
+// another write on the Client to finish, must be done within 5 seconds or
+// it fails (and so does a write it waited for past that), and every later
+// write on the Client fails too (Close it and connect again), so that one
+// stuck mesh link cannot hold its caller forever.
 func (c *Client) ForwardPacket(src, dst PublicKey, pkt []byte) error {
 	if len(pkt) > MaxPacketSize {
 		return ErrPacketTooLarge
@@ -300,16 +302,32 @@ func (c *Client) ForwardPacket(src, dst PublicKey, pkt []byte) error {
 
 // forwardBatch writes n ForwardPacket frames, item(i) giving each one's
 // source, destination and packet, with one flush under one 5-second write
-// deadline (a mesh link forwards whole bursts this way). Packets larger than
+// deadline, which bounds the wait for the write lock too (a mesh link
+// forwards whole bursts this way). Packets larger than
 // MaxPacketSize are skipped. On error the connection is unusable and it is
 // unknown how many frames arrived.
 func (c *Client) forwardBatch(n int, item func(i int) (src, dst *PublicKey, pkt []byte)) error {
-	c.wmu.Lock()
+	deadline := time.Now().Add(5 * time.Second)
+	expired := false
+	if !c.wmu.TryLock() {
+		// Another write holds the Client, perhaps one with no bound of
+		// its own (a Pong to a server that stopped reading): the bound
+		// covers the wait for it too. Past it, that write fails, which
+		// makes the error sticky and frees the lock.
+		t := time.AfterFunc(time.Until(deadline), func() { c.setWriteDeadline(pastDeadline) })
+		c.wmu.Lock()
+		expired = !t.Stop()
+	}
 	defer c.wmu.Unlock()
 	if c.werr != nil {
 		return c.werr
 	}
-	c.setWriteDeadline(time.Now().Add(5 * time.Second))
+	if expired {
+		// The bound passed as the lock came free, and the timer may
+		// yet set its deadline: the stream is given up.
+		return c.writeFailed(os.ErrDeadlineExceeded)
+	}
+	c.setWriteDeadline(deadline)
 	defer c.setWriteDeadline(time.Time{})
 	for i := range n {
 		src, dst, pkt := item(i)

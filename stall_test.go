@@ -807,3 +807,33 @@ func TestReconnectingDialWriteToStalledServer(t *testing.T) {
 		})
 	}
 }
+
+// TestForwardPacketBoundedBehindStuckWrite: ForwardPacket's 5 s bound holds
+// when another write on the Client (a Pong, a WatchConns: one mesh client
+// that both watches a peer and is its PacketForwarder) is stuck on a server
+// that stopped reading: the forward does not wait for it past its bound but
+// fails, and the connection with it.
+func TestForwardPacketBoundedBehindStuckWrite(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(int, net.Conn, *bufio.Reader, PublicKey) { s.stall() }
+	t.Cleanup(s.close)
+	c, _ := dialFast(t, &FastStart{DialContext: s.dial}, "http://derp.invalid/derp")
+	pong := make(chan error, 1)
+	go func() { pong <- c.SendPong([8]byte{}) }()
+	waitFor(t, func() bool { return strings.Contains(leakedGoroutines(), "relay.(*Client).SendPong(") })
+	var err error
+	if took, ok := callWithin(20*time.Second, func() { err = c.ForwardPacket(PublicKey{1}, PublicKey{2}, []byte("x")) }); !ok {
+		t.Fatalf("ForwardPacket still blocked after %v behind a stuck Pong (its bound is 5 s)", took)
+	}
+	if err == nil {
+		t.Fatal("ForwardPacket succeeded while the server reads nothing")
+	}
+	select {
+	case err := <-pong:
+		if err == nil {
+			t.Fatal("the stuck Pong succeeded")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the stuck Pong still blocked after the forward gave up")
+	}
+}
