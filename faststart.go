@@ -872,18 +872,20 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 		rc.mu.Lock()
 		pref, watch := rc.preferred, rc.watch
 		rc.mu.Unlock()
-		stop := context.AfterFunc(dctx, c.interrupt)
-		if pref {
-			err = c.NotePreferred(true)
-		}
-		if err == nil && watch {
-			err = c.WatchConnectionChanges()
-		}
-		if !stop() && err == nil {
-			err = dctx.Err() // interrupted: c is unusable
-		}
-		if err != nil {
-			c.Close()
+		if pref || watch {
+			stop := context.AfterFunc(dctx, c.interrupt)
+			if pref {
+				err = c.NotePreferred(true)
+			}
+			if err == nil && watch {
+				err = c.WatchConnectionChanges()
+			}
+			if !stop() && err == nil {
+				err = dctx.Err() // interrupted: c is unusable
+			}
+			if err != nil {
+				c.Close()
+			}
 		}
 	}
 	rc.mu.Lock()
