@@ -123,6 +123,14 @@ func dialRaw(addr, transport string, serverPub relay.PublicKey) (*rawConn, error
 			return nil, err
 		}
 	}
+	if n := perfSockBuf(); n > 0 {
+		// Fixed buffers (no autotuning) on every client socket.
+		tc := c.(*net.TCPConn)
+		if err := errors.Join(tc.SetReadBuffer(n), tc.SetWriteBuffer(n)); err != nil {
+			c.Close()
+			return nil, err
+		}
+	}
 	var nc net.Conn = c
 	if transport == "https" {
 		tc := tls.Client(c, &tls.Config{InsecureSkipVerify: true, ServerName: "127.0.0.1"})
@@ -202,6 +210,15 @@ func rawLogin(nc net.Conn, priv relay.PrivateKey, request string, serverPub rela
 			buf = append(buf[:0], buf[i+4:]...)
 		}
 	}
+}
+
+// perfSockBuf is PERF_SOCKBUF: if set, the SO_RCVBUF and SO_SNDBUF of
+// every socket of a run, clients' and server's (the kernel doubles it, and
+// turns autotuning off), to see what the amount of data waiting on loopback
+// costs.
+func perfSockBuf() int {
+	n, _ := strconv.Atoi(os.Getenv("PERF_SOCKBUF"))
+	return n
 }
 
 // setCongestion sets c's TCP congestion control algorithm (TCP_CONGESTION).
@@ -830,12 +847,21 @@ func serveRelay(which, transport string) (*servedRelay, error) {
 		return nil, fmt.Errorf("transport %q: want http, https, websocket or tcp", transport)
 	}
 	var lc net.ListenConfig
-	if cc := os.Getenv("PERF_CC"); cc != "" {
-		// Accepted sockets inherit the listener's algorithm.
+	cc, sockBuf := os.Getenv("PERF_CC"), perfSockBuf()
+	if cc != "" || sockBuf > 0 {
+		// Accepted sockets inherit the listener's algorithm and buffer
+		// sizes (set before listen, so that the window scale fits).
 		lc.Control = func(_, _ string, raw syscall.RawConn) error {
 			var serr error
 			if err := raw.Control(func(fd uintptr) {
-				serr = unix.SetsockoptString(int(fd), unix.IPPROTO_TCP, unix.TCP_CONGESTION, cc)
+				if cc != "" {
+					serr = unix.SetsockoptString(int(fd), unix.IPPROTO_TCP, unix.TCP_CONGESTION, cc)
+				}
+				if sockBuf > 0 {
+					serr = errors.Join(serr,
+						unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, sockBuf),
+						unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUF, sockBuf))
+				}
 			}); err != nil {
 				return err
 			}
