@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -696,6 +697,18 @@ func TestKeepAlive(t *testing.T) {
 	a := pipeClient(t, s)
 	if _, ok := recvMsg[KeepAlive](t, a); !ok {
 		t.Fatal("no keepalive")
+	}
+}
+
+// TestKeepAliveHuge: a keepalive interval too long to ever matter
+// (math.MaxInt64, as a caller might pass for "never") must not overflow
+// with the jitter into a negative period, which fires the keepalive timer
+// at once and forever.
+func TestKeepAliveHuge(t *testing.T) {
+	s := newTestServer(t, WithKeepAlive(math.MaxInt64))
+	a := pipeClient(t, s, RecvTimeout(300*time.Millisecond))
+	if m, err := a.Recv(); err == nil {
+		t.Fatalf("got %T, want nothing before the receive timeout", m)
 	}
 }
 

@@ -50,6 +50,7 @@ import (
 	"io"
 	"iter"
 	"log/slog"
+	"math"
 	"math/bits"
 	"math/rand/v2"
 	"net"
@@ -1445,7 +1446,8 @@ func (c *sconn) startKeepAlive() {
 	if d <= 0 {
 		return
 	}
-	period := d + rand.N(min(5*time.Second, d/12)+1) // 60 s + [0, 5 s) by default
+	jitter := rand.N(min(5*time.Second, d/12) + 1) // 60 s + [0, 5 s] by default
+	period := d + min(jitter, math.MaxInt64-d)     // saturates: a huge d must not wrap negative
 	c.mu.Lock()
 	c.nextKeep = time.Now().Add(period)
 	c.keepTimer = time.AfterFunc(period, func() { c.keepAliveTick(period) })
