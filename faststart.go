@@ -1758,8 +1758,10 @@ func (n *Node) dial(ctx context.Context, dial func(ctx context.Context, network,
 }
 
 // verifyWith makes cfg check the server's certificate as n says: against
-// CertName, against a pinned hash, or not at all (InsecureForTests).
+// CertName, against a pinned hash, or not at all (InsecureForTests); at
+// the time cfg.Time gives, as crypto/tls would.
 func (n *Node) verifyWith(cfg *tls.Config) {
+	clock := cfg.Time
 	switch pin, pinned := strings.CutPrefix(n.CertName, "sha256-raw:"); {
 	case n.InsecureForTests:
 		cfg.InsecureSkipVerify = true
@@ -1787,7 +1789,7 @@ func (n *Node) verifyWith(cfg *tls.Config) {
 					return fmt.Errorf("relay: pinned certificate: %w", err)
 				}
 			}
-			if now := time.Now(); now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
+			if now := timeNow(clock); now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
 				return fmt.Errorf("relay: pinned certificate valid only from %v to %v", leaf.NotBefore, leaf.NotAfter)
 			}
 			return nil
@@ -1796,21 +1798,21 @@ func (n *Node) verifyWith(cfg *tls.Config) {
 		roots := cfg.RootCAs
 		cfg.InsecureSkipVerify = true
 		cfg.VerifyConnection = chainVerify(cfg.VerifyConnection, func(cs tls.ConnectionState) error {
-			return verifyChain(cs.PeerCertificates, n.CertName, roots)
+			return verifyChain(cs.PeerCertificates, n.CertName, roots, timeNow(clock))
 		})
 	}
 }
 
 // verifyChain checks chain (leaf first, then intermediates and perhaps a
-// meta cert) for name against roots. Nil roots means the system's, and if
-// they do not vouch for the chain (or the system has none), Let's
-// Encrypt's.
-func verifyChain(chain []*x509.Certificate, name string, roots *x509.CertPool) error {
+// meta cert) for name against roots at the time now. Nil roots means the
+// system's, and if they do not vouch for the chain (or the system has
+// none), Let's Encrypt's.
+func verifyChain(chain []*x509.Certificate, name string, roots *x509.CertPool, now time.Time) error {
 	leaf := leafCert(chain)
 	if leaf == nil {
 		return errors.New("relay: server sent no certificate")
 	}
-	opts := x509.VerifyOptions{DNSName: name, Roots: roots, Intermediates: x509.NewCertPool()}
+	opts := x509.VerifyOptions{DNSName: name, Roots: roots, Intermediates: x509.NewCertPool(), CurrentTime: now}
 	for _, c := range chain[1:] {
 		opts.Intermediates.AddCert(c)
 	}
@@ -1829,11 +1831,20 @@ func verifyChain(chain []*x509.Certificate, name string, roots *x509.CertPool) e
 // roots, fall back to Let's Encrypt's roots (see fallbackRoots) when the
 // system's do not vouch for the server.
 func verifyWithFallbackRoots(cfg *tls.Config) {
-	name := cfg.ServerName
+	name, clock := cfg.ServerName, cfg.Time
 	cfg.InsecureSkipVerify = true
 	cfg.VerifyConnection = chainVerify(cfg.VerifyConnection, func(cs tls.ConnectionState) error {
-		return verifyChain(cs.PeerCertificates, name, nil)
+		return verifyChain(cs.PeerCertificates, name, nil, timeNow(clock))
 	})
+}
+
+// timeNow returns the time a tls.Config whose Time field is clock checks
+// certificates at: clock's, or the machine's if it is nil.
+func timeNow(clock func() time.Time) time.Time {
+	if clock != nil {
+		return clock()
+	}
+	return time.Now()
 }
 
 // fallbackRoots returns the roots a client trusts when the system's roots

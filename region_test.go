@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -70,6 +71,55 @@ func (ns *nodeServer) lastSNI() string {
 		return ""
 	}
 	return ns.snis[len(ns.snis)-1]
+}
+
+// TestCertCheckUsesConfigTime: however a node's certificate is checked
+// (crypto/tls against RootCAs, or this package against the fallback roots,
+// CertName or a pin), it is checked at the time TLSConfig.Time gives, as
+// crypto/tls documents, not at the machine's clock.
+func TestCertCheckUsesConfigTime(t *testing.T) {
+	s := newTestServer(t)
+	ns := serveRegionNode(t, s, nil, "cert.test") // valid from an hour ago for a day
+	pool := ns.roots.RootCAs
+	sum := sha256.Sum256(ns.cert.Certificate[0])
+	pin := "sha256-raw:" + hex.EncodeToString(sum[:])
+	saved := fallbackRoots
+	t.Cleanup(func() { fallbackRoots = saved })
+	fallbackRoots = func() *x509.CertPool { return pool }
+
+	expired := func() time.Time { return time.Now().Add(48 * time.Hour) }
+	for _, tc := range []struct {
+		name     string
+		certName string
+		roots    *x509.CertPool
+	}{
+		{"roots", "", pool},
+		{"fallback roots", "", nil},
+		{"CertName", "cert.test", pool},
+		{"CertName, fallback roots", "cert.test", nil},
+		{"pin", pin, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dial := func(now func() time.Time) error {
+				f := FastStart{TLSConfig: &tls.Config{RootCAs: tc.roots, Time: now}}
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				c, _, err := f.DialRegionTLS(ctx, &Region{RegionID: 1, Nodes: []*Node{
+					{Name: "1a", HostName: "cert.test", IPv4: "127.0.0.1", IPv6: "none", DERPPort: ns.port, CertName: tc.certName},
+				}})
+				if err == nil {
+					c.Close()
+				}
+				return err
+			}
+			if err := dial(nil); err != nil {
+				t.Fatalf("at the machine's time: %v", err)
+			}
+			if err := dial(expired); err == nil {
+				t.Fatal("accepted a certificate that has expired at TLSConfig.Time")
+			}
+		})
+	}
 }
 
 func TestRegionJSON(t *testing.T) {
