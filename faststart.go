@@ -701,6 +701,10 @@ func backoffStep(lo, hi time.Duration, failures int, restarting bool) time.Durat
 	d := lo
 	if !restarting {
 		for i := 1; i < failures && d < hi; i++ {
+			if d > hi/2 { // doubling would pass hi, and a huge hi overflow
+				d = hi
+				break
+			}
 			d *= 2
 		}
 	}

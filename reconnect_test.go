@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"slices"
@@ -36,6 +37,23 @@ func TestBackoffBounds(t *testing.T) {
 		if d := backoffStep(lo, hi, 10, true); d > lo {
 			t.Fatalf("during a restart window backoff %v > %v", d, lo)
 		}
+	}
+}
+
+// TestBackoffHugeMax: with MaxBackoff too long to ever cap the doubling
+// (math.MaxInt64, "no cap"), many failures in a row (as a restart window
+// collects, retrying at MinBackoff for up to a minute) must neither
+// overflow into a negative step, which panics in rand.N, nor wait less
+// than the step before.
+func TestBackoffHugeMax(t *testing.T) {
+	lo, hi := 100*time.Millisecond, time.Duration(math.MaxInt64)
+	prev := time.Duration(0)
+	for failures := 1; failures <= 200; failures++ {
+		d := backoffStep(lo, hi, failures, false)
+		if d < lo/2 || d < prev/4 {
+			t.Fatalf("failures=%d: backoff %v after %v", failures, d, prev)
+		}
+		prev = d
 	}
 }
 
