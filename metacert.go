@@ -185,9 +185,10 @@ func parseMetaCertCandidate(cert *x509.Certificate) (pub PublicKey, version int,
 //
 // A meta cert that names a key (as every one from [MintMetaCert] does) is
 // renewed while cfg is in use: the first TLS 1.3 handshake after it has less
-// than a week of validity left mints a new one for the same key and version,
-// and later handshakes serve that (from a clone of cfg, if the meta cert was
-// in cfg's own certificates).
+// than a week of validity left (by the wall clock, time spent asleep
+// included), or at which it is not valid yet (the clock was set back), mints
+// a new one for the same key and version, and later handshakes serve that
+// (from a clone of cfg, if the meta cert was in cfg's own certificates).
 //
 // AppendMetaCert modifies cfg, so call it before cfg is used by any
 // listener, and set cfg.GetConfigForClient, if at all, before it; cfg must
@@ -272,9 +273,18 @@ type metaRenewer struct {
 // servedMeta is a meta cert being served, with the config that serves it
 // (nil: the config AppendMetaCert was given).
 type servedMeta struct {
-	der     []byte
-	cfg     *tls.Config
-	renewAt time.Time // zero: never (the DER names no key)
+	der       []byte
+	cfg       *tls.Config
+	validFrom time.Time // renewed before this too (the clock went back)
+	renewAt   time.Time // zero: never (the DER names no key)
+}
+
+// due reports whether m must be renewed at now: it is about to expire, or
+// not valid yet. The times are wall-clock readings, as the certificate's
+// are: a monotonic clock, which stops while the machine sleeps, would let
+// a server that sleeps a lot serve an expired cert.
+func (m *servedMeta) due(now time.Time) bool {
+	return !m.renewAt.IsZero() && (now.Before(m.validFrom) || !now.Before(m.renewAt))
 }
 
 func newMetaRenewer(der []byte, config func([]byte) *tls.Config) *metaRenewer {
@@ -283,7 +293,7 @@ func newMetaRenewer(der []byte, config func([]byte) *tls.Config) *metaRenewer {
 	if cert, err := x509.ParseCertificate(der); err == nil {
 		if pub, version, ok := parseMetaCertCandidate(cert); ok && version > 0 {
 			r.pub, r.version = pub, version
-			m.renewAt = cert.NotAfter.Add(-metaCertRenewBefore)
+			m.validFrom, m.renewAt = cert.NotBefore, cert.NotAfter.Add(-metaCertRenewBefore)
 		}
 	}
 	r.cur.Store(m)
@@ -295,13 +305,13 @@ func newMetaRenewer(der []byte, config func([]byte) *tls.Config) *metaRenewer {
 // the old one is served and minting is retried an hour later.
 func (r *metaRenewer) current() *servedMeta {
 	m := r.cur.Load()
-	now := metaCertNow()
-	if m.renewAt.IsZero() || now.Before(m.renewAt) {
+	now := metaCertNow().Round(0) // the wall clock only (see due)
+	if !m.due(now) {
 		return m
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if m = r.cur.Load(); now.Before(m.renewAt) {
+	if m = r.cur.Load(); !m.due(now) {
 		return m
 	}
 	der, err := mintMetaCertAt(r.pub, r.version, now)
@@ -309,7 +319,8 @@ func (r *metaRenewer) current() *servedMeta {
 		r.cur.Store(&servedMeta{der: m.der, cfg: m.cfg, renewAt: now.Add(time.Hour)})
 		return m
 	}
-	m = &servedMeta{der: der, cfg: r.config(der), renewAt: now.Add(metaCertValidity - metaCertRenewBefore)}
+	m = &servedMeta{der: der, cfg: r.config(der), validFrom: now.Add(-metaCertValidity),
+		renewAt: now.Add(metaCertValidity - metaCertRenewBefore)}
 	r.cur.Store(m)
 	return m
 }

@@ -939,3 +939,24 @@ func TestMetaCertRenewalNeedsKey(t *testing.T) {
 		t.Fatalf("served %+v", m)
 	}
 }
+
+// TestMetaCertRenewalClockBack: a served meta cert that is not yet valid at
+// the server's clock (stepped back by more than the 30 days of skew the
+// cert allows for) is replaced too, by one valid then, and only once.
+func TestMetaCertRenewalClockBack(t *testing.T) {
+	t.Cleanup(func() { metaCertNow = time.Now })
+	r := newMetaRenewer(metaCertTestMint(t, metaCertTestKey(t)), func([]byte) *tls.Config { return &tls.Config{} })
+	back := time.Now().Add(-40 * 24 * time.Hour)
+	metaCertNow = func() time.Time { return back }
+	m := r.current()
+	cert, err := x509.ParseCertificate(m.der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back.Before(cert.NotBefore) || back.After(cert.NotAfter) {
+		t.Fatalf("at %v serving a meta cert valid from %v to %v", back, cert.NotBefore, cert.NotAfter)
+	}
+	if again := r.current(); !bytes.Equal(again.der, m.der) {
+		t.Fatal("renewed again at the same time")
+	}
+}
