@@ -1123,7 +1123,7 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 	}
 	err := write()
 	if stop != nil {
-		stop()
+		rc.settle(c, !stop(), err)
 	}
 	if err != nil && !errors.Is(err, ErrPacketTooLarge) && !errors.Is(err, ErrRateLimited) {
 		rc.drop(c)
@@ -1132,6 +1132,16 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 		}
 	}
 	return err
+}
+
+// settle ends a call on c that an interrupt (ctx's, or a bound's) could
+// cut short: if the interrupt fired but the call succeeded anyway, ending
+// at that instant, c is dropped all the same, since an interrupt is for
+// good; what the call did stands, and the next call connects again.
+func (rc *ReconnectingClient) settle(c *Client, fired bool, err error) {
+	if fired && err == nil {
+		rc.drop(c)
+	}
 }
 
 // NotePreferred records whether this server is the client's home; the value
@@ -1271,10 +1281,14 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			// write ends the connection as a failed read does.
 			err = c.SendPong(p)
 		}
-		stop()
-		if login != nil && !login.Stop() && err != nil {
-			err = fmt.Errorf("relay: login not confirmed (no ServerInfo) within the server's share of DialTimeout: %w", err)
+		fired := !stop()
+		if login != nil && !login.Stop() {
+			fired = true
+			if err != nil {
+				err = fmt.Errorf("relay: login not confirmed (no ServerInfo) within the server's share of DialTimeout: %w", err)
+			}
 		}
+		rc.settle(c, fired, err)
 		if isPing && err == nil {
 			continue
 		}

@@ -837,3 +837,38 @@ func TestForwardPacketBoundedBehindStuckWrite(t *testing.T) {
 		t.Fatal("the stuck Pong still blocked after the forward gave up")
 	}
 }
+
+// A ctx that ends just as a write finishes leaves the connection
+// interrupted for good: the write stands, and the connection is dropped,
+// so that the next call connects again rather than failing.
+func TestReconnectingCtxEndingAsWriteFinishes(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(_ int, _ net.Conn, br *bufio.Reader, _ PublicKey) { io.Copy(io.Discard, br) }
+	rc := newScriptedRC(t, s)
+	if _, err := rc.Recv(context.Background()); err != nil { // ServerInfo
+		t.Fatal(err)
+	}
+	rc.mu.Lock()
+	c := rc.c
+	rc.mu.Unlock()
+	ctx, cancel := context.WithCancel(context.Background())
+	err := rc.writeUnder(ctx, c, func() error {
+		err := c.Send(PublicKey{1}, []byte("x"))
+		cancel() // ctx ends as the write returns
+		for !c.interrupted.Load() {
+			time.Sleep(time.Millisecond)
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatalf("the write itself: %v", err)
+	}
+	// The next connection's ServerInfo waits on the pipe for a reader.
+	go rc.Recv(context.Background())
+	if err := rc.Send(context.Background(), PublicKey{1}, []byte("y")); err != nil {
+		t.Fatalf("Send after a ctx ended at the end of the previous write: %v", err)
+	}
+	if n := s.dials.Load(); n != 2 {
+		t.Errorf("%d dials, want 2 (the interrupted connection replaced)", n)
+	}
+}
