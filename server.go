@@ -4484,8 +4484,8 @@ type connReader struct {
 	rawN   int
 	rawErr error
 	// stashed is how many unread bytes (the start of a frame, at most
-	// len(small)) a raw reader keeps in small instead of buf while it
-	// waits for the socket; only inside fillRaw.
+	// len(small)) a reader keeps in small instead of buf while it waits
+	// for the connection; only inside fill.
 	stashed int
 }
 
@@ -4631,7 +4631,12 @@ func (cr *connReader) drop() {
 	cr.hot = false
 }
 
-// fill reads at least one more byte.
+// fill reads at least one more byte. A read that waits a whole deadline
+// with no more than the start of a frame buffered gives the buffer back
+// and goes on waiting with those bytes in small: a client that stops inside
+// a frame header holds no buffer (raw readers do this as soon as the socket
+// is drained; here only a deadline says so, and waiting for it costs
+// nothing per read).
 func (cr *connReader) fill() error {
 	if cr.raw != nil {
 		return cr.fillRaw()
@@ -4639,35 +4644,46 @@ func (cr *connReader) fill() error {
 	if cr.buf == nil && cr.hot {
 		cr.buf = getReadBuf()
 	}
-	if cr.buf == nil {
-		n, err := cr.read(cr.small[:])
-		if n > 0 {
-			cr.hot = n == len(cr.small)
-			cr.buf = getReadBuf()
-			cr.r, cr.w = 0, copy(cr.buf, cr.small[:n])
-			return nil
-		}
-		if err == nil {
-			err = io.ErrNoProgress
-		}
-		return err
-	}
 	if cr.r == cr.w {
 		cr.r, cr.w = 0, 0
 	} else if cr.r > 0 && cr.w == len(cr.buf) {
 		cr.w = copy(cr.buf, cr.buf[cr.r:cr.w])
 		cr.r = 0
 	}
-	n, err := cr.read(cr.buf[cr.w:])
-	cr.hot = n == len(cr.buf)-cr.w
-	cr.w += n
-	if n > 0 {
-		return nil
+	since := cr.beginRead()
+	for {
+		var n int
+		var err error
+		if cr.buf == nil {
+			if n, err = cr.nc.Read(cr.small[cr.stashed:]); n > 0 {
+				cr.hot = n == len(cr.small)-cr.stashed
+				cr.buf = getReadBuf()
+				cr.r, cr.w = 0, copy(cr.buf, cr.small[:cr.stashed+n])
+				cr.stashed = 0
+			}
+		} else {
+			n, err = cr.nc.Read(cr.buf[cr.w:])
+			cr.hot = n == len(cr.buf)-cr.w
+			cr.w += n
+		}
+		if n > 0 {
+			cr.stalls = 0
+			return nil
+		}
+		if err == nil {
+			err = io.ErrNoProgress
+		} else {
+			err = cr.stalled(err, since)
+		}
+		if err != nil {
+			cr.unstash()
+			return err
+		}
+		if cr.buf != nil && cr.w-cr.r < len(cr.small) {
+			cr.stashed = copy(cr.small[:], cr.buf[cr.r:cr.w])
+			cr.drop()
+		}
 	}
-	if err == nil {
-		err = io.ErrNoProgress
-	}
-	return err
 }
 
 // fillRaw is fill for raw readers: one read of whatever the socket has, up

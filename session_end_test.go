@@ -850,3 +850,60 @@ func TestStalledHeaderHoldsNoReadBuffer(t *testing.T) {
 		}
 	}
 }
+
+// Likewise over TLS and WebSocket, where the reader reads through
+// crypto/tls or the WebSocket framing instead of the raw socket: a client
+// that stops inside a frame header holds no read buffer once the reader's
+// deadline (the park delay) has passed, and its frame still completes.
+func TestStalledHeaderHoldsNoReadBufferTLSWebSocket(t *testing.T) {
+	skipIfNoPark(t) // elsewhere such readers have no deadline
+	for _, tc := range []struct {
+		name string
+		o    derpServeOpts
+		ws   bool
+	}{
+		{"tls", derpServeOpts{}, false},
+		{"websocket", derpServeOpts{plain: true}, true},
+		{"websocket-tls", derpServeOpts{}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newTestServer(t, WithIdlePark(10*time.Millisecond))
+			srv := serveDERP(t, s, tc.o)
+			fs := &FastStart{TLSConfig: srv.ClientTLS, WebSocket: tc.ws}
+			before := bigReadBufs.Load()
+			write := func(c *Client, b ...[]byte) {
+				t.Helper()
+				c.wmu.Lock()
+				defer c.wmu.Unlock()
+				if _, err := c.nc.Write(frames(b...)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			const k = 10
+			var cs []*Client
+			for range k {
+				c, _ := dialFast(t, fs, srv.URL)
+				// The Pong says the reader has read the Ping and the
+				// two bytes after it, which arrived with it.
+				write(c, mkFrame(FramePing, []byte("stalled!")), []byte{byte(FramePing), 0})
+				if p, ok := recvMsg[Pong](t, c); !ok || string(p[:]) != "stalled!" {
+					t.Fatalf("pong %q", p)
+				}
+				cs = append(cs, c)
+			}
+			deadline := time.Now().Add(5 * time.Second)
+			for bigReadBufs.Load() > before {
+				if time.Now().After(deadline) {
+					t.Fatalf("%d big read buffers held by %d readers waiting inside frame headers", bigReadBufs.Load()-before, k)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			for _, c := range cs {
+				write(c, []byte{0, 0, 8}, []byte("complete"))
+				if p, ok := recvMsg[Pong](t, c); !ok || string(p[:]) != "complete" {
+					t.Fatalf("pong %q, want that of the completed Ping", p)
+				}
+			}
+		})
+	}
+}
