@@ -834,6 +834,11 @@ type peerGoneItem struct {
 // use them anyway.
 const maxPendingControl = 4096
 
+// maxKeptPeerGone bounds the queue of PeerGone notices a session keeps once
+// they are written (about 2 KiB): a burst of thousands must not stay with
+// the session for the rest of its life.
+const maxKeptPeerGone = 64
+
 // Accept runs one DERP session over nc, which the server now owns: it logs
 // the client in, relays its packets until the connection ends, ctx is done or
 // the server is closed, and closes nc. brw must buffer nc; bytes already
@@ -2714,7 +2719,11 @@ func (c *sconn) takeLocked(ws *writerState) bool {
 	for _, g := range c.peerGone {
 		ws.control = appendFrame(ws.control, FramePeerGone, appendPeerGone(nil, g.key, g.reason))
 	}
-	c.peerGone = c.peerGone[:0]
+	if cap(c.peerGone) > maxKeptPeerGone {
+		c.peerGone = nil // after a burst: the session may now idle for long
+	} else {
+		c.peerGone = c.peerGone[:0]
+	}
 	for _, u := range c.meshUpdates {
 		if u.Flags == 0 {
 			ws.control = appendFrame(ws.control, FramePeerGone, appendPeerGone(nil, u.Key, PeerGoneDisconnected))

@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 	"weak"
 )
 
@@ -681,17 +682,16 @@ func TestEndedSessionsAreFreed(t *testing.T) {
 	}
 }
 
-// A client whose queue of PeerGone notices is full misses the notices
-// beyond it, but must still forget the peers they were about: a peer left
-// in its set of senders is counted in SessionInfo.Senders for good, and
-// when it comes back and sends again it is not a new sender, so its next
-// departure is never announced.
-func TestPeerGoneQueueFullForgetsSenders(t *testing.T) {
-	s := newTestServer(t, WithKeepAlive(0), WithWriteTimeout(0))
-	r := pipeClient(t, s)
+// peerGoneBurst logs in a receiver r (its session rc) and n senders that
+// each send it a packet; then r stops reading, its writer blocks on the
+// pipe with one more packet, and every sender leaves meanwhile, so that
+// their PeerGone notices pile up in r's queue (up to maxPendingControl)
+// until r reads again. The server must have no write timeout.
+func peerGoneBurst(t *testing.T, s *Server, n int) (r *Client, rc *sconn, srcs []*Client) {
+	t.Helper()
+	r = pipeClient(t, s)
 	rk := r.PublicKey()
-	const n = maxPendingControl + 4
-	srcs := make([]*Client, n)
+	srcs = make([]*Client, n)
 	for i := range srcs {
 		srcs[i] = pipeClient(t, s)
 		if err := srcs[i].Send(rk, []byte{1}); err != nil {
@@ -701,22 +701,11 @@ func TestPeerGoneQueueFullForgetsSenders(t *testing.T) {
 			t.Fatal("packet not relayed")
 		}
 	}
-	senders := func() int {
-		for si := range s.Sessions() {
-			if si.Key == rk {
-				return si.Senders
-			}
+	for si := range s.Sessions() {
+		if si.Key == rk && si.Senders != n {
+			t.Fatalf("%d senders, want %d", si.Senders, n)
 		}
-		t.Fatal("receiver gone")
-		return 0
 	}
-	if got := senders(); got != n {
-		t.Fatalf("%d senders, want %d", got, n)
-	}
-	// r stops reading: its writer blocks on the pipe with one more packet,
-	// and every sender leaves meanwhile, more than its queue of notices
-	// holds.
-	var rc *sconn
 	for _, c := range s.snapshotConns() {
 		if c.key == rk {
 			rc = c
@@ -733,7 +722,36 @@ func TestPeerGoneQueueFullForgetsSenders(t *testing.T) {
 	for _, c := range srcs {
 		c.Close()
 	}
+	// Each departure is handled (r forgets the sender, queues the notice
+	// if it fits) after the session count drops: wait for all of them.
 	waitFor(t, func() bool { return s.Stats().CurrentConnections == 1 })
+	waitFor(t, func() bool {
+		rc.mu.Lock()
+		defer rc.mu.Unlock()
+		return len(rc.sentFrom) == 0
+	})
+	return r, rc, srcs
+}
+
+// A client whose queue of PeerGone notices is full misses the notices
+// beyond it, but must still forget the peers they were about: a peer left
+// in its set of senders is counted in SessionInfo.Senders for good, and
+// when it comes back and sends again it is not a new sender, so its next
+// departure is never announced.
+func TestPeerGoneQueueFullForgetsSenders(t *testing.T) {
+	s := newTestServer(t, WithKeepAlive(0), WithWriteTimeout(0))
+	const n = maxPendingControl + 4
+	r, _, srcs := peerGoneBurst(t, s, n)
+	rk := r.PublicKey()
+	senders := func() int {
+		for si := range s.Sessions() {
+			if si.Key == rk {
+				return si.Senders
+			}
+		}
+		t.Fatal("receiver gone")
+		return 0
+	}
 	announced := map[PublicKey]bool{}
 	r.opts.recvTimeout = 500 * time.Millisecond
 	for {
@@ -905,5 +923,39 @@ func TestStalledHeaderHoldsNoReadBufferTLSWebSocket(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// Once a burst of PeerGone notices has been written, the session does not
+// keep the queue that held them: an idle session would otherwise hold
+// about 150 KiB (4096 notices) for the rest of its life, fifty times what
+// it costs parked.
+func TestPeerGoneBurstReleasesQueue(t *testing.T) {
+	s := newTestServer(t, WithKeepAlive(0), WithWriteTimeout(0))
+	r, rc, _ := peerGoneBurst(t, s, maxPendingControl)
+	r.opts.recvTimeout = 500 * time.Millisecond
+	gone := 0
+	for {
+		m, err := r.Recv()
+		if err != nil {
+			break // quiet: everything queued was read
+		}
+		if _, ok := m.(PeerGone); ok {
+			gone++
+		}
+	}
+	if gone != maxPendingControl {
+		t.Fatalf("%d notices, want %d", gone, maxPendingControl)
+	}
+	waitFor(t, func() bool { // the writer is done
+		rc.mu.Lock()
+		defer rc.mu.Unlock()
+		return !rc.writing
+	})
+	rc.mu.Lock()
+	held := cap(rc.peerGone) * int(unsafe.Sizeof(peerGoneItem{}))
+	rc.mu.Unlock()
+	if held > 4<<10 {
+		t.Errorf("the idle session holds %d KiB of drained PeerGone queue", held>>10)
 	}
 }
