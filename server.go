@@ -2630,6 +2630,9 @@ func (c *sconn) writeLoop() {
 		if cap(ws.scratch) > maxPooledScratch {
 			ws.scratch = nil
 		}
+		if cap(ws.control) > maxPooledScratch {
+			ws.control = nil // a burst of notices, a mesh peer's flood
+		}
 		ws.pkts = ws.pkts[:0]
 		ws.newSrcs = ws.newSrcs[:0]
 		ws.fwdSrcs = ws.fwdSrcs[:0]
@@ -2923,7 +2926,8 @@ func (c *sconn) writeBuffered(ws *writerState, ctl, tail []byte) error {
 // batch of big packets costs one system call and no copy.
 const vecCopyMax = 512
 
-// maxPooledScratch bounds the scratch buffer a pooled writerState keeps.
+// maxPooledScratch bounds the scratch and control buffers a pooled
+// writerState keeps.
 const maxPooledScratch = 64 << 10
 
 // writeVec writes a batch with one writev (more only if the socket's buffer
