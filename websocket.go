@@ -141,6 +141,9 @@ type wsConn struct {
 	br        *bufio.Reader // reads of Conn; may hold bytes already; nil while released
 	pooledBuf bool          // br came from wsReadBufs
 	client    bool          // this side masks its frames and expects unmasked ones
+	// held is what br still held when it was released (the start of a
+	// frame); the next br reads it before Conn.
+	held []byte
 
 	// Read state, owned by the reader.
 	remain  uint64 // payload bytes left in the current data frame
@@ -180,12 +183,23 @@ func newWSConn(nc net.Conn, br *bufio.Reader, client bool) *wsConn {
 // connections, which give theirs back (releaseReadBuffer).
 var wsReadBufs = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 4096) }}
 
-// releaseReadBuffer drops the read buffer if it holds nothing, so that an
-// idle connection holds none; the next Read takes one from the pool. Only
-// the reader may call it, between reads.
+// releaseReadBuffer drops the read buffer, so that an idle connection holds
+// none; the next Read takes one from the pool. The bytes it still holds (at
+// most an incomplete frame header, or control frame, which the read that
+// timed out was waiting to complete) are kept in held meanwhile. Only the
+// reader may call it, between reads.
 func (c *wsConn) releaseReadBuffer() {
-	if c.br == nil || c.br.Buffered() != 0 {
+	if c.br == nil {
 		return
+	}
+	if n := c.br.Buffered(); n > 0 {
+		if n > wsMaxHeader+wsMaxControl {
+			return // not waiting for a frame to complete: keep the buffer
+		}
+		b, _ := c.br.Peek(n)
+		// held is empty unless br never read from Conn, and then it
+		// comes after br's bytes.
+		c.held = append(append(make([]byte, 0, n+len(c.held)), b...), c.held...)
 	}
 	if c.pooledBuf {
 		c.br.Reset(nil)
@@ -194,10 +208,29 @@ func (c *wsConn) releaseReadBuffer() {
 	c.br, c.pooledBuf = nil, false
 }
 
+// wsHeldReader reads c.held, then c.Conn: what a read buffer taken while
+// held has bytes reads from.
+type wsHeldReader struct{ c *wsConn }
+
+func (r wsHeldReader) Read(p []byte) (int, error) {
+	if len(r.c.held) == 0 {
+		return r.c.Conn.Read(p)
+	}
+	n := copy(p, r.c.held)
+	if r.c.held = r.c.held[n:]; len(r.c.held) == 0 {
+		r.c.held = nil
+	}
+	return n, nil
+}
+
 func (c *wsConn) Read(p []byte) (int, error) {
 	if c.br == nil {
 		c.br = wsReadBufs.Get().(*bufio.Reader)
-		c.br.Reset(c.Conn)
+		if c.held != nil {
+			c.br.Reset(wsHeldReader{c})
+		} else {
+			c.br.Reset(c.Conn)
+		}
 		c.pooledBuf = true
 	}
 	for c.remain == 0 {

@@ -590,3 +590,50 @@ func TestWebSocketPongAfterIdleTLS(t *testing.T) {
 	time.Sleep(100 * time.Millisecond) // the pong is written
 	relayBothWays(t, a, b)
 }
+
+// A WebSocket session parked while the start of the next WebSocket frame
+// header waits (the client sent a message and the first byte of the next
+// frame) holds no read buffer: those bytes wait in the connection, and the
+// frame completes when the rest arrives.
+func TestWebSocketParkedInsideFrameHeaderHoldsNoBuffer(t *testing.T) {
+	if !parkSupported {
+		t.Skip("sessions park only on Linux")
+	}
+	s := newTestServer(t, WithIdlePark(10*time.Millisecond))
+	srv := serveDERP(t, s, derpServeOpts{plain: true})
+	c, _ := dialFast(t, &FastStart{WebSocket: true}, srv.URL)
+	var sc *sconn
+	for _, x := range s.snapshotConns() {
+		sc = x
+	}
+	ping := func(data string, next []byte) {
+		t.Helper()
+		c.wmu.Lock()
+		_, err := c.nc.(*wsConn).Conn.Write(append(wsFrame(0x82, mkFrame(FramePing, []byte(data)), false), next...))
+		c.wmu.Unlock()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p, ok := recvMsg[Pong](t, c); !ok || string(p[:]) != data {
+			t.Fatalf("pong %q, want %q", p, data)
+		}
+	}
+	second := wsFrame(0x82, mkFrame(FramePing, []byte("complete")), false)
+	ping("1st byte", second[:1])
+	waitFor(t, func() bool { return s.Stats().CurrentParked == 1 })
+	sc.mu.Lock() // the reader parked under it
+	held := sc.br.nc.(*wsConn).br != nil
+	sc.mu.Unlock()
+	if held {
+		t.Error("a parked WebSocket session holds a read buffer")
+	}
+	c.wmu.Lock()
+	_, err := c.nc.(*wsConn).Conn.Write(second[1:])
+	c.wmu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p, ok := recvMsg[Pong](t, c); !ok || string(p[:]) != "complete" {
+		t.Fatalf("pong %q, want that of the completed frame", p)
+	}
+}
