@@ -3231,10 +3231,12 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		ServeNoContent(w, r)
 		return
 	}
-	up := strings.ToLower(r.Header.Get("Upgrade"))
-	if up != "derp" && up != "websocket" {
+	up := r.Header.Get("Upgrade")
+	if !strings.EqualFold(up, "derp") && !strings.EqualFold(up, "websocket") {
 		if up != "" {
-			s.log.Info("relay: unexpected Upgrade header", "upgrade", up, "remote", r.RemoteAddr)
+			// The client's own string, up to net/http's 1 MiB of
+			// headers: its start is enough to tell what it is.
+			s.log.Info("relay: unexpected Upgrade header", "upgrade", clip(up, maxLoggedHeader), "remote", r.RemoteAddr)
 		}
 		s.stats.countRejected("no_upgrade")
 		http.Error(w, "DERP requires connection upgrade", http.StatusUpgradeRequired)
@@ -3270,6 +3272,17 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ao := acceptOpts{notIdeal: r.Header.Get(IdealNodeHeader) != "", fastStart: fastStart, detached: true}
 	remote := r.RemoteAddr
 	go s.accept(ctx, nc, brw, remote, ao)
+}
+
+// maxLoggedHeader bounds the bytes of a client's header value in a log line.
+const maxLoggedHeader = 64
+
+// clip returns s cut to at most n bytes, marked with "…" if cut.
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return strings.ToValidUTF8(s[:n], "") + "…"
 }
 
 // hijack takes the connection from net/http, or answers 503 (the server is
