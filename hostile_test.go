@@ -267,6 +267,8 @@ func counter(st Stats, name string) int64 {
 		return st.UpgradeLogins
 	case "Accepts":
 		return st.Accepts
+	case "TotalDupLogins":
+		return st.TotalDupLogins
 	}
 	panic("unknown counter " + name)
 }

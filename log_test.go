@@ -4,11 +4,14 @@ package relay
 // log at the default level (Info and above).
 
 import (
+	"context"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 )
 
 // infoRecords returns h's records at Info and above.
@@ -47,5 +50,89 @@ func TestUnexpectedUpgradeLogBounded(t *testing.T) {
 	})
 	if size > 512 {
 		t.Errorf("%q: a line of %d bytes for one request", recs[0].Message, size)
+	}
+}
+
+// Each kind of connection that anyone can open at will, failing or
+// misbehaving, must not make the server log a line at Info each: a flood
+// of them would flood the log. The counters carry the totals; the log
+// gets at most 20 lines at once and 10 a second after that.
+func TestAttackerCannotFloodLog(t *testing.T) {
+	const n = 200
+	// accept runs a session over a pipe from remote; the returned
+	// channel is closed when Accept returns.
+	accept := func(s *Server, remote string) (net.Conn, chan struct{}) {
+		cc, sc := net.Pipe()
+		done := make(chan struct{})
+		go func() { s.Accept(context.Background(), sc, nil, remote); close(done) }()
+		t.Cleanup(func() { cc.Close(); <-done })
+		return cc, done
+	}
+	cases := []struct {
+		name    string
+		opts    []ServerOption
+		setup   func(t *testing.T, s *Server) func() // returns one attack
+		counter string
+	}{
+		{"failed login", nil, func(t *testing.T, s *Server) func() {
+			return func() {
+				cc, done := accept(s, "192.0.2.1:1")
+				cc.Close()
+				<-done
+			}
+		}, "err:login:io_error"},
+		{"too many connections from one IP", []ServerOption{WithMaxConnections(0, 1)}, func(t *testing.T, s *Server) func() {
+			accept(s, "192.0.2.1:1") // holds the IP's one slot, logging in
+			waitForT(t, "slot taken", func() bool { return s.stats.sessions.Load() == 1 })
+			return func() {
+				_, done := accept(s, "192.0.2.1:2")
+				<-done
+			}
+		}, "rej:too_many_connections"},
+		{"unexpected Upgrade", nil, func(t *testing.T, s *Server) func() {
+			return func() {
+				r := httptest.NewRequest("GET", "/derp", nil)
+				r.Header.Set("Upgrade", "h2c")
+				s.ServeHTTP(httptest.NewRecorder(), r)
+			}
+		}, "rej:no_upgrade"},
+		{"protocol error after login", nil, func(t *testing.T, s *Server) func() {
+			return func() {
+				cc, done := accept(s, "192.0.2.1:1")
+				loginClient(t, cc, mustKey(t))
+				cc.Write(mkFrame(FrameSendPacket, make([]byte, 5)))
+				<-done
+			}
+		}, "err:session:short_send_packet"},
+		{"duplicate key", nil, func(t *testing.T, s *Server) func() {
+			priv := mustKey(t)
+			cc, _ := accept(s, "192.0.2.1:1")
+			loginClient(t, cc, priv)
+			return func() {
+				cc, done := accept(s, "192.0.2.1:2")
+				loginClient(t, cc, priv).Close()
+				<-done
+			}
+		}, "TotalDupLogins"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			h := &recHandler{}
+			s := newTestServer(t, append(tc.opts, WithLogger(slog.New(h)))...)
+			attack := tc.setup(t, s)
+			before := len(h.infoRecords())
+			start := time.Now()
+			for range n {
+				attack()
+			}
+			elapsed := time.Since(start)
+			lines := len(h.infoRecords()) - before
+			if got := counter(s.Stats(), tc.counter); got < n {
+				t.Errorf("%s = %d after %d attacks", tc.counter, got, n)
+			}
+			if limit := 21 + int(10*elapsed.Seconds()); lines > limit {
+				t.Errorf("%d attacks in %v logged %d lines at Info or above, want at most %d", n, elapsed.Round(time.Millisecond), lines, limit)
+			}
+		})
 	}
 }

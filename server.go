@@ -91,6 +91,7 @@ type Server struct {
 	stats  serverCounters
 	rate   atomic.Pointer[rateLimit] // nil: no limit
 	debug  debugLog                  // SetDebugKeys
+	peer   logLimit                  // logPeer
 	mesh   meshState
 	park   parker // idle sessions without a reader goroutine
 }
@@ -147,7 +148,10 @@ type Admission struct {
 }
 
 // WithLogger sets the server's logger. The default discards everything.
-// The server never logs packet contents or private keys.
+// The server never logs packet contents or private keys. Lines that
+// clients can cause at will (failed logins, refused connections, sessions
+// ended by an error) are logged at Info at most 10 a second after a burst
+// of 20, and at Debug beyond that; Stats counts them all.
 func WithLogger(l *slog.Logger) ServerOption {
 	return func(c *serverConfig) { c.logger = l }
 }
@@ -947,7 +951,7 @@ func (s *Server) startSession(ctx context.Context, nc net.Conn, brw *bufio.ReadW
 			s.log.Debug("relay: refusing connection", "remote", remoteAddr, "err", err)
 		} else {
 			s.stats.countRejected("too_many_connections")
-			s.log.Info("relay: refusing connection", "remote", remoteAddr, "err", err)
+			s.logPeer("relay: refusing connection", "remote", remoteAddr, "err", err)
 		}
 		nc.Close()
 		return nil
@@ -1000,7 +1004,7 @@ func (s *Server) startSession(ctx context.Context, nc net.Conn, brw *bufio.ReadW
 		s.log.Debug("relay: login cut short", "remote", remoteAddr, "err", err)
 	default:
 		s.stats.countLoginError(err)
-		s.log.Info("relay: login failed", "remote", remoteAddr, "err", err)
+		s.logPeer("relay: login failed", "remote", remoteAddr, "err", err)
 	}
 	if err != nil || !s.register(c) {
 		nc.Close()
@@ -1035,7 +1039,7 @@ func (c *sconn) serve() {
 	c.release()
 	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) && !quiet {
 		s.stats.countSessionError(err)
-		s.log.Info("relay: session ended", "remote", c.remote, "key", c.key.ShortString(), "err", err)
+		s.logPeer("relay: session ended", "remote", c.remote, "key", c.key.ShortString(), "err", err)
 	}
 	if c.done != nil {
 		close(c.done)
@@ -1276,7 +1280,7 @@ func (s *Server) register(c *sconn) bool {
 		for _, d := range dups {
 			d.setHealth(msg)
 		}
-		s.log.Info("relay: duplicate key", "key", c.key.ShortString(), "conns", len(dups))
+		s.logPeer("relay: duplicate key", "key", c.key.ShortString(), "conns", len(dups))
 	}
 	if s.debug.has(c.key) {
 		s.log.Info("relay: debug key: connected", "key", c.key.ShortString(), "remote", c.remote, "conn", c.connNum,
@@ -2994,7 +2998,7 @@ func (c *sconn) closeWrite() {
 func (c *sconn) writeFailed(err error) {
 	if ne, ok := err.(net.Error); ok && ne.Timeout() {
 		c.s.stats.writeTimeouts.Add(1)
-		c.s.log.Info("relay: write timeout, dropping client", "remote", c.remote, "key", c.key.ShortString())
+		c.s.logPeer("relay: write timeout, dropping client", "remote", c.remote, "key", c.key.ShortString())
 	}
 	// The socket itself: tls.Conn.Close would first try a close_notify,
 	// under a deadline of its own of 5 s, into the socket that just failed.
@@ -3236,7 +3240,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if up != "" {
 			// The client's own string, up to net/http's 1 MiB of
 			// headers: its start is enough to tell what it is.
-			s.log.Info("relay: unexpected Upgrade header", "upgrade", clip(up, maxLoggedHeader), "remote", r.RemoteAddr)
+			s.logPeer("relay: unexpected Upgrade header", "upgrade", clip(up, maxLoggedHeader), "remote", r.RemoteAddr)
 		}
 		s.stats.countRejected("no_upgrade")
 		http.Error(w, "DERP requires connection upgrade", http.StatusUpgradeRequired)
@@ -4883,6 +4887,50 @@ func (s *Server) SetDebugKeys(keys ...PublicKey) {
 	}
 	s.debug.keys.Store(&m)
 }
+
+// logPeer logs at Info a line that a client, or anyone who can connect,
+// can cause at will: a failed login, a refused connection, a session
+// ended by an error. At most peerLogBurst such lines go out at once and
+// peerLogRate a second after that, so that a flood of bad connections
+// cannot flood the log; those over the limit go to Debug, and the next
+// line let through at Info counts them ("suppressed"). Stats counts every
+// one.
+func (s *Server) logPeer(msg string, args ...any) {
+	now := time.Now()
+	l := &s.peer
+	l.mu.Lock()
+	if l.bucket.rate == 0 {
+		l.bucket = tokenBucket{rate: peerLogRate, burst: peerLogBurst, tokens: peerLogBurst, last: now}
+	}
+	ok := l.bucket.allow(1, now)
+	n := l.suppressed
+	if ok {
+		l.suppressed = 0
+	} else {
+		l.suppressed++
+	}
+	l.mu.Unlock()
+	if !ok {
+		s.log.Debug(msg, args...)
+		return
+	}
+	if n > 0 {
+		args = append(args, "suppressed", n)
+	}
+	s.log.Info(msg, args...)
+}
+
+// logLimit is logPeer's rate limit.
+type logLimit struct {
+	mu         sync.Mutex
+	bucket     tokenBucket
+	suppressed int
+}
+
+const (
+	peerLogRate  = 10 // lines a second
+	peerLogBurst = 20
+)
 
 // debugLog is the rate-limited log of SetDebugKeys.
 type debugLog struct {
