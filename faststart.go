@@ -620,7 +620,9 @@ type ReconnectingClient struct {
 	// made (fast path or not, and why), before the call that dialled goes
 	// on, with no lock held: it may call the client's methods.
 	OnConnect func(Handshake)
-	// Logger receives one line per connection and failure; nil is quiet.
+	// Logger receives one line per connection and failure (a failed dial
+	// of several nodes: one line naming each node's error, and one at
+	// Debug per node); nil is quiet.
 	Logger *slog.Logger
 	// MinBackoff and MaxBackoff bound the wait between failed dials.
 	// Defaults: 100 ms and 5 s. Each wait is uniformly random in
@@ -823,6 +825,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 	var won dialTarget
 	wonIdx := 0
 	var loginWait time.Duration
+	var nodeErrs []error // of each node tried, when there are several
 	for k := range targets {
 		i := (first + k) % len(targets)
 		t := targets[i]
@@ -857,12 +860,25 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 			rc.mu.Unlock()
 			rc.logf("relay: fast start failed with a known key; not using it again for this server", "url", t.url, "node", t.name(), "err", err)
 		}
+		if err != nil && len(targets) > 1 {
+			// One line per failed dial, not per node: the failure's
+			// line names every node's error.
+			nodeErrs = append(nodeErrs, fmt.Errorf("%s: %w", t.name(), err))
+			if rc.Logger != nil {
+				rc.Logger.Debug("relay: node unreachable", "url", t.url, "node", t.name(), "err", err)
+			}
+		}
 		if err == nil || dctx.Err() != nil {
 			break
 		}
-		if len(targets) > 1 {
-			rc.logf("relay: node unreachable", "url", t.url, "node", t.name(), "err", err)
+	}
+	logErr := err // what the failure's line says
+	if err != nil && len(nodeErrs) > 1 {
+		args := make([]any, len(nodeErrs))
+		for i, e := range nodeErrs {
+			args[i] = e
 		}
+		logErr = fmt.Errorf(strings.TrimSuffix(strings.Repeat("%w; ", len(args)), "; "), args...)
 	}
 	if err == nil {
 		// The new connection's first frames. Under setupMu, so that a
@@ -904,7 +920,10 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 	if err != nil {
 		rc.failures++
 		rc.nextDial = time.Now().Add(rc.backoff(rc.failures, time.Now()))
-		rc.logf("relay: connect failed", "url", rc.URL, "region", rc.regionID(), "failures", rc.failures, "err", err)
+		if logErr == nil {
+			logErr = err // the new connection's first frames failed
+		}
+		rc.logf("relay: connect failed", "url", rc.URL, "region", rc.regionID(), "failures", rc.failures, "err", logErr)
 		return nil, 0, Handshake{}, err
 	}
 	rc.c = c

@@ -136,3 +136,51 @@ func TestAttackerCannotFloodLog(t *testing.T) {
 		})
 	}
 }
+
+// ReconnectingClient.Logger gets one line per failure: a client whose
+// servers all refuse every dial must not log a line per server tried on
+// each attempt, forever.
+func TestReconnectingClientLogsOneLinePerFailedDial(t *testing.T) {
+	var urls []string
+	for range 3 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		urls = append(urls, "http://"+ln.Addr().String()+"/derp")
+		ln.Close() // connection refused from now on
+	}
+	h := &recHandler{}
+	rc := &ReconnectingClient{URL: urls[0], Fallbacks: urls[1:], PrivateKey: mustKey(t),
+		Logger: slog.New(h), MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond}
+	defer rc.Close()
+	const attempts = 5
+	for range attempts {
+		if err := rc.Connect(context.Background()); err == nil {
+			t.Fatal("connected to a closed port")
+		}
+	}
+	recs := h.infoRecords()
+	if len(recs) != attempts {
+		var msgs []string
+		for _, r := range recs {
+			msgs = append(msgs, r.Message)
+		}
+		t.Fatalf("%d failed dials of 3 servers each logged %d lines at Info: %q", attempts, len(recs), msgs)
+	}
+	// The line names every server's failure.
+	for _, r := range recs {
+		var err string
+		r.Attrs(func(a slog.Attr) bool {
+			if a.Key == "err" {
+				err = a.Value.String()
+			}
+			return true
+		})
+		for _, u := range urls {
+			if !strings.Contains(err, strings.TrimSuffix(strings.TrimPrefix(u, "http://"), "/derp")) {
+				t.Errorf("%q: err %q does not name %s", r.Message, err, u)
+			}
+		}
+	}
+}
