@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -182,5 +183,52 @@ func TestReconnectingClientLogsOneLinePerFailedDial(t *testing.T) {
 				t.Errorf("%q: err %q does not name %s", r.Message, err, u)
 			}
 		}
+	}
+}
+
+// A mesh peer that takes the link's watch and then drops it, again and
+// again (crash-looping, or overloaded), must not be redialled every 100 ms
+// for ever, each time with a "mesh link up" and a "mesh link down" line:
+// a link that went down soon after it came up backs off as a failed dial
+// does.
+func TestMeshLinkFlapBacksOff(t *testing.T) {
+	var lns []net.Listener
+	var urls []string
+	for range 2 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		lns = append(lns, ln)
+		urls = append(urls, "http://"+ln.Addr().String()+"/derp")
+	}
+	h := &recHandler{}
+	b := serveNode(t, lns[1], urls[1], WithMeshKey(testMeshKey))
+	a := serveNode(t, lns[0], urls[0], WithMeshKey(testMeshKey), WithMeshPeers(urls[1]), WithLogger(slog.New(h)))
+	y := dialNode(t, b, mustKey(t))
+	const flaps = 5
+	for range flaps {
+		waitRoute(t, a.s, y.PublicKey(), b) // a's link watches b
+		b.s.ClosePeer(a.s.pub)
+		waitNoRoute(t, a.s, y.PublicKey())
+	}
+	var retries []time.Duration
+	waitForT(t, "mesh link down lines", func() bool {
+		retries = retries[:0]
+		for _, r := range h.infoRecords() {
+			if r.Message != "relay: mesh link down" {
+				continue
+			}
+			r.Attrs(func(at slog.Attr) bool {
+				if at.Key == "retryIn" {
+					retries = append(retries, at.Value.Duration())
+				}
+				return true
+			})
+		}
+		return len(retries) >= flaps
+	})
+	if longest := slices.Max(retries); longest < 4*meshMinBackoff {
+		t.Errorf("after %d links that went down at once, a retries within %v at most (%v): no backoff", flaps, longest, retries)
 	}
 }

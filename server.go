@@ -3940,6 +3940,7 @@ func (l *meshLink) run() {
 	ctx := l.s.mesh.ctx
 	backoff := meshMinBackoff
 	for {
+		start := time.Now()
 		watched, restartIn, err := l.session(ctx)
 		if ctx.Err() != nil {
 			return
@@ -3948,7 +3949,10 @@ func (l *meshLink) run() {
 			l.s.log.Info("relay: mesh peer is this server; ignoring it", "peer", l.url)
 			return
 		}
-		if watched {
+		if watched && time.Since(start) >= meshMaxBackoff {
+			// Only a link that lasted starts over: a peer that takes
+			// the watch and drops it at once, every time, would
+			// otherwise be redialled (and logged) every 100 ms.
 			backoff = meshMinBackoff
 		}
 		d := backoff/2 + rand.N(backoff/2+1)
