@@ -1670,13 +1670,7 @@ func TestBareLFResponses(t *testing.T) {
 					return
 				}
 				io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\nUpgrade: DERP\nConnection: Upgrade\n\n")
-				sc.Write(appendFrame(nil, FrameServerKey, appendServerKey(nil, srvPriv.Public())))
-				_, p, err := readRawFrame(br)
-				if err != nil || len(p) < KeyLen {
-					return
-				}
-				sc.Write(serverInfoFrame(srvPriv, PublicKey(p[:KeyLen]), []byte(`{"version":2}`)))
-				io.Copy(io.Discard, br)
+				finishUpgradeLogin(sc, br, srvPriv)
 			}()
 			return cc, nil
 		}
@@ -1766,13 +1760,7 @@ func TestFastStartAnswered502(t *testing.T) {
 				return
 			}
 			io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
-			sc.Write(appendFrame(nil, FrameServerKey, appendServerKey(nil, srvPriv.Public())))
-			_, p, err := readRawFrame(br)
-			if err != nil || len(p) < KeyLen {
-				return
-			}
-			sc.Write(serverInfoFrame(srvPriv, PublicKey(p[:KeyLen]), []byte(`{"version":2}`)))
-			io.Copy(io.Discard, br)
+			finishUpgradeLogin(sc, br, srvPriv)
 		}()
 		return cc, nil
 	}
@@ -1781,4 +1769,17 @@ func TestFastStartAnswered502(t *testing.T) {
 	if hs.Path != UpgradePath || hs.Attempts != 2 || !strings.Contains(hs.Reason, "502") {
 		t.Errorf("handshake %+v, want the upgrade path after a fast start answered with 502", hs)
 	}
+}
+
+// finishUpgradeLogin plays a DERP server's side of a login after its 101
+// on the upgrade path: ServerKey, the client's ClientInfo, ServerInfo.
+// Then it discards whatever the client sends.
+func finishUpgradeLogin(sc net.Conn, br *bufio.Reader, srvPriv PrivateKey) {
+	sc.Write(appendFrame(nil, FrameServerKey, appendServerKey(nil, srvPriv.Public())))
+	_, p, err := readRawFrame(br)
+	if err != nil || len(p) < KeyLen {
+		return
+	}
+	sc.Write(serverInfoFrame(srvPriv, PublicKey(p[:KeyLen]), []byte(`{"version":2}`)))
+	io.Copy(io.Discard, br)
 }
