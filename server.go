@@ -87,13 +87,16 @@ type Server struct {
 	closed   bool
 	sessions sync.WaitGroup
 
-	replay nonceGuard
-	stats  serverCounters
-	rate   atomic.Pointer[rateLimit] // nil: no limit
-	debug  debugLog                  // SetDebugKeys
-	peer   logLimit                  // logPeer
-	mesh   meshState
-	park   parker // idle sessions without a reader goroutine
+	replay  nonceGuard
+	stats   serverCounters
+	rate    atomic.Pointer[rateLimit] // nil: no limit
+	debug   debugLog                  // SetDebugKeys
+	peerLog struct {                  // logPeer's limit
+		mu sync.Mutex
+		logLimit
+	}
+	mesh meshState
+	park parker // idle sessions without a reader goroutine
 }
 
 const numShards = 64
@@ -4900,50 +4903,53 @@ func (s *Server) SetDebugKeys(keys ...PublicKey) {
 // line let through at Info counts them ("suppressed"). Stats counts every
 // one.
 func (s *Server) logPeer(msg string, args ...any) {
-	now := time.Now()
-	l := &s.peer
-	l.mu.Lock()
-	if l.bucket.rate == 0 {
-		l.bucket = tokenBucket{rate: peerLogRate, burst: peerLogBurst, tokens: peerLogBurst, last: now}
-	}
-	ok := l.bucket.allow(1, now)
-	n := l.suppressed
-	if ok {
-		l.suppressed = 0
-	} else {
-		l.suppressed++
-	}
-	l.mu.Unlock()
+	s.peerLog.mu.Lock()
+	ok, held := s.peerLog.allow(time.Now())
+	s.peerLog.mu.Unlock()
 	if !ok {
 		s.log.Debug(msg, args...)
 		return
 	}
-	if n > 0 {
-		args = append(args, "suppressed", n)
+	if held > 0 {
+		args = append(args, "suppressed", held)
 	}
 	s.log.Info(msg, args...)
 }
 
-// logLimit is logPeer's rate limit.
+// logLimit lets a kind of log line through at most 10 times a second after
+// a burst of 20, and counts the lines it holds back. Its owner's lock
+// guards it.
 type logLimit struct {
-	mu         sync.Mutex
 	bucket     tokenBucket
 	suppressed int
 }
 
+// allow reports whether a line may go out now and, if so, how many were
+// held back since the last one that did (the line says so).
+func (l *logLimit) allow(now time.Time) (ok bool, held int) {
+	if l.bucket.rate == 0 {
+		l.bucket = tokenBucket{rate: logLineRate, burst: logLineBurst, tokens: logLineBurst, last: now}
+	}
+	if !l.bucket.allow(1, now) {
+		l.suppressed++
+		return false, 0
+	}
+	held, l.suppressed = l.suppressed, 0
+	return true, held
+}
+
 const (
-	peerLogRate  = 10 // lines a second
-	peerLogBurst = 20
+	logLineRate  = 10 // lines a second
+	logLineBurst = 20
 )
 
 // debugLog is the rate-limited log of SetDebugKeys.
 type debugLog struct {
-	keys       atomic.Pointer[map[PublicKey]struct{}]
-	mu         sync.Mutex
-	bucket     tokenBucket
-	suppressed int
-	pending    []debugLine // lines for the writer goroutine
-	writing    bool        // a writer goroutine is running
+	keys    atomic.Pointer[map[PublicKey]struct{}]
+	mu      sync.Mutex
+	limit   logLimit
+	pending []debugLine // lines for the writer goroutine
+	writing bool        // a writer goroutine is running
 }
 
 // debugLine is a log line waiting for debugLog's writer.
@@ -4965,22 +4971,18 @@ func (d *debugLog) has(k PublicKey) bool {
 // log writes a drop line unless the rate limit says otherwise.
 func (d *debugLog) log(l *slog.Logger, msg string, args ...any) {
 	d.mu.Lock()
-	if d.bucket.rate == 0 {
-		d.bucket = tokenBucket{rate: 10, burst: 20, tokens: 20, last: time.Now()}
-	}
-	if !d.bucket.allow(1, time.Now()) {
-		d.suppressed++
+	ok, held := d.limit.allow(time.Now())
+	if !ok {
 		d.mu.Unlock()
 		return
 	}
-	if d.suppressed > 0 {
-		args = append(args, "suppressed", d.suppressed)
-		d.suppressed = 0
+	if held > 0 {
+		args = append(args, "suppressed", held)
 	}
 	// A goroutine of its own writes the line: callers may hold a
 	// session's lock, and a handler may be slow or call the server.
 	if len(d.pending) >= maxDebugPending {
-		d.suppressed++ // the handler is stuck
+		d.limit.suppressed++ // the handler is stuck
 	} else {
 		d.pending = append(d.pending, debugLine{msg, args})
 	}
