@@ -820,13 +820,7 @@ func TestStalledPayloadHoldsNoReadBuffer(t *testing.T) {
 		defer sh.mu.RUnlock()
 		return len(e.recipients.m) == k
 	})
-	deadline := time.Now().Add(5 * time.Second)
-	for bigReadBufs.Load() > before {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d big read buffers held by %d readers waiting inside payloads", bigReadBufs.Load()-before, k)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitBigReadBufsBack(t, before, k, "payloads")
 }
 
 // Likewise for a client that stops inside a frame header (on a plain
@@ -844,13 +838,7 @@ func TestStalledHeaderHoldsNoReadBuffer(t *testing.T) {
 		r.expectAlivePrefix(t, []byte{byte(FramePing), 0})
 		conns = append(conns, r)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for bigReadBufs.Load() > before {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d big read buffers held by %d readers waiting inside frame headers", bigReadBufs.Load()-before, k)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitBigReadBufsBack(t, before, k, "frame headers")
 	// The headers' first bytes were kept: the frames complete.
 	for _, r := range conns {
 		data := []byte("12345678")
@@ -909,13 +897,7 @@ func TestStalledHeaderHoldsNoReadBufferTLSWebSocket(t *testing.T) {
 				}
 				cs = append(cs, c)
 			}
-			deadline := time.Now().Add(5 * time.Second)
-			for bigReadBufs.Load() > before {
-				if time.Now().After(deadline) {
-					t.Fatalf("%d big read buffers held by %d readers waiting inside frame headers", bigReadBufs.Load()-before, k)
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
+			waitBigReadBufsBack(t, before, k, "frame headers")
 			for _, c := range cs {
 				write(c, []byte{0, 0, 8}, []byte("complete"))
 				if p, ok := recvMsg[Pong](t, c); !ok || string(p[:]) != "complete" {
@@ -990,5 +972,18 @@ func TestWriterPoolKeepsNoLargeControlBuffer(t *testing.T) {
 		if c := cap(ws.control); c > maxPooledScratch {
 			t.Fatalf("a pooled writer state holds a %d KiB control buffer", c>>10)
 		}
+	}
+}
+
+// waitBigReadBufsBack waits until the count of big read buffers in use is
+// back at before, with k readers waiting inside what where says.
+func waitBigReadBufsBack(t *testing.T, before int32, k int, where string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for bigReadBufs.Load() > before {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d big read buffers held by %d readers waiting inside %s", bigReadBufs.Load()-before, k, where)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
