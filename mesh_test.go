@@ -650,9 +650,7 @@ func TestMeshNotHereNeverAfterPresent(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, func() bool { return strings.Contains(leakedGoroutines(), "relay.peekUpTo(") })
-	cc, sc := net.Pipe()
-	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
-	loginClient(t, cc, dPriv)
+	pipeLogin(t, s, dPriv)
 	if p, _ := recvMsg[PeerPresent](t, w); p.Key != d {
 		t.Fatalf("live present %+v", p)
 	}
@@ -746,9 +744,7 @@ func TestMeshPeerGoneToSenders(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, func() bool { return s.Stats().PacketsDropped["mesh_link_down/other"] == 2 })
-	cc, sc := net.Pipe()
-	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
-	kc := loginClient(t, cc, kPriv)
+	kc := pipeLogin(t, s, kPriv)
 	s.meshRemove(k, la, true) // still here: nothing to tell
 	expectPongFirst(t, c)
 	kc.Close()

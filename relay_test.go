@@ -100,9 +100,15 @@ func newTestServer(t testing.TB, opts ...ServerOption) *Server {
 // its ServerInfo.
 func pipeClient(t testing.TB, s *Server, opts ...ClientOption) *Client {
 	t.Helper()
+	return pipeLogin(t, s, mustKey(t), opts...)
+}
+
+// pipeLogin logs a client with key priv in to s over a pipe.
+func pipeLogin(t testing.TB, s *Server, priv PrivateKey, opts ...ClientOption) *Client {
+	t.Helper()
 	cc, sc := net.Pipe()
 	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1234")
-	return loginClient(t, cc, mustKey(t), opts...)
+	return loginClient(t, cc, priv, opts...)
 }
 
 func loginClient(t testing.TB, nc net.Conn, priv PrivateKey, opts ...ClientOption) *Client {
@@ -842,13 +848,7 @@ func TestWriteTimeoutDropsStalledReader(t *testing.T) {
 
 func TestRateLimitAnnounced(t *testing.T) {
 	s := newTestServer(t, WithRateLimit(100000, 0))
-	cc, sc := net.Pipe()
-	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
-	c, err := NewClient(mustKey(t), cc, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := pipeClientRaw(t, s)
 	info, _ := recvMsg[ServerInfo](t, c)
 	if info.TokenBucketBytesPerSecond != 100000 || info.TokenBucketBytesBurst != maxSendFrame {
 		t.Fatalf("info %+v", info)
@@ -1037,9 +1037,7 @@ func TestAdmission(t *testing.T) {
 		}
 		return nil
 	}))
-	cc, sc := net.Pipe()
-	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
-	loginClient(t, cc, allowed)
+	pipeLogin(t, s, allowed)
 
 	wantLoginRefused(t, s, 1)
 }
@@ -2248,8 +2246,6 @@ func TestAdmissionTailscaled(t *testing.T) {
 
 	// End to end through a server.
 	s := newTestServer(t, WithAdmission(hook))
-	cc, sc := net.Pipe()
-	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
-	loginClient(t, cc, node)
+	pipeLogin(t, s, node)
 	wantLoginRefused(t, s, 1)
 }

@@ -314,9 +314,7 @@ func TestPeerGoneForSourceThatLeftBeforeDelivery(t *testing.T) {
 	other := pipeClient(t, s)
 	kPriv := mustKey(t)
 	kk := kPriv.Public()
-	cc, sc := net.Pipe()
-	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
-	k := loginClient(t, cc, kPriv)
+	k := pipeLogin(t, s, kPriv)
 
 	other.Send(r.PublicKey(), []byte("first")) // r's writer blocks: r reads nothing yet
 	time.Sleep(100 * time.Millisecond)
@@ -452,13 +450,7 @@ func TestLoginTimeoutZeroAdmissionAsks(t *testing.T) {
 	}))
 	defer svc.Close()
 	s := newTestServer(t, WithLoginTimeout(0), WithAdmission(AdmissionURL(svc.URL, true, nil)))
-	cc, sc := net.Pipe()
-	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1")
-	c, err := NewClient(mustKey(t), cc, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := pipeClientRaw(t, s)
 	c.opts.recvTimeout = 5 * time.Second
 	if m, err := c.Recv(); err == nil {
 		t.Fatalf("a client the service refuses was admitted (%T; service asked %d times)", m, asked.Load())
