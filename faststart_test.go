@@ -1648,32 +1648,22 @@ func TestChainMustStartWithTheLeaf(t *testing.T) {
 // or Recv waiting for a CRLF CRLF that never comes.
 func TestBareLFResponses(t *testing.T) {
 	srvPriv := mustKey(t)
-	var wg sync.WaitGroup
-	defer wg.Wait()
 	// serve answers a CONNECT (if proxy) and then the upgrade with bare
 	// LFs, then logs the client in and reads until the client hangs up.
 	serve := func(proxy bool) func(ctx context.Context, network, addr string) (net.Conn, error) {
-		return func(ctx context.Context, network, addr string) (net.Conn, error) {
-			cc, sc := net.Pipe()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer sc.Close()
-				br := bufio.NewReader(sc)
-				if proxy {
-					if _, err := http.ReadRequest(br); err != nil {
-						return
-					}
-					io.WriteString(sc, "HTTP/1.1 200 Connection established\n\n")
-				}
+		return scriptedPipeDialer(t, func(sc net.Conn, br *bufio.Reader) {
+			if proxy {
 				if _, err := http.ReadRequest(br); err != nil {
 					return
 				}
-				io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\nUpgrade: DERP\nConnection: Upgrade\n\n")
-				finishUpgradeLogin(sc, br, srvPriv)
-			}()
-			return cc, nil
-		}
+				io.WriteString(sc, "HTTP/1.1 200 Connection established\n\n")
+			}
+			if _, err := http.ReadRequest(br); err != nil {
+				return
+			}
+			io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\nUpgrade: DERP\nConnection: Upgrade\n\n")
+			finishUpgradeLogin(sc, br, srvPriv)
+		})
 	}
 	for _, tt := range []struct {
 		name string
@@ -1742,32 +1732,40 @@ func TestFastStartThroughReverseProxy(t *testing.T) {
 // server's answer as HTTP) is retried on the upgrade path, as a stale key is.
 func TestFastStartAnswered502(t *testing.T) {
 	srvPriv := mustKey(t)
+	dial := scriptedPipeDialer(t, func(sc net.Conn, br *bufio.Reader) {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
+		}
+		if req.Header.Get(FastStartHeader) != "" {
+			io.WriteString(sc, "HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+			return
+		}
+		io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+		finishUpgradeLogin(sc, br, srvPriv)
+	})
+	c, hs := dialFast(t, &FastStart{DialContext: dial, ServerKey: srvPriv.Public()}, "http://derp.invalid/derp")
+	c.Close()
+	if hs.Path != UpgradePath || hs.Attempts != 2 || !strings.Contains(hs.Reason, "502") {
+		t.Errorf("handshake %+v, want the upgrade path after a fast start answered with 502", hs)
+	}
+}
+
+// scriptedPipeDialer returns a DialContext whose every connection is one
+// end of a pipe; script plays the server on the other end, which is closed
+// when script returns. The test waits for the scripts at cleanup.
+func scriptedPipeDialer(t *testing.T, script func(sc net.Conn, br *bufio.Reader)) func(ctx context.Context, network, addr string) (net.Conn, error) {
 	var wg sync.WaitGroup
-	defer wg.Wait()
-	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+	t.Cleanup(wg.Wait)
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		cc, sc := net.Pipe()
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			defer sc.Close()
-			br := bufio.NewReader(sc)
-			req, err := http.ReadRequest(br)
-			if err != nil {
-				return
-			}
-			if req.Header.Get(FastStartHeader) != "" {
-				io.WriteString(sc, "HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
-				return
-			}
-			io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
-			finishUpgradeLogin(sc, br, srvPriv)
+			script(sc, bufio.NewReader(sc))
 		}()
 		return cc, nil
-	}
-	c, hs := dialFast(t, &FastStart{DialContext: dial, ServerKey: srvPriv.Public()}, "http://derp.invalid/derp")
-	c.Close()
-	if hs.Path != UpgradePath || hs.Attempts != 2 || !strings.Contains(hs.Reason, "502") {
-		t.Errorf("handshake %+v, want the upgrade path after a fast start answered with 502", hs)
 	}
 }
 
