@@ -817,6 +817,7 @@ type sconn struct {
 	closed       bool // session over: enqueue drops
 	registered   bool // in the routing table
 	sentFrom     map[PublicKey]struct{}
+	sentFromPeak int // most sentFrom has held since it was last rebuilt (shrinkMap)
 	lastSrc      PublicKey
 	watching     bool
 	writers      sync.WaitGroup
@@ -2481,6 +2482,7 @@ func (c *sconn) enqueuePeerGone(k PublicKey, r PeerGoneReason) {
 		// Even when the notice itself does not fit: a later return of k
 		// must register again.
 		delete(c.sentFrom, k)
+		c.sentFrom = shrinkMap(c.sentFrom, &c.sentFromPeak)
 		if c.lastSrc == k {
 			c.lastSrc = PublicKey{}
 		}
@@ -2789,6 +2791,7 @@ func (c *sconn) takeLocked(ws *writerState) bool {
 					c.sentFrom = map[PublicKey]struct{}{}
 				}
 				c.sentFrom[p.src] = struct{}{}
+				c.sentFromPeak = max(c.sentFromPeak, len(c.sentFrom))
 				if p.srcConn != nil {
 					ws.newSrcs = append(ws.newSrcs, p.srcConn)
 				} else {
@@ -3047,7 +3050,33 @@ func (c *sconn) dropAllLocked(r dropReason) {
 		}
 		q.buf = nil
 	}
-	c.peerGone, c.meshUpdates, c.sentFrom = nil, nil, nil
+	c.peerGone, c.meshUpdates, c.sentFrom, c.sentFromPeak = nil, nil, nil, 0
+}
+
+// minShrink is the size below which shrinkMap leaves a map as it is.
+const minShrink = 64
+
+// shrinkMap returns m, or a copy of it sized for what it holds now if that
+// is under a quarter of *peak, the most it has held; *peak then becomes its
+// size. A Go map keeps the space of its largest size: a session that once
+// had thousands of senders, or a key thousands of recipients, would hold
+// it (hundreds of KiB) for good after they left. Callers update *peak as
+// they add and call shrinkMap after they delete; each copy is paid for by
+// the deletions since the last, and nothing on the packet path adds or
+// deletes.
+func shrinkMap[K comparable, V any](m map[K]V, peak *int) map[K]V {
+	if *peak < minShrink || 4*len(m) >= *peak {
+		return m
+	}
+	*peak = len(m)
+	if len(m) == 0 {
+		return nil
+	}
+	n := make(map[K]V, len(m))
+	for k, v := range m {
+		n[k] = v
+	}
+	return n
 }
 
 // Close tells every client that the server is restarting, with a random
@@ -4470,6 +4499,7 @@ func (s *Server) meshNoteRecipient(c *sconn, srcs []PublicKey, local bool) {
 				c.lastSrc = PublicKey{}
 			}
 		}
+		c.sentFrom = shrinkMap(c.sentFrom, &c.sentFromPeak)
 		c.mu.Unlock()
 	}
 }

@@ -979,3 +979,35 @@ func waitBigReadBufsBack(t *testing.T, before int32, k int, where string) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// heapFreedBy runs release and returns how many bytes of live heap it
+// freed, measured after collections on either side (two before: pools
+// keep what was put back until the second).
+func heapFreedBy(release func()) int64 {
+	var m runtime.MemStats
+	runtime.GC()
+	runtime.GC()
+	runtime.ReadMemStats(&m)
+	before := m.HeapAlloc
+	release()
+	runtime.GC()
+	runtime.ReadMemStats(&m)
+	return int64(before) - int64(m.HeapAlloc)
+}
+
+// A Go map keeps the space of its largest size: a session that once had
+// thousands of senders must not hold their set (about 320 KiB for 4096)
+// for the rest of its life once they have left.
+func TestSendersSetShrinksWhenSendersLeave(t *testing.T) {
+	s := newTestServer(t, WithKeepAlive(0), WithWriteTimeout(0))
+	r, rc, _ := peerGoneBurst(t, s, maxPendingControl)
+	readPeerGoneBurst(t, r, rc)
+	held := heapFreedBy(func() {
+		rc.mu.Lock()
+		rc.sentFrom = nil
+		rc.mu.Unlock()
+	})
+	if held > 32<<10 {
+		t.Errorf("the session holds %d KiB in its empty set of senders", held>>10)
+	}
+}
