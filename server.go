@@ -1694,7 +1694,7 @@ func (s *Server) forgetRecipient(c *sconn) {
 		sh := s.shard(dst)
 		sh.mu.Lock()
 		if sh.m[dst] == e { // a removed entry's set belongs to its unregister
-			delete(e.recipients.m, c)
+			e.recipients.remove(c)
 		}
 		sh.mu.Unlock()
 	}
@@ -1713,17 +1713,17 @@ func (s *Server) forgetRecipient(c *sconn) {
 	s.mesh.mu.Lock()
 	for k, r := range c.sentToMesh {
 		if s.mesh.routes[k] == r { // a removed route's set belongs to whoever removed it
-			delete(r.recipients.m, c)
+			r.recipients.remove(c)
 		}
 	}
 	for _, k := range from {
 		if r := s.mesh.routes[k]; r != nil {
-			delete(r.recipients.m, c)
+			r.recipients.remove(c)
 		}
 		sh := s.shard(k)
 		sh.mu.Lock()
 		if e := sh.m[k]; e != nil {
-			delete(e.recipients.m, c)
+			e.recipients.remove(c)
 		}
 		sh.mu.Unlock()
 	}
@@ -1733,10 +1733,11 @@ func (s *Server) forgetRecipient(c *sconn) {
 // recipientSet is the sessions to tell when a key leaves. Sessions that
 // ended remove themselves (forgetRecipient) from the sets they know of; add
 // sweeps out any others, so a set holds at most about twice its live
-// members.
+// members, and its map is rebuilt smaller once most have gone (shrinkMap).
 type recipientSet struct {
 	m       map[*sconn]struct{}
 	sweepAt int // size at which add next sweeps
+	peak    int // most m has held since it was last rebuilt
 }
 
 // minSweep is the size below which a recipientSet is not swept.
@@ -1752,9 +1753,20 @@ func (rs *recipientSet) add(c *sconn) {
 				delete(rs.m, r)
 			}
 		}
+		rs.m = shrinkMap(rs.m, &rs.peak)
+		if rs.m == nil {
+			rs.m = map[*sconn]struct{}{}
+		}
 		rs.sweepAt = 2 * len(rs.m)
 	}
 	rs.m[c] = struct{}{}
+	rs.peak = max(rs.peak, len(rs.m))
+}
+
+// remove removes c, which has ended.
+func (rs *recipientSet) remove(c *sconn) {
+	delete(rs.m, c)
+	rs.m = shrinkMap(rs.m, &rs.peak)
 }
 
 // merge adds the members of o.

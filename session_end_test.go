@@ -1011,3 +1011,25 @@ func TestSendersSetShrinksWhenSendersLeave(t *testing.T) {
 		t.Errorf("the session holds %d KiB in its empty set of senders", held>>10)
 	}
 }
+
+// Nor must a key keep the space of the thousands of sessions it once had
+// to tell when it leaves (about 146 KiB for 4096) once they have ended.
+func TestRecipientSetShrinksWhenRecipientsLeave(t *testing.T) {
+	s := newTestServer(t, WithKeepAlive(0), WithWriteTimeout(0))
+	r, rc, _ := peerGoneBurst(t, s, maxPendingControl) // each sender is r's recipient
+	readPeerGoneBurst(t, r, rc)
+	sh := s.shard(r.PublicKey())
+	sh.mu.Lock()
+	if n := len(rc.entry.recipients.m); n != 0 {
+		t.Errorf("%d recipients left, want 0", n)
+	}
+	sh.mu.Unlock()
+	held := heapFreedBy(func() {
+		sh.mu.Lock()
+		rc.entry.recipients = recipientSet{}
+		sh.mu.Unlock()
+	})
+	if held > 32<<10 {
+		t.Errorf("the key holds %d KiB in its empty set of recipients", held>>10)
+	}
+}
