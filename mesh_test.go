@@ -717,6 +717,93 @@ func TestPacketForwarderStringMayCallServer(t *testing.T) {
 	}
 }
 
+// closingForwarder is a PacketForwarder that closes its server, as an
+// embedder's forwarder might on a fatal error.
+type closingForwarder struct {
+	s      *Server
+	closed chan struct{}
+}
+
+func (f *closingForwarder) ForwardPacket(src, dst PublicKey, pkt []byte) error {
+	f.s.Close()
+	close(f.closed)
+	return nil
+}
+
+// TestPacketForwarderMayCloseServer: Close waits for the forwarders' calls
+// in progress, but not for the one it is called from.
+func TestPacketForwarderMayCloseServer(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey))
+	y := pipeClient(t, s)
+	f := &closingForwarder{s: s, closed: make(chan struct{})}
+	k := mustKey(t).Public()
+	s.AddPacketForwarder(k, f)
+	if err := y.Send(k, []byte("bye")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-f.closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close called from ForwardPacket did not return")
+	}
+}
+
+// overlapForwarder is a PacketForwarder that records whether it was ever
+// called from two goroutines at once. Its first call holds on until a
+// second call starts or hold passes.
+type overlapForwarder struct {
+	hold     time.Duration
+	inFlight atomic.Int32
+	overlap  atomic.Bool
+	entered  chan struct{} // closed by the first call
+	second   chan struct{} // closed by the second call
+	calls    atomic.Int32
+}
+
+func (f *overlapForwarder) ForwardPacket(src, dst PublicKey, pkt []byte) error {
+	if f.inFlight.Add(1) > 1 {
+		f.overlap.Store(true)
+	}
+	defer f.inFlight.Add(-1)
+	switch f.calls.Add(1) {
+	case 1:
+		close(f.entered)
+		select {
+		case <-f.second:
+		case <-time.After(f.hold):
+		}
+	case 2:
+		close(f.second)
+	}
+	return nil
+}
+
+// TestPacketForwarderReAddedNotCalledConcurrently: a forwarder removed while
+// its goroutine is inside ForwardPacket and added again gets a new queue and
+// goroutine, but it is still never called from two goroutines at once.
+func TestPacketForwarderReAddedNotCalledConcurrently(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey))
+	y := pipeClient(t, s)
+	// On a server that does call it twice at once, the second call
+	// comes at once; hold is only how long the first waits for it.
+	f := &overlapForwarder{hold: 3 * time.Second, entered: make(chan struct{}), second: make(chan struct{})}
+	k := mustKey(t).Public()
+	s.AddPacketForwarder(k, f)
+	if err := y.Send(k, []byte("one")); err != nil {
+		t.Fatal(err)
+	}
+	<-f.entered
+	s.RemovePacketForwarder(k, f) // its last key: the link stops
+	s.AddPacketForwarder(k, f)
+	if err := y.Send(k, []byte("two")); err != nil {
+		t.Fatal(err)
+	}
+	waitForWithin(t, 30*time.Second, func() bool { return f.calls.Load() == 2 })
+	if f.overlap.Load() {
+		t.Error("the forwarder was called from two goroutines at once")
+	}
+}
+
 // TestMeshPeerGoneToSenders: a client that only sent to a key is told when
 // the key leaves (TestPeerGoneDisconnected), whether the key was connected
 // here or reached through a mesh peer, and wherever it was when it left.

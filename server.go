@@ -3065,6 +3065,27 @@ func (c *sconn) dropAllLocked(r dropReason) {
 	c.peerGone, c.meshUpdates, c.sentFrom, c.sentFromPeak = nil, nil, nil, 0
 }
 
+// goroutineID returns the calling goroutine's number, read from the first
+// line of its stack trace ("goroutine 42 [running]:"), or 0 if that cannot
+// be read. Close uses it only to know that a forwarder's ForwardPacket is
+// calling it, so as not to wait for that call to return.
+func goroutineID() uint64 {
+	var buf [64]byte
+	b := buf[:runtime.Stack(buf[:], false)]
+	b, ok := bytes.CutPrefix(b, []byte("goroutine "))
+	if !ok {
+		return 0
+	}
+	if i := bytes.IndexByte(b, ' '); i >= 0 {
+		b = b[:i]
+	}
+	id, err := strconv.ParseUint(string(b), 10, 64)
+	if err != nil {
+		return 0
+	}
+	return id
+}
+
 // minShrink is the size below which shrinkMap leaves a map as it is.
 const minShrink = 64
 
@@ -3094,7 +3115,9 @@ func shrinkMap[K comparable, V any](m map[K]V, peak *int) map[K]V {
 // Close tells every client that the server is restarting, with a random
 // reconnect delay each so they do not all return at once, then ends every
 // session and waits for them. Accept calls after Close close their
-// connection at once.
+// connection at once. The forwarders of AddPacketForwarder stop: Close
+// waits for their ForwardPacket calls in progress, except the one it is
+// called from (a forwarder may close the server), and none starts after.
 func (s *Server) Close() error {
 	s.mu.Lock()
 	if s.closed {
@@ -3813,8 +3836,18 @@ type meshState struct {
 	routes map[PublicKey]*meshRoute      // keys announced by at least one peer
 	custom map[PacketForwarder]*meshLink // AddPacketForwarder's, by forwarder
 	closed bool                          // closeMesh ran: no more custom links
+	// fwdLoops are the custom links whose forwardLoop has not returned,
+	// stopped ones included: Close waits for them.
+	fwdLoops map[*meshLink]struct{}
+	// fwdTurns are the turns of the forwarders that have a forwardLoop
+	// running: a forwarder removed during a call and added again has two.
+	fwdTurns map[PacketForwarder]*fwdTurn
+}
 
-	customWG sync.WaitGroup // the custom links' forwardLoop goroutines
+// fwdTurn lets one forwardLoop of a forwarder call it at a time.
+type fwdTurn struct {
+	ch    chan struct{} // one slot, held around ForwardPacket calls
+	loops int           // the forwarder's forwardLoops still running
 }
 
 // meshRoute says where a key announced by mesh peers can be reached.
@@ -3848,6 +3881,9 @@ type meshLink struct {
 	fwd     PacketForwarder
 	stop    chan struct{}
 	stopped bool
+	done    chan struct{} // closed when forwardLoop returns
+	turn    *fwdTurn      // shared with the forwarder's other links
+	goid    atomic.Uint64 // forwardLoop's goroutine (goroutineID), once it runs
 }
 
 func newMeshLink(s *Server, peerURL string) *meshLink {
@@ -3956,11 +3992,25 @@ func (s *Server) closeMesh() {
 		custom = append(custom, l)
 		delete(m.custom, f)
 	}
+	loops := make([]*meshLink, 0, len(m.fwdLoops))
+	for l := range m.fwdLoops {
+		loops = append(loops, l)
+	}
 	m.mu.Unlock()
 	for _, l := range custom {
 		l.stopForwarding()
 	}
-	m.customWG.Wait()
+	// Wait for the forwarders' calls in progress, but not for the one
+	// that is calling Close: that would wait for itself.
+	var self uint64
+	if len(loops) > 0 {
+		self = goroutineID()
+	}
+	for _, l := range loops {
+		if self == 0 || l.goid.Load() != self {
+			<-l.done
+		}
+	}
 	if m.cancel == nil {
 		return
 	}
@@ -4260,7 +4310,8 @@ func (l *meshLink) name() string {
 
 // PacketForwarder carries packets to clients connected to another server,
 // for Server.AddPacketForwarder. A *Client logged in to that server with its
-// mesh key is one. ForwardPacket must not keep pkt after it returns.
+// mesh key is one. ForwardPacket must not keep pkt after it returns; it may
+// call the Server's methods, Close included.
 type PacketForwarder interface {
 	ForwardPacket(src, dst PublicKey, pkt []byte) error
 }
@@ -4275,7 +4326,9 @@ type PacketForwarder interface {
 // packet f returns an error for is counted as "write_error". Packets that
 // arrived forwarded are not forwarded again (one hop). f identifies the
 // forwarder (one queue and goroutine per f, shared by its keys), so it must
-// be comparable: a pointer, typically. Adding after Close does nothing.
+// be comparable: a pointer, typically. f is never called from two
+// goroutines at once, even when it is removed during a call and added
+// again. Adding after Close does nothing.
 func (s *Server) AddPacketForwarder(dst PublicKey, f PacketForwarder) {
 	if f == nil {
 		return
@@ -4289,12 +4342,22 @@ func (s *Server) AddPacketForwarder(dst PublicKey, f PacketForwarder) {
 	l := m.custom[f]
 	if l == nil {
 		l = newMeshLink(s, fmt.Sprintf("forwarder %T %p", f, f)) // String: see name
-		l.fwd, l.stop = f, make(chan struct{})
+		l.fwd, l.stop, l.done = f, make(chan struct{}), make(chan struct{})
 		if m.custom == nil {
 			m.custom = map[PacketForwarder]*meshLink{}
+			m.fwdLoops = map[*meshLink]struct{}{}
+			m.fwdTurns = map[PacketForwarder]*fwdTurn{}
 		}
 		m.custom[f] = l
-		m.customWG.Add(1)
+		m.fwdLoops[l] = struct{}{}
+		// A link of f stopped by RemovePacketForwarder may still be
+		// inside ForwardPacket: the new one waits for its turn.
+		l.turn = m.fwdTurns[f]
+		if l.turn == nil {
+			l.turn = &fwdTurn{ch: make(chan struct{}, 1)}
+			m.fwdTurns[f] = l.turn
+		}
+		l.turn.loops++
 		go l.forwardLoop()
 	}
 	s.meshAddLocked(dst, l)
@@ -4343,9 +4406,39 @@ func (l *meshLink) stopForwarding() {
 // forwardLoop hands a custom link's queued packets to its forwarder until
 // the link stops.
 func (l *meshLink) forwardLoop() {
-	defer l.s.mesh.customWG.Done()
+	l.goid.Store(goroutineID())
+	defer func() {
+		m := &l.s.mesh
+		m.mu.Lock()
+		delete(m.fwdLoops, l)
+		if l.turn.loops--; l.turn.loops == 0 {
+			delete(m.fwdTurns, l.fwd)
+		}
+		m.mu.Unlock()
+		close(l.done)
+	}()
 	l.serveQueue(l.stop, func(batch []fwdItem) bool {
-		for _, it := range batch {
+		drop := func(rest []fwdItem) bool {
+			for _, it := range rest {
+				l.s.stats.drop(dropMeshLinkDown, looksLikeDisco(it.p.buf[:it.p.n]), it.p.n)
+				putPacket(it.p)
+			}
+			return false
+		}
+		select {
+		case l.turn.ch <- struct{}{}:
+		case <-l.stop:
+			return drop(batch)
+		}
+		defer func() { <-l.turn.ch }()
+		for i, it := range batch {
+			select {
+			case <-l.stop:
+				// Stopped during the batch (the forwarder may have
+				// closed the server): no more calls.
+				return drop(batch[i:])
+			default:
+			}
 			if err := l.fwd.ForwardPacket(it.p.src, it.dst, it.p.buf[:it.p.n]); err != nil {
 				l.s.stats.drop(dropWriteError, looksLikeDisco(it.p.buf[:it.p.n]), it.p.n)
 				if l.s.log.Enabled(context.Background(), slog.LevelDebug) { // name may cost a String call
