@@ -717,34 +717,72 @@ func TestPacketForwarderStringMayCallServer(t *testing.T) {
 	}
 }
 
-// closingForwarder is a PacketForwarder that closes its server, as an
-// embedder's forwarder might on a fatal error.
+// closingForwarder is a PacketForwarder that, on its second call, has its
+// server closed from another goroutine (as the docs tell a forwarder to do)
+// and returns once Close has stopped it. Its first call waits for release.
 type closingForwarder struct {
-	s      *Server
-	closed chan struct{}
+	s       *Server
+	release chan struct{}
+	stopped <-chan struct{} // the forwarder's link's stop channel
+	calls   atomic.Int32
+	closed  chan struct{} // closed when Close returns
 }
 
 func (f *closingForwarder) ForwardPacket(src, dst PublicKey, pkt []byte) error {
-	f.s.Close()
-	close(f.closed)
+	switch f.calls.Add(1) {
+	case 1:
+		<-f.release
+	case 2:
+		go func() {
+			f.s.Close()
+			close(f.closed)
+		}()
+		<-f.stopped
+	}
 	return nil
 }
 
-// TestPacketForwarderMayCloseServer: Close waits for the forwarders' calls
-// in progress, but not for the one it is called from.
-func TestPacketForwarderMayCloseServer(t *testing.T) {
+// TestPacketForwarderStoppedMidBatch: Close stops a forwarder between two
+// calls of a batch: the rest of the batch is dropped as mesh_link_down, not
+// handed to a forwarder whose server is closing, and Close waits for the
+// call in progress.
+func TestPacketForwarderStoppedMidBatch(t *testing.T) {
 	s := newTestServer(t, WithMeshKey(testMeshKey))
 	y := pipeClient(t, s)
-	f := &closingForwarder{s: s, closed: make(chan struct{})}
+	f := &closingForwarder{s: s, release: make(chan struct{}), closed: make(chan struct{})}
 	k := mustKey(t).Public()
 	s.AddPacketForwarder(k, f)
-	if err := y.Send(k, []byte("bye")); err != nil {
+	s.mesh.mu.Lock()
+	f.stopped = s.mesh.custom[f].stop
+	s.mesh.mu.Unlock()
+	if err := y.Send(k, []byte("first")); err != nil {
 		t.Fatal(err)
 	}
+	waitFor(t, func() bool { return f.calls.Load() == 1 })
+	for range 5 { // queued while the first call waits: the next batch
+		if err := y.Send(k, []byte("batch")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, func() bool {
+		s.mesh.mu.Lock()
+		l := s.mesh.custom[f]
+		s.mesh.mu.Unlock()
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		return l.ring.n == 5
+	})
+	close(f.release)
 	select {
 	case <-f.closed:
 	case <-time.After(10 * time.Second):
-		t.Fatal("Close called from ForwardPacket did not return")
+		t.Fatal("Close did not return")
+	}
+	if n := f.calls.Load(); n != 2 {
+		t.Errorf("the forwarder was called %d times, want 2 (none after Close stopped it)", n)
+	}
+	if got := s.Stats().PacketsDropped["mesh_link_down/other"]; got != 4 {
+		t.Errorf("mesh_link_down drops %d, want the 4 packets left in the batch", got)
 	}
 }
 

@@ -154,7 +154,10 @@ type Admission struct {
 // The server never logs packet contents or private keys. Lines that
 // clients can cause at will (failed logins, refused connections, sessions
 // ended by an error) are logged at Info at most 10 a second after a burst
-// of 20, and at Debug beyond that; Stats counts them all.
+// of 20, and at Debug beyond that; Stats counts them all. Lines are logged
+// with no lock of the server held, so the handler may call the Server's
+// methods, except Close: sessions, mesh links and forwarders log, and Close
+// waits for them.
 func WithLogger(l *slog.Logger) ServerOption {
 	return func(c *serverConfig) { c.logger = l }
 }
@@ -176,7 +179,11 @@ func WithMeshKey(k string) ServerOption {
 // WithAdmission sets a hook that decides whether a client may log in. It is
 // called after the client proved it owns its key and before it is
 // registered, except for mesh peers; a non-nil error refuses the login and
-// is logged. ctx ends with the login deadline.
+// is logged. ctx ends with the login deadline, or when Close cuts the
+// login short (after its grace period of 2 s).
+// The hook may call the Server's methods except Close, which waits for
+// logins in progress, the hook's own included: call it from a goroutine of
+// its own.
 func WithAdmission(f func(ctx context.Context, a Admission) error) ServerOption {
 	return func(c *serverConfig) { c.admit = f }
 }
@@ -3065,27 +3072,6 @@ func (c *sconn) dropAllLocked(r dropReason) {
 	c.peerGone, c.meshUpdates, c.sentFrom, c.sentFromPeak = nil, nil, nil, 0
 }
 
-// goroutineID returns the calling goroutine's number, read from the first
-// line of its stack trace ("goroutine 42 [running]:"), or 0 if that cannot
-// be read. Close uses it only to know that a forwarder's ForwardPacket is
-// calling it, so as not to wait for that call to return.
-func goroutineID() uint64 {
-	var buf [64]byte
-	b := buf[:runtime.Stack(buf[:], false)]
-	b, ok := bytes.CutPrefix(b, []byte("goroutine "))
-	if !ok {
-		return 0
-	}
-	if i := bytes.IndexByte(b, ' '); i >= 0 {
-		b = b[:i]
-	}
-	id, err := strconv.ParseUint(string(b), 10, 64)
-	if err != nil {
-		return 0
-	}
-	return id
-}
-
 // minShrink is the size below which shrinkMap leaves a map as it is.
 const minShrink = 64
 
@@ -3116,8 +3102,10 @@ func shrinkMap[K comparable, V any](m map[K]V, peak *int) map[K]V {
 // reconnect delay each so they do not all return at once, then ends every
 // session and waits for them. Accept calls after Close close their
 // connection at once. The forwarders of AddPacketForwarder stop: Close
-// waits for their ForwardPacket calls in progress, except the one it is
-// called from (a forwarder may close the server), and none starts after.
+// waits for their ForwardPacket calls in progress, and none starts after,
+// so a forwarder must not call Close itself (it would wait for itself):
+// it may start a goroutine that does. The same holds for the admission
+// hook (WithAdmission) and the log handler (WithLogger).
 func (s *Server) Close() error {
 	s.mu.Lock()
 	if s.closed {
@@ -3883,7 +3871,6 @@ type meshLink struct {
 	stopped bool
 	done    chan struct{} // closed when forwardLoop returns
 	turn    *fwdTurn      // shared with the forwarder's other links
-	goid    atomic.Uint64 // forwardLoop's goroutine (goroutineID), once it runs
 }
 
 func newMeshLink(s *Server, peerURL string) *meshLink {
@@ -4000,16 +3987,9 @@ func (s *Server) closeMesh() {
 	for _, l := range custom {
 		l.stopForwarding()
 	}
-	// Wait for the forwarders' calls in progress, but not for the one
-	// that is calling Close: that would wait for itself.
-	var self uint64
-	if len(loops) > 0 {
-		self = goroutineID()
-	}
+	// Wait for the forwarders' calls in progress.
 	for _, l := range loops {
-		if self == 0 || l.goid.Load() != self {
-			<-l.done
-		}
+		<-l.done
 	}
 	if m.cancel == nil {
 		return
@@ -4310,8 +4290,10 @@ func (l *meshLink) name() string {
 
 // PacketForwarder carries packets to clients connected to another server,
 // for Server.AddPacketForwarder. A *Client logged in to that server with its
-// mesh key is one. ForwardPacket must not keep pkt after it returns; it may
-// call the Server's methods, Close included.
+// mesh key is one. ForwardPacket must not keep pkt after it returns. It may
+// call the Server's methods except Close, which waits for the forwarders'
+// calls to return: a forwarder that wants the server closed calls Close from
+// a goroutine of its own.
 type PacketForwarder interface {
 	ForwardPacket(src, dst PublicKey, pkt []byte) error
 }
@@ -4406,7 +4388,6 @@ func (l *meshLink) stopForwarding() {
 // forwardLoop hands a custom link's queued packets to its forwarder until
 // the link stops.
 func (l *meshLink) forwardLoop() {
-	l.goid.Store(goroutineID())
 	defer func() {
 		m := &l.s.mesh
 		m.mu.Lock()
