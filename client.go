@@ -21,6 +21,13 @@ import (
 // concurrently from any goroutines; Recv must be called from one goroutine at
 // a time. After any read error the Client is dead: Recv keeps returning that
 // error and the caller should Close it and connect again.
+//
+// NotePreferred, SendPing, SendPong, WatchConnectionChanges, ClosePeer and
+// ForwardPacket each must be written within 5 seconds, any wait for another
+// write on the Client to finish included, or they fail (and so does a
+// write they waited for past that): a server that stops reading cannot hold
+// their caller forever. A failed write leaves the Client dead too: every
+// later write fails. Close ends every blocked call at once.
 type Client struct {
 	priv      PrivateKey
 	pub       PublicKey
@@ -307,17 +314,8 @@ func (c *Client) ForwardPacket(src, dst PublicKey, pkt []byte) error {
 // MaxPacketSize are skipped. On error the connection is unusable and it is
 // unknown how many frames arrived.
 func (c *Client) forwardBatch(n int, item func(i int) (src, dst *PublicKey, pkt []byte)) error {
-	deadline := time.Now().Add(5 * time.Second)
-	expired := false
-	if !c.wmu.TryLock() {
-		// Another write holds the Client, perhaps one with no bound of
-		// its own (a Pong to a server that stopped reading): the bound
-		// covers the wait for it too. Past it, that write fails, which
-		// makes the error sticky and frees the lock.
-		t := time.AfterFunc(time.Until(deadline), func() { c.setWriteDeadline(pastDeadline) })
-		c.wmu.Lock()
-		expired = !t.Stop()
-	}
+	deadline := time.Now().Add(writeBound)
+	expired := c.lockBy(deadline)
 	defer c.wmu.Unlock()
 	if c.werr != nil {
 		return c.werr
@@ -347,7 +345,8 @@ func (c *Client) forwardBatch(n int, item func(i int) (src, dst *PublicKey, pkt 
 }
 
 // NotePreferred tells the server whether it is this client's home (preferred)
-// server. It only affects the server's statistics.
+// server. It only affects the server's statistics. Like every control
+// frame, it must be written within 5 seconds (see Client).
 func (c *Client) NotePreferred(preferred bool) error {
 	var b [1]byte
 	if preferred {
@@ -358,42 +357,68 @@ func (c *Client) NotePreferred(preferred bool) error {
 
 // SendPing sends a Ping; the server answers with a Pong carrying data,
 // unless a Pong for an earlier Ping is still queued (servers keep one, as
-// Tailscale's does), in which case this Ping goes unanswered.
+// Tailscale's does), in which case this Ping goes unanswered. The write is
+// bounded as NotePreferred's is.
 func (c *Client) SendPing(data [8]byte) error { return c.writeFrame(FramePing, data[:]) }
 
-// SendPong answers a Ping from the server.
+// SendPong answers a Ping from the server. The write is bounded as
+// NotePreferred's is.
 func (c *Client) SendPong(data [8]byte) error { return c.writeFrame(FramePong, data[:]) }
 
 // WatchConnectionChanges asks the server to send a PeerPresent for every
 // connected client and then PeerPresent and PeerGone as clients come and go.
-// Only mesh peers may send it.
+// Only mesh peers may send it. The write is bounded as NotePreferred's is.
 func (c *Client) WatchConnectionChanges() error { return c.writeFrame(FrameWatchConns, nil) }
 
 // ClosePeer asks the server to close every connection of key. Only mesh
-// peers may send it.
+// peers may send it. The write is bounded as NotePreferred's is.
 func (c *Client) ClosePeer(key PublicKey) error { return c.writeFrame(FrameClosePeer, key[:]) }
 
 func (c *Client) writeFrame(t FrameType, payload []byte) error {
-	return c.writeFrameWithin(0, t, payload)
+	return c.writeFrameWithin(writeBound, t, payload)
 }
 
-// writeFrameWithin is writeFrame under a write deadline d from now (none if
-// d is zero): as with forwardBatch, a server that stops reading then fails
-// the write, leaving the Client unusable, instead of holding it forever.
+// writeBound bounds a write on a Client with no bound of its own, the wait
+// for another write to release the Client included: a server that stops
+// reading (or a transport that stalls) then fails the write, leaving the
+// Client unusable, instead of holding the caller, and every caller queued
+// behind it, forever.
+const writeBound = 5 * time.Second
+
+// writeFrameWithin writes one frame under a write deadline d from now,
+// which bounds the wait for the write lock too (see lockBy).
 func (c *Client) writeFrameWithin(d time.Duration, t FrameType, payload []byte) error {
-	c.wmu.Lock()
+	deadline := time.Now().Add(d)
+	expired := c.lockBy(deadline)
 	defer c.wmu.Unlock()
 	if c.werr != nil {
 		return c.werr
 	}
-	if d > 0 {
-		c.setWriteDeadline(time.Now().Add(d))
-		defer c.setWriteDeadline(time.Time{})
+	if expired {
+		return c.writeFailed(os.ErrDeadlineExceeded)
 	}
+	c.setWriteDeadline(deadline)
+	defer c.setWriteDeadline(time.Time{})
 	if err := writeFrame(c.bw, t, payload); err != nil {
 		return c.writeFailed(err)
 	}
 	return c.flushLocked()
+}
+
+// lockBy takes the write lock, waiting for it at most until deadline.
+// Another write may hold the Client, perhaps one with no bound of its own
+// (a Send to a server that stopped reading): past the deadline that write
+// is made to fail, which makes its error sticky and frees the lock. It
+// returns with the lock held, and reports whether the deadline passed as
+// the lock came free: the timer may then yet set its past deadline, so the
+// caller must give the stream up (unless it failed already).
+func (c *Client) lockBy(deadline time.Time) (expired bool) {
+	if c.wmu.TryLock() {
+		return false
+	}
+	t := time.AfterFunc(time.Until(deadline), func() { c.setWriteDeadline(pastDeadline) })
+	c.wmu.Lock()
+	return !t.Stop()
 }
 
 func (c *Client) flushLocked() error {
@@ -406,9 +431,12 @@ func (c *Client) flushLocked() error {
 // writeFailed makes a write error sticky: a partly written frame leaves the
 // stream unusable.
 func (c *Client) writeFailed(err error) error {
-	if c.closed.Load() {
+	switch {
+	case c.closed.Load():
 		err = ErrClosed
-	} else {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		err = fmt.Errorf("relay: write: not done in time (the server is not reading, or the connection stalled): %w", err)
+	default:
 		err = fmt.Errorf("relay: write: %w", err)
 	}
 	c.werr = err

@@ -1164,7 +1164,10 @@ func (rc *ReconnectingClient) settle(c *Client, fired bool, err error) {
 }
 
 // NotePreferred records whether this server is the client's home; the value
-// is sent now if connected and again after every reconnect.
+// is sent now if connected and again after every reconnect. The write must
+// be done within 5 seconds (see Client): if it is not, or fails, the
+// connection is dropped and the error returned; the next connection is
+// told the value.
 func (rc *ReconnectingClient) NotePreferred(preferred bool) error {
 	// One call at a time from the decision to the write, so that two
 	// calls cannot write in the opposite order of their decisions.
@@ -1204,7 +1207,8 @@ func (rc *ReconnectingClient) Connect(ctx context.Context) error {
 // ForwardPacket hands the server a packet from src to dst, as a mesh peer
 // does (the client needs the server's mesh key, in Options), connecting
 // first if needed. A failed write drops the connection and is returned.
-// ctx bounds the write as for Send.
+// ctx bounds the write as for Send, and whatever ctx it must be done
+// within 5 seconds (see Client.ForwardPacket).
 func (rc *ReconnectingClient) ForwardPacket(ctx context.Context, src, dst PublicKey, pkt []byte) error {
 	c, _, err := rc.current(ctx)
 	if err != nil {
@@ -1215,7 +1219,8 @@ func (rc *ReconnectingClient) ForwardPacket(ctx context.Context, src, dst Public
 
 // ClosePeer asks the server to end the sessions of key (mesh key needed),
 // connecting first if needed. A failed write drops the connection and is
-// returned. ctx bounds the write as for Send.
+// returned. ctx bounds the write as for Send, and whatever ctx it must be
+// done within 5 seconds (see Client.ClosePeer).
 func (rc *ReconnectingClient) ClosePeer(ctx context.Context, key PublicKey) error {
 	c, _, err := rc.current(ctx)
 	if err != nil {
@@ -1229,6 +1234,8 @@ func (rc *ReconnectingClient) ClosePeer(ctx context.Context, key PublicKey) erro
 // on this connection and on every later one, each of which starts with
 // the whole list again. A watcher that reconnects should forget what it
 // learned from the old connection when RecvDetail's generation changes.
+// The write is bounded as NotePreferred's is; the next connection asks
+// again.
 func (rc *ReconnectingClient) WatchConnectionChanges() error {
 	rc.setupMu.Lock()
 	defer rc.setupMu.Unlock()
@@ -1265,7 +1272,9 @@ func (rc *ReconnectingClient) LocalAddr() net.Addr {
 // Recv returns the next message, reconnecting (with backoff) as often as
 // needed; it returns an error only when ctx is done or the client is closed.
 // A ServerInfo message starts every connection. The server's Pings are
-// answered and not returned; Pongs for Ping are consumed. A
+// answered and not returned (a Pong must be written within 5 seconds, or
+// within ctx: otherwise, as when a server stops reading, the connection is
+// dropped and Recv connects again); Pongs for Ping are consumed. A
 // *ReceivedPacket is valid until the next Recv. Because a DERP stream
 // cannot be resumed mid-frame, cancelling ctx while Recv waits drops the
 // current connection.

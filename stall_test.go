@@ -9,6 +9,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -870,5 +871,157 @@ func TestReconnectingCtxEndingAsWriteFinishes(t *testing.T) {
 	}
 	if n := s.dials.Load(); n != 2 {
 		t.Errorf("%d dials, want 2 (the interrupted connection replaced)", n)
+	}
+}
+
+// TestClientWritesBoundedOnStalledServer: a Client's control frames, on a
+// transport with no buffer (a net.Pipe; a full socket buffer alike) to a
+// server that stops reading after the login, fail within their 5 s bound
+// instead of blocking forever, whether they write themselves or wait behind
+// a Send that the stalled server holds (which then fails too).
+func TestClientWritesBoundedOnStalledServer(t *testing.T) {
+	writes := []struct {
+		name  string
+		write func(c *Client) error
+	}{
+		{"NotePreferred", func(c *Client) error { return c.NotePreferred(true) }},
+		{"SendPing", func(c *Client) error { return c.SendPing([8]byte{1}) }},
+		{"SendPong", func(c *Client) error { return c.SendPong([8]byte{1}) }},
+		{"WatchConnectionChanges", func(c *Client) error { return c.WatchConnectionChanges() }},
+		{"ClosePeer", func(c *Client) error { return c.ClosePeer(PublicKey{1}) }},
+	}
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(int, net.Conn, *bufio.Reader, PublicKey) { s.stall() }
+	t.Cleanup(s.close)
+	// All at once, each on its own Client, so that the test waits out
+	// the bound once.
+	type result struct {
+		name      string
+		err       error
+		sendErr   error // the stuck Send's, for the cases behind one
+		behind    bool
+		sendEnded bool
+	}
+	var wg sync.WaitGroup
+	results := make(chan result, 2*len(writes))
+	for _, behind := range []bool{false, true} {
+		for _, w := range writes {
+			c, _ := dialFast(t, &FastStart{DialContext: s.dial}, "http://derp.invalid/derp")
+			send := make(chan error, 1)
+			if behind {
+				go func() { send <- c.Send(PublicKey{1}, []byte("x")) }()
+				waitFor(t, func() bool { // Send holds the write lock
+					if c.wmu.TryLock() {
+						c.wmu.Unlock()
+						return false
+					}
+					return true
+				})
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				r := result{name: w.name, behind: behind, err: w.write(c)}
+				if behind {
+					select {
+					case r.sendErr = <-send:
+						r.sendEnded = true
+					case <-time.After(10 * time.Second):
+					}
+				}
+				results <- r
+			}()
+		}
+	}
+	if took, ok := callWithin(30*time.Second, wg.Wait); !ok {
+		t.Errorf("after %v, %d of %d writes to a server that reads nothing still blocked (their bound is 5 s)", took, 2*len(writes)-len(results), 2*len(writes))
+	}
+	for range len(results) { // (a write still blocked sends later, into the buffer)
+		r := <-results
+		name := r.name
+		if r.behind {
+			name += " behind a stuck Send"
+		}
+		t.Logf("%s: %v", name, r.err)
+		switch {
+		case r.err == nil:
+			t.Errorf("%s succeeded while the server reads nothing", name)
+		case r.behind && !r.sendEnded:
+			t.Errorf("%s: the stuck Send still blocked 10 s after the write behind it gave up", name)
+		case r.behind && r.sendErr == nil:
+			t.Errorf("%s: the stuck Send succeeded", name)
+		}
+	}
+}
+
+// TestReconnectingWritesWithoutCtxBounded: the ReconnectingClient's writes
+// that take no ctx (NotePreferred, WatchConnectionChanges, and the Pong
+// with which Recv answers a server's Ping, under Recv(context.Background()))
+// are bounded all the same: to a server that stops reading after the login
+// (over a net.Pipe, which has no buffer) they fail within 5 s, dropping the
+// connection, and Recv connects again, instead of blocking until Close.
+func TestReconnectingWritesWithoutCtxBounded(t *testing.T) {
+	cases := []struct {
+		name  string
+		call  func(rc *ReconnectingClient) error // must fail
+		recvd bool                               // call is a Recv that must reconnect
+	}{
+		{"NotePreferred", func(rc *ReconnectingClient) error { return rc.NotePreferred(true) }, false},
+		{"WatchConnectionChanges", func(rc *ReconnectingClient) error { return rc.WatchConnectionChanges() }, false},
+		{"Recv's Pong", func(rc *ReconnectingClient) error {
+			m, gen, err := rc.RecvDetail(context.Background())
+			if err != nil {
+				return err
+			}
+			if _, ok := m.(ServerInfo); !ok || gen != 2 {
+				return fmt.Errorf("Recv returned %T on connection %d, want the ServerInfo of connection 2", m, gen)
+			}
+			return nil
+		}, true},
+	}
+	type result struct {
+		name  string
+		err   error
+		dials int32
+	}
+	results := make(chan result, len(cases))
+	var wg sync.WaitGroup
+	for _, tc := range cases {
+		s := &scriptedServer{priv: mustKey(t)}
+		s.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
+			if n > 1 {
+				io.Copy(io.Discard, br)
+				return
+			}
+			if tc.recvd {
+				var ping [8]byte
+				sc.Write(appendFrame(nil, FramePing, ping[:]))
+			}
+			s.stall() // never reads again
+		}
+		rc := newScriptedRC(t, s)
+		if _, err := rc.Recv(context.Background()); err != nil { // ServerInfo
+			t.Fatal(err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := tc.call(rc)
+			results <- result{tc.name, err, s.dials.Load()}
+		}()
+	}
+	if took, ok := callWithin(30*time.Second, wg.Wait); !ok {
+		t.Errorf("after %v, %d of %d calls writing to a server that reads nothing still blocked (the bound is 5 s)", took, len(cases)-len(results), len(cases))
+	}
+	for range len(results) {
+		r := <-results
+		t.Logf("%s: %v (%d dials)", r.name, r.err, r.dials)
+		if r.name == "Recv's Pong" {
+			if r.err != nil {
+				t.Errorf("%s: %v", r.name, r.err)
+			}
+		} else if r.err == nil {
+			t.Errorf("%s succeeded while the server reads nothing", r.name)
+		}
 	}
 }
