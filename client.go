@@ -25,9 +25,10 @@ import (
 // NotePreferred, SendPing, SendPong, WatchConnectionChanges, ClosePeer and
 // ForwardPacket each must be written within 5 seconds, any wait for another
 // write on the Client to finish included, or they fail (and so does a
-// write they waited for past that): a server that stops reading cannot hold
-// their caller forever. A failed write leaves the Client dead too: every
-// later write fails. Close ends every blocked call at once.
+// write they waited for past that); Send within 10 seconds (see Send): a
+// server that stops reading cannot hold their caller forever. A failed
+// write leaves the Client dead too: every later write fails. Close ends
+// every blocked call at once.
 type Client struct {
 	priv      PrivateKey
 	pub       PublicKey
@@ -36,11 +37,12 @@ type Client struct {
 	box       *[32]byte // shared key with the server, for ServerInfo
 	opts      clientOptions
 
-	wmu     sync.Mutex // guards bw, limiter, werr, dst
+	wmu     sync.Mutex // guards bw, limiter, werr, dst, sendBy
 	bw      *bufio.Writer
 	dst     PublicKey // Send's copy of its destination, so it does not escape
 	limiter *tokenBucket
 	werr    error
+	sendBy  time.Time // the write deadline Send left set; zero if none
 
 	// Read side: owned by the goroutine calling Recv.
 	br          *bufio.Reader
@@ -275,6 +277,12 @@ func (c *Client) LocalAddr() net.Addr { return c.nc.LocalAddr() }
 // MaxPacketSize are refused with ErrPacketTooLarge. If the server announced a
 // rate limit and pkt does not fit in it right now, the packet is not sent and
 // the error wraps ErrRateLimited; the connection stays usable.
+//
+// A packet the connection cannot take within 10 seconds (a server that
+// stopped reading, a connection that stalled) fails the Send, and the
+// Client with it. To keep Send cheap that bound is a write deadline
+// renewed only once it is less than 5 seconds away, so such a Send may
+// fail after 5 seconds already.
 func (c *Client) Send(dst PublicKey, pkt []byte) error {
 	if len(pkt) > MaxPacketSize {
 		return ErrPacketTooLarge
@@ -284,8 +292,13 @@ func (c *Client) Send(dst PublicKey, pkt []byte) error {
 	if c.werr != nil {
 		return c.werr
 	}
-	if c.limiter != nil && !c.limiter.allow(frameHeaderLen+KeyLen+len(pkt), time.Now()) {
+	now := time.Now()
+	if c.limiter != nil && !c.limiter.allow(frameHeaderLen+KeyLen+len(pkt), now) {
 		return ErrRateLimited
+	}
+	if c.sendBy.Sub(now) < sendBound/2 {
+		c.sendBy = now.Add(sendBound)
+		c.setWriteDeadline(c.sendBy)
 	}
 	c.dst = dst
 	if err := writePacketFrame(c.bw, FrameSendPacket, &c.dst, pkt); err != nil {
@@ -326,7 +339,7 @@ func (c *Client) forwardBatch(n int, item func(i int) (src, dst *PublicKey, pkt 
 		return c.writeFailed(os.ErrDeadlineExceeded)
 	}
 	c.setWriteDeadline(deadline)
-	defer c.setWriteDeadline(time.Time{})
+	defer c.clearWriteDeadline()
 	for i := range n {
 		src, dst, pkt := item(i)
 		if len(pkt) > MaxPacketSize {
@@ -378,6 +391,16 @@ func (c *Client) writeFrame(t FrameType, payload []byte) error {
 	return c.writeFrameWithin(writeBound, t, payload)
 }
 
+// sendBound bounds a Send: see Send.
+const sendBound = 10 * time.Second
+
+// clearWriteDeadline ends the write deadline of a write that set its own,
+// Send's too (which the next Send sets again).
+func (c *Client) clearWriteDeadline() {
+	c.sendBy = time.Time{}
+	c.setWriteDeadline(time.Time{})
+}
+
 // writeBound bounds a write on a Client with no bound of its own, the wait
 // for another write to release the Client included: a server that stops
 // reading (or a transport that stalls) then fails the write, leaving the
@@ -398,7 +421,7 @@ func (c *Client) writeFrameWithin(d time.Duration, t FrameType, payload []byte) 
 		return c.writeFailed(os.ErrDeadlineExceeded)
 	}
 	c.setWriteDeadline(deadline)
-	defer c.setWriteDeadline(time.Time{})
+	defer c.clearWriteDeadline()
 	if err := writeFrame(c.bw, t, payload); err != nil {
 		return c.writeFailed(err)
 	}

@@ -1122,8 +1122,10 @@ func (rc *ReconnectingClient) wakePingsLocked() {
 // the connection (the next call reconnects) and is returned; the packet is
 // not retried. ctx bounds the write too: if it ends while a server that has
 // stopped reading holds the write, Send returns ctx's error and drops the
-// connection, as a DERP stream cannot resume mid-frame. (A ctx that can end
-// costs one small allocation per call.)
+// connection, as a DERP stream cannot resume mid-frame. Whatever ctx, a
+// packet the connection cannot take within 10 seconds fails Send with the
+// write's error, and drops the connection too (see Client.Send). (A ctx
+// that can end costs one small allocation per call.)
 func (rc *ReconnectingClient) Send(ctx context.Context, dst PublicKey, pkt []byte) error {
 	c, _, err := rc.current(ctx)
 	if err != nil {

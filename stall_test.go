@@ -1025,3 +1025,73 @@ func TestReconnectingWritesWithoutCtxBounded(t *testing.T) {
 		}
 	}
 }
+
+// TestSendBoundedOnStalledServer: Send to a server that stops reading after
+// the login fails within its bound (at most 10 s) instead of blocking
+// forever: Client.Send and ReconnectingClient.Send(context.Background()),
+// over a net.Pipe (no buffer) and over loopback TCP (Sends fill the socket
+// buffers first), and the ReconnectingClient's next call reconnects.
+func TestSendBoundedOnStalledServer(t *testing.T) {
+	type result struct {
+		name string
+		err  error
+		rc   *ReconnectingClient
+	}
+	var wg sync.WaitGroup
+	results := make(chan result, 4)
+	start := func(name string, send func() error, rc *ReconnectingClient) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var err error
+			for err == nil { // until the buffers are full and a Send blocks
+				err = send()
+			}
+			results <- result{name, err, rc}
+		}()
+	}
+	pkt := make([]byte, 1000)
+	for _, tcp := range []bool{false, true} {
+		s := &scriptedServer{priv: mustKey(t)}
+		s.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
+			if n > 1 {
+				io.Copy(io.Discard, br)
+				return
+			}
+			s.stall() // never reads again
+		}
+		dial, via := s.dial, "pipe"
+		if tcp {
+			dial, via = s.dialTCP, "TCP"
+		}
+		c, _ := dialFast(t, &FastStart{DialContext: dial}, "http://derp.invalid/derp")
+		start("Client.Send over "+via, func() error { return c.Send(PublicKey{1}, pkt) }, nil)
+
+		s2 := &scriptedServer{priv: mustKey(t), script: s.script}
+		rc := newScriptedRC(t, s2)
+		rc.Dialer = &FastStart{DialContext: s2.dial}
+		if tcp {
+			rc.Dialer = &FastStart{DialContext: s2.dialTCP}
+		}
+		if _, err := rc.Recv(context.Background()); err != nil { // ServerInfo
+			t.Fatal(err)
+		}
+		start("ReconnectingClient.Send over "+via, func() error { return rc.Send(context.Background(), PublicKey{1}, pkt) }, rc)
+		t.Cleanup(s.close)
+	}
+	if took, ok := callWithin(40*time.Second, wg.Wait); !ok {
+		t.Errorf("after %v, %d of 4 Send loops to a server that reads nothing still blocked (the bound is 10 s)", took, 4-len(results))
+	}
+	for range len(results) { // (a Send still blocked sends later, into the buffer)
+		r := <-results
+		t.Logf("%s: %v", r.name, r.err)
+		if r.rc == nil {
+			continue
+		}
+		// The connection was dropped: the next Send connects again.
+		go r.rc.Recv(context.Background()) // reads the next ServerInfo off the pipe
+		if err := r.rc.Send(context.Background(), PublicKey{1}, pkt); err != nil {
+			t.Errorf("%s after the failed one: %v", r.name, err)
+		}
+	}
+}
