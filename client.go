@@ -140,8 +140,10 @@ func AppName(name string) ClientOption { return func(o *clientOptions) { o.appNa
 // connection is dead. Zero or negative means no limit.
 func RecvTimeout(d time.Duration) ClientOption { return func(o *clientOptions) { o.recvTimeout = d } }
 
-// LoginTimeout bounds how long NewClient waits for the server's ServerKey
-// frame. Default 10 s.
+// LoginTimeout bounds NewClient: its wait for the server's ServerKey frame
+// and its write of the ClientInfo (which a server that does not read, over
+// a transport with no buffer, would hold forever). Default 10 s; zero or
+// negative means no limit.
 func LoginTimeout(d time.Duration) ClientOption {
 	return func(o *clientOptions) { o.loginTimeout = d }
 }
@@ -193,8 +195,12 @@ func NewClient(priv PrivateKey, nc net.Conn, brw *bufio.ReadWriter, opts ...Clie
 		maybeHTTP: o.maybeHTTP,
 		serverKey: o.serverKey,
 	}
+	var by time.Time // the login's deadline; zero if none
+	if o.loginTimeout > 0 {
+		by = time.Now().Add(o.loginTimeout)
+	}
 	if c.serverKey.IsZero() {
-		if err := c.recvServerKey(); err != nil {
+		if err := c.recvServerKey(by); err != nil {
 			return nil, fmt.Errorf("relay: login: receive server key: %w", err)
 		}
 	}
@@ -203,15 +209,18 @@ func NewClient(priv PrivateKey, nc net.Conn, brw *bufio.ReadWriter, opts ...Clie
 		return nil, fmt.Errorf("relay: login: server key %s: %w", c.serverKey.ShortString(), err)
 	}
 	c.box = box
-	if err := c.sendClientInfo(); err != nil {
+	if err := c.sendClientInfo(by); err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return nil, fmt.Errorf("relay: login: send client info: not written within LoginTimeout %v (the server is not reading): %w", o.loginTimeout, err)
+		}
 		return nil, fmt.Errorf("relay: login: send client info: %w", err)
 	}
 	return c, nil
 }
 
-func (c *Client) recvServerKey() error {
-	if c.opts.loginTimeout > 0 {
-		c.setReadDeadline(time.Now().Add(c.opts.loginTimeout))
+func (c *Client) recvServerKey(by time.Time) error {
+	if !by.IsZero() {
+		c.setReadDeadline(by)
 		defer c.setReadDeadline(time.Time{})
 	}
 	t, n, err := readFrameHeader(c.br)
@@ -238,7 +247,7 @@ func (c *Client) recvServerKey() error {
 	return nil
 }
 
-func (c *Client) sendClientInfo() error {
+func (c *Client) sendClientInfo(by time.Time) error {
 	info := clientInfoJSON{
 		Version:     ProtocolVersion,
 		CanAckPings: c.opts.canAckPings,
@@ -257,6 +266,10 @@ func (c *Client) sendClientInfo() error {
 	payload = sealBox(payload, c.box, msg)
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	if !by.IsZero() {
+		c.setWriteDeadline(by)
+		defer c.setWriteDeadline(time.Time{})
+	}
 	if err := writeFrame(c.bw, FrameClientInfo, payload); err != nil {
 		return err
 	}

@@ -536,8 +536,10 @@ func (f *FastStart) webSocket(nc net.Conn, u *url.URL, priv PrivateKey, hs Hands
 // start), then the ServerKey frame. It fails with ErrServerKeyMismatch if the
 // key is not the assumed one.
 func (c *Client) readServerStart() error {
+	var by time.Time
 	if c.opts.loginTimeout > 0 {
-		c.setReadDeadline(time.Now().Add(c.opts.loginTimeout))
+		by = time.Now().Add(c.opts.loginTimeout)
+		c.setReadDeadline(by)
 		defer c.setReadDeadline(time.Time{})
 	}
 	assumed := c.serverKey
@@ -545,7 +547,7 @@ func (c *Client) readServerStart() error {
 	if err := c.skipHTTPResponse(); err != nil {
 		return err
 	}
-	if err := c.recvServerKey(); err != nil {
+	if err := c.recvServerKey(by); err != nil {
 		return fmt.Errorf("relay: login: %w", err)
 	}
 	if c.serverKey != assumed {

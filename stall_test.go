@@ -1095,3 +1095,32 @@ func TestSendBoundedOnStalledServer(t *testing.T) {
 		}
 	}
 }
+
+// TestNewClientLoginTimeoutBoundsClientInfo: LoginTimeout bounds NewClient's
+// write of the ClientInfo too: over a transport with no buffer (a net.Pipe)
+// to a server that reads nothing, NewClient fails within it, with a key
+// known in advance or one read from the server's ServerKey frame.
+func TestNewClientLoginTimeoutBoundsClientInfo(t *testing.T) {
+	for _, known := range []bool{true, false} {
+		t.Run(fmt.Sprintf("known_key=%v", known), func(t *testing.T) {
+			srv := mustKey(t)
+			cc, sc := net.Pipe()
+			t.Cleanup(func() { cc.Close(); sc.Close() })
+			opts := []ClientOption{LoginTimeout(300 * time.Millisecond)}
+			if known {
+				opts = append(opts, ServerPublicKey(srv.Public()))
+			} else {
+				// The server sends its key, then reads nothing.
+				go sc.Write(appendFrame(nil, FrameServerKey, appendServerKey(nil, srv.Public())))
+			}
+			var err error
+			if took, ok := callWithin(10*time.Second, func() { _, err = NewClient(mustKey(t), cc, nil, opts...) }); !ok {
+				t.Fatalf("NewClient with a 300 ms LoginTimeout still blocked after %v writing its ClientInfo to a server that reads nothing", took)
+			}
+			t.Logf("NewClient: %v", err)
+			if err == nil || !strings.Contains(err.Error(), "client info") {
+				t.Fatalf("NewClient: %v, want a failure to send the client info", err)
+			}
+		})
+	}
+}
