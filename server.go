@@ -1402,6 +1402,10 @@ func (s *Server) unregister(c *sconn) {
 		}
 	}
 	if last {
+		// c is among them if it sent packets to its own key; it is
+		// ending, and telling it that it is gone would only add a
+		// bogus last frame before its close.
+		delete(gone, c)
 		if !s.meshAdopt(c.key, gone) {
 			for r := range gone {
 				r.enqueuePeerGone(c.key, PeerGoneDisconnected)

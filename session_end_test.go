@@ -305,6 +305,70 @@ func TestStatsCountLastBatchOfEndingSession(t *testing.T) {
 	}
 }
 
+// closeGateConn holds the server's Close of the connection, announced on
+// closing, until the test releases it.
+type closeGateConn struct {
+	net.Conn
+	once    sync.Once
+	closing chan struct{}
+	release chan struct{}
+}
+
+func (g *closeGateConn) Close() error {
+	g.once.Do(func() {
+		close(g.closing)
+		<-g.release
+	})
+	return g.Conn.Close()
+}
+
+// A session that sent packets to its own key is not told, as it ends, that
+// its key is gone: it was among the recipients of its own packets, and the
+// notice went out between the reader's error and the close.
+func TestEndingSessionNotToldItIsGone(t *testing.T) {
+	s := newTestServer(t)
+	cc, sc := net.Pipe()
+	g := &closeGateConn{Conn: sc, closing: make(chan struct{}), release: make(chan struct{})}
+	go s.Accept(context.Background(), g, nil, "127.0.0.1:3")
+	a := loginClient(t, cc, mustKey(t))
+	if err := a.Send(a.PublicKey(), []byte("me")); err != nil {
+		t.Fatal(err)
+	}
+	recvMsg[*ReceivedPacket](t, a)
+	var c *sconn
+	s.mu.Lock()
+	for sc := range s.conns {
+		c = sc
+	}
+	s.mu.Unlock()
+	msgs := make(chan []Message, 1)
+	go func() {
+		m, _ := recvUntilErr(t, a)
+		msgs <- m
+	}()
+	// A NotePreferred of 0 bytes is a protocol error: the session ends.
+	if _, err := cc.Write([]byte{byte(FrameNotePreferred), 0, 0, 0, 0}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-g.closing:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the session did not end")
+	}
+	// Whatever was queued for the session by now goes out before the close.
+	waitForWithin(t, 10*time.Second, func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return !c.writing
+	})
+	close(g.release)
+	for _, m := range <-msgs {
+		if pg, ok := m.(PeerGone); ok && pg.Peer == a.PublicKey() {
+			t.Errorf("the ending session was told its own key is gone: %+v", pg)
+		}
+	}
+}
+
 // A client that leaves while its packet still waits in a receiver's queue:
 // the receiver is written the packet and then told PeerGone, and when the
 // client comes back, sends again and leaves again, it is told again.
