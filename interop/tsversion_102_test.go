@@ -17,3 +17,11 @@ func tsForwardPacket(c *derp.Client, src, dst key.NodePublic, pkt []byte) error 
 }
 
 func tsPeerAppName(derp.PeerPresentMessage) string { return "" }
+
+const (
+	tsUnknownFrame65569 = "[] and open"
+	tsUnknownFrame1MiB1 = "[] and open"
+	tsAppName33         = `[ServerInfo({"version":2})] and open`
+)
+
+const tsPeerPresentLen = 51

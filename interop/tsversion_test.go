@@ -22,3 +22,17 @@ func tsForwardPacket(c *derp.Client, src, dst key.NodePublic, pkt []byte) error 
 
 // tsPeerAppName returns the app name of a Tailscale PeerPresent message.
 func tsPeerAppName(m derp.PeerPresentMessage) string { return m.AppName }
+
+// What Tailscale's server does with a frame of an unknown type of 65569
+// bytes and of 1 MiB + 1 (v1.104 refuses any longer than a maximal
+// SendPacket), and with a ClientInfo whose AppName has 33 bytes (v1.104
+// refuses names over 32), as the differential tests write it.
+const (
+	tsUnknownFrame65569 = "[] then closed"
+	tsUnknownFrame1MiB1 = "[] then closed"
+	tsAppName33         = "[] then closed"
+)
+
+// tsPeerPresentLen is the length of a PeerPresent frame from Tailscale's
+// server for a client without an app name (v1.104 adds its length byte).
+const tsPeerPresentLen = 52
