@@ -1882,8 +1882,10 @@ func truncatedFrame(t FrameType) error {
 const readYieldBytes = 64 << 10
 
 // maxUnknownFrame bounds frames the server reads and discards (unknown
-// types, a second ClientInfo, Pong, KeepAlive). Tailscale reads up to 4 GiB
-// of such frames; no legitimate client sends more than a few bytes.
+// types, a second ClientInfo, KeepAlive; a Pong has the limit of a Ping).
+// Tailscale's server read up to 4 GiB of such frames before v1.104 and
+// 64 KiB + 32 since; no legitimate client sends more than a few bytes, and
+// the room left is for frame types yet to come.
 const maxUnknownFrame = 1 << 20
 
 func (c *sconn) skipFrame(t FrameType, n uint32) error {
@@ -3279,7 +3281,9 @@ func (g *nonceGuard) check(nonce [nonceLen]byte, now time.Time) bool {
 // answer requests with "Upgrade: websocket" before they reach the Server.
 // After the upgrade ServeHTTP returns at once and the session continues on
 // its own goroutine, so net/http's per-connection buffers are not kept for
-// the session's lifetime; Close waits for every session.
+// the session's lifetime; Close waits for every session, and after it
+// upgrade requests are answered 503 (Tailscale's server would upgrade them
+// and run the session).
 //
 // Set ReadHeaderTimeout on the http.Server (the examples use 10 s): the
 // handler, and with it the server's login deadline, only starts once the
