@@ -5,10 +5,12 @@ package relay
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net"
 	"net/http"
 	neturl "net/url"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -275,5 +277,47 @@ func TestDialCancelSilentPeer(t *testing.T) {
 				t.Logf("%s %s: %v", name, scheme, err)
 			}
 		}
+	}
+}
+
+// Accept with a nil ctx is a programming error: it must panic at once on
+// the caller's goroutine (with a message that says so), not on one of the
+// server's own, where it kills the process, and it must take nothing from
+// the server, whose Close would otherwise wait for that session forever.
+func TestAcceptNilContext(t *testing.T) {
+	s := NewServer(mustKey(t))
+	for _, name := range []string{"pipe", "tcp"} {
+		var cc, sc net.Conn
+		if name == "pipe" {
+			cc, sc = net.Pipe()
+			defer cc.Close()
+		} else {
+			cc, sc = tcpPair(t) // parkable: the session would run on a goroutine of the server's
+		}
+		var nilCtx context.Context
+		got := make(chan any, 1)
+		go func() {
+			defer func() { got <- recover() }()
+			s.Accept(nilCtx, sc, nil, "192.0.2.1:1")
+		}()
+		select {
+		case r := <-got:
+			if msg, _ := r.(string); !strings.Contains(msg, "nil Context") {
+				t.Errorf("%s: Accept(nil ctx) panicked with %v, want a panic naming the nil Context", name, r)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s: Accept(nil ctx) neither returned nor panicked", name)
+		}
+		cc.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := cc.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Errorf("%s: Accept(nil ctx) left the connection open", name)
+		}
+	}
+	closed := make(chan struct{})
+	go func() { s.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Server.Close hangs after Accept(nil ctx): a session was counted that never ends")
 	}
 }

@@ -860,7 +860,15 @@ const maxKeptPeerGone = 64
 // buffered in it are read first and bytes written but not flushed (such as
 // an HTTP 101 response) leave with the ServerKey frame. remoteAddr ("ip:port")
 // is used for per-IP limits, admission and PeerPresent.
+//
+// ctx must not be nil (use context.Background()): Accept closes nc and
+// panics at once, on the caller's goroutine, rather than on one of the
+// server's own where nobody could recover it.
 func (s *Server) Accept(ctx context.Context, nc net.Conn, brw *bufio.ReadWriter, remoteAddr string) {
+	if ctx == nil {
+		nc.Close()
+		panic("relay: Server.Accept: nil Context")
+	}
 	s.accept(ctx, nc, brw, remoteAddr, acceptOpts{})
 }
 
