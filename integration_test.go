@@ -321,3 +321,49 @@ func TestAcceptNilContext(t *testing.T) {
 		t.Fatal("Server.Close hangs after Accept(nil ctx): a session was counted that never ends")
 	}
 }
+
+// A client over a connection limit (WithMaxConnections) that comes through
+// ServeHTTP is told so with an HTTP 503 that names the limit, on every
+// path, instead of being hijacked and hung up on without a word; the refusals
+// are counted and take no slot.
+func TestServeHTTPConnectionLimit503(t *testing.T) {
+	for _, limit := range []ServerOption{WithMaxConnections(1, 0), WithMaxConnections(0, 1)} {
+		s := newTestServer(t, limit)
+		tlsd := serveDERP(t, s, derpServeOpts{})
+		plain := serveDERP(t, s, derpServeOpts{plain: true})
+		first, _ := dialFast(t, &FastStart{TLSConfig: tlsd.ClientTLS}, tlsd.URL)
+		cases := []struct {
+			name string
+			url  string
+			fs   *FastStart
+		}{
+			{"fast start (meta cert)", tlsd.URL, &FastStart{TLSConfig: tlsd.ClientTLS}},
+			{"upgrade", tlsd.URL, &FastStart{TLSConfig: tlsd.ClientTLS, DisableFastStart: true}},
+			{"websocket", tlsd.URL, &FastStart{TLSConfig: tlsd.ClientTLS, WebSocket: true}},
+			{"fast start (known key, plain HTTP)", plain.URL, &FastStart{ServerKey: s.PublicKey()}},
+		}
+		for _, tc := range cases {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			c, hs, err := tc.fs.Dial(ctx, tc.url, mustKey(t))
+			cancel()
+			if err == nil {
+				// The fast path returns once the login is written; the
+				// answer comes with the first Recv.
+				_, err = c.Recv()
+				c.Close()
+			}
+			if err == nil || !strings.Contains(err.Error(), "503") || !strings.Contains(err.Error(), "too many connections") {
+				t.Errorf("%s over the limit (%s): %v, want an HTTP 503 naming the connection limit", tc.name, hs.Path, err)
+			}
+		}
+		if got := s.Stats().Rejected["too_many_connections"]; got < int64(len(cases)) {
+			t.Errorf("Stats.Rejected[too_many_connections] = %d, want at least %d", got, len(cases))
+		}
+		if n := s.stats.sessions.Load(); n != 1 {
+			t.Errorf("%d connection slots taken after the refusals, want 1", n)
+		}
+		first.Close()
+		waitForT(t, "slot freed", func() bool { return s.stats.sessions.Load() == 0 })
+		dialFast(t, &FastStart{TLSConfig: tlsd.ClientTLS}, tlsd.URL)
+	}
+}

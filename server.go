@@ -658,7 +658,10 @@ func WithIdlePark(d time.Duration) ServerOption {
 
 // WithMaxConnections limits the number of sessions (logged in or logging
 // in) in total and per remote IP address; zero means no limit. Defaults:
-// no total limit, no per-IP limit.
+// no total limit, no per-IP limit. A connection over a limit is closed
+// before a byte is written, except one that comes through ServeHTTP:
+// it is answered "503 Service Unavailable" with the limit that was
+// reached, before its connection is taken from net/http.
 func WithMaxConnections(total, perIP int) ServerOption {
 	return func(c *serverConfig) { c.maxConns, c.maxConnsPerIP = total, perIP }
 }
@@ -876,6 +879,7 @@ type acceptOpts struct {
 	notIdeal  bool
 	fastStart bool
 	detached  bool // on a goroutine of the server's own: nobody waits for the session
+	admitted  bool // the connection slot is already taken (hijack did it)
 }
 
 func (s *Server) accept(ctx context.Context, nc net.Conn, brw *bufio.ReadWriter, remoteAddr string, ao acceptOpts) {
@@ -962,9 +966,9 @@ func (s *Server) startSession(ctx context.Context, nc net.Conn, brw *bufio.ReadW
 	if brw == nil {
 		brw = bufio.NewReadWriter(bufio.NewReader(nc), bufio.NewWriter(nc))
 	}
-	ap, _ := netip.ParseAddrPort(remoteAddr)
-	ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-	if err := s.admitConn(ap.Addr()); err != nil {
+	ap := parseRemote(remoteAddr)
+	// ServeHTTP takes the slot itself, before it hijacks the connection.
+	if err := s.admitConnUnless(ao.admitted, ap.Addr()); err != nil {
 		if errors.Is(err, ErrClosed) {
 			s.stats.countRejected("server_closed")
 			s.log.Debug("relay: refusing connection", "remote", remoteAddr, "err", err)
@@ -1115,6 +1119,21 @@ func (c *sconn) quitChan() <-chan struct{} {
 		}
 	}
 	return c.quit
+}
+
+// parseRemote parses a remote address as admitConn and releaseConn key it:
+// an IPv4-mapped IPv6 address counts as the IPv4 address.
+func parseRemote(remoteAddr string) netip.AddrPort {
+	ap, _ := netip.ParseAddrPort(remoteAddr)
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// admitConnUnless is admitConn unless the slot was already taken.
+func (s *Server) admitConnUnless(admitted bool, ip netip.Addr) error {
+	if admitted {
+		return nil
+	}
+	return s.admitConn(ip)
 }
 
 func (s *Server) admitConn(ip netip.Addr) error {
@@ -3327,7 +3346,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	fastStart := r.Header.Get(FastStartHeader) == "1"
-	nc, brw, ok := s.hijack(w, r)
+	nc, brw, _, ok := s.hijack(w, r)
 	if !ok {
 		return
 	}
@@ -3344,7 +3363,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// context is not canceled when a hijacked connection closes; the
 	// session ends on its own.
 	ctx := context.WithoutCancel(r.Context())
-	ao := acceptOpts{notIdeal: r.Header.Get(IdealNodeHeader) != "", fastStart: fastStart, detached: true}
+	ao := acceptOpts{notIdeal: r.Header.Get(IdealNodeHeader) != "", fastStart: fastStart, detached: true, admitted: true}
 	remote := r.RemoteAddr
 	go s.accept(ctx, nc, brw, remote, ao)
 }
@@ -3360,26 +3379,38 @@ func clip(s string, n int) string {
 	return strings.ToValidUTF8(s[:n], "") + "…"
 }
 
-// hijack takes the connection from net/http, or answers 503 (the server is
-// closed) or 500 (it cannot be taken) and reports false.
-func (s *Server) hijack(w http.ResponseWriter, r *http.Request) (net.Conn, *bufio.ReadWriter, bool) {
-	s.mu.Lock()
-	closed := s.closed
-	s.mu.Unlock()
-	if closed {
-		// An answer a client can act on, rather than a 101 and a hang-up.
-		s.stats.countRejected("server_closed")
-		http.Error(w, "relay: server is shutting down", http.StatusServiceUnavailable)
-		return nil, nil, false
+// hijack takes a connection slot for r's client (see WithMaxConnections)
+// and the connection from net/http. If the server is closed or a
+// connection limit is reached it answers 503 instead, which a client can
+// act on, rather than a 101 and a hang-up; if the connection cannot be
+// taken, 500. It reports false after such an answer. On success the slot
+// belongs to the caller: it passes it on to accept (acceptOpts.admitted)
+// or gives it back with releaseConn(ip).
+func (s *Server) hijack(w http.ResponseWriter, r *http.Request) (nc net.Conn, brw *bufio.ReadWriter, ip netip.Addr, ok bool) {
+	ip = parseRemote(r.RemoteAddr).Addr()
+	if err := s.admitConn(ip); err != nil {
+		// After a fast-start request the client's DERP frames follow
+		// the headers: no further request will come on this connection.
+		w.Header().Set("Connection", "close")
+		if errors.Is(err, ErrClosed) {
+			s.stats.countRejected("server_closed")
+			http.Error(w, "relay: server is shutting down", http.StatusServiceUnavailable)
+			return nil, nil, ip, false
+		}
+		s.stats.countRejected("too_many_connections")
+		s.logPeer("relay: refusing connection", "remote", r.RemoteAddr, "err", err)
+		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+		return nil, nil, ip, false
 	}
 	nc, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
+		s.releaseConn(ip)
 		s.stats.countRejected("hijack_failed")
 		s.log.Info("relay: hijack failed", "remote", r.RemoteAddr, "err", err)
 		http.Error(w, "HTTP does not support general TCP support", http.StatusInternalServerError)
-		return nil, nil, false
+		return nil, nil, ip, false
 	}
-	return nc, brw, true
+	return nc, brw, ip, true
 }
 
 // ServeProbe answers DERP latency probes (/derp/probe, /derp/latency-check):

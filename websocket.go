@@ -110,7 +110,7 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "bad WebSocket handshake (want GET with Connection: Upgrade and a 16-byte Sec-WebSocket-Key)", http.StatusBadRequest)
 		return
 	}
-	nc, brw, ok := s.hijack(w, r)
+	nc, brw, ip, ok := s.hijack(w, r)
 	if !ok {
 		return
 	}
@@ -122,11 +122,12 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 		"Sec-WebSocket-Protocol: %s\r\n\r\n", wsAcceptKey(key), WebSocketProtocol)
 	if err := brw.Flush(); err != nil {
 		nc.Close()
+		s.releaseConn(ip)
 		return
 	}
 	wc := newWSConn(nc, brw.Reader, false)
 	ctx := context.WithoutCancel(r.Context())
-	ao := acceptOpts{notIdeal: r.Header.Get(IdealNodeHeader) != "", detached: true}
+	ao := acceptOpts{notIdeal: r.Header.Get(IdealNodeHeader) != "", detached: true, admitted: true}
 	go s.accept(ctx, wc, nil, r.RemoteAddr, ao)
 }
 
