@@ -231,14 +231,16 @@ func TestHTTPShutdownOrders(t *testing.T) {
 	}
 }
 
+// Behind a wrapper that cannot hijack, a client is refused with a 500 that
+// says what is wrong with the deployment.
 func TestBehindTimeoutHandler(t *testing.T) {
 	s := newTestServer(t)
 	_, url := serveHTTPWith(t, http.TimeoutHandler(s, time.Second, "timeout"), nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_, _, err := (&FastStart{}).Dial(ctx, url, mustKey(t))
-	if err == nil || !strings.Contains(err.Error(), "500") {
-		t.Fatalf("dial through http.TimeoutHandler (which cannot hijack): %v, want the 500 refusal", err)
+	if err == nil || !strings.Contains(err.Error(), "500") || !strings.Contains(err.Error(), "Hijack") {
+		t.Fatalf("dial through http.TimeoutHandler (which cannot hijack): %v, want the 500 refusal naming Hijack", err)
 	}
 }
 

@@ -97,6 +97,16 @@ func TestAttackerCannotFloodLog(t *testing.T) {
 				s.ServeHTTP(httptest.NewRecorder(), r)
 			}
 		}, "rej:no_upgrade"},
+		{"upgrade the ResponseWriter cannot hijack", nil, func(t *testing.T, s *Server) func() {
+			// A server deployed behind a wrapper that hides Hijack
+			// (http.TimeoutHandler): every client's request fails.
+			return func() {
+				r := httptest.NewRequest("GET", "/derp", nil)
+				r.Header.Set("Upgrade", "DERP")
+				r.Header.Set("Connection", "Upgrade")
+				s.ServeHTTP(httptest.NewRecorder(), r)
+			}
+		}, "rej:hijack_failed"},
 		{"protocol error after login", nil, func(t *testing.T, s *Server) func() {
 			return func() {
 				cc, done := accept(s, "192.0.2.1:1")

@@ -3406,8 +3406,12 @@ func (s *Server) hijack(w http.ResponseWriter, r *http.Request) (nc net.Conn, br
 	if err != nil {
 		s.releaseConn(ip)
 		s.stats.countRejected("hijack_failed")
-		s.log.Info("relay: hijack failed", "remote", r.RemoteAddr, "err", err)
-		http.Error(w, "HTTP does not support general TCP support", http.StatusInternalServerError)
+		// Every request fails this way on a server deployed behind such
+		// a wrapper, so the line is rate-limited like the others that
+		// clients can cause at will.
+		s.logPeer("relay: hijack failed", "remote", r.RemoteAddr, "err", err)
+		http.Error(w, "relay: cannot take over the connection for DERP: the http.ResponseWriter does not support Hijack "+
+			"(a wrapper such as http.TimeoutHandler's without Hijack or Unwrap?): "+err.Error(), http.StatusInternalServerError)
 		return nil, nil, ip, false
 	}
 	return nc, brw, ip, true
