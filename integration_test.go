@@ -369,3 +369,22 @@ func TestServeHTTPConnectionLimit503(t *testing.T) {
 		dialFast(t, &FastStart{TLSConfig: tlsd.ClientTLS}, tlsd.URL)
 	}
 }
+
+// The way Server.Close's doc ends DERP sessions with http.Server.Shutdown:
+// RegisterOnShutdown. Without it, Shutdown leaves hijacked sessions alone.
+func TestHTTPShutdownWithRegisterOnShutdown(t *testing.T) {
+	s := NewServer(mustKey(t))
+	defer s.Close()
+	hs, url := serveHTTPWith(t, s, nil)
+	hs.RegisterOnShutdown(func() { s.Close() })
+	a, _ := dialFast(t, &FastStart{}, url)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := hs.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	if _, ok := recvMsg[ServerRestarting](t, a); !ok {
+		t.Fatal("Shutdown with Server.Close registered: no ServerRestarting")
+	}
+	waitForT(t, "sessions ended", func() bool { return s.Stats().CurrentConnections == 0 })
+}

@@ -3134,11 +3134,19 @@ func shrinkMap[K comparable, V any](m map[K]V, peak *int) map[K]V {
 // Close tells every client that the server is restarting, with a random
 // reconnect delay each so they do not all return at once, then ends every
 // session and waits for them. Accept calls after Close close their
-// connection at once. The forwarders of AddPacketForwarder stop: Close
-// waits for their ForwardPacket calls in progress, and none starts after,
-// so a forwarder must not call Close itself (it would wait for itself):
-// it may start a goroutine that does. The same holds for the admission
-// hook (WithAdmission) and the log handler (WithLogger).
+// connection at once, and ServeHTTP answers upgrades with 503. The
+// forwarders of AddPacketForwarder stop: Close waits for their
+// ForwardPacket calls in progress, and none starts after, so a forwarder
+// must not call Close itself (it would wait for itself): it may start a
+// goroutine that does. The same holds for the admission hook
+// (WithAdmission) and the log handler (WithLogger).
+//
+// Close is the only thing that ends sessions that came through ServeHTTP:
+// net/http forgets a connection once it is hijacked, so http.Server's
+// Shutdown and Close do not end them (nor does the request's context).
+// To end them together, register Close with the http.Server:
+//
+//	hs.RegisterOnShutdown(func() { srv.Close() })
 func (s *Server) Close() error {
 	s.mu.Lock()
 	if s.closed {
@@ -3310,7 +3318,8 @@ func (g *nonceGuard) check(nonce [nonceLen]byte, now time.Time) bool {
 // its own goroutine, so net/http's per-connection buffers are not kept for
 // the session's lifetime; Close waits for every session, and after it
 // upgrade requests are answered 503 (Tailscale's server would upgrade them
-// and run the session).
+// and run the session). http.Server's Shutdown and Close do not end such
+// sessions (see Close).
 //
 // Set ReadHeaderTimeout on the http.Server (the examples use 10 s): the
 // handler, and with it the server's login deadline, only starts once the
