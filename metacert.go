@@ -154,9 +154,12 @@ func parseMetaCertCandidate(cert *x509.Certificate) (pub PublicKey, version int,
 // callbacks pass through unchanged, and so do certificates with an empty
 // chain, which have no leaf to put the meta cert behind. Calling
 // AppendMetaCert again with the same metaCert adds nothing: a chain that
-// already ends with metaCert is left alone. An empty metaCert leaves cfg
-// unchanged, since a zero-length certificate would break every Go client's
-// handshake.
+// already ends with metaCert is left alone. A chain that ends with another
+// meta cert (cfg is a clone of a config given another Server's meta cert)
+// has it replaced, since clients take the first meta cert of a chain; to
+// serve two Servers, give each its own clone of a config. An empty
+// metaCert leaves cfg unchanged, since a zero-length certificate would
+// break every Go client's handshake.
 //
 // DERP upgrades an HTTP/1.1 request by hijacking its connection, and an
 // HTTP/2 stream cannot be hijacked, so AppendMetaCert also rewrites
@@ -398,15 +401,37 @@ func needsMetaCert(c *tls.Certificate, meta []byte) bool {
 // withMetaCert returns a shallow copy of c whose chain ends with meta. The
 // chain is always a new slice: appending to c.Certificate could write into
 // spare capacity of a backing array that other handshakes are reading.
+// A meta cert already at the end of the chain (another server's, in a
+// config cloned from one that served it) is replaced, not followed:
+// clients take the first meta cert of a chain.
 func withMetaCert(c *tls.Certificate, meta []byte) tls.Certificate {
 	cc := *c
 	if !needsMetaCert(c, meta) {
 		return cc
 	}
-	chain := make([][]byte, 0, len(c.Certificate)+1)
-	chain = append(chain, c.Certificate...)
+	old := c.Certificate
+	if n := len(old); n > 1 && isMetaCert(old[n-1]) {
+		old = old[:n-1]
+	}
+	chain := make([][]byte, 0, len(old)+1)
+	chain = append(chain, old...)
 	cc.Certificate = append(chain, meta)
 	return cc
+}
+
+// isMetaCert reports whether der is a meta cert, for any key. Only a
+// certificate whose bytes contain the CN prefix is parsed, so that the
+// chains of ordinary handshakes cost a byte search.
+func isMetaCert(der []byte) bool {
+	if !bytes.Contains(der, []byte(MetaCertCommonNamePrefix)) {
+		return false
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return false
+	}
+	_, _, ok := parseMetaCertCandidate(cert)
+	return ok
 }
 
 // metaCertNextProtos returns a new ALPN list for a DERP listener: "h2" is

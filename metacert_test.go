@@ -960,3 +960,52 @@ func TestMetaCertRenewalClockBack(t *testing.T) {
 		t.Fatal("renewed again at the same time")
 	}
 }
+
+// A config cloned from one that already serves a Server's meta cert, and
+// given a second Server's, must serve the second one alone: clients take
+// the first meta cert of a chain, so one appended behind the first would
+// send the second server's clients to the first server's key.
+func TestAppendMetaCertClonedForAnotherServer(t *testing.T) {
+	pki := newMetaCertTestPKI(t)
+	pub1, pub2 := metaCertTestKey(t), metaCertTestKey(t)
+	meta1, meta2 := metaCertTestMint(t, pub1), metaCertTestMint(t, pub2)
+	for name, mk := range pki.serverConfigs() {
+		t.Run(name, func(t *testing.T) {
+			first := mk()
+			AppendMetaCert(first, meta1)
+			second := first.Clone()
+			AppendMetaCert(second, meta2)
+			for _, tc := range []struct {
+				cfg  *tls.Config
+				meta []byte
+				pub  PublicKey
+			}{{first, meta1, pub1}, {second, meta2, pub2}} {
+				state, clientErr, serverErr := metaCertTestHandshake(tc.cfg, pki.clientConfig())
+				if clientErr != nil || serverErr != nil {
+					t.Fatalf("handshake: client %v, server %v", clientErr, serverErr)
+				}
+				checkMetaCertState(t, state, 2, tc.meta, tc.pub)
+			}
+			// Once the meta certs are renewed, too (the first config's
+			// renewal hands the second a config with its meta cert).
+			metaCertNow = func() time.Time { return time.Now().Add(24 * 24 * time.Hour) }
+			defer func() { metaCertNow = time.Now }()
+			for _, tc := range []struct {
+				cfg *tls.Config
+				pub PublicKey
+			}{{second, pub2}, {first, pub1}, {second, pub2}} {
+				state, clientErr, serverErr := metaCertTestHandshake(tc.cfg, pki.clientConfig())
+				if clientErr != nil || serverErr != nil {
+					t.Fatalf("handshake after renewal: client %v, server %v", clientErr, serverErr)
+				}
+				certs := state.PeerCertificates
+				if got, _, ok := ParseMetaCert(certs); len(certs) != 3 || !ok || got != tc.pub {
+					t.Errorf("after renewal: %d certificates, meta cert for %v (%v), want 3 and %v", len(certs), got.ShortString(), ok, tc.pub.ShortString())
+				}
+			}
+			if name == "static" {
+				checkUntouched(t, &pki.cert)
+			}
+		})
+	}
+}
