@@ -624,7 +624,8 @@ type ReconnectingClient struct {
 	OnConnect func(Handshake)
 	// Logger receives one line per connection and failure (a failed dial
 	// of several nodes: one line naming each node's error, and one at
-	// Debug per node); nil is quiet.
+	// Debug per node); nil is quiet. Lines are logged with no lock held:
+	// its handler may call the client's methods.
 	Logger *slog.Logger
 	// MinBackoff and MaxBackoff bound the wait between failed dials.
 	// Defaults: 100 ms and 5 s. Each wait is uniformly random in
@@ -809,6 +810,16 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 		case <-dctx.Done():
 		}
 	}()
+	// The outcome's log line goes out last, after setupMu and mu are
+	// released: a log handler may call rc's methods (as OnConnect may),
+	// and a slow one must not hold up the others.
+	var logMsg string
+	var logArgs []any
+	defer func() {
+		if logMsg != "" {
+			rc.logf(logMsg, logArgs...)
+		}
+	}()
 	opts := append(rc.Options[:len(rc.Options):len(rc.Options)], CanAckPings(true))
 	var c *Client
 	var hs Handshake
@@ -925,7 +936,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 		if logErr == nil {
 			logErr = err // the new connection's first frames failed
 		}
-		rc.logf("relay: connect failed", "url", rc.URL, "region", rc.regionID(), "failures", rc.failures, "err", logErr)
+		logMsg, logArgs = "relay: connect failed", []any{"url", rc.URL, "region", rc.regionID(), "failures", rc.failures, "err", logErr}
 		return nil, 0, Handshake{}, err
 	}
 	rc.c = c
@@ -937,7 +948,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 		rc.keys = map[string]PublicKey{}
 	}
 	rc.keys[won.keyID()] = hs.ServerKey
-	rc.logf("relay: connected", "url", hs.URL, "path", hs.Path.String(), "reason", hs.Reason, "generation", rc.gen)
+	logMsg, logArgs = "relay: connected", []any{"url", hs.URL, "path", hs.Path.String(), "reason", hs.Reason, "generation", rc.gen}
 	return c, rc.gen, hs, nil
 }
 

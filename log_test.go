@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -240,5 +241,53 @@ func TestMeshLinkFlapBacksOff(t *testing.T) {
 	})
 	if longest := slices.Max(retries); longest < 4*meshMinBackoff {
 		t.Errorf("after %d links that went down at once, a retries within %v at most (%v): no backoff", flaps, longest, retries)
+	}
+}
+
+// ReconnectingClient.Logger's handler may call the client's methods (to
+// add its generation or server key to a line, say), as OnConnect may: the
+// client must not log while it holds its locks.
+func TestReconnectingClientLogHandlerMayCallClient(t *testing.T) {
+	s := newTestServer(t)
+	_, url := serveHTTPWith(t, s, nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	refused := "http://" + ln.Addr().String() + "/derp"
+	ln.Close()
+	for _, tc := range []struct{ name, url string }{{"connected", url}, {"connect failed", refused}} {
+		t.Run(tc.name, func(t *testing.T) {
+			var rc *ReconnectingClient
+			var mu sync.Mutex
+			var stuck []string
+			h := &recHandler{}
+			h.hook = func(r slog.Record) {
+				done := make(chan struct{})
+				go func() {
+					rc.Generation()
+					rc.NotePreferred(true)
+					close(done)
+				}()
+				select {
+				case <-done:
+				case <-time.After(2 * time.Second):
+					mu.Lock()
+					stuck = append(stuck, r.Message)
+					mu.Unlock()
+				}
+			}
+			rc = &ReconnectingClient{URL: tc.url, PrivateKey: mustKey(t), Logger: slog.New(h)}
+			defer rc.Close()
+			rc.Connect(context.Background())
+			if len(h.infoRecords()) == 0 {
+				t.Fatal("nothing logged")
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if len(stuck) > 0 {
+				t.Errorf("the client's methods blocked while the log handler handled %q: it logs under its locks", stuck)
+			}
+		})
 	}
 }
