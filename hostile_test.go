@@ -1513,3 +1513,38 @@ func vanishClient(urls string) {
 	}
 	io.Copy(io.Discard, os.Stdin)
 }
+
+// TestMaxConnectionsPerIPNotForNonIPAddresses: connections whose remote
+// address is not an IP (a Unix socket listener's, a pipe's) have no client
+// IP to share, so the per-IP limit does not lump them together; they count
+// against the total limit only.
+func TestMaxConnectionsPerIPNotForNonIPAddresses(t *testing.T) {
+	s := newTestServer(t, WithMaxConnections(3, 1))
+	accept := func(remote string) chan struct{} {
+		cc, sc := net.Pipe()
+		done := make(chan struct{})
+		go func() { s.Accept(context.Background(), sc, nil, remote); close(done) }()
+		t.Cleanup(func() { cc.Close(); <-done })
+		loginClient(t, cc, mustKey(t))
+		return done
+	}
+	for _, remote := range []string{"@", "", "pipe"} {
+		accept(remote)
+	}
+	if got := s.Stats().Rejected["too_many_connections"]; got != 0 {
+		t.Fatalf("%d of 3 connections from non-IP addresses refused under a per-IP limit of 1", got)
+	}
+	// The total limit still holds.
+	cc, sc := net.Pipe()
+	defer cc.Close()
+	done := make(chan struct{})
+	go func() { s.Accept(context.Background(), sc, nil, "@"); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("a fourth connection over the total limit of 3 was not refused")
+	}
+	if got := s.Stats().Rejected["too_many_connections"]; got != 1 {
+		t.Fatalf("rejected %d, want 1", got)
+	}
+}

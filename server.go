@@ -658,8 +658,12 @@ func WithIdlePark(d time.Duration) ServerOption {
 
 // WithMaxConnections limits the number of sessions (logged in or logging
 // in) in total and per remote IP address; zero means no limit. Defaults:
-// no total limit, no per-IP limit. A connection over a limit is closed
-// before a byte is written, except one that comes through ServeHTTP:
+// no total limit, no per-IP limit. The per-IP limit is keyed by the
+// remote address as Accept or net/http gives it: a connection whose remote
+// address is not an IP (a Unix socket's) counts only against the total, and
+// behind a reverse proxy every client has the proxy's address, so set no
+// per-IP limit there. A connection over a limit is closed before a byte is
+// written, except one that comes through ServeHTTP:
 // it is answered "503 Service Unavailable" with the limit that was
 // reached, before its connection is taken from net/http.
 func WithMaxConnections(total, perIP int) ServerOption {
@@ -1145,10 +1149,14 @@ func (s *Server) admitConn(ip netip.Addr) error {
 	if s.cfg.maxConns > 0 && int(s.stats.sessions.Load()) >= s.cfg.maxConns {
 		return fmt.Errorf("%w: server limit %d", ErrTooManyConnections, s.cfg.maxConns)
 	}
-	if s.cfg.maxConnsPerIP > 0 && s.perIP[ip] >= s.cfg.maxConnsPerIP {
+	// A remote address that is not an IP (a Unix socket's, a pipe's)
+	// counts only against the total: there is no client IP to share.
+	if s.cfg.maxConnsPerIP > 0 && ip.IsValid() && s.perIP[ip] >= s.cfg.maxConnsPerIP {
 		return fmt.Errorf("%w: limit %d per IP", ErrTooManyConnections, s.cfg.maxConnsPerIP)
 	}
-	s.perIP[ip]++
+	if ip.IsValid() {
+		s.perIP[ip]++
+	}
 	s.stats.sessions.Add(1)
 	s.sessions.Add(1)
 	return nil
@@ -1156,8 +1164,10 @@ func (s *Server) admitConn(ip netip.Addr) error {
 
 func (s *Server) releaseConn(ip netip.Addr) {
 	s.mu.Lock()
-	if s.perIP[ip]--; s.perIP[ip] <= 0 {
-		delete(s.perIP, ip)
+	if ip.IsValid() {
+		if s.perIP[ip]--; s.perIP[ip] <= 0 {
+			delete(s.perIP, ip)
+		}
 	}
 	s.stats.sessions.Add(-1)
 	s.mu.Unlock()
