@@ -3059,7 +3059,12 @@ func (c *sconn) closeWrite() {
 	if cw, ok := c.nc.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
 		return
 	}
-	c.closeConn()
+	// No half close (WebSocket): close politely, with a WebSocket close
+	// frame and a TLS close_notify, each under a deadline of its own. This
+	// runs on the writer's goroutine, right after a write that succeeded.
+	c.end()
+	c.unpark()
+	c.nc.Close()
 }
 
 // writeFailed ends the session after a write error.
@@ -3068,11 +3073,7 @@ func (c *sconn) writeFailed(err error) {
 		c.s.stats.writeTimeouts.Add(1)
 		c.s.logPeer("relay: write timeout, dropping client", "remote", c.remote, "key", c.key.ShortString())
 	}
-	// The socket itself: tls.Conn.Close would first try a close_notify,
-	// under a deadline of its own of 5 s, into the socket that just failed.
-	c.end()
-	c.unpark() // a parked socket must leave the epoll set before it closes
-	closeSocket(c.nc)
+	c.closeConn() // the socket itself: no close_notify into a socket that just failed
 }
 
 // closeSocket closes the connection under nc's TLS and WebSocket layers.
@@ -3089,11 +3090,15 @@ func closeSocket(nc net.Conn) {
 
 // closeConn ends the session from the server side. Cancelling the session's
 // context also wakes a reader that is waiting for the rate limit, which
-// closing the connection alone would not.
+// closing the connection alone would not. It closes the socket itself, with
+// no TLS close_notify or WebSocket close frame first: those wait (5 s and
+// 1 s) for room in a socket that a stalled client may have filled, and
+// closeConn is called by ClosePeer, from a mesh peer's reader and by
+// Close with the server's lock held. The client reads EOF either way.
 func (c *sconn) closeConn() {
 	c.end()
 	c.unpark() // a parked socket must leave the epoll set before it closes
-	c.nc.Close()
+	closeSocket(c.nc)
 }
 
 // drop counts a packet for c that will not reach it.

@@ -15,6 +15,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -257,4 +258,73 @@ func testWriteTimeoutLingers(t *testing.T, plain bool) {
 	if el := time.Since(start); el > 3*time.Second {
 		t.Fatalf("Server.Close took %v after a write timeout (plain %v)", el, plain)
 	}
+}
+
+// TestServerSideCloseSendsNoCloseNotify: ClosePeer (like Close's cut, an
+// idle timeout or a cancelled context) closes the socket at once.
+// tls.Conn.Close would first write a close_notify under a 5 s deadline of
+// its own (and a WebSocket session a close frame under 1 s), into a socket
+// that a stalled client may have filled: ClosePeer, the mesh peer's reader
+// calling it, or Close, which holds the server's lock while it cuts
+// sessions, waited that long for each such client. The server's end of the
+// connection records whether a write came before its close.
+func TestServerSideCloseSendsNoCloseNotify(t *testing.T) {
+	for _, ws := range []bool{false, true} {
+		t.Run(map[bool]string{false: "tls", true: "websocket over tls"}[ws], func(t *testing.T) {
+			s := newTestServer(t)
+			cc, sc := net.Pipe()
+			defer cc.Close()
+			wc := &watchConn{Conn: sc, ev: make(chan string, 4)}
+			cert, _ := testCert(t, "derp.test")
+			var sn net.Conn = tls.Server(wc, &tls.Config{Certificates: []tls.Certificate{cert}})
+			tc := tls.Client(cc, &tls.Config{InsecureSkipVerify: true})
+			var nc net.Conn = tc
+			if ws {
+				sn = newWSConn(sn, nil, false)
+				nc = newWSConn(tc, nil, true)
+			}
+			done := make(chan struct{})
+			go func() { s.Accept(context.Background(), sn, nil, "192.0.2.1:1"); close(done) }()
+			priv := mustKey(t)
+			loginClient(t, nc, priv)
+			wc.armed.Store(true)
+			go s.ClosePeer(priv.Public())
+			select {
+			case ev := <-wc.ev:
+				if ev != "close" {
+					t.Fatalf("the server's first act after ClosePeer was a %s: a close_notify or close frame into a socket the client does not read", ev)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("ClosePeer neither wrote nor closed")
+			}
+			<-done
+		})
+	}
+}
+
+// watchConn reports, once armed, each Write and Close on ev.
+type watchConn struct {
+	net.Conn
+	armed atomic.Bool
+	ev    chan string
+}
+
+func (c *watchConn) Write(p []byte) (int, error) {
+	if c.armed.Load() {
+		select {
+		case c.ev <- "write":
+		default:
+		}
+	}
+	return c.Conn.Write(p)
+}
+
+func (c *watchConn) Close() error {
+	if c.armed.Load() {
+		select {
+		case c.ev <- "close":
+		default:
+		}
+	}
+	return c.Conn.Close()
 }
