@@ -479,11 +479,15 @@ func (c *Client) writeFailed(err error) error {
 	return err
 }
 
-// Close closes the connection. Blocked Send and Recv calls return.
+// Close closes the connection. Blocked Send and Recv calls return. It closes
+// the socket under a TLS or WebSocket layer of this package at once, with no
+// close_notify or close frame first: those would wait (up to 5 s and 1 s)
+// for room in a socket that a server which stopped reading has filled. The
+// server reads EOF either way.
 func (c *Client) Close() error {
 	c.closeOnce.Do(func() {
 		c.closed.Store(true)
-		c.closeResult = c.nc.Close()
+		c.closeResult = closeSocket(c.nc)
 	})
 	return c.closeResult
 }

@@ -3077,14 +3077,14 @@ func (c *sconn) writeFailed(err error) {
 }
 
 // closeSocket closes the connection under nc's TLS and WebSocket layers.
-func closeSocket(nc net.Conn) {
+func closeSocket(nc net.Conn) error {
 	switch c := nc.(type) {
 	case *tls.Conn:
-		closeSocket(c.NetConn())
+		return closeSocket(c.NetConn())
 	case *wsConn:
-		closeSocket(c.Conn)
+		return closeSocket(c.Conn)
 	default:
-		nc.Close()
+		return nc.Close()
 	}
 }
 

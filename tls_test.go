@@ -328,3 +328,39 @@ func (c *watchConn) Close() error {
 	}
 	return c.Conn.Close()
 }
+
+// TestClientCloseSendsNoCloseNotify: Client.Close closes the socket at once,
+// with no close_notify (or WebSocket close frame) written first into a
+// socket a server that stopped reading may have filled, where it would wait
+// up to 5 s (1 s). The client's end records whether a write came first.
+func TestClientCloseSendsNoCloseNotify(t *testing.T) {
+	for _, ws := range []bool{false, true} {
+		t.Run(map[bool]string{false: "tls", true: "websocket over tls"}[ws], func(t *testing.T) {
+			s := newTestServer(t)
+			cc, sc := net.Pipe()
+			defer sc.Close()
+			wc := &watchConn{Conn: cc, ev: make(chan string, 4)}
+			cert, _ := testCert(t, "derp.test")
+			var sn net.Conn = tls.Server(sc, &tls.Config{Certificates: []tls.Certificate{cert}})
+			var nc net.Conn = tls.Client(wc, &tls.Config{InsecureSkipVerify: true})
+			if ws {
+				sn = newWSConn(sn, nil, false)
+				nc = newWSConn(nc, nil, true)
+			}
+			done := make(chan struct{})
+			go func() { s.Accept(context.Background(), sn, nil, "192.0.2.1:1"); close(done) }()
+			c := loginClient(t, nc, mustKey(t))
+			wc.armed.Store(true)
+			go c.Close()
+			select {
+			case ev := <-wc.ev:
+				if ev != "close" {
+					t.Fatalf("the client's first act in Close was a %s: a close_notify or close frame into a socket the server may not read", ev)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("Close neither wrote nor closed")
+			}
+			<-done
+		})
+	}
+}
