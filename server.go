@@ -1012,6 +1012,18 @@ func (s *Server) startSession(ctx context.Context, nc net.Conn, brw *bufio.ReadW
 		c.stopClose = context.AfterFunc(ctx, c.closeConn)
 	}
 	s.mu.Lock()
+	if s.closed {
+		// Admitted before Close, but not in the snapshot Close took,
+		// and perhaps starting after Close cut the logins it knew of:
+		// nothing would end this login (with WithLoginTimeout(0),
+		// ever), and register would refuse it anyway.
+		s.mu.Unlock()
+		s.stats.countRejected("server_closed")
+		s.log.Debug("relay: refusing connection", "remote", remoteAddr, "err", ErrClosed)
+		nc.Close()
+		c.release()
+		return nil
+	}
 	s.conns[c] = struct{}{} // so that Close can cut a login short
 	s.mu.Unlock()
 	err := s.login(ctx, c, brw.Writer)

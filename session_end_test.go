@@ -1097,3 +1097,59 @@ func TestRecipientSetShrinksWhenRecipientsLeave(t *testing.T) {
 		t.Errorf("the key holds %d KiB in its empty set of recipients", held>>10)
 	}
 }
+
+// heldCtx is a context whose first Done call, which startSession makes
+// after it took the connection slot and before the login starts, waits
+// for release: a way to hold a login between the two.
+type heldCtx struct {
+	context.Context
+	reached, release chan struct{}
+	once             sync.Once
+}
+
+func (c *heldCtx) Done() <-chan struct{} {
+	c.once.Do(func() {
+		close(c.reached)
+		<-c.release
+	})
+	return c.Context.Done()
+}
+
+// A connection admitted before Close whose login starts only after Close
+// cut the logins it knew of must not hold Close up: nothing ended it, and
+// with WithLoginTimeout(0) Close waited forever. (A WebSocket upgrade
+// through ServeHTTP takes its slot at the hijack and starts its login on
+// another goroutine, a wider window than Accept's.)
+func TestCloseEndsLoginAdmittedBeforeIt(t *testing.T) {
+	s := NewServer(mustKey(t), WithLoginTimeout(0))
+	// A: a login in progress, so that the test sees Close's cut.
+	ac, as := net.Pipe()
+	defer ac.Close()
+	go s.Accept(context.Background(), as, nil, "127.0.0.1:1")
+	var b [1]byte
+	if _, err := io.ReadFull(ac, b[:]); err != nil { // the ServerKey frame: A's login runs
+		t.Fatal(err)
+	}
+	// B: admitted before Close, its login held until after the cut.
+	bc, bs := net.Pipe()
+	defer bc.Close()
+	ctx := &heldCtx{Context: context.Background(), reached: make(chan struct{}), release: make(chan struct{})}
+	go s.Accept(ctx, bs, nil, "127.0.0.1:2")
+	<-ctx.reached
+	closed := make(chan struct{})
+	go func() {
+		s.Close()
+		close(closed)
+	}()
+	io.Copy(io.Discard, ac) // until Close cuts A's login, after its grace period
+	close(ctx.release)
+	go io.Copy(io.Discard, bc) // B's ServerKey, if its login runs
+	select {
+	case <-closed:
+	case <-time.After(20 * time.Second):
+		t.Fatalf("Server.Close still waiting 20 s after it cut the logins: a login admitted before Close and started after its cut is never ended (%d slots taken)", s.stats.sessions.Load())
+	}
+	if got := s.Stats().Rejected["server_closed"]; got != 1 {
+		t.Errorf("Stats.Rejected[server_closed] = %d, want 1 (the login refused after Close)", got)
+	}
+}
