@@ -580,8 +580,9 @@ func WithRateLimit(bytesPerSec, burst int) ServerOption {
 	return func(c *serverConfig) { c.rateBytesPerSec, c.rateBurst = bytesPerSec, burst }
 }
 
-// WithLoginTimeout bounds the whole login: writing ServerKey, reading
-// ClientInfo and the admission hook. Default 10 s; zero means no limit
+// WithLoginTimeout bounds the whole login: writing ServerKey (and before
+// it a WebSocket upgrade's 101 response), reading ClientInfo and the
+// admission hook. Default 10 s; zero means no limit
 // (the admission hook's context then has no deadline of its own).
 func WithLoginTimeout(d time.Duration) ServerOption {
 	return func(c *serverConfig) { c.loginTimeout = d }
@@ -884,6 +885,9 @@ type acceptOpts struct {
 	fastStart bool
 	detached  bool // on a goroutine of the server's own: nobody waits for the session
 	admitted  bool // the connection slot is already taken (hijack did it)
+	// upgrade holds an HTTP response, written straight to the connection
+	// below nc, that the login sends before its first frame.
+	upgrade *bufio.Writer
 }
 
 func (s *Server) accept(ctx context.Context, nc net.Conn, brw *bufio.ReadWriter, remoteAddr string, ao acceptOpts) {
@@ -1026,7 +1030,7 @@ func (s *Server) startSession(ctx context.Context, nc net.Conn, brw *bufio.ReadW
 	}
 	s.conns[c] = struct{}{} // so that Close can cut a login short
 	s.mu.Unlock()
-	err := s.login(ctx, c, brw.Writer)
+	err := s.login(ctx, c, ao.upgrade, brw.Writer)
 	if err == nil && ctx.Done() == nil {
 		// A context that cannot end (ServeHTTP's) was needed only for
 		// the admission hook; dropping it frees net/http's request
@@ -1187,11 +1191,17 @@ func (s *Server) releaseConn(ip netip.Addr) {
 }
 
 // login runs the server side of the handshake: ServerKey out, ClientInfo in,
-// admission, ServerInfo out.
-func (s *Server) login(ctx context.Context, c *sconn, bw *bufio.Writer) error {
+// admission, ServerInfo out. upgrade, if not nil, holds an HTTP response
+// that goes out first, on the connection below c.nc (WebSocket's 101).
+func (s *Server) login(ctx context.Context, c *sconn, upgrade, bw *bufio.Writer) error {
 	deadline := time.Now().Add(s.cfg.loginTimeout)
 	if s.cfg.loginTimeout > 0 {
 		c.nc.SetDeadline(deadline)
+	}
+	if upgrade != nil {
+		if err := upgrade.Flush(); err != nil {
+			return fmt.Errorf("send HTTP 101 response: %w", err)
+		}
 	}
 	var kb [serverKeyLen]byte
 	if err := writeFrame(bw, FrameServerKey, appendServerKey(kb[:0], s.pub)); err != nil {
@@ -3382,7 +3392,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	fastStart := r.Header.Get(FastStartHeader) == "1"
-	nc, brw, _, ok := s.hijack(w, r)
+	nc, brw, ok := s.hijack(w, r)
 	if !ok {
 		return
 	}
@@ -3420,10 +3430,11 @@ func clip(s string, n int) string {
 // connection limit is reached it answers 503 instead, which a client can
 // act on, rather than a 101 and a hang-up; if the connection cannot be
 // taken, 500. It reports false after such an answer. On success the slot
-// belongs to the caller: it passes it on to accept (acceptOpts.admitted)
-// or gives it back with releaseConn(ip).
-func (s *Server) hijack(w http.ResponseWriter, r *http.Request) (nc net.Conn, brw *bufio.ReadWriter, ip netip.Addr, ok bool) {
-	ip = parseRemote(r.RemoteAddr).Addr()
+// belongs to the caller, which passes it on to accept (acceptOpts.admitted)
+// at once: anything the caller has to write goes in brw's buffer, which the
+// login sends (under its deadline, and where Close can cut it).
+func (s *Server) hijack(w http.ResponseWriter, r *http.Request) (nc net.Conn, brw *bufio.ReadWriter, ok bool) {
+	ip := parseRemote(r.RemoteAddr).Addr()
 	if err := s.admitConn(ip); err != nil {
 		// After a fast-start request the client's DERP frames follow
 		// the headers: no further request will come on this connection.
@@ -3431,12 +3442,12 @@ func (s *Server) hijack(w http.ResponseWriter, r *http.Request) (nc net.Conn, br
 		if errors.Is(err, ErrClosed) {
 			s.stats.countRejected("server_closed")
 			http.Error(w, "relay: server is shutting down", http.StatusServiceUnavailable)
-			return nil, nil, ip, false
+			return nil, nil, false
 		}
 		s.stats.countRejected("too_many_connections")
 		s.logPeer("relay: refusing connection", "remote", r.RemoteAddr, "err", err)
 		http.Error(w, err.Error(), http.StatusServiceUnavailable)
-		return nil, nil, ip, false
+		return nil, nil, false
 	}
 	nc, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
@@ -3448,9 +3459,9 @@ func (s *Server) hijack(w http.ResponseWriter, r *http.Request) (nc net.Conn, br
 		s.logPeer("relay: hijack failed", "remote", r.RemoteAddr, "err", err)
 		http.Error(w, "relay: cannot take over the connection for DERP: the http.ResponseWriter does not support Hijack "+
 			"(a wrapper such as http.TimeoutHandler's without Hijack or Unwrap?): "+err.Error(), http.StatusInternalServerError)
-		return nil, nil, ip, false
+		return nil, nil, false
 	}
-	return nc, brw, ip, true
+	return nc, brw, true
 }
 
 // ServeProbe answers DERP latency probes (/derp/probe, /derp/latency-check):

@@ -1153,3 +1153,70 @@ func TestCloseEndsLoginAdmittedBeforeIt(t *testing.T) {
 		t.Errorf("Stats.Rejected[server_closed] = %d, want 1 (the login refused after Close)", got)
 	}
 }
+
+// hijackRecorder is a ResponseWriter whose Hijack hands over nc, and tells
+// hijacked when it has (ServeHTTP has taken the connection slot by then).
+type hijackRecorder struct {
+	*httptest.ResponseRecorder
+	nc       net.Conn
+	hijacked chan struct{}
+}
+
+func (h *hijackRecorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	close(h.hijacked)
+	return h.nc, bufio.NewReadWriter(bufio.NewReader(h.nc), bufio.NewWriter(h.nc)), nil
+}
+
+// webSocketUpgrade is a DERP-over-WebSocket upgrade request from remote.
+func webSocketUpgrade(remote string) *http.Request {
+	r := httptest.NewRequest(http.MethodGet, "/derp", nil)
+	r.RemoteAddr = remote
+	r.Header.Set("Upgrade", "websocket")
+	r.Header.Set("Connection", "Upgrade")
+	r.Header.Set("Sec-WebSocket-Version", "13")
+	r.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+	r.Header.Set("Sec-WebSocket-Protocol", WebSocketProtocol)
+	return r
+}
+
+// A WebSocket client that does not read its 101 (over a transport with no
+// buffer) holds a connection slot: the login's deadline must bound that
+// write, and Close must be able to cut it, as for the rest of the login.
+// The 101 was written before the login, with neither: the slot was held,
+// and Close waited, for as long as the client did not read.
+func TestWebSocketUpgradeResponseBoundedByLogin(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		opt   ServerOption
+		close bool
+	}{
+		{"login timeout", WithLoginTimeout(time.Second), false},
+		{"Close", WithLoginTimeout(0), true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := NewServer(mustKey(t), tc.opt)
+			defer s.Close()
+			cc, sc := net.Pipe()
+			defer cc.Close()
+			w := &hijackRecorder{ResponseRecorder: httptest.NewRecorder(), nc: sc, hijacked: make(chan struct{})}
+			go s.ServeHTTP(w, webSocketUpgrade("127.0.0.1:2"))
+			<-w.hijacked
+			if !tc.close {
+				// Nobody reads cc: the slot must come free by itself.
+				waitForT(t, "slot of a client that never read its 101 freed by the login timeout",
+					func() bool { return s.stats.sessions.Load() == 0 })
+				return
+			}
+			closed := make(chan struct{})
+			go func() {
+				s.Close()
+				close(closed)
+			}()
+			select {
+			case <-closed:
+			case <-time.After(20 * time.Second):
+				t.Fatalf("Server.Close still waiting after 20 s for a WebSocket client that does not read its 101 (%d slots taken)", s.stats.sessions.Load())
+			}
+		})
+	}
+}

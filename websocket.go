@@ -110,7 +110,7 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "bad WebSocket handshake (want GET with Connection: Upgrade and a 16-byte Sec-WebSocket-Key)", http.StatusBadRequest)
 		return
 	}
-	nc, brw, ip, ok := s.hijack(w, r)
+	nc, brw, ok := s.hijack(w, r)
 	if !ok {
 		return
 	}
@@ -120,14 +120,12 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 		"Connection: Upgrade\r\n"+
 		"Sec-WebSocket-Accept: %s\r\n"+
 		"Sec-WebSocket-Protocol: %s\r\n\r\n", wsAcceptKey(key), WebSocketProtocol)
-	if err := brw.Flush(); err != nil {
-		nc.Close()
-		s.releaseConn(ip)
-		return
-	}
+	// The 101 goes out at the start of the login, under its deadline
+	// and where Close can cut it: a client that does not read it holds
+	// a connection slot meanwhile.
 	wc := newWSConn(nc, brw.Reader, false)
 	ctx := context.WithoutCancel(r.Context())
-	ao := acceptOpts{notIdeal: r.Header.Get(IdealNodeHeader) != "", detached: true, admitted: true}
+	ao := acceptOpts{notIdeal: r.Header.Get(IdealNodeHeader) != "", detached: true, admitted: true, upgrade: brw.Writer}
 	go s.accept(ctx, wc, nil, r.RemoteAddr, ao)
 }
 
