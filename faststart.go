@@ -624,8 +624,9 @@ type ReconnectingClient struct {
 	OnConnect func(Handshake)
 	// Logger receives one line per connection and failure (a failed dial
 	// of several nodes: one line naming each node's error, and one at
-	// Debug per node); nil is quiet. Lines are logged with no lock held:
-	// its handler may call the client's methods.
+	// Debug per node); nil is quiet. Lines are logged with no lock held,
+	// and a dial's once it is over: its handler may call the client's
+	// methods, even those that dial.
 	Logger *slog.Logger
 	// MinBackoff and MaxBackoff bound the wait between failed dials.
 	// Defaults: 100 ms and 5 s. Each wait is uniformly random in
@@ -757,6 +758,8 @@ func (rc *ReconnectingClient) dialOnce(ctx context.Context) (*Client, int, *Hand
 	case <-done:
 		return nil, 0, nil, ErrClosed
 	}
+	var log dialLog
+	defer rc.flushLog(&log) // after the turn is given back: see dialLog
 	defer func() { <-dialing }()
 	rc.mu.Lock()
 	if rc.c != nil || rc.closed {
@@ -785,13 +788,47 @@ func (rc *ReconnectingClient) dialOnce(ctx context.Context) (*Client, int, *Hand
 			return nil, 0, nil, ErrClosed
 		}
 	}
-	c, gen, hs, err := rc.dial(ctx, done)
+	c, gen, hs, err := rc.dial(ctx, done, &log)
 	return c, gen, &hs, err
 }
 
+// dialLog holds the lines a dial logs, which go out once it is over and
+// the turn to dial is given back (see dialOnce): the log handler may call
+// the client's methods, and those that dial would otherwise wait for the
+// dial that is logging, for good.
+type dialLog struct {
+	mu    sync.Mutex // a dialer may log from a goroutine of its own
+	lines []slog.Record
+}
+
+func (l *dialLog) add(level slog.Level, msg string, args ...any) {
+	r := slog.NewRecord(time.Now(), level, msg, 0)
+	r.Add(args...)
+	l.mu.Lock()
+	l.lines = append(l.lines, r)
+	l.mu.Unlock()
+}
+
+// flushLog logs the lines of a dial that is over.
+func (rc *ReconnectingClient) flushLog(l *dialLog) {
+	l.mu.Lock()
+	lines := l.lines
+	l.lines = nil
+	l.mu.Unlock()
+	if rc.Logger == nil {
+		return
+	}
+	ctx := context.Background()
+	for _, r := range lines {
+		if rc.Logger.Enabled(ctx, r.Level) {
+			rc.Logger.Handler().Handle(ctx, r)
+		}
+	}
+}
+
 // dial connects to the first of rc's servers that answers. Close (closing
-// done) cancels it.
-func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*Client, int, Handshake, error) {
+// done) cancels it. Its lines go to log.
+func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}, log *dialLog) (*Client, int, Handshake, error) {
 	timeout := rc.DialTimeout
 	if timeout <= 0 {
 		timeout = 10 * time.Second
@@ -808,16 +845,6 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 		case <-done:
 			cancel()
 		case <-dctx.Done():
-		}
-	}()
-	// The outcome's log line goes out last, after setupMu and mu are
-	// released: a log handler may call rc's methods (as OnConnect may),
-	// and a slow one must not hold up the others.
-	var logMsg string
-	var logArgs []any
-	defer func() {
-		if logMsg != "" {
-			rc.logf(logMsg, logArgs...)
 		}
 	}()
 	opts := append(rc.Options[:len(rc.Options):len(rc.Options)], CanAckPings(true))
@@ -842,7 +869,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 	for k := range targets {
 		i := (first + k) % len(targets)
 		t := targets[i]
-		f := rc.dialerFor(i, t, len(targets) > 1)
+		f := rc.dialerFor(i, t, len(targets) > 1, log)
 		actx, acancel := attemptContext(dctx, len(targets)-k)
 		if t.node != nil {
 			c, hs, err = f.DialNode(actx, t.node, rc.PrivateKey, opts...)
@@ -871,14 +898,14 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 			}
 			rc.noFast[t.keyID()] = true
 			rc.mu.Unlock()
-			rc.logf("relay: fast start failed with a known key; not using it again for this server", "url", t.url, "node", t.name(), "err", err)
+			log.add(slog.LevelInfo, "relay: fast start failed with a known key; not using it again for this server", "url", t.url, "node", t.name(), "err", err)
 		}
 		if err != nil && len(targets) > 1 {
 			// One line per failed dial, not per node: the failure's
 			// line names every node's error.
 			nodeErrs = append(nodeErrs, fmt.Errorf("%s: %w", t.name(), err))
 			if rc.Logger != nil {
-				rc.Logger.Debug("relay: node unreachable", "url", t.url, "node", t.name(), "err", err)
+				log.add(slog.LevelDebug, "relay: node unreachable", "url", t.url, "node", t.name(), "err", err)
 			}
 		}
 		if err == nil || dctx.Err() != nil {
@@ -936,7 +963,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 		if logErr == nil {
 			logErr = err // the new connection's first frames failed
 		}
-		logMsg, logArgs = "relay: connect failed", []any{"url", rc.URL, "region", rc.regionID(), "failures", rc.failures, "err", logErr}
+		log.add(slog.LevelInfo, "relay: connect failed", "url", rc.URL, "region", rc.regionID(), "failures", rc.failures, "err", logErr)
 		return nil, 0, Handshake{}, err
 	}
 	rc.c = c
@@ -948,7 +975,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}) (*
 		rc.keys = map[string]PublicKey{}
 	}
 	rc.keys[won.keyID()] = hs.ServerKey
-	logMsg, logArgs = "relay: connected", []any{"url", hs.URL, "path", hs.Path.String(), "reason", hs.Reason, "generation", rc.gen}
+	log.add(slog.LevelInfo, "relay: connected", "url", hs.URL, "path", hs.Path.String(), "reason", hs.Reason, "generation", rc.gen)
 	return c, rc.gen, hs, nil
 }
 
@@ -1011,7 +1038,7 @@ func (rc *ReconnectingClient) regionID() int {
 
 // dialerFor returns the FastStart for t, the i-th server to try; several
 // says whether there are more than one.
-func (rc *ReconnectingClient) dialerFor(i int, t dialTarget, several bool) *FastStart {
+func (rc *ReconnectingClient) dialerFor(i int, t dialTarget, several bool, log *dialLog) *FastStart {
 	var f FastStart
 	if rc.Dialer != nil {
 		f = *rc.Dialer
@@ -1044,15 +1071,16 @@ func (rc *ReconnectingClient) dialerFor(i int, t dialTarget, several bool) *Fast
 		}
 		f.DialContext = boundConnect(f.DialContext, per)
 	}
-	f.DialContext = rc.lastGoodDial(f.DialContext)
+	f.DialContext = rc.lastGoodDial(f.DialContext, log)
 	return &f
 }
 
 // lastGoodDial returns dial (a net.Dialer if nil) remembering the address
 // each host name was last reached at; when a later lookup of the name
-// fails, it dials that address instead. TLS still checks the certificate
-// against the name, so a stale address can only fail, never impersonate.
-func (rc *ReconnectingClient) lastGoodDial(dial func(ctx context.Context, network, addr string) (net.Conn, error)) func(ctx context.Context, network, addr string) (net.Conn, error) {
+// fails, it dials that address instead, and says so in log. TLS still
+// checks the certificate against the name, so a stale address can only
+// fail, never impersonate.
+func (rc *ReconnectingClient) lastGoodDial(dial func(ctx context.Context, network, addr string) (net.Conn, error), log *dialLog) func(ctx context.Context, network, addr string) (net.Conn, error) {
 	if dial == nil {
 		var d net.Dialer
 		dial = d.DialContext
@@ -1094,7 +1122,7 @@ func (rc *ReconnectingClient) lastGoodDial(dial func(ctx context.Context, networ
 		if err2 != nil {
 			return nil, fmt.Errorf("%w; and at its last good address %s: %w", err, ip, err2)
 		}
-		rc.logf("relay: DNS lookup failed; dialled the last good address", "host", host, "addr", ip.String(), "err", err)
+		log.add(slog.LevelInfo, "relay: DNS lookup failed; dialled the last good address", "host", host, "addr", ip.String(), "err", err)
 		return c, nil
 	}
 }

@@ -5,6 +5,7 @@ package relay
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net"
 	"net/http"
@@ -12,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -289,5 +291,38 @@ func TestReconnectingClientLogHandlerMayCallClient(t *testing.T) {
 				t.Errorf("the client's methods blocked while the log handler handled %q: it logs under its locks", stuck)
 			}
 		})
+	}
+}
+
+// The log handler may call the client's methods even when they dial: the
+// lines of a dial are logged once it is over. A handler that, on a failed
+// connect, called Connect (or Send, Recv...) waited for the very dial that
+// was logging: with context.Background(), forever.
+func TestReconnectingClientLogHandlerMayDial(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	refused := "http://" + ln.Addr().String() + "/derp"
+	ln.Close()
+	var rc *ReconnectingClient
+	var called atomic.Bool
+	inner := errors.New("handler not called")
+	h := &recHandler{}
+	h.hook = func(r slog.Record) {
+		if r.Message != "relay: connect failed" || called.Swap(true) {
+			return // the inner Connect's line too
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		inner = rc.Connect(ctx)
+	}
+	rc = &ReconnectingClient{URL: refused, PrivateKey: mustKey(t), Logger: slog.New(h)}
+	defer rc.Close()
+	if err := rc.Connect(context.Background()); err == nil {
+		t.Fatal("Connect to a closed port succeeded")
+	}
+	if inner == nil || errors.Is(inner, context.DeadlineExceeded) || !strings.Contains(inner.Error(), "refused") {
+		t.Fatalf("Connect from the log handler of a failed connect: %v, want the dial's own error (connection refused)", inner)
 	}
 }
