@@ -20,6 +20,8 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -690,6 +692,357 @@ func FuzzWebSocketRoundTrip(f *testing.F) {
 		}
 		if !bytes.Equal(got, data) {
 			t.Fatalf("read back %d bytes, wrote %d", len(got), len(data))
+		}
+	})
+}
+
+// dialFuzzConn is a server that answers whatever the client writes with a
+// fixed script, delivered at most chunk bytes a read, then io.EOF. In the
+// script, "{accept}" becomes the Sec-WebSocket-Accept for the key of the
+// request the client wrote before its first read, and "{key}" the server's
+// public key in hex.
+type dialFuzzConn struct {
+	net.Conn // nil: only the methods below are called
+	script   []byte
+	key      PublicKey
+	chunk    int
+
+	mu     sync.Mutex
+	out    bytes.Buffer // what the client wrote, up to its first read
+	in     *bytes.Reader
+	closed bool
+}
+
+func (c *dialFuzzConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return 0, net.ErrClosed
+	}
+	if c.in == nil {
+		c.out.Write(p)
+	}
+	return len(p), nil
+}
+
+func (c *dialFuzzConn) Read(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return 0, net.ErrClosed
+	}
+	if c.in == nil {
+		c.in = bytes.NewReader(c.expand())
+	}
+	if len(p) > c.chunk {
+		p = p[:c.chunk]
+	}
+	return c.in.Read(p)
+}
+
+// expand returns the script with its placeholders filled in.
+func (c *dialFuzzConn) expand() []byte {
+	var accept string
+	if _, rest, ok := bytes.Cut(c.out.Bytes(), []byte("Sec-WebSocket-Key: ")); ok {
+		key, _, _ := bytes.Cut(rest, []byte("\r\n"))
+		accept = wsAcceptKey(string(key))
+	}
+	s := bytes.ReplaceAll(c.script, []byte("{accept}"), []byte(accept))
+	return bytes.ReplaceAll(s, []byte("{key}"), []byte(c.key.String()))
+}
+
+func (c *dialFuzzConn) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closed = true
+	return nil
+}
+
+func (c *dialFuzzConn) SetWriteDeadline(time.Time) error { return nil }
+func (c *dialFuzzConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *dialFuzzConn) SetDeadline(time.Time) error      { return nil }
+func (c *dialFuzzConn) LocalAddr() net.Addr              { return pipeAddr{} }
+func (c *dialFuzzConn) RemoteAddr() net.Addr             { return pipeAddr{} }
+
+// FuzzDialResponse plays the server's (or proxy's) side of a dial with
+// arbitrary bytes: the answer to the classic upgrade request (mode%4 0), to
+// a WebSocket upgrade (1), to a proxy's CONNECT (2), and to a fast-start
+// request made with an assumed key (3); mode/4 sets how many bytes each
+// read returns (1 to 64), so that the header-size guard loops. Every
+// attempt must end (the bytes run out), with an error that starts with
+// "relay: " or with a connection that only an answer of the right status
+// could have made; a Client made must then read the rest of the bytes
+// without a panic.
+func FuzzDialResponse(f *testing.F) {
+	server, client := fuzzKey(3), fuzzKey(4)
+	spub, cpub := server.Public(), client.Public()
+	serverKey := appendFrame(nil, FrameServerKey, appendServerKey(nil, spub))
+	serverInfo := serverInfoFrame(server, cpub, []byte(`{"version":2}`))
+	up := "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nDerp-Version: 2\r\n"
+	ws := "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: derp\r\n\r\n"
+	f.Add(byte(0), frames([]byte(up+"Derp-Public-Key: {key}\r\n\r\n"), serverKey, serverInfo))
+	f.Add(byte(4), frames([]byte(up+"\r\n"), serverKey, serverInfo, appendFrame(nil, FramePing, []byte("12345678"))))
+	f.Add(byte(8), frames([]byte(strings.ReplaceAll(up, "\r\n", "\n")+"\n"), serverKey))
+	f.Add(byte(0), []byte("HTTP/1.1 426 Upgrade Required\r\nContent-Length: 28\r\n\r\nDERP requires an upgrade.\r\n"))
+	f.Add(byte(0), []byte("HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"))
+	f.Add(byte(4), []byte("HTTP/1.1 101 OK\r\nX: "+strings.Repeat("a", 100)+"\r\n"))
+	f.Add(byte(0), frames([]byte(up+"Derp-Public-Key: "+mustPub(9).String()+"\r\n\r\n"), serverKey))
+	f.Add(byte(1), frames([]byte(ws), wsFrame(0x82, serverKey, true), wsFrame(0x82, serverInfo, true), wsFrame(0x89, []byte("p"), true)))
+	f.Add(byte(5), frames([]byte(ws), wsFrame(0x02, serverKey[:10], true), wsFrame(0x80, serverKey[10:], true), wsFrame(0x88, nil, true)))
+	f.Add(byte(1), []byte(strings.Replace(ws, "derp", "chat", 1)))
+	f.Add(byte(1), []byte(strings.Replace(ws, "{accept}", "dGhlIHNhbXBsZSBub25jZQ==", 1)))
+	f.Add(byte(1), frames([]byte(ws), wsFrame(0x82, serverKey, false)))
+	f.Add(byte(2), []byte("HTTP/1.1 200 Connection established\r\n\r\n"))
+	f.Add(byte(6), []byte("HTTP/1.0 200 OK\r\nProxy-Agent: x\r\n\r\nextra"))
+	f.Add(byte(2), []byte("HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic\r\n\r\n"))
+	f.Add(byte(3), frames(serverKey, serverInfo))
+	f.Add(byte(3), frames([]byte(up+"Derp-Public-Key: {key}\r\n\r\n"), serverKey, serverInfo))
+	f.Add(byte(7), frames(appendFrame(nil, FrameServerKey, appendServerKey(nil, mustPub(9)))))
+	f.Add(byte(3), []byte("HTTP/1.1 502 Bad Gateway\r\nContent-Length: 3\r\n\r\nbad"))
+	f.Fuzz(func(t *testing.T, mode byte, script []byte) {
+		nc := &dialFuzzConn{script: script, key: spub, chunk: int(mode/4) + 1}
+		u := &url.URL{Scheme: "http", Host: "derp.example", Path: "/derp"}
+		var fs FastStart
+		opts := []ClientOption{RecvTimeout(10 * time.Second), LoginTimeout(10 * time.Second)}
+		var c *Client
+		var err error
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			switch mode % 4 {
+			case 0:
+				c, _, err = fs.upgrade(nc, u, client, Handshake{}, opts)
+			case 1:
+				c, _, err = fs.webSocket(nc, u, client, Handshake{}, opts)
+			case 2:
+				dial := func(context.Context, string, string) (net.Conn, error) { return nc, nil }
+				_, err = fs.dialProxy(context.Background(), dial, &url.URL{Scheme: "http", Host: "proxy.example:3128"}, "derp.example:443")
+			case 3:
+				var hs Handshake
+				hs.ServerKey = spub
+				c, _, err = fs.fastStart(nc, u, client, hs, true, opts)
+			}
+		}()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("dial did not end 10s after the server's bytes ran out")
+		}
+		if err != nil {
+			if c != nil {
+				t.Fatal("a Client with an error")
+			}
+			if !strings.HasPrefix(err.Error(), "relay: ") {
+				t.Fatalf("error %q", err)
+			}
+			return
+		}
+		// Only the right answer connects: check it with net/http.
+		resp, rerr := http.ReadResponse(bufio.NewReader(bytes.NewReader(nc.expand())), &http.Request{Method: http.MethodConnect})
+		switch mode % 4 {
+		case 0, 1:
+			if rerr != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+				t.Fatalf("connected after %v (%v)", resp, rerr)
+			}
+		case 2:
+			if rerr != nil || resp.StatusCode/100 != 2 {
+				t.Fatalf("CONNECT succeeded after %v (%v)", resp, rerr)
+			}
+			return
+		}
+		defer c.Close()
+		if mode%4 == 3 && c.ServerPublicKey() != spub {
+			t.Fatalf("connected to server key %v, assumed %v", c.ServerPublicKey(), spub)
+		}
+		for n := 0; ; n++ {
+			if n > len(script)/2+2 {
+				t.Fatalf("%d messages from %d bytes", n, len(script))
+			}
+			m, err := c.Recv()
+			if err != nil {
+				if !strings.HasPrefix(err.Error(), "relay: ") {
+					t.Fatalf("Recv error %q", err)
+				}
+				break
+			}
+			// Only spub can seal a ServerInfo to cpub.
+			if _, ok := m.(ServerInfo); ok && c.ServerPublicKey() != spub {
+				t.Fatalf("ServerInfo accepted from server key %v", c.ServerPublicKey())
+			}
+		}
+	})
+}
+
+// FuzzHeaderSizeGuard checks checkHeaderSize, which stands between a
+// hostile server (or proxy) and http.ReadResponse, with buffers of 16 to
+// 271 bytes filled a few bytes at a time: it accepts only a header that is
+// whole in the buffer (ended by an empty line, CRLF or bare LF), so that
+// http.ReadResponse then never consumes more than that; and it refuses a
+// longer one with errHeaderTooLarge once the buffer is full.
+func FuzzHeaderSizeGuard(f *testing.F) {
+	f.Add(byte(0), byte(0), []byte("HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n\r\nDERP"))
+	f.Add(byte(200), byte(3), []byte("HTTP/1.1 101 Switching Protocols\nUpgrade: DERP\n\nDERP"))
+	f.Add(byte(10), byte(1), []byte("HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\tc\r\n\r\n"))
+	f.Add(byte(0), byte(7), []byte("HTTP/1.1 200 OK\r\nX: "+strings.Repeat("a", 300)+"\r\n\r\n"))
+	f.Add(byte(30), byte(2), []byte("HTTP/1.1 200 OK\r\n \r\n\r\n"))
+	f.Add(byte(30), byte(2), []byte("HTTP/1.1 200 OK\r\nA: b\r\r\n\r\n"))
+	f.Fuzz(func(t *testing.T, size, chunk byte, data []byte) {
+		src := &countingReader{r: bytes.NewReader(data), chunk: int(chunk%16) + 1}
+		br := bufio.NewReaderSize(src, 16+int(size))
+		err := checkHeaderSize(br)
+		buffered, _ := br.Peek(br.Buffered())
+		end := headerEnd(buffered)
+		switch {
+		case err == nil:
+			if end < 0 {
+				t.Fatalf("accepted %q, which has no empty line", buffered)
+			}
+		case errors.Is(err, errHeaderTooLarge):
+			if end >= 0 || br.Buffered() != br.Size() {
+				t.Fatalf("refused %q as too large with a %d-byte buffer", buffered, br.Size())
+			}
+			return
+		default:
+			if err != io.EOF || end >= 0 || src.n != len(data) {
+				t.Fatalf("%v after %d of %d bytes, header end at %d", err, src.n, len(data), end)
+			}
+			return
+		}
+		before := src.n - br.Buffered() // what was consumed before the response
+		resp, err := http.ReadResponse(br, nil)
+		consumed := src.n - br.Buffered() - before
+		if consumed > end {
+			t.Fatalf("ReadResponse consumed %d bytes of %q, whose header ends at %d (%v)", consumed, data, end, err)
+		}
+		if err == nil && consumed != end {
+			t.Fatalf("ReadResponse consumed %d bytes of %q for a header of %d", consumed, data, end)
+		}
+		if err == nil {
+			resp.Body.Close()
+		}
+	})
+}
+
+// headerEnd returns the length of the HTTP header at the start of b, up to
+// and including its empty line, or -1 if b holds no empty line.
+func headerEnd(b []byte) int {
+	for i, c := range b {
+		if c != '\n' {
+			continue
+		}
+		if bytes.HasPrefix(b[i+1:], []byte("\n")) {
+			return i + 2
+		}
+		if bytes.HasPrefix(b[i+1:], []byte("\r\n")) {
+			return i + 3
+		}
+	}
+	return -1
+}
+
+// countingReader reads at most chunk bytes at a time from r and counts
+// them in n.
+type countingReader struct {
+	r     io.Reader
+	chunk int
+	n     int
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	if len(p) > c.chunk {
+		p = p[:c.chunk]
+	}
+	n, err := c.r.Read(p)
+	c.n += n
+	return n, err
+}
+
+// FuzzServerInfo seals arbitrary JSON into the server's ServerInfo: the
+// client must return exactly what encoding/json makes of it or a
+// bad_server_info_json error, and a rate limit it announces, whatever its
+// values, must still let a first packet of any size through (the burst is
+// at least one maximal packet) and never make Send fail with anything but
+// ErrRateLimited.
+func FuzzServerInfo(f *testing.F) {
+	server, client := fuzzKey(3), fuzzKey(4)
+	spub, cpub := server.Public(), client.Public()
+	f.Add([]byte(`{"version":2}`), uint16(100))
+	f.Add([]byte(`{"version":2,"TokenBucketBytesPerSecond":1,"TokenBucketBytesBurst":1}`), uint16(65535))
+	f.Add([]byte(`{"TokenBucketBytesPerSecond":9223372036854775807,"TokenBucketBytesBurst":9223372036854775807}`), uint16(1))
+	f.Add([]byte(`{"TokenBucketBytesPerSecond":-1,"TokenBucketBytesBurst":-9223372036854775808}`), uint16(0))
+	f.Add([]byte(`{"TokenBucketBytesPerSecond":1e3}`), uint16(0))
+	f.Add([]byte(`{"tokenbucketbytespersecond":"x"}`), uint16(0))
+	f.Add([]byte(`null`), uint16(0))
+	f.Fuzz(func(t *testing.T, js []byte, size uint16) {
+		stream := serverInfoFrame(server, cpub, js)
+		nc := &dialFuzzConn{script: stream, chunk: len(stream) + 1}
+		c, err := NewClient(client, nc, nil, ServerPublicKey(spub))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		m, err := c.Recv()
+		var want serverInfoJSON
+		if jerr := json.Unmarshal(js, &want); jerr != nil {
+			if ProtocolErrorReason(err) != "bad_server_info_json" {
+				t.Fatalf("Recv = %v, %v for JSON that does not decode (%v)", m, err, jerr)
+			}
+			return
+		}
+		if err != nil || m != ServerInfo(want) {
+			t.Fatalf("Recv = %#v, %v; want %#v", m, err, ServerInfo(want))
+		}
+		pkt := make([]byte, int(size)%(MaxPacketSize+1))
+		if err := c.Send(cpub, pkt); err != nil {
+			t.Fatalf("first Send of %d bytes under %s: %v", len(pkt), js, err)
+		}
+		for range 3 {
+			if err := c.Send(cpub, pkt); err != nil && err != ErrRateLimited {
+				t.Fatalf("Send under %s: %v", js, err)
+			}
+		}
+	})
+}
+
+// FuzzNextProtos checks the ALPN list AppendMetaCert gives a DERP listener:
+// no "h2", exactly one "http/1.1", every other protocol kept in order, the
+// same list again when applied twice, and the caller's slice untouched.
+func FuzzNextProtos(f *testing.F) {
+	f.Add("h2\x00http/1.1")
+	f.Add("")
+	f.Add("acme-tls/1\x00h2\x00h2\x00http/1.1\x00http/1.1\x00x")
+	f.Fuzz(func(t *testing.T, list string) {
+		var in []string
+		if list != "" {
+			in = strings.Split(list, "\x00")
+		}
+		orig := slices.Clone(in)
+		out := metaCertNextProtos(in)
+		if !slices.Equal(in, orig) {
+			t.Fatalf("input changed to %q", in)
+		}
+		var others, wantOthers []string
+		n := 0
+		for _, p := range out {
+			switch p {
+			case "h2":
+				t.Fatalf("%q gives %q", in, out)
+			case "http/1.1":
+				n++
+			default:
+				others = append(others, p)
+			}
+		}
+		for _, p := range in {
+			if p != "h2" && p != "http/1.1" {
+				wantOthers = append(wantOthers, p)
+			}
+		}
+		if n != 1 || !slices.Equal(others, wantOthers) {
+			t.Fatalf("%q gives %q", in, out)
+		}
+		if again := metaCertNextProtos(out); !slices.Equal(again, out) {
+			t.Fatalf("%q gives %q, then %q", in, out, again)
 		}
 	})
 }
