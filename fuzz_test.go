@@ -27,6 +27,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"go4.org/mem"
 )
@@ -619,11 +620,12 @@ func (c wsFuzzConn) SetDeadline(time.Time) error      { return nil }
 func (c wsFuzzConn) LocalAddr() net.Addr              { return pipeAddr{} }
 func (c wsFuzzConn) RemoteAddr() net.Addr             { return pipeAddr{} }
 
-// FuzzWebSocketRead feeds arbitrary bytes to the server's WebSocket
-// decoder. It must never panic or read more payload than it was given;
-// every read ends with io.EOF (a close frame), io.ErrUnexpectedEOF (a cut
-// frame) or a *ProtocolError, and what the decoder writes back is whole
-// unmasked server frames.
+// FuzzWebSocketRead feeds arbitrary bytes to the WebSocket decoder of a
+// server and then of a client (which wants unmasked frames). It must never
+// panic or read more payload than it was given; every read ends with
+// io.EOF (a close frame), io.ErrUnexpectedEOF (a cut frame) or a
+// *ProtocolError, and what the decoder writes back is whole frames, masked
+// by the client and not by the server.
 func FuzzWebSocketRead(f *testing.F) {
 	f.Add(wsFrame(0x82, []byte("hello"), false))
 	f.Add(append(wsFrame(0x02, []byte("hel"), false), append(wsFrame(0x89, []byte("ping"), false), wsFrame(0x80, []byte("lo"), false)...)...))
@@ -633,36 +635,65 @@ func FuzzWebSocketRead(f *testing.F) {
 	f.Add(wsFrame(0x81, []byte("text"), false))
 	f.Add(wsFrame(0x82, []byte("unmasked"), true))
 	f.Add([]byte{0x82, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4})
+	f.Add(frames(wsFrame(0x02, []byte("hel"), true), wsFrame(0x89, []byte("ping"), true), wsFrame(0x80, []byte("lo"), true), wsFrame(0x88, []byte{3, 232, 'b', 'y', 'e'}, true)))
+	f.Add(frames(wsFrame(0x82, make([]byte, 200), true), wsFrame(0x8a, nil, true), wsFrame(0x88, []byte{1}, true)))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		var out bytes.Buffer
-		c := newWSConn(wsFuzzConn{r: bytes.NewReader(data), w: &out}, nil, false)
-		// As a server session does: its writer sends the pongs, here at
-		// once, so that out is complete when Read returns.
-		c.onPong = func() { c.wmu.Lock(); c.unlockWrite() }
-		var got int
-		buf := make([]byte, 1000)
-		var err error
-		for err == nil {
-			var n int
-			n, err = c.Read(buf)
-			got += n
-		}
-		var pe *ProtocolError
-		if err != io.EOF && err != io.ErrUnexpectedEOF && !errors.As(err, &pe) {
-			t.Fatalf("read ended with %v", err)
-		}
-		if got > len(data) {
-			t.Fatalf("read %d payload bytes from %d input bytes", got, len(data))
-		}
-		// The replies (pongs and at most one close) parse as server frames.
-		r := out.Bytes()
-		for len(r) > 0 {
-			if len(r) < 2 || r[1]&0x80 != 0 || r[1]&0x7f > wsMaxControl || len(r) < 2+int(r[1]&0x7f) {
-				t.Fatalf("bad reply frames %x", out.Bytes())
-			}
-			r = r[2+int(r[1]&0x7f):]
-		}
+		checkWSRead(t, data, false)
+		checkWSRead(t, data, true)
 	})
+}
+
+func checkWSRead(t *testing.T, data []byte, client bool) {
+	var out bytes.Buffer
+	c := newWSConn(wsFuzzConn{r: bytes.NewReader(data), w: &out}, nil, client)
+	// As a server session does: its writer sends the pongs, here at
+	// once, so that out is complete when Read returns.
+	c.onPong = func() { c.wmu.Lock(); c.unlockWrite() }
+	var got int
+	buf := make([]byte, 1000)
+	var err error
+	for err == nil {
+		var n int
+		n, err = c.Read(buf)
+		got += n
+	}
+	var pe *ProtocolError
+	if err != io.EOF && err != io.ErrUnexpectedEOF && !errors.As(err, &pe) {
+		t.Fatalf("client %v: read ended with %v", client, err)
+	}
+	if got > len(data) {
+		t.Fatalf("client %v: read %d payload bytes from %d input bytes", client, got, len(data))
+	}
+	// The replies (pongs and at most one close) parse as whole frames.
+	r := out.Bytes()
+	for len(r) > 0 {
+		hlen := 2
+		if client {
+			hlen += 4
+		}
+		if len(r) < 2 || (r[1]&0x80 != 0) != client || r[1]&0x7f > wsMaxControl || len(r) < hlen+int(r[1]&0x7f) {
+			t.Fatalf("client %v: bad reply frames %x", client, out.Bytes())
+		}
+		op, p := r[0]&0x0f, bytes.Clone(r[hlen:hlen+int(r[1]&0x7f)])
+		if client {
+			wsMask(p, [4]byte(r[2:6]), 0)
+		}
+		r = r[hlen+len(p):]
+		if op != wsClose {
+			continue
+		}
+		// RFC 6455 7.4: a close frame carries a code an endpoint may send
+		// and a UTF-8 reason.
+		if len(p) < 2 || !wsSendableCloseCode(binary.BigEndian.Uint16(p)) || !utf8.Valid(p[2:]) {
+			t.Fatalf("client %v: close frame %x in reply to %x", client, p, data)
+		}
+	}
+}
+
+// wsSendableCloseCode reports whether RFC 6455 (with the codes IANA added
+// since) lets an endpoint send code in a close frame.
+func wsSendableCloseCode(code uint16) bool {
+	return code >= 1000 && code <= 1014 && code != 1004 && code != 1005 && code != 1006 || code >= 3000 && code <= 4999
 }
 
 // FuzzWebSocketRoundTrip writes the input, cut into pieces, through a

@@ -16,6 +16,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 )
 
 // DERP over WebSocket (RFC 6455) is for clients that can open nothing else,
@@ -43,6 +44,7 @@ const (
 	wsCloseNormal        = 1000
 	wsCloseProtocolError = 1002
 	wsCloseUnsupported   = 1003
+	wsCloseInvalidData   = 1007
 
 	// wsMaxFrame bounds the payload of a message this side writes: larger
 	// writes are cut into several messages. (The DERP stream may be cut
@@ -393,6 +395,15 @@ func (c *wsConn) controlFrame(op byte, fin bool, n uint64, hlen int, mask [4]byt
 			return c.wsFail(wsCloseProtocolError, "websocket_bad_frame", "close frame with a 1-byte payload")
 		case len(p) >= 2:
 			code = binary.BigEndian.Uint16(p)
+			if !wsValidCloseCode(code) {
+				// Echoing it would send a code no endpoint may send
+				// (1005, 1006 and 1015 mean "none" and "abnormal
+				// closure" to the other side's application).
+				return c.wsFail(wsCloseProtocolError, "websocket_bad_frame", fmt.Sprintf("close frame with status code %d, which no endpoint may send", code))
+			}
+			if !utf8.Valid(p[2:]) {
+				return c.wsFail(wsCloseInvalidData, "websocket_bad_frame", "close frame whose reason is not UTF-8")
+			}
 		}
 		// Echo the status, as RFC 6455 asks, then end like TCP would.
 		c.writeClose(code, "")
@@ -400,6 +411,21 @@ func (c *wsConn) controlFrame(op byte, fin bool, n uint64, hlen int, mask [4]byt
 		return io.EOF
 	}
 	return c.wsFail(wsCloseProtocolError, "websocket_bad_frame", fmt.Sprintf("unknown control opcode %#x", op))
+}
+
+// wsValidCloseCode reports whether an endpoint may send code in a close
+// frame: RFC 6455's codes and those IANA registered since, up to 1014,
+// except the reserved 1004 and 1005, 1006 and 1015, which stand for no
+// code; or a code of the registered (3000-3999) or private (4000-4999)
+// ranges.
+func wsValidCloseCode(code uint16) bool {
+	switch {
+	case code == 1004 || code == 1005 || code == 1006:
+		return false
+	case code >= 1000 && code <= 1014, code >= 3000 && code <= 4999:
+		return true
+	}
+	return false
 }
 
 // readErr is the error for a read that stopped after got bytes of a frame

@@ -231,6 +231,12 @@ func TestWebSocketHostile(t *testing.T) {
 		{"length top bit", []byte{0x82, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4}, 1002},
 		{"close", wsFrame(0x88, binary.BigEndian.AppendUint16(nil, 1001), false), 1001},
 		{"empty close", wsFrame(0x88, nil, false), 1000},
+		// A code no endpoint may send is not echoed (RFC 6455 7.4).
+		{"close 1005", wsFrame(0x88, binary.BigEndian.AppendUint16(nil, 1005), false), 1002},
+		{"close 0", wsFrame(0x88, []byte{0, 0, 'x'}, false), 1002},
+		{"close 2999", wsFrame(0x88, binary.BigEndian.AppendUint16(nil, 2999), false), 1002},
+		{"close 4999", wsFrame(0x88, binary.BigEndian.AppendUint16(nil, 4999), false), 4999},
+		{"close reason not UTF-8", wsFrame(0x88, []byte{3, 232, 0xff, 0xfe}, false), 1007},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
