@@ -2,7 +2,11 @@ package relay
 
 // Fuzz targets for everything that reads bytes from the network: the frame
 // codec, a server fed arbitrary streams (before and after login), a client
-// fed arbitrary server streams, key parsing, and the HTTP handler. Plain
+// fed arbitrary server streams, key parsing, the HTTP handler, the WebSocket
+// decoder of both sides, the client's reading of the answers to its dials
+// (upgrade, WebSocket and proxy CONNECT responses, the header-size guard),
+// the ServerInfo JSON with the rate limit it announces, and the ALPN list
+// AppendMetaCert writes (FuzzParseMetaCert is in metacert_test.go). Plain
 // `go test` replays the seeds below and the corpora in testdata/fuzz; run one
 // target with, for example,
 //
