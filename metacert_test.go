@@ -832,6 +832,10 @@ func TestMetaCertTLS12(t *testing.T) {
 	}
 }
 
+// FuzzParseMetaCert parses arbitrary certificates as meta certs: what it
+// finds must be what the CN and serial say, alone or in a chain (behind a
+// nil entry, before a good meta cert), and chooseKey must take it for the
+// fast path only from TLS 1.3 and a protocol version the client speaks.
 func FuzzParseMetaCert(f *testing.F) {
 	pub := metaCertTestKey(f)
 	f.Add(metaCertTestMint(f, pub))
@@ -840,12 +844,35 @@ func FuzzParseMetaCert(f *testing.F) {
 	f.Add(metaCertTestCertDER(f, "derpkey"+pub.String(), 256))
 	f.Add(metaCertTestCertDER(f, "derpkey"+pub.String()[1:], 2))
 	f.Add(metaCertTestCertDER(f, metaCertTestServerName, 1))
+	other := metaCertTestKey(f)
+	good, err := x509.ParseCertificate(metaCertTestMint(f, other))
+	if err != nil {
+		f.Fatal(err)
+	}
 	f.Fuzz(func(t *testing.T, der []byte) {
 		cert, err := x509.ParseCertificate(der)
 		if err != nil {
 			return
 		}
 		pub, version, ok := ParseMetaCert([]*x509.Certificate{cert})
+		// In a chain, nil entries are skipped and the first candidate
+		// wins; a client trusts it only from TLS 1.3 and a version it
+		// speaks.
+		cpub, cversion, cok := ParseMetaCert([]*x509.Certificate{nil, cert, good})
+		if !ok && (!cok || cpub != other || cversion != ProtocolVersion) || ok && (!cok || cpub != pub || cversion != version) {
+			t.Fatalf("chain scan found %v, %d, %v; the certificate alone %v, %d, %v", cpub, cversion, cok, pub, version, ok)
+		}
+		for _, tlsVersion := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
+			hs, reason := chooseKey(Handshake{}, tls.ConnectionState{Version: tlsVersion, PeerCertificates: []*x509.Certificate{cert}}, PublicKey{})
+			fast := tlsVersion == tls.VersionTLS13 && ok && version >= 1 && version <= ProtocolVersion
+			want := PublicKey{}
+			if fast {
+				want = pub
+			}
+			if fast != (hs.KeySource == "meta-cert") || fast != (reason == "") || hs.ServerKey != want {
+				t.Fatalf("TLS %x, meta cert %v %d %v: chose %+v (%q)", tlsVersion, pub, version, ok, hs, reason)
+			}
+		}
 		if !ok {
 			if pub != (PublicKey{}) || version != 0 {
 				t.Fatalf("not found but returned %v, %d", pub, version)
