@@ -235,6 +235,9 @@ func (c *Client) recvServerKey(by time.Time) error {
 	}
 	var buf [maxServerKeyLen]byte
 	if _, err := io.ReadFull(c.br, buf[:n]); err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF // the server hung up inside the frame
+		}
 		return err
 	}
 	k, err := parseServerKey(buf[:n])

@@ -548,7 +548,7 @@ func (c *Client) readServerStart() error {
 		return err
 	}
 	if err := c.recvServerKey(by); err != nil {
-		return fmt.Errorf("relay: login: %w", err)
+		return fmt.Errorf("relay: login: receive server key: %w", err)
 	}
 	if c.serverKey != assumed {
 		got := c.serverKey

@@ -1781,3 +1781,27 @@ func finishUpgradeLogin(sc net.Conn, br *bufio.Reader, srvPriv PrivateKey) {
 	sc.Write(serverInfoFrame(srvPriv, PublicKey(p[:KeyLen]), []byte(`{"version":2}`)))
 	io.Copy(io.Discard, br)
 }
+
+// TestServerKeyCutShort: a server that hangs up inside its ServerKey frame
+// (after its header, or part of its payload) is reported as having done so
+// (io.ErrUnexpectedEOF), not as a clean close before it, and the fast
+// path's check of an assumed key says that it was the server key it was
+// reading.
+func TestServerKeyCutShort(t *testing.T) {
+	server, client := fuzzKey(3), fuzzKey(4)
+	frame := appendFrame(nil, FrameServerKey, appendServerKey(nil, server.Public()))
+	for _, cut := range []int{frameHeaderLen, frameHeaderLen + 10} {
+		if _, err := NewClient(client, &dialFuzzConn{script: frame[:cut], chunk: 64}, nil); !errors.Is(err, io.ErrUnexpectedEOF) {
+			t.Errorf("NewClient, server sent %d bytes: %v, want io.ErrUnexpectedEOF", cut, err)
+		}
+	}
+	var fs FastStart
+	u := &url.URL{Scheme: "http", Host: "derp.example", Path: "/derp"}
+	for _, cut := range []int{0, frameHeaderLen, frameHeaderLen + 10} {
+		nc := &dialFuzzConn{script: frame[:cut], chunk: 64}
+		_, _, err := fs.fastStart(nc, u, client, Handshake{ServerKey: server.Public()}, true, nil)
+		if err == nil || !strings.Contains(err.Error(), "receive server key") || (cut != 0) != errors.Is(err, io.ErrUnexpectedEOF) {
+			t.Errorf("fast start, server sent %d bytes: %v", cut, err)
+		}
+	}
+}
