@@ -742,7 +742,8 @@ var errHeaderTooLarge = errors.New("HTTP response header larger than the read bu
 // whole header buffered, so that http.ReadResponse cannot be made to buffer
 // without limit by a hostile server: the header must fit in br's buffer.
 // The header ends at the first empty line; lines end in CRLF or, as
-// http.ReadResponse also accepts, a bare LF.
+// http.ReadResponse also accepts, a bare LF. A peer that hangs up before
+// the empty line is io.ErrUnexpectedEOF (io.EOF if it sent nothing).
 func checkHeaderSize(br *bufio.Reader) error {
 	for {
 		b, _ := br.Peek(br.Buffered()) // everything buffered so far
@@ -752,6 +753,9 @@ func checkHeaderSize(br *bufio.Reader) error {
 		if _, err := br.Peek(br.Buffered() + 1); err == bufio.ErrBufferFull {
 			return errHeaderTooLarge
 		} else if err != nil {
+			if err == io.EOF && br.Buffered() > 0 {
+				err = io.ErrUnexpectedEOF // the peer hung up inside the header
+			}
 			return err
 		}
 	}

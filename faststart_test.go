@@ -1805,3 +1805,40 @@ func TestServerKeyCutShort(t *testing.T) {
 		}
 	}
 }
+
+// TestHTTPResponseCutShort: a server (or proxy) that hangs up in the middle
+// of its HTTP answer to a dial is reported as having done so
+// (io.ErrUnexpectedEOF) on every path, and one that hangs up before
+// answering as a clean io.EOF.
+func TestHTTPResponseCutShort(t *testing.T) {
+	server, client := fuzzKey(3), fuzzKey(4)
+	u := &url.URL{Scheme: "http", Host: "derp.example", Path: "/derp"}
+	for _, script := range []string{"", "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n", "HTTP/1.1 200 Connection established\r\n"} {
+		for _, path := range []string{"upgrade", "websocket", "proxy", "fast start"} {
+			nc := &dialFuzzConn{script: []byte(script), chunk: 64}
+			var fs FastStart
+			var err error
+			switch path {
+			case "upgrade":
+				_, _, err = fs.upgrade(nc, u, client, Handshake{}, nil)
+			case "websocket":
+				_, _, err = fs.webSocket(nc, u, client, Handshake{}, nil)
+			case "proxy":
+				dial := func(context.Context, string, string) (net.Conn, error) { return nc, nil }
+				_, err = fs.dialProxy(context.Background(), dial, &url.URL{Scheme: "http", Host: "proxy.example:3128"}, "derp.example:443")
+			case "fast start":
+				if script == "" {
+					continue // nothing to tell from a missing ServerKey (TestServerKeyCutShort)
+				}
+				_, _, err = fs.fastStart(nc, u, client, Handshake{ServerKey: server.Public()}, true, nil)
+			}
+			want := io.ErrUnexpectedEOF
+			if script == "" {
+				want = io.EOF
+			}
+			if !errors.Is(err, want) || want == io.EOF && errors.Is(err, io.ErrUnexpectedEOF) {
+				t.Errorf("%s, answer %q: %v, want %v", path, script, err, want)
+			}
+		}
+	}
+}

@@ -912,8 +912,9 @@ func FuzzDialResponse(f *testing.F) {
 // hostile server (or proxy) and http.ReadResponse, with buffers of 16 to
 // 271 bytes filled a few bytes at a time: it accepts only a header that is
 // whole in the buffer (ended by an empty line, CRLF or bare LF), so that
-// http.ReadResponse then never consumes more than that; and it refuses a
-// longer one with errHeaderTooLarge once the buffer is full.
+// http.ReadResponse then never consumes more than that; it refuses a
+// longer one with errHeaderTooLarge once the buffer is full; and a header
+// the data cuts short is io.ErrUnexpectedEOF, not a clean io.EOF.
 func FuzzHeaderSizeGuard(f *testing.F) {
 	f.Add(byte(0), byte(0), []byte("HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n\r\nDERP"))
 	f.Add(byte(200), byte(3), []byte("HTTP/1.1 101 Switching Protocols\nUpgrade: DERP\n\nDERP"))
@@ -921,6 +922,8 @@ func FuzzHeaderSizeGuard(f *testing.F) {
 	f.Add(byte(0), byte(7), []byte("HTTP/1.1 200 OK\r\nX: "+strings.Repeat("a", 300)+"\r\n\r\n"))
 	f.Add(byte(30), byte(2), []byte("HTTP/1.1 200 OK\r\n \r\n\r\n"))
 	f.Add(byte(30), byte(2), []byte("HTTP/1.1 200 OK\r\nA: b\r\r\n\r\n"))
+	f.Add(byte(200), byte(5), []byte("HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n"))
+	f.Add(byte(0), byte(0), []byte{})
 	f.Fuzz(func(t *testing.T, size, chunk byte, data []byte) {
 		src := &countingReader{r: bytes.NewReader(data), chunk: int(chunk%16) + 1}
 		br := bufio.NewReaderSize(src, 16+int(size))
@@ -938,7 +941,12 @@ func FuzzHeaderSizeGuard(f *testing.F) {
 			}
 			return
 		default:
-			if err != io.EOF || end >= 0 || src.n != len(data) {
+			// The data ran out: cleanly if there was none.
+			want := io.ErrUnexpectedEOF
+			if len(data) == 0 {
+				want = io.EOF
+			}
+			if err != want || end >= 0 || src.n != len(data) {
 				t.Fatalf("%v after %d of %d bytes, header end at %d", err, src.n, len(data), end)
 			}
 			return
