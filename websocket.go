@@ -171,6 +171,41 @@ type wsConn struct {
 	// are sent by a goroutine, and pongWriter says one is on its way.
 	onPong     func()
 	pongWriter atomic.Bool
+
+	// The write deadline our user set, which the client's pong writer
+	// puts back after its own: a deadline the user left set after its
+	// last write may have passed since, and a write that fails on it
+	// breaks a TLS connection for good.
+	dlMu   sync.Mutex
+	userWD time.Time
+}
+
+// SetWriteDeadline sets the write deadline of the connection below.
+func (c *wsConn) SetWriteDeadline(t time.Time) error {
+	c.dlMu.Lock()
+	defer c.dlMu.Unlock()
+	c.userWD = t
+	return c.Conn.SetWriteDeadline(t)
+}
+
+// SetDeadline sets the read and write deadlines of the connection below.
+func (c *wsConn) SetDeadline(t time.Time) error {
+	c.dlMu.Lock()
+	defer c.dlMu.Unlock()
+	c.userWD = t
+	return c.Conn.SetDeadline(t)
+}
+
+// writeOwnPongLocked sends the pong due under a write deadline of its own
+// (wsCloseWait), then puts our user's back.
+func (c *wsConn) writeOwnPongLocked() {
+	c.dlMu.Lock()
+	c.Conn.SetWriteDeadline(time.Now().Add(wsCloseWait))
+	c.dlMu.Unlock()
+	c.writePongLocked()
+	c.dlMu.Lock()
+	c.Conn.SetWriteDeadline(c.userWD)
+	c.dlMu.Unlock()
 }
 
 func newWSConn(nc net.Conn, br *bufio.Reader, client bool) *wsConn {
@@ -382,6 +417,9 @@ func (c *wsConn) controlFrame(op byte, fin bool, n uint64, hlen int, mask [4]byt
 			go func() {
 				c.wmu.Lock()
 				c.pongWriter.Store(false)
+				if !c.closeSent {
+					c.writeOwnPongLocked()
+				}
 				c.unlockWrite()
 			}()
 		}

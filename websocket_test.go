@@ -643,3 +643,80 @@ func TestWebSocketParkedInsideFrameHeaderHoldsNoBuffer(t *testing.T) {
 		t.Fatalf("pong %q, want that of the completed frame", p)
 	}
 }
+
+// TestWebSocketClientPongAfterIdle: a Client leaves Send's write deadline
+// set after its last Send (renewing it costs a syscall per packet), and over
+// WebSocket a goroutine answers the server's (or a middlebox's) pings. Once
+// the client has not sent for longer than that deadline, a ping's pong must
+// not be written under it: the write would fail at once, and under TLS a
+// failed write breaks the connection for good, so the next Send would fail
+// with "the server is not reading" and the client would reconnect.
+func TestWebSocketClientPongAfterIdle(t *testing.T) {
+	s := newTestServer(t)
+	cc, sc := net.Pipe()
+	defer cc.Close()
+	cert, _ := testCert(t, "derp.test")
+	srv := newWSConn(tls.Server(sc, &tls.Config{Certificates: []tls.Certificate{cert}}), nil, false)
+	cli := newWSConn(tls.Client(cc, &tls.Config{InsecureSkipVerify: true}), nil, true)
+	done := make(chan struct{})
+	go func() { s.Accept(context.Background(), srv, nil, "192.0.2.1:1"); close(done) }()
+	defer func() { s.Close(); <-done }()
+	priv := mustKey(t)
+	c := loginClient(t, cli, priv)
+	defer c.Close() // before the server's Close, which would wait for it
+	msgs := make(chan Message, 8)
+	go func() {
+		for {
+			m, err := c.Recv()
+			if err != nil {
+				close(msgs)
+				return
+			}
+			msgs <- m
+		}
+	}()
+	next := func() Message {
+		t.Helper()
+		select {
+		case m, ok := <-msgs:
+			if !ok {
+				t.Fatal("Recv failed")
+			}
+			return m
+		case <-time.After(10 * time.Second):
+			t.Fatal("nothing received")
+		}
+		return nil
+	}
+	if err := c.Send(priv.Public(), []byte("before")); err != nil {
+		t.Fatal(err)
+	}
+	next()
+	// As if Send's deadline had passed while the client was idle.
+	c.wmu.Lock()
+	c.sendBy = time.Now().Add(-time.Second)
+	c.setWriteDeadline(c.sendBy)
+	c.wmu.Unlock()
+	// A ping, then a KeepAlive: once the client has received the
+	// KeepAlive, it has read the ping and started its pong.
+	srv.wmu.Lock()
+	srv.writeFrameLocked(wsPing, []byte("are you there"))
+	srv.writeFrameLocked(wsBinary, appendFrame(nil, FrameKeepAlive, nil))
+	srv.wmu.Unlock()
+	if m := next(); m != (KeepAlive{}) {
+		t.Fatalf("got %#v, want KeepAlive", m)
+	}
+	waitFor(t, func() bool {
+		if cli.pongWriter.Load() || cli.pongDue.Load() || !cli.wmu.TryLock() {
+			return false
+		}
+		cli.wmu.Unlock()
+		return true
+	})
+	if err := c.Send(priv.Public(), []byte("after")); err != nil {
+		t.Fatalf("Send after the pong: %v", err)
+	}
+	if m, ok := next().(*ReceivedPacket); !ok || string(m.Data) != "after" {
+		t.Fatalf("got %#v, want the packet sent after the pong", m)
+	}
+}
