@@ -467,7 +467,7 @@ func (f *FastStart) upgrade(nc net.Conn, u *url.URL, priv PrivateKey, hs Handsha
 	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return nil, hs, fmt.Errorf("relay: upgrade refused: %s: %s", resp.Status, strings.TrimSpace(string(body)))
+		return nil, hs, fmt.Errorf("relay: upgrade refused: %s: %q", resp.Status, strings.TrimSpace(string(body)))
 	}
 	hs.ServerKey, hs.KeySource = PublicKey{}, "server-key-frame"
 	if k, err := ParsePublicKey(resp.Header.Get(PublicKeyHeader)); err == nil {
@@ -508,7 +508,7 @@ func (f *FastStart) webSocket(nc net.Conn, u *url.URL, priv PrivateKey, hs Hands
 	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return nil, hs, fmt.Errorf("relay: WebSocket upgrade refused: %s: %s", resp.Status, strings.TrimSpace(string(body)))
+		return nil, hs, fmt.Errorf("relay: WebSocket upgrade refused: %s: %q", resp.Status, strings.TrimSpace(string(body)))
 	}
 	switch {
 	case !strings.EqualFold(resp.Header.Get("Upgrade"), "websocket") || !hasToken(resp.Header.Values("Connection"), "upgrade"):

@@ -1842,3 +1842,27 @@ func TestHTTPResponseCutShort(t *testing.T) {
 		}
 	}
 }
+
+// TestRefusalBodyQuotedInError: the start of a refusal's body goes into the
+// dial's error quoted, so that a server cannot put line breaks (fake log
+// lines) into whatever logs the error.
+func TestRefusalBodyQuotedInError(t *testing.T) {
+	const body = "go away\nlevel=ERROR msg=\"forged line\""
+	dial := scriptedPipeDialer(t, func(sc net.Conn, br *bufio.Reader) {
+		if _, err := http.ReadRequest(br); err != nil {
+			return
+		}
+		fmt.Fprintf(sc, "HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+	})
+	for _, ws := range []bool{false, true} {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, _, err := (&FastStart{DialContext: dial, WebSocket: ws}).Dial(ctx, "http://derp.invalid/derp", mustKey(t))
+		cancel()
+		if err == nil {
+			t.Fatalf("websocket %v: Dial succeeded against a 403", ws)
+		}
+		if msg := err.Error(); strings.Contains(msg, "\n") || !strings.Contains(msg, "403") || !strings.Contains(msg, `go away\n`) {
+			t.Errorf("websocket %v: error %q, want the 403 and the body quoted on one line", ws, msg)
+		}
+	}
+}
