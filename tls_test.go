@@ -260,42 +260,62 @@ func testWriteTimeoutLingers(t *testing.T, plain bool) {
 	}
 }
 
-// TestServerSideCloseSendsNoCloseNotify: ClosePeer (like Close's cut, an
-// idle timeout or a cancelled context) closes the socket at once.
-// tls.Conn.Close would first write a close_notify under a 5 s deadline of
-// its own (and a WebSocket session a close frame under 1 s), into a socket
-// that a stalled client may have filled: ClosePeer, the mesh peer's reader
-// calling it, or Close, which holds the server's lock while it cuts
-// sessions, waited that long for each such client. The server's end of the
-// connection records whether a write came before its close.
-func TestServerSideCloseSendsNoCloseNotify(t *testing.T) {
-	for _, ws := range []bool{false, true} {
-		t.Run(map[bool]string{false: "tls", true: "websocket over tls"}[ws], func(t *testing.T) {
+// TestCloseSendsNoCloseNotify: a session ended from the server's side
+// (ClosePeer here, like Close's cut, an idle timeout or a cancelled
+// context) and Client.Close close the socket at once. tls.Conn.Close would
+// first write a close_notify under a 5 s deadline of its own (and a
+// WebSocket connection a close frame under 1 s), into a socket the other
+// side may have filled by not reading: ClosePeer, the mesh peer's reader
+// calling it, or Server.Close, which holds the server's lock while it cuts
+// sessions, waited that long for each such client, and so did
+// Client.Close for a server that stopped reading. The closing side's end
+// of the pipe records whether a write came before its close.
+func TestCloseSendsNoCloseNotify(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		ws        bool
+		serverEnd bool // the server closes; else the client
+	}{
+		{"server tls", false, true},
+		{"server websocket over tls", true, true},
+		{"client tls", false, false},
+		{"client websocket over tls", true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
 			s := newTestServer(t)
 			cc, sc := net.Pipe()
 			defer cc.Close()
-			wc := &watchConn{Conn: sc, ev: make(chan string, 4)}
+			defer sc.Close()
+			var cn, sn net.Conn = cc, sc
+			wc := &watchConn{ev: make(chan string, 4)}
+			if tc.serverEnd {
+				wc.Conn, sn = sc, wc
+			} else {
+				wc.Conn, cn = cc, wc
+			}
 			cert, _ := testCert(t, "derp.test")
-			var sn net.Conn = tls.Server(wc, &tls.Config{Certificates: []tls.Certificate{cert}})
-			tc := tls.Client(cc, &tls.Config{InsecureSkipVerify: true})
-			var nc net.Conn = tc
-			if ws {
-				sn = newWSConn(sn, nil, false)
-				nc = newWSConn(tc, nil, true)
+			sn = tls.Server(sn, &tls.Config{Certificates: []tls.Certificate{cert}})
+			cn = tls.Client(cn, &tls.Config{InsecureSkipVerify: true})
+			if tc.ws {
+				sn, cn = newWSConn(sn, nil, false), newWSConn(cn, nil, true)
 			}
 			done := make(chan struct{})
 			go func() { s.Accept(context.Background(), sn, nil, "192.0.2.1:1"); close(done) }()
 			priv := mustKey(t)
-			loginClient(t, nc, priv)
+			c := loginClient(t, cn, priv)
 			wc.armed.Store(true)
-			go s.ClosePeer(priv.Public())
+			if tc.serverEnd {
+				go s.ClosePeer(priv.Public())
+			} else {
+				go c.Close()
+			}
 			select {
 			case ev := <-wc.ev:
 				if ev != "close" {
-					t.Fatalf("the server's first act after ClosePeer was a %s: a close_notify or close frame into a socket the client does not read", ev)
+					t.Fatalf("the closing side's first act was a %s: a close_notify or close frame into a socket the other side does not read", ev)
 				}
 			case <-time.After(10 * time.Second):
-				t.Fatal("ClosePeer neither wrote nor closed")
+				t.Fatal("neither a write nor a close")
 			}
 			<-done
 		})
@@ -327,40 +347,4 @@ func (c *watchConn) Close() error {
 		}
 	}
 	return c.Conn.Close()
-}
-
-// TestClientCloseSendsNoCloseNotify: Client.Close closes the socket at once,
-// with no close_notify (or WebSocket close frame) written first into a
-// socket a server that stopped reading may have filled, where it would wait
-// up to 5 s (1 s). The client's end records whether a write came first.
-func TestClientCloseSendsNoCloseNotify(t *testing.T) {
-	for _, ws := range []bool{false, true} {
-		t.Run(map[bool]string{false: "tls", true: "websocket over tls"}[ws], func(t *testing.T) {
-			s := newTestServer(t)
-			cc, sc := net.Pipe()
-			defer sc.Close()
-			wc := &watchConn{Conn: cc, ev: make(chan string, 4)}
-			cert, _ := testCert(t, "derp.test")
-			var sn net.Conn = tls.Server(sc, &tls.Config{Certificates: []tls.Certificate{cert}})
-			var nc net.Conn = tls.Client(wc, &tls.Config{InsecureSkipVerify: true})
-			if ws {
-				sn = newWSConn(sn, nil, false)
-				nc = newWSConn(nc, nil, true)
-			}
-			done := make(chan struct{})
-			go func() { s.Accept(context.Background(), sn, nil, "192.0.2.1:1"); close(done) }()
-			c := loginClient(t, nc, mustKey(t))
-			wc.armed.Store(true)
-			go c.Close()
-			select {
-			case ev := <-wc.ev:
-				if ev != "close" {
-					t.Fatalf("the client's first act in Close was a %s: a close_notify or close frame into a socket the server may not read", ev)
-				}
-			case <-time.After(10 * time.Second):
-				t.Fatal("Close neither wrote nor closed")
-			}
-			<-done
-		})
-	}
 }
