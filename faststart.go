@@ -23,6 +23,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode"
 )
 
 // FastStart dials DERP servers by URL ("https://host[:port]/derp" or
@@ -1626,7 +1627,11 @@ func (n *Node) check() error {
 		}
 		return fmt.Errorf("relay: dial node %s: no DERP server (STUN only or no host name)", name)
 	}
-	if _, err := netip.ParseAddr(n.HostName); err != nil && strings.ContainsAny(n.HostName, "/@?#%[]: \t\r\n") {
+	ip, err := netip.ParseAddr(n.HostName)
+	if err != nil && strings.ContainsAny(n.HostName, "/@?#%[]: \t\r\n") ||
+		err == nil && ip.Zone() != "" || strings.ContainsFunc(n.HostName, unicode.IsControl) {
+		// A zone or a control character would make a URL that does
+		// not parse, and an error about the URL rather than the map.
 		return fmt.Errorf("relay: dial node %q: host name %q is not a host name", n.Name, n.HostName)
 	}
 	return nil

@@ -233,6 +233,8 @@ func TestDialNode(t *testing.T) {
 		{"no host name", "no host name", trusting, node(func(n *Node) { n.HostName = "" })},
 		{"URL in the host name", "not a host name", trusting, node(func(n *Node) { n.HostName = "evil.test/x?@derp.test" })},
 		{"port in the host name", "not a host name", trusting, node(func(n *Node) { n.HostName = "derp.test:443" })},
+		{"IPv6 zone in the host name", "not a host name", trusting, node(func(n *Node) { n.HostName = "fe80::1%eth0" })},
+		{"control character in the host name", "not a host name", trusting, node(func(n *Node) { n.HostName = "derp\x00.test" })},
 	}
 	for _, tt := range bad {
 		t.Run(tt.name, func(t *testing.T) {
