@@ -855,8 +855,11 @@ func TestMeshPeerGoneToSenders(t *testing.T) {
 	if err := c.Send(k, []byte("to a peer's client")); err != nil {
 		t.Fatal(err)
 	}
-	// Routed (the link is down, so the packet is dropped there).
+	// Routed (the link is down, so the packet is dropped there). The drop
+	// is counted before c's reader registers c with k's route: wait for
+	// the registration, or meshRemove may run first and have no one to tell.
 	waitFor(t, func() bool { return s.Stats().PacketsDropped["mesh_link_down/other"] == 1 })
+	waitFor(t, func() bool { return meshRouteRecipients(s, k) == 1 })
 	s.meshRemove(k, la, true) // k left the region
 	if g, _ := recvMsg[PeerGone](t, c); g.Peer != k || g.Reason != PeerGoneDisconnected {
 		t.Fatalf("got %+v", g)
@@ -869,6 +872,7 @@ func TestMeshPeerGoneToSenders(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, func() bool { return s.Stats().PacketsDropped["mesh_link_down/other"] == 2 })
+	waitFor(t, func() bool { return meshRouteRecipients(s, k) == 1 })
 	kc := pipeLogin(t, s, kPriv)
 	s.meshRemove(k, la, true) // still here: nothing to tell
 	expectPongFirst(t, c)
@@ -876,6 +880,17 @@ func TestMeshPeerGoneToSenders(t *testing.T) {
 	if g, _ := recvMsg[PeerGone](t, c); g.Peer != k || g.Reason != PeerGoneDisconnected {
 		t.Fatalf("got %+v", g)
 	}
+}
+
+// meshRouteRecipients is how many local clients are to be told when k's
+// mesh route goes away (0 if k has none).
+func meshRouteRecipients(s *Server, k PublicKey) int {
+	s.mesh.mu.RLock()
+	defer s.mesh.mu.RUnlock()
+	if r := s.mesh.routes[k]; r != nil {
+		return len(r.recipients.m)
+	}
+	return 0
 }
 
 // stallingMeshPeer is a scripted mesh peer that a server's mesh link dials
