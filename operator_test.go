@@ -249,6 +249,42 @@ func TestSessions(t *testing.T) {
 	})
 }
 
+// A duplicate login's session is listed by Sessions as soon as its client
+// has ServerInfo. The server tells each of a key's sessions about the
+// duplicate, and that notice started the new session's writer, which
+// wrote ServerInfo before the session was marked registered: Sessions
+// skipped it (and Close would not have told it the server was restarting)
+// until register finished. The log handler holds register, after the
+// notices, until the test has looked.
+func TestSessionsListsDuplicateOnceLoggedIn(t *testing.T) {
+	release := make(chan struct{})
+	h := &recHandler{hook: func(r slog.Record) {
+		if r.Message == "relay: duplicate key" {
+			select {
+			case <-release:
+			case <-time.After(30 * time.Second):
+			}
+		}
+	}}
+	s := newTestServer(t, WithLogger(slog.New(h)))
+	var once sync.Once
+	releaseLog := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(releaseLog) // before s.Close, which waits for the session
+	priv := mustKey(t)
+	pipeLogin(t, s, priv)
+	pipeLogin(t, s, priv) // has ServerInfo: its session is logged in
+	n := 0
+	for si := range s.Sessions() {
+		if si.Key == priv.Public() {
+			n++
+		}
+	}
+	releaseLog()
+	if n != 2 {
+		t.Fatalf("Sessions lists %d of the key's 2 logged-in sessions", n)
+	}
+}
+
 func TestConsistencyCheck(t *testing.T) {
 	const mk = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 	s := newTestServer(t, WithMeshKey(mk), WithMaxConnections(0, 50))

@@ -1340,6 +1340,13 @@ func (s *Server) register(c *sconn) bool {
 		s.stats.notIdeal.Add(1)
 	}
 	s.mu.Unlock()
+	// Registered before anything can start the writer (a duplicate's
+	// Health notice below does): the writer's first item is ServerInfo,
+	// and a client that has it must be listed by Sessions and told by
+	// Close that the server is restarting.
+	c.mu.Lock()
+	c.registered = true
+	c.mu.Unlock()
 	if c.fastStart {
 		s.stats.fastStarts.Add(1)
 	} else {
@@ -1358,7 +1365,6 @@ func (s *Server) register(c *sconn) bool {
 	}
 	c.startKeepAlive()
 	c.mu.Lock()
-	c.registered = true
 	c.kickLocked() // ServerInfo
 	c.mu.Unlock()
 	s.log.Debug("relay: client connected", "remote", c.remote, "key", c.key.ShortString(), "mesh", c.isMesh, "fastStart", c.fastStart)
