@@ -103,6 +103,9 @@ type clientOptions struct {
 	recvTimeout  time.Duration
 	loginTimeout time.Duration
 	maybeHTTP    bool
+	// sendBound and writeBound are the bounds of Send and of the other
+	// writes: sendBound and writeBound unless a test lowers them.
+	sendBound, writeBound time.Duration
 }
 
 // MeshKey sets the region's mesh key, 64 hex digits, which lets the client
@@ -166,7 +169,7 @@ const DefaultRecvTimeout = 120 * time.Second
 // ServerInfo (which proves it owns its key) is the first message Recv
 // returns. NewClient does not close nc when it fails.
 func NewClient(priv PrivateKey, nc net.Conn, brw *bufio.ReadWriter, opts ...ClientOption) (*Client, error) {
-	o := clientOptions{recvTimeout: DefaultRecvTimeout, loginTimeout: 10 * time.Second}
+	o := clientOptions{recvTimeout: DefaultRecvTimeout, loginTimeout: 10 * time.Second, sendBound: sendBound, writeBound: writeBound}
 	for _, opt := range opts {
 		if opt == nil {
 			return nil, errors.New("relay: NewClient: nil ClientOption")
@@ -312,8 +315,8 @@ func (c *Client) Send(dst PublicKey, pkt []byte) error {
 	if c.limiter != nil && !c.limiter.allow(frameHeaderLen+KeyLen+len(pkt), now) {
 		return ErrRateLimited
 	}
-	if c.sendBy.Sub(now) < sendBound/2 {
-		c.sendBy = now.Add(sendBound)
+	if c.sendBy.Sub(now) < c.opts.sendBound/2 {
+		c.sendBy = now.Add(c.opts.sendBound)
 		c.setWriteDeadline(c.sendBy)
 	}
 	c.dst = dst
@@ -343,7 +346,7 @@ func (c *Client) ForwardPacket(src, dst PublicKey, pkt []byte) error {
 // MaxPacketSize are skipped. On error the connection is unusable and it is
 // unknown how many frames arrived.
 func (c *Client) forwardBatch(n int, item func(i int) (src, dst *PublicKey, pkt []byte)) error {
-	deadline := time.Now().Add(writeBound)
+	deadline := time.Now().Add(c.opts.writeBound)
 	expired := c.lockBy(deadline)
 	defer c.wmu.Unlock()
 	if c.werr != nil {
@@ -404,7 +407,7 @@ func (c *Client) WatchConnectionChanges() error { return c.writeFrame(FrameWatch
 func (c *Client) ClosePeer(key PublicKey) error { return c.writeFrame(FrameClosePeer, key[:]) }
 
 func (c *Client) writeFrame(t FrameType, payload []byte) error {
-	return c.writeFrameWithin(writeBound, t, payload)
+	return c.writeFrameWithin(c.opts.writeBound, t, payload)
 }
 
 // sendBound bounds a Send: see Send.

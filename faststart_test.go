@@ -114,11 +114,11 @@ func serveDERP(t testing.TB, s *Server, o derpServeOpts) derpHTTP {
 
 // dialFast dials url with fs, fails t on error, and waits for the ServerInfo
 // (after which the server has registered the client).
-func dialFast(t testing.TB, fs *FastStart, url string) (*Client, Handshake) {
+func dialFast(t testing.TB, fs *FastStart, url string, opts ...ClientOption) (*Client, Handshake) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, hs, err := fs.Dial(ctx, url, mustKey(t))
+	c, hs, err := fs.Dial(ctx, url, mustKey(t), opts...)
 	if err != nil {
 		t.Fatalf("Dial %s: %v (handshake %+v)", url, err, hs)
 	}

@@ -126,6 +126,24 @@ func newScriptedRC(t *testing.T, s *scriptedServer, opts ...ClientOption) *Recon
 	return rc
 }
 
+// testBounds lowers a Client's bounds on Send (10 s) and on its other
+// writes (5 s) to a fifth, keeping their ratio, for the tests that wait
+// them out against a server that reads nothing: what they check is that
+// the bound ends the write, and how the Client and a ReconnectingClient
+// come out of it, not its length (TestClientDefaultBounds checks that).
+func testBounds() ClientOption {
+	return func(o *clientOptions) { o.sendBound, o.writeBound = sendBound/5, writeBound/5 }
+}
+
+// TestClientDefaultBounds: a Client's bounds are the documented ones, Send
+// 10 s and the other writes 5 s, unless a test lowers them.
+func TestClientDefaultBounds(t *testing.T) {
+	c := pipeClient(t, newTestServer(t))
+	if c.opts.sendBound != 10*time.Second || c.opts.writeBound != 5*time.Second {
+		t.Fatalf("Send's bound %v, the other writes' %v; documented: 10s and 5s", c.opts.sendBound, c.opts.writeBound)
+	}
+}
+
 // callWithin runs f and reports whether it returned within d. f keeps
 // running in the background otherwise (the test's cleanup unblocks it).
 func callWithin(d time.Duration, f func()) (time.Duration, bool) {
@@ -809,7 +827,8 @@ func TestReconnectingDialWriteToStalledServer(t *testing.T) {
 	}
 }
 
-// TestForwardPacketBoundedBehindStuckWrite: ForwardPacket's 5 s bound holds
+// TestForwardPacketBoundedBehindStuckWrite: ForwardPacket's 5 s bound (a
+// fifth here: testBounds) holds
 // when another write on the Client (a Pong, a WatchConns: one mesh client
 // that both watches a peer and is its PacketForwarder) is stuck on a server
 // that stopped reading: the forward does not wait for it past its bound but
@@ -818,13 +837,13 @@ func TestForwardPacketBoundedBehindStuckWrite(t *testing.T) {
 	s := &scriptedServer{priv: mustKey(t)}
 	s.script = func(int, net.Conn, *bufio.Reader, PublicKey) { s.stall() }
 	t.Cleanup(s.close)
-	c, _ := dialFast(t, &FastStart{DialContext: s.dial}, "http://derp.invalid/derp")
+	c, _ := dialFast(t, &FastStart{DialContext: s.dial}, "http://derp.invalid/derp", testBounds())
 	pong := make(chan error, 1)
 	go func() { pong <- c.SendPong([8]byte{}) }()
 	waitFor(t, func() bool { return strings.Contains(leakedGoroutines(), "relay.(*Client).SendPong(") })
 	var err error
 	if took, ok := callWithin(20*time.Second, func() { err = c.ForwardPacket(PublicKey{1}, PublicKey{2}, []byte("x")) }); !ok {
-		t.Fatalf("ForwardPacket still blocked after %v behind a stuck Pong (its bound is 5 s)", took)
+		t.Fatalf("ForwardPacket still blocked after %v behind a stuck Pong (its bound is %v)", took, writeBound/5)
 	}
 	if err == nil {
 		t.Fatal("ForwardPacket succeeded while the server reads nothing")
@@ -877,8 +896,9 @@ func TestReconnectingCtxEndingAsWriteFinishes(t *testing.T) {
 // TestClientWritesBoundedOnStalledServer: a Client's control frames, on a
 // transport with no buffer (a net.Pipe; a full socket buffer alike) to a
 // server that stops reading after the login, fail within their 5 s bound
-// instead of blocking forever, whether they write themselves or wait behind
-// a Send that the stalled server holds (which then fails too).
+// (a fifth here: testBounds) instead of blocking forever, whether they
+// write themselves or wait behind a Send that the stalled server holds
+// (which then fails too).
 func TestClientWritesBoundedOnStalledServer(t *testing.T) {
 	writes := []struct {
 		name  string
@@ -906,7 +926,7 @@ func TestClientWritesBoundedOnStalledServer(t *testing.T) {
 	results := make(chan result, 2*len(writes))
 	for _, behind := range []bool{false, true} {
 		for _, w := range writes {
-			c, _ := dialFast(t, &FastStart{DialContext: s.dial}, "http://derp.invalid/derp")
+			c, _ := dialFast(t, &FastStart{DialContext: s.dial}, "http://derp.invalid/derp", testBounds())
 			send := make(chan error, 1)
 			if behind {
 				go func() { send <- c.Send(PublicKey{1}, []byte("x")) }()
@@ -934,7 +954,7 @@ func TestClientWritesBoundedOnStalledServer(t *testing.T) {
 		}
 	}
 	if took, ok := callWithin(30*time.Second, wg.Wait); !ok {
-		t.Errorf("after %v, %d of %d writes to a server that reads nothing still blocked (their bound is 5 s)", took, 2*len(writes)-len(results), 2*len(writes))
+		t.Errorf("after %v, %d of %d writes to a server that reads nothing still blocked (their bound is %v)", took, 2*len(writes)-len(results), 2*len(writes), writeBound/5)
 	}
 	for range len(results) { // (a write still blocked sends later, into the buffer)
 		r := <-results
@@ -958,8 +978,9 @@ func TestClientWritesBoundedOnStalledServer(t *testing.T) {
 // that take no ctx (NotePreferred, WatchConnectionChanges, and the Pong
 // with which Recv answers a server's Ping, under Recv(context.Background()))
 // are bounded all the same: to a server that stops reading after the login
-// (over a net.Pipe, which has no buffer) they fail within 5 s, dropping the
-// connection, and Recv connects again, instead of blocking until Close.
+// (over a net.Pipe, which has no buffer) they fail within 5 s (a fifth
+// here: testBounds), dropping the connection, and Recv connects again,
+// instead of blocking until Close.
 func TestReconnectingWritesWithoutCtxBounded(t *testing.T) {
 	cases := []struct {
 		name  string
@@ -999,7 +1020,7 @@ func TestReconnectingWritesWithoutCtxBounded(t *testing.T) {
 			}
 			s.stall() // never reads again
 		}
-		rc := newScriptedRC(t, s)
+		rc := newScriptedRC(t, s, testBounds())
 		if _, err := rc.Recv(context.Background()); err != nil { // ServerInfo
 			t.Fatal(err)
 		}
@@ -1011,7 +1032,7 @@ func TestReconnectingWritesWithoutCtxBounded(t *testing.T) {
 		}()
 	}
 	if took, ok := callWithin(30*time.Second, wg.Wait); !ok {
-		t.Errorf("after %v, %d of %d calls writing to a server that reads nothing still blocked (the bound is 5 s)", took, len(cases)-len(results), len(cases))
+		t.Errorf("after %v, %d of %d calls writing to a server that reads nothing still blocked (the bound is %v)", took, len(cases)-len(results), len(cases), writeBound/5)
 	}
 	for range len(results) {
 		r := <-results
@@ -1027,10 +1048,11 @@ func TestReconnectingWritesWithoutCtxBounded(t *testing.T) {
 }
 
 // TestSendBoundedOnStalledServer: Send to a server that stops reading after
-// the login fails within its bound (at most 10 s) instead of blocking
-// forever: Client.Send and ReconnectingClient.Send(context.Background()),
-// over a net.Pipe (no buffer) and over loopback TCP (Sends fill the socket
-// buffers first), and the ReconnectingClient's next call reconnects.
+// the login fails within its bound (at most 10 s; a fifth here:
+// testBounds) instead of blocking forever: Client.Send and
+// ReconnectingClient.Send(context.Background()), over a net.Pipe (no
+// buffer) and over loopback TCP (Sends fill the socket buffers first), and
+// the ReconnectingClient's next call reconnects.
 func TestSendBoundedOnStalledServer(t *testing.T) {
 	type result struct {
 		name string
@@ -1064,11 +1086,11 @@ func TestSendBoundedOnStalledServer(t *testing.T) {
 		if tcp {
 			dial, via = s.dialTCP, "TCP"
 		}
-		c, _ := dialFast(t, &FastStart{DialContext: dial}, "http://derp.invalid/derp")
+		c, _ := dialFast(t, &FastStart{DialContext: dial}, "http://derp.invalid/derp", testBounds())
 		start("Client.Send over "+via, func() error { return c.Send(PublicKey{1}, pkt) }, nil)
 
 		s2 := &scriptedServer{priv: mustKey(t), script: s.script}
-		rc := newScriptedRC(t, s2)
+		rc := newScriptedRC(t, s2, testBounds())
 		rc.Dialer = &FastStart{DialContext: s2.dial}
 		if tcp {
 			rc.Dialer = &FastStart{DialContext: s2.dialTCP}
@@ -1080,7 +1102,7 @@ func TestSendBoundedOnStalledServer(t *testing.T) {
 		t.Cleanup(s.close)
 	}
 	if took, ok := callWithin(40*time.Second, wg.Wait); !ok {
-		t.Errorf("after %v, %d of 4 Send loops to a server that reads nothing still blocked (the bound is 10 s)", took, 4-len(results))
+		t.Errorf("after %v, %d of 4 Send loops to a server that reads nothing still blocked (the bound is %v)", took, 4-len(results), sendBound/5)
 	}
 	for range len(results) { // (a Send still blocked sends later, into the buffer)
 		r := <-results
