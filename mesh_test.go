@@ -957,6 +957,14 @@ func (p *stallingMeshPeer) dial(ctx context.Context, network, addr string) (net.
 	return cc, nil
 }
 
+// lowLinkWriteTimeout lowers the bound on a mesh link's own frames (5 s)
+// to a fifth, for the tests that wait it out against a peer that reads
+// nothing: what they check is that it ends the write and what the link
+// does then, not its length (TestDefaultsSafeForOpenInternet pins it).
+func lowLinkWriteTimeout() ServerOption {
+	return func(c *serverConfig) { c.linkWriteTimeout = meshLinkWriteTimeout / 5 }
+}
+
 // TestMeshLinkPongToStalledPeer: a mesh peer that pings the link and then
 // stops reading (a wedged peer, or a path that blackholes one way) must not
 // wedge the link: the Pong's write is bounded like a forward's, the link is
@@ -975,7 +983,7 @@ func TestMeshLinkPongToStalledPeer(t *testing.T) {
 		}
 	})
 	s := newTestServer(t, WithMeshKey(testMeshKey), WithMeshPeers("http://peer.invalid/derp"),
-		WithMeshDialer(&FastStart{DialContext: p.dial}))
+		WithMeshDialer(&FastStart{DialContext: p.dial}), lowLinkWriteTimeout())
 	y := pipeClient(t, s)
 	waitFor(t, func() bool { _, ok := s.MeshPeerFor(p.k); return ok })
 	// y receives a packet from k (forwarded by the peer's own link, here
@@ -1004,7 +1012,7 @@ func TestMeshLinkWatchToStalledPeer(t *testing.T) {
 	p := &scriptedServer{priv: mustKey(t)}
 	p.script = func(int, net.Conn, *bufio.Reader, PublicKey) { p.stall() }
 	s := NewServer(mustKey(t), WithMeshKey(testMeshKey), WithMeshPeers("http://peer.invalid/derp"),
-		WithMeshDialer(&FastStart{DialContext: p.dial}))
+		WithMeshDialer(&FastStart{DialContext: p.dial}), lowLinkWriteTimeout())
 	t.Cleanup(func() { s.Close() })
 	t.Cleanup(p.close) // first: unblocks what Close would wait for
 	waitForWithin(t, 30*time.Second, func() bool { return p.dials.Load() >= 2 })

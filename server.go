@@ -129,6 +129,9 @@ type serverConfig struct {
 	loginTimeout     time.Duration
 	writeTimeout     time.Duration
 	meshWriteTimeout time.Duration
+	// linkWriteTimeout bounds the mesh link's own frames: meshLinkWriteTimeout
+	// unless a test lowers it.
+	linkWriteTimeout time.Duration
 	queueDepth       int
 	keepAlive        time.Duration
 	idleTimeout      time.Duration
@@ -707,6 +710,7 @@ func NewServer(priv PrivateKey, opts ...ServerOption) *Server {
 		loginTimeout:     10 * time.Second,
 		writeTimeout:     2 * time.Second,
 		meshWriteTimeout: 30 * time.Second,
+		linkWriteTimeout: meshLinkWriteTimeout,
 		queueDepth:       32,
 		keepAlive:        60 * time.Second,
 		idleTimeout:      150 * time.Second,
@@ -3904,12 +3908,12 @@ const (
 	// client's queue; when full, the oldest packet is dropped.
 	meshQueueDepth  = 256
 	meshDialTimeout = 10 * time.Second
-	// meshWriteTimeout bounds each of a link's own frames (WatchConns,
+	// meshLinkWriteTimeout bounds each of a link's own frames (WatchConns,
 	// Pongs) as ForwardPacket's bound does its forwards: a peer that stops
 	// reading ends the connection instead of wedging the link.
-	meshWriteTimeout = 5 * time.Second
-	meshMinBackoff   = 100 * time.Millisecond
-	meshMaxBackoff   = 5 * time.Second
+	meshLinkWriteTimeout = 5 * time.Second
+	meshMinBackoff       = 100 * time.Millisecond
+	meshMaxBackoff       = 5 * time.Second
 )
 
 // errMeshSelf ends a link whose URL reaches this very server.
@@ -4163,7 +4167,7 @@ func (l *meshLink) session(ctx context.Context) (watched bool, restartIn time.Du
 		c.Close()
 		return false, 0, errMeshSelf
 	}
-	if err := c.writeFrameWithin(meshWriteTimeout, FrameWatchConns, nil); err != nil {
+	if err := c.writeFrameWithin(l.s.cfg.linkWriteTimeout, FrameWatchConns, nil); err != nil {
 		c.Close()
 		return false, 0, err
 	}
@@ -4220,7 +4224,7 @@ func (l *meshLink) watch(c *Client) (watched bool, restartIn time.Duration, err 
 			// Bounded: a peer that pings and stops reading must not
 			// hold the watch (and, behind the Client's write lock,
 			// the forwards) forever. A failed write ends the link.
-			if err := c.writeFrameWithin(meshWriteTimeout, FramePong, m[:]); err != nil {
+			if err := c.writeFrameWithin(l.s.cfg.linkWriteTimeout, FramePong, m[:]); err != nil {
 				return watched, restartIn, err
 			}
 		case ServerRestarting:
