@@ -615,7 +615,9 @@ type ReconnectingClient struct {
 	// Dialer dials each connection; nil means a zero FastStart. Its
 	// ServerKey, if set, is the first key tried for URL; later the key
 	// learned from each server is used for it, and neither once a fast
-	// start with a known key timed out on that server.
+	// start with a known key timed out on that server (unless the path
+	// to it was silent already: its last connection or dial had timed
+	// out too, as in a black hole every dial does).
 	Dialer *FastStart
 	// Options are passed to every connection (MeshKey, CanAckPings, …).
 	Options []ClientOption
@@ -649,6 +651,9 @@ type ReconnectingClient struct {
 	learned      PublicKey             // the current or last server's key
 	keys         map[string]PublicKey  // learned keys by URL
 	noFast       map[string]bool       // servers (keyID) a fast start with a known key timed out on
+	silent       map[string]bool       // servers whose last connection, or dial other than such a fast start, timed out (see dial)
+	noKeyOnce    map[string]bool       // servers to dial once without their key, after a fast start timed out while silent
+	cKeyID       string                // keyID of c's server
 	lastGood     map[string]netip.Addr // where each host name was last reached
 	preferred    bool                  // what the caller wants
 	watch        bool                  // WatchConnectionChanges was called
@@ -885,21 +890,41 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}, lo
 		}
 		acancel()
 		won, wonIdx = t, i
-		if err != nil && hs.Path == FastPath && hs.KeySource == "configured" &&
-			(errors.Is(err, context.DeadlineExceeded) || isTimeout(err)) {
+		timedOut := err != nil && (errors.Is(err, context.DeadlineExceeded) || isTimeout(err))
+		switch {
+		case timedOut && hs.Path == FastPath && hs.KeySource == "configured":
 			// The fast path with a key known in advance got no answer
 			// after the connection was made: something between (a
 			// reverse proxy) does not pass fast start through, and the
 			// server waits for a ClientInfo it never gets. From now on
 			// the server is dialled as if no key were known. (A server
 			// that hangs up, as one restarting may, keeps its key.)
+			// Unless the path to it was silent already (the last
+			// connection or dial timed out): in a black hole every dial
+			// times out, with the key or without, so the next dial
+			// only goes without it, and one that succeeds proves
+			// nothing against fast start either.
 			rc.mu.Lock()
-			if rc.noFast == nil {
-				rc.noFast = map[string]bool{}
+			silent := rc.silent[t.keyID()]
+			if silent {
+				if rc.noKeyOnce == nil {
+					rc.noKeyOnce = map[string]bool{}
+				}
+				rc.noKeyOnce[t.keyID()] = true
+			} else {
+				if rc.noFast == nil {
+					rc.noFast = map[string]bool{}
+				}
+				rc.noFast[t.keyID()] = true
 			}
-			rc.noFast[t.keyID()] = true
 			rc.mu.Unlock()
-			log.add(slog.LevelInfo, "relay: fast start failed with a known key; not using it again for this server", "url", t.url, "node", t.name(), "err", err)
+			if !silent {
+				log.add(slog.LevelInfo, "relay: fast start failed with a known key; not using it again for this server", "url", t.url, "node", t.name(), "err", err)
+			}
+		case timedOut:
+			rc.noteSilent(t.keyID(), true)
+		case err == nil:
+			rc.noteSilent(t.keyID(), false)
 		}
 		if err != nil && len(targets) > 1 {
 			// One line per failed dial, not per node: the failure's
@@ -969,6 +994,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}, lo
 	}
 	rc.c = c
 	rc.cTarget, rc.nTargets = wonIdx, len(targets)
+	rc.cKeyID = won.keyID()
 	rc.loginWait, rc.loginBy = loginWait, time.Time{}
 	rc.gen++
 	rc.learned = hs.ServerKey
@@ -1059,8 +1085,9 @@ func (rc *ReconnectingClient) dialerFor(i int, t dialTarget, several bool, log *
 		}
 	}
 	rc.mu.Lock()
-	if rc.noFast[t.keyID()] {
+	if rc.noFast[t.keyID()] || rc.noKeyOnce[t.keyID()] {
 		f.ServerKey = PublicKey{} // dialled as if no key were known
+		delete(rc.noKeyOnce, t.keyID())
 	} else if k, ok := rc.keys[t.keyID()]; ok {
 		f.ServerKey = k
 	}
@@ -1142,13 +1169,41 @@ func (rc *ReconnectingClient) logf(msg string, args ...any) {
 // drop forgets c if it is still the current client, so the next call
 // reconnects; a stale client's failure does not disturb a newer one.
 func (rc *ReconnectingClient) drop(c *Client) {
+	rc.dropAfter(c, nil)
+}
+
+// dropAfter is drop for a connection that failed with err (nil if none):
+// a timeout (the server went silent) marks its server's path as silent.
+func (rc *ReconnectingClient) dropAfter(c *Client, err error) {
 	rc.mu.Lock()
 	if rc.c == c {
 		rc.c = nil
 		rc.wakePingsLocked()
+		if err != nil && isTimeout(err) {
+			rc.noteSilentLocked(rc.cKeyID, true)
+		}
 	}
 	rc.mu.Unlock()
 	c.Close()
+}
+
+// noteSilent records whether the last connection or dial to the server
+// keyID timed out (see dial).
+func (rc *ReconnectingClient) noteSilent(keyID string, silent bool) {
+	rc.mu.Lock()
+	rc.noteSilentLocked(keyID, silent)
+	rc.mu.Unlock()
+}
+
+func (rc *ReconnectingClient) noteSilentLocked(keyID string, silent bool) {
+	if !silent {
+		delete(rc.silent, keyID)
+		return
+	}
+	if rc.silent == nil {
+		rc.silent = map[string]bool{}
+	}
+	rc.silent[keyID] = true
 }
 
 // wakePingsLocked ends the Pings waiting on the current connection, which
@@ -1189,10 +1244,11 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 		rc.settle(c, !stop(), err)
 	}
 	if err != nil && !errors.Is(err, ErrPacketTooLarge) && !errors.Is(err, ErrRateLimited) {
-		rc.drop(c)
 		if ctx.Err() != nil {
+			rc.drop(c) // ctx's interrupt, not the server's silence
 			return ctx.Err()
 		}
+		rc.dropAfter(c, err)
 	}
 	return err
 }
@@ -1365,10 +1421,11 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			continue
 		}
 		if err != nil {
-			rc.drop(c)
 			if ctx.Err() != nil {
+				rc.drop(c) // ctx's interrupt, not the server's silence
 				return nil, 0, ctx.Err()
 			}
+			rc.dropAfter(c, err)
 			rc.mu.Lock()
 			closed := rc.closed
 			now := time.Now()

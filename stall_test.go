@@ -1146,3 +1146,131 @@ func TestNewClientLoginTimeoutBoundsClientInfo(t *testing.T) {
 		})
 	}
 }
+
+// silentProxy forwards TCP connections to target; while silent is set it
+// reads what either side sends and throws it away, and closes nothing: a
+// path that has become a black hole (a NAT that dropped its mapping, a
+// cable pulled, a peer paused), as both ends see it, with no FIN or RST.
+// Connections made while it is silent are accepted and blackholed too.
+type silentProxy struct {
+	ln       net.Listener
+	silent   atomic.Bool
+	accepted atomic.Int64
+
+	mu    sync.Mutex
+	conns []net.Conn
+	wg    sync.WaitGroup
+}
+
+func newSilentProxy(t *testing.T, target string) *silentProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &silentProxy{ln: ln}
+	p.wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			p.accepted.Add(1)
+			u, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.conns = append(p.conns, c, u)
+			p.mu.Unlock()
+			p.wg.Go(func() { p.pipe(c, u) })
+			p.wg.Go(func() { p.pipe(u, c) })
+		}
+	})
+	t.Cleanup(func() {
+		ln.Close()
+		p.mu.Lock()
+		for _, c := range p.conns {
+			c.Close()
+		}
+		p.mu.Unlock()
+		p.wg.Wait()
+	})
+	return p
+}
+
+func (p *silentProxy) pipe(dst, src net.Conn) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 && !p.silent.Load() {
+			if _, err := dst.Write(buf[:n]); err != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (p *silentProxy) url() string { return "http://" + p.ln.Addr().String() + "/derp" }
+
+// TestReconnectingBlackholeKeepsFastStart: a path that goes silent for a
+// while (no FIN, no RST) times out the session (RecvTimeout) and then every
+// dial, the fast-start dials with the server's learned key among them.
+// Such a timeout is no sign that something between does not pass fast
+// start (the reverse proxy of TestFastStartThroughReverseProxy): the dials
+// without the key time out just the same. Once the path is back, the
+// client reconnects and delivery resumes, and later reconnects still take
+// the fast path; it was given up for good after the first timed-out dial.
+func TestReconnectingBlackholeKeepsFastStart(t *testing.T) {
+	s := newTestServer(t, WithKeepAlive(100*time.Millisecond))
+	backend := serveDERP(t, s, derpServeOpts{plain: true})
+	p := newSilentProxy(t, backend.Addr)
+	h := newRCHarness(t, &TestServer{URL: p.url()}, func(rc *ReconnectingClient) {
+		rc.Options = []ClientOption{RecvTimeout(500 * time.Millisecond)}
+		rc.DialTimeout = time.Second
+	})
+	self := h.rc.PrivateKey.Public()
+	rcNext[ServerInfo](t, h) // upgrade: the key is learned
+	s.closePeer(self)
+	rcNext[ServerInfo](t, h) // fast start with the learned key
+	h.mu.Lock()
+	if n := len(h.connects); n != 2 || h.connects[1].Path != FastPath {
+		h.mu.Unlock()
+		t.Fatalf("connects %+v, want the second on the fast path", h.connects)
+	}
+	h.mu.Unlock()
+
+	p.silent.Store(true)
+	// The session times out, then three dials do (fast start with the
+	// key, and after it at least one without).
+	waitForWithin(t, 30*time.Second, func() bool { return p.accepted.Load() >= 2+4 })
+	p.silent.Store(false)
+	rcNext[ServerInfo](t, h) // back
+	y := dialNode(t, &meshNode{url: backend.URL}, mustKey(t))
+	for { // the first packets may go to the session that timed out
+		if err := y.Send(self, []byte("after the outage")); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case m := <-h.msgs:
+			if pkt, ok := m.(*ReceivedPacket); !ok || string(pkt.Data) != "after the outage" {
+				continue
+			}
+		case <-time.After(100 * time.Millisecond):
+			continue
+		}
+		break
+	}
+
+	s.closePeer(self)
+	rcNext[ServerInfo](t, h)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if last := h.connects[len(h.connects)-1]; last.Path != FastPath {
+		t.Errorf("after the outage a reconnect took the %s path (%s); want the fast path with the learned key", last.Path, last.Reason)
+	}
+}
