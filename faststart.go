@@ -571,7 +571,8 @@ func (c *Client) readServerStart() error {
 // fast path even over plain HTTP or TLS 1.2 (unless such a dial times out
 // after connecting, as it does through a reverse proxy that does not pass
 // fast start through: that server is then dialled as if no key were
-// known). It also remembers the address each host name was last reached
+// known, unless its path was silent already, as in a black hole; see
+// Dialer). It also remembers the address each host name was last reached
 // at: when DNS fails on a reconnect, it dials that address (the
 // certificate is still checked against the name).
 //
