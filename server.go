@@ -156,8 +156,11 @@ type Admission struct {
 // WithLogger sets the server's logger. The default discards everything.
 // The server never logs packet contents or private keys. Lines that
 // clients can cause at will (failed logins, refused connections, sessions
-// ended by an error) are logged at Info at most 10 a second after a burst
-// of 20, and at Debug beyond that; Stats counts them all. Lines are logged
+// ended by an error, duplicate keys, write timeouts, requests whose
+// connection cannot be hijacked, unexpected Upgrade headers) are logged at
+// Info at most 10 a second after a burst of 20, and at Debug beyond that;
+// the next line at Info says how many were held back ("suppressed"), and
+// Stats counts them all. Lines are logged
 // with no lock of the server held, so the handler may call the Server's
 // methods, except Close: sessions, mesh links and forwarders log, and Close
 // waits for them.
@@ -5121,8 +5124,8 @@ func (s *Server) SetDebugKeys(keys ...PublicKey) {
 
 // logPeer logs at Info a line that a client, or anyone who can connect,
 // can cause at will: a failed login, a refused connection, a session
-// ended by an error. At most peerLogBurst such lines go out at once and
-// peerLogRate a second after that, so that a flood of bad connections
+// ended by an error. At most logLineBurst (20) such lines go out at once and
+// logLineRate (10) a second after that, so that a flood of bad connections
 // cannot flood the log; those over the limit go to Debug, and the next
 // line let through at Info counts them ("suppressed"). Stats counts every
 // one.
