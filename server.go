@@ -3368,8 +3368,11 @@ func (g *nonceGuard) check(nonce [nonceLen]byte, now time.Time) bool {
 // its own goroutine, so net/http's per-connection buffers are not kept for
 // the session's lifetime; Close waits for every session, and after it
 // upgrade requests are answered 503 (Tailscale's server would upgrade them
-// and run the session). http.Server's Shutdown and Close do not end such
-// sessions (see Close).
+// and run the session). An upgrade over a WithMaxConnections limit is
+// answered 503 naming the limit, and one whose connection cannot be
+// hijacked (behind http.TimeoutHandler, or a ResponseWriter wrapper
+// without Unwrap) 500 saying so; neither takes a connection slot.
+// http.Server's Shutdown and Close do not end such sessions (see Close).
 //
 // Set ReadHeaderTimeout on the http.Server (the examples use 10 s): the
 // handler, and with it the server's login deadline, only starts once the
