@@ -160,10 +160,9 @@ type Admission struct {
 // connection cannot be hijacked, unexpected Upgrade headers) are logged at
 // Info at most 10 a second after a burst of 20, and at Debug beyond that;
 // the next line at Info says how many were held back ("suppressed"), and
-// Stats counts them all. Lines are logged
-// with no lock of the server held, so the handler may call the Server's
-// methods, except Close: sessions, mesh links and forwarders log, and Close
-// waits for them.
+// Stats counts them all. Lines are logged with no lock of the server held,
+// so the handler may call the Server's methods, except Close: sessions,
+// mesh links and forwarders log, and Close waits for them.
 func WithLogger(l *slog.Logger) ServerOption {
 	return func(c *serverConfig) { c.logger = l }
 }
