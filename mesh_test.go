@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -857,7 +858,8 @@ func TestMeshPeerGoneToSenders(t *testing.T) {
 	}
 	// Routed (the link is down, so the packet is dropped there). The drop
 	// is counted before c's reader registers c with k's route: wait for
-	// the registration, or meshRemove may run first and have no one to tell.
+	// the registration (a route gone by then has c told at once instead:
+	// TestMeshPeerGoneRouteLeftMidPacket).
 	waitFor(t, func() bool { return s.Stats().PacketsDropped["mesh_link_down/other"] == 1 })
 	waitFor(t, func() bool { return meshRouteRecipients(s, k) == 1 })
 	s.meshRemove(k, la, true) // k left the region
@@ -879,6 +881,45 @@ func TestMeshPeerGoneToSenders(t *testing.T) {
 	kc.Close()
 	if g, _ := recvMsg[PeerGone](t, c); g.Peer != k || g.Reason != PeerGoneDisconnected {
 		t.Fatalf("got %+v", g)
+	}
+}
+
+// TestMeshPeerGoneRouteLeftMidPacket: a client whose packet to a key
+// reached through the mesh is being forwarded when the key's route goes
+// away (the key left the region; its route's recipients were just told)
+// is told PeerGone too, instead of being registered with the dead route
+// and told nothing. The reader is held mid-packet by sending the frame in
+// two parts, and the route removed in between.
+func TestMeshPeerGoneRouteLeftMidPacket(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey))
+	la := newMeshLink(s, "a")
+	k := mustKey(t).Public()
+	s.meshAdd(k, la)
+	cc, sc := net.Pipe()
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1234")
+	c := loginClient(t, cc, mustKey(t))
+
+	pkt := bytes.Repeat([]byte("to a peer's client "), 10) // longer than the disco check's peek
+	frame := make([]byte, 0, frameHeaderLen+KeyLen+len(pkt))
+	frame = append(frame, byte(FrameSendPacket))
+	frame = binary.BigEndian.AppendUint32(frame, uint32(KeyLen+len(pkt)))
+	frame = append(frame, k[:]...)
+	frame = append(frame, pkt...)
+	split := frameHeaderLen + KeyLen + minDiscoLen + 1
+	if _, err := cc.Write(frame[:split]); err != nil {
+		t.Fatal(err)
+	}
+	// The reader has looked k's route up and waits for the packet's rest.
+	waitFor(t, func() bool { return strings.Contains(leakedGoroutines(), "relay.(*Server).meshForward(") })
+	s.meshRemove(k, la, true) // k left the region: no one to tell yet
+	if _, err := cc.Write(frame[split:]); err != nil {
+		t.Fatal(err)
+	}
+	if g, _ := recvMsg[PeerGone](t, c); g.Peer != k || g.Reason != PeerGoneDisconnected {
+		t.Fatalf("got %+v, want PeerGone(%s, Disconnected)", g, k.ShortString())
+	}
+	if n := s.Stats().PacketsDropped["mesh_link_down/other"]; n != 1 {
+		t.Errorf("%d packets dropped as mesh_link_down/other, want 1", n)
 	}
 }
 

@@ -4346,6 +4346,11 @@ func (s *Server) meshForward(src, dst PublicKey, br *connReader, n int) *meshRou
 // noteSentToMesh registers c to be told PeerGone when dst, reached through
 // the mesh route r, leaves the region, as noteSentTo does for local keys.
 // c remembers the route it registered with: a map lookup per packet.
+//
+// r may have left while the packet was forwarded, its recipients told
+// already: c is then registered with the route that replaced it, or with
+// dst's local connection if dst moved here, or else told now that dst is
+// gone.
 func (c *sconn) noteSentToMesh(dst PublicKey, r *meshRoute) {
 	if c.sentToMesh[dst] == r {
 		return
@@ -4353,13 +4358,29 @@ func (c *sconn) noteSentToMesh(dst PublicKey, r *meshRoute) {
 	if c.sentToMesh == nil || len(c.sentToMesh) >= maxSentTo {
 		c.sentToMesh = map[PublicKey]*meshRoute{} // see noteSentTo
 	}
-	c.sentToMesh[dst] = r
 	m := &c.s.mesh
+	gone := false
 	m.mu.Lock()
-	if m.routes[dst] == r {
-		r.recipients.add(c)
+	if cur := m.routes[dst]; cur != nil {
+		cur.recipients.add(c)
+		c.sentToMesh[dst] = cur
+	} else {
+		delete(c.sentToMesh, dst)
+		// Under m.mu as meshUnrouteLocked hands a route's recipients to
+		// a local connection, so c is not missed between the two.
+		sh := c.s.shard(dst)
+		sh.mu.Lock()
+		if e := sh.m[dst]; e != nil {
+			e.recipients.add(c) // its departure tells c (see meshNoteRecipient)
+		} else {
+			gone = true
+		}
+		sh.mu.Unlock()
 	}
 	m.mu.Unlock()
+	if gone {
+		c.enqueuePeerGone(dst, PeerGoneDisconnected)
+	}
 }
 
 // meshLookup returns the link through which packets for k go, or nil.
