@@ -24,8 +24,9 @@ import (
 //
 // NotePreferred, SendPing, SendPong, WatchConnectionChanges, ClosePeer and
 // ForwardPacket each must be written within 5 seconds, any wait for another
-// write on the Client to finish included, or they fail (and so does a
-// write they waited for past that); Send within 10 seconds (see Send): a
+// write on the Client to finish included, or they fail (and so do a write
+// they waited for past that and any write that takes the Client before
+// them); Send within 10 seconds (see Send): a
 // server that stops reading cannot hold their caller forever. A failed
 // write leaves the Client dead too: every later write fails. Close ends
 // every blocked call at once.
@@ -59,6 +60,11 @@ type Client struct {
 	// interrupted is set by interrupt: every read and write fails at
 	// once from then on, whatever deadline is set later.
 	interrupted atomic.Bool
+	// givenUp is set when a write's bound passed while it waited for
+	// another to release the Client (lockBy): the stream is given up, and
+	// every write fails at once from then on, whatever deadline it sets,
+	// so that no later write holds the waiter past its bound.
+	givenUp atomic.Bool
 }
 
 // pastDeadline is a deadline that has passed: I/O under it fails at once.
@@ -74,7 +80,8 @@ func (c *Client) interrupt() {
 }
 
 // setReadDeadline and setWriteDeadline set a deadline unless interrupt
-// was called, whose deadline stays.
+// was called, whose deadline stays; setWriteDeadline also unless the
+// stream was given up (givenUp).
 func (c *Client) setReadDeadline(t time.Time) {
 	c.nc.SetReadDeadline(t)
 	if c.interrupted.Load() {
@@ -84,7 +91,7 @@ func (c *Client) setReadDeadline(t time.Time) {
 
 func (c *Client) setWriteDeadline(t time.Time) {
 	c.nc.SetWriteDeadline(t)
-	if c.interrupted.Load() {
+	if c.interrupted.Load() || c.givenUp.Load() {
 		c.nc.SetWriteDeadline(pastDeadline)
 	}
 }
@@ -106,6 +113,9 @@ type clientOptions struct {
 	// sendBound and writeBound are the bounds of Send and of the other
 	// writes: sendBound and writeBound unless a test lowers them.
 	sendBound, writeBound time.Duration
+	// lockByWait, if set (tests only), is called by lockBy after it armed
+	// its timer and before it waits for the write lock.
+	lockByWait func()
 }
 
 // MeshKey sets the region's mesh key, 64 hex digits, which lets the client
@@ -311,6 +321,9 @@ func (c *Client) Send(dst PublicKey, pkt []byte) error {
 	if c.werr != nil {
 		return c.werr
 	}
+	if c.givenUp.Load() {
+		return c.writeFailed(errGivenUp)
+	}
 	now := time.Now()
 	if c.limiter != nil && !c.limiter.allow(frameHeaderLen+KeyLen+len(pkt), now) {
 		return ErrRateLimited
@@ -356,6 +369,9 @@ func (c *Client) forwardBatch(n int, item func(i int) (src, dst *PublicKey, pkt 
 		// The bound passed as the lock came free, and the timer may
 		// yet set its deadline: the stream is given up.
 		return c.writeFailed(os.ErrDeadlineExceeded)
+	}
+	if c.givenUp.Load() {
+		return c.writeFailed(errGivenUp)
 	}
 	c.setWriteDeadline(deadline)
 	defer c.clearWriteDeadline()
@@ -439,6 +455,9 @@ func (c *Client) writeFrameWithin(d time.Duration, t FrameType, payload []byte) 
 	if expired {
 		return c.writeFailed(os.ErrDeadlineExceeded)
 	}
+	if c.givenUp.Load() {
+		return c.writeFailed(errGivenUp)
+	}
 	c.setWriteDeadline(deadline)
 	defer c.clearWriteDeadline()
 	if err := writeFrame(c.bw, t, payload); err != nil {
@@ -450,18 +469,31 @@ func (c *Client) writeFrameWithin(d time.Duration, t FrameType, payload []byte) 
 // lockBy takes the write lock, waiting for it at most until deadline.
 // Another write may hold the Client, perhaps one with no bound of its own
 // (a Send to a server that stopped reading): past the deadline that write
-// is made to fail, which makes its error sticky and frees the lock. It
-// returns with the lock held, and reports whether the deadline passed as
-// the lock came free: the timer may then yet set its past deadline, so the
-// caller must give the stream up (unless it failed already).
+// is made to fail, which makes its error sticky and frees the lock, and
+// the stream is given up (givenUp): every write that takes the lock before
+// this one fails at once too, instead of setting a deadline of its own and
+// holding the lock up to its own bound. It returns with the lock held, and
+// reports whether the deadline passed as the lock came free: the timer may
+// then yet set its past deadline, so the caller must give the stream up
+// (unless it failed already).
 func (c *Client) lockBy(deadline time.Time) (expired bool) {
 	if c.wmu.TryLock() {
 		return false
 	}
-	t := time.AfterFunc(time.Until(deadline), func() { c.setWriteDeadline(pastDeadline) })
+	t := time.AfterFunc(time.Until(deadline), func() {
+		c.givenUp.Store(true) // before the deadline: see setWriteDeadline
+		c.nc.SetWriteDeadline(pastDeadline)
+	})
+	if c.opts.lockByWait != nil {
+		c.opts.lockByWait()
+	}
 	c.wmu.Lock()
 	return !t.Stop()
 }
+
+// errGivenUp fails the writes on a Client after another write waited for
+// it past its bound (lockBy).
+var errGivenUp = fmt.Errorf("another write on the Client waited for it past its bound: %w", os.ErrDeadlineExceeded)
 
 func (c *Client) flushLocked() error {
 	if err := c.bw.Flush(); err != nil {

@@ -13,6 +13,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -824,6 +825,119 @@ func TestReconnectingDialWriteToStalledServer(t *testing.T) {
 				t.Fatalf("Connect after Close: %v, want ErrClosed", err)
 			}
 		})
+	}
+}
+
+// deadlineSpy is a net.Conn that notes when the past write deadline is
+// set (a lockBy timer fired) and counts the writes started after that.
+type deadlineSpy struct {
+	net.Conn
+	pastOnce  sync.Once
+	past      chan struct{} // closed when the past deadline is first set
+	pastSeen  atomic.Bool
+	lateWrite atomic.Int32 // writes started after the past deadline was set
+	writes    atomic.Int32 // writes started
+}
+
+func (c *deadlineSpy) SetWriteDeadline(t time.Time) error {
+	if t.Equal(pastDeadline) {
+		c.pastSeen.Store(true)
+		c.pastOnce.Do(func() { close(c.past) })
+	}
+	return c.Conn.SetWriteDeadline(t)
+}
+
+func (c *deadlineSpy) Write(p []byte) (int, error) {
+	c.writes.Add(1)
+	if c.pastSeen.Load() {
+		c.lateWrite.Add(1)
+	}
+	return c.Conn.Write(p)
+}
+
+// TestLockByBoundHoldsBehindRenewedSend: a write waiting for the Client
+// (NotePreferred, 5 s bound: a fifth here) whose bound passes while a Send
+// holds the Client gives the stream up. The Send that held it may still
+// finish (its write was done just as the bound passed), but a Send that
+// takes the Client next, before the waiter (the mutex is no queue), fails
+// at once: it used to renew its own write deadline over the waiter's past
+// one and write, holding the waiter up to Send's 10 s bound more. A hook
+// holds the waiter between arming its timer and taking the lock, so that
+// the second Send comes first.
+func TestLockByBoundHoldsBehindRenewedSend(t *testing.T) {
+	cc, sc := net.Pipe()
+	t.Cleanup(func() { cc.Close(); sc.Close() })
+	spy := &deadlineSpy{Conn: cc, past: make(chan struct{})}
+	readFrame := func() error {
+		var h [frameHeaderLen]byte
+		if _, err := io.ReadFull(sc, h[:]); err != nil {
+			return err
+		}
+		_, err := io.CopyN(io.Discard, sc, int64(binary.BigEndian.Uint32(h[1:])))
+		return err
+	}
+	login := make(chan error, 1)
+	go func() { login <- readFrame() }() // the ClientInfo
+	waiting, proceed := make(chan struct{}), make(chan struct{})
+	hook := func(o *clientOptions) {
+		o.lockByWait = func() { close(waiting); <-proceed }
+	}
+	c, err := NewClient(mustKey(t), spy, nil, ServerPublicKey(mustKey(t).Public()), testBounds(), hook)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if err := <-login; err != nil {
+		t.Fatal(err)
+	}
+	dst := mustKey(t).Public()
+	result := func(f func() error) chan error {
+		ch := make(chan error, 1)
+		go func() { ch <- f() }()
+		return ch
+	}
+	wait := func(ch chan error, what string) error {
+		t.Helper()
+		select {
+		case err := <-ch:
+			return err
+		case <-time.After(20 * time.Second):
+			t.Fatalf("%s still blocked after 20 s", what)
+			return nil
+		}
+	}
+
+	// The first Send holds the Client, its write stuck (nothing reads).
+	send1 := result(func() error { return c.Send(dst, []byte("first")) })
+	waitFor(t, func() bool { return spy.writes.Load() == 2 }) // the ClientInfo, then the Send's
+	note := result(func() error { return c.NotePreferred(true) })
+	<-waiting // NotePreferred's timer is armed
+	// The peer reads the first Send's frame: it is done, and frees the
+	// Client. Then NotePreferred's bound passes.
+	if err := readFrame(); err != nil {
+		t.Fatal(err)
+	}
+	if err := wait(send1, "the first Send"); err != nil {
+		t.Fatalf("the first Send, read by the peer: %v", err)
+	}
+	<-spy.past
+	// A second Send takes the Client before NotePreferred. More than
+	// half Send's bound has passed since the first renewed its deadline
+	// (the waiter's bound, half Send's, passed since), so it would renew.
+	err2 := wait(result(func() error { return c.Send(dst, []byte("second")) }), "the second Send")
+	close(proceed)
+	errNote := wait(note, "NotePreferred")
+	if n := spy.lateWrite.Load(); n != 0 {
+		t.Errorf("%d writes started after NotePreferred's bound passed (the second Send held the Client past it)", n)
+	}
+	if err2 == nil || !errors.Is(err2, os.ErrDeadlineExceeded) {
+		t.Errorf("the second Send: %v, want a deadline error", err2)
+	}
+	if errNote == nil {
+		t.Error("NotePreferred succeeded past its bound")
+	}
+	if err := c.Send(dst, []byte("later")); err == nil {
+		t.Error("a Send after the Client was given up succeeded")
 	}
 }
 
