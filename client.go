@@ -359,21 +359,11 @@ func (c *Client) ForwardPacket(src, dst PublicKey, pkt []byte) error {
 // MaxPacketSize are skipped. On error the connection is unusable and it is
 // unknown how many frames arrived.
 func (c *Client) forwardBatch(n int, item func(i int) (src, dst *PublicKey, pkt []byte)) error {
-	deadline := time.Now().Add(c.opts.writeBound)
-	expired := c.lockBy(deadline)
+	err := c.lockWithin(time.Now().Add(c.opts.writeBound))
 	defer c.wmu.Unlock()
-	if c.werr != nil {
-		return c.werr
+	if err != nil {
+		return err
 	}
-	if expired {
-		// The bound passed as the lock came free, and the timer may
-		// yet set its deadline: the stream is given up.
-		return c.writeFailed(os.ErrDeadlineExceeded)
-	}
-	if c.givenUp.Load() {
-		return c.writeFailed(errGivenUp)
-	}
-	c.setWriteDeadline(deadline)
 	defer c.clearWriteDeadline()
 	for i := range n {
 		src, dst, pkt := item(i)
@@ -446,24 +436,35 @@ const writeBound = 5 * time.Second
 // writeFrameWithin writes one frame under a write deadline d from now,
 // which bounds the wait for the write lock too (see lockBy).
 func (c *Client) writeFrameWithin(d time.Duration, t FrameType, payload []byte) error {
-	deadline := time.Now().Add(d)
-	expired := c.lockBy(deadline)
+	err := c.lockWithin(time.Now().Add(d))
 	defer c.wmu.Unlock()
-	if c.werr != nil {
-		return c.werr
+	if err != nil {
+		return err
 	}
-	if expired {
-		return c.writeFailed(os.ErrDeadlineExceeded)
-	}
-	if c.givenUp.Load() {
-		return c.writeFailed(errGivenUp)
-	}
-	c.setWriteDeadline(deadline)
 	defer c.clearWriteDeadline()
 	if err := writeFrame(c.bw, t, payload); err != nil {
 		return c.writeFailed(err)
 	}
 	return c.flushLocked()
+}
+
+// lockWithin takes the write lock for a write that must be done by
+// deadline, the wait for the lock included (lockBy), and sets that write
+// deadline. It returns with the lock held; after an error the write must
+// not start: the Client failed already, or the bound passed while waiting
+// (the stream is then given up, as the timer may yet set its deadline).
+func (c *Client) lockWithin(deadline time.Time) error {
+	expired := c.lockBy(deadline)
+	switch {
+	case c.werr != nil:
+		return c.werr
+	case expired:
+		return c.writeFailed(os.ErrDeadlineExceeded)
+	case c.givenUp.Load():
+		return c.writeFailed(errGivenUp)
+	}
+	c.setWriteDeadline(deadline)
+	return nil
 }
 
 // lockBy takes the write lock, waiting for it at most until deadline.
