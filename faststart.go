@@ -670,6 +670,7 @@ type ReconnectingClient struct {
 	notBefore    time.Time // no dial before this either: the backoff after a short session
 	infoAt       time.Time // when the current connection's ServerInfo arrived
 	restartUntil time.Time
+	asked        *Client // the connection Reconnect dropped, until Recv sees it end
 	pings        map[[8]byte]chan struct{}
 	done         chan struct{} // closed by Close; made by doneCh
 }
@@ -1429,9 +1430,15 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			rc.dropAfter(c, err)
 			rc.mu.Lock()
 			closed := rc.closed
+			asked := rc.asked == c
+			if asked {
+				rc.asked = nil
+			}
 			now := time.Now()
 			_, hi := rc.backoffBounds()
 			switch {
+			case asked:
+				// Dropped by Reconnect: no failure of the server's.
 			case !c.gotInfo:
 				// The server hung up before confirming the login (refused,
 				// or not a DERP server): back off as for a failed dial,
@@ -1454,6 +1461,10 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			rc.mu.Unlock()
 			if closed {
 				return nil, 0, ErrClosed
+			}
+			if asked {
+				rc.logf("relay: reconnecting as asked", "url", rc.URL)
+				continue
 			}
 			rc.logf("relay: connection lost", "url", rc.URL, "err", err)
 			continue
@@ -1507,7 +1518,9 @@ func (rc *ReconnectingClient) loginDeadline(gen int) time.Time {
 // Ping sends a Ping and waits for its Pong, returning the round-trip time.
 // It needs a concurrent Recv loop. Without a deadline in ctx it waits at
 // most 5 seconds. Concurrent Pings may go unanswered: a server keeps one
-// Pong queued at a time (see Client.SendPing).
+// Pong queued at a time (see Client.SendPing). A Ping whose Pong does not
+// come in time leaves the connection as it is; if its path may be dead
+// (after a network change, say), call Reconnect.
 func (rc *ReconnectingClient) Ping(ctx context.Context) (time.Duration, error) {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
@@ -1561,7 +1574,51 @@ func (rc *ReconnectingClient) Ping(ctx context.Context) (time.Duration, error) {
 		}
 		return time.Since(start), nil
 	case <-ctx.Done():
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			// No Pong in time: the path may have gone silent, which a
+			// later dial's timeout must know (see dial).
+			rc.mu.Lock()
+			if rc.c == c {
+				rc.noteSilentLocked(rc.cKeyID, true)
+			}
+			rc.mu.Unlock()
+		}
 		return 0, fmt.Errorf("relay: ping: %w", ctx.Err())
+	}
+}
+
+// Reconnect drops the current connection, if there is one: the next call
+// that needs a connection (a Recv loop's next turn) dials again at once,
+// without the wait earlier failures set (a server's ServerRestarting
+// notice is still honoured). Call it when the network under the client
+// changed (a new default route, a new local address) or when Ping failed:
+// a connection whose path went silent, with no FIN or RST, otherwise
+// lasts until RecvTimeout (120 s by default). A Recv waiting on the
+// dropped connection does not return: it dials the next one, which starts
+// with a ServerInfo as every connection does; Pings waiting on it return
+// ErrNotConnected. A dial under way is not interrupted. After Close,
+// Reconnect does nothing.
+func (rc *ReconnectingClient) Reconnect() {
+	rc.mu.Lock()
+	if rc.closed {
+		rc.mu.Unlock()
+		return
+	}
+	c := rc.c
+	if c != nil {
+		rc.c = nil
+		rc.asked = c
+		rc.wakePingsLocked()
+	}
+	// Failures on the old path say nothing of the new one.
+	rc.failures = 0
+	rc.notBefore = time.Time{}
+	if !time.Now().Before(rc.restartUntil) {
+		rc.nextDial = time.Time{}
+	}
+	rc.mu.Unlock()
+	if c != nil {
+		c.Close()
 	}
 }
 

@@ -1266,10 +1266,13 @@ func TestNewClientLoginTimeoutBoundsClientInfo(t *testing.T) {
 // path that has become a black hole (a NAT that dropped its mapping, a
 // cable pulled, a peer paused), as both ends see it, with no FIN or RST.
 // Connections made while it is silent are accepted and blackholed too.
+// Setting silentTo to accepted's value blackholes the connections made so
+// far and no later one: the old path of a client whose network changed.
 type silentProxy struct {
 	ln       net.Listener
 	silent   atomic.Bool
 	accepted atomic.Int64
+	silentTo atomic.Int64 // connections numbered up to this one are silent
 
 	mu    sync.Mutex
 	conns []net.Conn
@@ -1289,7 +1292,7 @@ func newSilentProxy(t *testing.T, target string) *silentProxy {
 			if err != nil {
 				return
 			}
-			p.accepted.Add(1)
+			n := p.accepted.Add(1)
 			u, err := net.Dial("tcp", target)
 			if err != nil {
 				c.Close()
@@ -1298,8 +1301,8 @@ func newSilentProxy(t *testing.T, target string) *silentProxy {
 			p.mu.Lock()
 			p.conns = append(p.conns, c, u)
 			p.mu.Unlock()
-			p.wg.Go(func() { p.pipe(c, u) })
-			p.wg.Go(func() { p.pipe(u, c) })
+			p.wg.Go(func() { p.pipe(c, u, n) })
+			p.wg.Go(func() { p.pipe(u, c, n) })
 		}
 	})
 	t.Cleanup(func() {
@@ -1314,11 +1317,12 @@ func newSilentProxy(t *testing.T, target string) *silentProxy {
 	return p
 }
 
-func (p *silentProxy) pipe(dst, src net.Conn) {
+// pipe copies src to dst for the proxy's connection number id.
+func (p *silentProxy) pipe(dst, src net.Conn, id int64) {
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := src.Read(buf)
-		if n > 0 && !p.silent.Load() {
+		if n > 0 && !p.silent.Load() && id > p.silentTo.Load() {
 			if _, err := dst.Write(buf[:n]); err != nil {
 				return
 			}
@@ -1386,5 +1390,56 @@ func TestReconnectingBlackholeKeepsFastStart(t *testing.T) {
 	defer h.mu.Unlock()
 	if last := h.connects[len(h.connects)-1]; last.Path != FastPath {
 		t.Errorf("after the outage a reconnect took the %s path (%s); want the fast path with the learned key", last.Path, last.Reason)
+	}
+}
+
+// TestReconnectingClientReconnect: after a network change the old path is
+// a black hole (no FIN, no RST) while new connections work. A Ping on the
+// old connection times out; Reconnect drops it, and the Recv loop dials a
+// new one at once: not after RecvTimeout (a minute here), nor after the
+// backoff of a failure (a minute too), and delivery resumes on it.
+func TestReconnectingClientReconnect(t *testing.T) {
+	s := newTestServer(t)
+	backend := serveDERP(t, s, derpServeOpts{plain: true})
+	p := newSilentProxy(t, backend.Addr)
+	h := newRCHarness(t, &TestServer{URL: p.url()}, func(rc *ReconnectingClient) {
+		rc.Options = []ClientOption{RecvTimeout(time.Minute)}
+		rc.MinBackoff, rc.MaxBackoff = time.Minute, time.Minute
+	})
+	self := h.rc.PrivateKey.Public()
+	rcNext[ServerInfo](t, h)
+	gen := h.rc.Generation()
+
+	p.silentTo.Store(p.accepted.Load()) // the old path goes dark
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	_, err := h.rc.Ping(ctx)
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Ping over a silent path: %v, want a timeout", err)
+	}
+	h.rc.Reconnect()
+	rcNext[ServerInfo](t, h)
+	if g := h.rc.Generation(); g != gen+1 {
+		t.Fatalf("generation %d after Reconnect, want %d", g, gen+1)
+	}
+	if _, err := h.rc.Ping(context.Background()); err != nil {
+		t.Fatalf("Ping on the new connection: %v", err)
+	}
+	y := dialNode(t, &meshNode{url: backend.URL}, mustKey(t))
+	if err := y.Send(self, []byte("after Reconnect")); err != nil {
+		t.Fatal(err)
+	}
+	if pkt := rcNext[*ReceivedPacket](t, h); string(pkt.Data) != "after Reconnect" {
+		t.Fatalf("got %q", pkt.Data)
+	}
+
+	// Without a connection, and after Close, it does nothing harmful.
+	h.rc.Reconnect()
+	h.rc.Reconnect()
+	rcNext[ServerInfo](t, h)
+	h.rc.Close()
+	h.rc.Reconnect()
+	if err := h.rc.Send(context.Background(), self, nil); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Send after Close and Reconnect: %v, want ErrClosed", err)
 	}
 }
