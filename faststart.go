@@ -49,7 +49,13 @@ type FastStart struct {
 	// Encrypt's two roots, built in, as Tailscale's client does: its DERP
 	// servers, and most others, have their certificates from it. The
 	// server's own certificate is always the first of its chain; meta
-	// certs come after it.
+	// certs come after it. With a ClientSessionCache, a resumed TLS 1.3
+	// session shows the chain of the handshake that made it (there is
+	// no Certificate message), so the key of its meta cert is confirmed
+	// as a configured one is: the login still leaves at once, but Dial
+	// waits for the server's ServerKey, and if the key is another (a
+	// server that took a session of a server with another key, sharing
+	// session ticket keys) drops the cached session and dials again.
 	TLSConfig *tls.Config
 	// DialContext dials the TCP connection. Nil means a net.Dialer.
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
@@ -138,8 +144,9 @@ type Handshake struct {
 
 // Dial connects to serverURL and logs in with priv. On the fast path Dial
 // returns as soon as the ClientInfo frame is written (packets may be sent at
-// once); with a key taken only from configuration it first waits for the
-// server's first bytes to confirm the key. ctx bounds the whole dial,
+// once); with a key taken only from configuration, or from the meta cert
+// of a resumed TLS session, it first waits for the server's first bytes to
+// confirm the key. ctx bounds the whole dial,
 // including DNS, TCP, TLS and the upgrade; it does not affect the returned
 // Client.
 func (f *FastStart) Dial(ctx context.Context, serverURL string, priv PrivateKey, opts ...ClientOption) (*Client, Handshake, error) {
@@ -154,13 +161,21 @@ func (f *FastStart) Dial(ctx context.Context, serverURL string, priv PrivateKey,
 	if f.DisableFastStart {
 		key = PublicKey{}
 	}
-	c, hs, err := f.dial(ctx, u, priv, key, opts)
+	c, hs, err := f.dial(ctx, u, priv, key, opts, false)
 	hs.Attempts, hs.URL = 1, serverURL
-	if err == nil || key.IsZero() || ctx.Err() != nil {
+	// A key from a resumed TLS session's meta cert is assumed too, as a
+	// configured one is (see dial).
+	resumed := hs.TLS != nil && hs.TLS.DidResume
+	if err == nil || (key.IsZero() && !resumed) || ctx.Err() != nil {
 		return c, hs, err
 	}
 	var reason string
 	switch {
+	case errors.Is(err, ErrServerKeyMismatch) && resumed && hs.KeySource == "meta-cert":
+		// The cached session is another server's, or from before
+		// this server's key changed (servers sharing session ticket
+		// keys): evict it, and let a full handshake show the chain.
+		reason = "the resumed TLS session's meta cert names a stale key (" + err.Error() + "); dropped the cached session and retried"
 	case errors.Is(err, ErrServerKeyMismatch):
 		// The configured key was stale: forget it and take the classic
 		// path, which learns the key from the server.
@@ -172,7 +187,7 @@ func (f *FastStart) Dial(ctx context.Context, serverURL string, priv PrivateKey,
 	default:
 		return c, hs, err
 	}
-	c, hs, err = f.dial(ctx, u, priv, PublicKey{}, opts)
+	c, hs, err = f.dial(ctx, u, priv, PublicKey{}, opts, resumed)
 	hs.Attempts, hs.URL = 2, serverURL
 	if hs.Reason == "" {
 		hs.Reason = reason
@@ -182,7 +197,10 @@ func (f *FastStart) Dial(ctx context.Context, serverURL string, priv PrivateKey,
 	return c, hs, err
 }
 
-func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known PublicKey, opts []ClientOption) (c *Client, hs Handshake, err error) {
+// dial makes one connection. With fresh it first drops the TLS session
+// cached for the server (a resumed session led the attempt before astray),
+// and does not trust the meta cert of a session resumed anyway.
+func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known PublicKey, opts []ClientOption, fresh bool) (c *Client, hs Handshake, err error) {
 	nc, err := f.dialTCP(ctx, u)
 	if err != nil {
 		return nil, hs, err
@@ -207,7 +225,7 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 
 	hs.KeySource = "configured"
 	if u.Scheme == "https" {
-		tc, err := f.tlsHandshake(ctx, nc, u, false)
+		tc, err := f.tlsHandshake(ctx, nc, u, false, fresh)
 		if err != nil {
 			return nil, hs, err
 		}
@@ -220,7 +238,7 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 	}
 	if hs.TLS != nil {
 		var reason string
-		hs, reason = chooseKey(hs, *hs.TLS, known)
+		hs, reason = chooseKey(hs, *hs.TLS, known, fresh)
 		if hs.ServerKey.IsZero() || f.DisableFastStart {
 			hs.Reason = reason
 			if f.DisableFastStart {
@@ -229,7 +247,12 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 			return f.upgrade(nc, u, priv, hs, opts)
 		}
 		if hs.KeySource == "meta-cert" {
-			return f.fastStart(nc, u, priv, hs, false, opts)
+			// A resumed session has no Certificate message: crypto/tls
+			// restores the chain of the handshake that made the
+			// session, and servers sharing session ticket keys accept
+			// each other's sessions. So the key is confirmed, as a
+			// configured one is; the login still leaves at once.
+			return f.fastStart(nc, u, priv, hs, hs.TLS.DidResume, opts)
 		}
 		hs.Reason = reason
 		return f.fastStart(nc, u, priv, hs, true, opts)
@@ -247,11 +270,14 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 
 // chooseKey picks the key for the fast path from the TLS state: a meta cert
 // in a TLS 1.3 chain wins, then a configured key. It returns the reason the
-// meta cert could not be used, if it could not.
-func chooseKey(hs Handshake, cs tls.ConnectionState, known PublicKey) (Handshake, string) {
+// meta cert could not be used, if it could not. With noResumed, the meta
+// cert of a resumed session is not used.
+func chooseKey(hs Handshake, cs tls.ConnectionState, known PublicKey, noResumed bool) (Handshake, string) {
 	var reason string
 	if cs.Version < tls.VersionTLS13 {
 		reason = "TLS version " + tls.VersionName(cs.Version) + " below 1.3: the meta cert is not trusted"
+	} else if cs.DidResume && noResumed {
+		reason = "TLS session resumed again after its meta cert named a stale key (the ClientSessionCache kept it): the meta cert is not trusted"
 	} else if k, v, ok := ParseMetaCert(cs.PeerCertificates); !ok {
 		reason = "no meta cert in the server's TLS chain (old server, or a TLS-intercepting proxy)"
 	} else if v < 1 || v > ProtocolVersion {
@@ -335,7 +361,7 @@ func (f *FastStart) dialProxy(ctx context.Context, dial func(context.Context, st
 		}
 	}()
 	if proxy.Scheme == "https" {
-		tc, err := f.tlsHandshake(ctx, raw, proxy, true)
+		tc, err := f.tlsHandshake(ctx, raw, proxy, true, false)
 		if err != nil {
 			return nil, fmt.Errorf("relay: proxy: %w", err)
 		}
@@ -378,8 +404,9 @@ func (f *FastStart) dialProxy(ctx context.Context, dial func(context.Context, st
 }
 
 // tlsHandshake runs TLS over nc to u's host; for a proxy the server name is
-// always the proxy's, not TLSConfig's.
-func (f *FastStart) tlsHandshake(ctx context.Context, nc net.Conn, u *url.URL, proxy bool) (*tls.Conn, error) {
+// always the proxy's, not TLSConfig's. With evict, the session cached for
+// the server name is dropped first, so that the handshake is a full one.
+func (f *FastStart) tlsHandshake(ctx context.Context, nc net.Conn, u *url.URL, proxy, evict bool) (*tls.Conn, error) {
 	var cfg *tls.Config
 	if f.TLSConfig != nil {
 		cfg = f.TLSConfig.Clone()
@@ -398,6 +425,11 @@ func (f *FastStart) tlsHandshake(ctx context.Context, nc net.Conn, u *url.URL, p
 		verifyWithFallbackRoots(cfg)
 	}
 	cfg.NextProtos = nil
+	if evict && cfg.ClientSessionCache != nil {
+		// crypto/tls caches sessions under the server name, and a nil
+		// session removes the entry.
+		cfg.ClientSessionCache.Put(cfg.ServerName, nil)
+	}
 	tc := tls.Client(nc, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		return nil, fmt.Errorf("relay: TLS handshake with %s: %w", u.Host, err)
@@ -1790,7 +1822,7 @@ func (f *FastStart) DialRegionTLS(ctx context.Context, r *Region) (*tls.Conn, *N
 		nc, err := g.dialTCP(actx, u)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("node %q: %w", n.Name, err))
-		} else if tc, err := g.tlsHandshake(actx, nc, u, false); err != nil {
+		} else if tc, err := g.tlsHandshake(actx, nc, u, false, false); err != nil {
 			nc.Close()
 			errs = append(errs, fmt.Errorf("node %q: %w", n.Name, err))
 		} else {

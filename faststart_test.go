@@ -1866,3 +1866,113 @@ func TestRefusalBodyQuotedInError(t *testing.T) {
 		}
 	}
 }
+
+// serveDERPWith serves s over TLS with cfg (to which it appends s's meta
+// cert) on 127.0.0.1, HTTP/1.1 only, until the test ends, and returns the
+// DERP URL.
+func serveDERPWith(t testing.TB, s *Server, cfg *tls.Config) string {
+	t.Helper()
+	AppendMetaCert(cfg, s.MetaCert())
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var http1 http.Protocols
+	http1.SetHTTP1(true)
+	srv := &http.Server{Handler: s, ErrorLog: quietLog, Protocols: &http1}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		srv.Serve(tls.NewListener(ln, cfg))
+	}()
+	t.Cleanup(func() {
+		srv.Close()
+		<-done
+	})
+	return "https://" + ln.Addr().String() + "/derp"
+}
+
+// TestFastStartResumedSessionStaleKey: with a ClientSessionCache, a TLS 1.3
+// resumption carries no Certificate message and crypto/tls restores the
+// chain, meta cert included, from the cached session. A server that accepts
+// a ticket another DERP key's server issued (servers sharing session ticket
+// keys, or a server restarted with a new DERP key and persisted ticket
+// keys) thus seems to name a stale key. Dial must still connect, and evict
+// the stale session so that the next dial is fast again; with a cache that
+// keeps it anyway, it connects on the upgrade path.
+func TestFastStartResumedSessionStaleKey(t *testing.T) {
+	t.Run("LRU cache", func(t *testing.T) {
+		testResumedSessionStaleKey(t, tls.NewLRUClientSessionCache(8), FastPath)
+	})
+	t.Run("cache keeping evicted sessions", func(t *testing.T) {
+		testResumedSessionStaleKey(t, keepingCache{tls.NewLRUClientSessionCache(8)}, UpgradePath)
+	})
+}
+
+// keepingCache is a ClientSessionCache that ignores removals.
+type keepingCache struct{ tls.ClientSessionCache }
+
+func (c keepingCache) Put(key string, cs *tls.ClientSessionState) {
+	if cs != nil {
+		c.ClientSessionCache.Put(key, cs)
+	}
+}
+
+func testResumedSessionStaleKey(t *testing.T, cache tls.ClientSessionCache, retryPath Path) {
+	cert, pool := testCert(t, "resumption")
+	var ticketKey [32]byte
+	rand.Read(ticketKey[:])
+	newCfg := func() *tls.Config {
+		cfg := &tls.Config{Certificates: []tls.Certificate{cert}}
+		cfg.SetSessionTicketKeys([][32]byte{ticketKey})
+		return cfg
+	}
+	sa, sb := newTestServer(t), newTestServer(t)
+	urlA := serveDERPWith(t, sa, newCfg())
+	urlB := serveDERPWith(t, sb, newCfg())
+	fs := &FastStart{TLSConfig: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1",
+		CurvePreferences: []tls.CurveID{tls.X25519}, ClientSessionCache: cache}}
+
+	// A full handshake with A caches a session whose chain has A's meta cert.
+	_, hs := dialFast(t, fs, urlA)
+	if hs.Path != FastPath || hs.TLS.DidResume || hs.ServerKey != sa.PublicKey() {
+		t.Fatalf("first dial of A: path %v, resumed %v, key %v (want fast, full handshake, %v)",
+			hs.Path, hs.TLS.DidResume, hs.ServerKey.ShortString(), sa.PublicKey().ShortString())
+	}
+	// A resumption with A itself: the cached meta cert is right.
+	_, hs = dialFast(t, fs, urlA)
+	if !hs.TLS.DidResume || hs.ServerKey != sa.PublicKey() || hs.Path != FastPath || hs.KeySource != "meta-cert" {
+		t.Fatalf("second dial of A: resumed %v, %v path, key %v from %s", hs.TLS.DidResume, hs.Path, hs.ServerKey.ShortString(), hs.KeySource)
+	}
+
+	// B takes A's ticket: the restored chain names A's key.
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for i := range 2 {
+		c, hs, err := fs.Dial(ctx, urlB, mustKey(t))
+		if err != nil {
+			t.Fatalf("dial %d of B: %v (handshake %+v)", i+1, err, hs)
+		}
+		t.Cleanup(func() { c.Close() })
+		t.Logf("dial %d of B: %v path, %d attempts, resumed %v, reason %q", i+1, hs.Path, hs.Attempts, hs.TLS.DidResume, hs.Reason)
+		if _, ok := recvMsg[ServerInfo](t, c); !ok {
+			t.Fatalf("dial %d of B: no ServerInfo (handshake %+v)", i+1, hs)
+		}
+		if hs.ServerKey != sb.PublicKey() {
+			t.Fatalf("dial %d of B: handshake names key %v, want %v", i+1, hs.ServerKey.ShortString(), sb.PublicKey().ShortString())
+		}
+		if i == 0 || retryPath == UpgradePath {
+			if hs.Attempts != 2 || hs.Path != retryPath || !strings.Contains(hs.Reason, "resumed TLS session") {
+				t.Errorf("dial %d of B with A's session: %v path, %d attempts, reason %q; want %v, 2 and a reason naming the resumed session",
+					i+1, hs.Path, hs.Attempts, hs.Reason, retryPath)
+			}
+			continue
+		}
+		// The stale session was evicted; the retry's full handshake
+		// cached B's chain.
+		if hs.Path != FastPath || hs.Attempts != 1 || hs.KeySource != "meta-cert" || !hs.TLS.DidResume {
+			t.Errorf("next dial of B: %v path, %d attempts, key from %s, resumed %v; want fast, 1, meta-cert, resumed",
+				hs.Path, hs.Attempts, hs.KeySource, hs.TLS.DidResume)
+		}
+	}
+}

@@ -863,7 +863,7 @@ func FuzzParseMetaCert(f *testing.F) {
 			t.Fatalf("chain scan found %v, %d, %v; the certificate alone %v, %d, %v", cpub, cversion, cok, pub, version, ok)
 		}
 		for _, tlsVersion := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
-			hs, reason := chooseKey(Handshake{}, tls.ConnectionState{Version: tlsVersion, PeerCertificates: []*x509.Certificate{cert}}, PublicKey{})
+			hs, reason := chooseKey(Handshake{}, tls.ConnectionState{Version: tlsVersion, PeerCertificates: []*x509.Certificate{cert}}, PublicKey{}, false)
 			fast := tlsVersion == tls.VersionTLS13 && ok && version >= 1 && version <= ProtocolVersion
 			want := PublicKey{}
 			if fast {
