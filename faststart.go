@@ -22,6 +22,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode"
 )
@@ -55,7 +56,12 @@ type FastStart struct {
 	// as a configured one is: the login still leaves at once, but Dial
 	// waits for the server's ServerKey, and if the key is another (a
 	// server that took a session of a server with another key, sharing
-	// session ticket keys) drops the cached session and dials again.
+	// session ticket keys) drops the cached session and dials again. A
+	// resumed session whose chain has no meta cert takes the upgrade
+	// path and is dropped from the cache, so that the next dial makes a
+	// full handshake and sees the server's current chain (the tickets
+	// of a resumed connection are cached with the chain it resumed
+	// with, which would otherwise hide a meta cert served since).
 	TLSConfig *tls.Config
 	// DialContext dials the TCP connection. Nil means a net.Dialer.
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
@@ -224,11 +230,13 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 	}()
 
 	hs.KeySource = "configured"
+	var sessions *sessionCache
 	if u.Scheme == "https" {
-		tc, err := f.tlsHandshake(ctx, nc, u, false, fresh)
+		tc, sc, err := f.tlsHandshake(ctx, nc, u, false, fresh)
 		if err != nil {
 			return nil, hs, err
 		}
+		sessions = sc
 		nc = tc
 		cs := tc.ConnectionState()
 		hs.TLSVersion, hs.TLS = cs.Version, &cs
@@ -239,6 +247,15 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 	if hs.TLS != nil {
 		var reason string
 		hs, reason = chooseKey(hs, *hs.TLS, known, fresh)
+		if hs.TLS.DidResume && hs.TLS.Version >= tls.VersionTLS13 && hs.KeySource != "meta-cert" && !fresh && !f.DisableFastStart {
+			// The chain is the one cached with the session, and
+			// crypto/tls caches this connection's tickets with it
+			// too: a client that keeps resuming would never see a
+			// meta cert the server has served since.
+			sessions.forget()
+			reason = "the resumed TLS session's chain, cached from an earlier full handshake, has no usable meta cert (" +
+				reason + "); the session was dropped, so the next dial sees the server's current chain"
+		}
 		if hs.ServerKey.IsZero() || f.DisableFastStart {
 			hs.Reason = reason
 			if f.DisableFastStart {
@@ -361,7 +378,7 @@ func (f *FastStart) dialProxy(ctx context.Context, dial func(context.Context, st
 		}
 	}()
 	if proxy.Scheme == "https" {
-		tc, err := f.tlsHandshake(ctx, raw, proxy, true, false)
+		tc, _, err := f.tlsHandshake(ctx, raw, proxy, true, false)
 		if err != nil {
 			return nil, fmt.Errorf("relay: proxy: %w", err)
 		}
@@ -406,7 +423,9 @@ func (f *FastStart) dialProxy(ctx context.Context, dial func(context.Context, st
 // tlsHandshake runs TLS over nc to u's host; for a proxy the server name is
 // always the proxy's, not TLSConfig's. With evict, the session cached for
 // the server name is dropped first, so that the handshake is a full one.
-func (f *FastStart) tlsHandshake(ctx context.Context, nc net.Conn, u *url.URL, proxy, evict bool) (*tls.Conn, error) {
+// For a DERP server (not a proxy) with a ClientSessionCache it also returns
+// the cache as the connection uses it, to drop the session later.
+func (f *FastStart) tlsHandshake(ctx context.Context, nc net.Conn, u *url.URL, proxy, evict bool) (*tls.Conn, *sessionCache, error) {
 	var cfg *tls.Config
 	if f.TLSConfig != nil {
 		cfg = f.TLSConfig.Clone()
@@ -430,11 +449,43 @@ func (f *FastStart) tlsHandshake(ctx context.Context, nc net.Conn, u *url.URL, p
 		// session removes the entry.
 		cfg.ClientSessionCache.Put(cfg.ServerName, nil)
 	}
+	var sc *sessionCache
+	if cfg.ClientSessionCache != nil && !proxy {
+		sc = &sessionCache{ClientSessionCache: cfg.ClientSessionCache, key: cfg.ServerName}
+		cfg.ClientSessionCache = sc
+	}
 	tc := tls.Client(nc, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
-		return nil, fmt.Errorf("relay: TLS handshake with %s: %w", u.Host, err)
+		return nil, nil, fmt.Errorf("relay: TLS handshake with %s: %w", u.Host, err)
 	}
-	return tc, nil
+	return tc, sc, nil
+}
+
+// sessionCache is the ClientSessionCache of one connection to a DERP
+// server: the caller's, until forget.
+type sessionCache struct {
+	tls.ClientSessionCache
+	key  string // the server's: crypto/tls caches under the server name
+	drop atomic.Bool
+}
+
+// Put stores a session unless forget was called.
+func (c *sessionCache) Put(key string, cs *tls.ClientSessionState) {
+	if cs != nil && c.drop.Load() {
+		return
+	}
+	c.ClientSessionCache.Put(key, cs)
+}
+
+// forget drops the session cached for the server, and the tickets the
+// connection gets from now on: those of a resumed TLS 1.3 session carry
+// the chain cached with it. A nil c does nothing.
+func (c *sessionCache) forget() {
+	if c == nil {
+		return
+	}
+	c.drop.Store(true)
+	c.ClientSessionCache.Put(c.key, nil)
 }
 
 // requestPath is the request target for u: /derp if u has no path.
@@ -1822,7 +1873,7 @@ func (f *FastStart) DialRegionTLS(ctx context.Context, r *Region) (*tls.Conn, *N
 		nc, err := g.dialTCP(actx, u)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("node %q: %w", n.Name, err))
-		} else if tc, err := g.tlsHandshake(actx, nc, u, false, false); err != nil {
+		} else if tc, _, err := g.tlsHandshake(actx, nc, u, false, false); err != nil {
 			nc.Close()
 			errs = append(errs, fmt.Errorf("node %q: %w", n.Name, err))
 		} else {

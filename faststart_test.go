@@ -1868,11 +1868,13 @@ func TestRefusalBodyQuotedInError(t *testing.T) {
 }
 
 // serveDERPWith serves s over TLS with cfg (to which it appends s's meta
-// cert) on 127.0.0.1, HTTP/1.1 only, until the test ends, and returns the
-// DERP URL.
-func serveDERPWith(t testing.TB, s *Server, cfg *tls.Config) string {
+// cert unless noMeta) on 127.0.0.1, HTTP/1.1 only, until the test ends, and
+// returns the DERP URL.
+func serveDERPWith(t testing.TB, s *Server, cfg *tls.Config, noMeta bool) string {
 	t.Helper()
-	AppendMetaCert(cfg, s.MetaCert())
+	if !noMeta {
+		AppendMetaCert(cfg, s.MetaCert())
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -1928,8 +1930,8 @@ func testResumedSessionStaleKey(t *testing.T, cache tls.ClientSessionCache, retr
 		return cfg
 	}
 	sa, sb := newTestServer(t), newTestServer(t)
-	urlA := serveDERPWith(t, sa, newCfg())
-	urlB := serveDERPWith(t, sb, newCfg())
+	urlA := serveDERPWith(t, sa, newCfg(), false)
+	urlB := serveDERPWith(t, sb, newCfg(), false)
 	fs := &FastStart{TLSConfig: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1",
 		CurvePreferences: []tls.CurveID{tls.X25519}, ClientSessionCache: cache}}
 
@@ -1973,6 +1975,69 @@ func testResumedSessionStaleKey(t *testing.T, cache tls.ClientSessionCache, retr
 		if hs.Path != FastPath || hs.Attempts != 1 || hs.KeySource != "meta-cert" || !hs.TLS.DidResume {
 			t.Errorf("next dial of B: %v path, %d attempts, key from %s, resumed %v; want fast, 1, meta-cert, resumed",
 				hs.Path, hs.Attempts, hs.KeySource, hs.TLS.DidResume)
+		}
+	}
+}
+
+// TestFastStartResumedSessionWithoutMetaCert: a resumed TLS 1.3 session
+// shows the chain cached with it, and crypto/tls stores the tickets of a
+// resumed connection with that same chain, so a client that keeps
+// resuming never sees a chain newer than its last full handshake. A
+// server that started serving a meta cert (an old server upgraded, keeping
+// its session ticket keys) was then never dialled fast by such a client.
+// The upgrade path must say why, and the next dial must see the current
+// chain.
+func TestFastStartResumedSessionWithoutMetaCert(t *testing.T) {
+	cert, pool := testCert(t, "resumption")
+	var ticketKey [32]byte
+	rand.Read(ticketKey[:])
+	newCfg := func() *tls.Config {
+		cfg := &tls.Config{Certificates: []tls.Certificate{cert}}
+		cfg.SetSessionTicketKeys([][32]byte{ticketKey})
+		return cfg
+	}
+	s := newTestServer(t)
+	oldURL := serveDERPWith(t, s, newCfg(), true)
+	newURL := serveDERPWith(t, s, newCfg(), false)
+	fs := &FastStart{TLSConfig: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1",
+		CurvePreferences: []tls.CurveID{tls.X25519}, ClientSessionCache: tls.NewLRUClientSessionCache(8)}}
+
+	// The server before it served the meta cert: a full handshake caches
+	// a chain without one.
+	_, hs := dialFast(t, fs, oldURL)
+	if hs.Path != UpgradePath || hs.TLS.DidResume {
+		t.Fatalf("dial of the old server: %v path, resumed %v", hs.Path, hs.TLS.DidResume)
+	}
+	// The same server now serves a meta cert; the client resumes the
+	// session from before.
+	var paths []string
+	fast := false
+	for i := 0; i < 3 && !fast; i++ {
+		_, hs := dialFast(t, fs, newURL)
+		paths = append(paths, fmt.Sprintf("%v (resumed %v, reason %q)", hs.Path, hs.TLS.DidResume, hs.Reason))
+		if hs.Path == FastPath {
+			fast = true
+			continue
+		}
+		if hs.TLS.DidResume && !strings.Contains(hs.Reason, "resumed TLS session") {
+			t.Errorf("dial %d: upgrade path over a resumed session, reason %q does not say so", i+1, hs.Reason)
+		}
+	}
+	t.Logf("dials of the upgraded server: %s", strings.Join(paths, "; "))
+	if !fast {
+		t.Fatalf("3 dials of a server that serves a meta cert, none fast")
+	}
+	if len(paths) != 2 {
+		t.Errorf("fast at dial %d, want 2 (after one resumed dial that drops the session)", len(paths))
+	}
+	// A server that has no meta cert (in the chain cached or now) gets
+	// full handshakes and resumed ones in turn, each taking the upgrade
+	// path.
+	fs.TLSConfig.ClientSessionCache = tls.NewLRUClientSessionCache(8)
+	for i := range 4 {
+		_, hs := dialFast(t, fs, oldURL)
+		if hs.Path != UpgradePath || hs.TLS.DidResume != (i%2 == 1) {
+			t.Errorf("dial %d of the old server: %v path, resumed %v", i+1, hs.Path, hs.TLS.DidResume)
 		}
 	}
 }
