@@ -21,6 +21,7 @@ import (
 	"math/big"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -183,8 +184,9 @@ func parseMetaCertCandidate(cert *x509.Certificate) (pub PublicKey, version int,
 // the first version the client lists that the config allows. A TLS 1.3
 // handshake uses cfg itself (or the wrapped callback's config, with the
 // meta cert); a TLS 1.2 handshake gets a clone of cfg with the certificates
-// cfg had before AppendMetaCert (or the wrapped callback's config with
-// only its NextProtos rewritten).
+// cfg had before AppendMetaCert (or the wrapped callback's config with its
+// NextProtos rewritten and without a meta cert at the end of any chain, as
+// a config the callback cloned from cfg itself would have).
 //
 // A meta cert that names a key (as every one from [MintMetaCert] does) is
 // renewed while cfg is in use: the first TLS 1.3 handshake after it has less
@@ -252,6 +254,9 @@ func AppendMetaCert(cfg *tls.Config, metaCert []byte) {
 			appendMetaCertToConfig(c, renew.current().der)
 		} else {
 			c.NextProtos = metaCertNextProtos(c.NextProtos)
+			// A clone of cfg itself (a callback that varies cfg per
+			// client) has cfg's certificates, meta cert included.
+			removeMetaCerts(c)
 		}
 		return c, nil
 	}
@@ -390,6 +395,65 @@ func appendMetaCertToConfig(cfg *tls.Config, meta []byte) {
 		}
 	}
 	cfg.NextProtos = metaCertNextProtos(cfg.NextProtos)
+}
+
+// removeMetaCerts makes cfg, a config for a TLS 1.2 handshake, present no
+// meta cert at the end of a chain: its certificates, and those its
+// GetCertificate returns, are replaced by copies without it.
+func removeMetaCerts(cfg *tls.Config) {
+	if i := slices.IndexFunc(cfg.Certificates, func(c tls.Certificate) bool { return endsWithMetaCert(&c) }); i >= 0 {
+		certs := slices.Clone(cfg.Certificates)
+		for i := range certs {
+			certs[i] = withoutMetaCert(&certs[i])
+		}
+		cfg.Certificates = certs
+	}
+	//lint:ignore SA1019 a caller that still fills it.
+	if byName := cfg.NameToCertificate; len(byName) > 0 {
+		newByName := make(map[string]*tls.Certificate, len(byName))
+		copies := make(map[*tls.Certificate]*tls.Certificate, len(byName))
+		for name, c := range byName {
+			if c == nil || !endsWithMetaCert(c) {
+				newByName[name] = c
+				continue
+			}
+			cc, seen := copies[c]
+			if !seen {
+				copied := withoutMetaCert(c)
+				cc = &copied
+				copies[c] = cc
+			}
+			newByName[name] = cc
+		}
+		cfg.NameToCertificate = newByName
+	}
+	if getCert := cfg.GetCertificate; getCert != nil {
+		cfg.GetCertificate = func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+			c, err := getCert(hello)
+			if err != nil || c == nil || !endsWithMetaCert(c) {
+				return c, err
+			}
+			cc := withoutMetaCert(c)
+			return &cc, nil
+		}
+	}
+}
+
+// endsWithMetaCert reports whether c's chain has a leaf and, after it, a
+// meta cert at its end.
+func endsWithMetaCert(c *tls.Certificate) bool {
+	n := len(c.Certificate)
+	return n > 1 && isMetaCert(c.Certificate[n-1])
+}
+
+// withoutMetaCert returns a shallow copy of c without the meta cert at the
+// end of its chain, if there is one there; the chain is a new slice.
+func withoutMetaCert(c *tls.Certificate) tls.Certificate {
+	cc := *c
+	if endsWithMetaCert(c) {
+		cc.Certificate = slices.Clone(c.Certificate[:len(c.Certificate)-1])
+	}
+	return cc
 }
 
 // needsMetaCert reports whether c has a leaf but does not end with meta yet.

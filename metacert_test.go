@@ -832,6 +832,61 @@ func TestMetaCertTLS12(t *testing.T) {
 	}
 }
 
+// TestMetaCertTLS12ConfigClonedFromItself: a GetConfigForClient that
+// returns a clone of the config it is set on (to vary a field per client)
+// clones, once AppendMetaCert has set that config up, certificates with
+// the meta cert. TLS 1.2 handshakes must still not show it, and TLS 1.3
+// ones show it once, at the end.
+func TestMetaCertTLS12ConfigClonedFromItself(t *testing.T) {
+	pki := newMetaCertTestPKI(t)
+	pub := metaCertTestKey(t)
+	meta := metaCertTestMint(t, pub)
+	shared := &pki.cert
+	for name, mk := range map[string]func() *tls.Config{
+		"static": func() *tls.Config { return &tls.Config{Certificates: []tls.Certificate{pki.cert}} },
+		"NameToCertificate": func() *tls.Config {
+			// With more than one certificate crypto/tls asks the map.
+			cfg := &tls.Config{Certificates: []tls.Certificate{pki.cert, pki.cert}}
+			//lint:ignore SA1019 a caller that still fills it.
+			cfg.NameToCertificate = map[string]*tls.Certificate{metaCertTestServerName: &pki.cert}
+			return cfg
+		},
+		"GetCertificate": func() *tls.Config {
+			return &tls.Config{GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return &pki.cert, nil }}
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			cfg := mk()
+			cfg.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) {
+				c := cfg.Clone()
+				c.MinVersion = tls.VersionTLS12
+				return c, nil
+			}
+			AppendMetaCert(cfg, meta)
+			for _, version := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
+				client := pki.clientConfig()
+				client.MinVersion, client.MaxVersion = tls.VersionTLS12, version
+				state, clientErr, serverErr := metaCertTestHandshake(cfg, client)
+				if clientErr != nil || serverErr != nil {
+					t.Fatalf("%s handshake: client %v, server %v", tls.VersionName(version), clientErr, serverErr)
+				}
+				if state.Version != version {
+					t.Fatalf("negotiated %s, want %s", tls.VersionName(state.Version), tls.VersionName(version))
+				}
+				if version == tls.VersionTLS13 {
+					checkMetaCertState(t, state, 2, meta, pub)
+					continue
+				}
+				if _, _, ok := ParseMetaCert(state.PeerCertificates); ok || len(state.PeerCertificates) != 2 {
+					t.Errorf("TLS 1.2 client saw %d certificates, meta cert among them: %v; want the leaf and the CA alone",
+						len(state.PeerCertificates), ok)
+				}
+			}
+			checkUntouched(t, shared)
+		})
+	}
+}
+
 // FuzzParseMetaCert parses arbitrary certificates as meta certs: what it
 // finds must be what the CN and serial say, alone or in a chain (behind a
 // nil entry, before a good meta cert), and chooseKey must take it for the
