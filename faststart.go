@@ -771,7 +771,10 @@ func (rc *ReconnectingClient) doneCh() chan struct{} {
 const maxRestartTry = time.Minute
 
 // ErrNotConnected is returned by ReconnectingClient.Ping when the Pong did
-// not arrive on the connection the Ping was sent on.
+// not arrive on the connection the Ping was sent on, and by its writes
+// (Send, Ping, NotePreferred, …) whose connection was dropped while they
+// wrote: by Reconnect, or by another call that saw it fail. The client is
+// not closed (that is ErrClosed): the next call connects again.
 var ErrNotConnected = errors.New("relay: connection lost")
 
 func (rc *ReconnectingClient) backoff(failures int, now time.Time) time.Duration {
@@ -1334,8 +1337,28 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 			return ctx.Err()
 		}
 		rc.dropAfter(c, err)
+		return rc.writeErr(err)
 	}
 	return err
+}
+
+// writeErr is the error of a write that failed with err on a connection
+// it had from current. ErrClosed from the connection means it was closed
+// under the write: by Close, or by another call that dropped it
+// (Reconnect, a Recv that saw it fail). Only the first is ErrClosed for
+// the caller, which may stop using rc on it; the other is ErrNotConnected,
+// and the next call connects again.
+func (rc *ReconnectingClient) writeErr(err error) error {
+	if !errors.Is(err, ErrClosed) {
+		return err
+	}
+	rc.mu.Lock()
+	closed := rc.closed
+	rc.mu.Unlock()
+	if closed {
+		return err
+	}
+	return fmt.Errorf("%w: the connection was dropped during the write (by Reconnect, or after another call saw it fail)", ErrNotConnected)
 }
 
 // settle ends a call on c that an interrupt (ctx's, or a bound's) could
@@ -1375,7 +1398,7 @@ func (rc *ReconnectingClient) NotePreferred(preferred bool) error {
 	}
 	if err := c.NotePreferred(preferred); err != nil {
 		rc.drop(c)
-		return err
+		return rc.writeErr(err)
 	}
 	return nil
 }
@@ -1437,7 +1460,7 @@ func (rc *ReconnectingClient) WatchConnectionChanges() error {
 	}
 	if err := c.WatchConnectionChanges(); err != nil {
 		rc.drop(c)
-		return err
+		return rc.writeErr(err)
 	}
 	return nil
 }

@@ -1443,3 +1443,83 @@ func TestReconnectingClientReconnect(t *testing.T) {
 		t.Fatalf("Send after Close and Reconnect: %v, want ErrClosed", err)
 	}
 }
+
+// TestReconnectingWriteCutByReconnectIsNotErrClosed: a write under way when
+// Reconnect drops its connection fails, but not with ErrClosed, which says
+// the ReconnectingClient was closed: a send loop that stops on ErrClosed
+// would stop for good. It fails with ErrNotConnected, and the client goes
+// on.
+func TestReconnectingWriteCutByReconnectIsNotErrClosed(t *testing.T) {
+	for _, name := range []string{"Send", "ForwardPacket", "ClosePeer", "Ping", "NotePreferred"} {
+		t.Run(name, func(t *testing.T) {
+			s := &scriptedServer{priv: mustKey(t)}
+			writing := make(chan struct{}, 1)
+			s.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
+				if n == 1 {
+					// The first byte of the call's frame, straight from
+					// the pipe: the rest of its write waits.
+					var b [1]byte
+					if _, err := sc.Read(b[:]); err == nil {
+						writing <- struct{}{}
+					}
+					s.stall()
+					return
+				}
+				io.Copy(io.Discard, sc) // the next connection's first frames
+			}
+			rc := newScriptedRC(t, s)
+			// The first connection over a pipe, whose writes wait for
+			// the server; the next over TCP, where the new connection's
+			// first frames do not wait for the server's ServerInfo to be
+			// read.
+			var dialled atomic.Bool
+			rc.Dialer.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+				if dialled.Swap(true) {
+					return s.dialTCP(ctx, network, addr)
+				}
+				return s.dial(ctx, network, addr)
+			}
+			connectWithRecvLoop(t, rc)
+			gen := rc.Generation()
+			errc := make(chan error, 1)
+			go func() {
+				ctx := context.Background()
+				var err error
+				switch name {
+				case "Send":
+					err = rc.Send(ctx, PublicKey{1}, []byte("cut short"))
+				case "ForwardPacket":
+					err = rc.ForwardPacket(ctx, PublicKey{1}, PublicKey{2}, []byte("cut short"))
+				case "ClosePeer":
+					err = rc.ClosePeer(ctx, PublicKey{1})
+				case "Ping":
+					_, err = rc.Ping(ctx)
+				case "NotePreferred":
+					err = rc.NotePreferred(true)
+				}
+				errc <- err
+			}()
+			select {
+			case <-writing:
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%s did not start writing", name)
+			}
+			rc.Reconnect()
+			var err error
+			select {
+			case err = <-errc:
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%s did not return after Reconnect", name)
+			}
+			waitFor(t, func() bool { return rc.Generation() > gen }) // the Recv loop reconnected
+			t.Logf("%s cut by Reconnect: %v", name, err)
+			if err == nil || errors.Is(err, ErrClosed) || !errors.Is(err, ErrNotConnected) {
+				t.Fatalf("%s cut by Reconnect: %v; want ErrNotConnected, not ErrClosed (the client is not closed)", name, err)
+			}
+			rc.Close()
+			if err := rc.Send(context.Background(), PublicKey{1}, nil); !errors.Is(err, ErrClosed) {
+				t.Fatalf("Send after Close: %v, want ErrClosed", err)
+			}
+		})
+	}
+}
