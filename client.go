@@ -321,6 +321,10 @@ func (c *Client) Send(dst PublicKey, pkt []byte) error {
 	if c.werr != nil {
 		return c.werr
 	}
+	if c.closed.Load() {
+		// ErrClosed, not ErrRateLimited below: the Client is not usable.
+		return c.writeFailed(net.ErrClosed)
+	}
 	if c.givenUp.Load() {
 		return c.writeFailed(errGivenUp)
 	}
@@ -518,7 +522,8 @@ func (c *Client) writeFailed(err error) error {
 	return err
 }
 
-// Close closes the connection. Blocked Send and Recv calls return. It closes
+// Close closes the connection. Blocked Send and Recv calls return, and
+// later calls return ErrClosed (Recv too, whatever it had buffered). It closes
 // the socket under a TLS or WebSocket layer of this package at once, with no
 // close_notify or close frame first: those would wait (up to 5 s and 1 s)
 // for room in a socket that a server which stopped reading has filled. The
@@ -537,6 +542,11 @@ func (c *Client) Close() error {
 // whose malformed forms are errors), are skipped. Any error is permanent.
 func (c *Client) Recv() (Message, error) {
 	if c.rerr != nil {
+		return nil, c.rerr
+	}
+	if c.closed.Load() {
+		// Not the frames still buffered: after Close, ErrClosed.
+		c.rerr = ErrClosed
 		return nil, c.rerr
 	}
 	m, err := c.recv()

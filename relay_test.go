@@ -2249,3 +2249,48 @@ func TestAdmissionTailscaled(t *testing.T) {
 	pipeLogin(t, s, node)
 	wantLoginRefused(t, s, 1)
 }
+
+// TestClientAfterClose: after Close, Recv and Send return ErrClosed, as
+// ErrClosed's doc says: Recv does not go on returning the frames still
+// buffered from the connection, and Send does not report ErrRateLimited
+// (which says the connection stays usable) when the bucket is empty.
+func TestClientAfterClose(t *testing.T) {
+	srv, cli := fuzzKey(1), fuzzKey(2)
+	peer := fuzzKey(3).Public()
+	pkt := appendFrame(nil, FrameRecvPacket, append(peer[:len(peer):len(peer)], "buffered"...))
+	stream := frames(appendFrame(nil, FrameServerKey, appendServerKey(nil, srv.Public())),
+		serverInfoFrame(srv, cli.Public(), []byte(`{"version":2,"TokenBucketBytesPerSecond":1,"TokenBucketBytesBurst":100}`)),
+		pkt, pkt, pkt)
+	cc, sc := net.Pipe()
+	defer sc.Close()
+	go io.Copy(io.Discard, sc)
+	go sc.Write(stream) // one write: the client's first read buffers it all
+	c, err := NewClient(cli, cc, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := c.Recv(); err != nil {
+		t.Fatalf("first Recv: %v", err)
+	} else if _, ok := m.(ServerInfo); !ok {
+		t.Fatalf("first Recv: %T, want ServerInfo", m)
+	}
+	if c.br.Buffered() == 0 {
+		t.Fatal("the packets are not buffered yet")
+	}
+	// The announced limit's burst (raised to one maximal frame) is used
+	// up: the next packet does not fit for hours.
+	if err := c.Send(peer, make([]byte, MaxPacketSize)); err != nil {
+		t.Fatalf("Send before Close: %v", err)
+	}
+	c.Close()
+	for i := range 2 {
+		if m, err := c.Recv(); !errors.Is(err, ErrClosed) {
+			t.Fatalf("Recv %d after Close: %T, %v; want ErrClosed", i+1, m, err)
+		}
+	}
+	for i := range 2 {
+		if err := c.Send(peer, make([]byte, 200)); !errors.Is(err, ErrClosed) {
+			t.Fatalf("Send %d (over the rate limit) after Close: %v; want ErrClosed", i+1, err)
+		}
+	}
+}
