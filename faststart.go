@@ -154,7 +154,9 @@ type Handshake struct {
 // of a resumed TLS session, it first waits for the server's first bytes to
 // confirm the key. ctx bounds the whole dial,
 // including DNS, TCP, TLS and the upgrade; it does not affect the returned
-// Client.
+// Client. A dial that ctx ends fails with an error that wraps ctx's and
+// names the step it was at (such as "TLS handshake" or "waiting for the
+// 101 response").
 func (f *FastStart) Dial(ctx context.Context, serverURL string, priv PrivateKey, opts ...ClientOption) (*Client, Handshake, error) {
 	u, err := url.Parse(serverURL)
 	if err != nil {
@@ -214,6 +216,10 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 	// Cancelling ctx closes the connection, which ends whatever step is
 	// in progress. It closes the TCP conn: nc becomes the tls.Conn below,
 	// and reading the variable from the AfterFunc goroutine would race.
+	// The error then says which step ctx cut short, as the step's own
+	// error (a read of a closed connection) would not.
+	step := new(string)
+	*step = "after the TCP connect"
 	tcp := nc
 	stop := context.AfterFunc(ctx, func() { tcp.Close() })
 	defer func() {
@@ -224,7 +230,7 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 			c = nil
 			nc.Close()
 			if ctx.Err() != nil {
-				err = fmt.Errorf("relay: dial %s: %w", u.Host, ctx.Err())
+				err = fmt.Errorf("relay: dial %s: %s: %w", u.Host, *step, ctx.Err())
 			}
 		}
 	}()
@@ -232,6 +238,7 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 	hs.KeySource = "configured"
 	var sessions *sessionCache
 	if u.Scheme == "https" {
+		*step = "TLS handshake"
 		tc, sc, err := f.tlsHandshake(ctx, nc, u, false, fresh)
 		if err != nil {
 			return nil, hs, err
@@ -242,7 +249,7 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 		hs.TLSVersion, hs.TLS = cs.Version, &cs
 	}
 	if f.WebSocket {
-		return f.webSocket(nc, u, priv, hs, opts)
+		return f.webSocket(nc, u, priv, hs, opts, step)
 	}
 	if hs.TLS != nil {
 		var reason string
@@ -261,7 +268,7 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 			if f.DisableFastStart {
 				hs.Reason = "fast start disabled"
 			}
-			return f.upgrade(nc, u, priv, hs, opts)
+			return f.upgrade(nc, u, priv, hs, opts, step)
 		}
 		if hs.KeySource == "meta-cert" {
 			// A resumed session has no Certificate message: crypto/tls
@@ -269,20 +276,41 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 			// session, and servers sharing session ticket keys accept
 			// each other's sessions. So the key is confirmed, as a
 			// configured one is; the login still leaves at once.
-			return f.fastStart(nc, u, priv, hs, hs.TLS.DidResume, opts)
+			return f.fastStart(nc, u, priv, hs, hs.TLS.DidResume, opts, step)
 		}
 		hs.Reason = reason
-		return f.fastStart(nc, u, priv, hs, true, opts)
+		return f.fastStart(nc, u, priv, hs, true, opts, step)
 	}
 	if known.IsZero() {
 		hs.Reason = "plain HTTP and no known server key"
 		if f.DisableFastStart {
 			hs.Reason = "fast start disabled"
 		}
-		return f.upgrade(nc, u, priv, hs, opts)
+		return f.upgrade(nc, u, priv, hs, opts, step)
 	}
 	hs.ServerKey = known
-	return f.fastStart(nc, u, priv, hs, true, opts)
+	return f.fastStart(nc, u, priv, hs, true, opts, step)
+}
+
+// Steps of a dial, named in the error of one that its context cut short.
+const (
+	stepRequest  = "sending the upgrade request"
+	step101      = "waiting for the 101 response"
+	stepLogin    = "login (ServerKey frame, ClientInfo)"
+	stepFast     = "sending the fast-start request and ClientInfo"
+	stepConfirm  = "waiting for the ServerKey frame to confirm the server key"
+	stepWSReq    = "sending the WebSocket upgrade request"
+	stepWS101    = "waiting for the WebSocket 101 response"
+	stepTCP      = "TCP connect"
+	stepProxyTLS = "TLS handshake with the proxy"
+	stepConnect  = "CONNECT through the proxy"
+)
+
+// setStep records the step a dial is at in *p, if p is not nil.
+func setStep(p *string, step string) {
+	if p != nil {
+		*p = step
+	}
 }
 
 // chooseKey picks the key for the fast path from the TLS state: a meta cert
@@ -343,6 +371,9 @@ func (f *FastStart) dialTCP(ctx context.Context, u *url.URL) (net.Conn, error) {
 	if proxy == nil {
 		nc, err := dial(ctx, "tcp", addr)
 		if err != nil {
+			if ctx.Err() != nil {
+				return nil, fmt.Errorf("relay: dial %s: %s: %w", addr, stepTCP, err)
+			}
 			return nil, fmt.Errorf("relay: dial %s: %w", addr, err)
 		}
 		return nc, nil
@@ -361,9 +392,13 @@ func (f *FastStart) dialProxy(ctx context.Context, dial func(context.Context, st
 	paddr := hostPort(proxy)
 	raw, err := dial(ctx, "tcp", paddr)
 	if err != nil {
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("relay: dial proxy %s: %s: %w", paddr, stepTCP, err)
+		}
 		return nil, fmt.Errorf("relay: dial proxy %s: %w", paddr, err)
 	}
 	nc = raw
+	step := stepConnect
 	stop := context.AfterFunc(ctx, func() { raw.Close() })
 	defer func() {
 		if !stop() && err == nil {
@@ -373,16 +408,18 @@ func (f *FastStart) dialProxy(ctx context.Context, dial func(context.Context, st
 			raw.Close()
 			nc = nil
 			if ctx.Err() != nil {
-				err = fmt.Errorf("relay: proxy %s: %w", paddr, ctx.Err())
+				err = fmt.Errorf("relay: proxy %s: %s: %w", paddr, step, ctx.Err())
 			}
 		}
 	}()
 	if proxy.Scheme == "https" {
+		step = stepProxyTLS
 		tc, _, err := f.tlsHandshake(ctx, raw, proxy, true, false)
 		if err != nil {
 			return nil, fmt.Errorf("relay: proxy: %w", err)
 		}
 		nc = tc
+		step = stepConnect
 	}
 	bw := bufio.NewWriter(nc)
 	fmt.Fprintf(bw, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n", addr, addr)
@@ -517,8 +554,9 @@ func (f *FastStart) writeHeader(bw *bufio.Writer) {
 // fastStart writes the upgrade request and the ClientInfo in one flush. If
 // the key is only assumed (confirm), it then waits for the server's first
 // bytes to check it.
-func (f *FastStart) fastStart(nc net.Conn, u *url.URL, priv PrivateKey, hs Handshake, confirm bool, opts []ClientOption) (*Client, Handshake, error) {
+func (f *FastStart) fastStart(nc net.Conn, u *url.URL, priv PrivateKey, hs Handshake, confirm bool, opts []ClientOption, step *string) (*Client, Handshake, error) {
 	hs.Path = FastPath
+	setStep(step, stepFast)
 	brw := bufio.NewReadWriter(bufio.NewReaderSize(nc, clientReadBuf), bufio.NewWriter(nc))
 	f.writeRequest(brw.Writer, u, true)
 	opts = append(opts[:len(opts):len(opts)], ServerPublicKey(hs.ServerKey), allowHTTPPrefix())
@@ -527,6 +565,7 @@ func (f *FastStart) fastStart(nc net.Conn, u *url.URL, priv PrivateKey, hs Hands
 		return nil, hs, err
 	}
 	if confirm {
+		setStep(step, stepConfirm)
 		if err := c.readServerStart(); err != nil {
 			return nil, hs, err
 		}
@@ -535,13 +574,15 @@ func (f *FastStart) fastStart(nc net.Conn, u *url.URL, priv PrivateKey, hs Hands
 }
 
 // upgrade takes the classic path: request, wait for 101, then log in.
-func (f *FastStart) upgrade(nc net.Conn, u *url.URL, priv PrivateKey, hs Handshake, opts []ClientOption) (*Client, Handshake, error) {
+func (f *FastStart) upgrade(nc net.Conn, u *url.URL, priv PrivateKey, hs Handshake, opts []ClientOption, step *string) (*Client, Handshake, error) {
 	hs.Path = UpgradePath
+	setStep(step, stepRequest)
 	brw := bufio.NewReadWriter(bufio.NewReaderSize(nc, clientReadBuf), bufio.NewWriter(nc))
 	f.writeRequest(brw.Writer, u, false)
 	if err := brw.Flush(); err != nil {
 		return nil, hs, fmt.Errorf("relay: send upgrade request: %w", err)
 	}
+	setStep(step, step101)
 	if err := checkHeaderSize(brw.Reader); err != nil {
 		return nil, hs, fmt.Errorf("relay: read upgrade response: %w", err)
 	}
@@ -560,6 +601,7 @@ func (f *FastStart) upgrade(nc net.Conn, u *url.URL, priv PrivateKey, hs Handsha
 		hs.ServerKey, hs.KeySource = k, "http-header"
 		opts = append(opts[:len(opts):len(opts)], ServerPublicKey(k))
 	}
+	setStep(step, stepLogin)
 	c, err := NewClient(priv, nc, brw, opts...)
 	if err != nil {
 		return nil, hs, err
@@ -569,8 +611,9 @@ func (f *FastStart) upgrade(nc net.Conn, u *url.URL, priv PrivateKey, hs Handsha
 }
 
 // webSocket takes the upgrade path to DERP over WebSocket.
-func (f *FastStart) webSocket(nc net.Conn, u *url.URL, priv PrivateKey, hs Handshake, opts []ClientOption) (*Client, Handshake, error) {
+func (f *FastStart) webSocket(nc net.Conn, u *url.URL, priv PrivateKey, hs Handshake, opts []ClientOption, step *string) (*Client, Handshake, error) {
 	hs.Path, hs.Reason = UpgradePath, "WebSocket transport"
+	setStep(step, stepWSReq)
 	var nonce [16]byte
 	crand.Read(nonce[:])
 	key := base64.StdEncoding.EncodeToString(nonce[:])
@@ -583,6 +626,7 @@ func (f *FastStart) webSocket(nc net.Conn, u *url.URL, priv PrivateKey, hs Hands
 	if err := bw.Flush(); err != nil {
 		return nil, hs, fmt.Errorf("relay: send WebSocket request: %w", err)
 	}
+	setStep(step, stepWS101)
 	if err := checkHeaderSize(br); err != nil {
 		return nil, hs, fmt.Errorf("relay: read WebSocket response: %w", err)
 	}
@@ -607,6 +651,7 @@ func (f *FastStart) webSocket(nc net.Conn, u *url.URL, priv PrivateKey, hs Hands
 	}
 	wc := newWSConn(nc, br, true)
 	brw := bufio.NewReadWriter(bufio.NewReaderSize(wc, clientReadBuf), bufio.NewWriter(wc))
+	setStep(step, stepLogin)
 	c, err := NewClient(priv, wc, brw, opts...)
 	if err != nil {
 		return nil, hs, err

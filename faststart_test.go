@@ -841,17 +841,25 @@ func TestDialContextCancel(t *testing.T) {
 		deadline bool   // a deadline expires instead of a cancel
 		wantErr  error  // what the error wraps
 		blockTCP bool   // DialContext blocks until ctx is done
+		ws       bool   // FastStart.WebSocket is set
+		proxy    bool   // the stalling server is an HTTP proxy to the URL's host
+		wantStep string // the step the error names
 	}{
-		{name: "TCP connect", scheme: "https", blockTCP: true, wantErr: context.Canceled},
-		{name: "TLS handshake", scheme: "https", wantErr: context.Canceled},
-		{name: "TLS handshake deadline", scheme: "https", deadline: true, wantErr: context.DeadlineExceeded},
-		{name: "101 over plain HTTP", scheme: "http", waitFor: "\r\n\r\n", wantErr: context.Canceled},
-		{name: "101 over TLS", scheme: "https", tls: true, waitFor: "\r\n\r\n", wantErr: context.Canceled},
-		{name: "101 over TLS deadline", scheme: "https", tls: true, waitFor: "\r\n\r\n", deadline: true, wantErr: context.DeadlineExceeded},
+		{name: "TCP connect", scheme: "https", blockTCP: true, wantErr: context.Canceled, wantStep: stepTCP},
+		{name: "TLS handshake", scheme: "https", wantErr: context.Canceled, wantStep: "TLS handshake"},
+		{name: "TLS handshake deadline", scheme: "https", deadline: true, wantErr: context.DeadlineExceeded, wantStep: "TLS handshake"},
+		{name: "101 over plain HTTP", scheme: "http", waitFor: "\r\n\r\n", wantErr: context.Canceled, wantStep: step101},
+		{name: "101 over TLS", scheme: "https", tls: true, waitFor: "\r\n\r\n", wantErr: context.Canceled, wantStep: step101},
+		{name: "101 over TLS deadline", scheme: "https", tls: true, waitFor: "\r\n\r\n", deadline: true, wantErr: context.DeadlineExceeded, wantStep: step101},
 		// With a configured key the client wrote its ClientInfo and waits
 		// for the ServerKey frame to confirm the key.
-		{name: "key confirmation over plain HTTP", scheme: "http", waitFor: "\r\n\r\n", key: true, wantErr: context.Canceled},
-		{name: "key confirmation over TLS", scheme: "https", tls: true, waitFor: "\r\n\r\n", key: true, wantErr: context.Canceled},
+		{name: "key confirmation over plain HTTP", scheme: "http", waitFor: "\r\n\r\n", key: true, wantErr: context.Canceled, wantStep: stepConfirm},
+		{name: "key confirmation over TLS", scheme: "https", tls: true, waitFor: "\r\n\r\n", key: true, wantErr: context.Canceled, wantStep: stepConfirm},
+		{name: "WebSocket 101", scheme: "http", ws: true, waitFor: "\r\n\r\n", wantErr: context.Canceled, wantStep: stepWS101},
+		{name: "WebSocket 101 over TLS", scheme: "https", tls: true, ws: true, waitFor: "\r\n\r\n", wantErr: context.Canceled, wantStep: stepWS101},
+		{name: "proxy CONNECT", scheme: "https", proxy: true, waitFor: "\r\n\r\n", wantErr: context.Canceled, wantStep: stepConnect},
+		{name: "proxy CONNECT deadline", scheme: "https", proxy: true, waitFor: "\r\n\r\n", deadline: true, wantErr: context.DeadlineExceeded, wantStep: stepConnect},
+		{name: "TLS handshake with the proxy", scheme: "https", proxy: true, tls: false, wantErr: context.Canceled, wantStep: stepProxyTLS},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -860,9 +868,20 @@ func TestDialContextCancel(t *testing.T) {
 				srvCert = &cert
 			}
 			addr, stalled, closed := stallServer(t, srvCert, tt.waitFor)
-			fs := &FastStart{TLSConfig: clientTLS}
+			fs := &FastStart{TLSConfig: clientTLS, WebSocket: tt.ws}
 			if tt.key {
 				fs.ServerKey = someKey
+			}
+			dialAddr := addr
+			if tt.proxy {
+				// The stalling server is the proxy; the DERP server's
+				// address is never dialled.
+				scheme := "http"
+				if tt.wantStep == stepProxyTLS {
+					scheme = "https"
+				}
+				fs.Proxy = http.ProxyURL(&url.URL{Scheme: scheme, Host: addr})
+				dialAddr = "derp.invalid:443"
 			}
 			dialing := make(chan struct{})
 			if tt.blockTCP {
@@ -888,7 +907,7 @@ func TestDialContextCancel(t *testing.T) {
 			}
 			res := make(chan result, 1)
 			go func() {
-				c, hs, err := fs.Dial(ctx, tt.scheme+"://"+addr+"/derp", mustKey(t))
+				c, hs, err := fs.Dial(ctx, tt.scheme+"://"+dialAddr+"/derp", mustKey(t))
 				res <- result{c, hs, err}
 			}()
 			wait := func(what string, ch <-chan struct{}) {
@@ -916,8 +935,12 @@ func TestDialContextCancel(t *testing.T) {
 			if r.c != nil {
 				t.Errorf("Dial returned a client with error %v", r.err)
 			}
+			t.Logf("Dial: %v", r.err)
 			if !errors.Is(r.err, tt.wantErr) {
 				t.Errorf("error %v does not wrap %v", r.err, tt.wantErr)
+			}
+			if !strings.Contains(r.err.Error(), tt.wantStep) {
+				t.Errorf("error %q does not name the step it was cut short at: %q", r.err, tt.wantStep)
 			}
 			if tt.deadline {
 				// Not waited for above: a very slow machine may miss the
@@ -1799,7 +1822,7 @@ func TestServerKeyCutShort(t *testing.T) {
 	u := &url.URL{Scheme: "http", Host: "derp.example", Path: "/derp"}
 	for _, cut := range []int{0, frameHeaderLen, frameHeaderLen + 10} {
 		nc := &dialFuzzConn{script: frame[:cut], chunk: 64}
-		_, _, err := fs.fastStart(nc, u, client, Handshake{ServerKey: server.Public()}, true, nil)
+		_, _, err := fs.fastStart(nc, u, client, Handshake{ServerKey: server.Public()}, true, nil, nil)
 		if err == nil || !strings.Contains(err.Error(), "receive server key") || (cut != 0) != errors.Is(err, io.ErrUnexpectedEOF) {
 			t.Errorf("fast start, server sent %d bytes: %v", cut, err)
 		}
@@ -1820,9 +1843,9 @@ func TestHTTPResponseCutShort(t *testing.T) {
 			var err error
 			switch path {
 			case "upgrade":
-				_, _, err = fs.upgrade(nc, u, client, Handshake{}, nil)
+				_, _, err = fs.upgrade(nc, u, client, Handshake{}, nil, nil)
 			case "websocket":
-				_, _, err = fs.webSocket(nc, u, client, Handshake{}, nil)
+				_, _, err = fs.webSocket(nc, u, client, Handshake{}, nil, nil)
 			case "proxy":
 				dial := func(context.Context, string, string) (net.Conn, error) { return nc, nil }
 				_, err = fs.dialProxy(context.Background(), dial, &url.URL{Scheme: "http", Host: "proxy.example:3128"}, "derp.example:443")
@@ -1830,7 +1853,7 @@ func TestHTTPResponseCutShort(t *testing.T) {
 				if script == "" {
 					continue // nothing to tell from a missing ServerKey (TestServerKeyCutShort)
 				}
-				_, _, err = fs.fastStart(nc, u, client, Handshake{ServerKey: server.Public()}, true, nil)
+				_, _, err = fs.fastStart(nc, u, client, Handshake{ServerKey: server.Public()}, true, nil, nil)
 			}
 			want := io.ErrUnexpectedEOF
 			if script == "" {

@@ -846,16 +846,16 @@ func FuzzDialResponse(f *testing.F) {
 			defer close(done)
 			switch mode % 4 {
 			case 0:
-				c, _, err = fs.upgrade(nc, u, client, Handshake{}, opts)
+				c, _, err = fs.upgrade(nc, u, client, Handshake{}, opts, nil)
 			case 1:
-				c, _, err = fs.webSocket(nc, u, client, Handshake{}, opts)
+				c, _, err = fs.webSocket(nc, u, client, Handshake{}, opts, nil)
 			case 2:
 				dial := func(context.Context, string, string) (net.Conn, error) { return nc, nil }
 				_, err = fs.dialProxy(context.Background(), dial, &url.URL{Scheme: "http", Host: "proxy.example:3128"}, "derp.example:443")
 			case 3:
 				var hs Handshake
 				hs.ServerKey = spub
-				c, _, err = fs.fastStart(nc, u, client, hs, true, opts)
+				c, _, err = fs.fastStart(nc, u, client, hs, true, opts, nil)
 			}
 		}()
 		select {
