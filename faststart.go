@@ -798,7 +798,8 @@ type ReconnectingClient struct {
 	notBefore    time.Time // no dial before this either: the backoff after a short session
 	infoAt       time.Time // when the current connection's ServerInfo arrived
 	restartUntil time.Time
-	asked        *Client // the connection Reconnect dropped, until Recv sees it end
+	asked        *Client       // the connection Reconnect dropped, until Recv sees it end
+	redial       chan struct{} // closed by Reconnect: a wait for the next dial starts over; made by redialCh
 	pings        map[[8]byte]chan struct{}
 	done         chan struct{} // closed by Close; made by doneCh
 }
@@ -809,6 +810,15 @@ func (rc *ReconnectingClient) doneCh() chan struct{} {
 		rc.done = make(chan struct{})
 	}
 	return rc.done
+}
+
+// redialCh returns the channel the next Reconnect closes. rc.mu must be
+// held.
+func (rc *ReconnectingClient) redialCh() chan struct{} {
+	if rc.redial == nil {
+		rc.redial = make(chan struct{})
+	}
+	return rc.redial
 }
 
 // maxRestartTry bounds how long after a ServerRestarting notice's wait the
@@ -900,25 +910,34 @@ func (rc *ReconnectingClient) dialOnce(ctx context.Context) (*Client, int, *Hand
 	var log dialLog
 	defer rc.flushLog(&log) // after the turn is given back: see dialLog
 	defer func() { <-dialing }()
-	rc.mu.Lock()
-	if rc.c != nil || rc.closed {
-		c, gen, closed := rc.c, rc.gen, rc.closed
-		rc.mu.Unlock()
-		if closed {
-			return nil, 0, nil, ErrClosed
+	for {
+		rc.mu.Lock()
+		if rc.c != nil || rc.closed {
+			c, gen, closed := rc.c, rc.gen, rc.closed
+			rc.mu.Unlock()
+			if closed {
+				return nil, 0, nil, ErrClosed
+			}
+			return c, gen, nil, nil
 		}
-		return c, gen, nil, nil
-	}
-	next := rc.nextDial
-	if rc.notBefore.After(next) {
-		next = rc.notBefore
-	}
-	wait := time.Until(next)
-	rc.mu.Unlock()
-	if wait > 0 {
+		next := rc.nextDial
+		if rc.notBefore.After(next) {
+			next = rc.notBefore
+		}
+		wait := time.Until(next)
+		redial := rc.redialCh()
+		rc.mu.Unlock()
+		if wait <= 0 {
+			break
+		}
 		t := time.NewTimer(wait)
 		select {
 		case <-t.C:
+		case <-redial:
+			// Reconnect cleared the wait (unless a restart notice
+			// set it): look again.
+			t.Stop()
+			continue
 		case <-ctx.Done():
 			t.Stop()
 			return nil, 0, nil, ctx.Err()
@@ -926,6 +945,7 @@ func (rc *ReconnectingClient) dialOnce(ctx context.Context) (*Client, int, *Hand
 			t.Stop()
 			return nil, 0, nil, ErrClosed
 		}
+		break
 	}
 	c, gen, hs, err := rc.dial(ctx, done, &log)
 	return c, gen, &hs, err
@@ -1741,10 +1761,11 @@ func (rc *ReconnectingClient) Ping(ctx context.Context) (time.Duration, error) {
 // Reconnect drops the current connection, if there is one: the next call
 // that needs a connection (a Recv loop's next turn) dials again at once,
 // without the wait earlier failures set (a server's ServerRestarting
-// notice is still honoured). Call it when the network under the client
-// changed (a new default route, a new local address) or when Ping failed:
-// a connection whose path went silent, with no FIN or RST, otherwise
-// lasts until RecvTimeout (120 s by default). A Recv waiting on the
+// notice is still honoured), and so does a call already waiting that wait
+// out (a Recv loop while the network was down). Call it when the network
+// under the client changed (a new default route, a new local address) or
+// when Ping failed: a connection whose path went silent, with no FIN or
+// RST, otherwise lasts until RecvTimeout (120 s by default). A Recv waiting on the
 // dropped connection does not return: it dials the next one, which starts
 // with a ServerInfo as every connection does; Pings waiting on it return
 // ErrNotConnected. A dial under way is not interrupted. After Close,
@@ -1766,6 +1787,10 @@ func (rc *ReconnectingClient) Reconnect() {
 	rc.notBefore = time.Time{}
 	if !time.Now().Before(rc.restartUntil) {
 		rc.nextDial = time.Time{}
+	}
+	if rc.redial != nil {
+		close(rc.redial) // a call waiting out the old wait looks again
+		rc.redial = nil
 	}
 	rc.mu.Unlock()
 	if c != nil {

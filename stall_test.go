@@ -1523,3 +1523,45 @@ func TestReconnectingWriteCutByReconnectIsNotErrClosed(t *testing.T) {
 		})
 	}
 }
+
+// TestReconnectEndsBackoffUnderWay: Reconnect after a network change makes
+// the next dial start at once, also when a Recv loop is already waiting
+// out the backoff of an earlier failure (a minute here): that wait ends,
+// and a call that needs a connection (Connect, here) does not wait for it.
+func TestReconnectEndsBackoffUnderWay(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(int, net.Conn, *bufio.Reader, PublicKey) { s.stall() }
+	rc := newScriptedRC(t, s)
+	rc.MinBackoff, rc.MaxBackoff = time.Minute, time.Minute
+	var dials atomic.Int32
+	rc.Dialer.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		if dials.Add(1) == 1 {
+			return nil, errors.New("network is unreachable (scripted)")
+		}
+		return s.dial(ctx, network, addr)
+	}
+	recvDone := make(chan struct{})
+	go func() {
+		defer close(recvDone)
+		for {
+			if _, err := rc.Recv(context.Background()); err != nil {
+				return
+			}
+		}
+	}()
+	t.Cleanup(func() { rc.Close(); <-recvDone })
+	waitFor(t, func() bool { // the first dial failed: the Recv loop waits
+		rc.mu.Lock()
+		defer rc.mu.Unlock()
+		return rc.failures == 1
+	})
+	rc.Reconnect() // the network changed
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatalf("Connect after Reconnect: %v (%d dials); the backoff of the failure before Reconnect still held", err, dials.Load())
+	}
+	if n := dials.Load(); n != 2 {
+		t.Fatalf("%d dials, want 2", n)
+	}
+}
