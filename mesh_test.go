@@ -1061,3 +1061,57 @@ func TestMeshLinkWatchToStalledPeer(t *testing.T) {
 		t.Fatalf("Server.Close still blocked after %v", took)
 	}
 }
+
+// TestServerCloseConcurrentWaits: a Close called while another is under
+// way (as http.Server.Shutdown runs the RegisterOnShutdown hook that the
+// Close doc suggests, on a goroutine of its own, while the program calls
+// Close too) returns only when the first has finished: after it, as after
+// any Close, no ForwardPacket call is in progress and every session has
+// ended.
+func TestServerCloseConcurrentWaits(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey))
+	y := pipeClient(t, s)
+	f := &blockingForwarder{release: make(chan struct{})}
+	k := mustKey(t).Public()
+	s.AddPacketForwarder(k, f)
+	if err := y.Send(k, []byte("held")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return f.entered.Load() == 1 })
+	first := make(chan struct{})
+	go func() {
+		s.Close() // waits for the forwarder's call
+		close(first)
+	}()
+	waitFor(t, func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.closed
+	})
+	type state struct{ inCall, sessions int64 }
+	second := make(chan state, 1)
+	go func() {
+		s.Close()
+		second <- state{f.entered.Load() - f.calls.Load(), s.Stats().CurrentConnections}
+	}()
+	select {
+	case st := <-second:
+		t.Fatalf("a second Close returned while the first waited for a ForwardPacket call: %d calls in progress, %d sessions", st.inCall, st.sessions)
+	case <-time.After(time.Second): // it waits (if it returns early, it does so at once)
+	}
+	close(f.release)
+	var st state
+	select {
+	case st = <-second:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the second Close did not return")
+	}
+	select {
+	case <-first:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the first Close did not return")
+	}
+	if st.inCall != 0 || st.sessions != 0 {
+		t.Fatalf("after the second Close: %d ForwardPacket calls in progress, %d sessions", st.inCall, st.sessions)
+	}
+}

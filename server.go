@@ -85,6 +85,7 @@ type Server struct {
 	watchers map[*sconn]struct{}
 	perIP    map[netip.Addr]int
 	closed   bool
+	closing  chan struct{} // made by the first Close, closed when it is done
 	sessions sync.WaitGroup
 
 	replay  nonceGuard
@@ -3188,7 +3189,9 @@ func shrinkMap[K comparable, V any](m map[K]V, peak *int) map[K]V {
 // ForwardPacket calls in progress, and none starts after, so a forwarder
 // must not call Close itself (it would wait for itself): it may start a
 // goroutine that does. The same holds for the admission hook
-// (WithAdmission) and the log handler (WithLogger).
+// (WithAdmission) and the log handler (WithLogger). A Close called while
+// another runs waits for it to be done, so that what holds after one
+// Close holds after every Close.
 //
 // Close is the only thing that ends sessions that came through ServeHTTP:
 // net/http forgets a connection once it is hijacked, so http.Server's
@@ -3199,10 +3202,14 @@ func shrinkMap[K comparable, V any](m map[K]V, peak *int) map[K]V {
 func (s *Server) Close() error {
 	s.mu.Lock()
 	if s.closed {
+		closing := s.closing
 		s.mu.Unlock()
+		<-closing
 		return nil
 	}
 	s.closed = true
+	s.closing = make(chan struct{})
+	defer close(s.closing)
 	conns := make([]*sconn, 0, len(s.conns))
 	for c := range s.conns {
 		conns = append(conns, c)
