@@ -47,13 +47,15 @@ type Client struct {
 
 	// Read side: owned by the goroutine calling Recv.
 	br          *bufio.Reader
-	rerr        error          // sticky read error
-	discard     int            // bytes of the previous frame still to discard from br
-	buf         []byte         // payloads that do not fit br's buffer
-	maybeHTTP   bool           // the stream may start with an HTTP response (fast start answered with 101)
-	sawFirst    bool           // a frame has been read
-	gotInfo     bool           // ServerInfo arrived
-	pkt         ReceivedPacket // returned by Recv, reused
+	rerr        error                   // sticky read error
+	discard     int                     // bytes of the previous frame still to discard from br
+	big         *bigPayload             // lent by bigPayloads to the last payload that did not fit br's buffer; nil if none
+	buf         []byte                  // the last payload larger than a bigPayload, if any
+	maybeHTTP   bool                    // the stream may start with an HTTP response (fast start answered with 101)
+	sawFirst    bool                    // a frame has been read
+	gotInfo     bool                    // ServerInfo arrived
+	pkt         ReceivedPacket          // returned by Recv, reused
+	head        [maxPeerPresentLen]byte // the bytes kept of a large frame whose payload parse reads a prefix of
 	closed      atomic.Bool
 	closeOnce   sync.Once
 	closeResult error
@@ -555,6 +557,7 @@ func (c *Client) Recv() (Message, error) {
 			err = ErrClosed
 		}
 		c.rerr = err
+		c.releasePayload()
 	}
 	return m, err
 }
@@ -565,6 +568,7 @@ func (c *Client) recv() (Message, error) {
 			c.br.Discard(c.discard)
 			c.discard = 0
 		}
+		c.releasePayload()
 		if c.opts.recvTimeout > 0 {
 			c.setReadDeadline(time.Now().Add(c.opts.recvTimeout))
 		}
@@ -581,7 +585,7 @@ func (c *Client) recv() (Message, error) {
 		if n > maxClientFrame {
 			return nil, protoErr("frame_too_large", t, fmt.Sprintf("%d bytes, limit %d", n, maxClientFrame))
 		}
-		p, err := c.readPayload(int(n))
+		p, err := c.readPayload(t, int(n))
 		if err != nil {
 			return nil, c.readErr(err)
 		}
@@ -607,10 +611,15 @@ func (c *Client) readErr(err error) error {
 	return fmt.Errorf("relay: read: %w", err)
 }
 
-// readPayload returns the next n bytes. If they fit in br's buffer they are
-// returned in place and discarded on the next call; otherwise they are
-// copied into c.buf.
-func (c *Client) readPayload(n int) ([]byte, error) {
+// readPayload returns the payload of the frame of type t whose header was
+// just read, n bytes. If they fit in br's buffer they are returned in place
+// and discarded on the next call. Otherwise, for the frames whose whole
+// payload Recv returns (packets, ServerInfo, Health), they are copied into
+// a buffer lent until the next call (releasePayload), so that a client
+// keeps no large buffer after a large packet; of the others, only the
+// bytes parse reads are kept (an unknown frame's are all dropped) and the
+// rest are discarded now.
+func (c *Client) readPayload(t FrameType, n int) ([]byte, error) {
 	if n <= c.br.Size() {
 		p, err := c.br.Peek(n)
 		if err != nil {
@@ -622,17 +631,77 @@ func (c *Client) readPayload(n int) ([]byte, error) {
 		c.discard = n
 		return p, nil
 	}
-	if cap(c.buf) < n {
+	var p []byte
+	switch keep := payloadKept(t); {
+	case keep < n:
+		p = c.head[:keep]
+	case n <= len(bigPayload{}):
+		c.big = bigPayloads.Get().(*bigPayload)
+		p = c.big[:n]
+	default:
+		// Only a server that sends more than a packet's worth in one
+		// frame (up to maxClientFrame) gets here: the buffer is its
+		// own, and dropped at the next call.
 		c.buf = make([]byte, n)
+		p = c.buf
 	}
-	p := c.buf[:n]
-	if _, err := io.ReadFull(c.br, p); err != nil {
-		if err == io.EOF {
-			err = io.ErrUnexpectedEOF
-		}
-		return nil, err
+	_, err := io.ReadFull(c.br, p)
+	if err == nil && len(p) < n {
+		_, err = c.br.Discard(n - len(p))
 	}
-	return p, nil
+	if err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return p, err
+}
+
+// payloadKept returns how many bytes at most of a frame of type t's
+// payload Recv reads (it ignores the rest): all of it for the frames it
+// returns whole.
+func payloadKept(t FrameType) int {
+	switch t {
+	case FrameRecvPacket, FrameServerInfo, FrameHealth:
+		return maxClientFrame
+	case FrameServerKey:
+		return serverKeyLen
+	case FramePeerGone:
+		return peerGoneLen
+	case FramePeerPresent:
+		return maxPeerPresentLen
+	case FramePing, FramePong:
+		return minPingLen
+	case FrameRestarting:
+		return restartingLen
+	}
+	return 0 // KeepAlive, or unknown: nothing
+}
+
+// maxPeerPresentLen is the longest PeerPresent payload that parse reads
+// all of: the flags, then a length byte and an app name.
+const maxPeerPresentLen = peerPresentLen + 1 + 255
+
+// bigPayload holds a payload too large for a Client's read buffer: up to a
+// maximal packet with its source key.
+type bigPayload [KeyLen + MaxPacketSize]byte
+
+// bigPayloads lends bigPayload buffers to Clients, each from a Recv that
+// needs one to the next Recv: few Clients receive large packets at any
+// one time, and none holds 64 KiB for good after one did, while a stream
+// of large packets allocates nothing.
+var bigPayloads = sync.Pool{New: func() any { return new(bigPayload) }}
+
+// releasePayload gives back the buffers of the last payload that did not
+// fit br's buffer, which the message Recv returned last may hold.
+func (c *Client) releasePayload() {
+	if c.big == nil && c.buf == nil {
+		return
+	}
+	c.pkt.Data = nil
+	if c.big != nil {
+		bigPayloads.Put(c.big)
+		c.big = nil
+	}
+	c.buf = nil
 }
 
 func (c *Client) parse(t FrameType, p []byte, first bool) (Message, error) {

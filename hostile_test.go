@@ -1549,3 +1549,94 @@ func TestMaxConnectionsPerIPNotForNonIPAddresses(t *testing.T) {
 		t.Fatalf("rejected %d, want 1", got)
 	}
 }
+
+// fakeServerClients logs n clients in to fake servers over pipes, each of
+// which sends ServerInfo then stream(client's key) and holds the
+// connection open, reading nothing more, until the test ends.
+func fakeServerClients(t *testing.T, n int, stream func(PublicKey) []byte, opts ...ClientOption) []*Client {
+	t.Helper()
+	spriv := mustKey(t)
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	t.Cleanup(func() { close(done); wg.Wait() })
+	cs := make([]*Client, n)
+	for i := range cs {
+		cc, sc := net.Pipe()
+		t.Cleanup(func() { cc.Close(); sc.Close() })
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, p, err := readRawFrame(sc) // the ClientInfo
+			if err != nil || len(p) < KeyLen {
+				return
+			}
+			cpub := PublicKey(p[:KeyLen])
+			if _, err := sc.Write(frames(serverInfoFrame(spriv, cpub, []byte(`{"version":2}`)), stream(cpub))); err != nil {
+				return
+			}
+			<-done
+		}()
+		opts := append([]ClientOption{ServerPublicKey(spriv.Public()), RecvTimeout(10 * time.Second)}, opts...)
+		c, err := NewClient(mustKey(t), cc, nil, opts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cs[i] = c
+	}
+	return cs
+}
+
+// TestClientKeepsNoLargeBuffer: a Client that received a large packet, or
+// a frame of the largest size it accepts (1 MiB) whose payload it ignores
+// or reads only the start of, keeps no buffer of that size once it has
+// gone on to the next message. Tens of clients live in one process (one
+// per DERP region) for weeks: one large packet each, or a hostile server's
+// one frame, must not pin 64 KiB, or 1 MiB, per client for good.
+func TestClientKeepsNoLargeBuffer(t *testing.T) {
+	peer := mustKey(t).Public()
+	small := mkFrame(FrameRecvPacket, peer[:], []byte("small"))
+	for _, tc := range []struct {
+		name string
+		big  []byte
+	}{
+		{"max-packet", mkFrame(FrameRecvPacket, peer[:], make([]byte, MaxPacketSize))},
+		{"unknown-frame", mkFrame(0x77, make([]byte, maxClientFrame))},
+		{"peer-gone", mkFrame(FramePeerGone, appendPeerGone(nil, peer, PeerGoneNotHere), make([]byte, maxClientFrame-peerGoneLen))},
+		{"ping", mkFrame(FramePing, make([]byte, maxClientFrame))},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			const n = 20
+			var m0, m1 runtime.MemStats
+			runtime.GC()
+			runtime.GC() // empty the pools' victim caches too
+			runtime.ReadMemStats(&m0)
+			cs := fakeServerClients(t, n, func(PublicKey) []byte { return frames(tc.big, small) })
+			for _, c := range cs {
+				if _, ok := recvMsg[ServerInfo](t, c); !ok {
+					t.Fatal("no ServerInfo")
+				}
+				for packets := 1; ; packets++ {
+					got, ok := recvMsg[*ReceivedPacket](t, c)
+					if !ok {
+						t.Fatal("no small packet")
+					}
+					if string(got.Data) == "small" {
+						break
+					}
+					if packets > 1 || len(got.Data) != MaxPacketSize {
+						t.Fatalf("packet %d of %d bytes", packets, len(got.Data))
+					}
+				}
+			}
+			runtime.GC()
+			runtime.GC()
+			runtime.ReadMemStats(&m1)
+			kib := float64(int64(m1.HeapAlloc)-int64(m0.HeapAlloc)) / n / 1024
+			t.Logf("%.1f KiB of heap per client after the large frame", kib)
+			if kib > 24 {
+				t.Errorf("%.1f KiB of heap per client after a large frame and a small packet, want at most 24", kib)
+			}
+			runtime.KeepAlive(cs)
+		})
+	}
+}
