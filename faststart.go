@@ -798,7 +798,7 @@ type ReconnectingClient struct {
 	notBefore    time.Time // no dial before this either: the backoff after a short session
 	infoAt       time.Time // when the current connection's ServerInfo arrived
 	restartUntil time.Time
-	asked        *Client       // the connection Reconnect dropped, until Recv sees it end
+	askedGen     int           // generation of the last connection Reconnect dropped (not the Client: one no Recv waited on would stay, buffers and all); 0: none
 	redial       chan struct{} // closed by Reconnect: a wait for the next dial starts over; made by redialCh
 	pings        map[[8]byte]chan struct{}
 	done         chan struct{} // closed by Close; made by doneCh
@@ -1601,10 +1601,10 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			rc.dropAfter(c, err)
 			rc.mu.Lock()
 			closed := rc.closed
-			asked := rc.asked == c
-			if asked {
-				rc.asked = nil
-			}
+			// Reconnect dropped it, or an older one: a connection
+			// replaced while Recv was still on it (two Reconnects in a
+			// row) is no failure of the server's either.
+			asked := gen <= rc.askedGen
 			now := time.Now()
 			_, hi := rc.backoffBounds()
 			switch {
@@ -1779,7 +1779,7 @@ func (rc *ReconnectingClient) Reconnect() {
 	c := rc.c
 	if c != nil {
 		rc.c = nil
-		rc.asked = c
+		rc.askedGen = rc.gen
 		rc.wakePingsLocked()
 	}
 	// Failures on the old path say nothing of the new one.

@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1563,5 +1564,48 @@ func TestReconnectEndsBackoffUnderWay(t *testing.T) {
 	}
 	if n := dials.Load(); n != 2 {
 		t.Fatalf("%d dials, want 2", n)
+	}
+}
+
+// TestReconnectDropsOldClient: the connection Reconnect dropped is freed
+// once a new one replaced it, also when no Recv was waiting on it to see
+// it end (a client that only sends, or whose Recv loop was between calls).
+// It was kept until the next Reconnect, which may come weeks later: its
+// read and write buffers and its TLS state, per ReconnectingClient.
+func TestReconnectDropsOldClient(t *testing.T) {
+	s := newTestServer(t)
+	srv := serveDERP(t, s, derpServeOpts{plain: true})
+	rc := &ReconnectingClient{URL: srv.URL, PrivateKey: mustKey(t)}
+	t.Cleanup(func() { rc.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	freed := make(chan struct{})
+	func() {
+		if err := rc.Connect(ctx); err != nil {
+			t.Fatal(err)
+		}
+		rc.mu.Lock()
+		c := rc.c
+		rc.mu.Unlock()
+		runtime.AddCleanup(c, func(ch chan struct{}) { close(ch) }, freed)
+	}()
+	rc.Reconnect()
+	if err := rc.Send(ctx, mustKey(t).Public(), []byte("on the new connection")); err != nil {
+		t.Fatal(err)
+	}
+	if g := rc.Generation(); g != 2 {
+		t.Fatalf("generation %d, want 2", g)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		runtime.GC()
+		select {
+		case <-freed:
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the connection Reconnect dropped is still referenced 10 s after a new one replaced it")
+		}
 	}
 }
