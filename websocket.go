@@ -158,6 +158,11 @@ type wsConn struct {
 
 	wmu       sync.Mutex
 	closeSent bool
+	// werr is set when a pong's write failed: it may have left the
+	// stream inside the pong's frame, and over a plain connection, which
+	// a failed write does not break (TLS breaks for good), the next
+	// frame would follow the cut one, so every later write fails.
+	werr error
 
 	// The pong due for the latest ping, sent by unlockWrite.
 	pongMu  sync.Mutex
@@ -516,6 +521,9 @@ func (c *wsConn) Write(p []byte) (int, error) {
 	if c.closeSent {
 		return 0, net.ErrClosed
 	}
+	if c.werr != nil {
+		return 0, c.werr
+	}
 	written := 0
 	for {
 		chunk := p[written:]
@@ -546,14 +554,18 @@ func (c *wsConn) unlockWrite() {
 	}
 }
 
-// writePongLocked sends the pong due, if any.
+// writePongLocked sends the pong due, if any, unless a write failed
+// before. If the write fails, so do all later ones (werr).
 func (c *wsConn) writePongLocked() {
-	if c.pongDue.Swap(false) {
-		var p [wsMaxControl]byte
-		c.pongMu.Lock()
-		n := copy(p[:], c.pong[:c.pongLen])
-		c.pongMu.Unlock()
-		c.writeFrameLocked(wsPong, p[:n]) // a broken connection fails the next write too
+	if !c.pongDue.Swap(false) || c.werr != nil {
+		return
+	}
+	var p [wsMaxControl]byte
+	c.pongMu.Lock()
+	n := copy(p[:], c.pong[:c.pongLen])
+	c.pongMu.Unlock()
+	if _, err := c.writeFrameLocked(wsPong, p[:n]); err != nil {
+		c.werr = fmt.Errorf("websocket: a pong was not written, which leaves the stream unusable: %w", err)
 	}
 }
 
@@ -621,7 +633,9 @@ func (c *wsConn) writeClose(code uint16, reason string) {
 	p = append(p, reason...)
 	c.Conn.SetWriteDeadline(time.Now().Add(wsCloseWait))
 	c.writePongLocked() // pings answered before the close
-	c.writeFrameLocked(wsClose, p)
+	if c.werr == nil {
+		c.writeFrameLocked(wsClose, p)
+	}
 }
 
 // Close sends a normal close frame, if it can at once, and closes the

@@ -720,3 +720,43 @@ func TestWebSocketClientPongAfterIdle(t *testing.T) {
 		t.Fatalf("got %#v, want the packet sent after the pong", m)
 	}
 }
+
+// TestWSConnFailedPongFailsLaterWrites: a pong whose write timed out
+// partway (the server stopped reading for longer than the pong's second)
+// leaves the stream inside a frame; over plain TCP, unlike TLS, the
+// connection itself stays writable, so later writes must fail rather than
+// go out after the cut frame, where the server would read them as the
+// rest of the pong and the frame after as garbage.
+func TestWSConnFailedPongFailsLaterWrites(t *testing.T) {
+	cc, sc := net.Pipe()
+	defer sc.Close()
+	defer cc.Close()
+	wc := newWSConn(cc, nil, true)
+	go sc.Write(wsFrame(0x80|wsPing, bytes.Repeat([]byte("p"), 100), true))
+	go func() {
+		var b [1]byte
+		wc.Read(b[:]) // answers the ping, then waits until the test ends
+	}()
+	// The server takes the pong's first 10 bytes, then reads nothing.
+	var head [10]byte
+	if _, err := io.ReadFull(sc, head[:]); err != nil {
+		t.Fatal(err)
+	}
+	if head[0] != 0x80|wsPong {
+		t.Fatalf("first byte %#x, want a pong", head[0])
+	}
+	// The pong writer gives up after its second, and lets go of wmu.
+	waitForWithin(t, 10*time.Second, func() bool {
+		if wc.pongWriter.Load() || !wc.wmu.TryLock() {
+			return false
+		}
+		wc.wmu.Unlock()
+		return true
+	})
+	go io.Copy(io.Discard, sc) // the server reads again
+	n, err := wc.Write([]byte("a DERP frame"))
+	if err == nil {
+		t.Fatalf("Write after a pong cut short: wrote %d bytes and no error; the server reads them as the rest of the pong", n)
+	}
+	t.Logf("Write after a pong cut short: %v", err)
+}
