@@ -100,9 +100,9 @@ type FastStart struct {
 	node *Node // set by DialNode: how to check the server's certificate
 }
 
-// clientReadBuf is the read buffer of dialled clients: it bounds the HTTP
-// response header a server may send, and frames that fit in it are
-// received without a copy.
+// clientReadBuf is the read buffer of dialled clients (under the framing,
+// for WebSocket): it bounds the HTTP response header a server may send,
+// and frames that fit in it are received without a copy.
 const clientReadBuf = 16 << 10
 
 // Path is the way a connection reached DERP.
@@ -649,8 +649,13 @@ func (f *FastStart) webSocket(nc net.Conn, u *url.URL, priv PrivateKey, hs Hands
 	if err != nil {
 		return nil, hs, &ProtocolError{Reason: "websocket_handshake", Detail: err.Error()}
 	}
+	// The DERP stream's reader reads the payloads wc decodes through br,
+	// whose 16 KiB serve the WebSocket framing: a frame larger than
+	// bufio's default buffer goes through it into the Client's payload
+	// buffer with no more copies than one that fits, and a second
+	// 16 KiB buffer would only sit idle with the client.
 	wc := newWSConn(nc, br, true)
-	brw := bufio.NewReadWriter(bufio.NewReaderSize(wc, clientReadBuf), bufio.NewWriter(wc))
+	brw := bufio.NewReadWriter(bufio.NewReader(wc), bufio.NewWriter(wc))
 	setStep(step, stepLogin)
 	c, err := NewClient(priv, wc, brw, opts...)
 	if err != nil {

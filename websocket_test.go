@@ -12,8 +12,10 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"runtime"
 	"runtime/debug"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -759,4 +761,72 @@ func TestWSConnFailedPongFailsLaterWrites(t *testing.T) {
 		t.Fatalf("Write after a pong cut short: wrote %d bytes and no error; the server reads them as the rest of the pong", n)
 	}
 	t.Logf("Write after a pong cut short: %v", err)
+}
+
+// TestWebSocketIdleClientMemory: an idle WebSocket client holds one read
+// buffer sized for the upgrade's HTTP response (16 KiB), under the
+// WebSocket framing, and a small one above it: frames larger than that
+// are read through it with no more copies. It held two of 16 KiB.
+func TestWebSocketIdleClientMemory(t *testing.T) {
+	srvPriv := mustKey(t)
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		cc, sc := net.Pipe()
+		mu.Lock()
+		conns = append(conns, cc, sc)
+		mu.Unlock()
+		go func() {
+			br := bufio.NewReader(sc)
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+				"Sec-WebSocket-Accept: "+wsAcceptKey(req.Header.Get("Sec-WebSocket-Key"))+"\r\n"+
+				"Sec-WebSocket-Protocol: derp\r\n\r\n")
+			sc.Write(wsFrame(0x82, appendFrame(nil, FrameServerKey, appendServerKey(nil, srvPriv.Public())), true))
+			_, p, err := readRawFrame(newWSConn(sc, br, false))
+			if err != nil {
+				return
+			}
+			sc.Write(wsFrame(0x82, serverInfoFrame(srvPriv, PublicKey(p[:KeyLen]), []byte(`{"version":2}`)), true))
+			// Then the server goroutine ends, leaving the pipe open.
+		}()
+		return cc, nil
+	}
+	f := &FastStart{WebSocket: true, DialContext: dial}
+	const n = 20
+	var m0, m1 runtime.MemStats
+	runtime.GC()
+	runtime.GC()
+	runtime.ReadMemStats(&m0)
+	cs := make([]*Client, n)
+	for i := range cs {
+		c, _, err := f.Dial(context.Background(), "http://derp.invalid/derp", mustKey(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if _, ok := recvMsg[ServerInfo](t, c); !ok {
+			t.Fatal("no ServerInfo")
+		}
+		cs[i] = c
+	}
+	runtime.GC()
+	runtime.GC()
+	runtime.ReadMemStats(&m1)
+	kib := float64(int64(m1.HeapAlloc)-int64(m0.HeapAlloc)) / n / 1024
+	t.Logf("%.1f KiB of heap per idle WebSocket client", kib)
+	if kib > 34 {
+		t.Errorf("%.1f KiB of heap per idle WebSocket client, want at most 34", kib)
+	}
+	runtime.KeepAlive(cs)
 }
