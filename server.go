@@ -1512,6 +1512,10 @@ const maxSentTo = 4096
 // that only sent to it would keep sending into the void (and learn nothing
 // unless its packets are disco). Reader-owned state makes the common case,
 // the same destination again, one comparison.
+//
+// e may have left the table since c looked it up, its recipients told
+// already: noteSentToLeft then registers c with what replaced it, or tells
+// c that dst is gone.
 func (c *sconn) noteSentTo(dst PublicKey, e *keyEntry) {
 	if e == c.lastDstEntry && dst == c.lastDst {
 		return
@@ -1526,13 +1530,58 @@ func (c *sconn) noteSentTo(dst PublicKey, e *keyEntry) {
 		// recipientSet.add sweeps it out of them.
 		c.sentTo = map[PublicKey]*keyEntry{}
 	}
-	c.sentTo[dst] = e
+	if h := testHookNoteSentTo.Load(); h != nil {
+		(*h)(dst)
+	}
 	sh := c.s.shard(dst)
 	sh.mu.Lock()
 	if sh.m[dst] == e {
 		e.recipients.add(c)
+		c.sentTo[dst] = e
+		sh.mu.Unlock()
+		return
 	}
 	sh.mu.Unlock()
+	c.noteSentToLeft(dst)
+}
+
+// testHookNoteSentTo, if set, is called by noteSentTo between the routing
+// table's lookup and the registration, where a test ends the destination's
+// session. It is nil outside tests.
+var testHookNoteSentTo atomic.Pointer[func(dst PublicKey)]
+
+// noteSentToLeft registers c as noteSentTo does when dst's entry left the
+// routing table after c looked it up (its recipients were told already):
+// with the entry of dst's new connection if it has one, else with its
+// mesh route, else c is told now that dst is gone. It takes mesh.mu, as
+// meshAdopt hands a departed entry's recipients to the route, so that c
+// is not missed between the two.
+func (c *sconn) noteSentToLeft(dst PublicKey) {
+	delete(c.sentTo, dst)
+	c.lastDst, c.lastDstEntry = PublicKey{}, nil
+	m := &c.s.mesh
+	gone := false
+	m.mu.Lock()
+	sh := c.s.shard(dst)
+	sh.mu.Lock()
+	if cur := sh.m[dst]; cur != nil {
+		cur.recipients.add(c)
+		c.sentTo[dst] = cur
+		c.lastDst, c.lastDstEntry = dst, cur
+	} else if r := m.routes[dst]; r != nil {
+		r.recipients.add(c)
+		if c.sentToMesh == nil || len(c.sentToMesh) >= maxSentTo {
+			c.sentToMesh = map[PublicKey]*meshRoute{} // see noteSentTo
+		}
+		c.sentToMesh[dst] = r
+	} else {
+		gone = true
+	}
+	sh.mu.Unlock()
+	m.mu.Unlock()
+	if gone {
+		c.enqueuePeerGone(dst, PeerGoneDisconnected)
+	}
 }
 
 // startKeepAlive arms the session's keepalive timer. It runs no goroutine

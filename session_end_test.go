@@ -462,6 +462,89 @@ func TestPeerGoneForSourceThatMovedBeforeDelivery(t *testing.T) {
 	}
 }
 
+// TestPeerGoneForDestinationThatLeftMidSend: a client whose packet to a
+// local key is delivered while the key's session ends (after the sender's
+// reader looked the key up, before it registered to be told of its
+// departure, where a test hook holds it) is registered with the key's new
+// session or mesh route, or told PeerGone at once. It was registered with
+// nothing and told nothing until its next send.
+func TestPeerGoneForDestinationThatLeftMidSend(t *testing.T) {
+	for _, tc := range []string{"gone", "reconnected", "moved to a mesh peer"} {
+		t.Run(tc, func(t *testing.T) {
+			s := newTestServer(t, WithMeshKey(testMeshKey))
+			la := newMeshLink(s, "a")
+			a := pipeClient(t, s)
+			bPriv := mustKey(t)
+			bk := bPriv.Public()
+			b := pipeLogin(t, s, bPriv)
+
+			inHook, proceed := make(chan struct{}), make(chan struct{})
+			var fired atomic.Bool
+			hook := func(dst PublicKey) {
+				if dst == bk && fired.CompareAndSwap(false, true) {
+					close(inHook)
+					<-proceed
+				}
+			}
+			testHookNoteSentTo.Store(&hook)
+			t.Cleanup(func() { testHookNoteSentTo.Store(nil) })
+
+			if err := a.Send(bk, []byte("to b")); err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case <-inHook: // a's reader looked b up and waits to register
+			case <-time.After(5 * time.Second):
+				t.Fatal("a's packet to b never reached noteSentTo")
+			}
+			if tc == "moved to a mesh peer" {
+				s.meshAdd(bk, la) // b logged in at peer a
+			}
+			b.Close()
+			waitFor(t, func() bool { return !s.IsClientConnected(bk) })
+			var b2 *Client
+			if tc == "reconnected" {
+				b2 = pipeLogin(t, s, bPriv)
+			}
+			close(proceed)
+
+			if tc == "gone" {
+				if g, ok := recvMsg[PeerGone](t, a); !ok || g.Peer != bk || g.Reason != PeerGoneDisconnected {
+					t.Fatalf("got %+v, want PeerGone(%s, Disconnected)", g, bk.ShortString())
+				}
+				return
+			}
+			// b is still reachable: a is not told it is gone (what it
+			// gets next is its ping's pong), until b leaves for good.
+			if err := a.SendPing([8]byte{7}); err != nil {
+				t.Fatal(err)
+			}
+			a.opts.recvTimeout = 5 * time.Second
+			for done := false; !done; {
+				m, err := a.Recv()
+				if err != nil {
+					t.Fatal(err)
+				}
+				switch m := m.(type) {
+				case PeerGone:
+					t.Fatalf("told %+v while b is still reachable", m)
+				case Pong:
+					done = true
+				}
+			}
+			if b2 != nil {
+				b2.Close()
+			} else {
+				waitFor(t, func() bool { return meshRouteRecipients(s, bk) == 1 })
+				s.meshRemove(bk, la, true) // b left the region
+			}
+			if g, ok := recvMsg[PeerGone](t, a); !ok || g.Peer != bk || g.Reason != PeerGoneDisconnected {
+				t.Fatalf("got %+v, want PeerGone(%s, Disconnected)", g, bk.ShortString())
+			}
+		})
+	}
+}
+
 // A mesh client asking for the connection list again and again, without
 // reading, has at most one list queued at a time.
 func TestWatchConnsRepeatedStaysBounded(t *testing.T) {
