@@ -1099,7 +1099,7 @@ func TestDefaultsSafeForOpenInternet(t *testing.T) {
 	c := s.cfg
 	if c.loginTimeout != 10*time.Second || c.writeTimeout != 2*time.Second || c.maxClientInfo != 16<<10 ||
 		c.queueDepth != 32 || c.keepAlive != 60*time.Second || c.meshWriteTimeout != 30*time.Second ||
-		c.linkWriteTimeout != 5*time.Second {
+		c.linkWriteTimeout != 5*time.Second || c.linkPingAfter != 5*time.Second || c.linkPongWait != 5*time.Second {
 		t.Fatalf("defaults changed: %+v", c)
 	}
 	if maxUnknownFrame != 1<<20 {

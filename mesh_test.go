@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"strings"
@@ -1043,6 +1044,82 @@ func TestMeshLinkPongToStalledPeer(t *testing.T) {
 		t.Fatalf("got %+v, want PeerGone(%s, Disconnected)", g, p.k.ShortString())
 	}
 	waitFor(t, func() bool { _, ok := s.MeshPeerFor(p.k); return ok }) // announced again
+}
+
+// fastLinkPings makes a mesh link ping its peer after 50 ms of silence (not
+// 5 s), so that the tests see many rounds, and wait half of meshPongWait
+// for an answer; TestDefaultsSafeForOpenInternet pins the defaults.
+func fastLinkPings() ServerOption {
+	return func(c *serverConfig) { c.linkPingAfter, c.linkPongWait = 50*time.Millisecond, meshPongWait/2 }
+}
+
+// TestMeshLinkNoticesSilentPeer: a mesh link to a peer that goes silent
+// without closing the connection (a path that drops everything, no FIN or
+// RST: here a proxy that reads both ways and forwards nothing) is declared
+// dead once a Ping of the link's goes unanswered, so the routes learned
+// from the peer are withdrawn (a local client that received from one is
+// told PeerGone) within seconds, not at the 120 s receive timeout; a live
+// peer, which answers, keeps its link however often it is pinged.
+func TestMeshLinkNoticesSilentPeer(t *testing.T) {
+	var lns []net.Listener
+	var urls []string
+	for range 2 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		lns = append(lns, ln)
+		urls = append(urls, "http://"+ln.Addr().String()+"/derp")
+	}
+	p := newSilentProxy(t, lns[1].Addr().String())
+	h := &recHandler{}
+	// a watches b through the proxy; b's own link to a is direct.
+	a := serveNode(t, lns[0], urls[0], WithMeshKey(testMeshKey), WithMeshPeers(p.url()),
+		WithLogger(slog.New(h)), fastLinkPings())
+	b := serveNode(t, lns[1], urls[1], WithMeshKey(testMeshKey), WithMeshPeers(urls[0]))
+	x, y := dialNode(t, a, mustKey(t)), dialNode(t, b, mustKey(t))
+	yk := y.PublicKey()
+	waitFor(t, func() bool { _, ok := a.s.MeshPeerFor(yk); return ok })
+	// x receives from y (over b's link to a), so it is to be told when y
+	// leaves the region.
+	waitRoute(t, b.s, x.PublicKey(), a)
+	if err := y.Send(x.PublicKey(), []byte("from y")); err != nil {
+		t.Fatal(err)
+	}
+	if m, ok := recvMsg[*ReceivedPacket](t, x); !ok || m.Source != yk {
+		t.Fatalf("got %+v", m)
+	}
+	waitFor(t, func() bool { return meshRouteRecipients(a.s, yk) == 1 })
+
+	// The live peer answers every ping: the link stays up.
+	waitForWithin(t, 30*time.Second, func() bool { return b.s.Stats().PingsReceived >= 5 })
+	if n := p.accepted.Load(); n != 1 {
+		t.Fatalf("a's link was dialled %d times while b answered its pings, want 1", n)
+	}
+	if _, ok := a.s.MeshPeerFor(yk); !ok {
+		t.Fatal("a lost its route to y while b answered its pings")
+	}
+
+	p.silent.Store(true)
+	waitForWithin(t, 30*time.Second, func() bool { _, ok := a.s.MeshPeerFor(yk); return !ok })
+	if g, ok := recvMsg[PeerGone](t, x); !ok || g.Peer != yk || g.Reason != PeerGoneDisconnected {
+		t.Fatalf("got %+v, want PeerGone(%s, Disconnected)", g, yk.ShortString())
+	}
+	var why string
+	for _, r := range h.infoRecords() {
+		if r.Message == "relay: mesh link down" {
+			r.Attrs(func(at slog.Attr) bool {
+				if at.Key == "err" {
+					why = at.Value.String()
+				}
+				return true
+			})
+		}
+	}
+	t.Logf("mesh link down: %s", why)
+	if !strings.Contains(why, "silent") || !strings.Contains(why, "ping") {
+		t.Errorf("the link went down with %q, want an error saying the peer was silent and did not answer a ping", why)
+	}
 }
 
 // TestMeshLinkWatchToStalledPeer: a mesh peer that takes the login and then

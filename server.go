@@ -145,6 +145,11 @@ type serverConfig struct {
 	restartTryFor    time.Duration
 	meshPeers        []string
 	meshDialer       *FastStart
+
+	// linkPingAfter and linkPongWait time the mesh link's liveness pings
+	// (meshLink.probe): meshPingAfter and meshPongWait unless a test
+	// lowers them.
+	linkPingAfter, linkPongWait time.Duration
 }
 
 // Admission describes a client asking to log in, for the admission hook.
@@ -690,9 +695,12 @@ func WithRestartNotice(spread, tryFor time.Duration) ServerOption {
 // "https://host[:port]/derp") it keeps a watcher connection, logged in with
 // the server's own DERP key and the mesh key, learns which clients are
 // connected there and forwards packets for them, one hop, through a bounded
-// queue per peer that never blocks the sender. A URL that turns out to reach
-// this server itself is ignored, so every server of a region may be given
-// the same list. Requires WithMeshKey: NewServer panics without one, or on a
+// queue per peer that never blocks the sender. A link that has heard
+// nothing from its peer for 5 s pings it, and reconnects if nothing arrives
+// within 5 s more: a peer gone silent without closing (a path that drops
+// everything) loses its routes within about 10 s. A URL that turns out to
+// reach this server itself is ignored, so every server of a region may be
+// given the same list. Requires WithMeshKey: NewServer panics without one, or on a
 // URL that does not parse. Default: no peers.
 func WithMeshPeers(urls ...string) ServerOption {
 	return func(c *serverConfig) { c.meshPeers = append(c.meshPeers, urls...) }
@@ -714,6 +722,8 @@ func NewServer(priv PrivateKey, opts ...ServerOption) *Server {
 		writeTimeout:     2 * time.Second,
 		meshWriteTimeout: 30 * time.Second,
 		linkWriteTimeout: meshLinkWriteTimeout,
+		linkPingAfter:    meshPingAfter,
+		linkPongWait:     meshPongWait,
 		queueDepth:       32,
 		keepAlive:        60 * time.Second,
 		idleTimeout:      150 * time.Second,
@@ -3970,11 +3980,21 @@ const (
 	meshQueueDepth  = 256
 	meshDialTimeout = 10 * time.Second
 	// meshLinkWriteTimeout bounds each of a link's own frames (WatchConns,
-	// Pongs) as ForwardPacket's bound does its forwards: a peer that stops
-	// reading ends the connection instead of wedging the link.
+	// Pings, Pongs) as ForwardPacket's bound does its forwards: a peer that
+	// stops reading ends the connection instead of wedging the link.
 	meshLinkWriteTimeout = 5 * time.Second
 	meshMinBackoff       = 100 * time.Millisecond
 	meshMaxBackoff       = 5 * time.Second
+
+	// A link that has received nothing from its peer for meshPingAfter
+	// pings it, and if nothing at all (the Pong or anything else) arrives
+	// in meshPongWait more, the peer counts as gone (meshLink.probe): a
+	// peer paused, or a path that drops everything without a FIN or RST,
+	// is noticed about 10 s after its last frame instead of at the
+	// Client's 120 s receive timeout. Every peer answers Pings,
+	// Tailscale's servers included.
+	meshPingAfter = 5 * time.Second
+	meshPongWait  = 5 * time.Second
 )
 
 // errMeshSelf ends a link whose URL reaches this very server.
@@ -4248,10 +4268,22 @@ func (l *meshLink) session(ctx context.Context) (watched bool, restartIn time.Du
 		defer close(done)
 		l.writeLoop(c, stop)
 	}()
-	watched, restartIn, err = l.watch(c)
+	lv := &linkLiveness{answered: make(chan struct{}, 1)}
+	lv.heard.Store(monoNanos())
+	var probeErr error
+	probed := make(chan struct{})
+	go func() {
+		defer close(probed)
+		probeErr = l.probe(c, stop, lv)
+	}()
+	watched, restartIn, err = l.watch(c, lv)
+	close(stop) // first: probe takes a write failing from here on for the end
 	c.Close()
-	close(stop)
 	<-done
+	<-probed
+	if probeErr != nil && errors.Is(err, ErrClosed) {
+		err = probeErr // probe closed c: say why
+	}
 
 	l.mu.Lock()
 	l.client = nil
@@ -4266,12 +4298,20 @@ func (l *meshLink) session(ctx context.Context) (watched bool, restartIn time.Du
 }
 
 // watch applies the peer's PeerPresent and PeerGone messages to the routes
-// until the connection fails.
-func (l *meshLink) watch(c *Client) (watched bool, restartIn time.Duration, err error) {
+// until the connection fails, noting in lv when each frame arrived, for
+// probe.
+func (l *meshLink) watch(c *Client, lv *linkLiveness) (watched bool, restartIn time.Duration, err error) {
 	for {
 		m, err := c.Recv()
 		if err != nil {
 			return watched, restartIn, err
+		}
+		lv.heard.Store(monoNanos())
+		if lv.waiting.Load() {
+			select {
+			case lv.answered <- struct{}{}:
+			default:
+			}
 		}
 		switch m := m.(type) {
 		case PeerPresent:
@@ -4296,6 +4336,70 @@ func (l *meshLink) watch(c *Client) (watched bool, restartIn time.Duration, err 
 				l.s.log.Info("relay: mesh peer health", "peer", l.url, "problem", m.Problem)
 			}
 		}
+	}
+}
+
+// linkLiveness is what a mesh link's watch tells its probe.
+type linkLiveness struct {
+	heard    atomic.Int64  // monoNanos of the last frame received
+	waiting  atomic.Bool   // a Ping is unanswered: ring answered
+	answered chan struct{} // one slot: a frame arrived while waiting
+}
+
+// probe pings the peer over c whenever it has sent nothing (lv.heard, set
+// by watch) for linkPingAfter, and closes c if nothing at all arrives
+// within linkPongWait after the Ping, or if the Ping cannot be written
+// within linkWriteTimeout. A peer that went silent without closing the
+// connection would otherwise keep the routes it announced, and lose what
+// is forwarded to it, until the Client's 120 s receive timeout. It returns
+// why it closed c, or nil once stop is closed.
+func (l *meshLink) probe(c *Client, stop <-chan struct{}, lv *linkLiveness) error {
+	cfg := &l.s.cfg
+	t := time.NewTimer(cfg.linkPingAfter)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return nil
+		case <-t.C:
+		}
+		if quiet := time.Duration(monoNanos() - lv.heard.Load()); quiet < cfg.linkPingAfter {
+			t.Reset(cfg.linkPingAfter - quiet)
+			continue
+		}
+		lv.waiting.Store(true)
+		select {
+		case <-lv.answered: // rung for an earlier Ping
+		default:
+		}
+		sent := monoNanos()
+		if err := c.writeFrameWithin(cfg.linkWriteTimeout, FramePing, []byte("meshlink")); err != nil {
+			select {
+			case <-stop: // the link is ending anyway
+				return nil
+			default:
+			}
+			c.Close()
+			return fmt.Errorf("relay: mesh peer silent for %v, and a ping to it failed: %w",
+				time.Duration(monoNanos()-lv.heard.Load()).Round(time.Millisecond), err)
+		}
+		t.Reset(cfg.linkPongWait)
+		for lv.heard.Load() < sent {
+			select {
+			case <-stop:
+				return nil
+			case <-lv.answered:
+				continue
+			case <-t.C:
+			}
+			if last := lv.heard.Load(); last < sent {
+				c.Close()
+				return fmt.Errorf("relay: mesh peer silent: nothing received for %v, no answer to a ping in %v",
+					time.Duration(monoNanos()-last).Round(time.Millisecond), cfg.linkPongWait)
+			}
+		}
+		lv.waiting.Store(false)
+		t.Reset(cfg.linkPingAfter) // from the answer, about
 	}
 }
 

@@ -3,6 +3,7 @@ package interop
 import (
 	"context"
 	"encoding/hex"
+	"expvar"
 	"sync"
 	"testing"
 	"time"
@@ -65,6 +66,42 @@ func TestMeshRegionWithTailscaleServer(t *testing.T) {
 	ourWaitPeerGone(t, ourC2, tsC.relayPub(), relay.PeerGoneDisconnected)
 	if _, ok := ours.MeshPeerFor(tsC.relayPub()); ok {
 		t.Errorf("our server still routes to %v after it left", tsC.pub.ShortString())
+	}
+}
+
+// TestMeshLinkPingsTailscaleServer: our mesh link pings a peer that has
+// sent it nothing for 5 s, and drops the link if nothing comes back within
+// 5 s more. Tailscale's server answers a mesh watcher's Pings, so an idle
+// link to it stays up, with its routes, however long it is quiet.
+func TestMeshLinkPingsTailscaleServer(t *testing.T) {
+	checkNoLeaks(t)
+	mk := newPriv(t)
+	meshHex := hex.EncodeToString(mk[:])
+	theirs := newTSServer(t)
+	if err := theirs.SetMeshKey(meshHex); err != nil {
+		t.Fatal(err)
+	}
+	theirURL := servePlain(t, derpMux(derpserver.Handler(theirs)))
+	ours := newOurServer(t, relay.WithMeshKey(meshHex), relay.WithMeshPeers(theirURL))
+	tsC, _ := dialTSHTTP(t, "tailscale client on their server", theirURL, nil)
+	waitOurRoute(t, ours, tsC.relayPub(), theirURL)
+
+	vars := theirs.ExpVar(false).(interface{ Get(string) expvar.Var }) // a metrics.Set
+	counter := func(name string) int64 { return vars.Get(name).(*expvar.Int).Value() }
+	deadline := time.Now().Add(40 * time.Second)
+	for counter("got_ping") < 2 || counter("sent_pong") < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("their server got %d pings and sent %d pongs in 40 s, want 2 of each (our link pings after 5 s of silence)",
+				counter("got_ping"), counter("sent_pong"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	// Our link and the Tailscale client: the link was never redialled.
+	if n := counter("accepts"); n != 2 {
+		t.Errorf("their server accepted %d connections, want 2: our link went down while pinging", n)
+	}
+	if got, ok := ours.MeshPeerFor(tsC.relayPub()); !ok || got != theirURL {
+		t.Errorf("after the pings our route to %v is %q, %v; want %s", tsC.pub.ShortString(), got, ok, theirURL)
 	}
 }
 
