@@ -806,10 +806,16 @@ type sconn struct {
 
 	// Reader-owned: destinations this client sent to (noteSentTo), and
 	// those reached through mesh routes (noteSentToMesh).
-	lastDst      PublicKey
-	lastDstEntry *keyEntry
-	sentTo       map[PublicKey]*keyEntry
-	sentToMesh   map[PublicKey]*meshRoute
+	lastDst        PublicKey
+	lastDstEntry   *keyEntry
+	sentTo         map[PublicKey]*keyEntry
+	sentToMesh     map[PublicKey]*meshRoute
+	sentToPeak     int // most sentTo has held since it was last rebuilt (shrinkMap)
+	sentToMeshPeak int
+	// toldGone is set when c is told that a key left (enqueuePeerGone):
+	// the reader then drops departed destinations from sentTo and
+	// sentToMesh (pruneSentTo) before it adds the next one.
+	toldGone atomic.Bool
 
 	// Reader-owned state.
 	preferred bool
@@ -1515,6 +1521,7 @@ func (s *Server) lookupEntry(k PublicKey) (*keyEntry, *sconn) {
 }
 
 // maxSentTo bounds the destinations a session remembers having sent to.
+// Those that left are forgotten before the next is added (pruneSentTo).
 const maxSentTo = 4096
 
 // noteSentTo registers c to be told PeerGone when dst's last connection
@@ -1534,6 +1541,9 @@ func (c *sconn) noteSentTo(dst PublicKey, e *keyEntry) {
 	if c.sentTo[dst] == e {
 		return
 	}
+	if c.toldGone.Load() {
+		c.pruneSentTo()
+	}
 	if c.sentTo == nil || len(c.sentTo) >= maxSentTo {
 		// Start again rather than grow. The entries c forgets keep it as
 		// a recipient (re-registering is harmless); once c has ended,
@@ -1548,6 +1558,7 @@ func (c *sconn) noteSentTo(dst PublicKey, e *keyEntry) {
 	if sh.m[dst] == e {
 		e.recipients.add(c)
 		c.sentTo[dst] = e
+		c.sentToPeak = max(c.sentToPeak, len(c.sentTo))
 		sh.mu.Unlock()
 		return
 	}
@@ -1577,6 +1588,7 @@ func (c *sconn) noteSentToLeft(dst PublicKey) {
 	if cur := sh.m[dst]; cur != nil {
 		cur.recipients.add(c)
 		c.sentTo[dst] = cur
+		c.sentToPeak = max(c.sentToPeak, len(c.sentTo))
 		c.lastDst, c.lastDstEntry = dst, cur
 	} else if r := m.routes[dst]; r != nil {
 		r.recipients.add(c)
@@ -1584,6 +1596,7 @@ func (c *sconn) noteSentToLeft(dst PublicKey) {
 			c.sentToMesh = map[PublicKey]*meshRoute{} // see noteSentTo
 		}
 		c.sentToMesh[dst] = r
+		c.sentToMeshPeak = max(c.sentToMeshPeak, len(c.sentToMesh))
 	} else {
 		gone = true
 	}
@@ -1592,6 +1605,37 @@ func (c *sconn) noteSentToLeft(dst PublicKey) {
 	if gone {
 		c.enqueuePeerGone(dst, PeerGoneDisconnected)
 	}
+}
+
+// pruneSentTo drops from sentTo and sentToMesh the destinations that left
+// (their entry or route is no longer the table's), and the memory they
+// held. The reader calls it only when it is about to add a destination
+// and c was told PeerGone since it last ran: nothing on the packet path.
+// A departed key's entry has no active connection; a route is checked
+// under mesh.mu.
+func (c *sconn) pruneSentTo() {
+	c.toldGone.Store(false) // before the scan: a departure after it sets it again
+	for k, e := range c.sentTo {
+		if e.active.Load() == nil {
+			delete(c.sentTo, k)
+		}
+	}
+	c.sentTo = shrinkMap(c.sentTo, &c.sentToPeak)
+	if c.lastDstEntry != nil && c.lastDstEntry.active.Load() == nil {
+		c.lastDst, c.lastDstEntry = PublicKey{}, nil
+	}
+	if len(c.sentToMesh) == 0 {
+		return
+	}
+	m := &c.s.mesh
+	m.mu.RLock()
+	for k, r := range c.sentToMesh {
+		if m.routes[k] != r {
+			delete(c.sentToMesh, k)
+		}
+	}
+	m.mu.RUnlock()
+	c.sentToMesh = shrinkMap(c.sentToMesh, &c.sentToMeshPeak)
 }
 
 // startKeepAlive arms the session's keepalive timer. It runs no goroutine
@@ -2636,7 +2680,8 @@ func (c *sconn) enqueuePeerGone(k PublicKey, r PeerGoneReason) {
 	}
 	if r == PeerGoneDisconnected {
 		// Even when the notice itself does not fit: a later return of k
-		// must register again.
+		// must register again, and c's reader may forget k (pruneSentTo).
+		c.toldGone.Store(true)
 		delete(c.sentFrom, k)
 		c.sentFrom = shrinkMap(c.sentFrom, &c.sentFromPeak)
 		if c.lastSrc == k {
@@ -4515,6 +4560,9 @@ func (c *sconn) noteSentToMesh(dst PublicKey, r *meshRoute) {
 	if c.sentToMesh[dst] == r {
 		return
 	}
+	if c.toldGone.Load() {
+		c.pruneSentTo()
+	}
 	if c.sentToMesh == nil || len(c.sentToMesh) >= maxSentTo {
 		c.sentToMesh = map[PublicKey]*meshRoute{} // see noteSentTo
 	}
@@ -4524,6 +4572,7 @@ func (c *sconn) noteSentToMesh(dst PublicKey, r *meshRoute) {
 	if cur := m.routes[dst]; cur != nil {
 		cur.recipients.add(c)
 		c.sentToMesh[dst] = cur
+		c.sentToMeshPeak = max(c.sentToMeshPeak, len(c.sentToMesh))
 	} else {
 		delete(c.sentToMesh, dst)
 		// Under m.mu as meshUnrouteLocked hands a route's recipients to

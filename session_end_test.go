@@ -545,6 +545,102 @@ func TestPeerGoneForDestinationThatLeftMidSend(t *testing.T) {
 	}
 }
 
+// TestSentToForgetsDepartedDestinations: a session remembers the keys its
+// client sent to (sentTo), and those it reached through mesh routes
+// (sentToMesh), so that it is told when they leave; once it has been told,
+// the next new destination makes it forget them and the memory they held.
+// They stayed until the session had 4096 of them.
+func TestSentToForgetsDepartedDestinations(t *testing.T) {
+	const n = 100 // more than minShrink: the map is rebuilt smaller
+	for _, mesh := range []bool{false, true} {
+		t.Run(fmt.Sprintf("mesh=%v", mesh), func(t *testing.T) {
+			s := newTestServer(t, WithMeshKey(testMeshKey))
+			la := newMeshLink(s, "a") // down: what goes through it is dropped
+			a := pipeClient(t, s)
+			var ac *sconn
+			for _, c := range s.snapshotConns() {
+				if c.key == a.PublicKey() {
+					ac = c
+				}
+			}
+			// roundTrip returns once a's reader has handled all a sent
+			// (it answers the ping after), so its maps may be read.
+			roundTrip := func() {
+				t.Helper()
+				if err := a.SendPing([8]byte{1}); err != nil {
+					t.Fatal(err)
+				}
+				if _, ok := recvMsg[Pong](t, a); !ok {
+					t.FailNow()
+				}
+			}
+			sizes := func() int {
+				if mesh {
+					return len(ac.sentToMesh)
+				}
+				return len(ac.sentTo)
+			}
+			var peers []*Client
+			var keys []PublicKey
+			for range n {
+				if mesh {
+					k := mustKey(t).Public()
+					s.meshAdd(k, la)
+					keys = append(keys, k)
+				} else {
+					p := pipeClient(t, s)
+					peers = append(peers, p)
+					keys = append(keys, p.PublicKey())
+				}
+			}
+			for _, k := range keys {
+				if err := a.Send(k, []byte("hi")); err != nil {
+					t.Fatal(err)
+				}
+			}
+			roundTrip()
+			if got := sizes(); got != n {
+				t.Fatalf("a's session remembers %d destinations, want %d", got, n)
+			}
+			// Every destination leaves; a is told of each.
+			for i, k := range keys {
+				if mesh {
+					s.meshRemove(k, la, true)
+				} else {
+					peers[i].Close()
+				}
+			}
+			told := map[PublicKey]bool{}
+			for len(told) < n {
+				g, ok := recvMsg[PeerGone](t, a)
+				if !ok {
+					t.Fatalf("a was told %d of %d departures", len(told), n)
+				}
+				told[g.Peer] = true
+			}
+			// One new destination.
+			var k PublicKey
+			if mesh {
+				k = mustKey(t).Public()
+				s.meshAdd(k, la)
+			} else {
+				k = pipeClient(t, s).PublicKey()
+			}
+			if err := a.Send(k, []byte("hi")); err != nil {
+				t.Fatal(err)
+			}
+			roundTrip()
+			peak := ac.sentToPeak
+			if mesh {
+				peak = ac.sentToMeshPeak
+			}
+			if got := sizes(); got != 1 || peak != 1 {
+				t.Fatalf("after %d destinations left and a sent to a new one, a's session remembers %d (map sized for %d), want 1", n, got, peak)
+			}
+		})
+	}
+}
+
 // A mesh client asking for the connection list again and again, without
 // reading, has at most one list queued at a time.
 func TestWatchConnsRepeatedStaysBounded(t *testing.T) {
