@@ -192,6 +192,11 @@ func ExampleReconnectingClient() {
 		log.Fatal(err)
 	}
 	fmt.Println(<-events)
+
+	// After a network change (a new route or local address), the old path
+	// may be silently dead: Reconnect makes the client dial again at once.
+	rc.Reconnect()
+	fmt.Println(<-events)
 	// Output:
 	// connected: upgrade path (key from http-header)
 	// logged in
@@ -200,6 +205,8 @@ func ExampleReconnectingClient() {
 	// connected: fast path (key from configured)
 	// logged in
 	// received again
+	// connected: fast path (key from configured)
+	// logged in
 }
 
 // Two servers of one region share a mesh key and watch each other: a client
