@@ -772,16 +772,27 @@ func (c *Client) parseServerInfo(p []byte) (Message, error) {
 // stream if there is one: a server that answers a fast-start request with a
 // 101 anyway (an old server, or a proxy in between) still works.
 func (c *Client) skipHTTPResponse() error {
-	b, err := c.br.Peek(5)
-	if err != nil || !bytes.Equal(b, []byte("HTTP/")) {
-		return nil // not HTTP; the frame reader reports any error
-	}
-	if err := checkHeaderSize(c.br); err != nil {
-		return fmt.Errorf("relay: reading unexpected HTTP response to fast start: %w", err)
-	}
-	resp, err := http.ReadResponse(c.br, nil)
-	if err != nil {
-		return fmt.Errorf("relay: reading unexpected HTTP response to fast start: %w", err)
+	var resp *http.Response
+	for i := 0; ; i++ {
+		b, err := c.br.Peek(5)
+		if err != nil || !bytes.Equal(b, []byte("HTTP/")) {
+			return nil // not HTTP; the frame reader reports any error
+		}
+		if err := checkHeaderSize(c.br); err != nil {
+			return fmt.Errorf("relay: reading unexpected HTTP response to fast start: %w", err)
+		}
+		if resp, err = http.ReadResponse(c.br, nil); err != nil {
+			return fmt.Errorf("relay: reading unexpected HTTP response to fast start: %w", err)
+		}
+		if !isInterim(resp.StatusCode) {
+			break
+		}
+		// Interim responses (see readResponse) may precede a 101, or
+		// the DERP stream itself if something in between passes fast
+		// start through: the loop skips them either way.
+		if i == maxInterimResponses {
+			return fmt.Errorf("relay: reading unexpected HTTP response to fast start: more than %d interim responses (the last %q)", maxInterimResponses, resp.Status)
+		}
 	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
@@ -852,6 +863,38 @@ func (b *tokenBucket) reserve(n int, now time.Time) time.Duration {
 // errHeaderTooLarge means an HTTP response's header did not end within the
 // client's read buffer.
 var errHeaderTooLarge = errors.New("HTTP response header larger than the read buffer")
+
+// maxInterimResponses bounds the interim (1xx) responses a client skips
+// before the response it waits for.
+const maxInterimResponses = 8
+
+// readResponse reads the response to req (nil: a GET) at the head of br,
+// skipping interim responses (100 Continue, 103 Early Hints: any 1xx but
+// 101), which RFC 9110 lets a server or proxy send before any final
+// response. Each header must fit in br's buffer (see checkHeaderSize).
+func readResponse(br *bufio.Reader, req *http.Request) (*http.Response, error) {
+	for i := 0; ; i++ {
+		if err := checkHeaderSize(br); err != nil {
+			return nil, err
+		}
+		resp, err := http.ReadResponse(br, req)
+		if err != nil {
+			return nil, err
+		}
+		if !isInterim(resp.StatusCode) {
+			return resp, nil
+		}
+		if i == maxInterimResponses {
+			return nil, fmt.Errorf("more than %d interim responses (the last %q)", maxInterimResponses, resp.Status)
+		}
+	}
+}
+
+// isInterim reports whether status is that of an interim response: 1xx
+// other than 101, which ends the HTTP exchange.
+func isInterim(status int) bool {
+	return status/100 == 1 && status != http.StatusSwitchingProtocols
+}
 
 // checkHeaderSize waits until the HTTP response at the head of br has its
 // whole header buffered, so that http.ReadResponse cannot be made to buffer

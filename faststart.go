@@ -439,10 +439,7 @@ func (f *FastStart) dialProxy(ctx context.Context, dial func(context.Context, st
 		return nil, fmt.Errorf("relay: proxy %s: send CONNECT: %w", paddr, err)
 	}
 	br := bufio.NewReaderSize(nc, maxProxyResponse)
-	if err := checkHeaderSize(br); err != nil {
-		return nil, fmt.Errorf("relay: proxy %s: read CONNECT response: %w", paddr, err)
-	}
-	resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
+	resp, err := readResponse(br, &http.Request{Method: http.MethodConnect})
 	if err != nil {
 		return nil, fmt.Errorf("relay: proxy %s: read CONNECT response: %w", paddr, err)
 	}
@@ -583,10 +580,7 @@ func (f *FastStart) upgrade(nc net.Conn, u *url.URL, priv PrivateKey, hs Handsha
 		return nil, hs, fmt.Errorf("relay: send upgrade request: %w", err)
 	}
 	setStep(step, step101)
-	if err := checkHeaderSize(brw.Reader); err != nil {
-		return nil, hs, fmt.Errorf("relay: read upgrade response: %w", err)
-	}
-	resp, err := http.ReadResponse(brw.Reader, nil)
+	resp, err := readResponse(brw.Reader, nil)
 	if err != nil {
 		return nil, hs, fmt.Errorf("relay: read upgrade response: %w", err)
 	}
@@ -627,10 +621,7 @@ func (f *FastStart) webSocket(nc net.Conn, u *url.URL, priv PrivateKey, hs Hands
 		return nil, hs, fmt.Errorf("relay: send WebSocket request: %w", err)
 	}
 	setStep(step, stepWS101)
-	if err := checkHeaderSize(br); err != nil {
-		return nil, hs, fmt.Errorf("relay: read WebSocket response: %w", err)
-	}
-	resp, err := http.ReadResponse(br, nil)
+	resp, err := readResponse(br, nil)
 	if err != nil {
 		return nil, hs, fmt.Errorf("relay: read WebSocket response: %w", err)
 	}

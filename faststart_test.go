@@ -1713,6 +1713,96 @@ func TestBareLFResponses(t *testing.T) {
 	}
 }
 
+// interimConn is a connection whose reads start with interim: the 1xx
+// responses that a server or proxy between sent before its own answer.
+type interimConn struct {
+	net.Conn
+	interim []byte
+}
+
+func (c *interimConn) Read(p []byte) (int, error) {
+	if len(c.interim) > 0 {
+		n := copy(p, c.interim)
+		c.interim = c.interim[n:]
+		return n, nil
+	}
+	return c.Conn.Read(p)
+}
+
+// TestInterimResponsesSkipped: interim responses (100 Continue, 103 Early
+// Hints), which RFC 9110 lets a server or proxy send before any final
+// response and obliges clients to parse, are skipped before the 101 of the
+// upgrade and WebSocket paths, before a 101 answering fast start, before
+// the DERP stream of fast start, and before a proxy's 200 to CONNECT. They
+// were taken for the answer ("upgrade refused: 100 Continue") and every
+// dial failed. A server that sends nothing but interim responses fails the
+// dial with an error that says so.
+func TestInterimResponsesSkipped(t *testing.T) {
+	s := newTestServer(t)
+	plain := serveDERP(t, s, derpServeOpts{plain: true})
+	// A server that ignores fast start: it answers 101, and then reads
+	// the ClientInfo the client has sent already.
+	ignoring := serveDERP(t, s, derpServeOpts{plain: true, handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		r.Header.Del(FastStartHeader)
+		s.ServeHTTP(w, r)
+	})})
+	proxy := &connectProxy{}
+	startConnectProxy(t, proxy, nil)
+	for _, interim := range []string{
+		"HTTP/1.1 100 Continue\r\n\r\n",
+		"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n",
+	} {
+		// dial prepends interim to what the connection to addr reads.
+		dial := func(addr string) func(ctx context.Context, network, a string) (net.Conn, error) {
+			return func(ctx context.Context, network, a string) (net.Conn, error) {
+				var d net.Dialer
+				nc, err := d.DialContext(ctx, network, a)
+				if err != nil || a != addr {
+					return nc, err
+				}
+				return &interimConn{Conn: nc, interim: []byte(interim)}, nil
+			}
+		}
+		for _, tt := range []struct {
+			name     string
+			url      string
+			fs       *FastStart
+			wantPath Path
+		}{
+			{"upgrade", plain.URL, &FastStart{DialContext: dial(plain.Addr)}, UpgradePath},
+			{"websocket", plain.URL, &FastStart{DialContext: dial(plain.Addr), WebSocket: true}, UpgradePath},
+			{"fast start", plain.URL, &FastStart{DialContext: dial(plain.Addr), ServerKey: s.PublicKey()}, FastPath},
+			{"fast start answered with 101", ignoring.URL, &FastStart{DialContext: dial(ignoring.Addr), ServerKey: s.PublicKey()}, FastPath},
+			{"proxy", plain.URL, &FastStart{DialContext: dial(proxy.URL.Host), Proxy: http.ProxyURL(proxy.URL), ServerKey: s.PublicKey()}, FastPath},
+		} {
+			t.Run(fmt.Sprintf("%s/%q", tt.name, interim), func(t *testing.T) {
+				_, hs := dialFast(t, tt.fs, tt.url)
+				if hs.Path != tt.wantPath || hs.Attempts != 1 {
+					t.Errorf("%s path in %d attempts (%s), want the %s path at once", hs.Path, hs.Attempts, hs.Reason, tt.wantPath)
+				}
+			})
+		}
+	}
+	t.Run("only interim responses", func(t *testing.T) {
+		endless := strings.Repeat("HTTP/1.1 100 Continue\r\n\r\n", maxInterimResponses+1)
+		dial := scriptedPipeDialer(t, func(sc net.Conn, br *bufio.Reader) {
+			if _, err := http.ReadRequest(br); err != nil {
+				return
+			}
+			io.WriteString(sc, endless)
+			io.Copy(io.Discard, br)
+		})
+		for _, fs := range []*FastStart{{DialContext: dial}, {DialContext: dial, WebSocket: true}, {DialContext: dial, ServerKey: mustKey(t).Public()}} {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			_, _, err := fs.Dial(ctx, "http://derp.invalid/derp", mustKey(t))
+			cancel()
+			if err == nil || !strings.Contains(err.Error(), "interim responses") {
+				t.Errorf("websocket %v, key %v: Dial: %v, want an error about too many interim responses", fs.WebSocket, !fs.ServerKey.IsZero(), err)
+			}
+		}
+	})
+}
+
 // TestFastStartThroughReverseProxy: a reverse proxy in front of the server
 // (here net/http/httputil's; nginx and Caddy behave alike) passes the
 // upgrade but not fast start, whose answer is not HTTP: a fast-start dial
