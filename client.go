@@ -796,7 +796,7 @@ func (c *Client) skipHTTPResponse() error {
 	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return fmt.Errorf("%w with %q: %s", errFastStartAnswered, resp.Status, bytes.TrimSpace(body))
+		return fmt.Errorf("%w with %q: %q", errFastStartAnswered, resp.Status, bytes.TrimSpace(body))
 	}
 	if h := resp.Header.Get(PublicKeyHeader); h != "" {
 		if k, err := ParsePublicKey(h); err == nil && k != c.serverKey {

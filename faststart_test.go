@@ -1958,7 +1958,10 @@ func TestHTTPResponseCutShort(t *testing.T) {
 
 // TestRefusalBodyQuotedInError: the start of a refusal's body goes into the
 // dial's error quoted, so that a server cannot put line breaks (fake log
-// lines) into whatever logs the error.
+// lines) into whatever logs the error. On the fast path too: there the
+// refusal's error is the Handshake's Reason for the retry on the upgrade
+// path, or what Recv returns if the dial did not wait for the server (a
+// key from the meta cert); it had the body as it came.
 func TestRefusalBodyQuotedInError(t *testing.T) {
 	const body = "go away\nlevel=ERROR msg=\"forged line\""
 	dial := scriptedPipeDialer(t, func(sc net.Conn, br *bufio.Reader) {
@@ -1977,6 +1980,38 @@ func TestRefusalBodyQuotedInError(t *testing.T) {
 		if msg := err.Error(); strings.Contains(msg, "\n") || !strings.Contains(msg, "403") || !strings.Contains(msg, `go away\n`) {
 			t.Errorf("websocket %v: error %q, want the 403 and the body quoted on one line", ws, msg)
 		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, hs, err := (&FastStart{DialContext: dial, ServerKey: mustKey(t).Public()}).Dial(ctx, "http://derp.invalid/derp", mustKey(t))
+	if err == nil {
+		t.Fatal("fast start: Dial succeeded against a 403")
+	}
+	if strings.Contains(hs.Reason, "\n") || !strings.Contains(hs.Reason, `go away\n`) {
+		t.Errorf("fast start: handshake reason %q, want the body quoted on one line", hs.Reason)
+	}
+	// Fast start with a key that is not confirmed: Recv reads the answer.
+	nc, sc := net.Pipe()
+	go func() {
+		defer sc.Close()
+		br := bufio.NewReader(sc)
+		if _, err := http.ReadRequest(br); err != nil {
+			return
+		}
+		fmt.Fprintf(sc, "HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+		io.Copy(io.Discard, br)
+	}()
+	u := &url.URL{Scheme: "http", Host: "derp.invalid", Path: "/derp"}
+	c, _, err := (&FastStart{}).fastStart(nc, u, mustKey(t), Handshake{ServerKey: mustKey(t).Public()}, false, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err = c.Recv(); err == nil {
+		t.Fatal("fast start: Recv succeeded after a 403")
+	}
+	if msg := err.Error(); strings.Contains(msg, "\n") || !strings.Contains(msg, "403") || !strings.Contains(msg, `go away\n`) {
+		t.Errorf("fast start: Recv: error %q, want the 403 and the body quoted on one line", msg)
 	}
 }
 
