@@ -1098,6 +1098,55 @@ func TestServeHTTPResponses(t *testing.T) {
 	}
 }
 
+// TestUpgradeWithBodyRefused: an upgrade request with a body (DERP or
+// WebSocket, Content-Length or chunked) is answered 400 saying so, and the
+// connection is closed. It was upgraded, and the login read the body as the
+// client's first frames: the client's own ClientInfo then came after
+// garbage, and the server hung up on it with no word of why. A POST with
+// "Content-Length: 0" (no body) is still upgraded.
+func TestUpgradeWithBodyRefused(t *testing.T) {
+	s := newTestServer(t)
+	d := serveDERP(t, s, derpServeOpts{plain: true})
+	const ws = "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: derp\r\n"
+	for _, tt := range []struct{ name, req string }{
+		{"Content-Length", "POST /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\nContent-Length: 5\r\n\r\nhello"},
+		{"chunked", "POST /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"},
+		{"fast start, Expect: 100-continue", "POST /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\nDerp-Fast-Start: 1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello"},
+		{"WebSocket", "GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n" + ws + "Content-Length: 5\r\n\r\nhello"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			nc, br := httpDial(t, d.Addr, tt.req)
+			nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatalf("reading the response: %v", err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(body), "must not have a body") {
+				t.Fatalf("%s %q, want 400 saying the request must not have a body", resp.Status, body)
+			}
+			if n, err := br.Read(make([]byte, 1)); err != io.EOF {
+				t.Errorf("after the 400: read %d bytes, %v; want the connection closed (EOF)", n, err)
+			}
+		})
+	}
+	if st := s.Stats(); st.Accepts != 0 || st.Rejected["upgrade_body"] != 4 {
+		t.Errorf("accepts %d, rejected %v; want 0 and 4 upgrade_body", st.Accepts, st.Rejected)
+	}
+	// No body: upgraded.
+	nc, br := httpDial(t, d.Addr, "POST /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\nContent-Length: 0\r\n\r\n")
+	nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if resp, err := http.ReadResponse(br, nil); err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("POST with Content-Length: 0: %v %v, want 101", resp, err)
+	}
+	c, err := NewClient(mustKey(t), nc, bufio.NewReadWriter(br, bufio.NewWriter(nc)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	recvMsg[ServerInfo](t, c)
+}
+
 // delayLink is a TCP proxy on 127.0.0.1 in front of upstream that holds
 // every chunk of bytes, in each direction, for oneWay before passing it on,
 // so that the link has a round trip time of 2*oneWay (plus loopback's few

@@ -3481,7 +3481,10 @@ func (g *nonceGuard) check(nonce [nonceLen]byte, now time.Time) bool {
 // and run the session). An upgrade over a WithMaxConnections limit is
 // answered 503 naming the limit, and one whose connection cannot be
 // hijacked (behind http.TimeoutHandler, or a ResponseWriter wrapper
-// without Unwrap) 500 saying so; neither takes a connection slot.
+// without Unwrap) 500 saying so; neither takes a connection slot. An
+// upgrade request with a body is answered 400: the session's stream starts
+// where the request ends, and Tailscale's server would read the body as
+// the client's first frames.
 // http.Server's Shutdown and Close do not end such sessions (see Close).
 //
 // Set ReadHeaderTimeout on the http.Server (the examples use 10 s): the
@@ -3511,6 +3514,16 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.ProtoMajor != 1 {
 		s.stats.countRejected("not_http1")
 		http.Error(w, "DERP requires HTTP/1.1 (the server negotiated "+r.Proto+"; disable HTTP/2 for this listener, see relay.AppendMetaCert)", http.StatusHTTPVersionNotSupported)
+		return
+	}
+	if r.ContentLength != 0 {
+		// The body (Content-Length, or chunked: -1) would be left in
+		// the connection's buffer, and the login would read it as the
+		// client's first frames. The DERP frames that follow the
+		// request would be parsed as the next request: close.
+		s.stats.countRejected("upgrade_body")
+		w.Header().Set("Connection", "close")
+		http.Error(w, "relay: a DERP upgrade request must not have a body (Content-Length or Transfer-Encoding): it would be read as DERP frames", http.StatusBadRequest)
 		return
 	}
 	if isWebSocketDERP(r) {
