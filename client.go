@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -795,8 +796,7 @@ func (c *Client) skipHTTPResponse() error {
 		}
 	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return fmt.Errorf("%w with %q: %q", errFastStartAnswered, resp.Status, bytes.TrimSpace(body))
+		return fmt.Errorf("%w with %q: %s", errFastStartAnswered, resp.Status, refusalDetail(resp))
 	}
 	if h := resp.Header.Get(PublicKeyHeader); h != "" {
 		if k, err := ParsePublicKey(h); err == nil && k != c.serverKey {
@@ -804,6 +804,19 @@ func (c *Client) skipHTTPResponse() error {
 		}
 	}
 	return nil
+}
+
+// refusalDetail describes an answer other than the 101 a dial waited for:
+// the start of its body, quoted (so that a server cannot put line breaks
+// into whatever logs the error), and, for a redirect, where to: redirects
+// are not followed, and the body of one often does not say.
+func refusalDetail(resp *http.Response) string {
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+	d := strconv.Quote(string(bytes.TrimSpace(body)))
+	if loc := resp.Header.Get("Location"); loc != "" && resp.StatusCode/100 == 3 {
+		d += fmt.Sprintf(" (redirected to %q; redirects are not followed: use that URL)", clip(loc, 256))
+	}
+	return d
 }
 
 // errFastStartAnswered means the fast-start request got an HTTP answer

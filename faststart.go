@@ -12,7 +12,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -156,7 +155,9 @@ type Handshake struct {
 // including DNS, TCP, TLS and the upgrade; it does not affect the returned
 // Client. A dial that ctx ends fails with an error that wraps ctx's and
 // names the step it was at (such as "TLS handshake" or "waiting for the
-// 101 response").
+// 101 response"). Redirects are not followed (as Tailscale's client does
+// not follow them): a dial answered with one fails with an error that
+// names its Location.
 func (f *FastStart) Dial(ctx context.Context, serverURL string, priv PrivateKey, opts ...ClientOption) (*Client, Handshake, error) {
 	u, err := url.Parse(serverURL)
 	if err != nil {
@@ -585,8 +586,7 @@ func (f *FastStart) upgrade(nc net.Conn, u *url.URL, priv PrivateKey, hs Handsha
 		return nil, hs, fmt.Errorf("relay: read upgrade response: %w", err)
 	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return nil, hs, fmt.Errorf("relay: upgrade refused: %s: %q", resp.Status, strings.TrimSpace(string(body)))
+		return nil, hs, fmt.Errorf("relay: upgrade refused: %s: %s", resp.Status, refusalDetail(resp))
 	}
 	hs.ServerKey, hs.KeySource = PublicKey{}, "server-key-frame"
 	if k, err := ParsePublicKey(resp.Header.Get(PublicKeyHeader)); err == nil {
@@ -626,8 +626,7 @@ func (f *FastStart) webSocket(nc net.Conn, u *url.URL, priv PrivateKey, hs Hands
 		return nil, hs, fmt.Errorf("relay: read WebSocket response: %w", err)
 	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return nil, hs, fmt.Errorf("relay: WebSocket upgrade refused: %s: %q", resp.Status, strings.TrimSpace(string(body)))
+		return nil, hs, fmt.Errorf("relay: WebSocket upgrade refused: %s: %s", resp.Status, refusalDetail(resp))
 	}
 	switch {
 	case !strings.EqualFold(resp.Header.Get("Upgrade"), "websocket") || !hasToken(resp.Header.Values("Connection"), "upgrade"):

@@ -2064,6 +2064,35 @@ func TestRefusalBodyQuotedInError(t *testing.T) {
 	}
 }
 
+// TestRedirectNamedInError: a dial answered with a redirect (a server that
+// sends port 80 to HTTPS, a ServeMux that adds the slash of a "/derp/"
+// pattern) fails, on every path, with an error that says where to: its body
+// often does not (nginx's names only the status), and the error named only
+// the status.
+func TestRedirectNamedInError(t *testing.T) {
+	const to = "https://derp.example.com/derp"
+	dial := scriptedPipeDialer(t, func(sc net.Conn, br *bufio.Reader) {
+		for {
+			if _, err := http.ReadRequest(br); err != nil {
+				return
+			}
+			const body = "<html><center><h1>301 Moved Permanently</h1></center></html>"
+			fmt.Fprintf(sc, "HTTP/1.1 301 Moved Permanently\r\nLocation: %s\r\nContent-Length: %d\r\n\r\n%s", to, len(body), body)
+		}
+	})
+	for _, fs := range []*FastStart{{DialContext: dial}, {DialContext: dial, WebSocket: true}, {DialContext: dial, ServerKey: mustKey(t).Public()}} {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		_, hs, err := fs.Dial(ctx, "http://derp.example.com/derp", mustKey(t))
+		cancel()
+		if err == nil || !strings.Contains(err.Error(), "301") || !strings.Contains(err.Error(), "redirected to \""+to+"\"") {
+			t.Errorf("websocket %v, key %v: Dial: %v; want the 301 and where it redirects to", fs.WebSocket, !fs.ServerKey.IsZero(), err)
+		}
+		if !fs.ServerKey.IsZero() && !strings.Contains(hs.Reason, "redirected to") {
+			t.Errorf("fast start: handshake reason %q, want where the answer redirected to", hs.Reason)
+		}
+	}
+}
+
 // serveDERPWith serves s over TLS with cfg (to which it appends s's meta
 // cert unless noMeta) on 127.0.0.1, HTTP/1.1 only, until the test ends, and
 // returns the DERP URL.
