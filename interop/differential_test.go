@@ -615,6 +615,13 @@ func TestDifferentialServers(t *testing.T) {
 		httpCase("Upgrade: dErP", "GET /derp HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: dErP\r\n", http101),
 		httpCase("Upgrade: DERP, no Connection", "GET /derp HTTP/1.1\r\nUpgrade: DERP\r\n", http101),
 		httpCase("POST with Upgrade: DERP", "POST /derp HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: DERP\r\nContent-Length: 0\r\n", http101),
+		// An upgrade request with a body: Tailscale's server reads the
+		// body as the client's first frames ("bad frame type 0x68"); ours
+		// refuses it, and closes the connection (net/http reads the
+		// "Connection: close" out of the header).
+		{name: "POST with Upgrade: DERP and a body", script: httpCase("", "POST /derp HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: DERP\r\nContent-Length: 7\r\n\r\nhello", "").script,
+			wantTS:   http101,
+			wantOurs: `400 [Content-Length: 122] [Content-Type: text/plain; charset=utf-8] [X-Content-Type-Options: nosniff] "relay: a DERP upgrade request must not have a body (Content-Length or Transfer-Encoding): it would be read as DERP frames\n"`},
 		httpCase("Upgrade: websocket, no subprotocol", "GET /derp HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n", http101),
 		httpCase("WebSocket, subprotocol derp", wsReq("derp", 13), wsUpgraded),
 		httpCase("WebSocket, subprotocols chat and derp", wsReq("chat, derp", 13), wsUpgraded),
