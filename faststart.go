@@ -373,13 +373,25 @@ func (f *FastStart) dialTCP(ctx context.Context, u *url.URL) (net.Conn, error) {
 		nc, err := dial(ctx, "tcp", addr)
 		if err != nil {
 			if ctx.Err() != nil {
-				return nil, fmt.Errorf("relay: dial %s: %s: %w", addr, stepTCP, err)
+				return nil, fmt.Errorf("relay: dial %s: %s: %w", addr, stepTCP, withCtxErr(ctx, err))
 			}
 			return nil, fmt.Errorf("relay: dial %s: %w", addr, err)
 		}
 		return nc, nil
 	}
 	return f.dialProxy(ctx, dial, proxy, addr)
+}
+
+// withCtxErr returns err, a connect's error after ctx ended, wrapping
+// ctx's error too if err does not: a DialContext of the caller's may
+// report the abort in words of its own, and a dial that ctx ends must
+// fail with an error that wraps ctx's (see Dial; ReconnectingClient
+// tells a timeout by it).
+func withCtxErr(ctx context.Context, err error) error {
+	if cerr := ctx.Err(); cerr != nil && !errors.Is(err, cerr) {
+		return fmt.Errorf("%w (%w)", err, cerr)
+	}
+	return err
 }
 
 // maxProxyResponse bounds the CONNECT response a proxy may send.
@@ -394,7 +406,7 @@ func (f *FastStart) dialProxy(ctx context.Context, dial func(context.Context, st
 	raw, err := dial(ctx, "tcp", paddr)
 	if err != nil {
 		if ctx.Err() != nil {
-			return nil, fmt.Errorf("relay: dial proxy %s: %s: %w", paddr, stepTCP, err)
+			return nil, fmt.Errorf("relay: dial proxy %s: %s: %w", paddr, stepTCP, withCtxErr(ctx, err))
 		}
 		return nil, fmt.Errorf("relay: dial proxy %s: %w", paddr, err)
 	}

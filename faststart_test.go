@@ -844,6 +844,7 @@ func TestDialContextCancel(t *testing.T) {
 		ws       bool   // FastStart.WebSocket is set
 		proxy    bool   // the stalling server is an HTTP proxy to the URL's host
 		wantStep string // the step the error names
+		ownErr   bool   // with blockTCP: DialContext returns an error of its own, not ctx's
 	}{
 		{name: "TCP connect", scheme: "https", blockTCP: true, wantErr: context.Canceled, wantStep: stepTCP},
 		{name: "TLS handshake", scheme: "https", wantErr: context.Canceled, wantStep: "TLS handshake"},
@@ -860,6 +861,11 @@ func TestDialContextCancel(t *testing.T) {
 		{name: "proxy CONNECT", scheme: "https", proxy: true, waitFor: "\r\n\r\n", wantErr: context.Canceled, wantStep: stepConnect},
 		{name: "proxy CONNECT deadline", scheme: "https", proxy: true, waitFor: "\r\n\r\n", deadline: true, wantErr: context.DeadlineExceeded, wantStep: stepConnect},
 		{name: "TLS handshake with the proxy", scheme: "https", proxy: true, tls: false, wantErr: context.Canceled, wantStep: stepProxyTLS},
+		// A DialContext of the caller's that reports the abort in its own
+		// words: the error still wraps ctx's, as Dial's doc says.
+		{name: "TCP connect, dialer's own error", scheme: "https", blockTCP: true, ownErr: true, wantErr: context.Canceled, wantStep: stepTCP},
+		{name: "TCP connect deadline, dialer's own error", scheme: "https", blockTCP: true, ownErr: true, deadline: true, wantErr: context.DeadlineExceeded, wantStep: stepTCP},
+		{name: "proxy TCP connect, dialer's own error", scheme: "https", proxy: true, blockTCP: true, ownErr: true, wantErr: context.Canceled, wantStep: stepTCP},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -888,6 +894,9 @@ func TestDialContextCancel(t *testing.T) {
 				fs.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
 					close(dialing)
 					<-ctx.Done()
+					if tt.ownErr {
+						return nil, errors.New("test dialer: connect aborted")
+					}
 					return nil, ctx.Err()
 				}
 				stalled = dialing
