@@ -1698,14 +1698,17 @@ func (rc *ReconnectingClient) loginDeadline(gen int) time.Time {
 // most 5 seconds. Concurrent Pings may go unanswered: a server keeps one
 // Pong queued at a time (see Client.SendPing). A Ping whose Pong does not
 // come in time leaves the connection as it is; if its path may be dead
-// (after a network change, say), call Reconnect.
+// (after a network change, say), call Reconnect. One whose write ctx cuts
+// short drops the connection, as a DERP stream cannot resume mid-frame.
+// Either way the error wraps ctx's, and a deadline that passed marks the
+// server's path as silent for the next dial (see Dialer).
 func (rc *ReconnectingClient) Ping(ctx context.Context) (time.Duration, error) {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, 5*time.Second)
 		defer cancel()
 	}
-	c, _, err := rc.current(ctx)
+	c, gen, err := rc.current(ctx)
 	if err != nil {
 		return 0, err
 	}
@@ -1737,7 +1740,19 @@ func (rc *ReconnectingClient) Ping(ctx context.Context) (time.Duration, error) {
 	// ctx bounds the write too: a server that stopped reading must not
 	// hold Ping past it.
 	if err := rc.writeUnder(ctx, c, func() error { return c.SendPing(data) }); err != nil {
-		return 0, err
+		if ctx.Err() == nil || !errors.Is(err, ctx.Err()) {
+			return 0, err
+		}
+		// ctx ended the write (and writeUnder dropped c): a Ping that
+		// timed out before its Pong could come, as below.
+		if errors.Is(err, context.DeadlineExceeded) {
+			rc.mu.Lock()
+			if rc.gen == gen { // no newer connection: cKeyID is still c's
+				rc.noteSilentLocked(rc.cKeyID, true)
+			}
+			rc.mu.Unlock()
+		}
+		return 0, fmt.Errorf("relay: ping: %w", err)
 	}
 	select {
 	case _, ok := <-ch:

@@ -638,6 +638,36 @@ func TestReconnectingPingCtxEndsStuckWrite(t *testing.T) {
 	})
 }
 
+// TestReconnectingPingWriteTimeoutMarksSilent: a Ping whose write its
+// deadline cuts short (the server, or the path, takes nothing more) timed
+// out as much as one whose Pong does not come: it marks the server's path
+// silent too, which a later dial's timeout must know (see dial), and its
+// error says it was the ping.
+func TestReconnectingPingWriteTimeoutMarksSilent(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(int, net.Conn, *bufio.Reader, PublicKey) { s.stall() }
+	rc := newScriptedRC(t, s)
+	if err := rc.Connect(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	rc.mu.Lock()
+	keyID := rc.cKeyID
+	rc.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	_, err := rc.Ping(ctx)
+	t.Logf("Ping to a server that reads nothing: %v", err)
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "ping") {
+		t.Errorf("Ping: %v, want a ping error wrapping context.DeadlineExceeded", err)
+	}
+	rc.mu.Lock()
+	silent := rc.silent[keyID]
+	rc.mu.Unlock()
+	if !silent {
+		t.Errorf("a Ping whose write timed out did not mark %s's path silent", keyID)
+	}
+}
+
 // ClosePeer(ctx) to a server that stopped reading returns when ctx ends,
 // as Send and ForwardPacket do.
 func TestReconnectingClosePeerCtxEndsStuckWrite(t *testing.T) {
