@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1190,5 +1191,149 @@ func TestServerCloseConcurrentWaits(t *testing.T) {
 	}
 	if st.inCall != 0 || st.sessions != 0 {
 		t.Fatalf("after the second Close: %d ForwardPacket calls in progress, %d sessions", st.inCall, st.sessions)
+	}
+}
+
+// slowProxy forwards TCP connections to target, passing what the client
+// side sends at about chunk bytes every tick (what comes back is passed at
+// once): a congested path, slow but alive.
+type slowProxy struct {
+	ln       net.Listener
+	accepted atomic.Int64
+	passed   atomic.Int64 // bytes passed client to target
+	wg       sync.WaitGroup
+}
+
+func newSlowProxy(t *testing.T, target string, chunk int, tick time.Duration) *slowProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &slowProxy{ln: ln}
+	var mu sync.Mutex
+	var conns []net.Conn
+	p.wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			p.accepted.Add(1)
+			u, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			mu.Lock()
+			conns = append(conns, c, u)
+			mu.Unlock()
+			p.wg.Go(func() { io.Copy(c, u) })
+			p.wg.Go(func() {
+				buf := make([]byte, chunk)
+				for {
+					n, err := c.Read(buf)
+					if n > 0 {
+						if _, err := u.Write(buf[:n]); err != nil {
+							return
+						}
+						p.passed.Add(int64(n))
+					}
+					if err != nil {
+						return
+					}
+					time.Sleep(tick)
+				}
+			})
+		}
+	})
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		p.wg.Wait()
+	})
+	return p
+}
+
+// TestMeshLinkPingBehindBacklogKeepsLink: a mesh link whose peer sends it
+// nothing pings it; on a congested path the Ping waits behind the link's
+// own forwards, longer than the wait for its answer. The peer is alive
+// (it takes those forwards, slowly): the link must not be declared dead
+// and redialled, which would withdraw the peer's routes (its clients' own
+// senders told PeerGone) and lose what was queued. (Linux reads the
+// socket's state; elsewhere a late answer still counts as none.)
+func TestMeshLinkPingBehindBacklogKeepsLink(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("the kernel's view of the socket is read on Linux only")
+	}
+	var lns []net.Listener
+	var urls []string
+	for range 2 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		lns = append(lns, ln)
+		urls = append(urls, "http://"+ln.Addr().String()+"/derp")
+	}
+	// About 800 KB/s from a to b: 4 MB of forwards take about 5 s, more
+	// than ten times the 400 ms a Ping's answer is waited for.
+	p := newSlowProxy(t, lns[1].Addr().String(), 4<<10, 5*time.Millisecond)
+	h := &recHandler{}
+	pings := func(c *serverConfig) { c.linkPingAfter, c.linkPongWait = 50*time.Millisecond, 400*time.Millisecond }
+	a := serveNode(t, lns[0], urls[0], WithMeshKey(testMeshKey), WithMeshPeers("http://"+p.ln.Addr().String()+"/derp"),
+		WithLogger(slog.New(h)), pings)
+	b := serveNode(t, lns[1], urls[1], WithMeshKey(testMeshKey), WithMeshPeers(urls[0]))
+	x, y := dialNode(t, a, mustKey(t)), dialNode(t, b, mustKey(t))
+	yk := y.PublicKey()
+	waitFor(t, func() bool { _, ok := a.s.MeshPeerFor(yk); return ok })
+	go func() {
+		for {
+			if _, err := y.Recv(); err != nil {
+				return
+			}
+		}
+	}()
+	pkt := make([]byte, 10000)
+	for range 400 {
+		if err := x.Send(yk, pkt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pingsBefore := b.s.Stats().PingsReceived
+	linkDown := func() (slog.Record, bool) {
+		for _, r := range h.infoRecords() {
+			if r.Message == "relay: mesh link down" {
+				return r, true
+			}
+		}
+		return slog.Record{}, false
+	}
+	// Every byte a sent gets through, the Pings among them, unless the
+	// link is given up first.
+	waitForWithin(t, 60*time.Second, func() bool {
+		_, down := linkDown()
+		return down || p.accepted.Load() > 1 ||
+			(b.s.Stats().PingsReceived > pingsBefore && p.passed.Load() > 3<<20)
+	})
+	if r, down := linkDown(); down {
+		var why string
+		r.Attrs(func(at slog.Attr) bool {
+			if at.Key == "err" {
+				why = at.Value.String()
+			}
+			return true
+		})
+		t.Fatalf("the link went down while its peer took its forwards (%d bytes passed so far): %s", p.passed.Load(), why)
+	}
+	if n := p.accepted.Load(); n != 1 {
+		t.Fatalf("a's link was dialled %d times, want 1", n)
+	}
+	if _, ok := a.s.MeshPeerFor(yk); !ok {
+		t.Fatal("a lost its route to y")
 	}
 }

@@ -11,3 +11,7 @@ import (
 // has getsockopt only through socketcall, which package syscall does not
 // export).
 func socketRTT(sc syscall.Conn) time.Duration { return 0 }
+
+// socketDraining reports false: without the kernel's view of the socket,
+// a Ping that is late is taken as unanswered.
+func socketDraining(sc syscall.Conn, d time.Duration) bool { return false }

@@ -4407,7 +4407,9 @@ type linkLiveness struct {
 // probe pings the peer over c whenever it has sent nothing (lv.heard, set
 // by watch) for linkPingAfter, and closes c if nothing at all arrives
 // within linkPongWait after the Ping, or if the Ping cannot be written
-// within linkWriteTimeout. A peer that went silent without closing the
+// within linkWriteTimeout. On Linux, a wait is extended while the socket
+// still holds forwards of ours that the peer acknowledged some of within
+// linkPongWait: the Ping may be queued behind them on a slow path. A peer that went silent without closing the
 // connection would otherwise keep the routes it announced, and lose what
 // is forwarded to it, until the Client's 120 s receive timeout. It returns
 // why it closed c, or nil once stop is closed.
@@ -4451,9 +4453,17 @@ func (l *meshLink) probe(c *Client, stop <-chan struct{}, lv *linkLiveness) erro
 			case <-t.C:
 			}
 			if last := lv.heard.Load(); last < sent {
+				if socketDraining(parkSocket(c.nc), cfg.linkPongWait) {
+					// The Ping is still behind forwards of ours that
+					// the peer takes, slowly (a congested path): it
+					// is alive. The Client's receive timeout bounds
+					// how long this can go on.
+					t.Reset(cfg.linkPongWait)
+					continue
+				}
 				c.Close()
 				return fmt.Errorf("relay: mesh peer silent: nothing received for %v, no answer to a ping in %v",
-					time.Duration(monoNanos()-last).Round(time.Millisecond), cfg.linkPongWait)
+					time.Duration(monoNanos()-last).Round(time.Millisecond), time.Duration(monoNanos()-sent).Round(time.Millisecond))
 			}
 		}
 		lv.waiting.Store(false)
