@@ -4839,6 +4839,13 @@ func (s *Server) meshRemove(k PublicKey, l *meshLink, notify bool) {
 // meshForgetLink removes every route through l: its connection broke (the
 // meaning of Tailscale's PeerGone "mesh connection broke") or the server is
 // closing (notify false).
+//
+// A peer may have announced tens of thousands of keys, and every packet
+// for a key not connected here looks its route up under mesh.mu: the
+// routes are removed meshLockBatch at a time, mesh.mu released in
+// between, so that forwarding, and whatever else needs mesh.mu, waits for
+// one batch, not for all of them. Nothing else uses l.keys meanwhile: l's watch,
+// the only one that adds to it, has returned.
 func (s *Server) meshForgetLink(l *meshLink, notify bool) {
 	type notice struct {
 		key        PublicKey
@@ -4846,13 +4853,23 @@ func (s *Server) meshForgetLink(l *meshLink, notify bool) {
 	}
 	var notices []notice
 	s.mesh.mu.Lock()
-	n := len(l.keys)
-	for k := range l.keys {
+	keys := l.keys
+	l.keys = map[PublicKey]struct{}{}
+	n, held := len(keys), 0
+	for k := range keys {
+		if held == meshLockBatch {
+			s.mesh.mu.Unlock()
+			testMeshBatchDone(held)
+			held = 0
+			s.mesh.mu.Lock()
+		}
+		held++
 		if gone := s.meshUnrouteLocked(k, l); len(gone) > 0 {
 			notices = append(notices, notice{k, gone})
 		}
 	}
 	s.mesh.mu.Unlock()
+	testMeshBatchDone(held)
 	if n > 0 {
 		s.log.Debug("relay: mesh link lost; forgot its keys", "peer", l.url, "keys", n)
 	}
@@ -4862,6 +4879,21 @@ func (s *Server) meshForgetLink(l *meshLink, notify bool) {
 				r.enqueuePeerGone(nt.key, PeerGoneDisconnected)
 			}
 		}
+	}
+}
+
+// meshLockBatch is how many keys a loop over many keys (meshForgetLink,
+// forgetRecipient) handles per hold of mesh.mu: tens of microseconds.
+const meshLockBatch = 256
+
+// testHookMeshBatch, if set, is called with mesh.mu released after each
+// batch of keys meshForgetLink and forgetRecipient handled under one hold
+// of it, with the batch's size. It is nil outside tests.
+var testHookMeshBatch atomic.Pointer[func(keys int)]
+
+func testMeshBatchDone(keys int) {
+	if h := testHookMeshBatch.Load(); h != nil {
+		(*h)(keys)
 	}
 }
 
