@@ -1896,13 +1896,30 @@ func (s *Server) forgetRecipient(c *sconn) {
 	if len(from) == 0 && len(c.sentToMesh) == 0 {
 		return
 	}
+	// A popular client (a subnet router, an exit node) may have heard
+	// from tens of thousands of peers: mesh.mu, which every packet for a
+	// key not connected here needs, is released every meshLockBatch keys.
+	// Each key is handled under one hold, as meshAdopt and
+	// meshUnrouteLocked move a key's recipients between its entry and its
+	// route under mesh.mu.
+	held := 0
 	s.mesh.mu.Lock()
+	next := func() {
+		if held++; held > meshLockBatch {
+			s.mesh.mu.Unlock()
+			testMeshBatchDone(held - 1)
+			held = 1
+			s.mesh.mu.Lock()
+		}
+	}
 	for k, r := range c.sentToMesh {
+		next()
 		if s.mesh.routes[k] == r { // a removed route's set belongs to whoever removed it
 			r.recipients.remove(c)
 		}
 	}
 	for _, k := range from {
+		next()
 		if r := s.mesh.routes[k]; r != nil {
 			r.recipients.remove(c)
 		}
@@ -1914,6 +1931,7 @@ func (s *Server) forgetRecipient(c *sconn) {
 		sh.mu.Unlock()
 	}
 	s.mesh.mu.Unlock()
+	testMeshBatchDone(held)
 }
 
 // recipientSet is the sessions to tell when a key leaves. Sessions that
