@@ -843,7 +843,8 @@ type sconn struct {
 	keepAlive    bool
 	peerGone     []peerGoneItem
 	meshUpdates  []PeerPresent // Flags==0 means gone
-	floodQueued  bool          // meshUpdates starts with a whole list not yet taken
+	floodQueued  bool          // meshUpdates has a whole list, none of it taken yet,
+	floodAt      int           // starting at this index
 	health       *string
 	restarting   *ServerRestarting
 	serverInfo   []byte // the ServerInfo frame, until written
@@ -2642,6 +2643,7 @@ func (s *Server) addWatcher(c *sconn) {
 	// whole state: a watcher asking again and again without reading
 	// queues no more than one list at a time.
 	if !c.closed && !c.floodQueued {
+		c.floodAt = len(c.meshUpdates)
 		c.meshUpdates = append(c.meshUpdates, present...)
 		c.floodQueued = true
 		c.kickLocked()
@@ -2955,17 +2957,31 @@ func (c *sconn) takeLocked(ws *writerState) bool {
 	} else {
 		c.peerGone = c.peerGone[:0]
 	}
-	for _, u := range c.meshUpdates {
+	// A watcher's whole list (tens of thousands of keys on a big server)
+	// is taken maxUpdatesPerBatch at a time: it is encoded under c.mu, for
+	// which every login's and logout's broadcast waits, under s.mu.
+	take := min(len(c.meshUpdates), maxUpdatesPerBatch)
+	for _, u := range c.meshUpdates[:take] {
 		if u.Flags == 0 {
 			ws.control = appendFrame(ws.control, FramePeerGone, appendPeerGone(nil, u.Key, PeerGoneDisconnected))
 		} else {
 			ws.control = appendFrame(ws.control, FramePeerPresent, appendPeerPresent(nil, u))
 		}
 	}
-	c.floodQueued = false
-	if cap(c.meshUpdates) > 1024 {
+	if c.floodQueued {
+		if c.floodAt < take {
+			c.floodQueued = false // started: no longer the whole state
+		} else {
+			c.floodAt -= take
+		}
+	}
+	switch {
+	case take < len(c.meshUpdates):
+		clear(c.meshUpdates[:take]) // the app names
+		c.meshUpdates = c.meshUpdates[take:]
+	case cap(c.meshUpdates) > 1024:
 		c.meshUpdates = nil
-	} else {
+	default:
 		c.meshUpdates = c.meshUpdates[:0]
 	}
 	if c.hasPong {
@@ -3021,6 +3037,9 @@ func (c *sconn) takeLocked(ws *writerState) bool {
 	}
 	ws.ctlTail = len(ws.control)
 	ws.wsPong, c.wsPong = c.wsPong, false
+	// The Restarting notice goes out at once, even before the rest of a
+	// watcher's list: the connection ends after it, and with it every
+	// route the peer learned through it.
 	ws.last = c.restarting != nil
 	if ws.last {
 		ws.control = appendFrame(ws.control, FrameRestarting, appendRestarting(nil, c.restarting.ReconnectIn, c.restarting.TryFor))
@@ -3031,6 +3050,10 @@ func (c *sconn) takeLocked(ws *writerState) bool {
 	}
 	return len(ws.control) > 0 || len(ws.pkts) > 0 || ws.wsPong
 }
+
+// maxUpdatesPerBatch bounds the PeerPresent and PeerGone updates a
+// watcher's writer takes at once (about 60 KiB of frames).
+const maxUpdatesPerBatch = 1024
 
 // registerRecipients records that c received packets from new sources, so
 // that c is told PeerGone when they leave.
