@@ -563,6 +563,85 @@ func waitForWithin(t testing.TB, d time.Duration, cond func() bool) {
 	}
 }
 
+// TestDuplicateKeysHealthBounded checks that a login or logout among many
+// sessions of one key tells at most maxDupHealthFanout of them: each one
+// told all of them, so n logins with one key (one client, one IP) cost the
+// server n²/2 Health frames. The counts stay exact up to the bound.
+func TestDuplicateKeysHealthBounded(t *testing.T) {
+	s := newTestServer(t, WithKeepAlive(0))
+	k := mustKey(t).Public()
+	const n = 3 * maxDupHealthFanout
+	var conns []*sconn
+	told := func() (int, []string) {
+		var msgs []string
+		for _, c := range conns {
+			c.mu.Lock()
+			if c.health != nil {
+				msgs = append(msgs, *c.health)
+				c.health = nil
+			}
+			c.mu.Unlock()
+		}
+		return len(msgs), msgs
+	}
+	for i := range n {
+		c := &sconn{s: s, key: k, writing: true} // no writer goroutine
+		conns = append(conns, c)
+		if !s.register(c) {
+			t.Fatal("register refused")
+		}
+		got, msgs := told()
+		want := min(i+1, maxDupHealthFanout)
+		if i+1 > maxDupHealthFanout {
+			want = 1 // the newcomer
+		} else if i == 0 {
+			want = 0
+		}
+		if got > maxDupHealthFanout || got != want {
+			t.Fatalf("login %d of one key told %d sessions, want %d", i+1, got, want)
+		}
+		for _, m := range msgs {
+			if !strings.Contains(m, fmt.Sprintf("(%d in all)", i+1)) {
+				t.Fatalf("login %d: health %q", i+1, m)
+			}
+		}
+	}
+	if st := s.Stats(); st.CurrentDupKeys != 1 || st.CurrentDupConns != n {
+		t.Fatalf("dup gauges %d keys, %d conns; want 1, %d", st.CurrentDupKeys, st.CurrentDupConns, n)
+	}
+	for i, c := range conns {
+		if !c.dup.Load() {
+			t.Fatalf("session %d not marked duplicate", i)
+		}
+	}
+	for len(conns) > 1 {
+		c := conns[len(conns)-1]
+		conns = conns[:len(conns)-1]
+		s.unregister(c)
+		left := len(conns)
+		got, msgs := told()
+		want := left
+		switch {
+		case left > maxDupHealthFanout:
+			want = 0
+		case left == 1:
+			want = 1 // cleared
+		}
+		if got != want {
+			t.Fatalf("logout leaving %d told %d sessions, want %d", left, got, want)
+		}
+		for _, m := range msgs {
+			if left > 1 && !strings.Contains(m, fmt.Sprintf("(%d in all)", left)) || left == 1 && m != "" {
+				t.Fatalf("logout leaving %d: health %q", left, m)
+			}
+		}
+	}
+	if conns[0].dup.Load() {
+		t.Fatal("the last session is still marked duplicate")
+	}
+	s.unregister(conns[0])
+}
+
 func TestDuplicateKeys(t *testing.T) {
 	const mk = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 	s := newTestServer(t, WithMeshKey(mk))

@@ -1341,19 +1341,23 @@ func (s *Server) register(c *sconn) bool {
 	c.entry = e
 	e.conns = append(e.conns, c)
 	e.active.Store(c)
-	var dups []*sconn
-	if len(e.conns) > 1 {
-		dups = append(dups, e.conns...)
-		if len(e.conns) == 2 {
+	var dups []*sconn // to tell of the duplicates
+	ndup := len(e.conns)
+	if ndup > 1 {
+		if ndup <= maxDupHealthFanout {
+			dups = append(dups, e.conns...)
+		} else {
+			dups = append(dups, c) // see maxDupHealthFanout
+		}
+		if ndup == 2 {
 			s.stats.dupKeys.Add(1)
 			s.stats.dupConns.Add(2)
+			e.conns[0].dup.Store(true)
 		} else {
 			s.stats.dupConns.Add(1)
 		}
 		s.stats.dupTotal.Add(1)
-		for _, d := range e.conns {
-			d.dup.Store(true)
-		}
+		c.dup.Store(true) // the others are marked already
 	}
 	sh.mu.Unlock()
 	s.broadcastLocked(c.presence())
@@ -1377,15 +1381,15 @@ func (s *Server) register(c *sconn) bool {
 		s.stats.upgrades.Add(1)
 	}
 	if len(dups) > 0 {
-		msg := dupHealth(len(dups), c.key)
+		msg := dupHealth(ndup, c.key)
 		for _, d := range dups {
 			d.setHealth(msg)
 		}
-		s.logPeer("relay: duplicate key", "key", c.key.ShortString(), "conns", len(dups))
+		s.logPeer("relay: duplicate key", "key", c.key.ShortString(), "conns", ndup)
 	}
 	if s.debug.has(c.key) {
 		s.log.Info("relay: debug key: connected", "key", c.key.ShortString(), "remote", c.remote, "conn", c.connNum,
-			"fastStart", c.fastStart, "mesh", c.isMesh, "sessions", max(len(dups), 1))
+			"fastStart", c.fastStart, "mesh", c.isMesh, "sessions", ndup)
 	}
 	c.startKeepAlive()
 	c.mu.Lock()
@@ -1394,6 +1398,13 @@ func (s *Server) register(c *sconn) bool {
 	s.log.Debug("relay: client connected", "remote", c.remote, "key", c.key.ShortString(), "mesh", c.isMesh, "fastStart", c.fastStart)
 	return true
 }
+
+// maxDupHealthFanout is the most sessions of one key that are each told,
+// as one joins or leaves, how many there are. Beyond it only a newcomer is
+// told (the others keep the count they had) until the set shrinks back to
+// it: telling all of them made each login and logout of n sessions with one
+// key cost n Health frames, a flood of n logins n²/2.
+const maxDupHealthFanout = 8
 
 // dupHealth is the Health problem of each of n connections sharing key k.
 func dupHealth(n int, k PublicKey) string {
@@ -1450,7 +1461,9 @@ func (s *Server) unregister(c *sconn) {
 			successor = e.conns[len(e.conns)-1]
 			e.active.Store(successor)
 		}
-		stillDup = append(stillDup, e.conns...)
+		if len(e.conns) <= maxDupHealthFanout {
+			stillDup = append(stillDup, e.conns...)
+		}
 		s.stats.dupConns.Add(-1)
 	}
 	sh.mu.Unlock()
