@@ -218,3 +218,40 @@ func TestRelayPathNoAlloc(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkWatcherListTake encodes a watcher's list of 10k connected keys
+// and a burst of 4096 PeerGone notices, as its writer takes them (under
+// the watcher's mu): per op, everything one watcher is sent.
+func BenchmarkWatcherListTake(b *testing.B) {
+	s := NewServer(mustKey(b), WithMeshKey(testMeshKey))
+	defer s.Close()
+	for i := range 10000 {
+		var k PublicKey
+		k[0], k[1], k[31] = byte(i), byte(i>>8), 1
+		c := &sconn{s: s, key: k, info: ClientInfo{AppName: "tailscaled"}}
+		e := &keyEntry{conns: []*sconn{c}}
+		e.active.Store(c)
+		s.shard(k).m[k] = e
+	}
+	w := &sconn{s: s, writing: true} // no writer goroutine: the benchmark takes
+	ws := new(writerState)
+	b.ReportAllocs()
+	for b.Loop() {
+		b.StopTimer()
+		s.addWatcher(w)
+		w.mu.Lock()
+		for i := range maxPendingControl {
+			w.peerGone = append(w.peerGone, peerGoneItem{PublicKey{byte(i), byte(i >> 8)}, PeerGoneDisconnected})
+		}
+		w.mu.Unlock()
+		b.StartTimer()
+		for {
+			w.mu.Lock()
+			more := w.takeLocked(ws)
+			w.mu.Unlock()
+			if !more {
+				break
+			}
+		}
+	}
+}

@@ -2972,7 +2972,7 @@ func (c *sconn) takeLocked(ws *writerState) bool {
 	ws.control = append(ws.control[:0], c.serverInfo...)
 	c.serverInfo = nil
 	for _, g := range c.peerGone {
-		ws.control = appendFrame(ws.control, FramePeerGone, appendPeerGone(nil, g.key, g.reason))
+		ws.control = appendPeerGoneFrame(ws.control, g.key, g.reason)
 	}
 	if cap(c.peerGone) > maxKeptPeerGone {
 		c.peerGone = nil // after a burst: the session may now idle for long
@@ -2985,9 +2985,9 @@ func (c *sconn) takeLocked(ws *writerState) bool {
 	take := min(len(c.meshUpdates), maxUpdatesPerBatch)
 	for _, u := range c.meshUpdates[:take] {
 		if u.Flags == 0 {
-			ws.control = appendFrame(ws.control, FramePeerGone, appendPeerGone(nil, u.Key, PeerGoneDisconnected))
+			ws.control = appendPeerGoneFrame(ws.control, u.Key, PeerGoneDisconnected)
 		} else {
-			ws.control = appendFrame(ws.control, FramePeerPresent, appendPeerPresent(nil, u))
+			ws.control = appendPeerPresentFrame(ws.control, u)
 		}
 	}
 	if c.floodQueued {
@@ -3110,6 +3110,24 @@ func appendFrame(b []byte, t FrameType, payload []byte) []byte {
 	b = append(b, byte(t))
 	b = binary.BigEndian.AppendUint32(b, uint32(len(payload)))
 	return append(b, payload...)
+}
+
+// appendPeerGoneFrame appends a whole PeerGone frame: no payload buffer of
+// its own, as a burst of thousands is encoded under the session's mu.
+func appendPeerGoneFrame(b []byte, k PublicKey, r PeerGoneReason) []byte {
+	b = append(b, byte(FramePeerGone))
+	b = binary.BigEndian.AppendUint32(b, KeyLen+1)
+	return appendPeerGone(b, k, r)
+}
+
+// appendPeerPresentFrame appends a whole PeerPresent frame, as
+// appendPeerGoneFrame does.
+func appendPeerPresentFrame(b []byte, m PeerPresent) []byte {
+	b = append(b, byte(FramePeerPresent), 0, 0, 0, 0)
+	start := len(b)
+	b = appendPeerPresent(b, m)
+	binary.BigEndian.PutUint32(b[start-4:start], uint32(len(b)-start))
+	return b
 }
 
 func (c *sconn) writeBatch(ws *writerState) error {

@@ -878,6 +878,51 @@ func TestWatcherListTakenInSlices(t *testing.T) {
 	}
 }
 
+// TestWatcherTakeNoAllocPerFrame checks that the PeerPresent and PeerGone
+// frames a writer takes are encoded straight into its control buffer, as
+// appendFrame would encode them: each took a payload buffer of its own
+// (two allocations per frame, 28k for a list of 10k keys and a burst of
+// 4096 notices, all under the session's mu).
+func TestWatcherTakeNoAllocPerFrame(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey))
+	const n = 1000
+	w := &sconn{s: s, writing: true} // no writer goroutine: the test takes
+	var want []byte
+	for i := range n {
+		var k PublicKey
+		k[0], k[1], k[31] = byte(i), byte(i>>8), 1
+		u := PeerPresent{Key: k, Addr: netip.MustParseAddrPort("192.0.2.1:41641"), Flags: PeerIsRegular, AppName: "tailscaled"}
+		if i%3 == 0 {
+			u = PeerPresent{Key: k} // gone
+		}
+		w.meshUpdates = append(w.meshUpdates, u)
+		w.peerGone = append(w.peerGone, peerGoneItem{k, PeerGoneNotHere})
+	}
+	for _, g := range w.peerGone {
+		want = appendFrame(want, FramePeerGone, appendPeerGone(nil, g.key, g.reason))
+	}
+	for _, u := range w.meshUpdates {
+		if u.Flags == 0 {
+			want = appendFrame(want, FramePeerGone, appendPeerGone(nil, u.Key, PeerGoneDisconnected))
+		} else {
+			want = appendFrame(want, FramePeerPresent, appendPeerPresent(nil, u))
+		}
+	}
+	ws := &writerState{control: make([]byte, 0, 2*len(want))}
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	w.mu.Lock()
+	w.takeLocked(ws)
+	w.mu.Unlock()
+	runtime.ReadMemStats(&after)
+	if !bytes.Equal(ws.control, want) {
+		t.Fatalf("frames differ from appendFrame's: %d bytes, want %d", len(ws.control), len(want))
+	}
+	if allocs := after.Mallocs - before.Mallocs; allocs > n/2 {
+		t.Errorf("taking %d frames made %d allocations", 2*n, allocs)
+	}
+}
+
 // With WithLoginTimeout(0) the admission hook still runs, with no deadline
 // of its own (it used to get one that had already passed).
 func TestLoginTimeoutZeroAdmissionAsks(t *testing.T) {
