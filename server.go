@@ -83,6 +83,7 @@ type Server struct {
 	mu       sync.Mutex
 	conns    map[*sconn]struct{}
 	watchers map[*sconn]struct{}
+	tableSeq uint64 // numbers the routing table's changes (changeLocked)
 	perIP    map[netip.Addr]int
 	closed   bool
 	closing  chan struct{} // made by the first Close, closed when it is done
@@ -103,8 +104,9 @@ type Server struct {
 const numShards = 64
 
 type routeShard struct {
-	mu sync.RWMutex
-	m  map[PublicKey]*keyEntry
+	mu  sync.RWMutex
+	m   map[PublicKey]*keyEntry
+	seq uint64 // Server.tableSeq of the shard's last change
 }
 
 // keyEntry is the set of local connections of one key.
@@ -845,6 +847,10 @@ type sconn struct {
 	meshUpdates  []PeerPresent // Flags==0 means gone
 	floodQueued  bool          // meshUpdates has a whole list, none of it taken yet,
 	floodAt      int           // starting at this index
+	// While addWatcher builds c's list (listing), broadcasts go to
+	// listed instead of meshUpdates, each with its change's number.
+	listing      bool
+	listed       []seqUpdate
 	health       *string
 	restarting   *ServerRestarting
 	serverInfo   []byte // the ServerInfo frame, until written
@@ -1322,10 +1328,11 @@ func (c *sconn) writeTimeout() time.Duration {
 // register adds c to the routing table and announces it to watchers.
 func (s *Server) register(c *sconn) bool {
 	// s.mu is held from the routing table's change to the PeerPresent
-	// broadcast, as in unregister and addWatcher: a watcher then learns of
-	// each login exactly once (from its snapshot or from the broadcast),
-	// and updates for one key reach it in the order the table changed (a
-	// key's PeerGone never follows the PeerPresent of a newer connection).
+	// broadcast, as in unregister, and the change is numbered for
+	// addWatcher: a watcher then learns of each login exactly once (from
+	// its list or from the broadcast), and updates for one key reach it in
+	// the order the table changed (a key's PeerGone never follows the
+	// PeerPresent of a newer connection).
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -1341,6 +1348,7 @@ func (s *Server) register(c *sconn) bool {
 	c.entry = e
 	e.conns = append(e.conns, c)
 	e.active.Store(c)
+	s.changeLocked(sh)
 	var dups []*sconn // to tell of the duplicates
 	ndup := len(e.conns)
 	if ndup > 1 {
@@ -1426,6 +1434,7 @@ func (s *Server) unregister(c *sconn) {
 	// s.mu is held until the broadcast: see register.
 	sh := s.shard(c.key)
 	sh.mu.Lock()
+	s.changeLocked(sh)
 	e := c.entry
 	if i := slices.Index(e.conns, c); i >= 0 {
 		// slices.Delete clears the vacated slot: a pointer left beyond
@@ -2631,6 +2640,15 @@ func (s *Server) closePeer(k PublicKey) int {
 
 // addWatcher subscribes c to connection changes, starting with a
 // PeerPresent for every key connected here.
+//
+// The list is built without s.mu, for which logins and logouts wait (a walk
+// over 10k keys takes 2 ms): c is subscribed first, and the updates
+// broadcast while the shards are walked are set aside, each with the
+// number of its change. A shard's walk reflects every change of the shard
+// up to its seq and none after, so the updates set aside that the walk
+// already reflects are dropped and the others follow the list: c learns
+// of each login once, and of no logout before its login, as if the list
+// had been taken at once.
 func (s *Server) addWatcher(c *sconn) {
 	s.mu.Lock()
 	if _, ok := s.watchers[c]; !ok {
@@ -2640,19 +2658,25 @@ func (s *Server) addWatcher(c *sconn) {
 	// A list still queued, with the updates after it, is already the
 	// whole state: a watcher asking again and again without reading
 	// queues no more than one list at a time, and costs no walk over
-	// every key (2 ms for 10k, with logins waiting for s.mu) per ask.
+	// every key per ask.
 	c.mu.Lock()
-	queued := c.closed || c.floodQueued
 	c.watching = true
+	queued := c.closed || c.floodQueued
+	if !queued {
+		c.listing = true
+	}
 	c.mu.Unlock()
+	n := s.stats.current.Load() // sessions: at least as many as keys
+	s.mu.Unlock()
 	if queued {
-		s.mu.Unlock()
 		return
 	}
-	var present []PeerPresent
+	present := make([]PeerPresent, 0, n)
+	var seen [numShards]uint64
 	for i := range s.shards {
 		sh := &s.shards[i]
 		sh.mu.RLock()
+		seen[i] = sh.seq
 		for _, e := range sh.m {
 			if a := e.active.Load(); a != nil {
 				present = append(present, a.presence())
@@ -2660,18 +2684,43 @@ func (s *Server) addWatcher(c *sconn) {
 		}
 		sh.mu.RUnlock()
 	}
-	// Queue the flood while holding s.mu so that no live update for a
-	// newer login can be queued before it.
+	// Under s.mu: every change the walk saw has been broadcast (register
+	// and unregister hold s.mu from the change to the broadcast).
+	s.mu.Lock()
 	c.mu.Lock()
-	c.watching = true
-	if !c.closed && !c.floodQueued {
+	listed := c.listed
+	c.listing, c.listed = false, nil
+	if !c.closed {
 		c.floodAt = len(c.meshUpdates)
-		c.meshUpdates = append(c.meshUpdates, present...)
+		if len(c.meshUpdates) == 0 {
+			c.meshUpdates = present // no copy under the locks
+		} else {
+			c.meshUpdates = append(c.meshUpdates, present...)
+		}
+		for _, u := range listed {
+			if u.seq > seen[u.Key[0]%numShards] {
+				c.meshUpdates = append(c.meshUpdates, u.PeerPresent)
+			}
+		}
 		c.floodQueued = true
 		c.kickLocked()
 	}
 	c.mu.Unlock()
 	s.mu.Unlock()
+}
+
+// seqUpdate is a broadcast set aside while a watcher's list is built, with
+// the number of the change it announces.
+type seqUpdate struct {
+	PeerPresent
+	seq uint64
+}
+
+// changeLocked numbers a change of the routing table in sh; s.mu and sh.mu
+// must be held.
+func (s *Server) changeLocked(sh *routeShard) {
+	s.tableSeq++
+	sh.seq = s.tableSeq
 }
 
 func (c *sconn) presence() PeerPresent {
@@ -2695,7 +2744,11 @@ func (c *sconn) presence() PeerPresent {
 func (s *Server) broadcastLocked(u PeerPresent) {
 	for w := range s.watchers {
 		w.mu.Lock()
-		if !w.closed {
+		switch {
+		case w.closed:
+		case w.listing:
+			w.listed = append(w.listed, seqUpdate{u, s.tableSeq}) // see addWatcher
+		default:
 			w.meshUpdates = append(w.meshUpdates, u)
 			w.kickLocked()
 		}

@@ -814,6 +814,87 @@ func TestWatchConnsRepeatedNoWalk(t *testing.T) {
 	}
 }
 
+// TestWatchConnsListBuiltWithoutServerLock checks that logins go on while
+// a watcher's list of connected keys is built: the walk over every key
+// (2 ms for 10k) held s.mu, for which each login and logout waits. Holding
+// one routing shard stops the walk mid-way; a login of a key in another
+// shard must still complete, and the watcher must learn of every key
+// exactly once.
+func TestWatchConnsListBuiltWithoutServerLock(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey), WithKeepAlive(0))
+	const held = 5 // the shard the test holds
+	const n = 200
+	want := map[PublicKey]bool{}
+	for i := range n {
+		var k PublicKey
+		k[0], k[1], k[31] = byte(i), byte(i>>8), 1
+		c := &sconn{s: s, key: k}
+		e := &keyEntry{conns: []*sconn{c}}
+		e.active.Store(c)
+		sh := s.shard(k)
+		sh.mu.Lock()
+		sh.m[k] = e
+		sh.mu.Unlock()
+		want[k] = true
+	}
+	priv := mustKey(t)
+	for priv.Public()[0]%numShards == held {
+		priv = mustKey(t)
+	}
+	w := &sconn{s: s, writing: true} // no writer goroutine: the test takes
+	sh := &s.shards[held]
+	sh.mu.Lock()
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		s.addWatcher(w)
+	}()
+	// Wait for the walk to be stuck at the held shard: listing, or (as
+	// it was) holding s.mu.
+	waitFor(t, func() bool {
+		if !s.mu.TryLock() {
+			return true
+		}
+		s.mu.Unlock()
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return w.listing
+	})
+	loggedIn := make(chan *Client, 1)
+	go func() {
+		var c *Client
+		defer func() { loggedIn <- c }() // even if the login fails the test
+		c = pipeLogin(t, s, priv)
+	}()
+	select {
+	case <-loggedIn:
+		sh.mu.Unlock()
+	case <-time.After(10 * time.Second):
+		t.Error("a login waited for a watcher's list to be built")
+		sh.mu.Unlock()
+		<-loggedIn
+	}
+	<-watched
+	want[priv.Public()] = true
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	seen := map[PublicKey]int{}
+	for _, u := range w.meshUpdates {
+		if u.Flags == 0 {
+			t.Fatalf("%s gone in the list", u.Key.ShortString())
+		}
+		seen[u.Key]++
+	}
+	for k := range want {
+		if seen[k] != 1 {
+			t.Errorf("%s listed %d times, want once", k.ShortString(), seen[k])
+		}
+	}
+	if len(seen) != len(want) {
+		t.Errorf("%d keys listed, want %d", len(seen), len(want))
+	}
+}
+
 // TestWatcherListTakenInSlices checks that a watcher's writer takes the
 // list of every connected key a slice at a time: it encoded the whole list
 // at once under the watcher's mu, for which every login's and logout's
