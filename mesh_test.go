@@ -378,6 +378,24 @@ func TestMeshForgetLinkInBatches(t *testing.T) {
 	}
 	other := mustKey(t).Public()
 	s.meshAdd(other, lb)
+	total, most, holds := meshBatches(t, s, other, lb, func() { s.meshForgetLink(la, true) })
+	if total != n || most > meshLockBatch {
+		t.Errorf("%d routes removed in %d holds of mesh.mu, the largest %d; want %d, at most %d each", total, holds, most, n, meshLockBatch)
+	}
+	s.mesh.mu.RLock()
+	left := len(s.mesh.routes)
+	s.mesh.mu.RUnlock()
+	if left != 1 || len(la.keys) != 0 {
+		t.Errorf("after forgetting: %d routes, %d keys of the link; want 1, 0", left, len(la.keys))
+	}
+}
+
+// meshBatches runs op with testHookMeshBatch recording how many keys each
+// hold of mesh.mu handled; in the first hold it checks that a route lookup
+// for other (expected to give want) does not wait for op to finish. It
+// returns the total and the largest batch, and the number of holds.
+func meshBatches(t *testing.T, s *Server, other PublicKey, want *meshLink, op func()) (total, most, holds int) {
+	t.Helper()
 	var batches []int
 	looked := false
 	hook := func(keys int) {
@@ -391,31 +409,22 @@ func TestMeshForgetLinkInBatches(t *testing.T) {
 		go func() { done <- s.meshLookup(other) }()
 		select {
 		case l := <-done:
-			if l != lb {
-				t.Errorf("route to the other peer's key mid-way: %v", l)
+			if l != want {
+				t.Errorf("route to %s mid-way: %v, want %v", other.ShortString(), l, want)
 			}
 		case <-time.After(10 * time.Second):
-			t.Error("a route lookup waited for the whole link to be forgotten")
+			t.Error("a route lookup waited for the whole operation under mesh.mu")
 		}
 	}
 	testHookMeshBatch.Store(&hook)
 	defer testHookMeshBatch.Store(nil)
-	s.meshForgetLink(la, true)
+	op()
 	testHookMeshBatch.Store(nil)
-	total, most := 0, 0
 	for _, b := range batches {
 		total += b
 		most = max(most, b)
 	}
-	if total != n || most > meshLockBatch {
-		t.Errorf("%d routes removed in %d holds of mesh.mu, the largest %d; want %d, at most %d each", total, len(batches), most, n, meshLockBatch)
-	}
-	s.mesh.mu.RLock()
-	left := len(s.mesh.routes)
-	s.mesh.mu.RUnlock()
-	if left != 1 || len(la.keys) != 0 {
-		t.Errorf("after forgetting: %d routes, %d keys of the link; want 1, 0", left, len(la.keys))
-	}
+	return total, most, len(batches)
 }
 
 // TestMeshPeerGoneForRemoteKeys checks that clients that received packets

@@ -355,45 +355,9 @@ func negotiatesTLS13(hello *tls.ClientHelloInfo, cfg *tls.Config) bool {
 // appendMetaCertToConfig does AppendMetaCert's work on everything in cfg
 // except GetConfigForClient.
 func appendMetaCertToConfig(cfg *tls.Config, meta []byte) {
-	if len(cfg.Certificates) > 0 {
-		certs := make([]tls.Certificate, len(cfg.Certificates))
-		for i := range cfg.Certificates {
-			certs[i] = withMetaCert(&cfg.Certificates[i], meta)
-		}
-		cfg.Certificates = certs
-	}
-	//lint:ignore SA1019 a caller that still fills it gets the meta cert too.
-	if byName := cfg.NameToCertificate; len(byName) > 0 {
-		copies := make(map[*tls.Certificate]*tls.Certificate, len(byName))
-		newByName := make(map[string]*tls.Certificate, len(byName))
-		for name, c := range byName {
-			if c == nil {
-				newByName[name] = nil
-				continue
-			}
-			cc, seen := copies[c]
-			if !seen {
-				copied := withMetaCert(c, meta)
-				cc = &copied
-				copies[c] = cc
-			}
-			newByName[name] = cc
-		}
-		cfg.NameToCertificate = newByName
-	}
-	if getCert := cfg.GetCertificate; getCert != nil {
-		cfg.GetCertificate = func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-			c, err := getCert(hello)
-			if err != nil || c == nil {
-				return c, err
-			}
-			if !needsMetaCert(c, meta) {
-				return c, nil
-			}
-			cc := withMetaCert(c, meta)
-			return &cc, nil
-		}
-	}
+	rewriteCerts(cfg,
+		func(c *tls.Certificate) bool { return needsMetaCert(c, meta) },
+		func(c *tls.Certificate) tls.Certificate { return withMetaCert(c, meta) })
 	cfg.NextProtos = metaCertNextProtos(cfg.NextProtos)
 }
 
@@ -401,10 +365,21 @@ func appendMetaCertToConfig(cfg *tls.Config, meta []byte) {
 // meta cert at the end of a chain: its certificates, and those its
 // GetCertificate returns, are replaced by copies without it.
 func removeMetaCerts(cfg *tls.Config) {
-	if i := slices.IndexFunc(cfg.Certificates, func(c tls.Certificate) bool { return endsWithMetaCert(&c) }); i >= 0 {
+	rewriteCerts(cfg, endsWithMetaCert, withoutMetaCert)
+}
+
+// rewriteCerts replaces each certificate cfg presents for which change
+// reports true (in Certificates, in NameToCertificate, and each that
+// GetCertificate returns) with rewrite's copy of it. Certificates are
+// never modified, as other configs and handshakes may share them; one
+// shared by several names is copied once.
+func rewriteCerts(cfg *tls.Config, change func(*tls.Certificate) bool, rewrite func(*tls.Certificate) tls.Certificate) {
+	if slices.ContainsFunc(cfg.Certificates, func(c tls.Certificate) bool { return change(&c) }) {
 		certs := slices.Clone(cfg.Certificates)
 		for i := range certs {
-			certs[i] = withoutMetaCert(&certs[i])
+			if change(&certs[i]) {
+				certs[i] = rewrite(&certs[i])
+			}
 		}
 		cfg.Certificates = certs
 	}
@@ -413,13 +388,13 @@ func removeMetaCerts(cfg *tls.Config) {
 		newByName := make(map[string]*tls.Certificate, len(byName))
 		copies := make(map[*tls.Certificate]*tls.Certificate, len(byName))
 		for name, c := range byName {
-			if c == nil || !endsWithMetaCert(c) {
+			if c == nil || !change(c) {
 				newByName[name] = c
 				continue
 			}
 			cc, seen := copies[c]
 			if !seen {
-				copied := withoutMetaCert(c)
+				copied := rewrite(c)
 				cc = &copied
 				copies[c] = cc
 			}
@@ -430,10 +405,10 @@ func removeMetaCerts(cfg *tls.Config) {
 	if getCert := cfg.GetCertificate; getCert != nil {
 		cfg.GetCertificate = func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
 			c, err := getCert(hello)
-			if err != nil || c == nil || !endsWithMetaCert(c) {
+			if err != nil || c == nil || !change(c) {
 				return c, err
 			}
-			cc := withoutMetaCert(c)
+			cc := rewrite(c)
 			return &cc, nil
 		}
 	}

@@ -174,37 +174,9 @@ func TestForgetRecipientInBatches(t *testing.T) {
 		entries = append(entries, e)
 		c.sentFrom[k] = struct{}{}
 	}
-	var batches []int
-	looked := false
-	hook := func(keys int) {
-		batches = append(batches, keys)
-		if looked {
-			return
-		}
-		looked = true
-		// Mid-way: a packet's route lookup must not wait for the rest.
-		done := make(chan *meshLink, 1)
-		go func() { done <- s.meshLookup(other) }()
-		select {
-		case l := <-done:
-			if l != la {
-				t.Errorf("route mid-way: %v", l)
-			}
-		case <-time.After(10 * time.Second):
-			t.Error("a route lookup waited for the session to leave every recipient set")
-		}
-	}
-	testHookMeshBatch.Store(&hook)
-	defer testHookMeshBatch.Store(nil)
-	s.forgetRecipient(c)
-	testHookMeshBatch.Store(nil)
-	total, most := 0, 0
-	for _, b := range batches {
-		total += b
-		most = max(most, b)
-	}
+	total, most, holds := meshBatches(t, s, other, la, func() { s.forgetRecipient(c) })
 	if total != n+remote || most > meshLockBatch {
-		t.Errorf("%d keys handled in %d holds of mesh.mu, the largest %d; want %d, at most %d each", total, len(batches), most, n+remote, meshLockBatch)
+		t.Errorf("%d keys handled in %d holds of mesh.mu, the largest %d; want %d, at most %d each", total, holds, most, n+remote, meshLockBatch)
 	}
 	for i, e := range entries {
 		sh := s.shard(e.active.Load().key)
