@@ -205,16 +205,7 @@ func TestReconnectingClientLogsOneLinePerFailedDial(t *testing.T) {
 // a link that went down soon after it came up backs off as a failed dial
 // does.
 func TestMeshLinkFlapBacksOff(t *testing.T) {
-	var lns []net.Listener
-	var urls []string
-	for range 2 {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		lns = append(lns, ln)
-		urls = append(urls, "http://"+ln.Addr().String()+"/derp")
-	}
+	lns, urls := listenNodes(t, 2)
 	h := &recHandler{}
 	b := serveNode(t, lns[1], urls[1], WithMeshKey(testMeshKey))
 	a := serveNode(t, lns[0], urls[0], WithMeshKey(testMeshKey), WithMeshPeers(urls[1]), WithLogger(slog.New(h)))

@@ -65,6 +65,23 @@ func newRegion(t *testing.T, n int, mk string, opts ...ServerOption) []*meshNode
 	return nodes
 }
 
+// listenNodes listens on n loopback ports first, so that every server of a
+// region can be given the whole region's URLs.
+func listenNodes(t *testing.T, n int) ([]net.Listener, []string) {
+	t.Helper()
+	var lns []net.Listener
+	var urls []string
+	for range n {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		lns = append(lns, ln)
+		urls = append(urls, "http://"+ln.Addr().String()+"/derp")
+	}
+	return lns, urls
+}
+
 // serveNode serves a new server with opts on ln; cleanup stops it.
 func serveNode(t *testing.T, ln net.Listener, url string, opts ...ServerOption) *meshNode {
 	t.Helper()
@@ -1131,16 +1148,7 @@ func fastLinkPings() ServerOption {
 // told PeerGone) within seconds, not at the 120 s receive timeout; a live
 // peer, which answers, keeps its link however often it is pinged.
 func TestMeshLinkNoticesSilentPeer(t *testing.T) {
-	var lns []net.Listener
-	var urls []string
-	for range 2 {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		lns = append(lns, ln)
-		urls = append(urls, "http://"+ln.Addr().String()+"/derp")
-	}
+	lns, urls := listenNodes(t, 2)
 	p := newSilentProxy(t, lns[1].Addr().String())
 	h := &recHandler{}
 	// a watches b through the proxy; b's own link to a is direct.
@@ -1175,17 +1183,7 @@ func TestMeshLinkNoticesSilentPeer(t *testing.T) {
 	if g, ok := recvMsg[PeerGone](t, x); !ok || g.Peer != yk || g.Reason != PeerGoneDisconnected {
 		t.Fatalf("got %+v, want PeerGone(%s, Disconnected)", g, yk.ShortString())
 	}
-	var why string
-	for _, r := range h.infoRecords() {
-		if r.Message == "relay: mesh link down" {
-			r.Attrs(func(at slog.Attr) bool {
-				if at.Key == "err" {
-					why = at.Value.String()
-				}
-				return true
-			})
-		}
-	}
+	why, _ := linkDownErr(h)
 	t.Logf("mesh link down: %s", why)
 	if !strings.Contains(why, "silent") || !strings.Contains(why, "ping") {
 		t.Errorf("the link went down with %q, want an error saying the peer was silent and did not answer a ping", why)
@@ -1339,16 +1337,7 @@ func TestMeshLinkPingBehindBacklogKeepsLink(t *testing.T) {
 	if runtime.GOOS != "linux" {
 		t.Skip("the kernel's view of the socket is read on Linux only")
 	}
-	var lns []net.Listener
-	var urls []string
-	for range 2 {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		lns = append(lns, ln)
-		urls = append(urls, "http://"+ln.Addr().String()+"/derp")
-	}
+	lns, urls := listenNodes(t, 2)
 	// About 800 KB/s from a to b: 4 MB of forwards take about 5 s, more
 	// than ten times the 400 ms a Ping's answer is waited for.
 	p := newSlowProxy(t, lns[1].Addr().String(), 4<<10, 5*time.Millisecond)
@@ -1374,29 +1363,14 @@ func TestMeshLinkPingBehindBacklogKeepsLink(t *testing.T) {
 		}
 	}
 	pingsBefore := b.s.Stats().PingsReceived
-	linkDown := func() (slog.Record, bool) {
-		for _, r := range h.infoRecords() {
-			if r.Message == "relay: mesh link down" {
-				return r, true
-			}
-		}
-		return slog.Record{}, false
-	}
 	// Every byte a sent gets through, the Pings among them, unless the
 	// link is given up first.
 	waitForWithin(t, 60*time.Second, func() bool {
-		_, down := linkDown()
+		_, down := linkDownErr(h)
 		return down || p.accepted.Load() > 1 ||
 			(b.s.Stats().PingsReceived > pingsBefore && p.passed.Load() > 3<<20)
 	})
-	if r, down := linkDown(); down {
-		var why string
-		r.Attrs(func(at slog.Attr) bool {
-			if at.Key == "err" {
-				why = at.Value.String()
-			}
-			return true
-		})
+	if why, down := linkDownErr(h); down {
 		t.Fatalf("the link went down while its peer took its forwards (%d bytes passed so far): %s", p.passed.Load(), why)
 	}
 	if n := p.accepted.Load(); n != 1 {
@@ -2251,4 +2225,21 @@ func modelSeeds() []uint64 {
 		seeds = append(seeds, uint64(i+1))
 	}
 	return seeds
+}
+
+// linkDownErr returns the err of the last "mesh link down" line h logged,
+// and whether there was one.
+func linkDownErr(h *recHandler) (why string, down bool) {
+	for _, r := range h.infoRecords() {
+		if r.Message == "relay: mesh link down" {
+			down = true
+			r.Attrs(func(at slog.Attr) bool {
+				if at.Key == "err" {
+					why = at.Value.String()
+				}
+				return true
+			})
+		}
+	}
+	return why, down
 }
