@@ -226,12 +226,7 @@ func BenchmarkWatcherListTake(b *testing.B) {
 	s := NewServer(mustKey(b), WithMeshKey(testMeshKey))
 	defer s.Close()
 	for i := range 10000 {
-		var k PublicKey
-		k[0], k[1], k[31] = byte(i), byte(i>>8), 1
-		c := &sconn{s: s, key: k, info: ClientInfo{AppName: "tailscaled"}}
-		e := &keyEntry{conns: []*sconn{c}}
-		e.active.Store(c)
-		s.shard(k).m[k] = e
+		addFakeSession(s, &sconn{s: s, key: fakeKey(i), info: ClientInfo{AppName: "tailscaled"}})
 	}
 	w := &sconn{s: s, writing: true} // no writer goroutine: the benchmark takes
 	ws := new(writerState)

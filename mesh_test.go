@@ -389,9 +389,7 @@ func TestMeshForgetLinkInBatches(t *testing.T) {
 	la, lb := newMeshLink(s, "a"), newMeshLink(s, "b")
 	const n = 4*meshLockBatch + 10
 	for i := range n {
-		var k PublicKey
-		k[0], k[1], k[31] = byte(i), byte(i>>8), 1
-		s.meshAdd(k, la)
+		s.meshAdd(fakeKey(i), la)
 	}
 	other := mustKey(t).Public()
 	s.meshAdd(other, lb)

@@ -154,8 +154,7 @@ func TestForgetRecipientInBatches(t *testing.T) {
 	const remote = meshLockBatch   // destinations reached through the mesh
 	var entries []*keyEntry
 	for i := range n + remote {
-		var k PublicKey
-		k[0], k[1], k[31] = byte(i), byte(i>>8), 1
+		k := fakeKey(i)
 		if i >= n {
 			s.meshAdd(k, la)
 			r, _ := s.meshRoute(k)
@@ -750,15 +749,7 @@ func TestWatchConnsRepeatedNoWalk(t *testing.T) {
 	s := newTestServer(t, WithMeshKey(testMeshKey))
 	const n = 1000
 	for i := range n {
-		var k PublicKey
-		k[0], k[1], k[31] = byte(i), byte(i>>8), 1
-		c := &sconn{s: s, key: k}
-		e := &keyEntry{conns: []*sconn{c}}
-		e.active.Store(c)
-		sh := s.shard(k)
-		sh.mu.Lock()
-		sh.m[k] = e
-		sh.mu.Unlock()
+		addFakeSession(s, &sconn{s: s, key: fakeKey(i)})
 	}
 	w := &sconn{s: s, writing: true} // no writer goroutine: nothing is taken
 	s.addWatcher(w)
@@ -798,16 +789,8 @@ func TestWatchConnsListBuiltWithoutServerLock(t *testing.T) {
 	const n = 200
 	want := map[PublicKey]bool{}
 	for i := range n {
-		var k PublicKey
-		k[0], k[1], k[31] = byte(i), byte(i>>8), 1
-		c := &sconn{s: s, key: k}
-		e := &keyEntry{conns: []*sconn{c}}
-		e.active.Store(c)
-		sh := s.shard(k)
-		sh.mu.Lock()
-		sh.m[k] = e
-		sh.mu.Unlock()
-		want[k] = true
+		addFakeSession(s, &sconn{s: s, key: fakeKey(i)})
+		want[fakeKey(i)] = true
 	}
 	priv := mustKey(t)
 	for priv.Public()[0]%numShards == held {
@@ -877,15 +860,7 @@ func TestWatcherListTakenInSlices(t *testing.T) {
 	s := newTestServer(t, WithMeshKey(testMeshKey))
 	const n = 3*maxUpdatesPerBatch + 10
 	for i := range n {
-		var k PublicKey
-		k[0], k[1], k[31] = byte(i), byte(i>>8), 1
-		c := &sconn{s: s, key: k, remoteAddr: netip.MustParseAddrPort("192.0.2.1:1")}
-		e := &keyEntry{conns: []*sconn{c}}
-		e.active.Store(c)
-		sh := s.shard(k)
-		sh.mu.Lock()
-		sh.m[k] = e
-		sh.mu.Unlock()
+		addFakeSession(s, &sconn{s: s, key: fakeKey(i), remoteAddr: netip.MustParseAddrPort("192.0.2.1:1")})
 	}
 	w := &sconn{s: s, writing: true} // no writer goroutine: the test takes
 	s.addWatcher(w)
@@ -942,8 +917,7 @@ func TestWatcherTakeNoAllocPerFrame(t *testing.T) {
 	w := &sconn{s: s, writing: true} // no writer goroutine: the test takes
 	var want []byte
 	for i := range n {
-		var k PublicKey
-		k[0], k[1], k[31] = byte(i), byte(i>>8), 1
+		k := fakeKey(i)
 		u := PeerPresent{Key: k, Addr: netip.MustParseAddrPort("192.0.2.1:41641"), Flags: PeerIsRegular, AppName: "tailscaled"}
 		if i%3 == 0 {
 			u = PeerPresent{Key: k} // gone
@@ -1738,4 +1712,25 @@ func TestWebSocketUpgradeResponseBoundedByLogin(t *testing.T) {
 			}
 		})
 	}
+}
+
+// fakeKey returns the i-th of up to 65536 distinct keys, spread over the
+// routing shards.
+func fakeKey(i int) PublicKey {
+	var k PublicKey
+	k[0], k[1], k[31] = byte(i), byte(i>>8), 1
+	return k
+}
+
+// addFakeSession puts c, a session with no connection, into s's routing
+// table as the only session of its key, as register would, without
+// announcing it; it returns c's entry.
+func addFakeSession(s *Server, c *sconn) *keyEntry {
+	e := &keyEntry{conns: []*sconn{c}}
+	e.active.Store(c)
+	sh := s.shard(c.key)
+	sh.mu.Lock()
+	sh.m[c.key] = e
+	sh.mu.Unlock()
+	return e
 }
