@@ -2241,3 +2241,45 @@ func linkDownErr(h *recHandler) (why string, down bool) {
 	}
 	return why, down
 }
+
+// TestMeshRoamingKeepsNewestRoute: a client with two connections to server
+// a (a duplicate) moves to server b, and c routes its key to b, the newest
+// announcement. When a's active connection of the two ends, a must not
+// announce the one left: that would make a the newest route at c again,
+// and c would send the client's packets to an old connection of it that
+// lingers until it times out, instead of to b.
+func TestMeshRoamingKeepsNewestRoute(t *testing.T) {
+	nodes := newRegion(t, 3, testMeshKey)
+	a, b, c := nodes[0], nodes[1], nodes[2]
+	priv := mustKey(t)
+	k := priv.Public()
+	// settled waits until c has handled whatever a told it so far: a
+	// marker logged in on a after it is routed there.
+	settled := func() {
+		t.Helper()
+		marker := dialNode(t, a, mustKey(t))
+		waitRoute(t, c.s, marker.PublicKey(), a)
+	}
+	dialNode(t, a, priv)
+	second := dialNode(t, a, priv) // the newest: active
+	settled()
+	waitRoute(t, c.s, k, a)
+	dialNode(t, b, priv) // the client moves
+	waitRoute(t, c.s, k, b)
+
+	second.Close()
+	waitFor(t, func() bool {
+		n := 0
+		for si := range a.s.Sessions() {
+			if si.Key == k {
+				n++
+			}
+		}
+		return n == 1
+	})
+	settled()
+	want, _ := meshPeerURL(b.url)
+	if got, ok := c.s.MeshPeerFor(k); !ok || got != want {
+		t.Fatalf("c routes the client's key to %q (%v) after a duplicate left a, want b (%q), where the client moved", got, ok, want)
+	}
+}

@@ -1442,7 +1442,7 @@ func (s *Server) unregister(c *sconn) {
 		// holds, for as long as the entry lives.
 		e.conns = slices.Delete(e.conns, i, i+1)
 	}
-	var alone, successor *sconn
+	var alone *sconn
 	var stillDup []*sconn
 	var gone map[*sconn]struct{}
 	last := len(e.conns) == 0 // read under sh.mu: a duplicate may be leaving too
@@ -1460,15 +1460,11 @@ func (s *Server) unregister(c *sconn) {
 		alone = e.conns[0]
 		alone.dup.Store(false)
 		e.active.Store(alone)
-		if wasActive {
-			successor = alone
-		}
 		s.stats.dupKeys.Add(-1)
 		s.stats.dupConns.Add(-2)
 	default:
 		if wasActive {
-			successor = e.conns[len(e.conns)-1]
-			e.active.Store(successor)
+			e.active.Store(e.conns[len(e.conns)-1])
 		}
 		if len(e.conns) <= maxDupHealthFanout {
 			stillDup = append(stillDup, e.conns...)
@@ -1476,14 +1472,14 @@ func (s *Server) unregister(c *sconn) {
 		s.stats.dupConns.Add(-1)
 	}
 	sh.mu.Unlock()
-	switch {
-	case last:
+	if last {
 		s.broadcastLocked(PeerPresent{Key: c.key}) // Flags 0: gone
-	case successor != nil:
-		// Watchers learned the leaving connection's address last; the
-		// key is still here, at the successor's.
-		s.broadcastLocked(successor.presence())
 	}
+	// A duplicate leaving, even the active one, is not announced: the key
+	// is still here. Announcing the session that remains would make this
+	// server the newest route to the key at every mesh peer, taking the
+	// route from a server the client has moved to since (a roaming
+	// client's old connections linger until they time out).
 	s.stats.current.Add(-1)
 	if c.notIdeal {
 		s.stats.notIdeal.Add(-1)
