@@ -700,7 +700,11 @@ func WithRestartNotice(spread, tryFor time.Duration) ServerOption {
 // queue per peer that never blocks the sender. A link that has heard
 // nothing from its peer for 5 s pings it, and reconnects if nothing arrives
 // within 5 s more: a peer gone silent without closing (a path that drops
-// everything) loses its routes within about 10 s. A URL that turns out to
+// everything) loses its routes within about 10 s. On Linux a Ping that
+// waits behind the link's own forwards on a congested path is not taken as
+// unanswered while the peer still acknowledges some of them within each
+// 5 s (the kernel's TCP_INFO and send queue say so): a slow peer keeps its
+// routes. A URL that turns out to
 // reach this server itself is ignored, so every server of a region may be
 // given the same list. Requires WithMeshKey: NewServer panics without one, or on a
 // URL that does not parse. Default: no peers.
