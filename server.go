@@ -3937,9 +3937,14 @@ type Stats struct {
 	// Errors counts failed logins ("login:<reason>") and sessions ended by
 	// a protocol violation or I/O error ("session:<reason>").
 	Errors map[string]int64
-	// Rejected counts connections refused before login by reason, such
-	// as "too_many_connections", "server_closed" (after Close) or
-	// "hijack_failed".
+	// Rejected counts connections and requests refused before login by
+	// reason: "too_many_connections" (WithMaxConnections), "server_closed"
+	// (after Close), "hijack_failed" (ServeHTTP could not take the
+	// connection), and requests ServeHTTP answers with an HTTP error:
+	// "no_upgrade" (no Upgrade: DERP or websocket), "not_http1" (HTTP/2
+	// or later), "upgrade_body" (an upgrade request with a body),
+	// "websocket_version" and "websocket_handshake". A reason appears
+	// once it has been counted.
 	Rejected map[string]int64
 }
 
