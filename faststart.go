@@ -711,9 +711,13 @@ func (c *Client) readServerStart() error {
 // at: when DNS fails on a reconnect, it dials that address (the
 // certificate is still checked against the name).
 //
+// When the network under it changes, or a Ping gets no answer, call
+// Reconnect: the next connection is dialled at once, instead of a silent
+// path holding the current one until RecvTimeout.
+//
 // Set the exported fields, then call its methods; the fields must not
-// change afterwards. Send, NotePreferred, Ping and Close may be called
-// concurrently; Recv from one goroutine at a time. Keep a goroutine calling
+// change afterwards. Send, NotePreferred, Ping, Reconnect and Close may be
+// called concurrently; Recv from one goroutine at a time. Keep a goroutine calling
 // Recv: Pongs for Ping arrive there, and the server's liveness pings are
 // answered there (the client tells servers it answers them, so a server
 // that checks liveness, as this package's does by default, drops a client
@@ -1381,8 +1385,11 @@ func (rc *ReconnectingClient) wakePingsLocked() {
 // stopped reading holds the write, Send returns ctx's error and drops the
 // connection, as a DERP stream cannot resume mid-frame. Whatever ctx, a
 // packet the connection cannot take within 10 seconds fails Send with the
-// write's error, and drops the connection too (see Client.Send). (A ctx
-// that can end costs one small allocation per call.)
+// write's error, and drops the connection too (see Client.Send). A write
+// whose connection another call dropped under it (Reconnect, or a Recv
+// that saw the connection fail) returns ErrNotConnected; only after Close
+// does Send return ErrClosed. (A ctx that can end costs one small
+// allocation per call.)
 func (rc *ReconnectingClient) Send(ctx context.Context, dst PublicKey, pkt []byte) error {
 	c, _, err := rc.current(ctx)
 	if err != nil {

@@ -293,7 +293,9 @@ func parseMeshKey(s string) (k [MeshKeyLen]byte, ok bool, err error) {
 // Errors that callers can test for with errors.Is. Most errors returned by
 // this package wrap one of them or are a [*ProtocolError].
 var (
-	// ErrClosed is returned by operations on a Client or Server after Close.
+	// ErrClosed is returned by operations on a Client, ReconnectingClient
+	// or Server after Close. (A ReconnectingClient write whose connection
+	// was dropped under it without Close returns ErrNotConnected.)
 	ErrClosed = errors.New("relay: closed")
 	// ErrZeroKey means a peer presented the all-zero public key.
 	ErrZeroKey = errors.New("relay: all-zero public key")
