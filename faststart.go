@@ -757,7 +757,8 @@ type ReconnectingClient struct {
 	// learned from each server is used for it, and neither once a fast
 	// start with a known key timed out on that server (unless the path
 	// to it was silent already: its last connection or dial had timed
-	// out too, as in a black hole every dial does).
+	// out too, as in a black hole every dial does, or a Ping on its last
+	// connection had).
 	Dialer *FastStart
 	// Options are passed to every connection (MeshKey, CanAckPings, …).
 	Options []ClientOption
