@@ -272,8 +272,10 @@ type ReceivedPacket struct {
 	// Tailscale's does) cannot be told apart: its first 32 data bytes are
 	// taken as Source.
 	Source PublicKey
-	// Data is the packet. It aliases the client's read buffer and is valid
-	// only until the next call to Recv.
+	// Data is the packet. It aliases the client's read buffer (or, for a
+	// packet larger than that buffer, a pooled buffer the Client lends
+	// until the next Recv) and is valid only until the next call to Recv:
+	// copy it to keep it.
 	Data []byte
 }
 
