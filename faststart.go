@@ -39,7 +39,8 @@ import (
 // through may, with a 502), is redialled on the classic path.
 //
 // The zero FastStart is ready to use. Its fields must not change while Dial
-// runs; FastStart never modifies TLSConfig.
+// runs; FastStart never modifies TLSConfig, though it may drop a server's
+// session from TLSConfig.ClientSessionCache (see TLSConfig).
 type FastStart struct {
 	// TLSConfig is used for https URLs. It is cloned; ServerName defaults to
 	// the URL's host; ALPN is not offered (DERP needs HTTP/1.1). Nil means
