@@ -526,7 +526,9 @@ func (c *Client) writeFailed(err error) error {
 }
 
 // Close closes the connection. Blocked Send and Recv calls return, and
-// later calls return ErrClosed (Recv too, whatever it had buffered). It closes
+// later calls return ErrClosed (Recv too, whatever it had buffered), except
+// that a side that had already failed keeps returning its error: a Recv
+// after a read error, a write after a failed write. It closes
 // the socket under a TLS or WebSocket layer of this package at once, with no
 // close_notify or close frame first: those would wait (up to 5 s and 1 s)
 // for room in a socket that a server which stopped reading has filled. The
