@@ -924,21 +924,35 @@ func (rc *ReconnectingClient) dialOnce(ctx context.Context) (*Client, int, *Hand
 	defer rc.flushLog(&log) // after the turn is given back: see dialLog
 	defer func() { <-dialing }()
 	for {
+		c, gen, hs, dialed, err := rc.waitAndDial(ctx, done, &log)
+		if dialed && errors.Is(err, errRedial) && ctx.Err() == nil {
+			continue // Reconnect cut the dial short: dial again at once
+		}
+		return c, gen, hs, err
+	}
+}
+
+// waitAndDial waits out the wait the last failure set, then dials, unless
+// another caller connected meanwhile (dialed false). The caller holds the
+// turn to dial.
+func (rc *ReconnectingClient) waitAndDial(ctx context.Context, done chan struct{}, log *dialLog) (*Client, int, *Handshake, bool, error) {
+	var redial chan struct{}
+	for {
 		rc.mu.Lock()
 		if rc.c != nil || rc.closed {
 			c, gen, closed := rc.c, rc.gen, rc.closed
 			rc.mu.Unlock()
 			if closed {
-				return nil, 0, nil, ErrClosed
+				return nil, 0, nil, false, ErrClosed
 			}
-			return c, gen, nil, nil
+			return c, gen, nil, false, nil
 		}
 		next := rc.nextDial
 		if rc.notBefore.After(next) {
 			next = rc.notBefore
 		}
 		wait := time.Until(next)
-		redial := rc.redialCh()
+		redial = rc.redialCh()
 		rc.mu.Unlock()
 		if wait <= 0 {
 			break
@@ -953,16 +967,19 @@ func (rc *ReconnectingClient) dialOnce(ctx context.Context) (*Client, int, *Hand
 			continue
 		case <-ctx.Done():
 			t.Stop()
-			return nil, 0, nil, ctx.Err()
+			return nil, 0, nil, false, ctx.Err()
 		case <-done:
 			t.Stop()
-			return nil, 0, nil, ErrClosed
+			return nil, 0, nil, false, ErrClosed
 		}
 		break
 	}
-	c, gen, hs, err := rc.dial(ctx, done, &log)
-	return c, gen, &hs, err
+	c, gen, hs, err := rc.dial(ctx, done, redial, log)
+	return c, gen, &hs, true, err
 }
+
+// errRedial is the error of a dial that Reconnect cut short.
+var errRedial = fmt.Errorf("relay: dial cut short by Reconnect: %w", ErrNotConnected)
 
 // dialLog holds the lines a dial logs, which go out once it is over and
 // the turn to dial is given back (see dialOnce): the log handler may call
@@ -999,8 +1016,10 @@ func (rc *ReconnectingClient) flushLog(l *dialLog) {
 }
 
 // dial connects to the first of rc's servers that answers. Close (closing
-// done) cancels it. Its lines go to log.
-func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}, log *dialLog) (*Client, int, Handshake, error) {
+// done) cancels it, and Reconnect (closing redial) too, making it fail
+// with errRedial: the dial may be stuck on the network that changed. Its
+// lines go to log.
+func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan struct{}, log *dialLog) (*Client, int, Handshake, error) {
 	timeout := rc.DialTimeout
 	if timeout <= 0 {
 		timeout = 10 * time.Second
@@ -1015,6 +1034,8 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}, lo
 	go func() {
 		select {
 		case <-done:
+			cancel()
+		case <-redial:
 			cancel()
 		case <-dctx.Done():
 		}
@@ -1150,6 +1171,13 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done <-chan struct{}, lo
 		return nil, 0, Handshake{}, ErrClosed
 	}
 	if err != nil {
+		select {
+		case <-redial:
+			// Reconnect cut it short: no failure of the server's.
+			log.add(slog.LevelDebug, "relay: dial cut short by Reconnect", "url", rc.URL, "err", err)
+			return nil, 0, Handshake{}, errRedial
+		default:
+		}
 		rc.failures++
 		rc.nextDial = time.Now().Add(rc.backoff(rc.failures, time.Now()))
 		if logErr == nil {
@@ -1799,8 +1827,10 @@ func (rc *ReconnectingClient) Ping(ctx context.Context) (time.Duration, error) {
 // RST, otherwise lasts until RecvTimeout (120 s by default). A Recv waiting on the
 // dropped connection does not return: it dials the next one, which starts
 // with a ServerInfo as every connection does; Pings waiting on it return
-// ErrNotConnected. A dial under way is not interrupted. After Close,
-// Reconnect does nothing.
+// ErrNotConnected. A dial under way, which may be stuck on the old path,
+// is cut short and started again at once, counting as no failure (a call
+// waiting for it goes on waiting for the new one). After Close, Reconnect
+// does nothing.
 func (rc *ReconnectingClient) Reconnect() {
 	rc.mu.Lock()
 	if rc.closed {

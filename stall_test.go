@@ -1639,3 +1639,34 @@ func TestReconnectDropsOldClient(t *testing.T) {
 		}
 	}
 }
+
+// TestReconnectCutsDialShort: a dial under way when the network changes
+// may be stuck on the old path (here its first connection went into a
+// black hole) until DialTimeout, a minute here. Reconnect cuts it short
+// and dials again at once, counting no failure, so the next connection
+// comes now and not after the dial's timeout and a backoff.
+func TestReconnectCutsDialShort(t *testing.T) {
+	s := newTestServer(t)
+	backend := serveDERP(t, s, derpServeOpts{plain: true})
+	p := newSilentProxy(t, backend.Addr)
+	p.silentTo.Store(1) // the first connection goes into a black hole
+	h := newRCHarness(t, &TestServer{URL: p.url()}, func(rc *ReconnectingClient) {
+		rc.DialTimeout = time.Minute
+		rc.MinBackoff, rc.MaxBackoff = time.Minute, time.Minute
+	})
+	waitFor(t, func() bool { return p.accepted.Load() >= 1 })
+	h.rc.Reconnect()
+	rcNext[ServerInfo](t, h)
+	if n := p.accepted.Load(); n != 2 {
+		t.Errorf("%d connections made, want 2", n)
+	}
+	h.rc.mu.Lock()
+	failures := h.rc.failures
+	h.rc.mu.Unlock()
+	if failures != 0 {
+		t.Errorf("%d failures counted for a dial Reconnect cut short, want 0", failures)
+	}
+	if g := h.rc.Generation(); g != 1 {
+		t.Errorf("generation %d, want 1", g)
+	}
+}
