@@ -49,6 +49,7 @@ type derpServeOpts struct {
 	tls12      bool         // the server speaks at most TLS 1.2
 	noMetaCert bool         // the chain lacks the meta cert (an old server)
 	handler    http.Handler // default: the Server itself
+	tlsConfig  *tls.Config  // the server's own config instead of a test certificate's (the meta cert appended unless noMetaCert)
 }
 
 // derpHTTP is a DERP server reachable over HTTP(S).
@@ -82,7 +83,13 @@ func serveDERP(t testing.TB, s *Server, o derpServeOpts) derpHTTP {
 	srv := &http.Server{Handler: h, ErrorLog: quietLog, Protocols: &http1}
 	d := derpHTTP{Addr: ln.Addr().String(), URL: "http://" + ln.Addr().String() + "/derp"}
 	var served net.Listener = ln
-	if !o.plain {
+	if cfg := o.tlsConfig; cfg != nil {
+		if !o.noMetaCert {
+			AppendMetaCert(cfg, s.MetaCert())
+		}
+		served = tls.NewListener(ln, cfg)
+		d.URL = "https://" + d.Addr + "/derp"
+	} else if !o.plain {
 		cert, pool := testCert(t, "relay test server")
 		// As autocert's config would: AppendMetaCert must take h2 out.
 		cfg := &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"h2", "http/1.1"}}
@@ -2107,26 +2114,7 @@ func TestRedirectNamedInError(t *testing.T) {
 // returns the DERP URL.
 func serveDERPWith(t testing.TB, s *Server, cfg *tls.Config, noMeta bool) string {
 	t.Helper()
-	if !noMeta {
-		AppendMetaCert(cfg, s.MetaCert())
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var http1 http.Protocols
-	http1.SetHTTP1(true)
-	srv := &http.Server{Handler: s, ErrorLog: quietLog, Protocols: &http1}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		srv.Serve(tls.NewListener(ln, cfg))
-	}()
-	t.Cleanup(func() {
-		srv.Close()
-		<-done
-	})
-	return "https://" + ln.Addr().String() + "/derp"
+	return serveDERP(t, s, derpServeOpts{tlsConfig: cfg, noMetaCert: noMeta}).URL
 }
 
 // TestFastStartResumedSessionStaleKey: with a ClientSessionCache, a TLS 1.3

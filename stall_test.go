@@ -382,21 +382,9 @@ func TestWebSocketClientPongDoesNotBlockRecv(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			br := bufio.NewReader(sc)
-			req, err := http.ReadRequest(br)
-			if err != nil {
+			if !scriptedWSLogin(sc, srvPriv) {
 				return
 			}
-			io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
-				"Sec-WebSocket-Accept: "+wsAcceptKey(req.Header.Get("Sec-WebSocket-Key"))+"\r\n"+
-				"Sec-WebSocket-Protocol: derp\r\n\r\n")
-			sc.Write(wsFrame(0x82, appendFrame(nil, FrameServerKey, appendServerKey(nil, srvPriv.Public())), true))
-			// Read the client's masked frame carrying the ClientInfo.
-			_, p, err := readRawFrame(newWSConn(sc, br, false))
-			if err != nil {
-				return
-			}
-			sc.Write(wsFrame(0x82, serverInfoFrame(srvPriv, PublicKey(p[:KeyLen]), []byte(`{"version":2}`)), true))
 			sc.Write(wsFrame(0x80|wsPing, []byte("hi"), true))
 			<-stop // stops reading
 		}()
@@ -1669,4 +1657,26 @@ func TestReconnectCutsDialShort(t *testing.T) {
 	if g := h.rc.Generation(); g != 1 {
 		t.Errorf("generation %d, want 1", g)
 	}
+}
+
+// scriptedWSLogin plays a WebSocket DERP server's side of a login on sc:
+// the upgrade's 101, ServerKey, the client's ClientInfo read, ServerInfo.
+// It reports whether the client got that far.
+func scriptedWSLogin(sc net.Conn, srvPriv PrivateKey) bool {
+	br := bufio.NewReader(sc)
+	req, err := http.ReadRequest(br)
+	if err != nil {
+		return false
+	}
+	io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Accept: "+wsAcceptKey(req.Header.Get("Sec-WebSocket-Key"))+"\r\n"+
+		"Sec-WebSocket-Protocol: derp\r\n\r\n")
+	sc.Write(wsFrame(0x82, appendFrame(nil, FrameServerKey, appendServerKey(nil, srvPriv.Public())), true))
+	// The client's masked frame carrying the ClientInfo.
+	_, p, err := readRawFrame(newWSConn(sc, br, false))
+	if err != nil {
+		return false
+	}
+	_, err = sc.Write(wsFrame(0x82, serverInfoFrame(srvPriv, PublicKey(p[:KeyLen]), []byte(`{"version":2}`)), true))
+	return err == nil
 }

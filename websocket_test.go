@@ -784,20 +784,7 @@ func TestWebSocketIdleClientMemory(t *testing.T) {
 		conns = append(conns, cc, sc)
 		mu.Unlock()
 		go func() {
-			br := bufio.NewReader(sc)
-			req, err := http.ReadRequest(br)
-			if err != nil {
-				return
-			}
-			io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
-				"Sec-WebSocket-Accept: "+wsAcceptKey(req.Header.Get("Sec-WebSocket-Key"))+"\r\n"+
-				"Sec-WebSocket-Protocol: derp\r\n\r\n")
-			sc.Write(wsFrame(0x82, appendFrame(nil, FrameServerKey, appendServerKey(nil, srvPriv.Public())), true))
-			_, p, err := readRawFrame(newWSConn(sc, br, false))
-			if err != nil {
-				return
-			}
-			sc.Write(wsFrame(0x82, serverInfoFrame(srvPriv, PublicKey(p[:KeyLen]), []byte(`{"version":2}`)), true))
+			scriptedWSLogin(sc, srvPriv)
 			// Then the server goroutine ends, leaving the pipe open.
 		}()
 		return cc, nil
