@@ -4583,6 +4583,7 @@ func (l *meshLink) probe(c *Client, stop <-chan struct{}, lv *linkLiveness) erro
 				time.Duration(monoNanos()-lv.heard.Load()).Round(time.Millisecond), err)
 		}
 		t.Reset(cfg.linkPongWait)
+		behind := false // the last look found the Ping behind forwards
 		for lv.heard.Load() < sent {
 			select {
 			case <-stop:
@@ -4597,6 +4598,14 @@ func (l *meshLink) probe(c *Client, stop <-chan struct{}, lv *linkLiveness) erro
 					// the peer takes, slowly (a congested path): it
 					// is alive. The Client's receive timeout bounds
 					// how long this can go on.
+					behind = true
+					t.Reset(cfg.linkPongWait)
+					continue
+				}
+				if behind {
+					// The queue drained within the last wait: the
+					// Ping's answer gets a whole wait of its own.
+					behind = false
 					t.Reset(cfg.linkPongWait)
 					continue
 				}
