@@ -749,6 +749,81 @@ func TestMeshNotHereNeverAfterPresent(t *testing.T) {
 	expectPongFirst(t, w)
 }
 
+// TestMeshSendToPeerKeyKeepsRoute: a client x of server B that sends
+// packets to the key of B's mesh peer A reaches A's watch session at B,
+// which B then counts among x's recipients. When x reconnects to B, B's
+// watchers are told it left and that it is back; a notice to x's
+// recipients that it left, written after that, reached A's link as one
+// more PeerGone and made A forget its route to x, connected at B: A's
+// clients could no longer reach x. The interleaving is forced by running
+// the recipients' notice (testHookLastLeft) after x's new login reached A.
+func TestMeshSendToPeerKeyKeepsRoute(t *testing.T) {
+	nodes := newRegion(t, 2, testMeshKey)
+	a, b := nodes[0], nodes[1]
+	xPriv := mustKey(t)
+	x := dialNode(t, b, xPriv)
+	xk := x.PublicKey()
+	y := dialNode(t, a, mustKey(t))
+	waitRoute(t, a.s, xk, b)
+	if err := x.Send(a.s.PublicKey(), []byte("to the server itself")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return slices.Contains(localRecipientKeys(b.s, xk), a.s.PublicKey()) })
+
+	tells := make(chan func(), 1)
+	var held atomic.Bool
+	hook := func(k PublicKey, tell func()) {
+		if k != xk || held.Swap(true) {
+			tell()
+			return
+		}
+		tells <- tell // run by the test, later
+	}
+	testHookLastLeft.Store(&hook)
+	t.Cleanup(func() { testHookLastLeft.Store(nil) })
+	x.Close()
+	var tell func()
+	select {
+	case tell = <-tells:
+	case <-time.After(10 * time.Second):
+		t.Fatal("x's session never left B")
+	}
+	waitNoRoute(t, a.s, xk) // B's watchers were told
+	x2 := dialNode(t, b, xPriv)
+	waitRoute(t, a.s, xk, b)
+	tell()
+	// Whatever B wrote to A's watch session before z's PeerPresent has
+	// been applied once A routes z.
+	z := dialNode(t, b, mustKey(t))
+	waitRoute(t, a.s, z.PublicKey(), b)
+	if got, ok := a.s.MeshPeerFor(xk); !ok {
+		t.Fatalf("A has no route to x, connected at B")
+	} else if want, _ := meshPeerURL(b.url); got != want {
+		t.Fatalf("A routes x via %q, want %q", got, want)
+	}
+	if err := y.Send(xk, []byte("still reachable")); err != nil {
+		t.Fatal(err)
+	}
+	if p, _ := recvMsg[*ReceivedPacket](t, x2); p.Source != y.PublicKey() {
+		t.Fatalf("got %+v", p)
+	}
+}
+
+// localRecipientKeys returns the keys of the sessions to be told when k's
+// last connection to s leaves.
+func localRecipientKeys(s *Server, k PublicKey) []PublicKey {
+	sh := s.shard(k)
+	sh.mu.RLock()
+	defer sh.mu.RUnlock()
+	var keys []PublicKey
+	if e := sh.m[k]; e != nil {
+		for r := range e.recipients.m {
+			keys = append(keys, r.key)
+		}
+	}
+	return keys
+}
+
 // TestMeshForwardedInCountsDrops: PacketsForwardedIn counts every packet a
 // mesh peer forwards here, delivered or dropped, as packets_received counts
 // the packets of local clients (and as Tailscale's packets_forwarded_in

@@ -1517,13 +1517,30 @@ func (s *Server) unregister(c *sconn) {
 		// ending, and telling it that it is gone would only add a
 		// bogus last frame before its close.
 		delete(gone, c)
-		if !s.meshAdopt(c.key, gone) {
-			for r := range gone {
-				r.enqueuePeerGone(c.key, PeerGoneDisconnected)
-			}
+		if h := testHookLastLeft.Load(); h != nil {
+			(*h)(c.key, func() { s.tellLeft(c.key, gone) })
+		} else {
+			s.tellLeft(c.key, gone)
 		}
 	}
 }
+
+// tellLeft tells the recipients of k, whose last connection here has just
+// left (and watchers were told), that k is gone, unless k is still reached
+// through a mesh peer: then its route takes them over.
+func (s *Server) tellLeft(k PublicKey, recipients map[*sconn]struct{}) {
+	if !s.meshAdopt(k, recipients) {
+		for r := range recipients {
+			r.enqueuePeerGone(k, PeerGoneDisconnected)
+		}
+	}
+}
+
+// testHookLastLeft, if set, is called by unregister when a key's last
+// connection has left the table and watchers have been told, with the
+// step that tells the key's recipients: a test logs the key in again
+// before running it. It is nil outside tests.
+var testHookLastLeft atomic.Pointer[func(k PublicKey, tell func())]
 
 // lookup returns the connection that receives packets for k, or nil.
 func (s *Server) lookup(k PublicKey) *sconn {
@@ -2767,6 +2784,13 @@ func (c *sconn) setHealth(msg string) {
 	c.kickLocked()
 }
 
+// enqueuePeerGone queues PeerGone(k, r) to c. A recipient's notice that k
+// left (Disconnected) is not written to a watcher (a mesh peer's watch
+// session, which is a recipient when a client sent packets to that
+// server's own key): the watch updates already tell it when k leaves this
+// server, in order with k's logins, and a mesh peer takes any PeerGone
+// for "not at this server". Written after k logged in here again, the
+// notice made the peer forget its route to k.
 func (c *sconn) enqueuePeerGone(k PublicKey, r PeerGoneReason) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -2781,6 +2805,9 @@ func (c *sconn) enqueuePeerGone(k PublicKey, r PeerGoneReason) {
 		c.sentFrom = shrinkMap(c.sentFrom, &c.sentFromPeak)
 		if c.lastSrc == k {
 			c.lastSrc = PublicKey{}
+		}
+		if c.watching {
+			return
 		}
 	}
 	if len(c.peerGone) >= maxPendingControl {
