@@ -467,6 +467,99 @@ func TestMeshPeerGoneForRemoteKeys(t *testing.T) {
 	}
 }
 
+// TestMeshPeerGoneForKeyRoutedLate: a client written packets forwarded
+// from a key this server had no route to yet (the key's PeerPresent still
+// on its way, or this server's link to the key's server down while that
+// server's link here is up) is told when the key leaves, once the key is
+// routed here or connects here, as when the route came first (Tailscale's
+// servers note the sender whatever their routes). It was told nothing
+// unless the key sent it another packet after the route appeared.
+func TestMeshPeerGoneForKeyRoutedLate(t *testing.T) {
+	t.Run("routed later", func(t *testing.T) {
+		s := newTestServer(t, WithMeshKey(testMeshKey))
+		la := newMeshLink(s, "a")
+		y := pipeClient(t, s)
+		w := pipeClient(t, s, MeshKey(testMeshKey)) // a peer forwarding to us
+		k := mustKey(t).Public()
+		if err := w.ForwardPacket(k, y.PublicKey(), []byte("before the route")); err != nil {
+			t.Fatal(err)
+		}
+		if got, _ := recvMsg[*ReceivedPacket](t, y); got.Source != k {
+			t.Fatalf("got %+v", got)
+		}
+		s.meshAdd(k, la) // its PeerPresent, late
+		expectPongFirst(t, y)
+		s.meshRemove(k, la, true) // k left the region
+		if !goneBeforePong(t, y, k) {
+			t.Fatalf("k's route left and y, written a packet from k, was not told PeerGone")
+		}
+	})
+	t.Run("connects here later", func(t *testing.T) {
+		s := newTestServer(t, WithMeshKey(testMeshKey))
+		y := pipeClient(t, s)
+		w := pipeClient(t, s, MeshKey(testMeshKey))
+		kPriv := mustKey(t)
+		k := kPriv.Public()
+		if err := w.ForwardPacket(k, y.PublicKey(), []byte("before the route")); err != nil {
+			t.Fatal(err)
+		}
+		if got, _ := recvMsg[*ReceivedPacket](t, y); got.Source != k {
+			t.Fatalf("got %+v", got)
+		}
+		kc := pipeLogin(t, s, kPriv) // k moves here
+		expectPongFirst(t, y)
+		kc.Close()
+		if g, ok := recvMsg[PeerGone](t, y); !ok || g.Peer != k || g.Reason != PeerGoneDisconnected {
+			t.Fatalf("got %+v, want PeerGone(%s, Disconnected)", g, k.ShortString())
+		}
+	})
+	t.Run("ends while waiting", func(t *testing.T) {
+		s := newTestServer(t, WithMeshKey(testMeshKey))
+		y := pipeClient(t, s)
+		w := pipeClient(t, s, MeshKey(testMeshKey))
+		k := mustKey(t).Public()
+		if err := w.ForwardPacket(k, y.PublicKey(), []byte("before the route")); err != nil {
+			t.Fatal(err)
+		}
+		recvMsg[*ReceivedPacket](t, y)
+		s.mesh.mu.RLock()
+		waiting := len(s.mesh.waiting[k])
+		s.mesh.mu.RUnlock()
+		if waiting != 1 {
+			t.Fatalf("%d sessions wait for k's route, want 1 (y)", waiting)
+		}
+		y.Close()
+		// y's session is forgotten; nothing waits on k any more.
+		waitFor(t, func() bool {
+			s.mesh.mu.RLock()
+			defer s.mesh.mu.RUnlock()
+			return len(s.mesh.waiting) == 0 && s.Stats().CurrentConnections == 1
+		})
+	})
+}
+
+// goneBeforePong pings the server and reports whether PeerGone(k,
+// Disconnected) arrived before the Pong.
+func goneBeforePong(t *testing.T, c *Client, k PublicKey) bool {
+	t.Helper()
+	c.SendPing([8]byte{8})
+	gone := false
+	for {
+		m, ok := recvMsg[Message](t, c)
+		if !ok {
+			t.FailNow()
+		}
+		switch m := m.(type) {
+		case Pong:
+			return gone
+		case PeerGone:
+			if m.Peer == k && m.Reason == PeerGoneDisconnected {
+				gone = true
+			}
+		}
+	}
+}
+
 // TestMeshPeerGoneHandOff checks PeerGone for a key that is connected both
 // here and at a peer: it is sent when the key leaves the last of them,
 // whichever that is.

@@ -823,6 +823,12 @@ type sconn struct {
 	// sentToMesh (pruneSentTo) before it adds the next one.
 	toldGone atomic.Bool
 
+	// waitFor holds the keys c waits for in mesh.waiting, guarded by
+	// s.mesh.mu; waits is set once c has waited for one, for
+	// forgetRecipient.
+	waitFor map[PublicKey]struct{}
+	waits   atomic.Bool
+
 	// Reader-owned state.
 	preferred bool
 	notHere   tokenBucket
@@ -1380,6 +1386,7 @@ func (s *Server) register(c *sconn) bool {
 		s.stats.notIdeal.Add(1)
 	}
 	s.mu.Unlock()
+	s.meshClaimWaiting(c.key, e)
 	// Registered before anything can start the writer (a duplicate's
 	// Health notice below does): the writer's first item is ServerInfo,
 	// and a client that has it must be listed by Sessions and told by
@@ -1933,7 +1940,7 @@ func (s *Server) forgetRecipient(c *sconn) {
 		from = append(from, k)
 	}
 	c.mu.Unlock()
-	if len(from) == 0 && len(c.sentToMesh) == 0 {
+	if len(from) == 0 && len(c.sentToMesh) == 0 && !c.waits.Load() {
 		return
 	}
 	// A popular client (a subnet router, an exit node) may have heard
@@ -1944,6 +1951,10 @@ func (s *Server) forgetRecipient(c *sconn) {
 	// route under mesh.mu.
 	held := 0
 	s.mesh.mu.Lock()
+	// Taken under mesh.mu, as takeWaitingLocked changes it; from now on
+	// it is c's alone.
+	waitFor := c.waitFor
+	c.waitFor = nil
 	next := func() {
 		if held++; held > meshLockBatch {
 			s.mesh.mu.Unlock()
@@ -1956,6 +1967,15 @@ func (s *Server) forgetRecipient(c *sconn) {
 		next()
 		if s.mesh.routes[k] == r { // a removed route's set belongs to whoever removed it
 			r.recipients.remove(c)
+		}
+	}
+	for k := range waitFor {
+		next()
+		if w := s.mesh.waiting[k]; w != nil {
+			delete(w, c)
+			if len(w) == 0 {
+				delete(s.mesh.waiting, k)
+			}
 		}
 	}
 	for _, k := range from {
@@ -4237,6 +4257,14 @@ type meshState struct {
 	routes map[PublicKey]*meshRoute      // keys announced by at least one peer
 	custom map[PacketForwarder]*meshLink // AddPacketForwarder's, by forwarder
 	closed bool                          // closeMesh ran: no more custom links
+	// waiting holds, for each key with neither a route nor a connection
+	// here, the sessions that were written packets forwarded from it
+	// (meshNoteRecipient): its PeerPresent may still be on its way, or
+	// the link to its server may be down while that server's link here
+	// is up. They join the key's route when one is added, or its entry
+	// when it logs in here, to be told when it leaves, and are dropped
+	// when they end (forgetRecipient). Each one lists its keys in waitFor.
+	waiting map[PublicKey]map[*sconn]struct{}
 	// fwdLoops are the custom links whose forwardLoop has not returned,
 	// stopped ones included: Close waits for them.
 	fwdLoops map[*meshLink]struct{}
@@ -4992,6 +5020,7 @@ func (s *Server) meshAddLocked(k PublicKey, l *meshLink) {
 	if r == nil {
 		r = &meshRoute{}
 		m.routes[k] = r
+		r.recipients.merge(s.takeWaitingLocked(k))
 	}
 	r.links = append(removeLink(r.links, l), l)
 	l.keys[k] = struct{}{}
@@ -5123,12 +5152,14 @@ func (s *Server) meshAdopt(k PublicKey, recipients map[*sconn]struct{}) bool {
 // since, so that c is told when they leave the region. A key with no route
 // and no local connection is gone if it was local, and c is told so now;
 // a forwarded one's PeerPresent may still be on its way over the watch
-// connection, so c forgets it and its next packet tries again.
+// connection (or our link to its server be down), so c waits for its route
+// or its login here in mesh.waiting.
 func (s *Server) meshNoteRecipient(c *sconn, srcs []PublicKey, local bool) {
 	var unknown []PublicKey
-	s.mesh.mu.Lock()
+	m := &s.mesh
+	m.mu.Lock()
 	for _, k := range srcs {
-		if r := s.mesh.routes[k]; r != nil {
+		if r := m.routes[k]; r != nil {
 			r.recipients.add(c)
 			continue
 		}
@@ -5139,27 +5170,72 @@ func (s *Server) meshNoteRecipient(c *sconn, srcs []PublicKey, local bool) {
 			e.recipients.add(c)
 		}
 		sh.mu.Unlock()
-		if e == nil {
+		switch {
+		case e != nil:
+		case local:
 			unknown = append(unknown, k)
+		default:
+			if m.waiting == nil {
+				m.waiting = map[PublicKey]map[*sconn]struct{}{}
+			}
+			w := m.waiting[k]
+			if w == nil {
+				w = map[*sconn]struct{}{}
+				m.waiting[k] = w
+			}
+			w[c] = struct{}{}
+			if c.waitFor == nil {
+				c.waitFor = map[PublicKey]struct{}{}
+			}
+			c.waitFor[k] = struct{}{}
+			c.waits.Store(true)
 		}
 	}
-	s.mesh.mu.Unlock()
-	if local {
-		for _, k := range unknown {
-			c.enqueuePeerGone(k, PeerGoneDisconnected) // forgets k too
-		}
+	m.mu.Unlock()
+	for _, k := range unknown {
+		c.enqueuePeerGone(k, PeerGoneDisconnected) // forgets k too
+	}
+}
+
+// takeWaitingLocked removes and returns the sessions waiting for k's route
+// or login (mesh.waiting); mesh.mu must be held.
+func (s *Server) takeWaitingLocked(k PublicKey) map[*sconn]struct{} {
+	m := &s.mesh
+	w := m.waiting[k]
+	if w == nil {
+		return nil
+	}
+	delete(m.waiting, k)
+	if len(m.waiting) == 0 {
+		m.waiting = nil // after a burst
+	}
+	for c := range w {
+		delete(c.waitFor, k)
+	}
+	return w
+}
+
+// meshClaimWaiting hands the sessions waiting for k (mesh.waiting) to e,
+// the entry of k, which has just logged in here: they are told when k
+// leaves.
+func (s *Server) meshClaimWaiting(k PublicKey, e *keyEntry) {
+	m := &s.mesh
+	m.mu.RLock()
+	n := len(m.waiting)
+	m.mu.RUnlock()
+	if n == 0 {
+		return // the common case: no write lock on every login
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.waiting[k]; !ok {
 		return
 	}
-	if len(unknown) > 0 {
-		c.mu.Lock()
-		for _, k := range unknown {
-			delete(c.sentFrom, k)
-			if c.lastSrc == k {
-				c.lastSrc = PublicKey{}
-			}
-		}
-		c.sentFrom = shrinkMap(c.sentFrom, &c.sentFromPeak)
-		c.mu.Unlock()
+	sh := s.shard(k)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if sh.m[k] == e { // else k left already, and they wait on
+		e.recipients.merge(s.takeWaitingLocked(k))
 	}
 }
 
