@@ -1402,31 +1402,8 @@ func TestTCPUserTimeoutVanishedClient(t *testing.T) {
 		vanishClient(urls) // the test binary again, inside the namespace
 		return
 	}
-	if runtime.GOOS != "linux" || os.Geteuid() != 0 {
-		t.Skip("needs Linux and root for a network namespace")
-	}
-	if _, err := exec.LookPath("ip"); err != nil {
-		t.Skip("needs iproute2's ip")
-	}
-	id := os.Getpid() % 100000
-	ns, host, peer := fmt.Sprintf("relayvanish%d", id), fmt.Sprintf("rvh%d", id), fmt.Sprintf("rvp%d", id)
-	hostIP, peerIP := fmt.Sprintf("10.213.%d.1", id%250), fmt.Sprintf("10.213.%d.2", id%250)
-	ip := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
-		}
-	}
-	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
-		t.Skipf("cannot make a network namespace here: %v: %s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() }) // takes the veth pair with it
-	ip("link", "add", host, "type", "veth", "peer", "name", peer)
-	ip("link", "set", peer, "netns", ns)
-	ip("addr", "add", hostIP+"/30", "dev", host)
-	ip("link", "set", host, "up")
-	ip("netns", "exec", ns, "ip", "addr", "add", peerIP+"/30", "dev", peer)
-	ip("netns", "exec", ns, "ip", "link", "set", peer, "up")
+	ns, hostIP, _, ip := vanishNetns(t)
+	peer := ns + "p"
 
 	serve := func(ut time.Duration) (*Server, string) {
 		s := newTestServer(t, WithTCPUserTimeout(ut))
@@ -1497,6 +1474,44 @@ func TestTCPUserTimeoutVanishedClient(t *testing.T) {
 		t.Error("without TCP_USER_TIMEOUT the vanished client's session ended as soon: something else ended it")
 	}
 }
+
+// vanishNetns makes a network namespace of the test's own, joined to this
+// one by a veth pair (hostIP here, peerIP there, the namespace's end named
+// ns+"p"), for a peer that vanishes for real when that end goes down
+// (ip("netns", "exec", ns, "ip", "link", "set", ns+"p", "down")): nothing it
+// would send arrives, and no RST ever comes. Linux, as root, with iproute2
+// and network namespaces; otherwise the test is skipped. Cleanup removes it.
+func vanishNetns(t *testing.T) (ns, hostIP, peerIP string, ip func(args ...string)) {
+	t.Helper()
+	if runtime.GOOS != "linux" || os.Geteuid() != 0 {
+		t.Skip("needs Linux and root for a network namespace")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("needs iproute2's ip")
+	}
+	id := (os.Getpid() + int(vanishNetnsSeq.Add(1))) % 100000
+	ns, host, peer := fmt.Sprintf("rv%d", id), fmt.Sprintf("rv%dh", id), fmt.Sprintf("rv%dp", id)
+	hostIP, peerIP = fmt.Sprintf("10.213.%d.1", id%250), fmt.Sprintf("10.213.%d.2", id%250)
+	ip = func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+		}
+	}
+	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+		t.Skipf("cannot make a network namespace here: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() }) // takes the veth pair with it
+	ip("link", "add", host, "type", "veth", "peer", "name", peer)
+	ip("link", "set", peer, "netns", ns)
+	ip("addr", "add", hostIP+"/30", "dev", host)
+	ip("link", "set", host, "up")
+	ip("netns", "exec", ns, "ip", "addr", "add", peerIP+"/30", "dev", peer)
+	ip("netns", "exec", ns, "ip", "link", "set", peer, "up")
+	return ns, hostIP, peerIP, ip
+}
+
+var vanishNetnsSeq atomic.Int32
 
 // vanishClient logs in to each of the space-separated DERP URLs, prints
 // "KEY <public key>" for each, and waits for stdin to close.

@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"os/exec"
 	"runtime"
 	"slices"
 	"strconv"
@@ -1354,6 +1355,190 @@ func TestMeshLinkNoticesSilentPeer(t *testing.T) {
 	if !strings.Contains(why, "silent") || !strings.Contains(why, "ping") {
 		t.Errorf("the link went down with %q, want an error saying the peer was silent and did not answer a ping", why)
 	}
+}
+
+// TestMeshLinkKeepsPeerIgnoringPings: a mesh peer that never answers the
+// link's Pings (another implementation) but whose host acknowledges every
+// byte of them keeps its link: it was declared dead at its first
+// unanswered Ping and redialled (about every 10 s with the default
+// timings), each time withdrawing and relearning every route through it.
+// A peer that has answered (TestMeshLinkNoticesSilentPeer) is still
+// dropped when it goes silent.
+func TestMeshLinkKeepsPeerIgnoringPings(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("the kernel's view of the socket is read on Linux only")
+	}
+	k := mustKey(t).Public()
+	var pings atomic.Int32 // read on the link's first connection
+	firstEnded := make(chan struct{})
+	p := &scriptedServer{priv: mustKey(t)}
+	p.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
+		sc.Write(appendFrame(nil, FramePeerPresent, appendPeerPresent(nil, PeerPresent{Key: k})))
+		for { // reads everything, answers nothing
+			ft, _, err := readRawFrame(br)
+			if err != nil {
+				if n == 1 {
+					close(firstEnded)
+				}
+				return
+			}
+			if ft == FramePing && n == 1 {
+				pings.Add(1)
+			}
+		}
+	}
+	t.Cleanup(p.close)
+	fast := func(c *serverConfig) { c.linkPingAfter, c.linkPongWait = 50*time.Millisecond, 200*time.Millisecond }
+	s := newTestServer(t, WithMeshKey(testMeshKey), WithMeshPeers("http://peer.invalid/derp"),
+		WithMeshDialer(&FastStart{DialContext: p.dialTCP}), fast)
+	waitFor(t, func() bool { _, ok := s.MeshPeerFor(k); return ok })
+	waitForWithin(t, 30*time.Second, func() bool {
+		select {
+		case <-firstEnded:
+			return true
+		default:
+			return pings.Load() >= 5
+		}
+	})
+	select {
+	case <-firstEnded:
+		t.Fatalf("the link dropped its connection to a peer that acknowledges everything after %d unanswered Pings", pings.Load())
+	default:
+	}
+	if n := p.dials.Load(); n != 1 {
+		t.Fatalf("the link dialled %d times, want 1", n)
+	}
+	if _, ok := s.MeshPeerFor(k); !ok {
+		t.Fatal("the route to the peer's client was withdrawn")
+	}
+}
+
+// TestMeshLinkDropsVanishedPeerIgnoringPings: a mesh peer that never
+// answers Pings keeps its link while its host acknowledges them
+// (TestMeshLinkKeepsPeerIgnoringPings), but not once it vanishes for real:
+// it lives in a network namespace whose link then goes down, so the next
+// Ping stays unacknowledged and the link is declared dead as for any
+// silent peer, its routes withdrawn.
+func TestMeshLinkDropsVanishedPeerIgnoringPings(t *testing.T) {
+	if host := os.Getenv("RELAY_DEAF_PEER"); host != "" {
+		deafMeshPeer(host) // the test binary again, inside the namespace
+		return
+	}
+	ns, _, peerIP, ip := vanishNetns(t)
+	cmd := exec.Command("ip", "netns", "exec", ns, os.Args[0], "-test.run", "^TestMeshLinkDropsVanishedPeerIgnoringPings$")
+	cmd.Env = append(os.Environ(), "RELAY_DEAF_PEER="+peerIP)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdin, err := cmd.StdinPipe() // closed at cleanup: the peer exits
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); cmd.Process.Kill(); cmd.Wait() })
+	peer := make(chan string, 1)
+	var pings atomic.Int32 // read on the link's first connection
+	go func() {            // ends when the peer exits
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			switch line := sc.Text(); {
+			case strings.HasPrefix(line, "PEER "), strings.HasPrefix(line, "ERR "):
+				peer <- line
+			case line == "PING 1":
+				pings.Add(1)
+			}
+		}
+	}()
+	var f []string
+	select {
+	case line := <-peer:
+		if f = strings.Fields(line); f[0] != "PEER" || len(f) != 3 {
+			t.Fatalf("peer: %s", line)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the peer in the namespace did not start")
+	}
+	k, err := ParsePublicKey(f[2])
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &recHandler{}
+	fast := func(c *serverConfig) { c.linkPingAfter, c.linkPongWait = 50*time.Millisecond, 500*time.Millisecond }
+	s := newTestServer(t, WithMeshKey(testMeshKey), WithMeshPeers(f[1]), WithLogger(slog.New(h)), fast)
+	waitFor(t, func() bool { _, ok := s.MeshPeerFor(k); return ok })
+	waitForWithin(t, 30*time.Second, func() bool { return pings.Load() >= 3 })
+	if _, down := linkDownErr(h); down {
+		t.Fatal("the link went down while the peer's host acknowledged its Pings")
+	}
+
+	ip("netns", "exec", ns, "ip", "link", "set", ns+"p", "down") // the peer vanishes
+	waitForWithin(t, 30*time.Second, func() bool { _, down := linkDownErr(h); return down })
+	var why string
+	for _, r := range h.infoRecords() {
+		if r.Message == "relay: mesh link down" && why == "" {
+			r.Attrs(func(at slog.Attr) bool {
+				if at.Key == "err" {
+					why = at.Value.String()
+				}
+				return true
+			})
+		}
+	}
+	t.Logf("mesh link down: %s", why)
+	if !strings.Contains(why, "silent") || !strings.Contains(why, "ping") {
+		t.Errorf("the link went down with %q, want an error saying the peer was silent and did not answer a ping", why)
+	}
+	if _, ok := s.MeshPeerFor(k); ok {
+		t.Error("the route through the vanished peer is still there")
+	}
+}
+
+// deafMeshPeer serves, on a TCP listener at host, a mesh peer that
+// announces one client and answers nothing; it prints "PEER <url> <client
+// key>", then "PING <connection number>" for each Ping it reads, until its
+// stdin closes.
+func deafMeshPeer(host string) {
+	ln, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
+	if err != nil {
+		fmt.Println("ERR", err)
+		return
+	}
+	priv, err1 := GeneratePrivateKey()
+	kPriv, err2 := GeneratePrivateKey()
+	if err := errors.Join(err1, err2); err != nil {
+		fmt.Println("ERR", err)
+		return
+	}
+	k := kPriv.Public()
+	p := &scriptedServer{priv: priv}
+	p.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
+		sc.Write(appendFrame(nil, FramePeerPresent, appendPeerPresent(nil, PeerPresent{Key: k})))
+		for {
+			ft, _, err := readRawFrame(br)
+			if err != nil {
+				return
+			}
+			if ft == FramePing {
+				fmt.Println("PING", n)
+			}
+		}
+	}
+	p.init()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			p.wg.Add(1)
+			go p.serve(c)
+		}
+	}()
+	fmt.Printf("PEER http://%s/derp %s\n", ln.Addr(), k)
+	io.Copy(io.Discard, os.Stdin)
 }
 
 // TestMeshLinkWatchToStalledPeer: a mesh peer that takes the login and then

@@ -50,3 +50,11 @@ func socketDraining(sc syscall.Conn, d time.Duration) bool {
 	info, outq, ok := tcpInfo(sc)
 	return ok && outq > 0 && time.Duration(info.Last_ack_recv)*time.Millisecond < d
 }
+
+// socketAcked reports whether the peer acknowledged every byte written to a
+// TCP socket: the path to the peer's host is alive, whatever its
+// application does with them.
+func socketAcked(sc syscall.Conn) bool {
+	info, outq, ok := tcpInfo(sc)
+	return ok && outq == 0 && info.Unacked == 0
+}

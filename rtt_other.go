@@ -15,3 +15,7 @@ func socketRTT(sc syscall.Conn) time.Duration { return 0 }
 // socketDraining reports false: without the kernel's view of the socket,
 // a Ping that is late is taken as unanswered.
 func socketDraining(sc syscall.Conn, d time.Duration) bool { return false }
+
+// socketAcked reports false: without the kernel's view of the socket, a
+// Ping that is not answered is taken as lost.
+func socketAcked(sc syscall.Conn) bool { return false }

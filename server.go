@@ -704,7 +704,10 @@ func WithRestartNotice(spread, tryFor time.Duration) ServerOption {
 // waits behind the link's own forwards on a congested path is not taken as
 // unanswered while the peer still acknowledges some of them within each
 // 5 s (the kernel's TCP_INFO and send queue say so): a slow peer keeps its
-// routes. A URL that turns out to
+// routes. Nor, on Linux, does a peer that has never answered one of the
+// link's Pings lose its connection while its host acknowledges every byte
+// sent to it: an implementation that ignores Pings, on a live path. A URL
+// that turns out to
 // reach this server itself is ignored, so every server of a region may be
 // given the same list. Requires WithMeshKey: NewServer panics without one, or on a
 // URL that does not parse. Default: no peers.
@@ -4236,7 +4239,8 @@ const (
 	// peer paused, or a path that drops everything without a FIN or RST,
 	// is noticed about 10 s after its last frame instead of at the
 	// Client's 120 s receive timeout. Every peer answers Pings,
-	// Tailscale's servers included.
+	// Tailscale's servers included; one that never has is kept while its
+	// host acknowledges our bytes (Linux; see probe).
 	meshPingAfter = 5 * time.Second
 	meshPongWait  = 5 * time.Second
 )
@@ -4304,6 +4308,11 @@ type meshLink struct {
 	ring   fwdRing
 
 	keys map[PublicKey]struct{} // keys this peer announced; guarded by s.mesh.mu
+
+	// ponged is set once the peer answered a Ping of ours, on any of the
+	// link's connections: from then on a Ping it leaves unanswered ends
+	// the connection even if the peer's host acknowledges it (probe).
+	ponged atomic.Bool
 
 	// For AddPacketForwarder's links (no peer URL, no client): packets go
 	// to fwd; stop ends forwardLoop; stopped (guarded by mu) refuses more.
@@ -4566,6 +4575,8 @@ func (l *meshLink) watch(c *Client, lv *linkLiveness) (watched bool, restartIn t
 			}
 		}
 		switch m := m.(type) {
+		case Pong:
+			l.ponged.Store(true)
 		case PeerPresent:
 			watched = true
 			l.s.meshAdd(m.Key, l)
@@ -4605,8 +4616,11 @@ type linkLiveness struct {
 // still holds forwards of ours that the peer acknowledged some of within
 // linkPongWait: the Ping may be queued behind them on a slow path. A peer that went silent without closing the
 // connection would otherwise keep the routes it announced, and lose what
-// is forwarded to it, until the Client's 120 s receive timeout. It returns
-// why it closed c, or nil once stop is closed.
+// is forwarded to it, until the Client's 120 s receive timeout. Also on
+// Linux, an unanswered Ping ends nothing while the peer has never answered
+// one of the link's (l.ponged) and its host acknowledged every byte of c:
+// a peer that ignores Pings, on a live path. It returns why it closed c, or
+// nil once stop is closed.
 func (l *meshLink) probe(c *Client, stop <-chan struct{}, lv *linkLiveness) error {
 	cfg := &l.s.cfg
 	t := time.NewTimer(cfg.linkPingAfter)
@@ -4663,6 +4677,15 @@ func (l *meshLink) probe(c *Client, stop <-chan struct{}, lv *linkLiveness) erro
 					behind = false
 					t.Reset(cfg.linkPongWait)
 					continue
+				}
+				if !l.ponged.Load() && socketAcked(parkSocket(c.nc)) {
+					// The peer has never answered a Ping of this
+					// link's, and its host took every byte of ours,
+					// this Ping included: a server that does not
+					// answer Pings, on a path that is alive. Only a
+					// path that stops taking our bytes ends its
+					// connection.
+					break
 				}
 				c.Close()
 				return fmt.Errorf("relay: mesh peer silent: nothing received for %v, no answer to a ping in %v",
