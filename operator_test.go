@@ -501,3 +501,138 @@ func TestSetDebugKeys(t *testing.T) {
 		t.Errorf("lines about b's session, which is not debugged: %q", got)
 	}
 }
+
+// addFakeConns puts sessions with no connection, of keys fakeKey(from) to
+// fakeKey(to-1), into s's session list and routing table, as register would
+// (without announcing them), the one of fakeKey(i) having received i+1
+// packets of 10 bytes each; whichever are still there are unregistered
+// before s closes. It returns them.
+func addFakeConns(t *testing.T, s *Server, from, to int) []*sconn {
+	t.Helper()
+	conns := make([]*sconn, to-from)
+	s.mu.Lock()
+	for j := range conns {
+		i := from + j
+		c := &sconn{s: s, key: fakeKey(i), connNum: s.stats.connNum.Add(1), registered: true}
+		c.recvPkts.Store(int64(i + 1))
+		c.recvBytes.Store(10 * int64(i+1))
+		c.entry = addFakeSession(s, c)
+		s.conns[c] = struct{}{}
+		conns[j] = c
+	}
+	s.stats.current.Add(int64(len(conns)))
+	s.mu.Unlock()
+	t.Cleanup(func() { // before s.Close, which would start their writers
+		for _, c := range conns {
+			s.mu.Lock()
+			_, ok := s.conns[c]
+			s.mu.Unlock()
+			if ok {
+				s.unregister(c)
+			}
+		}
+	})
+	return conns
+}
+
+// connsBatches runs op with testHookConnsBatch recording how many sessions
+// each hold of s.mu visited; after the first hold it calls mid (if not
+// nil), which must not wait for op to finish. It returns the total, the
+// largest batch and the number of holds.
+func connsBatches(t *testing.T, mid func(), op func()) (total, most, holds int) {
+	t.Helper()
+	var batches []int
+	hook := func(n int) {
+		batches = append(batches, n)
+		if len(batches) > 1 || mid == nil {
+			return
+		}
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			mid()
+		}()
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			t.Fatal("mid-way through the walk, a login still waited after 20 s: s.mu was held for the whole walk")
+		}
+	}
+	testHookConnsBatch.Store(&hook)
+	defer testHookConnsBatch.Store(nil)
+	op()
+	testHookConnsBatch.Store(nil)
+	for _, b := range batches {
+		total += b
+		most = max(most, b)
+	}
+	return total, most, len(batches)
+}
+
+// TestStatsLetsLoginsInMidWalk checks that Stats, which adds up every
+// session's traffic counters, takes the server's lock a batch of sessions
+// at a time: it held it for the whole walk (10 ms at 100k sessions), and
+// every login and logout waited for each scrape of the metrics.
+func TestStatsLetsLoginsInMidWalk(t *testing.T) {
+	s := newTestServer(t)
+	const n = 4*connsBatch + 10
+	addFakeConns(t, s, 0, n)
+	var cl *Client
+	var st Stats
+	total, most, holds := connsBatches(t, func() { cl = pipeLogin(t, s, mustKey(t)) }, func() { st = s.Stats() })
+	t.Logf("Stats visited %d sessions in %d holds of the lock, at most %d in one", total, holds, most)
+	if most > connsBatch || total < n {
+		t.Errorf("Stats visited %d sessions, up to %d under one hold of the lock; want all %d, at most %d at a time", total, most, n, connsBatch)
+	}
+	if cl == nil {
+		t.Fatal("no login mid-walk")
+	}
+	if want := int64(n * (n + 1) / 2); st.PacketsReceived != want || st.BytesReceived != 10*want {
+		t.Errorf("Stats: %d packets, %d bytes received; want %d, %d", st.PacketsReceived, st.BytesReceived, want, 10*want)
+	}
+}
+
+// TestStatsCountsSessionsEndingMidWalk checks that a session that ends
+// while Stats walks the sessions is counted once: by the walk if it got
+// there first, else with the totals of ended sessions, and that no counter
+// goes down from one snapshot to the next.
+func TestStatsCountsSessionsEndingMidWalk(t *testing.T) {
+	s := newTestServer(t)
+	const n, more = 4*connsBatch + 10, 1000
+	conns := addFakeConns(t, s, 0, n)
+	var want int64 // what the walk in progress must count
+	mid := func() {
+		// Every session receives more packets and ends: those the walk
+		// counted already count as they were; the others with the
+		// packets they have at the end.
+		s.mu.Lock()
+		w := s.statsWalk
+		for i, c := range conns {
+			if w == nil || c.statsGen == w.gen { // counted
+				want += int64(i + 1)
+			} else {
+				want += int64(i + 1 + more)
+			}
+			c.recvPkts.Add(more)
+		}
+		s.mu.Unlock()
+		for _, c := range conns {
+			s.unregister(c)
+		}
+	}
+	var st Stats
+	connsBatches(t, mid, func() { st = s.Stats() })
+	if st.PacketsReceived != want {
+		t.Errorf("Stats while every session ended: %d packets received, want %d", st.PacketsReceived, want)
+	}
+	after := s.Stats()
+	if want := int64(n*(n+1)/2 + n*more); after.PacketsReceived != want {
+		t.Errorf("Stats once they ended: %d packets received, want %d", after.PacketsReceived, want)
+	}
+	if after.PacketsReceived < st.PacketsReceived {
+		t.Errorf("PacketsReceived went down from %d to %d", st.PacketsReceived, after.PacketsReceived)
+	}
+	if err := s.ConsistencyCheck(); err != nil {
+		t.Error(err)
+	}
+}

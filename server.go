@@ -99,6 +99,13 @@ type Server struct {
 	}
 	mesh meshState
 	park parker // idle sessions without a reader goroutine
+
+	// The walk of a Stats call in progress over conns, if any, and the
+	// number of the last walk (guarded by mu); statsMu, taken before mu,
+	// lets one walk run at a time. Last, to move none of the above.
+	statsWalk *statsWalk
+	statsGen  uint64
+	statsMu   sync.Mutex
 }
 
 const numShards = 64
@@ -888,6 +895,9 @@ type sconn struct {
 	ended        bool          // end was called
 	quit         chan struct{} // closed by end; made by quitChan
 	admitCancel  func()        // cancels the admission hook's context
+
+	// Guarded by s.mu, not mu (and last, to move none of the above):
+	statsGen uint64 // the last Stats walk that counted c's traffic (statsWalk.gen)
 }
 
 type peerGoneItem struct {
@@ -1500,8 +1510,12 @@ func (s *Server) unregister(c *sconn) {
 	}
 	recvd, sent := c.recvPkts.Load(), c.sentPkts.Load() // addSession zeroes them
 	// Under s.mu, with c gone from s.conns: Stats sees c's counters in
-	// exactly one place.
-	s.stats.addSession(c)
+	// exactly one place (a walk in progress that has not counted c yet
+	// will not reach it, and adds them).
+	t := s.stats.addSession(c)
+	if w := s.statsWalk; w != nil && c.statsGen != w.gen {
+		w.missed.add(&t)
+	}
 	s.mu.Unlock()
 	if c.preferred {
 		s.stats.home.Add(-1)
@@ -3856,14 +3870,42 @@ type serverCounters struct {
 	forwardedIn, forwardedOut                           atomic.Int64
 	dropPkts, dropBytes                                 [numDropReasons][2]atomic.Int64
 
-	// Traffic of ended sessions; live sessions keep their own counters.
-	mu                             sync.Mutex
-	closedRecvPkts, closedRecvByts int64
-	closedSentPkts, closedSentByts int64
-	closedBatches                  [batchBuckets]int64
-	closedQueueWait                int64
-	errors                         map[string]int64 // login/session failures by reason
-	rejected                       map[string]int64
+	mu       sync.Mutex
+	closed   sessionTraffic   // of ended sessions; live ones keep their own
+	errors   map[string]int64 // login/session failures by reason
+	rejected map[string]int64
+}
+
+// sessionTraffic is what a session's traffic counters hold: each session
+// counts its own, and Stats adds them up.
+type sessionTraffic struct {
+	recvPkts, recvBytes int64
+	sentPkts, sentBytes int64
+	batches             [batchBuckets]int64
+	queueWait           int64 // ns
+}
+
+func (t *sessionTraffic) add(u *sessionTraffic) {
+	t.recvPkts += u.recvPkts
+	t.recvBytes += u.recvBytes
+	t.sentPkts += u.sentPkts
+	t.sentBytes += u.sentBytes
+	for i := range t.batches {
+		t.batches[i] += u.batches[i]
+	}
+	t.queueWait += u.queueWait
+}
+
+// addTraffic adds c's traffic counters to t.
+func (t *sessionTraffic) addTraffic(c *sconn) {
+	t.recvPkts += c.recvPkts.Load()
+	t.recvBytes += c.recvBytes.Load()
+	t.sentPkts += c.sentPkts.Load()
+	t.sentBytes += c.sentBytes.Load()
+	for i := range t.batches {
+		t.batches[i] += c.batches[i].Load()
+	}
+	t.queueWait += c.queueWait.Load()
 }
 
 func (sc *serverCounters) init() {
@@ -3881,19 +3923,23 @@ func (sc *serverCounters) drop(r dropReason, disco bool, n int) {
 }
 
 // addSession moves the counters of c, which has left s.conns, into the
-// totals. It is called twice: when c is unregistered, and again once its
-// writer has finished, for what a last batch added meanwhile.
-func (sc *serverCounters) addSession(c *sconn) {
+// totals, and returns what it moved. It is called twice: when c is
+// unregistered, and again once its writer has finished, for what a last
+// batch added meanwhile.
+func (sc *serverCounters) addSession(c *sconn) sessionTraffic {
+	var t sessionTraffic
 	sc.mu.Lock()
-	sc.closedRecvPkts += c.recvPkts.Swap(0)
-	sc.closedRecvByts += c.recvBytes.Swap(0)
-	sc.closedSentPkts += c.sentPkts.Swap(0)
-	sc.closedSentByts += c.sentBytes.Swap(0)
-	for i := range sc.closedBatches {
-		sc.closedBatches[i] += c.batches[i].Swap(0)
+	defer sc.mu.Unlock()
+	t.recvPkts = c.recvPkts.Swap(0)
+	t.recvBytes = c.recvBytes.Swap(0)
+	t.sentPkts = c.sentPkts.Swap(0)
+	t.sentBytes = c.sentBytes.Swap(0)
+	for i := range t.batches {
+		t.batches[i] = c.batches[i].Swap(0)
 	}
-	sc.closedQueueWait += c.queueWait.Swap(0)
-	sc.mu.Unlock()
+	t.queueWait = c.queueWait.Swap(0)
+	sc.closed.add(&t)
+	return t
 }
 
 func errorReason(err error, fallback string) string {
@@ -3998,7 +4044,61 @@ type Stats struct {
 	Rejected map[string]int64
 }
 
-// Stats returns a snapshot of the server's counters.
+// statsWalk is a Stats call's walk over s.conns, which releases s.mu
+// between batches of sessions.
+type statsWalk struct {
+	gen    uint64         // sconn.statsGen of the sessions it counted
+	missed sessionTraffic // of sessions that ended before it reached them
+}
+
+// connsBatch is how many sessions a walk over s.conns (Stats)
+// handles per hold of s.mu, for which every login and logout waits: tens of
+// microseconds.
+const connsBatch = 256
+
+// walkConnsLocked calls f for every session in s.conns, with s.mu held, as
+// the caller holds it; it releases s.mu after every connsBatch sessions, so
+// that logins and logouts wait for a batch rather than the whole walk, and
+// returns how many sessions the last batch (still under s.mu) had. As with
+// a range over a map that changes, a session that leaves s.conns before
+// the walk reaches it is not visited, one that joins may be or not, and
+// every other is visited once.
+func (s *Server) walkConnsLocked(f func(c *sconn)) (last int) {
+	held := 0
+	for c := range s.conns {
+		if held == connsBatch {
+			s.mu.Unlock()
+			testConnsBatchDone(held)
+			held = 0
+			// Let a login or logout that waits have the lock now:
+			// the woken waiter would otherwise find it taken again.
+			runtime.Gosched()
+			s.mu.Lock()
+		}
+		held++
+		f(c)
+	}
+	return held
+}
+
+// testHookConnsBatch, if set, is called with s.mu released after each batch
+// of sessions a walk over s.conns (Stats) visited under one hold
+// of s.mu, with the batch's size. It is nil outside tests.
+var testHookConnsBatch atomic.Pointer[func(sessions int)]
+
+func testConnsBatchDone(sessions int) {
+	if h := testHookConnsBatch.Load(); h != nil {
+		(*h)(sessions)
+	}
+}
+
+// Stats returns a snapshot of the server's counters. The traffic counters
+// (packets and bytes each way, PacketsPerBatch, QueueWait) add up those of
+// every session, live or ended: a walk over all sessions, for which logins
+// and logouts do not wait, as it takes the server's lock for a few hundred
+// sessions at a time. Each session is counted once, even if it ends during
+// the walk, so no counter is ever lower than in an earlier snapshot.
+// Concurrent calls wait for each other.
 func (s *Server) Stats() Stats {
 	sc := &s.stats
 	st := Stats{
@@ -4038,21 +4138,7 @@ func (s *Server) Stats() Stats {
 			st.BytesDropped[name] = sc.dropBytes[r][k].Load()
 		}
 	}
-	s.mu.Lock()
 	sc.mu.Lock()
-	st.PacketsReceived, st.BytesReceived = sc.closedRecvPkts, sc.closedRecvByts
-	st.PacketsSent, st.BytesSent = sc.closedSentPkts, sc.closedSentByts
-	st.PacketsPerBatch, st.QueueWait = sc.closedBatches, time.Duration(sc.closedQueueWait)
-	for c := range s.conns {
-		st.PacketsReceived += c.recvPkts.Load()
-		st.BytesReceived += c.recvBytes.Load()
-		st.PacketsSent += c.sentPkts.Load()
-		for i := range st.PacketsPerBatch {
-			st.PacketsPerBatch[i] += c.batches[i].Load()
-		}
-		st.QueueWait += time.Duration(c.queueWait.Load())
-		st.BytesSent += c.sentBytes.Load()
-	}
 	for k, v := range sc.errors {
 		st.Errors[k] = v
 	}
@@ -4060,7 +4146,31 @@ func (s *Server) Stats() Stats {
 		st.Rejected[k] = v
 	}
 	sc.mu.Unlock()
+
+	// The totals of ended sessions are read with the walk registered, in
+	// one hold of s.mu: a session that ends (unregister) before then is in
+	// them; one that ends after is counted by the walk when it reaches it,
+	// or, if it ends before, added to w.missed by unregister.
+	s.statsMu.Lock()
+	defer s.statsMu.Unlock()
+	s.mu.Lock()
+	s.statsGen++
+	w := &statsWalk{gen: s.statsGen}
+	s.statsWalk = w
+	sc.mu.Lock()
+	t := sc.closed
+	sc.mu.Unlock()
+	last := s.walkConnsLocked(func(c *sconn) {
+		c.statsGen = w.gen
+		t.addTraffic(c)
+	})
+	s.statsWalk = nil
+	t.add(&w.missed)
 	s.mu.Unlock()
+	testConnsBatchDone(last)
+	st.PacketsReceived, st.BytesReceived = t.recvPkts, t.recvBytes
+	st.PacketsSent, st.BytesSent = t.sentPkts, t.sentBytes
+	st.PacketsPerBatch, st.QueueWait = t.batches, time.Duration(t.queueWait)
 	return st
 }
 
