@@ -897,6 +897,7 @@ type sconn struct {
 	admitCancel  func()        // cancels the admission hook's context
 
 	// Guarded by s.mu, not mu (and last, to move none of the above):
+	regSeq   uint64 // the routing table's change that registered c (Server.tableSeq, for Sessions)
 	statsGen uint64 // the last Stats walk that counted c's traffic (statsWalk.gen)
 }
 
@@ -1372,6 +1373,7 @@ func (s *Server) register(c *sconn) bool {
 	e.conns = append(e.conns, c)
 	e.active.Store(c)
 	s.changeLocked(sh)
+	c.regSeq = s.tableSeq
 	var dups []*sconn // to tell of the duplicates
 	ndup := len(e.conns)
 	if ndup > 1 {
@@ -2522,18 +2524,26 @@ type SessionInfo struct {
 // Sessions returns the server's logged-in sessions in the order they
 // connected. It takes a snapshot of which sessions exist, then describes each
 // as the loop reaches it (skipping those that ended meanwhile); the loop body
-// may call the Server's methods. On Linux each session costs one system call
-// (for RTT).
+// may call the Server's methods. The snapshot is taken a few hundred
+// sessions at a time, so that logins and logouts do not wait for all of
+// them; it lists the sessions logged in when the call began, and none that
+// logged in after. On Linux each session costs one system call (for RTT).
 func (s *Server) Sessions() iter.Seq[SessionInfo] {
 	return func(yield func(SessionInfo) bool) {
 		s.mu.Lock()
-		conns := make([]*sconn, 0, len(s.conns))
-		for c := range s.conns {
-			if c.entry != nil {
+		n, seq := len(s.conns), s.tableSeq
+		s.mu.Unlock()
+		conns := make([]*sconn, 0, n) // not under s.mu: n may be 100k
+		s.mu.Lock()
+		last := s.walkConnsLocked(func(c *sconn) {
+			// A session that logged in after the first hold of s.mu
+			// has a later number.
+			if c.entry != nil && c.regSeq <= seq {
 				conns = append(conns, c)
 			}
-		}
+		})
 		s.mu.Unlock()
+		testConnsBatchDone(last)
 		slices.SortFunc(conns, func(a, b *sconn) int { return cmp.Compare(a.connNum, b.connNum) })
 		for _, c := range conns {
 			c.mu.Lock()
@@ -4051,7 +4061,7 @@ type statsWalk struct {
 	missed sessionTraffic // of sessions that ended before it reached them
 }
 
-// connsBatch is how many sessions a walk over s.conns (Stats)
+// connsBatch is how many sessions a walk over s.conns (Stats, Sessions)
 // handles per hold of s.mu, for which every login and logout waits: tens of
 // microseconds.
 const connsBatch = 256
@@ -4082,7 +4092,7 @@ func (s *Server) walkConnsLocked(f func(c *sconn)) (last int) {
 }
 
 // testHookConnsBatch, if set, is called with s.mu released after each batch
-// of sessions a walk over s.conns (Stats) visited under one hold
+// of sessions a walk over s.conns (Stats, Sessions) visited under one hold
 // of s.mu, with the batch's size. It is nil outside tests.
 var testHookConnsBatch atomic.Pointer[func(sessions int)]
 
