@@ -6,6 +6,7 @@ package relay
 import (
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -241,6 +242,46 @@ func TestBehindTimeoutHandler(t *testing.T) {
 	_, _, err := (&FastStart{}).Dial(ctx, url, mustKey(t))
 	if err == nil || !strings.Contains(err.Error(), "500") || !strings.Contains(err.Error(), "Hijack") {
 		t.Fatalf("dial through http.TimeoutHandler (which cannot hijack): %v, want the 500 refusal naming Hijack", err)
+	}
+}
+
+// TestFastStartRefusalCloses: a fast-start request that the server answers
+// without the upgrade (behind a wrapper that cannot hijack: 500; without an
+// Upgrade header: 426; on a probe path: 200 or 204) is answered with
+// "Connection: close" and the connection ends. The client's DERP frames
+// follow its request; these answers kept the connection open, and net/http
+// went on reading those frames as the start of the next request.
+func TestFastStartRefusalCloses(t *testing.T) {
+	s := newTestServer(t)
+	_, timeoutURL := serveHTTPWith(t, http.TimeoutHandler(s, 5*time.Second, "timeout"), nil)
+	_, plainURL := serveHTTPWith(t, s, nil)
+	// A ClientInfo-sized frame, as a fast-start client sends it at once.
+	frames := string(append([]byte{byte(FrameClientInfo), 0, 0, 0, 48}, make([]byte, 48)...))
+	for _, tt := range []struct {
+		name, url, req string
+		status         int
+	}{
+		{"cannot hijack", timeoutURL, "GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\nDerp-Fast-Start: 1\r\n\r\n", http.StatusInternalServerError},
+		{"no Upgrade", plainURL, "GET /derp HTTP/1.1\r\nHost: x\r\nDerp-Fast-Start: 1\r\n\r\n", http.StatusUpgradeRequired},
+		{"probe", plainURL, "GET /derp/probe HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\nDerp-Fast-Start: 1\r\n\r\n", http.StatusOK},
+		{"generate_204", plainURL, "GET /generate_204 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\nDerp-Fast-Start: 1\r\n\r\n", http.StatusNoContent},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			addr := strings.TrimSuffix(strings.TrimPrefix(tt.url, "http://"), "/derp")
+			nc, br := httpDial(t, addr, tt.req+frames)
+			nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatalf("reading the response: %v", err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			if resp.StatusCode != tt.status || !resp.Close {
+				t.Errorf("%s, Connection %q; want %d with Connection: close", resp.Status, resp.Header.Get("Connection"), tt.status)
+			}
+			if rest, err := io.ReadAll(br); err != nil || len(rest) != 0 {
+				t.Errorf("after the %d: read %q, %v; want the connection closed with nothing more: the frames must not be read as a request", tt.status, clip(string(rest), 40), err)
+			}
+		})
 	}
 }
 

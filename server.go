@@ -3692,7 +3692,10 @@ func (g *nonceGuard) check(nonce [nonceLen]byte, now time.Time) bool {
 // without Unwrap) 500 saying so; neither takes a connection slot. An
 // upgrade request with a body is answered 400: the session's stream starts
 // where the request ends, and Tailscale's server would read the body as
-// the client's first frames.
+// the client's first frames. Each of these refusals, and any other answer
+// to a request with "Derp-Fast-Start" (a 426 without an upgrade, a probe's
+// 200), closes the connection ("Connection: close"): a fast-start client's
+// DERP frames follow its request, and must not be read as the next one.
 // http.Server's Shutdown and Close do not end such sessions (see Close).
 //
 // Set ReadHeaderTimeout on the http.Server (the examples use 10 s): the
@@ -3700,6 +3703,15 @@ func (g *nonceGuard) check(nonce [nonceLen]byte, now time.Time) bool {
 // request headers are complete, so without it a client that never finishes
 // them (slowloris) holds its connection forever.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.ProtoMajor == 1 && r.Header.Get(FastStartHeader) != "" {
+		// A fast-start client's DERP frames follow its request: any
+		// answer but the upgrade (which takes the connection over)
+		// closes the connection, so that net/http does not read them
+		// as the next request. (Over HTTP/2, "Connection: close" would
+		// end every stream of the connection, and nothing follows a
+		// stream's headers but its own frames.)
+		w.Header().Set("Connection", "close")
+	}
 	switch r.URL.Path {
 	case "/derp/probe", "/derp/latency-check":
 		ServeProbe(w, r)
@@ -3804,6 +3816,8 @@ func (s *Server) hijack(w http.ResponseWriter, r *http.Request) (nc net.Conn, br
 		// a wrapper, so the line is rate-limited like the others that
 		// clients can cause at will.
 		s.logPeer("relay: hijack failed", "remote", r.RemoteAddr, "err", err)
+		// Like the 503s: the client's frames may follow the request.
+		w.Header().Set("Connection", "close")
 		http.Error(w, "relay: cannot take over the connection for DERP: the http.ResponseWriter does not support Hijack "+
 			"(a wrapper such as http.TimeoutHandler's without Hijack or Unwrap?): "+err.Error(), http.StatusInternalServerError)
 		return nil, nil, false
