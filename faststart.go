@@ -77,7 +77,14 @@ type FastStart struct {
 	// connection. It has the signature of http.Transport's Proxy:
 	// http.ProxyFromEnvironment honours HTTPS_PROXY, HTTP_PROXY and
 	// NO_PROXY (and never proxies localhost). The tunnel goes to the
-	// URL's host and port, through DialContext. A user and password in
+	// URL's host and port, through DialContext. The proxy resolves the
+	// host name: through a proxy, DialNode's node addresses (Node.IPv4
+	// and Node.IPv6, even both "none") are not used, the CONNECT naming
+	// HostName as Tailscale's client's does (a proxy that allows hosts
+	// by name would refuse an address), and Proxy is asked about
+	// HostName, so a NO_PROXY entry must match the name, not those
+	// addresses. Likewise ReconnectingClient's last reached address of
+	// a host name applies only to the proxy's own name. A user and password in
 	// the proxy URL are sent as Basic Proxy-Authorization. TLS to the DERP
 	// server, and so fast start, runs inside the tunnel. Proxy URLs may be
 	// http or https (reached over TLS with TLSConfig's roots); socks5 is
@@ -1929,7 +1936,9 @@ type Node struct {
 	// up in DNS. Empty means DNS; a string that is not an address of
 	// the family ("none" by convention) disables the family. With both
 	// families, IPv6 is tried first and IPv4 200 ms later, or at once
-	// if IPv6 fails (see FastStart.IPv6HeadStart).
+	// if IPv6 fails (see FastStart.IPv6HeadStart). Through a proxy
+	// (FastStart.Proxy) neither is used: the tunnel goes to HostName,
+	// which the proxy resolves.
 	IPv4 string `json:",omitempty"`
 	IPv6 string `json:",omitempty"`
 	// STUNPort is the node's STUN port (0 means 3478, -1 none); this
@@ -1961,8 +1970,9 @@ func (n *Node) URL() string {
 // DialNode dials a node of a DERP map as Dial dials a URL: to its IPv4 or
 // IPv6 address if the node gives one, checking the certificate against
 // CertName or its pin if the node gives one. f's DialContext makes the
-// connections and f's TLSConfig supplies the roots; Proxy, if it returns a
-// proxy, tunnels to HostName and the proxy resolves it.
+// connections and f's TLSConfig supplies the roots; Proxy, asked about
+// HostName, if it returns a proxy, tunnels to HostName and the proxy
+// resolves it: the node's IPv4 and IPv6 are then not used.
 func (f *FastStart) DialNode(ctx context.Context, n *Node, priv PrivateKey, opts ...ClientOption) (*Client, Handshake, error) {
 	if err := n.check(); err != nil {
 		return nil, Handshake{}, err

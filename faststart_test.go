@@ -26,6 +26,7 @@ import (
 	"net/url"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -1518,6 +1519,36 @@ func TestDialThroughProxy(t *testing.T) {
 				t.Errorf("proxy saw Proxy-Authorization %q, want %q", auths, want)
 			}
 		})
+	}
+}
+
+// TestDialNodeThroughProxyNamesHost pins what FastStart.Proxy documents: a
+// node dialled through a proxy is tunnelled to by HostName, which the proxy
+// resolves; the node's IPv4 and IPv6 (here both "none", which would fail a
+// direct dial) are not used.
+func TestDialNodeThroughProxyNamesHost(t *testing.T) {
+	s := newTestServer(t)
+	srv := serveDERP(t, s, derpServeOpts{})
+	_, port, _ := net.SplitHostPort(srv.Addr)
+	p := &connectProxy{}
+	startConnectProxy(t, p, nil)
+	n := &Node{Name: "1a", HostName: "localhost", IPv4: "none", IPv6: "none", InsecureForTests: true}
+	n.DERPPort, _ = strconv.Atoi(port)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, _, err := (&FastStart{}).DialNode(ctx, n, mustKey(t)); err == nil || !strings.Contains(err.Error(), "neither IPv4") {
+		t.Fatalf("direct DialNode with both families disabled: %v, want the error naming neither IPv4 nor IPv6", err)
+	}
+	c, hs, err := (&FastStart{Proxy: http.ProxyURL(p.URL)}).DialNode(ctx, n, mustKey(t))
+	if err != nil {
+		t.Fatalf("DialNode through the proxy: %v", err)
+	}
+	c.Close()
+	if hs.Path != FastPath {
+		t.Errorf("path %s (%s), want %s", hs.Path, hs.Reason, FastPath)
+	}
+	if targets, _ := p.seen(); !slices.Equal(targets, []string{"localhost:" + port}) {
+		t.Errorf("proxy saw CONNECT to %q, want [localhost:%s]", targets, port)
 	}
 }
 
