@@ -465,7 +465,9 @@ func (f *FastStart) dialProxy(ctx context.Context, dial func(context.Context, st
 		return nil, fmt.Errorf("relay: proxy %s: read CONNECT response: %w", paddr, err)
 	}
 	if resp.StatusCode/100 != 2 {
-		return nil, fmt.Errorf("relay: proxy %s refused CONNECT %s: %s", paddr, addr, resp.Status)
+		// The status line is the proxy's: quoted, like a refusal's
+		// body, so that it cannot break the error into lines.
+		return nil, fmt.Errorf("relay: proxy %s refused CONNECT %s: %q", paddr, addr, resp.Status)
 	}
 	if n := br.Buffered(); n > 0 {
 		// The DERP server speaks only after the client, so these bytes
@@ -606,7 +608,7 @@ func (f *FastStart) upgrade(nc net.Conn, u *url.URL, priv PrivateKey, hs Handsha
 		return nil, hs, fmt.Errorf("relay: read upgrade response: %w", err)
 	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
-		return nil, hs, fmt.Errorf("relay: upgrade refused: %s: %s", resp.Status, refusalDetail(resp))
+		return nil, hs, fmt.Errorf("relay: upgrade refused: %q: %s", resp.Status, refusalDetail(resp))
 	}
 	hs.ServerKey, hs.KeySource = PublicKey{}, "server-key-frame"
 	if k, err := ParsePublicKey(resp.Header.Get(PublicKeyHeader)); err == nil {
@@ -646,7 +648,7 @@ func (f *FastStart) webSocket(nc net.Conn, u *url.URL, priv PrivateKey, hs Hands
 		return nil, hs, fmt.Errorf("relay: read WebSocket response: %w", err)
 	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
-		return nil, hs, fmt.Errorf("relay: WebSocket upgrade refused: %s: %s", resp.Status, refusalDetail(resp))
+		return nil, hs, fmt.Errorf("relay: WebSocket upgrade refused: %q: %s", resp.Status, refusalDetail(resp))
 	}
 	switch {
 	case !strings.EqualFold(resp.Header.Get("Upgrade"), "websocket") || !hasToken(resp.Header.Values("Connection"), "upgrade"):

@@ -2111,6 +2111,41 @@ func TestRefusalBodyQuotedInError(t *testing.T) {
 	}
 }
 
+// TestRefusalStatusQuotedInError: the status line of a refusal goes into
+// the error quoted, on the upgrade and WebSocket paths and from a proxy
+// refusing CONNECT, as fast start's did. It went in as sent, and net/http
+// keeps a carriage return inside the line, so a server (or proxy) could
+// put a line break (a fake log line, or text that hides the start of the
+// line on a terminal) into the dial's error. FuzzDialResponse found it.
+func TestRefusalStatusQuotedInError(t *testing.T) {
+	const status = "403 Forbidden\rlevel=ERROR msg=forged"
+	dial := scriptedPipeDialer(t, func(sc net.Conn, br *bufio.Reader) {
+		if _, err := http.ReadRequest(br); err != nil {
+			return
+		}
+		fmt.Fprintf(sc, "HTTP/1.1 %s\r\nContent-Length: 0\r\n\r\n", status)
+	})
+	proxy := &url.URL{Scheme: "http", Host: "proxy.invalid:3128"}
+	for _, tt := range []struct {
+		name string
+		fs   *FastStart
+	}{
+		{"upgrade", &FastStart{DialContext: dial, DisableFastStart: true}},
+		{"WebSocket", &FastStart{DialContext: dial, WebSocket: true}},
+		{"proxy", &FastStart{DialContext: dial, Proxy: http.ProxyURL(proxy)}},
+	} {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, _, err := tt.fs.Dial(ctx, "http://derp.invalid/derp", mustKey(t))
+		cancel()
+		if err == nil {
+			t.Fatalf("%s: Dial succeeded against a 403", tt.name)
+		}
+		if msg := err.Error(); strings.ContainsAny(msg, "\r\n") || !strings.Contains(msg, strconv.Quote(status)) {
+			t.Errorf("%s: error %q, want the status quoted on one line", tt.name, msg)
+		}
+	}
+}
+
 // TestRedirectNamedInError: a dial answered with a redirect (a server that
 // sends port 80 to HTTPS, a ServeMux that adds the slash of a "/derp/"
 // pattern) fails, on every path, with an error that says where to: its body

@@ -408,7 +408,7 @@ func TestWebSocketDialErrors(t *testing.T) {
 	}{
 		{"not upgraded", func(w http.ResponseWriter, r *http.Request) {
 			http.Error(w, "no websockets here", http.StatusForbidden)
-		}, `403 Forbidden: "no websockets here"`},
+		}, `"403 Forbidden": "no websockets here"`},
 		{"wrong accept", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Upgrade", "websocket")
 			w.Header().Set("Connection", "Upgrade")
