@@ -364,6 +364,14 @@ func FuzzClientStream(f *testing.F) {
 	f.Add(byte(2), appendFrame(nil, FrameServerKey, append([]byte("DERPXXXX"), spub[:]...)))
 	f.Add(byte(4), frames([]byte("HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nDerp-Public-Key: "+spub.String()+"\r\n\r\n"), serverKey, serverInfo, steady))
 	f.Add(byte(4), []byte("HTTP/1.1 426 Upgrade Required\r\nContent-Length: 5\r\n\r\nnope!"))
+	// Interim responses before a 101 or the DERP stream itself, too
+	// many of them, and refusals a dial names (redirects, bodies with
+	// line breaks).
+	f.Add(byte(4), frames([]byte("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </>\r\n\r\nHTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n\r\n"), serverKey, serverInfo, steady))
+	f.Add(byte(4), frames([]byte("HTTP/1.1 103 Early Hints\n\n"), serverKey, serverInfo))
+	f.Add(byte(4), []byte(strings.Repeat("HTTP/1.1 100 Continue\r\n\r\n", maxInterimResponses+2)))
+	f.Add(byte(4), []byte("HTTP/1.1 308 Permanent Redirect\r\nLocation: https://derp.example/derp/\r\nContent-Length: 12\r\n\r\nline1\nline2\n"))
+	f.Add(byte(6), []byte("HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n4\r\na\r\nb\r\n0\r\n\r\n"))
 	f.Fuzz(func(t *testing.T, mode byte, data []byte) {
 		var stream []byte
 		if mode&1 != 0 {
@@ -527,6 +535,15 @@ func FuzzServeHTTP(f *testing.F) {
 	f.Add(frames(wsReq, wsFrame(0x82, ci, false), wsFrame(0x89, []byte("p"), false),
 		wsFrame(0x02, appendFrame(nil, FramePing, []byte("1234")), false), wsFrame(0x80, []byte("5678"), false)))
 	f.Add(frames(wsReq, wsFrame(0x81, []byte("text"), false)))
+	// Refusals of a fast-start request whose frames follow it: no
+	// Upgrade (426, closing), a body (400, closing), and the frames
+	// then read as the next request by a server that did not close.
+	f.Add(frames([]byte("GET /derp HTTP/1.1\r\nHost: x\r\n"+FastStartHeader+": 1\r\n\r\n"), ci))
+	f.Add(frames([]byte("GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: derp\r\n"+FastStartHeader+": 1\r\nContent-Length: 2\r\n\r\nhi"), ci))
+	f.Add([]byte("GET /derp HTTP/1.1\r\nHost: x\r\n" + FastStartHeader + ": 1\r\n\r\nGET /generate_204 HTTP/1.1\r\nHost: x\r\n\r\n"))
+	f.Add([]byte("POST /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello"))
+	f.Add(frames([]byte("GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"+
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: derp\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"), ci))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		s.replay.mu.Lock()
 		s.replay.cur, s.replay.prev = map[[16]byte]struct{}{}, nil // the seeds reuse their ClientInfo
@@ -806,8 +823,10 @@ func (c *dialFuzzConn) RemoteAddr() net.Addr             { return pipeAddr{} }
 // read returns (1 to 64), so that the header-size guard loops. Every
 // attempt must end (the bytes run out), with an error that starts with
 // "relay: " or with a connection that only an answer of the right status
-// could have made; a Client made must then read the rest of the bytes
-// without a panic.
+// (after at most maxInterimResponses interim ones) could have made; a
+// Client made must then read the rest of the bytes without a panic. An
+// error holds no line break (what the server sent is quoted), and one
+// that refuses a redirect names where to.
 func FuzzDialResponse(f *testing.F) {
 	server, client := fuzzKey(3), fuzzKey(4)
 	spub, cpub := server.Public(), client.Public()
@@ -834,6 +853,30 @@ func FuzzDialResponse(f *testing.F) {
 	f.Add(byte(3), frames([]byte(up+"Derp-Public-Key: {key}\r\n\r\n"), serverKey, serverInfo))
 	f.Add(byte(7), frames(appendFrame(nil, FrameServerKey, appendServerKey(nil, mustPub(9)))))
 	f.Add(byte(3), []byte("HTTP/1.1 502 Bad Gateway\r\nContent-Length: 3\r\n\r\nbad"))
+	// Interim responses before the answer, on every path, and more of
+	// them than a client skips.
+	interim := "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </derp>; rel=preload\r\n\r\n"
+	f.Add(byte(0), frames([]byte(interim+up+"Derp-Public-Key: {key}\r\n\r\n"), serverKey, serverInfo))
+	f.Add(byte(5), frames([]byte(interim+ws), wsFrame(0x82, serverKey, true), wsFrame(0x82, serverInfo, true)))
+	f.Add(byte(2), []byte(interim+"HTTP/1.1 200 Connection established\r\n\r\n"))
+	f.Add(byte(3), frames([]byte(interim), serverKey, serverInfo))
+	f.Add(byte(7), frames([]byte(interim+up+"\r\n"), serverKey, serverInfo))
+	f.Add(byte(0), []byte(strings.Repeat("HTTP/1.1 100 Continue\r\n\r\n", maxInterimResponses+1)+up+"\r\n"))
+	f.Add(byte(3), []byte(strings.Repeat("HTTP/1.1 102 Processing\n\n", maxInterimResponses+1)))
+	f.Add(byte(2), []byte("HTTP/1.1 100 Continue\r\nContent-Length: 4\r\n\r\nbodyHTTP/1.1 200 OK\r\n\r\n"))
+	// Redirects (their Location goes into the error) and refusal
+	// bodies with line breaks (quoted in the error).
+	f.Add(byte(0), []byte("HTTP/1.1 301 Moved Permanently\r\nLocation: https://derp.example/derp/\r\nContent-Length: 21\r\n\r\nmoved\nfake: log line\r\n"))
+	f.Add(byte(1), []byte("HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\n\r\n"))
+	f.Add(byte(3), []byte(interim+"HTTP/1.1 308 Permanent Redirect\r\nLocation: https://x/"+strings.Repeat("y", 300)+"\r\nContent-Length: 0\r\n\r\n"))
+	f.Add(byte(2), []byte("HTTP/1.1 307 Temporary Redirect\r\nLocation: http://proxy2.example/\r\n\r\n"))
+	f.Add(byte(3), []byte("HTTP/1.1 400 Bad Request\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nline1\n\r\n6\r\nline2\r\r\n0\r\n\r\n"))
+	f.Add(byte(4), []byte("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 600\r\n\r\n"+strings.Repeat("busy\n", 120)))
+	f.Add(byte(0), []byte("HTTP/1.1 500 a\rfake\r\n\r\n"))
+	f.Add(byte(1), []byte("HTTP/1.1 500 a\rfake\r\n\r\n"))
+	f.Add(byte(2), []byte("HTTP/1.1 500 a\rfake\r\n\r\n"))
+	f.Add(byte(3), []byte("HTTP/1.1 500 a\rfake\r\n\r\n"))
+	f.Add(byte(0), []byte("HTTP/1.1 500 x\r\nBad\rKey: v\r\n\r\n"))
 	f.Fuzz(func(t *testing.T, mode byte, script []byte) {
 		nc := &dialFuzzConn{script: script, key: spub, chunk: int(mode/4) + 1}
 		u := &url.URL{Scheme: "http", Host: "derp.example", Path: "/derp"}
@@ -863,6 +906,20 @@ func FuzzDialResponse(f *testing.F) {
 		case <-time.After(10 * time.Second):
 			t.Fatal("dial did not end 10s after the server's bytes ran out")
 		}
+		// The answer as net/http reads it, after the interim responses
+		// a client skips.
+		var resp *http.Response
+		var rerr error
+		sbr := bufio.NewReader(bytes.NewReader(nc.expand()))
+		for i := 0; i <= maxInterimResponses; i++ {
+			resp, rerr = http.ReadResponse(sbr, &http.Request{Method: http.MethodConnect})
+			if rerr != nil || !isInterim(resp.StatusCode) {
+				break
+			}
+			if i == maxInterimResponses {
+				rerr = errors.New("too many interim responses")
+			}
+		}
 		if err != nil {
 			if c != nil {
 				t.Fatal("a Client with an error")
@@ -870,10 +927,19 @@ func FuzzDialResponse(f *testing.F) {
 			if !strings.HasPrefix(err.Error(), "relay: ") {
 				t.Fatalf("error %q", err)
 			}
+			// What the server sent is quoted: it cannot break the
+			// error (and the log lines it goes into) into lines.
+			if strings.ContainsAny(err.Error(), "\r\n") {
+				t.Fatalf("line break in error %q", err)
+			}
+			// A refused redirect says where to.
+			refused := strings.Contains(err.Error(), " refused: ") || errors.Is(err, errFastStartAnswered)
+			if refused && rerr == nil && resp.StatusCode/100 == 3 && resp.Header.Get("Location") != "" && !strings.Contains(err.Error(), "redirected to") {
+				t.Fatalf("redirect with Location %q refused without naming it: %q", resp.Header.Get("Location"), err)
+			}
 			return
 		}
 		// Only the right answer connects: check it with net/http.
-		resp, rerr := http.ReadResponse(bufio.NewReader(bytes.NewReader(nc.expand())), &http.Request{Method: http.MethodConnect})
 		switch mode % 4 {
 		case 0, 1:
 			if rerr != nil || resp.StatusCode != http.StatusSwitchingProtocols {
@@ -924,6 +990,8 @@ func FuzzHeaderSizeGuard(f *testing.F) {
 	f.Add(byte(30), byte(2), []byte("HTTP/1.1 200 OK\r\nA: b\r\r\n\r\n"))
 	f.Add(byte(200), byte(5), []byte("HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n"))
 	f.Add(byte(0), byte(0), []byte{})
+	f.Add(byte(40), byte(3), []byte("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n\r\n"))
+	f.Add(byte(0), byte(1), []byte("HTTP/1.1 103 Early Hints\n\nHTTP/1.1 301 Moved\r\nLocation: /x\r\n\r\n"))
 	f.Fuzz(func(t *testing.T, size, chunk byte, data []byte) {
 		src := &countingReader{r: bytes.NewReader(data), chunk: int(chunk%16) + 1}
 		br := bufio.NewReaderSize(src, 16+int(size))
