@@ -2392,3 +2392,32 @@ func TestClientAfterClose(t *testing.T) {
 		}
 	}
 }
+
+// TestAdmissionServiceStatusQuoted: the status line of an admission
+// service's refusal goes into the login's error (and log lines) quoted, as
+// a DERP server's or proxy's does in a dial's: net/http keeps a carriage
+// return inside it.
+func TestAdmissionServiceStatusQuoted(t *testing.T) {
+	const status = "503 Busy\rlevel=ERROR msg=forged"
+	dial := scriptedPipeDialer(t, func(sc net.Conn, br *bufio.Reader) {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
+		}
+		io.Copy(io.Discard, req.Body)
+		fmt.Fprintf(sc, "HTTP/1.1 %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", status)
+	})
+	as := &AdmissionService{
+		URL:    "http://admission.invalid/check",
+		Client: &http.Client{Transport: &http.Transport{DialContext: dial}},
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err := as.Admit(ctx, Admission{Key: mustKey(t).Public(), RemoteAddr: "192.0.2.1:1"})
+	if err == nil {
+		t.Fatal("admitted on a 503")
+	}
+	if msg := err.Error(); strings.ContainsAny(msg, "\r\n") || !strings.Contains(msg, strconv.Quote(status)) {
+		t.Errorf("error %q, want the status quoted on one line", msg)
+	}
+}

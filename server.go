@@ -575,7 +575,9 @@ func (as *AdmissionService) ask(ctx context.Context, key PublicKey, source strin
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return false, false, fmt.Errorf("admission service answered %s", resp.Status)
+		// Quoted: the status line is the service's, and net/http keeps a
+		// carriage return inside it.
+		return false, false, fmt.Errorf("admission service answered %q", resp.Status)
 	}
 	var v struct{ Allow bool }
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 4096)).Decode(&v); err != nil {
