@@ -407,35 +407,46 @@ func TestMeshForgetLinkInBatches(t *testing.T) {
 }
 
 // meshBatches runs op with testHookMeshBatch recording how many keys each
-// hold of mesh.mu handled; in the first hold it checks that a route lookup
-// for other (expected to give want) does not wait for op to finish. It
-// returns the total and the largest batch, and the number of holds.
+// hold of mesh.mu handled; after the first hold it checks that a route
+// lookup for other (expected to give want) does not wait for op to finish.
+// It returns the total and the largest batch, and the number of holds.
 func meshBatches(t *testing.T, s *Server, other PublicKey, want *meshLink, op func()) (total, most, holds int) {
 	t.Helper()
+	return lockBatches(t, &testHookMeshBatch, "mesh.mu", func() {
+		// Mid-way: a packet's route lookup must not wait for the rest.
+		if l := s.meshLookup(other); l != want {
+			t.Errorf("route to %s mid-way: %v, want %v", other.ShortString(), l, want)
+		}
+	}, op)
+}
+
+// lockBatches runs op with hook recording the size of each batch that op
+// handled under one hold of lock; after the first batch it runs mid (if not
+// nil), which must finish without waiting for op. It returns the total, the
+// largest batch and the number of batches.
+func lockBatches(t *testing.T, hook *atomic.Pointer[func(int)], lock string, mid func(), op func()) (total, most, holds int) {
+	t.Helper()
 	var batches []int
-	looked := false
-	hook := func(keys int) {
-		batches = append(batches, keys)
-		if looked {
+	f := func(n int) {
+		batches = append(batches, n)
+		if len(batches) > 1 || mid == nil {
 			return
 		}
-		looked = true
-		// Mid-way: a packet's route lookup must not wait for the rest.
-		done := make(chan *meshLink, 1)
-		go func() { done <- s.meshLookup(other) }()
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			mid()
+		}()
 		select {
-		case l := <-done:
-			if l != want {
-				t.Errorf("route to %s mid-way: %v, want %v", other.ShortString(), l, want)
-			}
-		case <-time.After(10 * time.Second):
-			t.Error("a route lookup waited for the whole operation under mesh.mu")
+		case <-done:
+		case <-time.After(20 * time.Second):
+			t.Errorf("mid-way, a call that needs %s still waited after 20 s: it was held for the whole operation", lock)
 		}
 	}
-	testHookMeshBatch.Store(&hook)
-	defer testHookMeshBatch.Store(nil)
+	hook.Store(&f)
+	defer hook.Store(nil)
 	op()
-	testHookMeshBatch.Store(nil)
+	hook.Store(nil)
 	for _, b := range batches {
 		total += b
 		most = max(most, b)

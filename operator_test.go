@@ -547,32 +547,7 @@ func addFakeConns(t *testing.T, s *Server, from, to int) []*sconn {
 // largest batch and the number of holds.
 func connsBatches(t *testing.T, mid func(), op func()) (total, most, holds int) {
 	t.Helper()
-	var batches []int
-	hook := func(n int) {
-		batches = append(batches, n)
-		if len(batches) > 1 || mid == nil {
-			return
-		}
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			mid()
-		}()
-		select {
-		case <-done:
-		case <-time.After(20 * time.Second):
-			t.Fatal("mid-way through the walk, a login still waited after 20 s: s.mu was held for the whole walk")
-		}
-	}
-	testHookConnsBatch.Store(&hook)
-	defer testHookConnsBatch.Store(nil)
-	op()
-	testHookConnsBatch.Store(nil)
-	for _, b := range batches {
-		total += b
-		most = max(most, b)
-	}
-	return total, most, len(batches)
+	return lockBatches(t, &testHookConnsBatch, "s.mu", mid, op)
 }
 
 // TestStatsLetsLoginsInMidWalk checks that Stats, which adds up every
