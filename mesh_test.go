@@ -1424,6 +1424,75 @@ func TestMeshLinkKeepsPeerIgnoringPings(t *testing.T) {
 	}
 }
 
+// TestMeshLinkNoticesChattyPeerGoingSilent: a mesh peer that answers Pings
+// but, in a busy region, is never silent for linkPingAfter (its watch
+// updates keep coming) was never pinged, so the link took it for one that
+// ignores Pings and kept its connection once it hung with its host still
+// acknowledging (a stopped or wedged process): its routes stayed until the
+// Client's 120 s receive timeout. The link pings such a peer anyway until
+// it has answered once.
+func TestMeshLinkNoticesChattyPeerGoingSilent(t *testing.T) {
+	k := mustKey(t).Public()
+	var pongs atomic.Int32 // answered on the link's first connection
+	hang := make(chan struct{})
+	firstEnded := make(chan struct{})
+	p := &scriptedServer{priv: mustKey(t)}
+	p.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
+		var wmu sync.Mutex
+		write := func(b []byte) {
+			wmu.Lock()
+			sc.Write(b)
+			wmu.Unlock()
+		}
+		write(appendFrame(nil, FramePeerPresent, appendPeerPresent(nil, PeerPresent{Key: k})))
+		if n == 1 {
+			go func() { // chatty until it hangs
+				tk := time.NewTicker(20 * time.Millisecond)
+				defer tk.Stop()
+				for {
+					select {
+					case <-hang:
+						return
+					case <-tk.C:
+						write(appendFrame(nil, FramePeerPresent, appendPeerPresent(nil, PeerPresent{Key: k})))
+					}
+				}
+			}()
+		}
+		for { // reads everything; answers Pings until it hangs
+			ft, b, err := readRawFrame(br)
+			if err != nil {
+				if n == 1 {
+					close(firstEnded)
+				}
+				return
+			}
+			if ft != FramePing || n != 1 {
+				continue
+			}
+			select {
+			case <-hang:
+			default:
+				pongs.Add(1)
+				write(appendFrame(nil, FramePong, b))
+			}
+		}
+	}
+	t.Cleanup(p.close)
+	fast := func(c *serverConfig) { c.linkPingAfter, c.linkPongWait = time.Second, 500*time.Millisecond }
+	s := newTestServer(t, WithMeshKey(testMeshKey), WithMeshPeers("http://peer.invalid/derp"),
+		WithMeshDialer(&FastStart{DialContext: p.dialTCP}), fast)
+	waitFor(t, func() bool { _, ok := s.MeshPeerFor(k); return ok })
+	time.Sleep(3 * time.Second) // chatty: never silent for linkPingAfter
+	t.Logf("Pings answered while chatty: %d", pongs.Load())
+	close(hang) // the peer's process hangs; its host still takes every byte
+	select {
+	case <-firstEnded:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the link kept its connection to a peer that answers Pings (%d while busy) for 30 s after it hung", pongs.Load())
+	}
+}
+
 // TestMeshLinkDropsVanishedPeerIgnoringPings: a mesh peer that never
 // answers Pings keeps its link while its host acknowledges them
 // (TestMeshLinkKeepsPeerIgnoringPings), but not once it vanishes for real:

@@ -715,8 +715,10 @@ func WithRestartNotice(spread, tryFor time.Duration) ServerOption {
 // 5 s (the kernel's TCP_INFO and send queue say so): a slow peer keeps its
 // routes. Nor, on Linux, does a peer that has never answered one of the
 // link's Pings lose its connection while its host acknowledges every byte
-// sent to it: an implementation that ignores Pings, on a live path. A URL
-// that turns out to
+// sent to it: an implementation that ignores Pings, on a live path. So
+// that a busy peer, which never goes 5 s without sending, is not taken for
+// one, a peer is pinged every 5 s even while it sends until it has
+// answered once. A URL that turns out to
 // reach this server itself is ignored, so every server of a region may be
 // given the same list. Requires WithMeshKey: NewServer panics without one, or on a
 // URL that does not parse. Default: no peers.
@@ -4755,8 +4757,10 @@ type linkLiveness struct {
 // is forwarded to it, until the Client's 120 s receive timeout. Also on
 // Linux, an unanswered Ping ends nothing while the peer has never answered
 // one of the link's (l.ponged) and its host acknowledged every byte of c:
-// a peer that ignores Pings, on a live path. It returns why it closed c, or
-// nil once stop is closed.
+// a peer that ignores Pings, on a live path. Until the peer has answered
+// one, it is pinged every linkPingAfter even while it sends, so that a busy
+// peer is not taken for one that ignores Pings. It returns why it closed
+// c, or nil once stop is closed.
 func (l *meshLink) probe(c *Client, stop <-chan struct{}, lv *linkLiveness) error {
 	cfg := &l.s.cfg
 	t := time.NewTimer(cfg.linkPingAfter)
@@ -4767,7 +4771,11 @@ func (l *meshLink) probe(c *Client, stop <-chan struct{}, lv *linkLiveness) erro
 			return nil
 		case <-t.C:
 		}
-		if quiet := time.Duration(monoNanos() - lv.heard.Load()); quiet < cfg.linkPingAfter {
+		// Until the peer has answered a Ping it is pinged even while it
+		// sends: a busy peer, never silent for linkPingAfter, would
+		// otherwise never answer one, and be taken for a peer that
+		// ignores them (below) once it hangs.
+		if quiet := time.Duration(monoNanos() - lv.heard.Load()); quiet < cfg.linkPingAfter && l.ponged.Load() {
 			t.Reset(cfg.linkPingAfter - quiet)
 			continue
 		}
