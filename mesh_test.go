@@ -550,6 +550,62 @@ func TestMeshPeerGoneForKeyRoutedLate(t *testing.T) {
 	})
 }
 
+// TestMeshWaitingBounded: a session written packets forwarded from keys
+// with no route here waits for their routes (TestMeshPeerGoneForKeyRoutedLate),
+// but a key that never gets one (it sent and left its server before its
+// PeerPresent reached us: anyone can make fresh keys and log in with them)
+// must not be remembered for good. The waits, and what each session
+// remembers of such keys, were unbounded: a long-lived client grew by one
+// of each per such key for its whole life.
+func TestMeshWaitingBounded(t *testing.T) {
+	const max, keys = 64, 200
+	s := newTestServer(t, WithMeshKey(testMeshKey), func(c *serverConfig) { c.meshMaxWaiting = max })
+	y := pipeClient(t, s)
+	w := pipeClient(t, s, MeshKey(testMeshKey)) // a peer forwarding to us
+	var last PublicKey
+	for i := range keys {
+		last = mustKey(t).Public()
+		if err := w.ForwardPacket(last, y.PublicKey(), []byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+		if got, ok := recvMsg[*ReceivedPacket](t, y); !ok || got.Source != last {
+			t.Fatalf("got %+v", got)
+		}
+	}
+	expectPongFirst(t, y) // its writer has registered every source
+	s.mesh.mu.RLock()
+	pairs := 0
+	for _, ws := range s.mesh.waiting {
+		pairs += len(ws)
+	}
+	s.mesh.mu.RUnlock()
+	senders := -1
+	for si := range s.Sessions() {
+		if si.Key == y.PublicKey() {
+			senders = si.Senders
+		}
+	}
+	t.Logf("after packets from %d keys never routed: %d waits, y remembers %d senders", keys, pairs, senders)
+	if pairs > max || senders > max {
+		t.Fatalf("%d waits and %d senders remembered, want at most %d", pairs, senders, max)
+	}
+	// Over the bound, a key is forgotten as before: a later packet from it
+	// tries again.
+	s.mesh.mu.RLock()
+	_, waits := s.mesh.waiting[last]
+	s.mesh.mu.RUnlock()
+	if waits {
+		t.Fatal("the last key waits though the bound was reached")
+	}
+	// y's end frees its waits, and the count with them.
+	y.Close()
+	waitFor(t, func() bool {
+		s.mesh.mu.RLock()
+		defer s.mesh.mu.RUnlock()
+		return len(s.mesh.waiting) == 0 && s.mesh.waits == 0
+	})
+}
+
 // goneBeforePong pings the server and reports whether PeerGone(k,
 // Disconnected) arrived before the Pong.
 func goneBeforePong(t *testing.T, c *Client, k PublicKey) bool {

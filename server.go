@@ -159,6 +159,10 @@ type serverConfig struct {
 	// (meshLink.probe): meshPingAfter and meshPongWait unless a test
 	// lowers them.
 	linkPingAfter, linkPongWait time.Duration
+
+	// meshMaxWaiting bounds mesh.waiting (maxMeshWaiting unless a test
+	// lowers it).
+	meshMaxWaiting int
 }
 
 // Admission describes a client asking to log in, for the admission hook.
@@ -744,6 +748,7 @@ func NewServer(priv PrivateKey, opts ...ServerOption) *Server {
 		linkWriteTimeout: meshLinkWriteTimeout,
 		linkPingAfter:    meshPingAfter,
 		linkPongWait:     meshPongWait,
+		meshMaxWaiting:   maxMeshWaiting,
 		queueDepth:       32,
 		keepAlive:        60 * time.Second,
 		idleTimeout:      150 * time.Second,
@@ -1995,7 +2000,10 @@ func (s *Server) forgetRecipient(c *sconn) {
 	for k := range waitFor {
 		next()
 		if w := s.mesh.waiting[k]; w != nil {
-			delete(w, c)
+			if _, ok := w[c]; ok {
+				delete(w, c)
+				s.mesh.waits--
+			}
 			if len(w) == 0 {
 				delete(s.mesh.waiting, k)
 			}
@@ -4406,7 +4414,11 @@ type meshState struct {
 	// is up. They join the key's route when one is added, or its entry
 	// when it logs in here, to be told when it leaves, and are dropped
 	// when they end (forgetRecipient). Each one lists its keys in waitFor.
+	// waits counts the (key, session) pairs, at most cfg.meshMaxWaiting:
+	// a key that never gets a route (it left its server before its
+	// PeerPresent reached us) waits until the session ends.
 	waiting map[PublicKey]map[*sconn]struct{}
+	waits   int
 	// fwdLoops are the custom links whose forwardLoop has not returned,
 	// stopped ones included: Close waits for them.
 	fwdLoops map[*meshLink]struct{}
@@ -5320,9 +5332,10 @@ func (s *Server) meshAdopt(k PublicKey, recipients map[*sconn]struct{}) bool {
 // and no local connection is gone if it was local, and c is told so now;
 // a forwarded one's PeerPresent may still be on its way over the watch
 // connection (or our link to its server be down), so c waits for its route
-// or its login here in mesh.waiting.
+// or its login here in mesh.waiting; beyond maxMeshWaiting waits, c
+// forgets k instead, and k's next packet tries again.
 func (s *Server) meshNoteRecipient(c *sconn, srcs []PublicKey, local bool) {
-	var unknown []PublicKey
+	var unknown, forget []PublicKey
 	m := &s.mesh
 	m.mu.Lock()
 	for _, k := range srcs {
@@ -5342,6 +5355,15 @@ func (s *Server) meshNoteRecipient(c *sconn, srcs []PublicKey, local bool) {
 		case local:
 			unknown = append(unknown, k)
 		default:
+			if _, ok := m.waiting[k][c]; ok {
+				break
+			}
+			if m.waits >= s.cfg.meshMaxWaiting {
+				// Too many waits: c forgets k, and k's next
+				// packet tries again.
+				forget = append(forget, k)
+				break
+			}
 			if m.waiting == nil {
 				m.waiting = map[PublicKey]map[*sconn]struct{}{}
 			}
@@ -5351,6 +5373,7 @@ func (s *Server) meshNoteRecipient(c *sconn, srcs []PublicKey, local bool) {
 				m.waiting[k] = w
 			}
 			w[c] = struct{}{}
+			m.waits++
 			if c.waitFor == nil {
 				c.waitFor = map[PublicKey]struct{}{}
 			}
@@ -5362,7 +5385,24 @@ func (s *Server) meshNoteRecipient(c *sconn, srcs []PublicKey, local bool) {
 	for _, k := range unknown {
 		c.enqueuePeerGone(k, PeerGoneDisconnected) // forgets k too
 	}
+	if len(forget) > 0 {
+		c.mu.Lock()
+		for _, k := range forget {
+			delete(c.sentFrom, k)
+			if c.lastSrc == k {
+				c.lastSrc = PublicKey{}
+			}
+		}
+		c.sentFrom = shrinkMap(c.sentFrom, &c.sentFromPeak)
+		c.mu.Unlock()
+	}
 }
+
+// maxMeshWaiting bounds the waits for a forwarded key's route
+// (mesh.waiting), a few hundred bytes each: some 5 MB however many fresh
+// keys send once and leave. Beyond it a session forgets such a key, and
+// the key's next packet tries again.
+const maxMeshWaiting = 1 << 14
 
 // takeWaitingLocked removes and returns the sessions waiting for k's route
 // or login (mesh.waiting); mesh.mu must be held.
@@ -5373,6 +5413,7 @@ func (s *Server) takeWaitingLocked(k PublicKey) map[*sconn]struct{} {
 		return nil
 	}
 	delete(m.waiting, k)
+	m.waits -= len(w)
 	if len(m.waiting) == 0 {
 		m.waiting = nil // after a burst
 	}
