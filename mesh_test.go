@@ -606,6 +606,53 @@ func TestMeshWaitingBounded(t *testing.T) {
 	})
 }
 
+// TestMeshLoginIgnoresOtherKeysWaits: a login hands the sessions waiting
+// for its key's route to its entry (meshClaimWaiting), but a login of a key
+// nobody waits for must not take mesh.mu for writing: while any wait was
+// kept (and one for a key that never gets a route is kept until its
+// session ends), every login of every key did, waiting for each forwarded
+// packet's route lookup and holding up the next ones.
+func TestMeshLoginIgnoresOtherKeysWaits(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey))
+	y := pipeClient(t, s)
+	w := pipeClient(t, s, MeshKey(testMeshKey))
+	k := mustKey(t).Public() // never routed
+	if err := w.ForwardPacket(k, y.PublicKey(), []byte("no route")); err != nil {
+		t.Fatal(err)
+	}
+	recvMsg[*ReceivedPacket](t, y)
+	expectPongFirst(t, y) // y waits for k's route
+	cc, sc := net.Pipe()  // another key logs in
+	t.Cleanup(func() { cc.Close() })
+	priv := mustKey(t)
+	s.mesh.mu.RLock() // as a route lookup does
+	go s.Accept(context.Background(), sc, nil, "127.0.0.1:1234")
+	done := make(chan error, 1)
+	go func() {
+		c, err := NewClient(priv, cc, nil)
+		if err == nil {
+			var m Message
+			if m, err = c.Recv(); err == nil {
+				if _, ok := m.(ServerInfo); !ok {
+					err = fmt.Errorf("got %T, want ServerInfo", m)
+				}
+			}
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		s.mesh.mu.RUnlock()
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		s.mesh.mu.RUnlock()
+		<-done
+		t.Fatal("a login waited 10 s for mesh.mu, held for reading, while a session waited for another key's route")
+	}
+}
+
 // goneBeforePong pings the server and reports whether PeerGone(k,
 // Disconnected) arrived before the Pong.
 func goneBeforePong(t *testing.T, c *Client, k PublicKey) bool {

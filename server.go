@@ -5429,10 +5429,12 @@ func (s *Server) takeWaitingLocked(k PublicKey) map[*sconn]struct{} {
 func (s *Server) meshClaimWaiting(k PublicKey, e *keyEntry) {
 	m := &s.mesh
 	m.mu.RLock()
-	n := len(m.waiting)
+	_, ok := m.waiting[k]
 	m.mu.RUnlock()
-	if n == 0 {
-		return // the common case: no write lock on every login
+	if !ok {
+		// The common case, even while sessions wait for other keys
+		// (perhaps for good): no write lock on every login.
+		return
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
