@@ -525,6 +525,31 @@ func TestMeshPeerGoneForKeyRoutedLate(t *testing.T) {
 			t.Fatalf("got %+v, want PeerGone(%s, Disconnected)", g, k.ShortString())
 		}
 	})
+	t.Run("leaves before its claim", func(t *testing.T) {
+		// k logs in here and leaves again before its login hands the
+		// waiting sessions to its entry (meshClaimWaiting runs after
+		// register lets go of the table): they were left waiting, and
+		// never told that k left.
+		s := newTestServer(t, WithMeshKey(testMeshKey))
+		y := pipeClient(t, s)
+		w := pipeClient(t, s, MeshKey(testMeshKey))
+		k := mustKey(t).Public()
+		if err := w.ForwardPacket(k, y.PublicKey(), []byte("before the route")); err != nil {
+			t.Fatal(err)
+		}
+		recvMsg[*ReceivedPacket](t, y)
+		expectPongFirst(t, y)              // its writer has registered k
+		s.meshClaimWaiting(k, &keyEntry{}) // an entry that has left the table
+		if !goneBeforePong(t, y, k) {
+			t.Errorf("k logged in and left before its claim, and y, written a packet from k, was not told PeerGone")
+		}
+		s.mesh.mu.RLock()
+		left := len(s.mesh.waiting)
+		s.mesh.mu.RUnlock()
+		if left != 0 {
+			t.Errorf("%d keys still waited for", left)
+		}
+	})
 	t.Run("ends while waiting", func(t *testing.T) {
 		s := newTestServer(t, WithMeshKey(testMeshKey))
 		y := pipeClient(t, s)

@@ -5433,7 +5433,8 @@ func (s *Server) takeWaitingLocked(k PublicKey) map[*sconn]struct{} {
 
 // meshClaimWaiting hands the sessions waiting for k (mesh.waiting) to e,
 // the entry of k, which has just logged in here: they are told when k
-// leaves.
+// leaves. If k has left again already, they go to its newer entry, or are
+// told now that it left (unless a mesh route takes them over).
 func (s *Server) meshClaimWaiting(k PublicKey, e *keyEntry) {
 	m := &s.mesh
 	m.mu.RLock()
@@ -5444,16 +5445,28 @@ func (s *Server) meshClaimWaiting(k PublicKey, e *keyEntry) {
 		// (perhaps for good): no write lock on every login.
 		return
 	}
+	var left map[*sconn]struct{}
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	if _, ok := m.waiting[k]; !ok {
-		return
+	if _, ok := m.waiting[k]; ok {
+		sh := s.shard(k)
+		sh.mu.Lock()
+		switch cur := sh.m[k]; {
+		case cur == e:
+			e.recipients.merge(s.takeWaitingLocked(k))
+		case cur != nil:
+			// k left and logged in again: they join its new entry
+			// (whose own claim may come after this one).
+			cur.recipients.merge(s.takeWaitingLocked(k))
+		default:
+			// k left again already: they are told so below, as
+			// its recipients were, unless a mesh route took it.
+			left = s.takeWaitingLocked(k)
+		}
+		sh.mu.Unlock()
 	}
-	sh := s.shard(k)
-	sh.mu.Lock()
-	defer sh.mu.Unlock()
-	if sh.m[k] == e { // else k left already, and they wait on
-		e.recipients.merge(s.takeWaitingLocked(k))
+	m.mu.Unlock()
+	if left != nil {
+		s.tellLeft(k, left)
 	}
 }
 
