@@ -1621,53 +1621,6 @@ func TestMeshLinkNoticesChattyPeerGoingSilent(t *testing.T) {
 	}
 }
 
-// TestMeshLinkNoticesPeerHangingEarly: a mesh peer that answers Pings but
-// hangs (with its host still acknowledging) before the link's first Ping,
-// linkPingAfter into the connection, had never answered one, so it was
-// taken for a peer that ignores Pings and kept until the Client's 120 s
-// receive timeout. The link pings a peer that has not answered yet as soon
-// as it connects.
-func TestMeshLinkNoticesPeerHangingEarly(t *testing.T) {
-	k := mustKey(t).Public()
-	var pongs atomic.Int32
-	hang := make(chan struct{})
-	firstEnded := make(chan struct{})
-	p := &scriptedServer{priv: mustKey(t)}
-	p.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
-		sc.Write(appendFrame(nil, FramePeerPresent, appendPeerPresent(nil, PeerPresent{Key: k})))
-		for { // reads everything; answers Pings until it hangs
-			ft, b, err := readRawFrame(br)
-			if err != nil {
-				if n == 1 {
-					close(firstEnded)
-				}
-				return
-			}
-			if ft != FramePing || n != 1 {
-				continue
-			}
-			select {
-			case <-hang:
-			default:
-				pongs.Add(1)
-				sc.Write(appendFrame(nil, FramePong, b))
-			}
-		}
-	}
-	t.Cleanup(p.close)
-	fast := func(c *serverConfig) { c.linkPingAfter, c.linkPongWait = 2*time.Second, 500*time.Millisecond }
-	s := newTestServer(t, WithMeshKey(testMeshKey), WithMeshPeers("http://peer.invalid/derp"),
-		WithMeshDialer(&FastStart{DialContext: p.dialTCP}), fast)
-	waitFor(t, func() bool { _, ok := s.MeshPeerFor(k); return ok })
-	time.Sleep(500 * time.Millisecond)
-	close(hang) // well before linkPingAfter: its host still takes every byte
-	select {
-	case <-firstEnded:
-	case <-time.After(20 * time.Second):
-		t.Fatalf("the link kept its connection for 20 s to a peer that hung %v into it, having answered %d Pings before", 500*time.Millisecond, pongs.Load())
-	}
-}
-
 // TestMeshLinkDropsVanishedPeerIgnoringPings: a mesh peer that never
 // answers Pings keeps its link while its host acknowledges them
 // (TestMeshLinkKeepsPeerIgnoringPings), but not once it vanishes for real:

@@ -721,8 +721,8 @@ func WithRestartNotice(spread, tryFor time.Duration) ServerOption {
 // link's Pings lose its connection while its host acknowledges every byte
 // sent to it: an implementation that ignores Pings, on a live path. So
 // that a busy peer, which never goes 5 s without sending, is not taken for
-// one, a peer is pinged as soon as the link connects and then every 5 s,
-// even while it sends, until it has answered once. A URL that turns out to
+// one, a peer is pinged every 5 s even while it sends until it has
+// answered once. A URL that turns out to
 // reach this server itself is ignored, so every server of a region may be
 // given the same list. Requires WithMeshKey: NewServer panics without one, or on a
 // URL that does not parse. Default: no peers.
@@ -4770,20 +4770,12 @@ type linkLiveness struct {
 // Linux, an unanswered Ping ends nothing while the peer has never answered
 // one of the link's (l.ponged) and its host acknowledged every byte of c:
 // a peer that ignores Pings, on a live path. Until the peer has answered
-// one, it is pinged at once and then every linkPingAfter even while it
-// sends, so that neither a busy peer nor one that hangs early is taken for
-// one that ignores Pings. It returns why it closed
+// one, it is pinged every linkPingAfter even while it sends, so that a busy
+// peer is not taken for one that ignores Pings. It returns why it closed
 // c, or nil once stop is closed.
 func (l *meshLink) probe(c *Client, stop <-chan struct{}, lv *linkLiveness) error {
 	cfg := &l.s.cfg
-	first := cfg.linkPingAfter
-	if !l.ponged.Load() {
-		// Learn at once whether the peer answers Pings: one that hung
-		// before the first Ping would otherwise pass for a peer that
-		// ignores them (below) and be kept.
-		first = 0
-	}
-	t := time.NewTimer(first)
+	t := time.NewTimer(cfg.linkPingAfter)
 	defer t.Stop()
 	for {
 		select {
