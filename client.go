@@ -413,10 +413,10 @@ func (c *Client) SendPong(data [8]byte) error { return c.writeFrame(FramePong, d
 // WatchConnectionChanges asks the server to send a PeerPresent for every
 // connected client and then PeerPresent and PeerGone as clients come and go.
 // Only mesh peers may send it. From then on a PeerGone (Disconnected) from
-// this package's Server always means "left that server": it no longer tells
-// the watching session, as it tells other clients, that a peer it received
-// packets from left the region (Tailscale's servers may). The write is
-// bounded as NotePreferred's is.
+// this package's Server always means "left that server": it does not tell
+// the watching session, as it tells other clients, that a peer it sent
+// packets to or received packets from left the region (Tailscale's servers
+// may). The write is bounded as NotePreferred's is.
 func (c *Client) WatchConnectionChanges() error { return c.writeFrame(FrameWatchConns, nil) }
 
 // ClosePeer asks the server to close every connection of key. Only mesh
