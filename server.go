@@ -2524,9 +2524,14 @@ type SessionInfo struct {
 	// the session's end (Stats.PacketsDropped has them by reason).
 	PacketsDropped int64
 	// Senders counts the distinct peers whose packets reached the client
-	// and that have not disconnected since. (Exact, where Tailscale's
-	// debug page estimates it. The client is also told PeerGone about
-	// peers it only sent to; those are not counted.)
+	// and that have not disconnected since, as far as this server knows.
+	// (Exact, where Tailscale's debug page estimates it, but for one case
+	// in a mesh: a key forwarded by a mesh peer before its route reached
+	// this server stays counted until it is known to leave, so one that
+	// left before its route arrived stays counted until the session ends;
+	// beyond the server's bound on such waits, 16384, such a key is not
+	// counted until its next packet. The client is also told PeerGone
+	// about peers it only sent to; those are not counted.)
 	Senders int
 	// RTT is the kernel's smoothed round-trip time of the session's TCP
 	// connection (Linux), or zero where unknown.
@@ -4130,11 +4135,11 @@ func testConnsBatchDone(sessions int) {
 
 // Stats returns a snapshot of the server's counters. The traffic counters
 // (packets and bytes each way, PacketsPerBatch, QueueWait) add up those of
-// every session, live or ended: a walk over all sessions, for which logins
-// and logouts do not wait, as it takes the server's lock for a few hundred
-// sessions at a time. Each session is counted once, even if it ends during
-// the walk, so no counter is ever lower than in an earlier snapshot.
-// Concurrent calls wait for each other.
+// every session, live or ended: a walk over all sessions that takes the
+// server's lock for a few hundred sessions at a time, so that logins and
+// logouts wait for one batch at most, not the whole walk. Each session is
+// counted once, even if it ends during the walk, so no counter is ever
+// lower than in an earlier snapshot. Concurrent calls wait for each other.
 func (s *Server) Stats() Stats {
 	sc := &s.stats
 	st := Stats{
