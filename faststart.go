@@ -746,9 +746,9 @@ type ReconnectingClient struct {
 	Fallbacks []string
 	// Region, if not nil, is used instead of URL and Fallbacks: its nodes
 	// are dialled in order as FastStart.DialNode does (by their own
-	// addresses, checking CertName or its pin), STUN-only nodes skipped,
-	// and a node other than the first sends the first node's Name as
-	// Ideal-Node.
+	// addresses unless through Dialer's Proxy, checking CertName or its
+	// pin), STUN-only nodes skipped, and a node other than the first
+	// sends the first node's Name as Ideal-Node.
 	Region *Region
 	// NodeConnectTimeout bounds the TCP connect to each node while there
 	// are Fallbacks (or more than one node in Region), so that an

@@ -3711,7 +3711,7 @@ func (g *nonceGuard) check(nonce [nonceLen]byte, now time.Time) bool {
 // where the request ends, and Tailscale's server would read the body as
 // the client's first frames. Each of these refusals, and any other answer
 // to a request with "Derp-Fast-Start" (a 426 without an upgrade, a probe's
-// 200), closes the connection ("Connection: close"): a fast-start client's
+// 200, /generate_204's 204), closes the connection ("Connection: close"): a fast-start client's
 // DERP frames follow its request, and must not be read as the next one.
 // http.Server's Shutdown and Close do not end such sessions (see Close).
 //
