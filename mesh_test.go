@@ -507,17 +507,9 @@ func TestMeshPeerGoneForKeyRoutedLate(t *testing.T) {
 		}
 	})
 	t.Run("connects here later", func(t *testing.T) {
-		s := newTestServer(t, WithMeshKey(testMeshKey))
-		y := pipeClient(t, s)
-		w := pipeClient(t, s, MeshKey(testMeshKey))
 		kPriv := mustKey(t)
 		k := kPriv.Public()
-		if err := w.ForwardPacket(k, y.PublicKey(), []byte("before the route")); err != nil {
-			t.Fatal(err)
-		}
-		if got, _ := recvMsg[*ReceivedPacket](t, y); got.Source != k {
-			t.Fatalf("got %+v", got)
-		}
+		s, y := forwardedUnrouted(t, k)
 		kc := pipeLogin(t, s, kPriv) // k moves here
 		expectPongFirst(t, y)
 		kc.Close()
@@ -530,14 +522,8 @@ func TestMeshPeerGoneForKeyRoutedLate(t *testing.T) {
 		// waiting sessions to its entry (meshClaimWaiting runs after
 		// register lets go of the table): they were left waiting, and
 		// never told that k left.
-		s := newTestServer(t, WithMeshKey(testMeshKey))
-		y := pipeClient(t, s)
-		w := pipeClient(t, s, MeshKey(testMeshKey))
 		k := mustKey(t).Public()
-		if err := w.ForwardPacket(k, y.PublicKey(), []byte("before the route")); err != nil {
-			t.Fatal(err)
-		}
-		recvMsg[*ReceivedPacket](t, y)
+		s, y := forwardedUnrouted(t, k)
 		expectPongFirst(t, y)              // its writer has registered k
 		s.meshClaimWaiting(k, &keyEntry{}) // an entry that has left the table
 		if !goneBeforePong(t, y, k) {
@@ -551,14 +537,8 @@ func TestMeshPeerGoneForKeyRoutedLate(t *testing.T) {
 		}
 	})
 	t.Run("ends while waiting", func(t *testing.T) {
-		s := newTestServer(t, WithMeshKey(testMeshKey))
-		y := pipeClient(t, s)
-		w := pipeClient(t, s, MeshKey(testMeshKey))
 		k := mustKey(t).Public()
-		if err := w.ForwardPacket(k, y.PublicKey(), []byte("before the route")); err != nil {
-			t.Fatal(err)
-		}
-		recvMsg[*ReceivedPacket](t, y)
+		s, y := forwardedUnrouted(t, k)
 		s.mesh.mu.RLock()
 		waiting := len(s.mesh.waiting[k])
 		s.mesh.mu.RUnlock()
@@ -573,6 +553,22 @@ func TestMeshPeerGoneForKeyRoutedLate(t *testing.T) {
 			return len(s.mesh.waiting) == 0 && s.Stats().CurrentConnections == 1
 		})
 	})
+}
+
+// forwardedUnrouted returns a server with a mesh key and a client y of it
+// that was written a packet forwarded from k, which has no route there.
+func forwardedUnrouted(t *testing.T, k PublicKey) (*Server, *Client) {
+	t.Helper()
+	s := newTestServer(t, WithMeshKey(testMeshKey))
+	y := pipeClient(t, s)
+	w := pipeClient(t, s, MeshKey(testMeshKey)) // a peer forwarding to us
+	if err := w.ForwardPacket(k, y.PublicKey(), []byte("before the route")); err != nil {
+		t.Fatal(err)
+	}
+	if got, ok := recvMsg[*ReceivedPacket](t, y); !ok || got.Source != k {
+		t.Fatalf("got %+v", got)
+	}
+	return s, y
 }
 
 // TestMeshWaitingBounded: a session written packets forwarded from keys
