@@ -1419,20 +1419,7 @@ func TestTCPUserTimeoutVanishedClient(t *testing.T) {
 	bounded, boundedURL := serve(3 * time.Second)
 	unbounded, unboundedURL := serve(0)
 
-	cmd := exec.Command("ip", "netns", "exec", ns, os.Args[0], "-test.run", "^TestTCPUserTimeoutVanishedClient$")
-	cmd.Env = append(os.Environ(), "RELAY_VANISH_URLS="+boundedURL+" "+unboundedURL)
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdin, err := cmd.StdinPipe() // closed at cleanup: the clients exit
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { stdin.Close(); cmd.Process.Kill(); cmd.Wait() })
+	stdout := runInNetns(t, ns, "RELAY_VANISH_URLS="+boundedURL+" "+unboundedURL)
 	var keys []PublicKey
 	sc := bufio.NewScanner(stdout)
 	for len(keys) < 2 && sc.Scan() {
@@ -1512,6 +1499,29 @@ func vanishNetns(t *testing.T) (ns, hostIP, peerIP string, ip func(args ...strin
 }
 
 var vanishNetnsSeq atomic.Int32
+
+// runInNetns runs the current test again in the test binary, inside the
+// network namespace ns, with env added to its environment (which tells
+// that run to play the part inside), and returns its standard output. Its
+// standard input is closed at cleanup, which tells it to exit.
+func runInNetns(t *testing.T, ns, env string) io.Reader {
+	t.Helper()
+	cmd := exec.Command("ip", "netns", "exec", ns, os.Args[0], "-test.run", "^"+t.Name()+"$")
+	cmd.Env = append(os.Environ(), env)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); cmd.Process.Kill(); cmd.Wait() })
+	return stdout
+}
 
 // vanishClient logs in to each of the space-separated DERP URLs, prints
 // "KEY <public key>" for each, and waits for stdin to close.

@@ -14,7 +14,6 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"runtime"
 	"slices"
 	"strconv"
@@ -1629,20 +1628,7 @@ func TestMeshLinkDropsVanishedPeerIgnoringPings(t *testing.T) {
 		return
 	}
 	ns, _, peerIP, ip := vanishNetns(t)
-	cmd := exec.Command("ip", "netns", "exec", ns, os.Args[0], "-test.run", "^TestMeshLinkDropsVanishedPeerIgnoringPings$")
-	cmd.Env = append(os.Environ(), "RELAY_DEAF_PEER="+peerIP)
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdin, err := cmd.StdinPipe() // closed at cleanup: the peer exits
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { stdin.Close(); cmd.Process.Kill(); cmd.Wait() })
+	stdout := runInNetns(t, ns, "RELAY_DEAF_PEER="+peerIP)
 	peer := make(chan string, 1)
 	var pings atomic.Int32 // read on the link's first connection
 	go func() {            // ends when the peer exits
