@@ -539,7 +539,7 @@ func TestMeshPeerGoneForKeyRoutedLate(t *testing.T) {
 		k := mustKey(t).Public()
 		s, y := forwardedUnrouted(t, k)
 		s.mesh.mu.RLock()
-		waiting := len(s.mesh.waiting[k])
+		waiting := len(s.mesh.waiting[k].sessions)
 		s.mesh.mu.RUnlock()
 		if waiting != 1 {
 			t.Fatalf("%d sessions wait for k's route, want 1 (y)", waiting)
@@ -596,7 +596,7 @@ func TestMeshWaitingBounded(t *testing.T) {
 	s.mesh.mu.RLock()
 	pairs := 0
 	for _, ws := range s.mesh.waiting {
-		pairs += len(ws)
+		pairs += len(ws.sessions)
 	}
 	s.mesh.mu.RUnlock()
 	senders := -1
@@ -624,6 +624,219 @@ func TestMeshWaitingBounded(t *testing.T) {
 		defer s.mesh.mu.RUnlock()
 		return len(s.mesh.waiting) == 0 && s.mesh.waits == 0
 	})
+}
+
+// waitServer returns a server with a mesh key whose waits for forwarded
+// keys' routes last an hour (tests give sweepWaits times of their own), a
+// client y of it, a mesh peer w forwarding to it, and the server's link to
+// w's server, which has connected before and is down.
+func waitServer(t *testing.T, opts ...ServerOption) (s *Server, y, w *Client, l *meshLink) {
+	t.Helper()
+	opts = append([]ServerOption{WithMeshKey(testMeshKey), meshWaitGraceOf(time.Hour)}, opts...)
+	s = newTestServer(t, opts...)
+	y = pipeClient(t, s)
+	w = pipeClient(t, s, MeshKey(testMeshKey))
+	l = newMeshLink(s, "w")
+	l.peer = w.PublicKey()
+	s.mesh.links = append(s.mesh.links, l) // before any sweep
+	return s, y, w, l
+}
+
+func meshWaitGraceOf(d time.Duration) ServerOption {
+	return func(c *serverConfig) { c.meshWaitGrace = d }
+}
+
+// setLinkUp marks l's connection as watching since at (monoNanos), or down
+// (0).
+func setLinkUp(l *meshLink, at int64) {
+	l.mu.Lock()
+	l.upAt = at
+	l.mu.Unlock()
+}
+
+// forwardTo has the mesh peer w forward a packet from k to y, and waits
+// until y's writer has registered k.
+func forwardTo(t *testing.T, w, y *Client, k PublicKey) {
+	t.Helper()
+	if err := w.ForwardPacket(k, y.PublicKey(), []byte("forwarded")); err != nil {
+		t.Fatal(err)
+	}
+	if got, ok := recvMsg[*ReceivedPacket](t, y); !ok || got.Source != k {
+		t.Fatalf("got %+v, want a packet from %s", got, k.ShortString())
+	}
+	expectPongFirst(t, y)
+}
+
+// waitsFor returns how many sessions of s wait for k's route or login.
+func waitsFor(s *Server, k PublicKey) int {
+	s.mesh.mu.RLock()
+	defer s.mesh.mu.RUnlock()
+	if w := s.mesh.waiting[k]; w != nil {
+		return len(w.sessions)
+	}
+	return 0
+}
+
+// sendersOf returns SessionInfo.Senders of the session with key k.
+func sendersOf(s *Server, k PublicKey) int {
+	for si := range s.Sessions() {
+		if si.Key == k {
+			return si.Senders
+		}
+	}
+	return -1
+}
+
+// TestMeshWaitGivenUpAfterPartition: a client y written packets forwarded
+// from k, which had no route here as this server's link to k's server was
+// down, waits for k's route; if k leaves while the link is down, the
+// link's list of the peer's clients, when it is back, does not have k.
+// y must then be told that k left, once the list has had time to arrive,
+// and not while the link is down (k may still be there). It was never
+// told, and the wait (with y's memory of k) lasted as long as y.
+func TestMeshWaitGivenUpAfterPartition(t *testing.T) {
+	s, y, w, l := waitServer(t)
+	grace := int64(s.cfg.meshWaitGrace)
+	k := mustKey(t).Public()
+	forwardTo(t, w, y, k)
+	t0 := monoNanos()
+	if n := waitsFor(s, k); n != 1 {
+		t.Fatalf("%d sessions wait for k, want 1 (y)", n)
+	}
+	s.sweepWaits(t0 + 10*grace) // the link is down: k may still be there
+	if goneBeforePong(t, y, k) || waitsFor(s, k) != 1 {
+		t.Fatal("y was told k left, or stopped waiting for it, while the link to k's server was down")
+	}
+	up := t0 + 10*grace
+	setLinkUp(l, up) // back; its list does not have k
+	s.sweepWaits(up + grace/2)
+	if goneBeforePong(t, y, k) || waitsFor(s, k) != 1 {
+		t.Fatal("y was told k left before the returned link's list could arrive")
+	}
+	s.sweepWaits(up + grace)
+	if !goneBeforePong(t, y, k) {
+		t.Fatal("k left its server while the link to it was down, and y, written a packet from k, was never told PeerGone")
+	}
+	if n := waitsFor(s, k); n != 0 || sendersOf(s, y.PublicKey()) != 0 {
+		t.Fatalf("%d sessions still wait for k, y has %d senders; want 0, 0", n, sendersOf(s, y.PublicKey()))
+	}
+}
+
+// TestMeshWaitNewPacketRestartsGrace: a key forwarded to another session
+// (just now at its server, then) is not given up a grace after the first
+// session began to wait, but a grace after the last one did.
+func TestMeshWaitNewPacketRestartsGrace(t *testing.T) {
+	s, y, w, l := waitServer(t)
+	grace := int64(s.cfg.meshWaitGrace)
+	setLinkUp(l, monoNanos()-10*grace) // up all along
+	k := mustKey(t).Public()
+	forwardTo(t, w, y, k)
+	s.mesh.mu.Lock()
+	s.mesh.waiting[k].since -= 2 * grace // y has waited for two graces
+	s.mesh.mu.Unlock()
+	y2 := pipeClient(t, s)
+	forwardTo(t, w, y2, k)
+	now := monoNanos()
+	s.sweepWaits(now + grace/2)
+	if goneBeforePong(t, y, k) || goneBeforePong(t, y2, k) || waitsFor(s, k) != 2 {
+		t.Fatal("k was given up though it was forwarded less than a grace ago")
+	}
+	s.sweepWaits(now + grace)
+	if !goneBeforePong(t, y, k) || !goneBeforePong(t, y2, k) {
+		t.Fatal("k, forwarded a grace ago and never routed, was not given up")
+	}
+}
+
+// TestMeshWaitsGivenUp: waits for keys that never get a route (each sent
+// through a peer and left before its PeerPresent was seen) filled the
+// bound on waits for good, and every wait after that was forgotten: the
+// client would never be told that those keys left. A wait that lasted a
+// whole grace while the link to the forwarding peer was up is given up
+// (the key left: y is told), and one forwarded by a peer this server does
+// not watch is forgotten (it can never learn whether the key left), so
+// the bound frees up.
+func TestMeshWaitsGivenUp(t *testing.T) {
+	for _, watched := range []bool{true, false} {
+		t.Run(fmt.Sprintf("watched=%v", watched), func(t *testing.T) {
+			const max = 4
+			s, y, w, l := waitServer(t, func(c *serverConfig) { c.meshMaxWaiting = max })
+			grace := int64(s.cfg.meshWaitGrace)
+			setLinkUp(l, monoNanos())
+			if !watched {
+				l.peer = mustKey(t).Public() // a link to some other server
+			}
+			var keys []PublicKey
+			for range max {
+				keys = append(keys, mustKey(t).Public())
+				forwardTo(t, w, y, keys[len(keys)-1])
+			}
+			late := mustKey(t).Public()
+			forwardTo(t, w, y, late)
+			if waitsFor(s, late) != 0 {
+				t.Fatal("beyond the bound, a key is waited for")
+			}
+			s.sweepWaits(monoNanos() + grace)
+			told := goneSetBeforePong(t, y)
+			for _, k := range keys {
+				if told[k] != watched {
+					t.Errorf("told PeerGone(%s): %v, want %v", k.ShortString(), told[k], watched)
+				}
+			}
+			s.mesh.mu.RLock()
+			waits := s.mesh.waits
+			s.mesh.mu.RUnlock()
+			if n := sendersOf(s, y.PublicKey()); waits != 0 || n != 0 {
+				t.Fatalf("%d waits left for keys with no route for a whole grace, and y has %d senders; want 0, 0", waits, n)
+			}
+			forwardTo(t, w, y, late) // its next packet tries again
+			if waitsFor(s, late) != 1 {
+				t.Fatal("a new wait was forgotten: the bound is still full")
+			}
+		})
+	}
+}
+
+// goneSetBeforePong pings the server and returns the keys c is told
+// PeerGone(Disconnected) about before the Pong.
+func goneSetBeforePong(t *testing.T, c *Client) map[PublicKey]bool {
+	t.Helper()
+	c.SendPing([8]byte{9})
+	gone := map[PublicKey]bool{}
+	for {
+		m, ok := recvMsg[Message](t, c)
+		if !ok {
+			t.FailNow()
+		}
+		switch m := m.(type) {
+		case Pong:
+			return gone
+		case PeerGone:
+			if m.Reason == PeerGoneDisconnected {
+				gone[m.Peer] = true
+			}
+		}
+	}
+}
+
+// TestMeshWaitSweepOnItsOwn: the sweep of waits runs by itself while
+// there are waits (here with a grace of 50 ms), and stops when there are
+// none.
+func TestMeshWaitSweepOnItsOwn(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey), meshWaitGraceOf(50*time.Millisecond))
+	y := pipeClient(t, s)
+	w := pipeClient(t, s, MeshKey(testMeshKey)) // a peer this server does not watch
+	k := mustKey(t).Public()
+	forwardTo(t, w, y, k)
+	waitForWithin(t, 20*time.Second, func() bool {
+		return waitsFor(s, k) == 0 && sendersOf(s, y.PublicKey()) == 0
+	})
+	waitForWithin(t, 20*time.Second, func() bool {
+		s.mesh.mu.RLock()
+		defer s.mesh.mu.RUnlock()
+		return !s.mesh.sweepOn
+	})
+	forwardTo(t, w, y, k) // waits again, and is swept again
+	waitForWithin(t, 20*time.Second, func() bool { return waitsFor(s, k) == 0 })
 }
 
 // TestMeshLoginIgnoresOtherKeysWaits: a login hands the sessions waiting

@@ -163,6 +163,9 @@ type serverConfig struct {
 	// meshMaxWaiting bounds mesh.waiting (maxMeshWaiting unless a test
 	// lowers it).
 	meshMaxWaiting int
+	// meshWaitGrace is how long a wait in mesh.waiting lasts without news
+	// of its key (sweepWaits): meshWaitGrace unless a test changes it.
+	meshWaitGrace time.Duration
 }
 
 // Admission describes a client asking to log in, for the admission hook.
@@ -749,6 +752,7 @@ func NewServer(priv PrivateKey, opts ...ServerOption) *Server {
 		linkPingAfter:    meshPingAfter,
 		linkPongWait:     meshPongWait,
 		meshMaxWaiting:   maxMeshWaiting,
+		meshWaitGrace:    meshWaitGrace,
 		queueDepth:       32,
 		keepAlive:        60 * time.Second,
 		idleTimeout:      150 * time.Second,
@@ -2000,11 +2004,11 @@ func (s *Server) forgetRecipient(c *sconn) {
 	for k := range waitFor {
 		next()
 		if w := s.mesh.waiting[k]; w != nil {
-			if _, ok := w[c]; ok {
-				delete(w, c)
+			if _, ok := w.sessions[c]; ok {
+				delete(w.sessions, c)
 				s.mesh.waits--
 			}
-			if len(w) == 0 {
+			if len(w.sessions) == 0 {
 				delete(s.mesh.waiting, k)
 			}
 		}
@@ -2342,7 +2346,9 @@ func (s *Server) routePacket(c *sconn, src, dst PublicKey, n int, forwarded bool
 		}
 		p.n = n
 		p.src = src
-		if !forwarded {
+		if forwarded {
+			p.via = c // its waits' peer, if src has no route (meshNoteRecipient)
+		} else {
 			p.srcConn = c
 		}
 		disco := looksLikeDisco(p.buf[:n])
@@ -2528,7 +2534,8 @@ type SessionInfo struct {
 	// (Exact, where Tailscale's debug page estimates it, but for one case
 	// in a mesh: a key forwarded by a mesh peer before its route reached
 	// this server stays counted until it is known to leave, so one that
-	// left before its route arrived stays counted until the session ends;
+	// left before its route arrived stays counted until the server gives
+	// the wait up, 30 s or more later (see the README's mesh section);
 	// beyond the server's bound on such waits, 16384, such a key is not
 	// counted until its next packet. The client is also told PeerGone
 	// about peers it only sent to; those are not counted.)
@@ -2988,8 +2995,8 @@ type writerState struct {
 	wsPong   bool // a WebSocket pong is due (wsConn.onPong)
 	last     bool // control ends with the Restarting notice: the last batch
 	newSrcs  []*sconn
-	fwdSrcs  []PublicKey // new sources of forwarded packets (mesh recipients)
-	lateSrcs []PublicKey // new local sources that left before their packets were written
+	fwdSrcs  []meshSrc // new sources of forwarded packets (mesh recipients)
+	lateSrcs []meshSrc // new local sources that left before their packets were written
 
 	// The vectored path: frame headers, control frames and small payloads
 	// are copied into scratch; vec lists the pieces of scratch and the
@@ -3196,7 +3203,8 @@ func (c *sconn) takeLocked(ws *writerState) bool {
 				if p.srcConn != nil {
 					ws.newSrcs = append(ws.newSrcs, p.srcConn)
 				} else {
-					ws.fwdSrcs = append(ws.fwdSrcs, p.src) // forwarded in by a mesh peer
+					// Forwarded in by a mesh peer.
+					ws.fwdSrcs = append(ws.fwdSrcs, meshSrc{key: p.src, via: p.via})
 				}
 			}
 		}
@@ -3235,7 +3243,7 @@ func (c *sconn) registerRecipients(ws *writerState) {
 		if e == nil {
 			// The source left while its packet waited here: a mesh
 			// peer may have it now, else c is told it is gone.
-			ws.lateSrcs = append(ws.lateSrcs, src.key)
+			ws.lateSrcs = append(ws.lateSrcs, meshSrc{key: src.key})
 		}
 	}
 	clear(ws.newSrcs)
@@ -3246,6 +3254,7 @@ func (c *sconn) registerRecipients(ws *writerState) {
 	}
 	if len(ws.fwdSrcs) > 0 {
 		c.s.meshNoteRecipient(c, ws.fwdSrcs, false)
+		clear(ws.fwdSrcs) // the sessions
 		ws.fwdSrcs = ws.fwdSrcs[:0]
 	}
 }
@@ -3624,6 +3633,7 @@ func (r *pktRing) pop() *packet {
 type packet struct {
 	src     PublicKey
 	srcConn *sconn // the local sender, or nil for forwarded packets
+	via     *sconn // for forwarded packets, the mesh peer's session that forwarded it
 	n       int
 	buf     []byte
 	class   int8
@@ -3648,7 +3658,7 @@ func getPacket(n int) *packet {
 }
 
 func putPacket(p *packet) {
-	p.srcConn = nil
+	p.srcConn, p.via = nil, nil
 	p.n = 0
 	packetPools[p.class].Put(p)
 }
@@ -4419,11 +4429,15 @@ type meshState struct {
 	// is up. They join the key's route when one is added, or its entry
 	// when it logs in here, to be told when it leaves, and are dropped
 	// when they end (forgetRecipient). Each one lists its keys in waitFor.
-	// waits counts the (key, session) pairs, at most cfg.meshMaxWaiting:
-	// a key that never gets a route (it left its server before its
-	// PeerPresent reached us) waits until the session ends.
-	waiting map[PublicKey]map[*sconn]struct{}
+	// waits counts the (key, session) pairs, at most cfg.meshMaxWaiting.
+	// A key that never gets a route (it left its server before its
+	// PeerPresent reached us, or while our link to that server was down)
+	// is given up by sweepWaits, which the timer sweep runs every half
+	// cfg.meshWaitGrace while there are waits (sweepOn).
+	waiting map[PublicKey]*meshWait
 	waits   int
+	sweep   *time.Timer
+	sweepOn bool // sweep is due to run
 	// fwdLoops are the custom links whose forwardLoop has not returned,
 	// stopped ones included: Close waits for them.
 	fwdLoops map[*meshLink]struct{}
@@ -4436,6 +4450,27 @@ type meshState struct {
 type fwdTurn struct {
 	ch    chan struct{} // one slot, held around ForwardPacket calls
 	loops int           // the forwarder's forwardLoops still running
+}
+
+// meshWait is the sessions waiting for a key's route or login (mesh.waiting).
+type meshWait struct {
+	sessions map[*sconn]struct{}
+	// since is when the last session joined (monoNanos): its packet from
+	// the key had just been forwarded, so the key was at the forwarding
+	// peer's server then.
+	since int64
+	// via is the server key of the mesh peer that forwarded that packet
+	// (its session's key), or zero: the link that watches it tells
+	// sweepWaits whether the key is still there.
+	via PublicKey
+}
+
+// meshSrc is a new source of the packets written to a session, for
+// meshNoteRecipient: a key, and for forwarded packets the mesh peer's
+// session that forwarded them.
+type meshSrc struct {
+	key PublicKey
+	via *sconn
 }
 
 // meshRoute says where a key announced by mesh peers can be reached.
@@ -4461,6 +4496,12 @@ type meshLink struct {
 	mu     sync.Mutex
 	client *Client // the current connection; nil while down
 	ring   fwdRing
+	// peer is the server key of the peer, from the link's last
+	// connection (zero before the first); upAt is when the current
+	// connection's watch began (monoNanos), zero while down. The peer
+	// announces its clients from then on: for sweepWaits.
+	peer PublicKey
+	upAt int64
 
 	keys map[PublicKey]struct{} // keys this peer announced; guarded by s.mesh.mu
 
@@ -4579,6 +4620,9 @@ func (s *Server) closeMesh() {
 	m := &s.mesh
 	m.mu.Lock()
 	m.closed = true
+	if m.sweep != nil {
+		m.sweep.Stop() // a sweep running still gives up what it found
+	}
 	var custom []*meshLink
 	for f, l := range m.custom {
 		custom = append(custom, l)
@@ -4675,6 +4719,7 @@ func (l *meshLink) session(ctx context.Context) (watched bool, restartIn time.Du
 		return false, 0, ctx.Err()
 	}
 	l.client = c
+	l.peer, l.upAt = c.ServerPublicKey(), monoNanos()
 	l.mu.Unlock()
 	s.log.Info("relay: mesh link up", "peer", l.url, "serverKey", c.ServerPublicKey().ShortString(), "path", hs.Path)
 
@@ -4702,7 +4747,7 @@ func (l *meshLink) session(ctx context.Context) (watched bool, restartIn time.Du
 	}
 
 	l.mu.Lock()
-	l.client = nil
+	l.client, l.upAt = nil, 0
 	stale := l.ring.popAll(nil)
 	l.mu.Unlock()
 	for _, it := range stale {
@@ -5337,13 +5382,16 @@ func (s *Server) meshAdopt(k PublicKey, recipients map[*sconn]struct{}) bool {
 // and no local connection is gone if it was local, and c is told so now;
 // a forwarded one's PeerPresent may still be on its way over the watch
 // connection (or our link to its server be down), so c waits for its route
-// or its login here in mesh.waiting; beyond maxMeshWaiting waits, c
-// forgets k instead, and k's next packet tries again.
-func (s *Server) meshNoteRecipient(c *sconn, srcs []PublicKey, local bool) {
+// or its login here in mesh.waiting, until sweepWaits gives the key up;
+// beyond maxMeshWaiting waits, c forgets k instead, and k's next packet
+// tries again.
+func (s *Server) meshNoteRecipient(c *sconn, srcs []meshSrc, local bool) {
 	var unknown, forget []PublicKey
 	m := &s.mesh
+	now := monoNanos()
 	m.mu.Lock()
-	for _, k := range srcs {
+	for _, src := range srcs {
+		k := src.key
 		if r := m.routes[k]; r != nil {
 			r.recipients.add(c)
 			continue
@@ -5360,8 +5408,10 @@ func (s *Server) meshNoteRecipient(c *sconn, srcs []PublicKey, local bool) {
 		case local:
 			unknown = append(unknown, k)
 		default:
-			if _, ok := m.waiting[k][c]; ok {
-				break
+			if w := m.waiting[k]; w != nil {
+				if _, ok := w.sessions[c]; ok {
+					break
+				}
 			}
 			if m.waits >= s.cfg.meshMaxWaiting {
 				// Too many waits: c forgets k, and k's next
@@ -5370,37 +5420,49 @@ func (s *Server) meshNoteRecipient(c *sconn, srcs []PublicKey, local bool) {
 				break
 			}
 			if m.waiting == nil {
-				m.waiting = map[PublicKey]map[*sconn]struct{}{}
+				m.waiting = map[PublicKey]*meshWait{}
 			}
 			w := m.waiting[k]
 			if w == nil {
-				w = map[*sconn]struct{}{}
+				w = &meshWait{sessions: map[*sconn]struct{}{}}
 				m.waiting[k] = w
 			}
-			w[c] = struct{}{}
+			w.sessions[c] = struct{}{}
+			w.since, w.via = now, PublicKey{}
+			if src.via != nil {
+				w.via = src.via.key
+			}
 			m.waits++
 			if c.waitFor == nil {
 				c.waitFor = map[PublicKey]struct{}{}
 			}
 			c.waitFor[k] = struct{}{}
 			c.waits.Store(true)
+			s.startSweepLocked()
 		}
 	}
 	m.mu.Unlock()
 	for _, k := range unknown {
 		c.enqueuePeerGone(k, PeerGoneDisconnected) // forgets k too
 	}
-	if len(forget) > 0 {
-		c.mu.Lock()
-		for _, k := range forget {
-			delete(c.sentFrom, k)
-			if c.lastSrc == k {
-				c.lastSrc = PublicKey{}
-			}
-		}
-		c.sentFrom = shrinkMap(c.sentFrom, &c.sentFromPeak)
-		c.mu.Unlock()
+	c.forgetSources(forget)
+}
+
+// forgetSources makes c forget that it was written packets from keys, as
+// if it never had been: the next packet from one registers c again.
+func (c *sconn) forgetSources(keys []PublicKey) {
+	if len(keys) == 0 {
+		return
 	}
+	c.mu.Lock()
+	for _, k := range keys {
+		delete(c.sentFrom, k)
+		if c.lastSrc == k {
+			c.lastSrc = PublicKey{}
+		}
+	}
+	c.sentFrom = shrinkMap(c.sentFrom, &c.sentFromPeak)
+	c.mu.Unlock()
 }
 
 // maxMeshWaiting bounds the waits for a forwarded key's route
@@ -5408,6 +5470,13 @@ func (s *Server) meshNoteRecipient(c *sconn, srcs []PublicKey, local bool) {
 // keys send once and leave. Beyond it a session forgets such a key, and
 // the key's next packet tries again.
 const maxMeshWaiting = 1 << 14
+
+// meshWaitGrace is how long sessions wait for the route or login of a key
+// forwarded to them (mesh.waiting) with no news of it, before sweepWaits
+// gives the key up: long enough for a link's whole list of its peer's
+// clients, or a login's PeerPresent, to arrive, many times over (a link
+// whose peer sends nothing for 10 s is dropped, and then its waits last).
+const meshWaitGrace = 30 * time.Second
 
 // takeWaitingLocked removes and returns the sessions waiting for k's route
 // or login (mesh.waiting); mesh.mu must be held.
@@ -5418,14 +5487,14 @@ func (s *Server) takeWaitingLocked(k PublicKey) map[*sconn]struct{} {
 		return nil
 	}
 	delete(m.waiting, k)
-	m.waits -= len(w)
+	m.waits -= len(w.sessions)
 	if len(m.waiting) == 0 {
 		m.waiting = nil // after a burst
 	}
-	for c := range w {
+	for c := range w.sessions {
 		delete(c.waitFor, k)
 	}
-	return w
+	return w.sessions
 }
 
 // meshClaimWaiting hands the sessions waiting for k (mesh.waiting) to e,
@@ -5438,8 +5507,8 @@ func (s *Server) meshClaimWaiting(k PublicKey, e *keyEntry) {
 	_, ok := m.waiting[k]
 	m.mu.RUnlock()
 	if !ok {
-		// The common case, even while sessions wait for other keys
-		// (perhaps for good): no write lock on every login.
+		// The common case, even while sessions wait for other keys:
+		// no write lock on every login.
 		return
 	}
 	var left map[*sconn]struct{}
@@ -5466,6 +5535,126 @@ func (s *Server) meshClaimWaiting(k PublicKey, e *keyEntry) {
 		s.tellLeft(k, left)
 	}
 }
+
+// startSweepLocked has sweepWaits run in half the grace, unless it is due
+// already; mesh.mu must be held.
+func (s *Server) startSweepLocked() {
+	m := &s.mesh
+	if m.sweepOn || m.closed {
+		return
+	}
+	m.sweepOn = true
+	d := max(s.cfg.meshWaitGrace/2, time.Millisecond)
+	if m.sweep == nil {
+		m.sweep = time.AfterFunc(d, func() { s.sweepWaits(monoNanos()) })
+	} else {
+		m.sweep.Reset(d)
+	}
+}
+
+// sweepWaits gives up, at now (monoNanos), the keys waited for in
+// mesh.waiting for which no session joined for cfg.meshWaitGrace, if the
+// mesh peer that forwarded the last of their packets cannot announce them
+// any more:
+//
+//   - A peer this server has a link to (WithMeshPeers) had announced each
+//     of its clients by then, or the key's login, if the link has been up
+//     for the grace too: the key has left it (before its PeerPresent
+//     arrived, or while the link was down, so that its list did not
+//     have the key). The waiting sessions are told PeerGone, as when a
+//     route leaves. While the link is down nothing is known, and they
+//     wait on.
+//   - Of any other peer (a server not in WithMeshPeers, or not reached
+//     yet) this server never hears: the waiting sessions forget the key,
+//     as beyond maxMeshWaiting, and its next packet tries again.
+//
+// Keys that logged in here meanwhile get their waiting sessions, as
+// meshClaimWaiting does. It runs every half grace while there are waits
+// (startSweepLocked), and takes mesh.mu for meshLockBatch keys at a time.
+func (s *Server) sweepWaits(now int64) {
+	m := &s.mesh
+	grace := int64(s.cfg.meshWaitGrace)
+	type linkState struct {
+		peer PublicKey
+		upAt int64
+	}
+	links := make([]linkState, 0, len(m.links))
+	for _, l := range m.links {
+		l.mu.Lock()
+		if !l.peer.IsZero() {
+			links = append(links, linkState{l.peer, l.upAt})
+		}
+		l.mu.Unlock()
+	}
+	type notice struct {
+		key      PublicKey
+		sessions map[*sconn]struct{}
+		gone     bool // tell them PeerGone; else they forget the key
+	}
+	var notices []notice
+	held := 0
+	m.mu.Lock()
+	m.sweepOn = false
+	for k, w := range m.waiting {
+		if held++; held > meshLockBatch {
+			m.mu.Unlock()
+			held = 1
+			m.mu.Lock()
+			if m.waiting[k] != w {
+				continue // taken meanwhile
+			}
+		}
+		if now-w.since < grace {
+			continue
+		}
+		gone, known := false, false
+		for _, ls := range links {
+			if ls.peer == w.via {
+				known = true
+				gone = ls.upAt != 0 && now-ls.upAt >= grace
+				break
+			}
+		}
+		if known && !gone {
+			continue // its peer's link is down, or its list may be on its way
+		}
+		if r := m.routes[k]; r != nil { // never (meshAddLocked takes the waits)
+			r.recipients.merge(s.takeWaitingLocked(k))
+			continue
+		}
+		sh := s.shard(k)
+		sh.mu.Lock()
+		e := sh.m[k]
+		if e != nil {
+			// Logged in, and its meshClaimWaiting is still to come.
+			e.recipients.merge(s.takeWaitingLocked(k))
+		}
+		sh.mu.Unlock()
+		if e == nil {
+			notices = append(notices, notice{k, s.takeWaitingLocked(k), gone})
+		}
+	}
+	if len(m.waiting) > 0 {
+		s.startSweepLocked()
+	}
+	m.mu.Unlock()
+	for _, n := range notices {
+		for c := range n.sessions {
+			if n.gone {
+				c.enqueuePeerGone(n.key, PeerGoneDisconnected)
+			} else {
+				c.forgetSources([]PublicKey{n.key})
+			}
+		}
+	}
+	if h := testHookSweepWaits.Load(); h != nil {
+		(*h)()
+	}
+}
+
+// testHookSweepWaits, if set, is called after each sweepWaits. It is nil
+// outside tests.
+var testHookSweepWaits atomic.Pointer[func()]
 
 // removeLink removes l from links, keeping the order.
 func removeLink(links []*meshLink, l *meshLink) []*meshLink {
