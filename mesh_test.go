@@ -747,6 +747,124 @@ func TestMeshWaitNewPacketRestartsGrace(t *testing.T) {
 	}
 }
 
+// partitionDialer dials TCP until cut, which also closes what it dialed,
+// and refuses until healed.
+type partitionDialer struct {
+	mu    sync.Mutex
+	cut   bool
+	conns []net.Conn
+}
+
+func (p *partitionDialer) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cut {
+		return nil, errors.New("partitioned")
+	}
+	var d net.Dialer
+	nc, err := d.DialContext(ctx, network, addr)
+	if err == nil {
+		p.conns = append(p.conns, nc)
+	}
+	return nc, err
+}
+
+func (p *partitionDialer) setCut(cut bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.cut = cut
+	if cut {
+		for _, nc := range p.conns {
+			nc.Close()
+		}
+		p.conns = nil
+	}
+}
+
+// TestMeshPartitionedKeyLeaves is TestMeshWaitGivenUpAfterPartition over
+// real links: server A's link to B is cut while B's link to A stays up; k,
+// at B, sends to A's client y and leaves; once A's link is back (its list
+// without k) and the grace (here 200 ms) has passed, y is told PeerGone(k),
+// and not before the link is back. A key that stays at B through the cut
+// gets its route back and no PeerGone.
+func TestMeshPartitionedKeyLeaves(t *testing.T) {
+	pd := &partitionDialer{}
+	lns, urls := listenNodes(t, 2)
+	grace := meshWaitGraceOf(200 * time.Millisecond)
+	a := serveNode(t, lns[0], urls[0], WithMeshKey(testMeshKey), WithMeshPeers(urls...),
+		WithMeshDialer(&FastStart{DialContext: pd.dial}), grace)
+	b := serveNode(t, lns[1], urls[1], WithMeshKey(testMeshKey), WithMeshPeers(urls...), grace)
+	y := dialNode(t, a, mustKey(t))
+	marker := dialNode(t, b, mustKey(t))
+	waitRoute(t, b.s, y.PublicKey(), a)
+	waitRoute(t, a.s, marker.PublicKey(), b)
+
+	pd.setCut(true) // A's link to B breaks; B's link to A stays
+	waitNoRoute(t, a.s, marker.PublicKey())
+	kPriv, stayPriv := mustKey(t), mustKey(t)
+	k, stay := kPriv.Public(), stayPriv.Public()
+	kc := dialNode(t, b, kPriv)
+	sc := dialNode(t, b, stayPriv)
+	for _, c := range []*Client{kc, sc} {
+		if err := c.Send(y.PublicKey(), []byte("across the cut")); err != nil {
+			t.Fatal(err)
+		}
+		if got, ok := recvMsg[*ReceivedPacket](t, y); !ok || got.Source != c.PublicKey() {
+			t.Fatalf("got %+v, want a packet from %s", got, c.PublicKey().ShortString())
+		}
+	}
+	waitFor(t, func() bool { return waitsFor(a.s, k) == 1 && waitsFor(a.s, stay) == 1 })
+
+	// Sweeps run while the link is down: at least one a whole grace
+	// after the waits began.
+	sweeps := make(chan struct{}, 16)
+	hook := func() {
+		select {
+		case sweeps <- struct{}{}:
+		default:
+		}
+	}
+	testHookSweepWaits.Store(&hook)
+	t.Cleanup(func() { testHookSweepWaits.Store(nil) })
+	for range 4 {
+		select {
+		case <-sweeps:
+		case <-time.After(20 * time.Second):
+			t.Fatal("no sweep of the waits in 20 s")
+		}
+	}
+	if told := goneSetBeforePong(t, y); told[k] || told[stay] {
+		t.Fatalf("y was told %v left while A's link to their server was down", told)
+	}
+
+	kc.Close()
+	waitFor(t, func() bool { return b.s.lookup(k) == nil })
+	pd.setCut(false)
+	waitRoute(t, a.s, stay, b) // the link is back, with its list
+	if waitsFor(a.s, stay) != 0 {
+		t.Fatal("a key routed again is still waited for")
+	}
+	y.opts.recvTimeout = 30 * time.Second
+	for {
+		m, err := y.recv()
+		if err != nil {
+			t.Fatalf("k left B while A's link to B was down, and y, written a packet from k, was not told PeerGone after the link returned: %v", err)
+		}
+		if g, ok := m.(PeerGone); ok {
+			if g.Peer != k {
+				t.Fatalf("got %+v, want PeerGone(%s)", g, k.ShortString())
+			}
+			break
+		}
+	}
+	if told := goneSetBeforePong(t, y); told[stay] {
+		t.Fatal("y was told a key that stayed at B through the cut left")
+	}
+	if n := waitsFor(a.s, k) + waitsFor(a.s, stay); n != 0 {
+		t.Fatalf("%d waits left", n)
+	}
+}
+
 // TestMeshWaitsGivenUp: waits for keys that never get a route (each sent
 // through a peer and left before its PeerPresent was seen) filled the
 // bound on waits for good, and every wait after that was forgotten: the
