@@ -747,6 +747,25 @@ func TestMeshWaitNewPacketRestartsGrace(t *testing.T) {
 	}
 }
 
+// TestMeshWaitSweepLeavesLoggedInKey: a key that logged in here, its
+// meshClaimWaiting still to come, is not given up by the sweep: its
+// waiting sessions join its entry, to be told when it leaves.
+func TestMeshWaitSweepLeavesLoggedInKey(t *testing.T) {
+	s, y, w, l := waitServer(t)
+	grace := int64(s.cfg.meshWaitGrace)
+	setLinkUp(l, monoNanos()-10*grace)
+	k := mustKey(t).Public()
+	forwardTo(t, w, y, k)
+	addFakeSession(s, &sconn{s: s, key: k}) // logged in; not claimed yet
+	s.sweepWaits(monoNanos() + grace)
+	if goneBeforePong(t, y, k) {
+		t.Fatal("y was told PeerGone for a key connected here")
+	}
+	if waitsFor(s, k) != 0 || !slices.Contains(localRecipientKeys(s, k), y.PublicKey()) {
+		t.Fatalf("y waits for k (%d) or is not among its entry's recipients (%v)", waitsFor(s, k), localRecipientKeys(s, k))
+	}
+}
+
 // partitionDialer dials TCP until cut, which also closes what it dialed,
 // and refuses until healed.
 type partitionDialer struct {
