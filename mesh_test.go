@@ -859,7 +859,8 @@ func TestMeshPartitionedKeyLeaves(t *testing.T) {
 	kc.Close()
 	waitFor(t, func() bool { return b.s.lookup(k) == nil })
 	pd.setCut(false)
-	waitRoute(t, a.s, stay, b) // the link is back, with its list
+	// The link is back, with its list, after its backoff (up to 5 s).
+	waitForWithin(t, 30*time.Second, func() bool { _, ok := a.s.MeshPeerFor(stay); return ok })
 	if waitsFor(a.s, stay) != 0 {
 		t.Fatal("a key routed again is still waited for")
 	}
