@@ -538,10 +538,7 @@ func TestMeshPeerGoneForKeyRoutedLate(t *testing.T) {
 	t.Run("ends while waiting", func(t *testing.T) {
 		k := mustKey(t).Public()
 		s, y := forwardedUnrouted(t, k)
-		s.mesh.mu.RLock()
-		waiting := len(s.mesh.waiting[k].sessions)
-		s.mesh.mu.RUnlock()
-		if waiting != 1 {
+		if waiting := waitsFor(s, k); waiting != 1 {
 			t.Fatalf("%d sessions wait for k's route, want 1 (y)", waiting)
 		}
 		y.Close()
