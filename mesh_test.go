@@ -635,6 +635,7 @@ func waitServer(t *testing.T, opts ...ServerOption) (s *Server, y, w *Client, l 
 	w = pipeClient(t, s, MeshKey(testMeshKey))
 	l = newMeshLink(s, "w")
 	l.peer = w.PublicKey()
+	setLinkDown(l, monoNanos())
 	s.mesh.links = append(s.mesh.links, l) // before any sweep
 	return s, y, w, l
 }
@@ -643,11 +644,17 @@ func meshWaitGraceOf(d time.Duration) ServerOption {
 	return func(c *serverConfig) { c.meshWaitGrace = d }
 }
 
-// setLinkUp marks l's connection as watching since at (monoNanos), or down
-// (0).
+// setLinkUp marks l's connection as watching since at (monoNanos).
 func setLinkUp(l *meshLink, at int64) {
 	l.mu.Lock()
-	l.upAt = at
+	l.upAt, l.downAt = at, 0
+	l.mu.Unlock()
+}
+
+// setLinkDown marks l as down since at (monoNanos).
+func setLinkDown(l *meshLink, at int64) {
+	l.mu.Lock()
+	l.upAt, l.downAt = 0, at
 	l.mu.Unlock()
 }
 
@@ -716,6 +723,35 @@ func TestMeshWaitGivenUpAfterPartition(t *testing.T) {
 	}
 	if n := waitsFor(s, k); n != 0 || sendersOf(s, y.PublicKey()) != 0 {
 		t.Fatalf("%d sessions still wait for k, y has %d senders; want 0, 0", n, sendersOf(s, y.PublicKey()))
+	}
+}
+
+// TestMeshWaitGivenUpWhenPeerCutOff: a wait for a key forwarded by a peer
+// that this server's link to has been down for a grace, and whose own
+// link here is gone too, is given up (the waiting sessions told PeerGone),
+// as a route through that link was when it broke: nothing else would ever
+// end it (a server that was removed from the region, or cut off from this
+// one both ways, never announces anything again). While the peer's link
+// here is up, the wait goes on (TestMeshWaitGivenUpAfterPartition).
+func TestMeshWaitGivenUpWhenPeerCutOff(t *testing.T) {
+	s, y, w, l := waitServer(t)
+	grace := int64(s.cfg.meshWaitGrace)
+	t0 := monoNanos()
+	setLinkDown(l, t0)
+	k := mustKey(t).Public()
+	forwardTo(t, w, y, k)
+	s.sweepWaits(t0 + grace/2)
+	if goneBeforePong(t, y, k) {
+		t.Fatal("y was told k left half a grace after the link to its server went down")
+	}
+	w.Close() // the peer's link here goes too
+	waitFor(t, func() bool { return s.lookup(w.PublicKey()) == nil })
+	s.sweepWaits(t0 + 2*grace)
+	if !goneBeforePong(t, y, k) {
+		t.Fatal("the peer that forwarded k has been cut off both ways for a grace, and y, written a packet from k, was not told PeerGone")
+	}
+	if n := waitsFor(s, k); n != 0 {
+		t.Fatalf("%d sessions still wait for k, want 0", n)
 	}
 }
 

@@ -4498,10 +4498,12 @@ type meshLink struct {
 	ring   fwdRing
 	// peer is the server key of the peer, from the link's last
 	// connection (zero before the first); upAt is when the current
-	// connection's watch began (monoNanos), zero while down. The peer
-	// announces its clients from then on: for sweepWaits.
-	peer PublicKey
-	upAt int64
+	// connection's watch began (monoNanos), zero while down, and downAt
+	// when the last one ended. The peer announces its clients from upAt
+	// on: for sweepWaits.
+	peer   PublicKey
+	upAt   int64
+	downAt int64
 
 	keys map[PublicKey]struct{} // keys this peer announced; guarded by s.mesh.mu
 
@@ -4747,7 +4749,7 @@ func (l *meshLink) session(ctx context.Context) (watched bool, restartIn time.Du
 	}
 
 	l.mu.Lock()
-	l.client, l.upAt = nil, 0
+	l.client, l.upAt, l.downAt = nil, 0, monoNanos()
 	stale := l.ring.popAll(nil)
 	l.mu.Unlock()
 	for _, it := range stale {
@@ -5475,7 +5477,8 @@ const maxMeshWaiting = 1 << 14
 // forwarded to them (mesh.waiting) with no news of it, before sweepWaits
 // gives the key up: long enough for a link's whole list of its peer's
 // clients, or a login's PeerPresent, to arrive, many times over (a link
-// whose peer sends nothing for 10 s is dropped, and then its waits last).
+// whose peer sends nothing for 10 s is dropped, and then its waits last
+// while the peer's own link here does).
 const meshWaitGrace = 30 * time.Second
 
 // takeWaitingLocked removes and returns the sessions waiting for k's route
@@ -5563,7 +5566,10 @@ func (s *Server) startSweepLocked() {
 //     arrived, or while the link was down, so that its list did not
 //     have the key). The waiting sessions are told PeerGone, as when a
 //     route leaves. While the link is down nothing is known, and they
-//     wait on.
+//     wait on, unless it has been down for the grace and the peer has
+//     no connection here either (its link here is gone too): the peer
+//     is cut off, and they are told PeerGone, as they would have been
+//     when the link broke had the key been routed through it.
 //   - Of any other peer (a server not in WithMeshPeers, or not reached
 //     yet) this server never hears: the waiting sessions forget the key,
 //     as beyond maxMeshWaiting, and its next packet tries again.
@@ -5575,14 +5581,14 @@ func (s *Server) sweepWaits(now int64) {
 	m := &s.mesh
 	grace := int64(s.cfg.meshWaitGrace)
 	type linkState struct {
-		peer PublicKey
-		upAt int64
+		peer         PublicKey
+		upAt, downAt int64
 	}
 	links := make([]linkState, 0, len(m.links))
 	for _, l := range m.links {
 		l.mu.Lock()
 		if !l.peer.IsZero() {
-			links = append(links, linkState{l.peer, l.upAt})
+			links = append(links, linkState{l.peer, l.upAt, l.downAt})
 		}
 		l.mu.Unlock()
 	}
@@ -5611,12 +5617,16 @@ func (s *Server) sweepWaits(now int64) {
 		for _, ls := range links {
 			if ls.peer == w.via {
 				known = true
-				gone = ls.upAt != 0 && now-ls.upAt >= grace
+				if ls.upAt != 0 {
+					gone = now-ls.upAt >= grace
+				} else {
+					gone = now-ls.downAt >= grace && s.lookup(w.via) == nil
+				}
 				break
 			}
 		}
 		if known && !gone {
-			continue // its peer's link is down, or its list may be on its way
+			continue // its list may be on its way, or its link is down
 		}
 		if r := m.routes[k]; r != nil { // never (meshAddLocked takes the waits)
 			r.recipients.merge(s.takeWaitingLocked(k))
