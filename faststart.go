@@ -710,7 +710,9 @@ func (c *Client) readServerStart() error {
 // its ServerInfo is a failure too, so that a server that takes logins and
 // hangs up at once is not redialled in a tight loop; after a longer one the
 // client reconnects at once), honours the server's ServerRestarting notice
-// (waiting at most MaxBackoff, then retrying quickly for at most a minute),
+// (waiting at most MaxBackoff, then retrying failed dials quickly for at
+// most a minute; a session that ends within MaxBackoff of its ServerInfo
+// still backs off as usual, notice or not),
 // re-sends NotePreferred after a reconnect, answers the server's Pings, and
 // remembers the server key it learned so that later connections take the
 // fast path even over plain HTTP or TLS 1.2 (unless such a dial times out
@@ -1659,7 +1661,7 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			// row) is no failure of the server's either.
 			asked := gen <= rc.askedGen
 			now := time.Now()
-			_, hi := rc.backoffBounds()
+			lo, hi := rc.backoffBounds()
 			switch {
 			case asked:
 				// Dropped by Reconnect: no failure of the server's.
@@ -1676,9 +1678,13 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 				// The server ended the session soon after taking it: a
 				// failure too, or a server that does so every time
 				// would be redialled in a tight loop. A restart
-				// notice's wait (nextDial) still holds if it is longer.
+				// notice's wait (nextDial) still holds if it is longer,
+				// but not its window of fast retries, which is for
+				// dials while the server is away: one that came back
+				// and ended the session again, as one that sends a
+				// notice on every session does, gets the usual backoff.
 				rc.failures++
-				rc.notBefore = now.Add(rc.backoff(rc.failures, now))
+				rc.notBefore = now.Add(backoffStep(lo, hi, rc.failures, false))
 			default:
 				rc.failures = 0
 			}

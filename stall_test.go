@@ -1680,3 +1680,36 @@ func scriptedWSLogin(sc net.Conn, srvPriv PrivateKey) bool {
 	_, err = sc.Write(wsFrame(0x82, serverInfoFrame(srvPriv, PublicKey(p[:KeyLen]), []byte(`{"version":2}`)), true))
 	return err == nil
 }
+
+// A server that takes every login, sends a Restarting notice and hangs up
+// is redialled with backoff too: each notice opens a window of fast
+// retries (for dials that fail while the server is away), but a server
+// that came back, took the login and ended the session again right away
+// is no restart in progress, or a notice on every session would keep the
+// client redialling at MinBackoff for as long as the server likes.
+func TestReconnectingBacksOffAfterShortSessionsWithRestartNotices(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(_ int, sc net.Conn, _ *bufio.Reader, _ PublicKey) {
+		// Reconnect at once, retry quickly for a minute; then hang up.
+		sc.Write(appendFrame(nil, FrameRestarting, appendRestarting(nil, 0, time.Minute)))
+	}
+	rc := newScriptedRC(t, s)
+	rc.MinBackoff, rc.MaxBackoff = 100*time.Millisecond, time.Second
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	notices := 0
+	for {
+		m, err := rc.Recv(ctx)
+		if err != nil {
+			break
+		}
+		if _, ok := m.(ServerRestarting); ok {
+			notices++
+		}
+	}
+	// Waits of 50–100, 100–200, 200–400, 400–800 and 500–1000 ms allow at
+	// most 7 dials in 2 s; at MinBackoff there are 20 to 40.
+	if n := s.dials.Load(); n > 12 || notices == 0 {
+		t.Fatalf("%d dials (%d Restarting notices) in 2s against a server that sends a restart notice and hangs up after each login", n, notices)
+	}
+}
