@@ -712,7 +712,8 @@ func (c *Client) readServerStart() error {
 // client reconnects at once), honours the server's ServerRestarting notice
 // (waiting at most MaxBackoff, then retrying failed dials quickly for at
 // most a minute; a session that ends within MaxBackoff of its ServerInfo
-// still backs off as usual, notice or not),
+// still backs off as usual, notice or not, and a notice before ServerInfo
+// is returned but not honoured),
 // re-sends NotePreferred after a reconnect, answers the server's Pings, and
 // remembers the server key it learned so that later connections take the
 // fast path even over plain HTTP or TLS 1.2 (unless such a dial times out
@@ -1715,6 +1716,13 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			rc.infoAt = time.Now()
 			rc.mu.Unlock()
 		case ServerRestarting:
+			if !c.gotInfo {
+				// Before the login is confirmed the server has not
+				// shown that it owns its key, nor taken the session:
+				// its notice sets no schedule, and the hang-up that
+				// follows backs off as for a refused login.
+				break
+			}
 			// The server chooses these, up to 49 days each: bounded,
 			// so that a broken server cannot stop reconnects for weeks
 			// or have them hammer it at MinBackoff as long. The wait is

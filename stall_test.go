@@ -1713,3 +1713,54 @@ func TestReconnectingBacksOffAfterShortSessionsWithRestartNotices(t *testing.T) 
 		t.Fatalf("%d dials (%d Restarting notices) in 2s against a server that sends a restart notice and hangs up after each login", n, notices)
 	}
 }
+
+// A Restarting notice that comes before the login is confirmed (no
+// ServerInfo: the server has not shown that it owns its key) opens no
+// window of fast retries: a server that answers every login with one and
+// hangs up is redialled with the backoff of a refused login.
+func TestReconnectingIgnoresRestartNoticeBeforeServerInfo(t *testing.T) {
+	priv := mustKey(t)
+	var dials atomic.Int32
+	var wg sync.WaitGroup
+	t.Cleanup(wg.Wait)
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		dials.Add(1)
+		cc, sc := net.Pipe()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer sc.Close()
+			br := bufio.NewReader(sc)
+			if _, err := http.ReadRequest(br); err != nil {
+				return
+			}
+			io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+			sc.Write(appendFrame(nil, FrameServerKey, appendServerKey(nil, priv.Public())))
+			if _, _, err := readRawFrame(br); err != nil { // the ClientInfo
+				return
+			}
+			sc.Write(appendFrame(nil, FrameRestarting, appendRestarting(nil, 0, time.Minute)))
+		}()
+		return cc, nil
+	}
+	rc := &ReconnectingClient{URL: "http://derp.invalid/derp", PrivateKey: mustKey(t),
+		Dialer: &FastStart{DialContext: dial}, MinBackoff: 100 * time.Millisecond, MaxBackoff: time.Second}
+	t.Cleanup(func() { rc.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	notices := 0
+	for {
+		m, err := rc.Recv(ctx)
+		if err != nil {
+			break
+		}
+		if _, ok := m.(ServerRestarting); ok {
+			notices++
+		}
+	}
+	// As in TestReconnectingBacksOffAfterShortSessionsWithRestartNotices:
+	// at most 7 dials in 2 s with backoff, 20 to 40 without.
+	if n := dials.Load(); n > 12 || notices == 0 {
+		t.Fatalf("%d dials (%d Restarting notices) in 2s against a server that sends a restart notice instead of ServerInfo and hangs up", n, notices)
+	}
+}
