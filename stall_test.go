@@ -1764,3 +1764,100 @@ func TestReconnectingIgnoresRestartNoticeBeforeServerInfo(t *testing.T) {
 		t.Fatalf("%d dials (%d Restarting notices) in 2s against a server that sends a restart notice instead of ServerInfo and hangs up", n, notices)
 	}
 }
+
+// expiringCtx is a context whose deadline the test ends by calling expire,
+// so that a test can end a call's ctx with context.DeadlineExceeded at a
+// step of its choice rather than at a time.
+type expiringCtx struct {
+	context.Context // Background: no values
+	done            chan struct{}
+}
+
+func newExpiringCtx() *expiringCtx {
+	return &expiringCtx{Context: context.Background(), done: make(chan struct{})}
+}
+
+func (c *expiringCtx) expire()                     { close(c.done) }
+func (c *expiringCtx) Done() <-chan struct{}       { return c.done }
+func (c *expiringCtx) Deadline() (time.Time, bool) { return time.Now().Add(time.Hour), true }
+func (c *expiringCtx) Err() error {
+	select {
+	case <-c.done:
+		return context.DeadlineExceeded
+	default:
+		return nil
+	}
+}
+
+// A caller's ctx whose deadline ends a dial (here while a fast start with
+// the server's learned key waits for its ServerKey) is the caller's
+// deadline, not the server's timeout: the server keeps its key, and the
+// next dial takes the fast path again. Only DialTimeout (or a node's share
+// of it) ending a fast start says that something between does not pass
+// fast start through.
+func TestReconnectingCallerDeadlineKeepsFastStart(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.init()
+	fastAsked := make(chan struct{}, 1)
+	var scripted atomic.Int32
+	rc := newScriptedRC(t, s)
+	var mu sync.Mutex
+	var paths []Path
+	rc.OnConnect = func(hs Handshake) {
+		mu.Lock()
+		paths = append(paths, hs.Path)
+		mu.Unlock()
+	}
+	rc.Dialer.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		if scripted.Add(1) != 2 {
+			return s.dial(ctx, network, addr)
+		}
+		// The second connection: read the fast-start request and the
+		// ClientInfo, then answer nothing until the test ends.
+		cc, sc := net.Pipe()
+		s.mu.Lock()
+		s.conns = append(s.conns, cc, sc)
+		s.mu.Unlock()
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			br := bufio.NewReader(sc)
+			req, err := http.ReadRequest(br)
+			if err != nil || req.Header.Get(FastStartHeader) == "" {
+				return
+			}
+			if _, _, err := readRawFrame(br); err != nil {
+				return
+			}
+			fastAsked <- struct{}{}
+			io.Copy(io.Discard, br)
+		}()
+		return cc, nil
+	}
+	s.script = func(_ int, _ net.Conn, br *bufio.Reader, _ PublicKey) { io.Copy(io.Discard, br) }
+	// The first connection learns the key (upgrade path: plain HTTP).
+	if err := rc.Connect(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	rc.Reconnect()
+	ctx := newExpiringCtx()
+	errc := make(chan error, 1)
+	go func() { errc <- rc.Connect(ctx) }()
+	select {
+	case <-fastAsked:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the second dial did not take the fast path with the learned key")
+	}
+	ctx.expire()
+	if err := <-errc; !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Connect whose ctx expired during the fast start: %v", err)
+	}
+	if err := rc.Connect(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(paths) != 2 || paths[1] != FastPath {
+		t.Fatalf("connections' paths %v: after a dial that the caller's deadline cut short, the server's key was not used (fast start given up for it)", paths)
+	}
+}
