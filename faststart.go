@@ -906,6 +906,9 @@ func (rc *ReconnectingClient) current(ctx context.Context) (*Client, int, error)
 		return c, gen, nil
 	}
 	rc.mu.Unlock()
+	if err := ctxEnded(ctx); err != nil {
+		return nil, 0, err // no dial for a call that is over: see ctxEnded
+	}
 
 	c, gen, hs, err := rc.dialOnce(ctx)
 	if err == nil && hs != nil && rc.OnConnect != nil {
@@ -1429,7 +1432,9 @@ func (rc *ReconnectingClient) wakePingsLocked() {
 // the connection (the next call reconnects) and is returned; the packet is
 // not retried. ctx bounds the write too: if it ends while a server that has
 // stopped reading holds the write, Send returns ctx's error and drops the
-// connection, as a DERP stream cannot resume mid-frame. Whatever ctx, a
+// connection, as a DERP stream cannot resume mid-frame; if it ended before
+// Send, Send returns its error at once, writing (and dialling) nothing and
+// leaving the connection as it is. Whatever ctx, a
 // packet the connection cannot take within 10 seconds fails Send with the
 // write's error, and drops the connection too (see Client.Send). A write
 // whose connection another call dropped under it (Reconnect, or a Recv
@@ -1446,8 +1451,11 @@ func (rc *ReconnectingClient) Send(ctx context.Context, dst PublicKey, pkt []byt
 
 // writeUnder runs write on c, which ctx's end interrupts. A failure other
 // than a packet refused before it was written drops c; if ctx ended, its
-// error is returned.
+// error is returned. If ctx ended already, nothing is written and c stays.
 func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write func() error) error {
+	if err := ctxEnded(ctx); err != nil {
+		return err
+	}
 	var stop func() bool
 	if ctx.Done() != nil {
 		stop = context.AfterFunc(ctx, c.interrupt)
@@ -1465,6 +1473,22 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 		return rc.writeErr(err)
 	}
 	return err
+}
+
+// ctxEnded returns ctx's error if ctx has ended. A call whose ctx ended
+// before it began returns that at once: its interrupt would otherwise drop
+// a connection that nothing held (and other callers use), and a dial it
+// began would be cut short and counted against the server.
+func ctxEnded(ctx context.Context) error {
+	if ctx.Done() == nil {
+		return nil
+	}
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	default:
+		return nil
+	}
 }
 
 // writeErr is the error of a write that failed with err on a connection
@@ -1610,7 +1634,8 @@ func (rc *ReconnectingClient) LocalAddr() net.Addr {
 // dropped and Recv connects again); Pongs for Ping are consumed. A
 // *ReceivedPacket is valid until the next Recv. Because a DERP stream
 // cannot be resumed mid-frame, cancelling ctx while Recv waits drops the
-// current connection.
+// current connection; a ctx that ended before Recv was called makes it
+// return ctx's error at once, leaving the connection as it is.
 func (rc *ReconnectingClient) Recv(ctx context.Context) (Message, error) {
 	m, _, err := rc.RecvDetail(ctx)
 	return m, err
@@ -1626,6 +1651,9 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 				return nil, 0, err
 			}
 			continue // current waits out the backoff before the next dial
+		}
+		if err := ctxEnded(ctx); err != nil {
+			return nil, 0, err // before the interrupt: c stays
 		}
 		stop := context.AfterFunc(ctx, c.interrupt)
 		var login *time.Timer // the login's bound, if any, until ServerInfo
@@ -1765,8 +1793,13 @@ func (rc *ReconnectingClient) loginDeadline(gen int) time.Time {
 // (after a network change, say), call Reconnect. One whose write ctx cuts
 // short drops the connection, as a DERP stream cannot resume mid-frame.
 // Either way the error wraps ctx's, and a deadline that passed marks the
-// server's path as silent for the next dial (see Dialer).
+// server's path as silent for the next dial (see Dialer). A ctx that ended
+// before Ping was called makes it return ctx's error at once, sending
+// nothing and leaving the connection and its server's record as they are.
 func (rc *ReconnectingClient) Ping(ctx context.Context) (time.Duration, error) {
+	if err := ctxEnded(ctx); err != nil {
+		return 0, fmt.Errorf("relay: ping: %w", err)
+	}
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, 5*time.Second)

@@ -1861,3 +1861,56 @@ func TestReconnectingCallerDeadlineKeepsFastStart(t *testing.T) {
 		t.Fatalf("connections' paths %v: after a dial that the caller's deadline cut short, the server's key was not used (fast start given up for it)", paths)
 	}
 }
+
+// A call whose ctx has already ended returns ctx's error at once and
+// leaves the connection alone: it writes nothing, so nothing can hold it,
+// and other callers' connection must not go down with it (nor a dial be
+// started and cut short, counting against the server).
+func TestReconnectingDoneCtxLeavesConnection(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(_ int, _ net.Conn, br *bufio.Reader, _ PublicKey) { io.Copy(io.Discard, br) }
+	rc := newScriptedRC(t, s)
+	rc.Dialer.DialContext = s.dialTCP // buffered: a Send need not wait for the server's reads
+	if err := rc.Connect(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	done, cancel := context.WithCancel(context.Background())
+	cancel()
+	calls := []struct {
+		name string
+		call func(context.Context) error
+	}{
+		{"Send", func(ctx context.Context) error { return rc.Send(ctx, PublicKey{1}, []byte("x")) }},
+		{"ForwardPacket", func(ctx context.Context) error { return rc.ForwardPacket(ctx, PublicKey{1}, PublicKey{2}, []byte("x")) }},
+		{"ClosePeer", func(ctx context.Context) error { return rc.ClosePeer(ctx, PublicKey{1}) }},
+		{"Ping", func(ctx context.Context) error { _, err := rc.Ping(ctx); return err }},
+		{"Recv", func(ctx context.Context) error { _, err := rc.Recv(ctx); return err }},
+	}
+	for _, c := range calls {
+		if err := c.call(done); !errors.Is(err, context.Canceled) {
+			t.Errorf("%s with a cancelled ctx: %v, want context.Canceled", c.name, err)
+		}
+		if rc.LocalAddr() == nil {
+			t.Errorf("%s with a cancelled ctx dropped the connection", c.name)
+		}
+		if err := rc.Send(context.Background(), PublicKey{1}, []byte("x")); err != nil {
+			t.Fatalf("Send after %s with a cancelled ctx: %v", c.name, err)
+		}
+	}
+	if g, n := rc.Generation(), s.dials.Load(); g != 1 || n != 1 {
+		t.Errorf("generation %d after %d connections, want one connection throughout", g, n)
+	}
+	// Not connected: no dial either.
+	rc.Reconnect()
+	for _, c := range calls {
+		if err := c.call(done); !errors.Is(err, context.Canceled) {
+			t.Errorf("%s with a cancelled ctx, not connected: %v, want context.Canceled", c.name, err)
+		}
+	}
+	rc.mu.Lock()
+	failures := rc.failures
+	rc.mu.Unlock()
+	if n := s.dials.Load(); n != 1 || failures != 0 {
+		t.Errorf("calls with a cancelled ctx while not connected: %d connections, %d failures; want 1 and 0", n, failures)
+	}
+}
