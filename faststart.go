@@ -768,11 +768,12 @@ type ReconnectingClient struct {
 	// Dialer dials each connection; nil means a zero FastStart. Its
 	// ServerKey, if set, is the first key tried for URL; later the key
 	// learned from each server is used for it, and neither once a fast
-	// start with a known key timed out on that server (DialTimeout, or a
-	// node's share of it, ended it: not the deadline of the caller's
-	// ctx), unless the path to it was silent already: its last
-	// connection or dial had timed out too, as in a black hole every
-	// dial does, or a Ping on its last connection had.
+	// start with a known key timed out on that server (a bound of the
+	// dial's own ended it, such as DialTimeout or a node's share of it,
+	// not the deadline of the caller's ctx), unless the path to it was
+	// silent already: its last connection or dial had timed out too, as
+	// in a black hole every dial does, or a Ping on its last connection
+	// had.
 	Dialer *FastStart
 	// Options are passed to every connection (MeshKey, CanAckPings, …).
 	Options []ClientOption
@@ -1093,9 +1094,10 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 		}
 		acancel()
 		won, wonIdx = t, i
-		// Timed out on the server's side: DialTimeout or the
-		// attempt's share of it, not the caller's ctx, whose deadline
-		// says nothing of the server or the path to it.
+		// Timed out on the server's side: a bound of the dial's own
+		// (DialTimeout, the attempt's share of it, LoginTimeout), not
+		// the caller's ctx, whose deadline says nothing of the server
+		// or the path to it.
 		timedOut := err != nil && ctx.Err() == nil && (errors.Is(err, context.DeadlineExceeded) || isTimeout(err))
 		switch {
 		case timedOut && hs.Path == FastPath && hs.KeySource == "configured":
