@@ -679,7 +679,8 @@ func checkWSRead(t *testing.T, data []byte, client bool) {
 		got += n
 	}
 	var pe *ProtocolError
-	if err != io.EOF && err != io.ErrUnexpectedEOF && !errors.As(err, &pe) {
+	var closed *wsClosedError // a client's, at a close frame that says why
+	if err != io.EOF && err != io.ErrUnexpectedEOF && !errors.As(err, &pe) && !(client && errors.As(err, &closed) && errors.Is(err, io.EOF)) {
 		t.Fatalf("client %v: read ended with %v", client, err)
 	}
 	if got > len(data) {

@@ -12,6 +12,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -134,7 +135,9 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 // wsConn is a net.Conn whose bytes travel in WebSocket binary messages
 // over another connection. Reads return the payloads of binary messages
 // in order, whatever their sizes, answer pings and end with io.EOF at a
-// close frame; a text message or a malformed frame ends them with a
+// close frame (a client's, at one with a status other than a normal
+// closure or with a reason, with a *wsClosedError naming them, which
+// wraps io.EOF); a text message or a malformed frame ends them with a
 // *ProtocolError, after a close frame that says why. Writes send messages
 // of at most 32 KiB.
 type wsConn struct {
@@ -451,10 +454,32 @@ func (c *wsConn) controlFrame(op byte, fin bool, n uint64, hlen int, mask [4]byt
 		// Echo the status, as RFC 6455 asks, then end like TCP would.
 		c.writeClose(code, "")
 		c.rerr = io.EOF
-		return io.EOF
+		if c.client && (code != wsCloseNormal || len(p) > 2) {
+			// The server said why: the client's error says so too.
+			c.rerr = &wsClosedError{code: code, reason: string(p[2:])}
+		}
+		return c.rerr
 	}
 	return c.wsFail(wsCloseProtocolError, "websocket_bad_frame", fmt.Sprintf("unknown control opcode %#x", op))
 }
+
+// wsClosedError ends a client's reads at a close frame from the server
+// that says more than a plain normal closure: a status other than 1000, or
+// a reason. It is io.EOF to errors.Is, as the end of the stream it is.
+type wsClosedError struct {
+	code   uint16
+	reason string // valid UTF-8, at most 123 bytes
+}
+
+func (e *wsClosedError) Error() string {
+	s := "websocket close from the server: status " + strconv.Itoa(int(e.code))
+	if e.reason != "" {
+		s += " " + strconv.Quote(e.reason) // a line of its own, whatever it holds
+	}
+	return s + ": " + io.EOF.Error()
+}
+
+func (e *wsClosedError) Unwrap() error { return io.EOF }
 
 // wsValidCloseCode reports whether an endpoint may send code in a close
 // frame: RFC 6455's codes and those IANA registered since, up to 1014,

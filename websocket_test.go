@@ -817,3 +817,56 @@ func TestWebSocketIdleClientMemory(t *testing.T) {
 	}
 	runtime.KeepAlive(cs)
 }
+
+// A WebSocket server that ends the session with a close frame saying why
+// (a status other than a plain normal closure, or a reason) has the client
+// report it: the error names the status and the reason, and still wraps
+// io.EOF, as the end of the stream it is. Without a reason or status a
+// normal closure stays a plain io.EOF.
+func TestWebSocketClientReportsCloseReason(t *testing.T) {
+	srv := mustKey(t)
+	for _, tt := range []struct {
+		name  string
+		close []byte // the close frame's payload
+		want  []string
+	}{
+		{"policy", append([]byte{0x03, 0xf0}, "not in this tailnet"...), []string{"1008", `"not in this tailnet"`}},
+		{"going away", []byte{0x03, 0xe9}, []string{"1001"}},
+		{"normal with reason", append([]byte{0x03, 0xe8}, "bye"...), []string{"1000", `"bye"`}},
+		{"normal", []byte{0x03, 0xe8}, nil},
+		{"no status", nil, nil},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dial := scriptedPipeDialer(t, func(sc net.Conn, br *bufio.Reader) {
+				req, err := http.ReadRequest(br)
+				if err != nil {
+					return
+				}
+				fmt.Fprintf(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+					"Sec-WebSocket-Accept: %s\r\nSec-WebSocket-Protocol: %s\r\n\r\n", wsAcceptKey(req.Header.Get("Sec-WebSocket-Key")), WebSocketProtocol)
+				sk := appendFrame(nil, FrameServerKey, appendServerKey(nil, srv.Public()))
+				sc.Write(append([]byte{0x80 | wsBinary, byte(len(sk))}, sk...))
+				go io.Copy(io.Discard, br) // the ClientInfo, the echoed close
+				sc.Write(append([]byte{0x80 | wsClose, byte(len(tt.close))}, tt.close...))
+			})
+			c, _, err := (&FastStart{WebSocket: true, DialContext: dial}).Dial(context.Background(), "http://derp.invalid/derp", mustKey(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			_, err = c.Recv()
+			t.Logf("Recv: %v", err)
+			if !errors.Is(err, io.EOF) {
+				t.Errorf("Recv: %v, want an error wrapping io.EOF", err)
+			}
+			for _, w := range tt.want {
+				if err == nil || !strings.Contains(err.Error(), w) {
+					t.Errorf("Recv: %v, want it to say %s", err, w)
+				}
+			}
+			if tt.want == nil && (err == nil || !strings.HasSuffix(err.Error(), ": EOF")) {
+				t.Errorf("Recv: %v, want a plain EOF", err)
+			}
+		})
+	}
+}
