@@ -707,13 +707,14 @@ func (c *Client) readServerStart() error {
 // ReconnectingClient is a long-lived DERP client built on FastStart: it
 // connects on first use, reconnects after any failure with exponential
 // backoff and jitter (a connection the server ends within MaxBackoff of
-// its ServerInfo is a failure too, so that a server that takes logins and
-// hangs up at once is not redialled in a tight loop; after a longer one the
-// client reconnects at once), honours the server's ServerRestarting notice
-// (waiting at most MaxBackoff, then retrying failed dials quickly for at
-// most a minute; a session that ends within MaxBackoff of its ServerInfo
-// still backs off as usual, notice or not, and a notice before ServerInfo
-// is returned but not honoured),
+// its ServerInfo, or that a write finds failed within MaxBackoff of its
+// dial, is a failure too, so that a server that takes logins and hangs up
+// at once is not redialled in a tight loop, with a Recv loop or without;
+// after a longer one the client reconnects at once), honours the server's
+// ServerRestarting notice (waiting at most MaxBackoff, then retrying
+// failed dials quickly for at most a minute; a session that ends within
+// MaxBackoff of its ServerInfo still backs off as usual, notice or not,
+// and a notice before ServerInfo is returned but not honoured),
 // re-sends NotePreferred after a reconnect, answers the server's Pings, and
 // remembers the server key it learned so that later connections take the
 // fast path even over plain HTTP or TLS 1.2 (unless such a dial times out
@@ -824,6 +825,8 @@ type ReconnectingClient struct {
 	nextDial     time.Time
 	notBefore    time.Time // no dial before this either: the backoff after a short session
 	infoAt       time.Time // when the current connection's ServerInfo arrived
+	connAt       time.Time // when the current connection was made
+	countedGen   int       // the last connection whose failure a write counted (see dropAfterWrite)
 	restartUntil time.Time
 	askedGen     int           // generation of the last connection Reconnect dropped (not the Client: one no Recv waited on would stay, buffers and all); 0: none
 	redial       chan struct{} // closed by Reconnect: a wait for the next dial starts over; made by redialCh
@@ -1211,6 +1214,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 	rc.cTarget, rc.nTargets = wonIdx, len(targets)
 	rc.cKeyID = won.keyID()
 	rc.loginWait, rc.loginBy = loginWait, time.Time{}
+	rc.connAt = time.Now()
 	rc.gen++
 	rc.learned = hs.ServerKey
 	if rc.keys == nil {
@@ -1471,10 +1475,34 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 			rc.drop(c) // ctx's interrupt, not the server's silence
 			return ctx.Err()
 		}
-		rc.dropAfter(c, err)
+		rc.dropAfterWrite(c, err)
 		return rc.writeErr(err)
 	}
 	return err
+}
+
+// dropAfterWrite is dropAfter for a write that failed on c with err. If
+// the write is the first to find c failed, and c was made less than
+// MaxBackoff ago, that counts as a failure, as RecvDetail counts a session
+// the server ends before or soon after its ServerInfo (which the Recv loop
+// alone sees): a client that only sends must not redial a server that
+// hangs up on every login at the pace of its writes. RecvDetail then does
+// not count it again.
+func (rc *ReconnectingClient) dropAfterWrite(c *Client, err error) {
+	rc.mu.Lock()
+	if rc.c == c {
+		now := time.Now()
+		lo, hi := rc.backoffBounds()
+		if now.Sub(rc.connAt) < hi {
+			rc.failures++
+			rc.countedGen = rc.gen
+			if next := now.Add(backoffStep(lo, hi, rc.failures, false)); next.After(rc.notBefore) {
+				rc.notBefore = next
+			}
+		}
+	}
+	rc.mu.Unlock()
+	rc.dropAfter(c, err)
 }
 
 // ctxEnded returns ctx's error if ctx has ended. A call whose ctx ended
@@ -1704,7 +1732,9 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 				// The server hung up before confirming the login (refused,
 				// or not a DERP server): back off as for a failed dial,
 				// and start the next one with the server after it.
-				rc.failures++
+				if gen > rc.countedGen { // a write did not count it
+					rc.failures++
+				}
 				rc.nextDial = now.Add(rc.backoff(rc.failures, now))
 				if rc.c == nil && rc.nTargets > 1 {
 					rc.startAt = (rc.cTarget + 1) % rc.nTargets
@@ -1718,7 +1748,9 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 				// dials while the server is away: one that came back
 				// and ended the session again, as one that sends a
 				// notice on every session does, gets the usual backoff.
-				rc.failures++
+				if gen > rc.countedGen { // a write did not count it
+					rc.failures++
+				}
 				rc.notBefore = now.Add(backoffStep(lo, hi, rc.failures, false))
 			default:
 				rc.failures = 0

@@ -1914,3 +1914,87 @@ func TestReconnectingDoneCtxLeavesConnection(t *testing.T) {
 		t.Errorf("calls with a cancelled ctx while not connected: %d connections, %d failures; want 1 and 0", n, failures)
 	}
 }
+
+// refusingServer returns a DialContext whose connections, over loopback
+// TCP, play a server that takes the upgrade, sends its ServerKey, reads
+// the ClientInfo and hangs up, as one refusing every login does, and a
+// count of them.
+func refusingServer(t *testing.T) (func(ctx context.Context, network, addr string) (net.Conn, error), *atomic.Int32) {
+	priv := mustKey(t)
+	dials := new(atomic.Int32)
+	var wg sync.WaitGroup
+	t.Cleanup(wg.Wait)
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		dials.Add(1)
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		defer ln.Close()
+		cc, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			return nil, err
+		}
+		sc, err := ln.Accept()
+		if err != nil {
+			cc.Close()
+			return nil, err
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer sc.Close()
+			br := bufio.NewReader(sc)
+			if _, err := http.ReadRequest(br); err != nil {
+				return
+			}
+			io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+			sc.Write(appendFrame(nil, FrameServerKey, appendServerKey(nil, priv.Public())))
+			readRawFrame(br) // the ClientInfo; then refuse it: hang up
+		}()
+		return cc, nil
+	}, dials
+}
+
+// A client that only sends (no Recv loop, which counts a session that
+// ends before or soon after its ServerInfo as a failure) backs off from a
+// server that hangs up on every login too, instead of redialling it at
+// the pace of its Sends: a write that finds a connection failed soon after
+// it was made counts as a failure.
+func TestReconnectingSendOnlyBacksOffFromRefusingServer(t *testing.T) {
+	for _, recvLoop := range []bool{false, true} {
+		t.Run(fmt.Sprintf("recvLoop=%v", recvLoop), func(t *testing.T) {
+			dial, dials := refusingServer(t)
+			rc := &ReconnectingClient{URL: "http://derp.invalid/derp", PrivateKey: mustKey(t),
+				Dialer:     &FastStart{DialContext: dial},
+				MinBackoff: 100 * time.Millisecond, MaxBackoff: time.Second}
+			defer rc.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			var wg sync.WaitGroup
+			defer wg.Wait()
+			if recvLoop {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for ctx.Err() == nil {
+						rc.Recv(ctx)
+					}
+				}()
+			}
+			sends := 0
+			for ctx.Err() == nil {
+				rc.Send(ctx, PublicKey{1}, []byte("x"))
+				sends++
+				time.Sleep(time.Millisecond) // a packet source, not an assertion
+			}
+			// Waits of 50–100, 100–200, 200–400, 400–800 and 500–1000 ms
+			// allow at most 7 dials in 2 s; at the pace of the Sends
+			// there are hundreds.
+			t.Logf("%d dials in 2s (%d Sends)", dials.Load(), sends)
+			if n := dials.Load(); n > 12 {
+				t.Fatalf("%d dials in 2s (%d Sends) against a server that hangs up on every login", n, sends)
+			}
+		})
+	}
+}
