@@ -106,14 +106,20 @@ type Server struct {
 	statsWalk *statsWalk
 	statsGen  uint64
 	statsMu   sync.Mutex
+
+	// Guarded by mu: the most conns and perIP have held since they were
+	// last rebuilt (deleteShrink), and the walks over conns in progress
+	// (walkConnsLocked), during which conns is not rebuilt.
+	connsPeak, perIPPeak, connsWalks int
 }
 
 const numShards = 64
 
 type routeShard struct {
-	mu  sync.RWMutex
-	m   map[PublicKey]*keyEntry
-	seq uint64 // Server.tableSeq of the shard's last change
+	mu   sync.RWMutex
+	m    map[PublicKey]*keyEntry
+	seq  uint64 // Server.tableSeq of the shard's last change
+	peak int    // most m has held since it was last rebuilt (deleteShrink)
 }
 
 // keyEntry is the set of local connections of one key.
@@ -1119,7 +1125,7 @@ func (s *Server) startSession(ctx context.Context, nc net.Conn, brw *bufio.ReadW
 	if err != nil || !s.register(c) {
 		nc.Close()
 		s.mu.Lock()
-		delete(s.conns, c)
+		s.deleteConnLocked(c)
 		s.mu.Unlock()
 		c.release()
 		return nil
@@ -1249,7 +1255,7 @@ func (s *Server) releaseConn(ip netip.Addr) {
 	s.mu.Lock()
 	if ip.IsValid() {
 		if s.perIP[ip]--; s.perIP[ip] <= 0 {
-			delete(s.perIP, ip)
+			s.perIP = deleteShrink(s.perIP, ip, &s.perIPPeak)
 		}
 	}
 	s.stats.sessions.Add(-1)
@@ -1465,7 +1471,7 @@ func (s *Server) unregister(c *sconn) {
 	c.registered = false
 	c.mu.Unlock()
 	s.mu.Lock()
-	delete(s.conns, c)
+	s.deleteConnLocked(c)
 	if _, ok := s.watchers[c]; ok {
 		delete(s.watchers, c)
 		s.stats.watchers.Add(-1)
@@ -1488,7 +1494,7 @@ func (s *Server) unregister(c *sconn) {
 	wasActive := e.active.Load() == c
 	switch len(e.conns) {
 	case 0:
-		delete(sh.m, c.key)
+		sh.m = deleteShrink(sh.m, c.key, &sh.peak)
 		// The entry leaves the table with its set, which nothing adds to
 		// any more: sessions that sent here keep the entry (sentTo,
 		// lastDstEntry) but must not keep the recipients alive with it.
@@ -3519,6 +3525,29 @@ func shrinkMap[K comparable, V any](m map[K]V, peak *int) map[K]V {
 	return n
 }
 
+// deleteShrink deletes k from m, a server-wide table (one that must stay
+// non-nil), and returns m, or a smaller copy of it as shrinkMap decides.
+// It brings *peak up to date first: a table grows only between deletions,
+// so the most it has held since its last copy is what it held just before
+// one of them, and the paths that add to it (logins) need not track it.
+// The copy is made under the table's lock, at most once for each fall to
+// a quarter of the peak: after 100k sessions, 25k entries of the session
+// list, 1.3-4.9 ms on a loaded 2-core machine, once.
+func deleteShrink[K comparable, V any](m map[K]V, k K, peak *int) map[K]V {
+	*peak = max(*peak, len(m))
+	delete(m, k)
+	return shrinkTable(m, peak)
+}
+
+// shrinkTable is shrinkMap for a server-wide table: it returns an empty map
+// rather than nil.
+func shrinkTable[K comparable, V any](m map[K]V, peak *int) map[K]V {
+	if m = shrinkMap(m, peak); m == nil {
+		m = map[K]V{}
+	}
+	return m
+}
+
 // Close tells every client that the server is restarting, with a random
 // reconnect delay each so they do not all return at once, then ends every
 // session and waits for them. Accept calls after Close close their
@@ -4115,6 +4144,15 @@ const connsBatch = 256
 // the walk reaches it is not visited, one that joins may be or not, and
 // every other is visited once.
 func (s *Server) walkConnsLocked(f func(c *sconn)) (last int) {
+	// A walk that goes on over a map that was replaced would visit the
+	// sessions that left since and miss those that came (see
+	// deleteConnLocked).
+	s.connsWalks++
+	defer func() {
+		if s.connsWalks--; s.connsWalks == 0 {
+			s.conns = shrinkTable(s.conns, &s.connsPeak)
+		}
+	}()
 	held := 0
 	for c := range s.conns {
 		if held == connsBatch {
@@ -4130,6 +4168,18 @@ func (s *Server) walkConnsLocked(f func(c *sconn)) (last int) {
 		f(c)
 	}
 	return held
+}
+
+// deleteConnLocked removes c from s.conns, which is rebuilt smaller once
+// most of its sessions have gone (deleteShrink), unless a walk over it is
+// in progress: the last walk to end does it then. s.mu must be held.
+func (s *Server) deleteConnLocked(c *sconn) {
+	if s.connsWalks > 0 {
+		s.connsPeak = max(s.connsPeak, len(s.conns))
+		delete(s.conns, c)
+		return
+	}
+	s.conns = deleteShrink(s.conns, c, &s.connsPeak)
 }
 
 // testHookConnsBatch, if set, is called with s.mu released after each batch
