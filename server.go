@@ -4472,6 +4472,9 @@ type meshState struct {
 	routes map[PublicKey]*meshRoute      // keys announced by at least one peer
 	custom map[PacketForwarder]*meshLink // AddPacketForwarder's, by forwarder
 	closed bool                          // closeMesh ran: no more custom links
+	// routesPeak is the most routes has held since it was last rebuilt
+	// (deleteShrink).
+	routesPeak int
 	// waiting holds, for each key with neither a route nor a connection
 	// here, the sessions that were written packets forwarded from it
 	// (meshNoteRecipient): its PeerPresent may still be on its way, or
@@ -4555,7 +4558,10 @@ type meshLink struct {
 	upAt   int64
 	downAt int64
 
-	keys map[PublicKey]struct{} // keys this peer announced; guarded by s.mesh.mu
+	// keys this peer announced, and the most it has held since it was
+	// last rebuilt (deleteShrink); guarded by s.mesh.mu.
+	keys     map[PublicKey]struct{}
+	keysPeak int
 
 	// ponged is set once the peer answered a Ping of ours, on any of the
 	// link's connections: from then on a Ping it leaves unanswered ends
@@ -5339,7 +5345,7 @@ func (s *Server) meshForgetLink(l *meshLink, notify bool) {
 	var notices []notice
 	s.mesh.mu.Lock()
 	keys := l.keys
-	l.keys = map[PublicKey]struct{}{}
+	l.keys, l.keysPeak = map[PublicKey]struct{}{}, 0
 	n, held := len(keys), 0
 	for k := range keys {
 		if held == meshLockBatch {
@@ -5386,7 +5392,7 @@ func testMeshBatchDone(keys int) {
 // returns the recipients to tell that k left the region, or hands them to
 // k's local connections if it has some.
 func (s *Server) meshUnrouteLocked(k PublicKey, l *meshLink) map[*sconn]struct{} {
-	delete(l.keys, k)
+	l.keys = deleteShrink(l.keys, k, &l.keysPeak)
 	r := s.mesh.routes[k]
 	if r == nil {
 		return nil
@@ -5395,7 +5401,7 @@ func (s *Server) meshUnrouteLocked(k PublicKey, l *meshLink) map[*sconn]struct{}
 	if len(r.links) > 0 {
 		return nil
 	}
-	delete(s.mesh.routes, k)
+	s.mesh.routes = deleteShrink(s.mesh.routes, k, &s.mesh.routesPeak)
 	sh := s.shard(k)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()

@@ -187,3 +187,46 @@ func TestSessionListShrinksAfterWalks(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestMeshRoutesShrinkAfterSpike checks that the mesh routes, and the set
+// of keys each peer announced, give back their memory once most of the
+// keys a peer announced have left it: a region's spike of logins reaches
+// every server through its mesh watchers.
+func TestMeshRoutesShrinkAfterSpike(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey))
+	la := newMeshLink(s, "a")
+	const n, stay = 10000, 100
+	for i := range n {
+		s.meshAdd(fakeKey(i), la)
+	}
+	s.mesh.mu.RLock()
+	routesID, keysID := mapID(s.mesh.routes), mapID(la.keys)
+	s.mesh.mu.RUnlock()
+	for i := stay; i < n; i++ {
+		s.meshRemove(fakeKey(i), la, true)
+	}
+	s.mesh.mu.RLock()
+	if mapID(s.mesh.routes) == routesID {
+		t.Errorf("the mesh routes were not rebuilt when they went from %d to %d keys", n, len(s.mesh.routes))
+	}
+	if mapID(la.keys) == keysID {
+		t.Errorf("a peer's announced keys were not rebuilt when they went from %d to %d", n, len(la.keys))
+	}
+	s.mesh.mu.RUnlock()
+	for i := range n {
+		want := la
+		if i >= stay {
+			want = nil
+		}
+		if l := s.meshLookup(fakeKey(i)); l != want {
+			t.Fatalf("route to key %d after the routes shrank: %v, want %v", i, l, want)
+		}
+	}
+	s.meshForgetLink(la, true)
+	s.mesh.mu.RLock()
+	left := len(s.mesh.routes)
+	s.mesh.mu.RUnlock()
+	if left != 0 || len(la.keys) != 0 {
+		t.Errorf("after forgetting the link: %d routes, %d keys of the link; want 0, 0", left, len(la.keys))
+	}
+}
