@@ -64,6 +64,7 @@ type parker struct {
 	mu    sync.Mutex
 	ep    *epoller // nil while nothing is parked
 	conns map[uint64]*sconn
+	peak  int // most conns has held since it was last rebuilt (shrinkMap)
 	next  uint64
 }
 
@@ -158,7 +159,12 @@ func (p *parker) remove(c *sconn, id uint64) bool {
 }
 
 func (p *parker) takeLocked(id uint64, c *sconn) {
+	// Every idle session is parked: after a spike of sessions, conns
+	// would keep the spike's size. As in deleteShrink, the peak is the
+	// size just before a deletion.
+	p.peak = max(p.peak, len(p.conns))
 	delete(p.conns, id)
+	p.conns = shrinkMap(p.conns, &p.peak)
 	c.s.stats.parked.Add(-1)
 	// Fails harmlessly if the socket is already closed, which removed it.
 	p.ep.ctl(c, syscall.EPOLL_CTL_DEL, id)
