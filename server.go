@@ -2015,7 +2015,7 @@ func (s *Server) forgetRecipient(c *sconn) {
 				s.mesh.waits--
 			}
 			if len(w.sessions) == 0 {
-				delete(s.mesh.waiting, k)
+				s.mesh.deleteWaitingLocked(k)
 			}
 		}
 	}
@@ -4491,6 +4491,9 @@ type meshState struct {
 	waits   int
 	sweep   *time.Timer
 	sweepOn bool // sweep is due to run
+	// waitingPeak is the most keys waiting has held since it was last
+	// rebuilt (deleteWaitingLocked).
+	waitingPeak int
 	// fwdLoops are the custom links whose forwardLoop has not returned,
 	// stopped ones included: Close waits for them.
 	fwdLoops map[*meshLink]struct{}
@@ -5545,15 +5548,24 @@ func (s *Server) takeWaitingLocked(k PublicKey) map[*sconn]struct{} {
 	if w == nil {
 		return nil
 	}
-	delete(m.waiting, k)
+	m.deleteWaitingLocked(k)
 	m.waits -= len(w.sessions)
-	if len(m.waiting) == 0 {
-		m.waiting = nil // after a burst
-	}
 	for c := range w.sessions {
 		delete(c.waitFor, k)
 	}
 	return w.sessions
+}
+
+// deleteWaitingLocked removes k from waiting, which is rebuilt smaller once
+// most of its keys have gone, as the server-wide tables are (deleteShrink),
+// and dropped when empty; mesh.mu must be held.
+func (m *meshState) deleteWaitingLocked(k PublicKey) {
+	m.waitingPeak = max(m.waitingPeak, len(m.waiting))
+	delete(m.waiting, k)
+	m.waiting = shrinkMap(m.waiting, &m.waitingPeak)
+	if len(m.waiting) == 0 {
+		m.waiting, m.waitingPeak = nil, 0 // after a burst
+	}
 }
 
 // meshClaimWaiting hands the sessions waiting for k (mesh.waiting) to e,
@@ -5662,9 +5674,12 @@ func (s *Server) sweepWaits(now int64) {
 			m.mu.Unlock()
 			held = 1
 			m.mu.Lock()
-			if m.waiting[k] != w {
-				continue // taken meanwhile
-			}
+		}
+		if m.waiting[k] != w {
+			// Taken while mesh.mu was released, or waiting was
+			// rebuilt smaller (deleteWaitingLocked) and this range
+			// goes on over the old map: w may be stale.
+			continue
 		}
 		if now-w.since < grace {
 			continue

@@ -230,3 +230,52 @@ func TestMeshRoutesShrinkAfterSpike(t *testing.T) {
 		t.Errorf("after forgetting the link: %d routes, %d keys of the link; want 0, 0", left, len(la.keys))
 	}
 }
+
+// TestMeshWaitingShrinksAfterSpike checks that mesh.waiting, the keys with
+// neither a route nor a session here that sessions wait to hear of, gives
+// back its memory once most of the waits have ended, while others still
+// wait (empty, it was already dropped).
+func TestMeshWaitingShrinksAfterSpike(t *testing.T) {
+	s := newTestServer(t, WithMeshKey(testMeshKey))
+	const n, stay = 4000, 10
+	many, few := &sconn{s: s, key: fakeKey(n + 1)}, &sconn{s: s, key: fakeKey(n + 2)}
+	keys := make([]PublicKey, n)
+	srcs := make([]meshSrc, n)
+	for i := range keys {
+		keys[i] = fakeKey(i)
+		srcs[i] = meshSrc{key: keys[i]}
+	}
+	s.meshNoteRecipient(many, srcs[stay:], false)
+	s.meshNoteRecipient(few, srcs[:stay], false)
+	s.mesh.mu.RLock()
+	before, waits := mapID(s.mesh.waiting), s.mesh.waits
+	s.mesh.mu.RUnlock()
+	if waits != n {
+		t.Fatalf("%d waits, want %d", waits, n)
+	}
+	s.forgetRecipient(many)
+	s.mesh.mu.RLock()
+	after, left, waits := mapID(s.mesh.waiting), len(s.mesh.waiting), s.mesh.waits
+	s.mesh.mu.RUnlock()
+	if left != stay || waits != stay {
+		t.Fatalf("after the session waiting for %d keys ended: %d keys, %d waits; want %d, %d", n-stay, left, waits, stay, stay)
+	}
+	if after == before {
+		t.Errorf("the waits were not rebuilt when they went from %d keys to %d", n, left)
+	}
+	// Those left are handed over as before when their keys get a route.
+	la := newMeshLink(s, "a")
+	for _, k := range keys[:stay] {
+		s.meshAdd(k, la)
+	}
+	s.mesh.mu.RLock()
+	defer s.mesh.mu.RUnlock()
+	if len(s.mesh.waiting) != 0 || s.mesh.waits != 0 {
+		t.Errorf("after their routes came: %d keys wait, %d waits; want none", len(s.mesh.waiting), s.mesh.waits)
+	}
+	for _, k := range keys[:stay] {
+		if _, ok := s.mesh.routes[k].recipients.m[few]; !ok {
+			t.Fatalf("the waiting session is not among the recipients of %s's route", k.ShortString())
+		}
+	}
+}
