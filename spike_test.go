@@ -52,7 +52,7 @@ func admitFake(t *testing.T, s *Server, n int) (release func(m int)) {
 // session list, the routing shards, the per-IP counts) give back their
 // memory once a spike of sessions is over: a Go map keeps the space of its
 // largest size, and a relay that once had 100k sessions (a login storm
-// after an outage) and went back to 1k kept over 20 MB of tables for them
+// after an outage) and went back to 1k kept some 14 MB of tables for them
 // for the life of the process.
 func TestServerTablesShrinkAfterSpike(t *testing.T) {
 	s := newTestServer(t)
