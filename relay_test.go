@@ -2421,3 +2421,41 @@ func TestAdmissionServiceStatusQuoted(t *testing.T) {
 		t.Errorf("error %q, want the status quoted on one line", msg)
 	}
 }
+
+// TestAdmissionServiceInflightShrinks checks that an AdmissionService's
+// table of requests in flight gives back its memory after a flood of
+// logins: it has an entry for every distinct key and address waiting,
+// not only for the requests sent (those wait for a slot), and kept the
+// flood's size for the life of the service.
+func TestAdmissionServiceInflightShrinks(t *testing.T) {
+	release := make(chan struct{})
+	svc := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		<-release
+		fmt.Fprint(w, `{"Allow":true}`)
+	}))
+	defer svc.Close()
+	as := &AdmissionService{URL: svc.URL, Client: svc.Client(), CacheFor: time.Hour}
+	const logins = 4 * maxAdmissionRequests
+	errs := make(chan error, logins)
+	for i := range logins {
+		var k PublicKey
+		binary.BigEndian.PutUint32(k[:], uint32(i+1))
+		go func() { errs <- as.Admit(context.Background(), Admission{Key: k, RemoteAddr: "192.0.2.1:1"}) }()
+	}
+	inflight := func() (id uintptr, n int) {
+		as.mu.Lock()
+		defer as.mu.Unlock()
+		return mapID(as.inflight), len(as.inflight)
+	}
+	waitForWithin(t, time.Minute, func() bool { _, n := inflight(); return n == logins })
+	before, _ := inflight()
+	close(release)
+	for range logins {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if after, n := inflight(); after == before {
+		t.Errorf("the requests in flight were not rebuilt when they went from %d to %d", logins, n)
+	}
+}

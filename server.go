@@ -275,6 +275,10 @@ type AdmissionService struct {
 	mu       sync.Mutex
 	verdicts map[admissionKey]admissionVerdict
 	inflight map[admissionKey]*admissionCall
+	// inflightPeak is the most inflight has held since it was last
+	// rebuilt: a flood of logins has an entry for each key waiting for a
+	// slot, and the map is rebuilt smaller after (shrinkMap).
+	inflightPeak int
 }
 
 type admissionKey struct {
@@ -485,7 +489,9 @@ func (as *AdmissionService) Admit(ctx context.Context, a Admission) error {
 
 		allow, decided, err := as.ask(ctx, a.Key, source)
 		as.mu.Lock()
+		as.inflightPeak = max(as.inflightPeak, len(as.inflight)) // see deleteShrink
 		delete(as.inflight, k)
+		as.inflight = shrinkMap(as.inflight, &as.inflightPeak)
 		call.decided, call.allow = decided, allow
 		if decided {
 			as.rememberLocked(k, allow)
