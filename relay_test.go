@@ -2459,3 +2459,43 @@ func TestAdmissionServiceInflightShrinks(t *testing.T) {
 		t.Errorf("the requests in flight were not rebuilt when they went from %d to %d", logins, n)
 	}
 }
+
+// TestAdmissionServiceForgetsExpiredVerdicts checks that the verdicts of
+// a flood of logins are dropped, and their memory given back, once they
+// have expired: they were dropped only when the cache filled up again, so
+// a flood's 65536 verdicts stayed for the life of the service.
+func TestAdmissionServiceForgetsExpiredVerdicts(t *testing.T) {
+	svc := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, `{"Allow":true}`)
+	}))
+	defer svc.Close()
+	const cacheFor = 20 * time.Millisecond
+	as := &AdmissionService{URL: svc.URL, Client: svc.Client(), CacheFor: cacheFor}
+	base := heapInUse()
+	const flood = maxAdmissionVerdicts - 1 // a login more does not fill the cache
+	as.mu.Lock()
+	for i := range flood {
+		var k PublicKey
+		binary.BigEndian.PutUint32(k[:], uint32(i))
+		as.rememberLocked(admissionKey{k, fmt.Sprintf("192.0.%d.%d", i>>8&255, i&255)}, false) // the flood's
+	}
+	before := mapID(as.verdicts)
+	as.mu.Unlock()
+	peak := heapInUse()
+	time.Sleep(2 * cacheFor) // the flood's verdicts expire
+	if err := as.Admit(context.Background(), Admission{Key: mustKey(t).Public(), RemoteAddr: "192.0.2.7:1"}); err != nil {
+		t.Fatal(err)
+	}
+	after := heapInUse()
+	t.Logf("%d verdicts took %d KiB; after they expired and one login, %d KiB were given back",
+		flood, (int64(peak)-int64(base))>>10, (int64(peak)-int64(after))>>10)
+	as.mu.Lock()
+	n, id := len(as.verdicts), mapID(as.verdicts)
+	as.mu.Unlock()
+	if n != 1 {
+		t.Errorf("%d verdicts kept after the flood's expired and one login, want 1", n)
+	}
+	if id == before {
+		t.Error("the verdicts were not rebuilt after the flood's expired")
+	}
+}

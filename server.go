@@ -263,7 +263,8 @@ type AdmissionService struct {
 	// the service did not decide (it was unreachable, answered an error
 	// status or garbage, or the login ran out of time) is not remembered.
 	// At most 65536 verdicts are kept: when that many are current, a
-	// quarter of them make room for new ones. A key refused later
+	// quarter of them make room for new ones. Expired verdicts are
+	// dropped as new ones are remembered, at most once every CacheFor. A key refused later
 	// is still admitted until its verdict expires: keep CacheFor short
 	// (a minute) where revocation must be quick.
 	CacheFor time.Duration
@@ -279,6 +280,10 @@ type AdmissionService struct {
 	// rebuilt: a flood of logins has an entry for each key waiting for a
 	// slot, and the map is rebuilt smaller after (shrinkMap).
 	inflightPeak int
+	// verdictsPeak is the same for verdicts; sweepAt is when
+	// rememberLocked next drops the expired verdicts.
+	verdictsPeak int
+	sweepAt      time.Time
 }
 
 type admissionKey struct {
@@ -520,11 +525,25 @@ func (as *AdmissionService) init() {
 // dropping the expired verdicts and, if that leaves it over three quarters
 // full, others too: a flood of logins with new keys then costs one walk
 // over the cache per quarter of it, not one per login, and does not keep
-// new verdicts (a flapping client's) out until the flood's expire.
+// new verdicts (a flapping client's) out until the flood's expire. At most
+// once every CacheFor it drops the expired verdicts, and rebuilds the map
+// smaller if most are gone (shrinkMap): a flood's verdicts, which would
+// otherwise stay until the cache filled up again, cost one walk over the
+// cache per CacheFor.
 func (as *AdmissionService) rememberLocked(k admissionKey, allow bool) {
 	now := time.Now()
 	if as.verdicts == nil {
 		as.verdicts = map[admissionKey]admissionVerdict{}
+	}
+	as.verdictsPeak = max(as.verdictsPeak, len(as.verdicts)) // see deleteShrink
+	if !now.Before(as.sweepAt) {
+		for k, v := range as.verdicts {
+			if !now.Before(v.until) {
+				delete(as.verdicts, k)
+			}
+		}
+		as.verdicts = shrinkTable(as.verdicts, &as.verdictsPeak)
+		as.sweepAt = now.Add(as.CacheFor)
 	}
 	if _, ok := as.verdicts[k]; !ok && len(as.verdicts) >= maxAdmissionVerdicts {
 		for k, v := range as.verdicts {
