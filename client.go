@@ -547,8 +547,11 @@ func (c *Client) Close() error {
 
 // Recv returns the next message from the server. A *ReceivedPacket and its
 // Data are valid only until the next call to Recv. Frames of unknown types,
-// and known frames too short to parse (except ServerKey and ServerInfo,
-// whose malformed forms are errors), are skipped. Any error is permanent.
+// known frames too short to parse (except ServerInfo, whose malformed form
+// is an error), and ServerKey frames are skipped; the exception is the
+// server's first frame in fast start (see ServerPublicKey), a ServerKey
+// frame that Recv checks: a malformed one is an error, and one with another
+// key is ErrServerKeyMismatch. Any error is permanent.
 func (c *Client) Recv() (Message, error) {
 	if c.rerr != nil {
 		return nil, c.rerr
@@ -717,11 +720,15 @@ func (c *Client) parse(t FrameType, p []byte, first bool) (Message, error) {
 		// In fast start the server's ServerKey frame arrives after we
 		// already sent ClientInfo sealed to the key we assumed: check it,
 		// so a wrong key is reported as such rather than as a box failure.
+		// A later one is skipped unread, as Tailscale's client skips it.
+		if !first {
+			return nil, nil
+		}
 		k, err := parseServerKey(p)
 		if err != nil {
 			return nil, err
 		}
-		if first && k != c.serverKey {
+		if k != c.serverKey {
 			return nil, fmt.Errorf("%w: expected %s, server sent %s", ErrServerKeyMismatch, c.serverKey, k)
 		}
 		return nil, nil

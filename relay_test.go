@@ -2499,3 +2499,52 @@ func TestAdmissionServiceForgetsExpiredVerdicts(t *testing.T) {
 		t.Error("the verdicts were not rebuilt after the flood's expired")
 	}
 }
+
+// TestClientSkipsLateServerKey checks that a ServerKey frame after the
+// first frame is skipped whatever it holds, as Tailscale's client skips
+// it (PROTOCOL.md §11): in a classic login and in fast start, where only
+// the first ServerKey frame is checked.
+func TestClientSkipsLateServerKey(t *testing.T) {
+	server := mustKey(t)
+	late := [][]byte{
+		appendFrame(nil, FrameServerKey, []byte("short")),
+		appendFrame(nil, FrameServerKey, append([]byte("DERPXXXX"), make([]byte, 32)...)),
+		appendFrame(nil, FrameServerKey, nil),
+		appendFrame(nil, FrameServerKey, appendServerKey(nil, mustKey(t).Public())),
+		appendFrame(nil, FrameServerKey, make([]byte, 2000)),
+	}
+	for _, fast := range []bool{false, true} {
+		t.Run(fmt.Sprintf("fast=%v", fast), func(t *testing.T) {
+			client := mustKey(t)
+			stream := frames(appendFrame(nil, FrameServerKey, appendServerKey(nil, server.Public())),
+				serverInfoFrame(server, client.Public(), []byte(`{"version":2}`)))
+			for _, f := range late {
+				stream = frames(stream, f)
+			}
+			stream = frames(stream, appendFrame(nil, FramePing, []byte("12345678")))
+			cc, sc := net.Pipe()
+			defer cc.Close()
+			go io.Copy(io.Discard, sc)
+			go sc.Write(stream)
+			defer sc.Close()
+			var opts []ClientOption
+			if fast {
+				opts = append(opts, ServerPublicKey(server.Public()))
+			}
+			c, err := NewClient(client, cc, nil, opts...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cc.SetReadDeadline(time.Now().Add(30 * time.Second))
+			for _, want := range []string{"relay.ServerInfo", "relay.Ping"} {
+				m, err := c.Recv()
+				if err != nil {
+					t.Fatalf("Recv, waiting for a %s: %v", want, err)
+				}
+				if got := fmt.Sprintf("%T", m); got != want {
+					t.Fatalf("Recv: got %s, want %s", got, want)
+				}
+			}
+		})
+	}
+}
