@@ -306,9 +306,11 @@ func (c *Client) ServerPublicKey() PublicKey { return c.serverKey }
 func (c *Client) LocalAddr() net.Addr { return c.nc.LocalAddr() }
 
 // Send sends pkt to the peer whose public key is dst. Packets larger than
-// MaxPacketSize are refused with ErrPacketTooLarge. If the server announced a
-// rate limit and pkt does not fit in it right now, the packet is not sent and
-// the error wraps ErrRateLimited; the connection stays usable.
+// MaxPacketSize are refused with ErrPacketTooLarge, except after Close or
+// a failed write, which every later write reports instead (see Close). If
+// the server announced a rate limit and pkt does not fit in it right now,
+// the packet is not sent and the error wraps ErrRateLimited; the connection
+// stays usable.
 //
 // A packet the connection cannot take within 10 seconds (a server that
 // stopped reading, a connection that stalled) fails the Send, and the
@@ -316,20 +318,21 @@ func (c *Client) LocalAddr() net.Addr { return c.nc.LocalAddr() }
 // renewed only once it is less than 5 seconds away, so such a Send may
 // fail after 5 seconds already.
 func (c *Client) Send(dst PublicKey, pkt []byte) error {
-	if len(pkt) > MaxPacketSize {
-		return ErrPacketTooLarge
-	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	if c.werr != nil {
 		return c.werr
 	}
 	if c.closed.Load() {
-		// ErrClosed, not ErrRateLimited below: the Client is not usable.
+		// ErrClosed, not ErrPacketTooLarge or ErrRateLimited below: the
+		// Client is not usable.
 		return c.writeFailed(net.ErrClosed)
 	}
 	if c.givenUp.Load() {
 		return c.writeFailed(errGivenUp)
+	}
+	if len(pkt) > MaxPacketSize {
+		return ErrPacketTooLarge
 	}
 	now := time.Now()
 	if c.limiter != nil && !c.limiter.allow(frameHeaderLen+KeyLen+len(pkt), now) {
@@ -347,13 +350,19 @@ func (c *Client) Send(dst PublicKey, pkt []byte) error {
 }
 
 // ForwardPacket sends pkt to dst as if it came from src. Only mesh peers may
-// send it; the server disconnects anyone else. The write, with any wait for
+// send it; the server disconnects anyone else. Packets larger than
+// MaxPacketSize are refused as by Send. The write, with any wait for
 // another write on the Client to finish, must be done within 5 seconds or
 // it fails (and so does a write it waited for past that), and every later
 // write on the Client fails too (Close it and connect again), so that one
 // stuck mesh link cannot hold its caller forever.
 func (c *Client) ForwardPacket(src, dst PublicKey, pkt []byte) error {
 	if len(pkt) > MaxPacketSize {
+		// The Client's state first, as for Send: a write on a closed or
+		// failed Client returns that whatever its packet.
+		if err := c.forwardBatch(0, nil); err != nil {
+			return err
+		}
 		return ErrPacketTooLarge
 	}
 	return c.forwardBatch(1, func(int) (*PublicKey, *PublicKey, []byte) { return &src, &dst, pkt })
@@ -469,6 +478,8 @@ func (c *Client) lockWithin(deadline time.Time) error {
 	switch {
 	case c.werr != nil:
 		return c.werr
+	case c.closed.Load():
+		return c.writeFailed(net.ErrClosed)
 	case expired:
 		return c.writeFailed(os.ErrDeadlineExceeded)
 	case c.givenUp.Load():

@@ -228,6 +228,13 @@ func TestReconnectingClientClosed(t *testing.T) {
 	if _, err := rc.Recv(ctx); !errors.Is(err, ErrClosed) {
 		t.Errorf("Recv after Close: %v", err)
 	}
+	big := make([]byte, MaxPacketSize+1)
+	if err := rc.Send(ctx, rc.PrivateKey.Public(), big); !errors.Is(err, ErrClosed) {
+		t.Errorf("Send of a packet too large after Close: %v", err)
+	}
+	if err := rc.ForwardPacket(ctx, rc.PrivateKey.Public(), rc.PrivateKey.Public(), big); !errors.Is(err, ErrClosed) {
+		t.Errorf("ForwardPacket of a packet too large after Close: %v", err)
+	}
 }
 
 func TestStartTestServer(t *testing.T) {

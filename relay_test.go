@@ -2351,7 +2351,8 @@ func TestAdmissionTailscaled(t *testing.T) {
 // TestClientAfterClose: after Close, Recv and Send return ErrClosed, as
 // ErrClosed's doc says: Recv does not go on returning the frames still
 // buffered from the connection, and Send does not report ErrRateLimited
-// (which says the connection stays usable) when the bucket is empty.
+// (which says the connection stays usable) when the bucket is empty, nor
+// ErrPacketTooLarge for a packet too large.
 func TestClientAfterClose(t *testing.T) {
 	srv, cli := fuzzKey(1), fuzzKey(2)
 	peer := fuzzKey(3).Public()
@@ -2390,6 +2391,15 @@ func TestClientAfterClose(t *testing.T) {
 		if err := c.Send(peer, make([]byte, 200)); !errors.Is(err, ErrClosed) {
 			t.Fatalf("Send %d (over the rate limit) after Close: %v; want ErrClosed", i+1, err)
 		}
+	}
+	// Whatever the arguments: a packet too large is not ErrPacketTooLarge
+	// (which says the connection stays usable) either.
+	big := make([]byte, MaxPacketSize+1)
+	if err := c.Send(peer, big); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Send of a packet too large after Close: %v; want ErrClosed", err)
+	}
+	if err := c.ForwardPacket(peer, peer, big); !errors.Is(err, ErrClosed) {
+		t.Fatalf("ForwardPacket of a packet too large after Close: %v; want ErrClosed", err)
 	}
 }
 
