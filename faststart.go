@@ -2096,7 +2096,9 @@ func (n *Node) check() error {
 // at most 1.5 s, and each node's connect and handshake together an equal
 // share of what is left of ctx's deadline (5 s if it has none), so a node
 // that accepts TCP and stalls TLS cannot hold up the others. It returns the
-// node connected to. ctx bounds the call, not the returned connection.
+// node connected to; if none, an error naming each node's failure on one
+// line, which errors.Is and errors.As look into. ctx bounds the call, not
+// the returned connection.
 func (f *FastStart) DialRegionTLS(ctx context.Context, r *Region) (*tls.Conn, *Node, error) {
 	if r == nil {
 		return nil, nil, errors.New("relay: dial region: nil region")
@@ -2136,7 +2138,7 @@ func (f *FastStart) DialRegionTLS(ctx context.Context, r *Region) (*tls.Conn, *N
 			break
 		}
 	}
-	return nil, nil, fmt.Errorf("relay: dial region %d (%s): %w", r.RegionID, r.RegionCode, errors.Join(errs...))
+	return nil, nil, fmt.Errorf("relay: dial region %d (%s): %w", r.RegionID, r.RegionCode, joinErrors(errs...))
 }
 
 // attemptContext returns the context for dialling one of left servers still
@@ -2294,7 +2296,7 @@ func (n *Node) dial(ctx context.Context, dial func(ctx context.Context, network,
 				started, pending = 2, pending+1
 			}
 			if pending == 0 {
-				return nil, fmt.Errorf("relay: node %q: %w", n.Name, errors.Join(errs...))
+				return nil, fmt.Errorf("relay: node %q: %w", n.Name, joinErrors(errs...))
 			}
 		}
 	}

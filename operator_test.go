@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"runtime"
 	"slices"
 	"strings"
@@ -284,6 +285,39 @@ func TestSessionsListsDuplicateOnceLoggedIn(t *testing.T) {
 	if n != 2 {
 		t.Fatalf("Sessions lists %d of the key's 2 logged-in sessions", n)
 	}
+}
+
+// TestConsistencyCheckOneLine: ConsistencyCheck lists the problems it
+// finds, the first 20, on one line, as every error of this package holds
+// no line break.
+func TestConsistencyCheckOneLine(t *testing.T) {
+	s := newTestServer(t)
+	s.stats.current.Add(1)
+	s.stats.watchers.Add(1)
+	err := s.ConsistencyCheck()
+	if err == nil || !strings.Contains(err.Error(), "current_connections") || !strings.Contains(err.Error(), "watchers") {
+		t.Fatalf("two wrong gauges: %v", err)
+	}
+	if strings.ContainsAny(err.Error(), "\r\n") {
+		t.Fatalf("error holds a line break: %q", err)
+	}
+	s.mu.Lock()
+	for i := range 30 {
+		s.perIP[netip.AddrFrom4([4]byte{10, 0, 0, byte(i)})] = 0
+	}
+	s.mu.Unlock()
+	err = s.ConsistencyCheck()
+	if err == nil || strings.ContainsAny(err.Error(), "\r\n") {
+		t.Fatalf("many problems: %q", err)
+	}
+	if n := strings.Count(err.Error(), "; ") + 1; n != 20 {
+		t.Fatalf("%d problems listed, want the first 20: %v", n, err)
+	}
+	s.mu.Lock()
+	clear(s.perIP)
+	s.mu.Unlock()
+	s.stats.current.Add(-1)
+	s.stats.watchers.Add(-1)
 }
 
 func TestConsistencyCheck(t *testing.T) {

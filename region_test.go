@@ -521,3 +521,55 @@ func TestDialRegionTLS(t *testing.T) {
 		t.Errorf("connected to %q, want 11b", node.Name)
 	}
 }
+
+// TestDialErrorsOneLine: when a region's nodes, or a node's two address
+// families, all fail, the error names every failure on one line (as every
+// error of this package holds no line break, so that a log line stays
+// one), and errors.Is and errors.As still find each of them.
+func TestDialErrorsOneLine(t *testing.T) {
+	fail := map[string]error{
+		"[::2]:443":     errors.New("a6 refused"),
+		"127.0.0.2:443": errors.New("a4 refused"),
+		"127.0.0.3:443": errors.New("b refused"),
+		"[::4]:443":     errors.New("c6 refused"),
+		"127.0.0.4:443": errors.New("c4 refused"),
+	}
+	fs := &FastStart{IPv6HeadStart: -1, DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		if err, ok := fail[addr]; ok {
+			return nil, &net.OpError{Op: "dial", Net: network, Err: err}
+		}
+		return nil, errors.New("unexpected dial of " + addr)
+	}}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	check := func(what string, err error, want ...error) {
+		t.Helper()
+		if err == nil {
+			t.Fatalf("%s: no error", what)
+		}
+		if strings.ContainsAny(err.Error(), "\r\n") {
+			t.Errorf("%s: error holds a line break: %q", what, err)
+		}
+		for _, w := range want {
+			if !errors.Is(err, w) {
+				t.Errorf("%s: error %q is not %q", what, err, w)
+			}
+		}
+		var oe *net.OpError
+		if !errors.As(err, &oe) {
+			t.Errorf("%s: errors.As finds no *net.OpError in %q", what, err)
+		}
+	}
+	_, _, err := fs.DialNode(ctx, &Node{Name: "a", HostName: "a.test", IPv4: "127.0.0.2", IPv6: "::2", DERPPort: 443}, mustKey(t))
+	check("DialNode", err, fail["[::2]:443"], fail["127.0.0.2:443"])
+	_, _, err = fs.DialRegionTLS(ctx, &Region{RegionID: 1, RegionCode: "r", Nodes: []*Node{
+		{Name: "a", HostName: "a.test", IPv4: "127.0.0.2", IPv6: "::2", DERPPort: 443},
+		{Name: "b", HostName: "127.0.0.3", DERPPort: 443},
+		{Name: "bad", HostName: "x/y"},
+		{Name: "c", HostName: "c.test", IPv4: "127.0.0.4", IPv6: "::4", DERPPort: 443},
+	}})
+	check("DialRegionTLS", err, fail["[::2]:443"], fail["127.0.0.2:443"], fail["127.0.0.3:443"], fail["[::4]:443"], fail["127.0.0.4:443"])
+	if err != nil && !strings.Contains(err.Error(), `"bad"`) {
+		t.Errorf("DialRegionTLS: error %q does not name node \"bad\"", err)
+	}
+}

@@ -78,6 +78,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"strings"
 
 	"go4.org/mem"
 	"golang.org/x/crypto/curve25519"
@@ -353,6 +354,44 @@ func (e *ProtocolError) Unwrap() error { return e.Err }
 
 func protoErr(reason string, t FrameType, detail string) *ProtocolError {
 	return &ProtocolError{Reason: reason, Frame: t, Detail: detail}
+}
+
+// errorList is several errors as one, as errors.Join makes, but whose
+// message lists them on one line, separated by "; ": an error of this
+// package holds no line break, so that it cannot break the log line it
+// goes into. errors.Is and errors.As look into each of them.
+type errorList []error
+
+func (e errorList) Error() string {
+	var b strings.Builder
+	for i, err := range e {
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		b.WriteString(err.Error())
+	}
+	return b.String()
+}
+
+func (e errorList) Unwrap() []error { return e }
+
+// joinErrors returns the errors of errs that are not nil as one error, on
+// one line (see errorList): nil if there are none, the error itself if
+// there is one.
+func joinErrors(errs ...error) error {
+	var l errorList
+	for _, err := range errs {
+		if err != nil {
+			l = append(l, err)
+		}
+	}
+	switch len(l) {
+	case 0:
+		return nil
+	case 1:
+		return l[0]
+	}
+	return l
 }
 
 // ProtocolErrorReason returns the Reason of the first *ProtocolError in err's

@@ -2643,9 +2643,10 @@ func (s *Server) Sessions() iter.Seq[SessionInfo] {
 // ConsistencyCheck verifies the server's internal bookkeeping, for health
 // checks and tests: that the routing table and the session list agree, that
 // every key's receiving session is one of its sessions, and that the gauges
-// of Stats match what they count. It returns nil or an error listing every
-// problem found. It holds the server's lock while it runs, so logins and
-// logouts wait; it costs a walk over all sessions.
+// of Stats match what they count. It returns nil or an error listing the
+// problems found (the first 20) on one line, separated by "; ". It holds
+// the server's lock while it runs, so logins and logouts wait; it costs a
+// walk over all sessions.
 func (s *Server) ConsistencyCheck() error {
 	var errs []error
 	bad := func(format string, args ...any) {
@@ -2739,7 +2740,7 @@ func (s *Server) ConsistencyCheck() error {
 	if len(errs) == 0 {
 		return nil
 	}
-	return fmt.Errorf("relay: inconsistent state: %w", errors.Join(errs...))
+	return fmt.Errorf("relay: inconsistent state: %w", joinErrors(errs...))
 }
 
 // closePeer closes every local connection of k and returns how many.
