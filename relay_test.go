@@ -2522,6 +2522,7 @@ func TestClientSkipsLateServerKey(t *testing.T) {
 		appendFrame(nil, FrameServerKey, nil),
 		appendFrame(nil, FrameServerKey, appendServerKey(nil, mustKey(t).Public())),
 		appendFrame(nil, FrameServerKey, make([]byte, 2000)),
+		appendFrame(nil, FrameServerKey, make([]byte, 5000)), // more than the read buffer holds
 	}
 	for _, fast := range []bool{false, true} {
 		t.Run(fmt.Sprintf("fast=%v", fast), func(t *testing.T) {
