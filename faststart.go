@@ -827,6 +827,7 @@ type ReconnectingClient struct {
 	infoAt       time.Time // when the current connection's ServerInfo arrived
 	connAt       time.Time // when the current connection was made
 	countedGen   int       // the last connection whose failure a write counted (see dropAfterWrite)
+	infoGen      int       // the last connection whose ServerInfo Recv returned
 	restartUntil time.Time
 	askedGen     int           // generation of the last connection Reconnect dropped (not the Client: one no Recv waited on would stay, buffers and all); 0: none
 	redial       chan struct{} // closed by Reconnect: a wait for the next dial starts over; made by redialCh
@@ -1487,7 +1488,10 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 // the server ends before or soon after its ServerInfo (which the Recv loop
 // alone sees): a client that only sends must not redial a server that
 // hangs up on every login at the pace of its writes. RecvDetail then does
-// not count it again.
+// not count it again. The wait is the one RecvDetail sets for the same
+// failure: a login with no ServerInfo returned by Recv yet is a failed
+// dial, retried quickly in a restart notice's window as failed dials are;
+// a session after it gets the usual backoff.
 func (rc *ReconnectingClient) dropAfterWrite(c *Client, err error) {
 	rc.mu.Lock()
 	if rc.c == c {
@@ -1496,8 +1500,12 @@ func (rc *ReconnectingClient) dropAfterWrite(c *Client, err error) {
 		if now.Sub(rc.connAt) < hi {
 			rc.failures++
 			rc.countedGen = rc.gen
-			if next := now.Add(backoffStep(lo, hi, rc.failures, false)); next.After(rc.notBefore) {
-				rc.notBefore = next
+			if rc.infoGen == rc.gen {
+				if next := now.Add(backoffStep(lo, hi, rc.failures, false)); next.After(rc.notBefore) {
+					rc.notBefore = next
+				}
+			} else if next := now.Add(rc.backoff(rc.failures, now)); next.After(rc.nextDial) {
+				rc.nextDial = next
 			}
 		}
 	}
@@ -1779,7 +1787,7 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 		case ServerInfo:
 			// failures are reset when the session ends, if it lasted.
 			rc.mu.Lock()
-			rc.infoAt = time.Now()
+			rc.infoAt, rc.infoGen = time.Now(), gen
 			rc.mu.Unlock()
 		case ServerRestarting:
 			if !c.gotInfo {

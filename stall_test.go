@@ -1998,3 +1998,44 @@ func TestReconnectingSendOnlyBacksOffFromRefusingServer(t *testing.T) {
 		})
 	}
 }
+
+// A write that finds a young connection failed is paced as the Recv loop
+// paces the same failure: a login the server hung up on without a
+// ServerInfo is a failed dial, retried at MinBackoff while a Restarting
+// notice's window of quick retries is open (as when a restarted server
+// behind a proxy is not taking logins yet), not after the backoff of the
+// failures the restart's dials piled up.
+func TestReconnectingWriteFailureKeepsRestartWindow(t *testing.T) {
+	dial, _ := refusingServer(t)
+	rc := &ReconnectingClient{URL: "http://derp.invalid/derp", PrivateKey: mustKey(t),
+		Dialer:     &FastStart{DialContext: dial},
+		MinBackoff: 100 * time.Millisecond, MaxBackoff: 5 * time.Second}
+	defer rc.Close()
+	// As after a notice and the dials that failed while the server was
+	// away.
+	rc.mu.Lock()
+	rc.restartUntil = time.Now().Add(time.Minute)
+	rc.failures = 20
+	rc.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var err error
+	for ctx.Err() == nil {
+		if err = rc.Send(ctx, PublicKey{1}, []byte("x")); err != nil {
+			break
+		}
+		time.Sleep(time.Millisecond) // a packet source, not an assertion
+	}
+	if ctx.Err() != nil {
+		t.Fatal("no Send failed against a server that hangs up on every login")
+	}
+	rc.mu.Lock()
+	wait := time.Until(rc.nextDial)
+	if w := time.Until(rc.notBefore); w > wait {
+		wait = w
+	}
+	rc.mu.Unlock()
+	if wait > rc.MinBackoff {
+		t.Fatalf("after a Send failed (%v) on a login the server hung up on, in a restart's window of quick retries: next dial in %v, want at most MinBackoff (%v)", err, wait.Round(time.Millisecond), rc.MinBackoff)
+	}
+}
