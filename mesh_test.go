@@ -3210,3 +3210,36 @@ func TestMeshRoamingKeepsNewestRoute(t *testing.T) {
 		t.Fatalf("c routes the client's key to %q (%v) after a duplicate left a, want b (%q), where the client moved", got, ok, want)
 	}
 }
+
+// TestMeshWaitKeyMovedToPeerWithLinkDown: y waits for k's route after a
+// packet from k forwarded by a (whose link here is up); k then moves to b,
+// whose link here is down, and b forwards k's packets to y. k has not
+// left: the wait must go on while b's link is down and b is connected
+// here, as for a key first forwarded by b. y, which knew k already, was
+// told PeerGone once a's link had been up for the grace, while k's
+// packets still reached it.
+func TestMeshWaitKeyMovedToPeerWithLinkDown(t *testing.T) {
+	s, y, a, la := waitServer(t)
+	grace := int64(s.cfg.meshWaitGrace)
+	b := pipeClient(t, s, MeshKey(testMeshKey))
+	lb := newMeshLink(s, "b")
+	lb.peer = b.PublicKey()
+	t0 := monoNanos()
+	setLinkUp(la, t0)
+	setLinkDown(lb, t0)
+	s.mesh.links = append(s.mesh.links, lb)
+	k := mustKey(t).Public()
+	forwardTo(t, a, y, k) // y waits for k, forwarded by a
+	forwardTo(t, b, y, k) // k moved to b
+	s.sweepWaits(t0 + 2*grace)
+	if goneBeforePong(t, y, k) || waitsFor(s, k) != 1 {
+		t.Fatal("y was told k left, or stopped waiting for it, while k's packets still reach it through a peer whose link here is down")
+	}
+	// b cut off both ways: now k is gone with it.
+	b.Close()
+	waitFor(t, func() bool { return s.lookup(b.PublicKey()) == nil })
+	s.sweepWaits(t0 + 3*grace)
+	if !goneBeforePong(t, y, k) {
+		t.Fatal("k's last peer was cut off both ways, and y was not told k left")
+	}
+}

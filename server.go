@@ -878,8 +878,8 @@ type sconn struct {
 	toldGone atomic.Bool
 
 	// waitFor holds the keys c waits for in mesh.waiting, guarded by
-	// s.mesh.mu; waits is set once c has waited for one, for
-	// forgetRecipient.
+	// s.mesh.mu; waits is set while it holds some (until c ends), for
+	// forgetRecipient and the writer (takeLocked).
 	waitFor map[PublicKey]struct{}
 	waits   atomic.Bool
 
@@ -928,6 +928,9 @@ type sconn struct {
 	sentFrom     map[PublicKey]struct{}
 	sentFromPeak int // most sentFrom has held since it was last rebuilt (shrinkMap)
 	lastSrc      PublicKey
+	// lastVia is the mesh peer's session that forwarded the last packet
+	// from lastSrc, nil for a local sender's (see takeLocked).
+	lastVia      *sconn
 	watching     bool
 	writers      sync.WaitGroup
 	keepTimer    *time.Timer
@@ -3224,8 +3227,8 @@ func (c *sconn) takeLocked(ws *writerState) bool {
 		ws.pkts = append(ws.pkts, p)
 	}
 	for _, p := range ws.pkts {
-		if (p.srcConn != nil || !p.src.IsZero()) && p.src != c.lastSrc {
-			c.lastSrc = p.src
+		if (p.srcConn != nil || !p.src.IsZero()) && (p.src != c.lastSrc || p.via != c.lastVia) {
+			c.lastSrc, c.lastVia = p.src, p.via
 			if _, ok := c.sentFrom[p.src]; !ok {
 				if c.sentFrom == nil {
 					c.sentFrom = map[PublicKey]struct{}{}
@@ -3238,6 +3241,14 @@ func (c *sconn) takeLocked(ws *writerState) bool {
 					// Forwarded in by a mesh peer.
 					ws.fwdSrcs = append(ws.fwdSrcs, meshSrc{key: p.src, via: p.via})
 				}
+			} else if p.via != nil && c.waits.Load() {
+				// A known source, forwarded after a packet from
+				// another key or through another peer (it may have
+				// moved there), while c waits for some key's route:
+				// if c waits for this one, the wait learns that the
+				// key is still in the region, and through which
+				// peer (sweepWaits).
+				ws.fwdSrcs = append(ws.fwdSrcs, meshSrc{key: p.src, via: p.via})
 			}
 		}
 	}
@@ -4537,9 +4548,11 @@ type fwdTurn struct {
 // meshWait is the sessions waiting for a key's route or login (mesh.waiting).
 type meshWait struct {
 	sessions map[*sconn]struct{}
-	// since is when the last session joined (monoNanos): its packet from
-	// the key had just been forwarded, so the key was at the forwarding
-	// peer's server then.
+	// since is when the last session joined (monoNanos), or a waiting
+	// one was written a packet from the key after one from another key
+	// or through another peer (the key may have moved: see takeLocked):
+	// that packet had just been forwarded, so the key was at the
+	// forwarding peer's server then.
 	since int64
 	// via is the server key of the mesh peer that forwarded that packet
 	// (its session's key), or zero: the link that watches it tells
@@ -5497,6 +5510,12 @@ func (s *Server) meshNoteRecipient(c *sconn, srcs []meshSrc, local bool) {
 		default:
 			if w := m.waiting[k]; w != nil {
 				if _, ok := w.sessions[c]; ok {
+					// Waiting already: k's packets still come,
+					// through src.via now.
+					w.since = now
+					if src.via != nil {
+						w.via = src.via.key
+					}
 					break
 				}
 			}
@@ -5578,6 +5597,9 @@ func (s *Server) takeWaitingLocked(k PublicKey) map[*sconn]struct{} {
 	m.waits -= len(w.sessions)
 	for c := range w.sessions {
 		delete(c.waitFor, k)
+		if len(c.waitFor) == 0 {
+			c.waits.Store(false) // no more re-noting in takeLocked
+		}
 	}
 	return w.sessions
 }
@@ -5650,7 +5672,8 @@ func (s *Server) startSweepLocked() {
 }
 
 // sweepWaits gives up, at now (monoNanos), the keys waited for in
-// mesh.waiting for which no session joined for cfg.meshWaitGrace, if the
+// mesh.waiting of which there was no news (meshWait.since) for
+// cfg.meshWaitGrace, if the
 // mesh peer that forwarded the last of their packets cannot announce them
 // any more:
 //
