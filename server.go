@@ -2041,6 +2041,7 @@ func (s *Server) forgetRecipient(c *sconn) {
 			if _, ok := w.sessions[c]; ok {
 				delete(w.sessions, c)
 				s.mesh.waits--
+				s.noteWaits(k, waitEnded, 1)
 			}
 			if len(w.sessions) == 0 {
 				s.mesh.deleteWaitingLocked(k)
@@ -5349,7 +5350,7 @@ func (s *Server) meshAddLocked(k PublicKey, l *meshLink) {
 	if r == nil {
 		r = &meshRoute{}
 		m.routes[k] = r
-		r.recipients.merge(s.takeWaitingLocked(k))
+		r.recipients.merge(s.takeWaitingLocked(k, waitRouted))
 	}
 	r.links = append(removeLink(r.links, l), l)
 	l.keys[k] = struct{}{}
@@ -5539,6 +5540,7 @@ func (s *Server) meshNoteRecipient(c *sconn, srcs []meshSrc, local bool) {
 				w.via = src.via.key
 			}
 			m.waits++
+			s.noteWaits(k, waitCreated, 1)
 			if c.waitFor == nil {
 				c.waitFor = map[PublicKey]struct{}{}
 			}
@@ -5586,13 +5588,14 @@ const maxMeshWaiting = 1 << 14
 const meshWaitGrace = 30 * time.Second
 
 // takeWaitingLocked removes and returns the sessions waiting for k's route
-// or login (mesh.waiting); mesh.mu must be held.
-func (s *Server) takeWaitingLocked(k PublicKey) map[*sconn]struct{} {
+// or login (mesh.waiting), for the reason ev; mesh.mu must be held.
+func (s *Server) takeWaitingLocked(k PublicKey, ev waitEvent) map[*sconn]struct{} {
 	m := &s.mesh
 	w := m.waiting[k]
 	if w == nil {
 		return nil
 	}
+	s.noteWaits(k, ev, len(w.sessions))
 	m.deleteWaitingLocked(k)
 	m.waits -= len(w.sessions)
 	for c := range w.sessions {
@@ -5637,15 +5640,15 @@ func (s *Server) meshClaimWaiting(k PublicKey, e *keyEntry) {
 		sh.mu.Lock()
 		switch cur := sh.m[k]; {
 		case cur == e:
-			e.recipients.merge(s.takeWaitingLocked(k))
+			e.recipients.merge(s.takeWaitingLocked(k, waitLoggedIn))
 		case cur != nil:
 			// k left and logged in again: they join its new entry
 			// (whose own claim may come after this one).
-			cur.recipients.merge(s.takeWaitingLocked(k))
+			cur.recipients.merge(s.takeWaitingLocked(k, waitLoggedIn))
 		default:
 			// k left again already: they are told so below, as
 			// its recipients were, unless a mesh route took it.
-			left = s.takeWaitingLocked(k)
+			left = s.takeWaitingLocked(k, waitLoggedIn)
 		}
 		sh.mu.Unlock()
 	}
@@ -5746,10 +5749,11 @@ func (s *Server) sweepWaits(now int64) {
 			}
 		}
 		if known && !gone {
+			s.noteWaits(k, waitHeld, len(w.sessions))
 			continue // its list may be on its way, or its link is down
 		}
 		if r := m.routes[k]; r != nil { // never (meshAddLocked takes the waits)
-			r.recipients.merge(s.takeWaitingLocked(k))
+			r.recipients.merge(s.takeWaitingLocked(k, waitRouted))
 			continue
 		}
 		sh := s.shard(k)
@@ -5757,11 +5761,15 @@ func (s *Server) sweepWaits(now int64) {
 		e := sh.m[k]
 		if e != nil {
 			// Logged in, and its meshClaimWaiting is still to come.
-			e.recipients.merge(s.takeWaitingLocked(k))
+			e.recipients.merge(s.takeWaitingLocked(k, waitLoggedIn))
 		}
 		sh.mu.Unlock()
 		if e == nil {
-			notices = append(notices, notice{k, s.takeWaitingLocked(k), gone})
+			ev := waitForgotten
+			if gone {
+				ev = waitGivenUp
+			}
+			notices = append(notices, notice{k, s.takeWaitingLocked(k, ev), gone})
 		}
 	}
 	if len(m.waiting) > 0 {
@@ -5785,6 +5793,30 @@ func (s *Server) sweepWaits(now int64) {
 // testHookSweepWaits, if set, is called after each sweepWaits. It is nil
 // outside tests.
 var testHookSweepWaits atomic.Pointer[func()]
+
+// waitEvent is what happened to waits of mesh.waiting, for testHookWaits.
+type waitEvent int
+
+const (
+	waitCreated   waitEvent = iota // a session began to wait (meshNoteRecipient)
+	waitHeld                       // sweepWaits kept an overdue wait: its peer's list may still come
+	waitRouted                     // the key got a route (meshAddLocked)
+	waitLoggedIn                   // the key logged in here (meshClaimWaiting, sweepWaits)
+	waitGivenUp                    // sweepWaits told the sessions PeerGone
+	waitForgotten                  // sweepWaits had the sessions forget the key
+	waitEnded                      // the waiting session ended (forgetRecipient)
+)
+
+// testHookWaits, if set, is called with mesh.mu held whenever ev happens
+// to the waits of n sessions for k. It must not call s. It is nil outside
+// tests.
+var testHookWaits atomic.Pointer[func(s *Server, k PublicKey, ev waitEvent, n int)]
+
+func (s *Server) noteWaits(k PublicKey, ev waitEvent, n int) {
+	if h := testHookWaits.Load(); h != nil {
+		(*h)(s, k, ev, n)
+	}
+}
 
 // removeLink removes l from links, keeping the order.
 func removeLink(links []*meshLink, l *meshLink) []*meshLink {
