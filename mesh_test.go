@@ -2403,13 +2403,20 @@ type meshModel struct {
 	broken   map[*meshLink]*Client // links closed by their peer, with their client then
 	pkts     int
 	sent     map[string]int // steady packets: payload -> destination key
+
+	dialers []*cutDialer   // each node's mesh dialer (cut)
+	downs   []*linkDownLog // each node's "mesh link down" lines
+	waits   *waitLog       // what happened to the nodes' waits (cutPhase)
 }
+
+// modelWaitGrace is the model's cfg.meshWaitGrace: short, so that waits
+// are swept within a phase (cutPhase).
+const modelWaitGrace = 50 * time.Millisecond
 
 func newMeshModel(t *testing.T, seed uint64, nkeys int) *meshModel {
 	m := &meshModel{
 		t:          t,
 		rng:        rand.New(rand.NewPCG(seed, seed*7+1)),
-		nodes:      newRegion(t, 3, testMeshKey),
 		interacted: map[int]map[int]bool{},
 		left:       map[int]int{},
 		mayGone:    map[[2]int]bool{},
@@ -2417,7 +2424,16 @@ func newMeshModel(t *testing.T, seed uint64, nkeys int) *meshModel {
 		unsure:     map[[2]int]bool{},
 		broken:     map[*meshLink]*Client{},
 		sent:       map[string]int{},
+		waits:      &waitLog{},
 	}
+	lns, urls := listenNodes(t, 3)
+	for i, ln := range lns {
+		d, h := &cutDialer{cut: map[string]chan struct{}{}, conns: map[string][]net.Conn{}}, &linkDownLog{n: map[string]int{}}
+		m.dialers, m.downs = append(m.dialers, d), append(m.downs, h)
+		m.nodes = append(m.nodes, serveNode(t, ln, urls[i], WithMeshKey(testMeshKey), WithMeshPeers(urls...),
+			WithMeshDialer(&FastStart{DialContext: d.dial}), WithLogger(slog.New(h)), meshWaitGraceOf(modelWaitGrace)))
+	}
+	m.waits.start(t, m.nodes)
 	for _, n := range m.nodes {
 		u, _ := meshPeerURL(n.url)
 		m.urls = append(m.urls, u)
@@ -2709,6 +2725,13 @@ func (m *meshModel) bounceLink() {
 	// Until the new link's list is in, a key that leaves node from is
 	// gone from the region there: wait for it.
 	m.settle()
+	m.linkLost(from, to)
+}
+
+// linkLost notes that node from's link to node to broke: node from's
+// sessions may be told that keys reached only over it left (and are then
+// no longer registered with them).
+func (m *meshModel) linkLost(from, to int) {
 	for _, y := range m.sess {
 		if y.node != from {
 			continue
@@ -3034,6 +3057,13 @@ func (m *meshModel) checkPeerGone(seen map[*modelSess]int) {
 			}
 		}
 	}
+	m.checkTold(seen)
+}
+
+// checkTold checks the PeerGones the sessions were told since seen: each
+// must be about a key that left the region lately, or allowed by mayGone.
+func (m *meshModel) checkTold(seen map[*modelSess]int) {
+	m.t.Helper()
 	for _, s := range m.sess {
 		s.mu.Lock()
 		gone := slices.Clone(s.gone[seen[s]:])
@@ -3069,7 +3099,14 @@ func TestMeshModel(t *testing.T) {
 			m := newMeshModel(t, seed, 6)
 			seen := map[*modelSess]int{}
 			for m.phase = range 20 {
-				m.churn(2 + m.rng.IntN(4))
+				switch m.phase {
+				case 10:
+					// Each seed cuts once (every phase costs CI time):
+					// one way for odd seeds, then both ways for even ones.
+					m.cutPhase(seen, seed%2 == 0)
+				default:
+					m.churn(2 + m.rng.IntN(4))
+				}
 				m.settle()
 				m.traffic(10)
 				m.checkPeerGone(seen)
@@ -3107,6 +3144,12 @@ func TestMeshModel(t *testing.T) {
 					}
 					return ""
 				})
+			}
+			n := m.waits.counts()
+			t.Logf("waits (session and key pairs): %d created, %d kept overdue by a sweep, %d routed, %d logged in here, %d given up (PeerGone), %d forgotten, %d ended with their session",
+				n[waitCreated], n[waitHeld], n[waitRouted], n[waitLoggedIn], n[waitGivenUp], n[waitForgotten], n[waitEnded])
+			if n[waitCreated] == 0 {
+				t.Error("the cuts created no waits")
 			}
 		})
 	}
@@ -3242,4 +3285,471 @@ func TestMeshWaitKeyMovedToPeerWithLinkDown(t *testing.T) {
 	if !goneBeforePong(t, y, k) {
 		t.Fatal("k's last peer was cut off both ways, and y was not told k left")
 	}
+}
+
+// cutDialer is a mesh dialer of the model's servers: cutting an address
+// closes what it dialed there and holds new dials to it until the cut
+// heals, so that a link is down exactly while it is cut (and its backoff
+// does not grow).
+type cutDialer struct {
+	mu    sync.Mutex
+	cut   map[string]chan struct{} // address -> closed when healed
+	conns map[string][]net.Conn
+}
+
+func (d *cutDialer) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	for {
+		d.mu.Lock()
+		healed, cut := d.cut[addr]
+		if !cut {
+			defer d.mu.Unlock()
+			var nd net.Dialer
+			nc, err := nd.DialContext(ctx, network, addr)
+			if err == nil {
+				d.conns[addr] = append(d.conns[addr], nc)
+			}
+			return nc, err
+		}
+		d.mu.Unlock()
+		select {
+		case <-healed:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+func (d *cutDialer) setCut(addr string, cut bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	healed, ok := d.cut[addr]
+	switch {
+	case cut && !ok:
+		d.cut[addr] = make(chan struct{})
+		for _, nc := range d.conns[addr] {
+			nc.Close()
+		}
+		delete(d.conns, addr)
+	case !cut && ok:
+		close(healed)
+		delete(d.cut, addr)
+	}
+}
+
+// linkDownLog is a model server's log: it counts the "mesh link down"
+// lines of each link, logged once the link has forgotten its peer's keys
+// and told their recipients.
+type linkDownLog struct {
+	mu sync.Mutex
+	n  map[string]int // peer URL -> lines
+}
+
+func (h *linkDownLog) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelInfo }
+func (h *linkDownLog) Handle(_ context.Context, r slog.Record) error {
+	if r.Message != "relay: mesh link down" {
+		return nil
+	}
+	r.Attrs(func(a slog.Attr) bool {
+		if a.Key != "peer" {
+			return true
+		}
+		h.mu.Lock()
+		h.n[a.Value.String()]++
+		h.mu.Unlock()
+		return false
+	})
+	return nil
+}
+func (h *linkDownLog) WithAttrs([]slog.Attr) slog.Handler { return h }
+func (h *linkDownLog) WithGroup(string) slog.Handler      { return h }
+
+func (h *linkDownLog) count(peer string) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.n[peer]
+}
+
+// waitLog records what happens to the waits of the model's servers
+// (testHookWaits).
+type waitLog struct {
+	mu    sync.Mutex
+	nodes []*meshNode
+	recs  []waitRec
+	count [waitEnded + 1]int // session and key pairs, by event
+}
+
+type waitRec struct {
+	node int
+	key  PublicKey
+	ev   waitEvent
+	n    int
+	at   int64 // monoNanos
+}
+
+func (w *waitLog) start(t *testing.T, nodes []*meshNode) {
+	w.nodes = nodes
+	h := func(s *Server, k PublicKey, ev waitEvent, n int) {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		i := slices.IndexFunc(w.nodes, func(n *meshNode) bool { return n.s == s })
+		if i < 0 {
+			return
+		}
+		w.count[ev] += n
+		w.recs = append(w.recs, waitRec{i, k, ev, n, monoNanos()})
+	}
+	testHookWaits.Store(&h)
+	t.Cleanup(func() { testHookWaits.Store(nil) })
+}
+
+// find returns node's events for k since at whose kind is in evs.
+func (w *waitLog) find(node int, k PublicKey, since int64, evs ...waitEvent) []waitRec {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var out []waitRec
+	for _, r := range w.recs {
+		if r.node == node && r.key == k && r.at >= since && slices.Contains(evs, r.ev) {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+func (w *waitLog) counts() [waitEnded + 1]int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.count
+}
+
+// freshKey adds a key that has never been in the region.
+func (m *meshModel) freshKey() int {
+	m.keys = append(m.keys, mustKey(m.t))
+	return len(m.keys) - 1
+}
+
+// addr is node i's host:port, as its peers dial it.
+func (m *meshModel) addr(i int) string {
+	return strings.TrimSuffix(strings.TrimPrefix(m.nodes[i].url, "http://"), "/derp")
+}
+
+// cut takes node from's mesh link to node to down (node to's link to node
+// from stays up) until heal, and waits until it has forgotten node to's
+// keys and told their recipients.
+func (m *meshModel) cut(from, to int) {
+	m.t.Helper()
+	m.t.Logf("phase %d: node %d's mesh link to node %d is cut", m.phase, from, to)
+	n := m.downs[from].count(m.urls[to])
+	m.dialers[from].setCut(m.addr(to), true)
+	waitState(m.t, func() string {
+		if m.downs[from].count(m.urls[to]) == n {
+			return fmt.Sprintf("phase %d: node %d's link to node %d is not down after the cut", m.phase, from, to)
+		}
+		return ""
+	})
+}
+
+func (m *meshModel) heal(from, to int) {
+	m.t.Logf("phase %d: node %d's mesh link to node %d heals", m.phase, from, to)
+	m.dialers[from].setCut(m.addr(to), false)
+}
+
+// cutKey is a key that sends to node a's clients in cutPhase while a's
+// link to its server b is cut, and what it then does: leave (the region),
+// stay (at b), login (at a too) or roam (to the third server, leaving b or
+// not).
+type cutKey struct {
+	k    int
+	fate string
+	ms   *modelSess // its session at b
+	to   map[*modelSess]bool
+}
+
+// cutPhase cuts node a's mesh link to node b, while b's link to a stays
+// up, and has keys at b (fresh ones, and those at b alone) send to a's
+// clients meanwhile: a has no route to them, and its clients wait for
+// their routes (mesh.waiting). Each key then leaves the region, stays,
+// logs in at a too, or roams to the third server. A sweep of the waits
+// must keep them while the link is down (the keys may still be at b),
+// however long: nobody is told PeerGone. If both, b's link to a is cut
+// next, and a gives the waits up, telling its clients PeerGone (b is cut
+// off both ways); otherwise a's link heals, the keys that stayed get
+// their routes, and those that left are given up, their receivers told
+// PeerGone, once the link has been up for the grace. Keys that logged in
+// at a, or roamed, get their receivers when they do.
+func (m *meshModel) cutPhase(seen map[*modelSess]int, both bool) {
+	t := m.t
+	t.Helper()
+	start := monoNanos()
+	a := m.rng.IntN(len(m.nodes))
+	b := (a + 1 + m.rng.IntN(len(m.nodes)-1)) % len(m.nodes)
+	c := 3 - a - b
+	sa := m.nodes[a].s
+	// The receivers: a's clients whose key has no other session.
+	lone := func(s *modelSess) bool { return s.node == a && len(m.sessionsOf(s.key)) == 1 }
+	if !slices.ContainsFunc(m.sess, lone) || m.rng.IntN(2) == 0 {
+		m.connect(m.freshKey(), a)
+		m.settle()
+	}
+	var ys []*modelSess
+	for _, s := range m.sess {
+		if lone(s) {
+			ys = append(ys, s)
+		}
+	}
+	var cks []*cutKey
+	for _, s := range m.sess {
+		if s.node == b && len(m.sessionsOf(s.key)) == 1 {
+			cks = append(cks, &cutKey{k: s.key, fate: []string{"stay", "leave"}[m.rng.IntN(2)], ms: s})
+		}
+	}
+
+	defer func() { // also when the checks below fail: the region must converge
+		m.dialers[a].setCut(m.addr(b), false)
+		m.dialers[b].setCut(m.addr(a), false)
+	}()
+	m.cut(a, b)
+	m.linkLost(a, b)
+	m.sync()
+	m.checkTold(seen) // about the keys the cut took: allowed
+	clear(m.mayGone)  // and from now on, nothing is
+
+	fates := []string{"leave", "stay", "login", "roam"}
+	m.rng.Shuffle(len(fates), func(i, j int) { fates[i], fates[j] = fates[j], fates[i] })
+	for _, f := range fates {
+		k := m.freshKey()
+		m.connect(k, b)
+		cks = append(cks, &cutKey{k: k, fate: f, ms: m.sess[len(m.sess)-1]})
+	}
+	drops := m.totalDrops()
+	type sent struct {
+		from *cutKey
+		to   *modelSess
+		pkt  string
+	}
+	var all []sent
+	for _, ck := range cks {
+		ck.to = map[*modelSess]bool{}
+		for range 1 + m.rng.IntN(2) {
+			y := ys[m.rng.IntN(len(ys))]
+			pkt := fmt.Sprintf("packet %d across the cut from key %d to session %d", m.pkts, ck.k, y.id)
+			m.pkts++
+			if err := ck.ms.c.Send(m.pub(y.key), []byte(pkt)); err != nil {
+				t.Fatal(err)
+			}
+			all = append(all, sent{ck, y, pkt})
+			ck.to[y] = true
+		}
+	}
+	waitState(t, func() string {
+		for _, p := range all {
+			p.to.mu.Lock()
+			src, ok := p.to.got[p.pkt]
+			p.to.mu.Unlock()
+			if !ok {
+				return fmt.Sprintf("phase %d: %q did not arrive", m.phase, p.pkt)
+			}
+			if src != m.pub(p.from.k) {
+				return fmt.Sprintf("phase %d: %q arrived from %s", m.phase, p.pkt, src.ShortString())
+			}
+		}
+		return ""
+	})
+	if d := m.totalDrops(); d != drops {
+		t.Errorf("phase %d: %d packets dropped across a one-way cut", m.phase, d-drops)
+	}
+	for _, p := range all {
+		m.note(p.from.ms.id, p.to.key)
+		m.note(p.to.id, p.from.k)
+		m.noteRecv(p.to.id, p.from.k)
+	}
+	// a has no route to them: each receiver waits, until it leaves.
+	waitsLeft := func() {
+		t.Helper()
+		waitState(t, func() string {
+			for _, ck := range cks {
+				if n := waitsFor(sa, m.pub(ck.k)); n != len(ck.to) {
+					return fmt.Sprintf("phase %d: node %d: %d sessions wait for key %d, want %d", m.phase, a, n, ck.k, len(ck.to))
+				}
+			}
+			return ""
+		})
+	}
+	waitsLeft()
+	if len(ys) > 1 && m.rng.IntN(2) == 0 {
+		y := ys[m.rng.IntN(len(ys))]
+		m.disconnect(y)
+		for _, ck := range cks {
+			delete(ck.to, y)
+		}
+		waitsLeft()
+	}
+
+	var held []*cutKey // keys still waited for
+	for _, ck := range cks {
+		switch ck.fate {
+		case "leave":
+			m.disconnect(ck.ms)
+		case "stay":
+		case "login":
+			m.connect(ck.k, a)
+		case "roam":
+			m.connect(ck.k, c)
+			waitRoute(t, sa, m.pub(ck.k), m.nodes[c])
+			if m.rng.IntN(2) == 0 {
+				m.disconnect(ck.ms)
+			}
+		}
+		if (ck.fate == "leave" || ck.fate == "stay") && len(ck.to) > 0 {
+			held = append(held, ck)
+		}
+		if ck.fate == "login" || ck.fate == "roam" {
+			waitState(t, func() string {
+				if n := waitsFor(sa, m.pub(ck.k)); n != 0 {
+					return fmt.Sprintf("phase %d: node %d: %d sessions still wait for key %d, which %s", m.phase, a, n, ck.k,
+						map[string]string{"login": "logged in there", "roam": "is routed"}[ck.fate])
+				}
+				return ""
+			})
+		}
+	}
+	// A sweep finds the waits overdue, and keeps them: b's link to a is
+	// up, so b may still have the keys.
+	if len(held) > 0 {
+		since := monoNanos()
+		waitState(t, func() string {
+			for _, ck := range held {
+				if len(m.waits.find(a, m.pub(ck.k), since, waitHeld, waitGivenUp, waitForgotten)) > 0 {
+					return "" // kept (or not: see below)
+				}
+			}
+			return fmt.Sprintf("phase %d: node %d did not sweep its overdue waits", m.phase, a)
+		})
+	}
+	m.sync()
+	for _, ck := range cks {
+		if r := m.waits.find(a, m.pub(ck.k), start, waitGivenUp, waitForgotten); len(r) > 0 {
+			t.Errorf("phase %d: node %d gave up (%v) its wait for key %d while its link to node %d, which forwarded the key, was down, and that node's link to it up",
+				m.phase, a, r[0].ev, ck.k, b)
+		}
+		for y := range ck.to {
+			y.mu.Lock()
+			told := slices.ContainsFunc(y.gone[seen[y]:], func(g PeerGone) bool { return g.Peer == m.pub(ck.k) })
+			y.mu.Unlock()
+			if told {
+				t.Errorf("phase %d: session %d at node %d was told PeerGone(key %d, which %s) while node %d's link to node %d, which forwarded the key, was down, and that node's link to it up",
+					m.phase, y.id, a, ck.k, map[bool]string{true: "left", false: "had not left"}[ck.fate == "leave"], a, b)
+			}
+		}
+	}
+	m.checkTold(seen)
+	if t.Failed() {
+		return
+	}
+
+	if both {
+		m.cut(b, a)
+		waitFor(t, func() bool { return sa.lookup(m.nodes[b].s.PublicKey()) == nil })
+		m.linkLost(b, a)
+		// b is cut off from a both ways: a gives the waits up, and tells
+		// the receivers (of keys that stayed at b too).
+		for _, ck := range held {
+			for y := range ck.to {
+				waitState(t, func() string {
+					y.mu.Lock()
+					defer y.mu.Unlock()
+					if !slices.ContainsFunc(y.gone[seen[y]:], func(g PeerGone) bool { return g.Peer == m.pub(ck.k) }) {
+						return fmt.Sprintf("phase %d: node %d's link to node %d is down and node %d's link to it too, and session %d, waiting for key %d at node %d, was not told PeerGone",
+							m.phase, a, b, b, y.id, ck.k, b)
+					}
+					return ""
+				})
+				m.mayGone[[2]int{y.id, ck.k}] = true
+				delete(m.interacted[y.id], ck.k)
+				delete(m.recvFrom[y.id], ck.k)
+			}
+			if r := m.waits.find(a, m.pub(ck.k), start, waitGivenUp); len(r) == 0 {
+				t.Errorf("phase %d: node %d told key %d's receivers PeerGone, but not by giving up their wait", m.phase, a, ck.k)
+			}
+		}
+		m.heal(b, a)
+		m.heal(a, b)
+		m.settle()
+		return
+	}
+
+	m.heal(a, b)
+	// The keys that stayed get their routes back; none may be given up
+	// after its route arrived (only a list slower than the grace, on a
+	// busy machine, lets a wait for one be given up, before).
+	routed := map[int]int64{}
+	waitState(t, func() string {
+		for _, ck := range held {
+			if _, ok := routed[ck.k]; ok || ck.fate != "stay" {
+				continue
+			}
+			if _, ok := sa.MeshPeerFor(m.pub(ck.k)); !ok {
+				return fmt.Sprintf("phase %d: node %d has no route to key %d after its link to node %d healed", m.phase, a, ck.k, b)
+			}
+			routed[ck.k] = monoNanos()
+		}
+		return ""
+	})
+	m.settle()
+	var up int64
+	for _, l := range sa.mesh.links {
+		if l.url == m.urls[b] {
+			l.mu.Lock()
+			up = l.upAt
+			l.mu.Unlock()
+		}
+	}
+	// The waits for keys that left are given up once the link has been up
+	// for the grace.
+	waitState(t, func() string {
+		for _, ck := range cks {
+			if n := waitsFor(sa, m.pub(ck.k)); n != 0 {
+				return fmt.Sprintf("phase %d: node %d: %d sessions still wait for key %d after its link to node %d healed", m.phase, a, n, ck.k, b)
+			}
+		}
+		return ""
+	})
+	for _, ck := range held {
+		r := m.waits.find(a, m.pub(ck.k), start, waitGivenUp, waitForgotten)
+		if len(r) > 0 && time.Duration(r[0].at-up) < modelWaitGrace {
+			t.Errorf("phase %d: node %d gave up its wait for key %d %v after its link to node %d came back, before the grace (%v)",
+				m.phase, a, ck.k, time.Duration(r[0].at-up), b, modelWaitGrace)
+			continue
+		}
+		if ck.fate == "leave" {
+			if len(r) == 0 || r[0].ev != waitGivenUp {
+				t.Errorf("phase %d: node %d's wait for key %d, which left node %d during the cut, ended with %v, want given up", m.phase, a, ck.k, b, r)
+			}
+			continue
+		}
+		if len(r) == 0 {
+			continue
+		}
+		if r[0].at > routed[ck.k] {
+			t.Errorf("phase %d: node %d gave up its wait for key %d, at node %d all along, after its route arrived", m.phase, a, ck.k, b)
+			continue
+		}
+		t.Logf("phase %d: node %d's link to node %d took longer than the grace to announce key %d: the wait was given up", m.phase, a, b, ck.k)
+		for y := range ck.to {
+			waitState(t, func() string {
+				y.mu.Lock()
+				defer y.mu.Unlock()
+				if !slices.ContainsFunc(y.gone[seen[y]:], func(g PeerGone) bool { return g.Peer == m.pub(ck.k) }) {
+					return fmt.Sprintf("phase %d: session %d's wait for key %d was given up, and it was not told", m.phase, y.id, ck.k)
+				}
+				return ""
+			})
+			m.mayGone[[2]int{y.id, ck.k}] = true
+			delete(m.interacted[y.id], ck.k)
+			delete(m.recvFrom[y.id], ck.k)
+		}
+	}
+}
+
+func (e waitEvent) String() string {
+	return [...]string{"created", "held", "routed", "logged in", "given up", "forgotten", "ended"}[e]
 }
