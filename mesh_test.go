@@ -3092,7 +3092,10 @@ func (m *meshModel) checkTold(seen map[*modelSess]int) {
 
 // TestMeshModel runs the region through random churn, from a few fixed
 // seeds, and checks it against the model after each phase: routes,
-// sessions, watchers, delivery and PeerGone.
+// sessions, watchers, delivery and PeerGone. One phase of each seed cuts
+// a link one way (cutPhase), so that clients wait for keys' routes, and
+// checks what becomes of the waits; each seed reports how many there
+// were, and fails if there were none.
 func TestMeshModel(t *testing.T) {
 	for _, seed := range modelSeeds() {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) {
