@@ -755,6 +755,35 @@ func TestMeshWaitGivenUpWhenPeerCutOff(t *testing.T) {
 	}
 }
 
+// TestMeshWaitKeptWhilePeerRelinks: a wait for a key forwarded by a peer
+// that this server's link to has long been down is given up only once the
+// peer has had no connection here for the grace too (it is cut off both
+// ways, TestMeshWaitGivenUpWhenPeerCutOff). A peer whose link here has
+// just broken is redialling it (a flap, not a cut), and the key is still
+// there: the first sweep after the peer's session ended gave the wait up,
+// telling the waiting sessions PeerGone for a key still in the region.
+func TestMeshWaitKeptWhilePeerRelinks(t *testing.T) {
+	s, y, w, l := waitServer(t)
+	grace := int64(s.cfg.meshWaitGrace)
+	setLinkDown(l, monoNanos()-10*grace) // down for long, one way
+	k := mustKey(t).Public()
+	forwardTo(t, w, y, k)
+	s.mesh.mu.Lock()
+	s.mesh.waiting[k].since -= 2 * grace // y has waited for two graces
+	s.mesh.mu.Unlock()
+	w.Close() // the peer's link here breaks; the peer redials it
+	waitFor(t, func() bool { return s.lookup(w.PublicKey()) == nil })
+	ended := monoNanos()
+	s.sweepWaits(ended + grace/2)
+	if goneBeforePong(t, y, k) || waitsFor(s, k) != 1 {
+		t.Fatal("y was told k left half a grace after the peer that forwarded it lost its link here, though the key may still be at the peer")
+	}
+	s.sweepWaits(ended + grace)
+	if !goneBeforePong(t, y, k) {
+		t.Fatal("the peer that forwarded k has been cut off both ways for a grace, and y, written a packet from k, was not told PeerGone")
+	}
+}
+
 // TestMeshWaitNewPacketRestartsGrace: a key forwarded to another session
 // (just now at its server, then) is not given up a grace after the first
 // session began to wait, but a grace after the last one did.

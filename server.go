@@ -1566,6 +1566,9 @@ func (s *Server) unregister(c *sconn) {
 		w.missed.add(&t)
 	}
 	s.mu.Unlock()
+	if last && c.isMesh {
+		s.meshPeerLeft(c.key)
+	}
 	if c.preferred {
 		s.stats.home.Add(-1)
 	}
@@ -4596,10 +4599,12 @@ type meshLink struct {
 	// connection (zero before the first); upAt is when the current
 	// connection's watch began (monoNanos), zero while down, and downAt
 	// when the last one ended. The peer announces its clients from upAt
-	// on: for sweepWaits.
-	peer   PublicKey
-	upAt   int64
-	downAt int64
+	// on. peerLeftAt is when the peer's last session here (its own link
+	// to us) ended, zero if none has. For sweepWaits.
+	peer       PublicKey
+	upAt       int64
+	downAt     int64
+	peerLeftAt int64
 
 	// keys this peer announced, and the most it has held since it was
 	// last rebuilt (deleteShrink); guarded by s.mesh.mu.
@@ -5584,7 +5589,7 @@ const maxMeshWaiting = 1 << 14
 // gives the key up: long enough for a link's whole list of its peer's
 // clients, or a login's PeerPresent, to arrive, many times over (a link
 // whose peer sends nothing for 10 s is dropped, and then its waits last
-// while the peer's own link here does).
+// while the peer's own link here does, and a grace after).
 const meshWaitGrace = 30 * time.Second
 
 // takeWaitingLocked removes and returns the sessions waiting for k's route
@@ -5687,9 +5692,10 @@ func (s *Server) startSweepLocked() {
 //     have the key). The waiting sessions are told PeerGone, as when a
 //     route leaves. While the link is down nothing is known, and they
 //     wait on, unless it has been down for the grace and the peer has
-//     no connection here either (its link here is gone too): the peer
-//     is cut off, and they are told PeerGone, as they would have been
-//     when the link broke had the key been routed through it.
+//     had no connection here for the grace either (its link here is
+//     gone too, not just being redialled): the peer is cut off, and
+//     they are told PeerGone, as they would have been when the link
+//     broke had the key been routed through it.
 //   - Of any other peer (a server not in WithMeshPeers, or not reached
 //     yet) this server never hears: the waiting sessions forget the key,
 //     as beyond maxMeshWaiting, and its next packet tries again.
@@ -5701,14 +5707,14 @@ func (s *Server) sweepWaits(now int64) {
 	m := &s.mesh
 	grace := int64(s.cfg.meshWaitGrace)
 	type linkState struct {
-		peer         PublicKey
-		upAt, downAt int64
+		peer                     PublicKey
+		upAt, downAt, peerLeftAt int64
 	}
 	links := make([]linkState, 0, len(m.links))
 	for _, l := range m.links {
 		l.mu.Lock()
 		if !l.peer.IsZero() {
-			links = append(links, linkState{l.peer, l.upAt, l.downAt})
+			links = append(links, linkState{l.peer, l.upAt, l.downAt, l.peerLeftAt})
 		}
 		l.mu.Unlock()
 	}
@@ -5743,7 +5749,8 @@ func (s *Server) sweepWaits(now int64) {
 				if ls.upAt != 0 {
 					gone = now-ls.upAt >= grace
 				} else {
-					gone = now-ls.downAt >= grace && s.lookup(w.via) == nil
+					gone = now-ls.downAt >= grace && now-ls.peerLeftAt >= grace &&
+						s.lookup(w.via) == nil
 				}
 				break
 			}
@@ -5787,6 +5794,21 @@ func (s *Server) sweepWaits(now int64) {
 	}
 	if h := testHookSweepWaits.Load(); h != nil {
 		(*h)()
+	}
+}
+
+// meshPeerLeft notes that the last session here of k, the key of a mesh
+// peer that forwards to us, ended: sweepWaits takes the peer for cut off
+// only once it has had no session here for the grace, not while it
+// redials its link.
+func (s *Server) meshPeerLeft(k PublicKey) {
+	now := monoNanos()
+	for _, l := range s.mesh.links {
+		l.mu.Lock()
+		if l.peer == k {
+			l.peerLeftAt = now
+		}
+		l.mu.Unlock()
 	}
 }
 
