@@ -708,3 +708,38 @@ func TestSessionsLetsLoginsInMidWalk(t *testing.T) {
 		t.Error("Sessions did not list the sessions in the order they connected")
 	}
 }
+
+// TestWalkSkipsSessionsEndedAtPause checks that a walk over the sessions
+// (Stats, Sessions) visits none that ended while it let go of the lock
+// between batches. It took the next session from the map before letting
+// go, and visited that one after it ended: one ended session per pause.
+func TestWalkSkipsSessionsEndedAtPause(t *testing.T) {
+	for _, op := range []string{"Stats", "Sessions"} {
+		t.Run(op, func(t *testing.T) {
+			s := newTestServer(t)
+			const n = 4*connsBatch + 10
+			conns := addFakeConns(t, s, 0, n)
+			mid := func() {
+				for _, c := range conns {
+					s.unregister(c)
+				}
+			}
+			listed := 0
+			total, _, holds := connsBatches(t, mid, func() {
+				if op == "Stats" {
+					s.Stats()
+					return
+				}
+				for range s.Sessions() {
+					listed++
+				}
+			})
+			// Every session ended at the first pause, after the first
+			// batch: the walk must visit no more.
+			if total != connsBatch || listed != 0 {
+				t.Errorf("%s visited %d sessions in %d holds of the lock (listed %d), when all ended after the first %d: it visited %d ended sessions",
+					op, total, holds, listed, connsBatch, total-connsBatch)
+			}
+		})
+	}
+}

@@ -4196,7 +4196,11 @@ func (s *Server) walkConnsLocked(f func(c *sconn)) (last int) {
 	}()
 	held := 0
 	for c := range s.conns {
-		if held == connsBatch {
+		f(c)
+		// Let go after a session, not before: the range takes the next
+		// one from the map only once the lock is held again, so one
+		// that ended meanwhile is not visited.
+		if held++; held == connsBatch {
 			s.mu.Unlock()
 			testConnsBatchDone(held)
 			held = 0
@@ -4205,8 +4209,6 @@ func (s *Server) walkConnsLocked(f func(c *sconn)) (last int) {
 			runtime.Gosched()
 			s.mu.Lock()
 		}
-		held++
-		f(c)
 	}
 	return held
 }
