@@ -1090,22 +1090,7 @@ func TestMeshLoginIgnoresOtherKeysWaits(t *testing.T) {
 // Disconnected) arrived before the Pong.
 func goneBeforePong(t *testing.T, c *Client, k PublicKey) bool {
 	t.Helper()
-	c.SendPing([8]byte{8})
-	gone := false
-	for {
-		m, ok := recvMsg[Message](t, c)
-		if !ok {
-			t.FailNow()
-		}
-		switch m := m.(type) {
-		case Pong:
-			return gone
-		case PeerGone:
-			if m.Peer == k && m.Reason == PeerGoneDisconnected {
-				gone = true
-			}
-		}
-	}
+	return goneSetBeforePong(t, c)[k]
 }
 
 // TestMeshPeerGoneHandOff checks PeerGone for a key that is connected both

@@ -678,18 +678,7 @@ func TestReconnectingBacksOffAfterShortSessions(t *testing.T) {
 	s.script = func(int, net.Conn, *bufio.Reader, PublicKey) {} // hangs up after ServerInfo
 	rc := newScriptedRC(t, s)
 	rc.MinBackoff, rc.MaxBackoff = 100*time.Millisecond, time.Second
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	defer cancel()
-	infos := 0
-	for {
-		m, err := rc.Recv(ctx)
-		if err != nil {
-			break
-		}
-		if _, ok := m.(ServerInfo); ok {
-			infos++
-		}
-	}
+	infos := recvCounting[ServerInfo](rc, time.Second)
 	// Waits of 50–100, 100–200, 200–400 and 400–800 ms allow at most 5
 	// dials in the second; without backoff there are thousands.
 	if n := s.dials.Load(); n > 10 || infos == 0 {
@@ -1695,18 +1684,7 @@ func TestReconnectingBacksOffAfterShortSessionsWithRestartNotices(t *testing.T) 
 	}
 	rc := newScriptedRC(t, s)
 	rc.MinBackoff, rc.MaxBackoff = 100*time.Millisecond, time.Second
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	notices := 0
-	for {
-		m, err := rc.Recv(ctx)
-		if err != nil {
-			break
-		}
-		if _, ok := m.(ServerRestarting); ok {
-			notices++
-		}
-	}
+	notices := recvCounting[ServerRestarting](rc, 2*time.Second)
 	// Waits of 50–100, 100–200, 200–400, 400–800 and 500–1000 ms allow at
 	// most 7 dials in 2 s; at MinBackoff there are 20 to 40.
 	if n := s.dials.Load(); n > 12 || notices == 0 {
@@ -1746,18 +1724,7 @@ func TestReconnectingIgnoresRestartNoticeBeforeServerInfo(t *testing.T) {
 	rc := &ReconnectingClient{URL: "http://derp.invalid/derp", PrivateKey: mustKey(t),
 		Dialer: &FastStart{DialContext: dial}, MinBackoff: 100 * time.Millisecond, MaxBackoff: time.Second}
 	t.Cleanup(func() { rc.Close() })
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	notices := 0
-	for {
-		m, err := rc.Recv(ctx)
-		if err != nil {
-			break
-		}
-		if _, ok := m.(ServerRestarting); ok {
-			notices++
-		}
-	}
+	notices := recvCounting[ServerRestarting](rc, 2*time.Second)
 	// As in TestReconnectingBacksOffAfterShortSessionsWithRestartNotices:
 	// at most 7 dials in 2 s with backoff, 20 to 40 without.
 	if n := dials.Load(); n > 12 || notices == 0 {
@@ -2037,5 +2004,22 @@ func TestReconnectingWriteFailureKeepsRestartWindow(t *testing.T) {
 	rc.mu.Unlock()
 	if wait > rc.MinBackoff {
 		t.Fatalf("after a Send failed (%v) on a login the server hung up on, in a restart's window of quick retries: next dial in %v, want at most MinBackoff (%v)", err, wait.Round(time.Millisecond), rc.MinBackoff)
+	}
+}
+
+// recvCounting calls rc.Recv for d (until its first error, which ends it)
+// and returns how many of the messages were of type M.
+func recvCounting[M Message](rc *ReconnectingClient, d time.Duration) int {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	n := 0
+	for {
+		m, err := rc.Recv(ctx)
+		if err != nil {
+			return n
+		}
+		if _, ok := m.(M); ok {
+			n++
+		}
 	}
 }
