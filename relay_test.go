@@ -178,22 +178,32 @@ func acceptLoop(t testing.TB, ln net.Listener, handle func(net.Conn)) {
 // test ends.
 func tcpPair(t testing.TB) (client, server net.Conn) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	client, server, err := loopbackTCP()
 	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	client, err = net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	server, err = ln.Accept()
-	if err != nil {
-		client.Close()
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { client.Close(); server.Close() })
 	return client, server
+}
+
+// loopbackTCP returns both ends of a new loopback TCP connection (for a
+// dialer, which cannot end the test as tcpPair does).
+func loopbackTCP() (client, server net.Conn, err error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, nil, err
+	}
+	defer ln.Close()
+	client, err = net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		return nil, nil, err
+	}
+	server, err = ln.Accept()
+	if err != nil {
+		client.Close()
+		return nil, nil, err
+	}
+	return client, server, nil
 }
 
 func tcpClient(t testing.TB, addr string, opts ...ClientOption) *Client {

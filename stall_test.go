@@ -74,18 +74,8 @@ func (s *scriptedServer) start(cc, sc net.Conn) net.Conn {
 // dialTCP is dial over a real loopback TCP connection.
 func (s *scriptedServer) dialTCP(ctx context.Context, network, addr string) (net.Conn, error) {
 	s.init()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	cc, sc, err := loopbackTCP()
 	if err != nil {
-		return nil, err
-	}
-	defer ln.Close()
-	cc, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		return nil, err
-	}
-	sc, err := ln.Accept()
-	if err != nil {
-		cc.Close()
 		return nil, err
 	}
 	return s.start(cc, sc), nil
@@ -1893,18 +1883,8 @@ func refusingServer(t *testing.T) (func(ctx context.Context, network, addr strin
 	t.Cleanup(wg.Wait)
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		dials.Add(1)
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		cc, sc, err := loopbackTCP()
 		if err != nil {
-			return nil, err
-		}
-		defer ln.Close()
-		cc, err := net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			return nil, err
-		}
-		sc, err := ln.Accept()
-		if err != nil {
-			cc.Close()
 			return nil, err
 		}
 		wg.Add(1)
