@@ -1687,30 +1687,9 @@ func TestReconnectingBacksOffAfterShortSessionsWithRestartNotices(t *testing.T) 
 // window of fast retries: a server that answers every login with one and
 // hangs up is redialled with the backoff of a refused login.
 func TestReconnectingIgnoresRestartNoticeBeforeServerInfo(t *testing.T) {
-	priv := mustKey(t)
-	var dials atomic.Int32
-	var wg sync.WaitGroup
-	t.Cleanup(wg.Wait)
-	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
-		dials.Add(1)
-		cc, sc := net.Pipe()
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer sc.Close()
-			br := bufio.NewReader(sc)
-			if _, err := http.ReadRequest(br); err != nil {
-				return
-			}
-			io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
-			sc.Write(appendFrame(nil, FrameServerKey, appendServerKey(nil, priv.Public())))
-			if _, _, err := readRawFrame(br); err != nil { // the ClientInfo
-				return
-			}
-			sc.Write(appendFrame(nil, FrameRestarting, appendRestarting(nil, 0, time.Minute)))
-		}()
-		return cc, nil
-	}
+	dial, dials := upgradeOnlyServer(t, func(sc net.Conn) {
+		sc.Write(appendFrame(nil, FrameRestarting, appendRestarting(nil, 0, time.Minute)))
+	})
 	rc := &ReconnectingClient{URL: "http://derp.invalid/derp", PrivateKey: mustKey(t),
 		Dialer: &FastStart{DialContext: dial}, MinBackoff: 100 * time.Millisecond, MaxBackoff: time.Second}
 	t.Cleanup(func() { rc.Close() })
@@ -1877,6 +1856,12 @@ func TestReconnectingDoneCtxLeavesConnection(t *testing.T) {
 // the ClientInfo and hangs up, as one refusing every login does, and a
 // count of them.
 func refusingServer(t *testing.T) (func(ctx context.Context, network, addr string) (net.Conn, error), *atomic.Int32) {
+	return upgradeOnlyServer(t, nil)
+}
+
+// upgradeOnlyServer is refusingServer, whose connections call then (if not
+// nil) after reading the ClientInfo, before they hang up.
+func upgradeOnlyServer(t *testing.T, then func(sc net.Conn)) (func(ctx context.Context, network, addr string) (net.Conn, error), *atomic.Int32) {
 	priv := mustKey(t)
 	dials := new(atomic.Int32)
 	var wg sync.WaitGroup
@@ -1897,7 +1882,9 @@ func refusingServer(t *testing.T) (func(ctx context.Context, network, addr strin
 			}
 			io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
 			sc.Write(appendFrame(nil, FrameServerKey, appendServerKey(nil, priv.Public())))
-			readRawFrame(br) // the ClientInfo; then refuse it: hang up
+			if _, _, err := readRawFrame(br); err == nil && then != nil { // the ClientInfo
+				then(sc)
+			}
 		}()
 		return cc, nil
 	}, dials
