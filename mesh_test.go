@@ -1882,6 +1882,9 @@ func TestMeshLinkNoticesSilentPeer(t *testing.T) {
 	if g, ok := recvMsg[PeerGone](t, x); !ok || g.Peer != yk || g.Reason != PeerGoneDisconnected {
 		t.Fatalf("got %+v, want PeerGone(%s, Disconnected)", g, yk.ShortString())
 	}
+	// The link logs its end after it has withdrawn its routes (and so
+	// after x was told), so the line may come a moment after PeerGone.
+	waitFor(t, func() bool { _, down := linkDownErr(h); return down })
 	why, _ := linkDownErr(h)
 	t.Logf("mesh link down: %s", why)
 	if !strings.Contains(why, "silent") || !strings.Contains(why, "ping") {
