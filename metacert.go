@@ -186,7 +186,10 @@ func parseMetaCertCandidate(cert *x509.Certificate) (pub PublicKey, version int,
 // meta cert); a TLS 1.2 handshake gets a clone of cfg with the certificates
 // cfg had before AppendMetaCert (or the wrapped callback's config with its
 // NextProtos rewritten and without a meta cert at the end of any chain, as
-// a config the callback cloned from cfg itself would have).
+// a config the callback cloned from cfg itself would have). So does an
+// ACME TLS-ALPN-01 validation (RFC 8737: a ClientHello offering only
+// "acme-tls/1", as autocert answers with its challenge certificate) in
+// either version: the CA checks that certificate alone.
 //
 // A meta cert that names a key (as every one from [MintMetaCert] does) is
 // renewed while cfg is in use: the first TLS 1.3 handshake after it has less
@@ -238,7 +241,7 @@ func AppendMetaCert(cfg *tls.Config, metaCert []byte) {
 			}
 		}
 		if c == nil || c == cfg {
-			if negotiatesTLS13(hello, cfg) {
+			if negotiatesTLS13(hello, cfg) && !acmeChallenge(hello) {
 				if m := renew.current(); m.cfg != nil {
 					return m.cfg, nil
 				}
@@ -250,7 +253,7 @@ func AppendMetaCert(cfg *tls.Config, metaCert []byte) {
 		// cloned rather than changed. Its own GetConfigForClient is never
 		// consulted by crypto/tls.
 		c = c.Clone()
-		if negotiatesTLS13(hello, c) {
+		if negotiatesTLS13(hello, c) && !acmeChallenge(hello) {
 			appendMetaCertToConfig(c, renew.current().der)
 		} else {
 			c.NextProtos = metaCertNextProtos(c.NextProtos)
@@ -350,6 +353,15 @@ func negotiatesTLS13(hello *tls.ClientHelloInfo, cfg *tls.Config) bool {
 		}
 	}
 	return false
+}
+
+// acmeChallenge reports whether hello is an ACME TLS-ALPN-01 validation
+// (RFC 8737), which offers the one protocol "acme-tls/1". Its answer is
+// the certificate manager's challenge certificate, checked by the CA; a
+// meta cert behind it would be one more certificate for the CA's
+// validator to refuse, and DERP clients never offer acme-tls/1.
+func acmeChallenge(hello *tls.ClientHelloInfo) bool {
+	return len(hello.SupportedProtos) == 1 && hello.SupportedProtos[0] == "acme-tls/1"
 }
 
 // appendMetaCertToConfig does AppendMetaCert's work on everything in cfg

@@ -1091,3 +1091,56 @@ func TestAppendMetaCertClonedForAnotherServer(t *testing.T) {
 		})
 	}
 }
+
+// TestAppendMetaCertSkipsACMEChallenge: a TLS-ALPN-01 challenge (RFC 8737),
+// a handshake that offers only "acme-tls/1", is answered with the
+// certificate manager's challenge certificate alone. The CA checks that
+// certificate, and the meta cert is for DERP clients, which never offer
+// acme-tls/1; a meta cert behind the challenge certificate would be one
+// more thing for a CA's validator to refuse. Both ways a config is served
+// are covered: cfg itself, and a config from GetConfigForClient.
+func TestAppendMetaCertSkipsACMEChallenge(t *testing.T) {
+	pki := newMetaCertTestPKI(t)
+	pub := metaCertTestKey(t)
+	meta := metaCertTestMint(t, pub)
+	challenge, _, err := selfSignedCert(metaCertTestServerName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Like autocert: the challenge certificate for acme-tls/1.
+	getCert := func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+		if slices.Contains(hello.SupportedProtos, "acme-tls/1") {
+			return &challenge, nil
+		}
+		return &pki.cert, nil
+	}
+	direct := &tls.Config{GetCertificate: getCert, NextProtos: []string{"http/1.1", "acme-tls/1"}}
+	AppendMetaCert(direct, meta)
+	inner := &tls.Config{GetCertificate: getCert, NextProtos: []string{"http/1.1", "acme-tls/1"}}
+	viaCallback := &tls.Config{
+		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) { return inner, nil },
+	}
+	AppendMetaCert(viaCallback, meta)
+
+	for name, cfg := range map[string]*tls.Config{"cfg": direct, "GetConfigForClient": viaCallback} {
+		acme := pki.clientConfig()
+		acme.NextProtos = []string{"acme-tls/1"}
+		acme.InsecureSkipVerify = true // the challenge certificate is self-signed
+		state, clientErr, serverErr := metaCertTestHandshake(cfg, acme)
+		if clientErr != nil || serverErr != nil {
+			t.Fatalf("%s: challenge handshake: client %v, server %v", name, clientErr, serverErr)
+		}
+		if state.NegotiatedProtocol != "acme-tls/1" {
+			t.Errorf("%s: negotiated %q, want acme-tls/1", name, state.NegotiatedProtocol)
+		}
+		if n := len(state.PeerCertificates); n != 1 || !bytes.Equal(state.PeerCertificates[0].Raw, challenge.Certificate[0]) {
+			t.Errorf("%s: a TLS 1.3 acme-tls/1 handshake was served %d certificates, want the challenge certificate alone", name, n)
+		}
+		// DERP clients still get the meta cert.
+		state, clientErr, serverErr = metaCertTestHandshake(cfg, pki.clientConfig())
+		if clientErr != nil || serverErr != nil {
+			t.Fatalf("%s: handshake: client %v, server %v", name, clientErr, serverErr)
+		}
+		checkMetaCertState(t, state, 2, meta, pub)
+	}
+}
