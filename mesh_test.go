@@ -975,7 +975,19 @@ func TestMeshWaitsGivenUp(t *testing.T) {
 			if waitsFor(s, late) != 0 {
 				t.Fatal("beyond the bound, a key is waited for")
 			}
+			if st := s.Stats(); st.MeshWaiting != max || st.MeshWaitsForgotten != 1 || st.MeshWaitsGivenUp != 0 {
+				t.Errorf("Stats: MeshWaiting %d, MeshWaitsForgotten %d, MeshWaitsGivenUp %d; want %d, 1 (the key over the bound), 0",
+					st.MeshWaiting, st.MeshWaitsForgotten, st.MeshWaitsGivenUp, max)
+			}
 			s.sweepWaits(monoNanos() + grace)
+			wantUp, wantForgotten := int64(max), int64(1)
+			if !watched {
+				wantUp, wantForgotten = 0, 1+max
+			}
+			if st := s.Stats(); st.MeshWaiting != 0 || st.MeshWaitsGivenUp != wantUp || st.MeshWaitsForgotten != wantForgotten {
+				t.Errorf("Stats after the sweep: MeshWaiting %d, MeshWaitsGivenUp %d, MeshWaitsForgotten %d; want 0, %d, %d",
+					st.MeshWaiting, st.MeshWaitsGivenUp, st.MeshWaitsForgotten, wantUp, wantForgotten)
+			}
 			told := goneSetBeforePong(t, y)
 			for _, k := range keys {
 				if told[k] != watched {

@@ -3989,6 +3989,7 @@ type serverCounters struct {
 	sentPing, gotPong                                   atomic.Int64
 	homeMovesIn, homeMovesOut, writeTimeouts            atomic.Int64
 	forwardedIn, forwardedOut                           atomic.Int64
+	waitsGivenUp, waitsForgotten                        atomic.Int64
 	dropPkts, dropBytes                                 [numDropReasons][2]atomic.Int64
 
 	mu       sync.Mutex
@@ -4129,6 +4130,16 @@ type Stats struct {
 	WriteTimeouts             int64 // sessions ended by the write deadline
 	UnknownFrames             int64 // frames read and ignored
 	RateLimitWaits            int64 // frames whose read waited for the rate limit
+	// MeshWaiting counts the (session, key) pairs in which a session
+	// was forwarded packets by a mesh peer from a key with no route here
+	// yet, and waits for the key's route or login, to be told when the
+	// key leaves (see WithMeshPeers). MeshWaitsGivenUp counts the pairs
+	// ended because the key was found gone from the peer, the session
+	// told PeerGone; MeshWaitsForgotten those ended with no news to be had
+	// (the peer is one this server has no link to) or never started (over
+	// 16384 waits), the session forgetting the key until its next packet.
+	// Pairs taken over by a route or a login are in neither.
+	MeshWaiting, MeshWaitsGivenUp, MeshWaitsForgotten int64
 	// PacketsPerBatch counts the batches of packets written to clients
 	// (one writev, or one flush under TLS, each) by the packets they held:
 	// 1, 2–3, 4–7, 8–15, 16–31, 32–63, 64–127, 128 or more. Bigger
@@ -4270,6 +4281,8 @@ func (s *Server) Stats() Stats {
 		WriteTimeouts:          sc.writeTimeouts.Load(),
 		UnknownFrames:          sc.unknownFrames.Load(),
 		RateLimitWaits:         sc.rateWaits.Load(),
+		MeshWaitsGivenUp:       sc.waitsGivenUp.Load(),
+		MeshWaitsForgotten:     sc.waitsForgotten.Load(),
 		PacketsDropped:         map[string]int64{},
 		BytesDropped:           map[string]int64{},
 		Errors:                 map[string]int64{},
@@ -4282,6 +4295,9 @@ func (s *Server) Stats() Stats {
 			st.BytesDropped[name] = sc.dropBytes[r][k].Load()
 		}
 	}
+	s.mesh.mu.RLock()
+	st.MeshWaiting = int64(s.mesh.waits)
+	s.mesh.mu.RUnlock()
 	sc.mu.Lock()
 	for k, v := range sc.errors {
 		st.Errors[k] = v
@@ -4368,6 +4384,9 @@ func (s *Server) WritePrometheus(w io.Writer) error {
 	metric("sclient_write_timeouts", "counter", "Sessions ended by the write deadline.", st.WriteTimeouts)
 	metric("unknown_frames", "counter", "Frames read and ignored.", st.UnknownFrames)
 	metric("rate_limit_waits", "counter", "Frame reads that waited for the rate limit.", st.RateLimitWaits)
+	metric("mesh_waiting", "gauge", "Sessions waiting for the route of a key forwarded to them, by key.", st.MeshWaiting)
+	metric("mesh_waits_given_up", "counter", "Waits for a forwarded key ended by finding it gone (PeerGone sent).", st.MeshWaitsGivenUp)
+	metric("mesh_waits_forgotten", "counter", "Waits for a forwarded key ended or skipped with no news to be had.", st.MeshWaitsForgotten)
 	fmt.Fprintf(bw, "# HELP derp_queue_wait_seconds Summed over packet batches written to clients: how long each batch's oldest packet waited.\n# TYPE derp_queue_wait_seconds counter\nderp_queue_wait_seconds %g\n", st.QueueWait.Seconds())
 	fmt.Fprintf(bw, "# HELP derp_packets_per_batch Packets per write to a client.\n# TYPE derp_packets_per_batch histogram\n")
 	var batches int64
@@ -5560,6 +5579,7 @@ func (s *Server) meshNoteRecipient(c *sconn, srcs []meshSrc, local bool) {
 	for _, k := range unknown {
 		c.enqueuePeerGone(k, PeerGoneDisconnected) // forgets k too
 	}
+	s.stats.waitsForgotten.Add(int64(len(forget)))
 	c.forgetSources(forget)
 }
 
@@ -5778,7 +5798,13 @@ func (s *Server) sweepWaits(now int64) {
 			if gone {
 				ev = waitGivenUp
 			}
-			notices = append(notices, notice{k, s.takeWaitingLocked(k, ev), gone})
+			n := notice{k, s.takeWaitingLocked(k, ev), gone}
+			if gone {
+				s.stats.waitsGivenUp.Add(int64(len(n.sessions)))
+			} else {
+				s.stats.waitsForgotten.Add(int64(len(n.sessions)))
+			}
+			notices = append(notices, n)
 		}
 	}
 	if len(m.waiting) > 0 {
