@@ -653,7 +653,12 @@ func (c *wsConn) writeClose(code uint16, reason string) {
 	c.closeSent = true
 	p := binary.BigEndian.AppendUint16(make([]byte, 0, wsMaxControl), code)
 	if len(reason) > wsMaxControl-2 {
-		reason = reason[:wsMaxControl-2]
+		// Cut at a character's start: a reason must be UTF-8.
+		n := wsMaxControl - 2
+		for n > 0 && !utf8.RuneStart(reason[n]) {
+			n--
+		}
+		reason = reason[:n]
 	}
 	p = append(p, reason...)
 	c.Conn.SetWriteDeadline(time.Now().Add(wsCloseWait))

@@ -18,6 +18,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 )
 
 // TestWebSocketSessions relays packets between clients that reach the
@@ -868,5 +869,35 @@ func TestWebSocketClientReportsCloseReason(t *testing.T) {
 				t.Errorf("Recv: %v, want a plain EOF", err)
 			}
 		})
+	}
+}
+
+// A close frame's reason is cut to fit the 125-byte control frame at a
+// character boundary: a reason cut inside a character is not UTF-8, which
+// the peer must take as a protocol violation (RFC 6455 §5.5.1, §8.1), as
+// our own reader does.
+func TestWebSocketCloseReasonCutWholeCharacters(t *testing.T) {
+	for _, reason := range []string{
+		strings.Repeat("é", 100),      // 2-byte characters: 123 bytes would cut one
+		strings.Repeat("€", 50),       // 3-byte characters
+		"x" + strings.Repeat("😀", 40), // 4-byte characters after one byte
+		strings.Repeat("a", 200),      // ASCII: cut at 123
+		"short and ASCII",
+	} {
+		var wire bytes.Buffer
+		newWSConn(wsFuzzConn{w: &wire}, nil, false).writeClose(wsCloseProtocolError, reason)
+		b := wire.Bytes() // a server's frame: unmasked, length < 126
+		if len(b) < 4 || b[0] != 0x80|wsClose || int(b[1]) != len(b)-2 {
+			t.Fatalf("not one close frame: % x", b)
+		}
+		got := string(b[4:])
+		want := reason
+		for len(want) > wsMaxControl-2 || !utf8.ValidString(want) {
+			want = want[:len(want)-1]
+		}
+		if got != want {
+			t.Errorf("reason %.12q… (%d bytes) was sent as %.12q… (%d bytes, UTF-8: %v): want its longest prefix of whole characters that fits (%d bytes)",
+				reason, len(reason), got, len(got), utf8.ValidString(got), len(want))
+		}
 	}
 }
