@@ -707,10 +707,13 @@ func (c *Client) readServerStart() error {
 // ReconnectingClient is a long-lived DERP client built on FastStart: it
 // connects on first use, reconnects after any failure with exponential
 // backoff and jitter (a connection the server ends within MaxBackoff of
-// its ServerInfo, or that a write finds failed within MaxBackoff of its
-// dial, is a failure too, so that a server that takes logins and hangs up
-// at once is not redialled in a tight loop, with a Recv loop or without;
-// after a longer one the client reconnects at once), honours the server's
+// its ServerInfo is a failure too, and so is one that a write finds
+// failed within MaxBackoff of its dial while no Recv has returned its
+// ServerInfo, so that a server that takes logins and hangs up at once is
+// not redialled in a tight loop, with a Recv loop or without; after a
+// longer one the count of failures starts again and the client
+// reconnects at once; a failure counts once, whichever call sees it
+// first), honours the server's
 // ServerRestarting notice (waiting at most MaxBackoff, then retrying
 // failed dials quickly for at most a minute; a session that ends within
 // MaxBackoff of its ServerInfo still backs off as usual, notice or not,
@@ -744,7 +747,10 @@ type ReconnectingClient struct {
 	// URL, the ideal node. A connection that ends before the server's
 	// ServerInfo (a login the server refused after a fast-path dial had
 	// already succeeded) counts as a failed dial of that server: the next
-	// dial starts with the server after it. A connection to a fallback
+	// dial starts with the server after it. So does one that a write
+	// finds failed within MaxBackoff of its dial while no Recv has
+	// returned its ServerInfo (all a client that only sends can tell of a
+	// refused login). A connection to a fallback
 	// sends the Ideal-Node header naming URL's host, so the server can
 	// count clients that are not where they should be.
 	Fallbacks []string
@@ -826,7 +832,7 @@ type ReconnectingClient struct {
 	notBefore    time.Time // no dial before this either: the backoff after a short session
 	infoAt       time.Time // when the current connection's ServerInfo arrived
 	connAt       time.Time // when the current connection was made
-	countedGen   int       // the last connection whose failure a write counted (see dropAfterWrite)
+	countedGen   int       // the last connection whose end a write accounted for (see dropAfterWrite)
 	infoGen      int       // the last connection whose ServerInfo Recv returned
 	restartUntil time.Time
 	askedGen     int           // generation of the last connection Reconnect dropped (not the Client: one no Recv waited on would stay, buffers and all); 0: none
@@ -1483,30 +1489,45 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 }
 
 // dropAfterWrite is dropAfter for a write that failed on c with err. If
-// the write is the first to find c failed, and c was made less than
-// MaxBackoff ago, that counts as a failure, as RecvDetail counts a session
-// the server ends before or soon after its ServerInfo (which the Recv loop
-// alone sees): a client that only sends must not redial a server that
-// hangs up on every login at the pace of its writes. RecvDetail then does
-// not count it again. The wait is the one RecvDetail sets for the same
-// failure: a login with no ServerInfo returned by Recv yet is a failed
-// dial, retried quickly in a restart notice's window as failed dials are;
-// a session after it gets the usual backoff.
+// the write is the first to find c failed, it accounts for c's end as
+// RecvDetail does (which a client that only sends never calls), and
+// RecvDetail then leaves it alone, so that a failure counts once
+// whichever call sees it first:
+//   - if Recv returned c's ServerInfo, a session that ended less than
+//     MaxBackoff after it counts as a failure and backs off, and a longer
+//     one resets the count;
+//   - if not, a connection made less than MaxBackoff ago counts as a
+//     failed dial of its server (a login the server refused, as far as a
+//     client that does not read can tell): it is retried as failed dials
+//     are (quickly in a restart notice's window), starting with the
+//     server after it. An older one resets the count, as a session that
+//     lasted; a Recv that later finds no ServerInfo on it counts it still.
 func (rc *ReconnectingClient) dropAfterWrite(c *Client, err error) {
 	rc.mu.Lock()
 	if rc.c == c {
 		now := time.Now()
 		lo, hi := rc.backoffBounds()
-		if now.Sub(rc.connAt) < hi {
+		switch {
+		case rc.infoGen == rc.gen && now.Sub(rc.infoAt) < hi:
 			rc.failures++
 			rc.countedGen = rc.gen
-			if rc.infoGen == rc.gen {
-				if next := now.Add(backoffStep(lo, hi, rc.failures, false)); next.After(rc.notBefore) {
-					rc.notBefore = next
-				}
-			} else if next := now.Add(rc.backoff(rc.failures, now)); next.After(rc.nextDial) {
+			if next := now.Add(backoffStep(lo, hi, rc.failures, false)); next.After(rc.notBefore) {
+				rc.notBefore = next
+			}
+		case rc.infoGen == rc.gen:
+			rc.failures = 0
+			rc.countedGen = rc.gen
+		case now.Sub(rc.connAt) < hi:
+			rc.failures++
+			rc.countedGen = rc.gen
+			if next := now.Add(rc.backoff(rc.failures, now)); next.After(rc.nextDial) {
 				rc.nextDial = next
 			}
+			if rc.nTargets > 1 {
+				rc.startAt = (rc.cTarget + 1) % rc.nTargets
+			}
+		default:
+			rc.failures = 0
 		}
 	}
 	rc.mu.Unlock()
@@ -1736,13 +1757,14 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			switch {
 			case asked:
 				// Dropped by Reconnect: no failure of the server's.
+			case gen <= rc.countedGen:
+				// A write found it failed first and accounted for it
+				// (see dropAfterWrite).
 			case !c.gotInfo:
 				// The server hung up before confirming the login (refused,
 				// or not a DERP server): back off as for a failed dial,
 				// and start the next one with the server after it.
-				if gen > rc.countedGen { // a write did not count it
-					rc.failures++
-				}
+				rc.failures++
 				rc.nextDial = now.Add(rc.backoff(rc.failures, now))
 				if rc.c == nil && rc.nTargets > 1 {
 					rc.startAt = (rc.cTarget + 1) % rc.nTargets
@@ -1756,9 +1778,7 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 				// dials while the server is away: one that came back
 				// and ended the session again, as one that sends a
 				// notice on every session does, gets the usual backoff.
-				if gen > rc.countedGen { // a write did not count it
-					rc.failures++
-				}
+				rc.failures++
 				rc.notBefore = now.Add(backoffStep(lo, hi, rc.failures, false))
 			default:
 				rc.failures = 0

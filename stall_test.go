@@ -1990,3 +1990,104 @@ func recvCounting[M Message](rc *ReconnectingClient, d time.Duration) int {
 		}
 	}
 }
+
+// A client that only sends moves on to its fallback when its ideal server
+// refuses the login, as one with a Recv loop does: a write that finds a
+// connection failed soon after its dial, before any ServerInfo, counts as
+// a failed dial of that server, and the next dial starts with the server
+// after it. It returned to the refusing server for good.
+func TestReconnectingSendOnlyFailsOverAfterRefusedLogin(t *testing.T) {
+	var refused atomic.Int32
+	sA := newTestServer(t, WithAdmission(func(ctx context.Context, a Admission) error {
+		refused.Add(1)
+		return errors.New("not today")
+	}))
+	sB := newTestServer(t)
+	a := serveDERP(t, sA, derpServeOpts{plain: true})
+	b := serveDERP(t, sB, derpServeOpts{plain: true})
+	rc := &ReconnectingClient{URL: a.URL, Fallbacks: []string{b.URL}, PrivateKey: mustKey(t),
+		MinBackoff: 10 * time.Millisecond, MaxBackoff: 10 * time.Second}
+	defer rc.Close()
+	self := rc.PrivateKey.Public()
+	deadline := time.Now().Add(30 * time.Second)
+	sends := 0
+	for !sB.IsClientConnected(self) {
+		if time.Now().After(deadline) {
+			t.Fatalf("a client that only sends: %d logins refused by A, %d Sends in 30s, never connected to its fallback B", refused.Load(), sends)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		rc.Send(ctx, PublicKey{1}, []byte("x"))
+		cancel()
+		sends++
+		time.Sleep(time.Millisecond) // a packet source, not an assertion
+	}
+	if refused.Load() == 0 {
+		t.Fatal("connected to B without a login refused by A")
+	}
+}
+
+// A client that only sends resets its count of failures after a session
+// that lasted, as the Recv loop does: the first failure after a long
+// session waits MinBackoff again, not the backoff of failures long past.
+func TestReconnectingSendOnlyResetsFailuresAfterLongSession(t *testing.T) {
+	for _, recvLoop := range []bool{false, true} {
+		t.Run(fmt.Sprintf("recvLoop=%v", recvLoop), func(t *testing.T) {
+			s := newTestServer(t)
+			d := serveDERP(t, s, derpServeOpts{plain: true})
+			rc := &ReconnectingClient{URL: d.URL, PrivateKey: mustKey(t),
+				MinBackoff: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond}
+			defer rc.Close()
+			self := rc.PrivateKey.Public()
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			var wg sync.WaitGroup
+			defer wg.Wait()
+			defer cancel()
+			if recvLoop {
+				info := make(chan struct{}, 1)
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for ctx.Err() == nil {
+						if m, _ := rc.Recv(ctx); m != nil {
+							if _, ok := m.(ServerInfo); ok {
+								select {
+								case info <- struct{}{}:
+								default:
+								}
+							}
+						}
+					}
+				}()
+				select {
+				case <-info:
+				case <-ctx.Done():
+					t.Fatal("no ServerInfo")
+				}
+			} else if err := rc.Connect(ctx); err != nil {
+				t.Fatal(err)
+			}
+			// As after a run of failed dials before this session.
+			rc.mu.Lock()
+			rc.failures = 20
+			rc.mu.Unlock()
+			time.Sleep(200 * time.Millisecond) // a session longer than MaxBackoff, not an assertion
+			if n := s.closePeer(self); n != 1 {
+				t.Fatalf("closePeer ended %d sessions, want 1", n)
+			}
+			for {
+				rc.mu.Lock()
+				failures := rc.failures
+				rc.mu.Unlock()
+				if failures == 0 {
+					break
+				}
+				if ctx.Err() != nil {
+					t.Fatalf("after a session longer than MaxBackoff that the server ended: %d failures, want 0 (reset)", failures)
+				}
+				rc.Send(ctx, PublicKey{1}, []byte("x"))
+				time.Sleep(time.Millisecond) // a packet source, not an assertion
+			}
+		})
+	}
+}
