@@ -1147,7 +1147,11 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 		if err != nil && len(targets) > 1 {
 			// One line per failed dial, not per node: the failure's
 			// line names every node's error.
-			nodeErrs = append(nodeErrs, fmt.Errorf("%s: %w", t.name(), err))
+			e := err // DialNode's errors name the node
+			if t.node == nil {
+				e = fmt.Errorf("%s: %w", t.url, err)
+			}
+			nodeErrs = append(nodeErrs, e)
 			if rc.Logger != nil {
 				log.add(slog.LevelDebug, "relay: node unreachable", "url", t.url, "node", t.name(), "err", err)
 			}
@@ -2087,12 +2091,23 @@ func (n *Node) URL() string {
 // CertName or its pin if the node gives one. f's DialContext makes the
 // connections and f's TLSConfig supplies the roots; Proxy, asked about
 // HostName, if it returns a proxy, tunnels to HostName and the proxy
-// resolves it: the node's IPv4 and IPv6 are then not used.
+// resolves it: the node's IPv4 and IPv6 are then not used. Its errors
+// start with the node's name: "relay: node "a": ...".
 func (f *FastStart) DialNode(ctx context.Context, n *Node, priv PrivateKey, opts ...ClientOption) (*Client, Handshake, error) {
 	if err := n.check(); err != nil {
 		return nil, Handshake{}, err
 	}
-	return f.forNode(n).Dial(ctx, n.URL(), priv, opts...)
+	c, hs, err := f.forNode(n).Dial(ctx, n.URL(), priv, opts...)
+	if err != nil {
+		return nil, hs, n.named(err)
+	}
+	return c, hs, nil
+}
+
+// named names n in err, which must not name it already: each wrapper of
+// a node's error names it once, in one shape.
+func (n *Node) named(err error) error {
+	return fmt.Errorf("relay: node %q: %w", n.Name, err)
 }
 
 // check reports why n cannot be dialled, if it cannot.
@@ -2102,14 +2117,14 @@ func (n *Node) check() error {
 		if n != nil {
 			name = strconv.Quote(n.Name)
 		}
-		return fmt.Errorf("relay: dial node %s: no DERP server (STUN only or no host name)", name)
+		return fmt.Errorf("relay: node %s: no DERP server (STUN only or no host name)", name)
 	}
 	ip, err := netip.ParseAddr(n.HostName)
 	if err != nil && strings.ContainsAny(n.HostName, "/@?#%[]: \t\r\n") ||
 		err == nil && ip.Zone() != "" || strings.ContainsFunc(n.HostName, unicode.IsControl) {
 		// A zone or a control character would make a URL that does
 		// not parse, and an error about the URL rather than the map.
-		return fmt.Errorf("relay: dial node %q: host name %q is not a host name", n.Name, n.HostName)
+		return n.named(fmt.Errorf("host name %q is not a host name", n.HostName))
 	}
 	return nil
 }
@@ -2153,10 +2168,10 @@ func (f *FastStart) DialRegionTLS(ctx context.Context, r *Region) (*tls.Conn, *N
 		actx, acancel := attemptContext(ctx, len(nodes)-i)
 		nc, err := g.dialTCP(actx, u)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("node %q: %w", n.Name, err))
+			errs = append(errs, n.named(err))
 		} else if tc, _, err := g.tlsHandshake(actx, nc, u, false, false); err != nil {
 			nc.Close()
-			errs = append(errs, fmt.Errorf("node %q: %w", n.Name, err))
+			errs = append(errs, n.named(err))
 		} else {
 			acancel()
 			return tc, n, nil
@@ -2265,7 +2280,7 @@ func (n *Node) dial(ctx context.Context, dial func(ctx context.Context, network,
 	}
 	switch len(targets) {
 	case 0:
-		return nil, fmt.Errorf("relay: node %q has neither IPv4 (%q) nor IPv6 (%q)", n.Name, n.IPv4, n.IPv6)
+		return nil, fmt.Errorf("relay: neither IPv4 (%q) nor IPv6 (%q) is an address to dial", n.IPv4, n.IPv6)
 	case 1:
 		return dial(ctx, targets[0].network, targets[0].addr)
 	}
@@ -2324,7 +2339,7 @@ func (n *Node) dial(ctx context.Context, dial func(ctx context.Context, network,
 				started, pending = 2, pending+1
 			}
 			if pending == 0 {
-				return nil, fmt.Errorf("relay: node %q: %w", n.Name, joinErrors(errs...))
+				return nil, joinErrors(errs...) // the caller names the node (named)
 			}
 		}
 	}

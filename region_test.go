@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"log/slog"
 	"net"
 	"net/http"
 	"slices"
@@ -571,5 +572,69 @@ func TestDialErrorsOneLine(t *testing.T) {
 	check("DialRegionTLS", err, fail["[::2]:443"], fail["127.0.0.2:443"], fail["127.0.0.3:443"], fail["[::4]:443"], fail["127.0.0.4:443"])
 	if err != nil && !strings.Contains(err.Error(), `"bad"`) {
 		t.Errorf("DialRegionTLS: error %q does not name node \"bad\"", err)
+	}
+}
+
+// The errors of DialNode, DialRegionTLS and a ReconnectingClient's failed
+// dial of a region name each node once, however many wrappers they pass
+// through: `node "a": relay: dial a.test:443: relay: node "a": …` said it
+// twice.
+func TestDialErrorsNameNodeOnce(t *testing.T) {
+	fail := map[string]error{
+		"[::2]:443":     errors.New("a6 refused"),
+		"127.0.0.2:443": errors.New("a4 refused"),
+		"127.0.0.3:443": errors.New("b refused"),
+	}
+	// IPv4 starts only when IPv6 has failed: the order is fixed.
+	fs := &FastStart{IPv6HeadStart: time.Hour, DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		if err, ok := fail[addr]; ok {
+			return nil, &net.OpError{Op: "dial", Net: network, Err: err}
+		}
+		return nil, errors.New("unexpected dial of " + addr)
+	}}
+	nodes := []*Node{
+		{Name: "a", HostName: "a.test", IPv4: "127.0.0.2", IPv6: "::2", DERPPort: 443},
+		{Name: "b", HostName: "127.0.0.3", DERPPort: 443},
+		{Name: "bad", HostName: "x/y"},
+		{Name: "d", HostName: "d.test", IPv4: "none", IPv6: "none", DERPPort: 443},
+	}
+	const (
+		a   = `relay: node "a": relay: dial a.test:443: dial tcp6: a6 refused; dial tcp4: a4 refused`
+		b   = `relay: node "b": relay: dial 127.0.0.3:443: dial tcp: b refused`
+		bad = `relay: node "bad": host name "x/y" is not a host name`
+		d   = `relay: node "d": relay: dial d.test:443: relay: neither IPv4 ("none") nor IPv6 ("none") is an address to dial`
+	)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for i, want := range []string{a, b, bad, d} {
+		_, _, err := fs.DialNode(ctx, nodes[i], mustKey(t))
+		if err == nil || err.Error() != want {
+			t.Errorf("DialNode(%q):\n got %v\nwant %s", nodes[i].Name, err, want)
+		}
+	}
+	r := &Region{RegionID: 1, RegionCode: "r", Nodes: nodes}
+	_, _, err := fs.DialRegionTLS(ctx, r)
+	want := `relay: dial region 1 (r): ` + strings.Join([]string{a, b, bad, d}, "; ")
+	if err == nil || err.Error() != want {
+		t.Errorf("DialRegionTLS:\n got %v\nwant %s", err, want)
+	}
+	h := &recHandler{}
+	rc := &ReconnectingClient{Region: r, PrivateKey: mustKey(t), Dialer: fs, Logger: slog.New(h), MinBackoff: time.Hour}
+	defer rc.Close()
+	if err := rc.Connect(ctx); err == nil || err.Error() != d {
+		t.Errorf("ReconnectingClient.Connect:\n got %v\nwant %s (the last node's)", err, d)
+	}
+	var got []string
+	for _, rec := range h.infoRecords() {
+		rec.Attrs(func(at slog.Attr) bool {
+			if at.Key == "err" {
+				got = append(got, at.Value.String())
+			}
+			return true
+		})
+	}
+	want = strings.Join([]string{a, b, bad, d}, "; ")
+	if len(got) != 1 || got[0] != want {
+		t.Errorf("ReconnectingClient's line for the failed dial: err\n got %q\nwant [%q]", got, want)
 	}
 }
