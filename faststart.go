@@ -728,6 +728,14 @@ func (c *Client) readServerStart() error {
 // at: when DNS fails on a reconnect, it dials that address (the
 // certificate is still checked against the name).
 //
+// A dial that the ctx of the call that dialled ends first (its deadline
+// or its cancel, before the dial's own bounds such as DialTimeout) is no
+// failure: it sets no wait for the next call, which may be another
+// caller's with more time; unless the dial before it was cut short so
+// too, when it counts as a failed dial, so that callers whose ctx never
+// leaves a dial time to finish do not redial a slow server at the pace
+// of their calls.
+//
 // When the network under it changes, or a Ping gets no answer, call
 // Reconnect: the next connection is dialled at once, instead of a silent
 // path holding the current one until RecvTimeout.
@@ -800,6 +808,8 @@ type ReconnectingClient struct {
 	MinBackoff, MaxBackoff time.Duration
 	// DialTimeout bounds each connection attempt, up to the frames a new
 	// connection starts with (NotePreferred, WatchConns). Default 10 s.
+	// An attempt it ends is a failed dial, unlike one its caller's ctx
+	// ends first (see ReconnectingClient).
 	DialTimeout time.Duration
 
 	dialing chan struct{} // holds a token while a call dials: one at a time; made under mu
@@ -823,6 +833,7 @@ type ReconnectingClient struct {
 	sentPref     bool                  // what the current connection was told
 	closed       bool
 	failures     int
+	cutShort     bool          // the last dial was cut short by its caller's ctx (see dial)
 	cTarget      int           // index in targets() of c's server
 	nTargets     int           // len(targets()) when c was dialled
 	startAt      int           // index in targets() the next dial starts with
@@ -1058,6 +1069,11 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 		return nil, 0, Handshake{}, ErrClosed
 	default:
 	}
+	if err := ctxEnded(ctx); err != nil {
+		// Ended while the call waited for its turn or the backoff: a
+		// dial begun now would be cut short at once.
+		return nil, 0, Handshake{}, err
+	}
 	go func() {
 		select {
 		case <-done:
@@ -1213,6 +1229,19 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 			return nil, 0, Handshake{}, errRedial
 		default:
 		}
+		cut := ctx.Err() != nil
+		if cut && !rc.cutShort {
+			// The caller's ctx ended it (its deadline or cancel), not a
+			// bound of the dial's own: no failure of the server's, and
+			// no wait for the next call, which may be another caller's
+			// with more time. Unless the dial before was cut short too:
+			// callers whose ctx never leaves a dial time to finish must
+			// not redial a slow server at the pace of their calls.
+			rc.cutShort = true
+			log.add(slog.LevelDebug, "relay: dial cut short by the caller's ctx", "url", rc.URL, "err", err)
+			return nil, 0, Handshake{}, err
+		}
+		rc.cutShort = cut
 		rc.failures++
 		rc.nextDial = time.Now().Add(rc.backoff(rc.failures, time.Now()))
 		if logErr == nil {
@@ -1221,6 +1250,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 		log.add(slog.LevelInfo, "relay: connect failed", "url", rc.URL, "region", rc.regionID(), "failures", rc.failures, "err", logErr)
 		return nil, 0, Handshake{}, err
 	}
+	rc.cutShort = false
 	rc.c = c
 	rc.cTarget, rc.nTargets = wonIdx, len(targets)
 	rc.cKeyID = won.keyID()

@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -656,4 +657,135 @@ func TestReconnectingClientMesh(t *testing.T) {
 	if _, err := recvUntilErr(t, peer); err == nil {
 		t.Error("the peer's session was not closed")
 	}
+}
+
+// A dial that the caller's ctx cut short (its deadline or its cancel,
+// here while the server had not answered the upgrade) is no failure of
+// the server's: it sets no wait for the next call, which may come from
+// another caller with no deadline. It was counted, so callers with short
+// deadlines backed the client off for everyone. A dial that its own bound
+// (DialTimeout) ends still counts, and so does one cut short by its
+// caller right after another was: callers whose ctx never leaves a dial
+// time to finish must not redial a slow server at the pace of their calls.
+func TestReconnectingCallerCtxCutsDialShort(t *testing.T) {
+	// stalling returns rc, dialling s, whose connections numbered in
+	// stall (from 1) take the request and answer nothing, and a channel
+	// told when such a connection got its request.
+	stalling := func(t *testing.T, stall ...int32) (*ReconnectingClient, *atomic.Int32, chan struct{}) {
+		s := &scriptedServer{priv: mustKey(t)}
+		s.init()
+		s.script = func(_ int, _ net.Conn, br *bufio.Reader, _ PublicKey) { io.Copy(io.Discard, br) }
+		rc := newScriptedRC(t, s)
+		// Any counted failure would hold the next dial for half an hour
+		// at least.
+		rc.MinBackoff, rc.MaxBackoff = time.Hour, time.Hour
+		asked := make(chan struct{}, 10)
+		dials := new(atomic.Int32)
+		rc.Dialer.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			if !slices.Contains(stall, dials.Add(1)) {
+				return s.dial(ctx, network, addr)
+			}
+			cc, sc := net.Pipe()
+			s.mu.Lock()
+			s.conns = append(s.conns, cc, sc)
+			s.mu.Unlock()
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				br := bufio.NewReader(sc)
+				if _, err := http.ReadRequest(br); err != nil {
+					return
+				}
+				asked <- struct{}{}
+				io.Copy(io.Discard, br)
+			}()
+			return cc, nil
+		}
+		return rc, dials, asked
+	}
+	// cutShort has Connect dial under a ctx that cut ends once the
+	// server has the request, and checks that the dial failed with err.
+	cutShort := func(t *testing.T, rc *ReconnectingClient, asked chan struct{}, ctx context.Context, cut func(), want error) {
+		t.Helper()
+		errc := make(chan error, 1)
+		go func() { errc <- rc.Connect(ctx) }()
+		select {
+		case <-asked:
+		case <-time.After(30 * time.Second):
+			t.Fatal("the server did not get the dial's request")
+		}
+		cut()
+		if err := <-errc; !errors.Is(err, want) {
+			t.Fatalf("Connect whose ctx ended during the dial: %v, want %v", err, want)
+		}
+	}
+	// connectsAtOnce checks that the next dial starts without a wait.
+	connectsAtOnce := func(t *testing.T, rc *ReconnectingClient, dials *atomic.Int32, want int32) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := rc.Connect(ctx); err != nil {
+			rc.mu.Lock()
+			failures := rc.failures
+			rc.mu.Unlock()
+			t.Fatalf("Connect after a dial its caller's ctx cut short: %v (%d failures counted)", err, failures)
+		}
+		if n := dials.Load(); n != want {
+			t.Fatalf("%d dials, want %d", n, want)
+		}
+	}
+	// backedOff checks that the next dial waits (MinBackoff: an hour).
+	backedOff := func(t *testing.T, rc *ReconnectingClient, dials *atomic.Int32, want int32) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+		defer cancel()
+		if err := rc.Connect(ctx); !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("Connect after the failure: %v, want a wait for the backoff that its ctx ends", err)
+		}
+		if n := dials.Load(); n != want {
+			t.Fatalf("%d dials, want %d: a dial during the backoff", n, want)
+		}
+	}
+	t.Run("deadline", func(t *testing.T) {
+		rc, dials, asked := stalling(t, 1)
+		ctx := newExpiringCtx()
+		cutShort(t, rc, asked, ctx, ctx.expire, context.DeadlineExceeded)
+		connectsAtOnce(t, rc, dials, 2)
+	})
+	t.Run("cancel", func(t *testing.T) {
+		rc, dials, asked := stalling(t, 1)
+		ctx, cancel := context.WithCancel(context.Background())
+		cutShort(t, rc, asked, ctx, cancel, context.Canceled)
+		connectsAtOnce(t, rc, dials, 2)
+	})
+	t.Run("twice", func(t *testing.T) {
+		rc, dials, asked := stalling(t, 1, 2)
+		ctx := newExpiringCtx()
+		cutShort(t, rc, asked, ctx, ctx.expire, context.DeadlineExceeded)
+		ctx = newExpiringCtx()
+		cutShort(t, rc, asked, ctx, ctx.expire, context.DeadlineExceeded)
+		backedOff(t, rc, dials, 2)
+	})
+	t.Run("after a connection", func(t *testing.T) {
+		// A connection between two cut-short dials: the second is
+		// forgiven too.
+		rc, dials, asked := stalling(t, 1, 3)
+		ctx := newExpiringCtx()
+		cutShort(t, rc, asked, ctx, ctx.expire, context.DeadlineExceeded)
+		connectsAtOnce(t, rc, dials, 2)
+		rc.Reconnect()
+		ctx = newExpiringCtx()
+		cutShort(t, rc, asked, ctx, ctx.expire, context.DeadlineExceeded)
+		connectsAtOnce(t, rc, dials, 4)
+	})
+	t.Run("own timeout", func(t *testing.T) {
+		rc, dials, _ := stalling(t, 1)
+		rc.DialTimeout = 300 * time.Millisecond
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := rc.Connect(ctx); !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("Connect to a server that does not answer within DialTimeout: %v, want context.DeadlineExceeded", err)
+		}
+		backedOff(t, rc, dials, 1)
+	})
 }
