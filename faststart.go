@@ -850,6 +850,8 @@ type ReconnectingClient struct {
 	redial       chan struct{} // closed by Reconnect: a wait for the next dial starts over; made by redialCh
 	pings        map[[8]byte]chan struct{}
 	done         chan struct{} // closed by Close; made by doneCh
+
+	testHookDialed func() // if set (tests only), called by dial after its servers were tried
 }
 
 // doneCh returns the channel Close closes. rc.mu must be held.
@@ -1176,6 +1178,9 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 			break
 		}
 	}
+	if rc.testHookDialed != nil {
+		rc.testHookDialed()
+	}
 	logErr := err // what the failure's line says
 	if err != nil && len(nodeErrs) > 1 {
 		args := make([]any, len(nodeErrs))
@@ -1221,14 +1226,20 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 		}
 		return nil, 0, Handshake{}, ErrClosed
 	}
-	if err != nil {
-		select {
-		case <-redial:
-			// Reconnect cut it short: no failure of the server's.
-			log.add(slog.LevelDebug, "relay: dial cut short by Reconnect", "url", rc.URL, "err", err)
-			return nil, 0, Handshake{}, errRedial
-		default:
+	select {
+	case <-redial:
+		// Reconnect cut it short: no failure of the server's. Even if
+		// it made a connection (Reconnect came after, but before this
+		// lock): that was made on the path Reconnect says may be gone.
+		if err == nil {
+			c.Close()
+			err = errRedial
 		}
+		log.add(slog.LevelDebug, "relay: dial cut short by Reconnect", "url", rc.URL, "err", err)
+		return nil, 0, Handshake{}, errRedial
+	default:
+	}
+	if err != nil {
 		cut := ctx.Err() != nil
 		if cut && !rc.cutShort {
 			// The caller's ctx ended it (its deadline or cancel), not a

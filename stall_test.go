@@ -2091,3 +2091,43 @@ func TestReconnectingSendOnlyResetsFailuresAfterLongSession(t *testing.T) {
 		})
 	}
 }
+
+// A Reconnect that comes after the dial under way made its connection but
+// before the dial kept it (testHookDialed runs in that window) is not
+// lost: the connection, made on the path Reconnect says may be gone, is
+// closed and the dial starts again at once, as for a Reconnect earlier in
+// the dial. It was kept, and the Reconnect had done nothing.
+func TestReconnectJustAfterDialIsNotLost(t *testing.T) {
+	for _, pref := range []bool{false, true} {
+		t.Run(fmt.Sprintf("NotePreferred=%v", pref), func(t *testing.T) {
+			s := &scriptedServer{priv: mustKey(t)}
+			s.script = func(_ int, _ net.Conn, br *bufio.Reader, _ PublicKey) { io.Copy(io.Discard, br) }
+			rc := newScriptedRC(t, s)
+			rc.Dialer.DialContext = s.dialTCP                   // buffered: NotePreferred's write need not wait for the server
+			rc.MinBackoff, rc.MaxBackoff = time.Hour, time.Hour // a failure counted would show
+			if pref {
+				rc.NotePreferred(true) // the new connection's first frame, after the hook
+			}
+			var hooked atomic.Int32
+			rc.testHookDialed = func() {
+				if hooked.Add(1) == 1 {
+					rc.Reconnect()
+				}
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			if err := rc.Connect(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if n, g := s.dials.Load(), rc.Generation(); n != 2 || g != 1 {
+				t.Fatalf("%d connections made, generation %d; want 2 and 1: the connection dialled before Reconnect was kept", n, g)
+			}
+			rc.mu.Lock()
+			failures := rc.failures
+			rc.mu.Unlock()
+			if failures != 0 {
+				t.Fatalf("%d failures counted, want 0", failures)
+			}
+		})
+	}
+}
