@@ -2012,6 +2012,7 @@ func (rc *ReconnectingClient) Reconnect() {
 	}
 	// Failures on the old path say nothing of the new one.
 	rc.failures = 0
+	rc.cutShort = false
 	rc.notBefore = time.Time{}
 	if !time.Now().Before(rc.restartUntil) {
 		rc.nextDial = time.Time{}

@@ -778,6 +778,17 @@ func TestReconnectingCallerCtxCutsDialShort(t *testing.T) {
 		cutShort(t, rc, asked, ctx, ctx.expire, context.DeadlineExceeded)
 		connectsAtOnce(t, rc, dials, 4)
 	})
+	t.Run("after Reconnect", func(t *testing.T) {
+		// Reconnect starts the count again: what the dials on the old
+		// path met says nothing of the new one.
+		rc, dials, asked := stalling(t, 1, 2)
+		ctx := newExpiringCtx()
+		cutShort(t, rc, asked, ctx, ctx.expire, context.DeadlineExceeded)
+		rc.Reconnect()
+		ctx = newExpiringCtx()
+		cutShort(t, rc, asked, ctx, ctx.expire, context.DeadlineExceeded)
+		connectsAtOnce(t, rc, dials, 3)
+	})
 	t.Run("own timeout", func(t *testing.T) {
 		rc, dials, _ := stalling(t, 1)
 		rc.DialTimeout = 300 * time.Millisecond
