@@ -2134,7 +2134,7 @@ func (n *Node) URL() string {
 // connections and f's TLSConfig supplies the roots; Proxy, asked about
 // HostName, if it returns a proxy, tunnels to HostName and the proxy
 // resolves it: the node's IPv4 and IPv6 are then not used. Its errors
-// start with the node's name: "relay: node "a": ...".
+// name the node once, at their start (relay: node "a": …).
 func (f *FastStart) DialNode(ctx context.Context, n *Node, priv PrivateKey, opts ...ClientOption) (*Client, Handshake, error) {
 	if err := n.check(); err != nil {
 		return nil, Handshake{}, err
