@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"net"
 	"net/http"
@@ -2063,12 +2064,7 @@ func TestWatcherSeesConsistentPresence(t *testing.T) {
 		waitFor(t, func() bool { return s.Stats().CurrentConnections == int64(len(want)) })
 
 		present := map[PublicKey]bool{}
-		w.opts.recvTimeout = 100 * time.Millisecond
-		for {
-			m, err := w.recv()
-			if err != nil {
-				break // quiet: everything queued has arrived
-			}
+		apply := func(m Message) {
 			switch m := m.(type) {
 			case PeerPresent:
 				if present[m.Key] {
@@ -2081,6 +2077,27 @@ func TestWatcherSeesConsistentPresence(t *testing.T) {
 				}
 				delete(present, m.Peer)
 			}
+		}
+		// Read until the watcher sees the server's set (a hang guard of
+		// 5 s, not a quiet spell, ends the wait: the watcher's writer
+		// may be held up longer than a short quiet spell on a busy
+		// machine), then for a quiet spell: whatever more arrives must
+		// keep the set.
+		w.opts.recvTimeout = 5 * time.Second
+		for !maps.Equal(present, want) {
+			m, err := w.recv()
+			if err != nil {
+				t.Fatalf("round %d: watcher sees %d keys present, the server has %d: %v", round, len(present), len(want), err)
+			}
+			apply(m)
+		}
+		w.opts.recvTimeout = 100 * time.Millisecond
+		for {
+			m, err := w.recv()
+			if err != nil {
+				break // quiet
+			}
+			apply(m)
 		}
 		if len(present) != len(want) {
 			t.Fatalf("round %d: watcher sees %d keys present, the server has %d", round, len(present), len(want))
