@@ -1255,6 +1255,19 @@ func TestPeerGoneQueueFullForgetsSenders(t *testing.T) {
 		return 0
 	}
 	announced := map[PublicKey]bool{}
+	// Read until the notices that fit have come (a 5 s read timeout
+	// bounds the wait: r's writer may pause longer than a quiet spell on
+	// a busy machine), then until a quiet spell, to see that no more do.
+	r.opts.recvTimeout = 5 * time.Second
+	for len(announced) < maxPendingControl {
+		m, err := r.Recv()
+		if err != nil {
+			t.Fatalf("%d of %d departures announced, want the %d that fit: %v", len(announced), n, maxPendingControl, err)
+		}
+		if g, ok := m.(PeerGone); ok {
+			announced[g.Peer] = true
+		}
+	}
 	r.opts.recvTimeout = 500 * time.Millisecond
 	for {
 		m, err := r.Recv()
@@ -1430,8 +1443,21 @@ func TestPeerGoneBurstReleasesQueue(t *testing.T) {
 // done, has given back what it borrowed.
 func readPeerGoneBurst(t *testing.T, r *Client, rc *sconn) {
 	t.Helper()
-	r.opts.recvTimeout = 500 * time.Millisecond
+	// Until the notices that fit have come (a 5 s read timeout bounds the
+	// wait: r's writer may pause longer than a quiet spell on a busy
+	// machine), then until a quiet spell, to see that no more do.
+	r.opts.recvTimeout = 5 * time.Second
 	gone := 0
+	for gone < maxPendingControl {
+		m, err := r.Recv()
+		if err != nil {
+			t.Fatalf("%d notices, want %d: %v", gone, maxPendingControl, err)
+		}
+		if _, ok := m.(PeerGone); ok {
+			gone++
+		}
+	}
+	r.opts.recvTimeout = 500 * time.Millisecond
 	for {
 		m, err := r.Recv()
 		if err != nil {
