@@ -1735,8 +1735,24 @@ func TestBatchStats(t *testing.T) {
 	go s.Accept(context.Background(), sc, nil, "127.0.0.1:9")
 	r := loginClient(t, cc, mustKey(t))
 	sender := pipeClient(t, s)
+	var rc *sconn
+	for _, c := range s.snapshotConns() {
+		if c.key == r.PublicKey() {
+			rc = c
+		}
+	}
 	sender.Send(r.PublicKey(), []byte{0})
-	time.Sleep(50 * time.Millisecond) // the writer takes it and blocks in the pipe
+	// The writer takes it (it was queued, and the queue is empty again)
+	// and blocks in the pipe; the next nine wait in the queue for one
+	// batch.
+	waitFor(t, func() bool {
+		if s.Stats().PacketsReceived != 1 {
+			return false
+		}
+		rc.mu.Lock()
+		defer rc.mu.Unlock()
+		return rc.flushing && rc.other.n == 0
+	})
 	for i := 1; i < 10; i++ {
 		sender.Send(r.PublicKey(), []byte{byte(i)})
 	}
@@ -1756,8 +1772,7 @@ func TestBatchStats(t *testing.T) {
 	for _, n := range st.PacketsPerBatch {
 		batches += n
 	}
-	// One batch of 9 (8–15), after one of 1; or, had the writer not run
-	// in 50 ms, one of 10.
+	// One batch of 9 (8–15), after one of 1.
 	if st.PacketsSent != 10 || st.PacketsPerBatch[3] != 1 || batches > 2 {
 		t.Errorf("%d packets in batches %v, want 10 with one batch of 8–15", st.PacketsSent, st.PacketsPerBatch)
 	}
