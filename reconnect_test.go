@@ -169,21 +169,50 @@ func TestReconnectingClientAfterCut(t *testing.T) {
 
 func TestReconnectingClientHonoursRestart(t *testing.T) {
 	ts := StartTestServer(t, WithRestartNotice(300*time.Millisecond, time.Second))
-	h := newRCHarness(t, ts)
-	ctx := context.Background()
-	if err := h.rc.Send(ctx, h.rc.PrivateKey.Public(), []byte("x")); err != nil {
+	// No Recv loop (newRCHarness): only this goroutine calls Recv, so
+	// nothing dials again between the notice and the look at the
+	// schedule it set. A loop's next Recv redials once the notice's delay
+	// (0-300 ms) is over, and a failed dial moves nextDial.
+	rc := &ReconnectingClient{URL: ts.URL, PrivateKey: mustKey(t), Dialer: &FastStart{TLSConfig: ts.TLSConfig},
+		MinBackoff: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond}
+	t.Cleanup(func() { rc.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	recv := func() Message {
+		t.Helper()
+		m, err := rc.Recv(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	if err := rc.Send(ctx, rc.PrivateKey.Public(), []byte("x")); err != nil {
 		t.Fatal(err)
 	}
-	rcNext[ServerInfo](t, h)
-	ts.Server.Close()
-	r := rcNext[ServerRestarting](t, h)
+	for {
+		if _, ok := recv().(ServerInfo); ok {
+			break
+		}
+	}
+	// Close returns once the session has ended, which needs the client
+	// to read the notice: not on this goroutine.
+	closed := make(chan struct{})
+	go func() { ts.Server.Close(); close(closed) }()
+	t.Cleanup(func() { rc.Close(); <-closed }) // the client's close ends the session
+	var r ServerRestarting
+	for {
+		if m, ok := recv().(ServerRestarting); ok {
+			r = m
+			break
+		}
+	}
 	received := time.Now()
 	if r.ReconnectIn >= 300*time.Millisecond || r.TryFor != time.Second {
 		t.Fatalf("restart notice %+v", r)
 	}
-	h.rc.mu.Lock()
-	next, until := h.rc.nextDial, h.rc.restartUntil
-	h.rc.mu.Unlock()
+	rc.mu.Lock()
+	next, until := rc.nextDial, rc.restartUntil
+	rc.mu.Unlock()
 	// The next dial waits for the announced delay, and the restart window
 	// (fast retries) lasts for the announced total.
 	if noticed := next.Add(-r.ReconnectIn); noticed.After(received) || noticed.Before(received.Add(-time.Second)) {
