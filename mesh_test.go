@@ -772,7 +772,14 @@ func TestMeshWaitKeptWhilePeerRelinks(t *testing.T) {
 	s.mesh.waiting[k].since -= 2 * grace // y has waited for two graces
 	s.mesh.mu.Unlock()
 	w.Close() // the peer's link here breaks; the peer redials it
-	waitFor(t, func() bool { return s.lookup(w.PublicKey()) == nil })
+	// The session leaves the table, and then notes when the peer left
+	// (meshPeerLeft): ended must not come before that note.
+	waitFor(t, func() bool {
+		l.mu.Lock()
+		noted := l.peerLeftAt != 0
+		l.mu.Unlock()
+		return noted && s.lookup(w.PublicKey()) == nil
+	})
 	ended := monoNanos()
 	s.sweepWaits(ended + grace/2)
 	if goneBeforePong(t, y, k) || waitsFor(s, k) != 1 {
