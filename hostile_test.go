@@ -1131,12 +1131,13 @@ func mkFrame(t FrameType, parts ...[]byte) []byte { return appendFrame(nil, t, f
 // stay bounded. Then, in the same run, it measures how much a receiver
 // that stops reading (while another client keeps sending to it) costs 100
 // echoing pairs: their throughput in the rounds with the stalled receiver
-// must be at least 75% of their throughput in the rounds without it. What
+// must be at least half their throughput in the rounds without it. What
 // this guards is isolation: a stalled receiver that held up a shared reader,
 // lock or writer would cut the others' throughput to near nothing. The
 // median ratio of the paired 30 ms rounds is normally 0.97–1.06 here, but
-// under -race on a busy 2-core machine it was once 0.898, so the bound
-// leaves room for noise; BenchmarkSideBySide measures speed.
+// under -race on a busy 2-core machine it was once 0.898; the bound is
+// far below that, so that a machine's noise does not fail CI, and far above
+// what a shared stall gives. BenchmarkSideBySide measures speed.
 func TestLoad2000Clients(t *testing.T) {
 	if testing.Short() {
 		t.Skip("load test skipped with -short")
@@ -1367,8 +1368,8 @@ func TestLoad2000Clients(t *testing.T) {
 	}
 	t.Logf("throughput of 100 echoing pairs: %d echoes in %v without a stalled receiver, %d with; median ratio of %d paired rounds %.3f; queue drops %d",
 		normal, pairs*roundLen, withStall, len(ratios), ratio, s.Stats().PacketsDropped["queue_head/other"])
-	if len(ratios) < pairs/2 || ratio < 0.75 {
-		t.Errorf("a stalled receiver cost the others %.1f%% of their throughput (limit 25%%)", 100*(1-ratio))
+	if len(ratios) < pairs/2 || ratio < 0.5 {
+		t.Errorf("a stalled receiver cost the others %.1f%% of their throughput (limit 50%%)", 100*(1-ratio))
 	}
 	if n := s.Stats().WriteTimeouts; n != 0 {
 		t.Errorf("%d write timeouts", n)
