@@ -932,7 +932,9 @@ func TestBurstLargerThanQueue(t *testing.T) {
 }
 
 func TestWriteTimeoutDropsStalledReader(t *testing.T) {
-	s := NewServer(mustKey(t), WithWriteTimeout(100*time.Millisecond))
+	// Long enough that a healthy session's writer, off the CPU for a
+	// while on a loaded machine, does not time out instead.
+	s := NewServer(mustKey(t), WithWriteTimeout(500*time.Millisecond))
 	addr := tcpServer(t, s)
 	stalled := tcpClient(t, addr)
 	sender := tcpClient(t, addr)

@@ -447,7 +447,9 @@ func TestWebSocketDialErrors(t *testing.T) {
 // without disturbing others, and Server.Close sends ServerRestarting and
 // then a close frame, which the client reads as the end of the stream.
 func TestWebSocketRestartAndStall(t *testing.T) {
-	s := NewServer(mustKey(t), WithWriteTimeout(100*time.Millisecond), WithRestartNotice(time.Second, 10*time.Second))
+	// A write timeout long enough that a healthy session's writer, off
+	// the CPU for a while on a loaded machine, does not time out instead.
+	s := NewServer(mustKey(t), WithWriteTimeout(500*time.Millisecond), WithRestartNotice(time.Second, 10*time.Second))
 	defer s.Close()
 	srv := serveDERP(t, s, derpServeOpts{plain: true})
 	fs := &FastStart{WebSocket: true}
@@ -582,13 +584,13 @@ func TestWSConnPongWhileWriting(t *testing.T) {
 // under a fresh write deadline, not the expired one of the last write,
 // which would fail it halfway and leave the TLS stream broken.
 func TestWebSocketPongAfterIdleTLS(t *testing.T) {
-	s := newTestServer(t, WithWriteTimeout(100*time.Millisecond))
+	s := newTestServer(t, WithWriteTimeout(300*time.Millisecond))
 	srv := serveDERP(t, s, derpServeOpts{})
 	ws := &FastStart{TLSConfig: srv.ClientTLS, WebSocket: true}
 	a, _ := dialFast(t, ws, srv.URL)
 	b, _ := dialFast(t, ws, srv.URL)
 	relayBothWays(t, a, b)
-	time.Sleep(300 * time.Millisecond) // the last write's deadline passes
+	time.Sleep(900 * time.Millisecond) // the last write's deadline passes
 	wc := a.nc.(*wsConn)
 	wc.wmu.Lock()
 	_, err := wc.writeFrameLocked(wsPing, []byte("hi"))
