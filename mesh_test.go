@@ -1015,6 +1015,49 @@ func TestMeshWaitsGivenUp(t *testing.T) {
 	}
 }
 
+// TestMeshWaitsForgottenOncePerKey: over the bound on waits, a key
+// forwarded to a session that waits for another key's route is forgotten,
+// and MeshWaitsForgotten counts it once, even when the same writer batch
+// holds several packets from it (after one from another key, each is
+// noted again, to tell the waits where the key is).
+func TestMeshWaitsForgottenOncePerKey(t *testing.T) {
+	s, y, w, _ := waitServer(t, func(c *serverConfig) { c.meshMaxWaiting = 1 })
+	forwardTo(t, w, y, mustKey(t).Public()) // y waits: the bound is full
+	x := pipeClient(t, s)
+	yc := s.lookup(y.PublicKey())
+	// y reads nothing for now: its writer blocks writing x's packet, and
+	// the three below wait behind it, to be taken in one batch.
+	if err := x.Send(y.PublicKey(), []byte("blocker")); err != nil {
+		t.Fatal(err)
+	}
+	waitForWithin(t, 30*time.Second, func() bool {
+		yc.mu.Lock()
+		defer yc.mu.Unlock()
+		return yc.flushing && yc.other.n == 0 && yc.disco.n == 0
+	})
+	k, j := mustKey(t).Public(), mustKey(t).Public()
+	for _, src := range []PublicKey{k, j, k} {
+		if err := w.ForwardPacket(src, y.PublicKey(), []byte("forwarded")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitForWithin(t, 30*time.Second, func() bool {
+		yc.mu.Lock()
+		defer yc.mu.Unlock()
+		return yc.other.n == 3
+	})
+	for i := range 4 {
+		if _, ok := recvMsg[*ReceivedPacket](t, y); !ok {
+			t.Fatalf("packet %d did not arrive", i)
+		}
+	}
+	expectPongFirst(t, y) // its writer has noted every source
+	if st := s.Stats(); st.MeshWaiting != 1 || st.MeshWaitsForgotten != 2 {
+		t.Fatalf("Stats: MeshWaiting %d, MeshWaitsForgotten %d; want 1, 2 (one for each key over the bound)",
+			st.MeshWaiting, st.MeshWaitsForgotten)
+	}
+}
+
 // goneSetBeforePong pings the server and returns the keys c is told
 // PeerGone(Disconnected) about before the Pong.
 func goneSetBeforePong(t *testing.T, c *Client) map[PublicKey]bool {

@@ -5579,25 +5579,32 @@ func (s *Server) meshNoteRecipient(c *sconn, srcs []meshSrc, local bool) {
 	for _, k := range unknown {
 		c.enqueuePeerGone(k, PeerGoneDisconnected) // forgets k too
 	}
-	s.stats.waitsForgotten.Add(int64(len(forget)))
-	c.forgetSources(forget)
+	// Counted by what c forgot: a key noted twice in one batch (see
+	// takeLocked) is one pair.
+	s.stats.waitsForgotten.Add(int64(c.forgetSources(forget)))
 }
 
 // forgetSources makes c forget that it was written packets from keys, as
-// if it never had been: the next packet from one registers c again.
-func (c *sconn) forgetSources(keys []PublicKey) {
+// if it never had been: the next packet from one registers c again. It
+// returns how many of keys c remembered.
+func (c *sconn) forgetSources(keys []PublicKey) int {
 	if len(keys) == 0 {
-		return
+		return 0
 	}
+	n := 0
 	c.mu.Lock()
 	for _, k := range keys {
-		delete(c.sentFrom, k)
+		if _, ok := c.sentFrom[k]; ok {
+			delete(c.sentFrom, k)
+			n++
+		}
 		if c.lastSrc == k {
 			c.lastSrc = PublicKey{}
 		}
 	}
 	c.sentFrom = shrinkMap(c.sentFrom, &c.sentFromPeak)
 	c.mu.Unlock()
+	return n
 }
 
 // maxMeshWaiting bounds the waits for a forwarded key's route
