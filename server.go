@@ -4138,7 +4138,8 @@ type Stats struct {
 	// told PeerGone; MeshWaitsForgotten those ended with no news to be had
 	// (the peer is one this server has no link to) or never started (over
 	// 16384 waits), the session forgetting the key until its next packet.
-	// Pairs taken over by a route or a login are in neither.
+	// Pairs taken over by a route or a login, and those of a session
+	// that ends while it waits, are in neither.
 	MeshWaiting, MeshWaitsGivenUp, MeshWaitsForgotten int64
 	// PacketsPerBatch counts the batches of packets written to clients
 	// (one writev, or one flush under TLS, each) by the packets they held:
