@@ -731,7 +731,8 @@ func (c *Client) readServerStart() error {
 // A dial that the ctx of the call that dialled ends first (its deadline
 // or its cancel, before the dial's own bounds such as DialTimeout) is no
 // failure: it sets no wait for the next call, which may be another
-// caller's with more time; unless the dial before it was cut short so
+// caller's with more time, nor changes the server that call starts with
+// (see Fallbacks); unless the dial before it was cut short so
 // too, when it counts as a failed dial, so that callers whose ctx never
 // leaves a dial time to finish do not redial a slow server at the pace
 // of their calls.
@@ -1249,6 +1250,11 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 			// callers whose ctx never leaves a dial time to finish must
 			// not redial a slow server at the pace of their calls.
 			rc.cutShort = true
+			if rc.startAt == 0 {
+				// Nor does it use up the next dial's start past a
+				// server that refused a login.
+				rc.startAt = first
+			}
 			log.add(slog.LevelDebug, "relay: dial cut short by the caller's ctx", "url", rc.URL, "err", err)
 			return nil, 0, Handshake{}, err
 		}

@@ -837,3 +837,85 @@ func TestReconnectingCallerCtxCutsDialShort(t *testing.T) {
 		backedOff(t, rc, dials, 1)
 	})
 }
+
+// A dial its caller's ctx cut short leaves the order of servers as it
+// was: after a login the ideal server A refused, the next dial starts
+// with the fallback B, and so does the one after a dial to B that its
+// caller's ctx cut short (which is no failure: it says nothing of B). The
+// cut-short dial used up the turn past A, and the next dial, perhaps a
+// Recv loop's with no deadline, went back to the server that refused.
+func TestReconnectingCutShortDialKeepsFailover(t *testing.T) {
+	var mu sync.Mutex
+	var dialled []string
+	asked := make(chan struct{}, 1)
+	var conns []net.Conn
+	var wg sync.WaitGroup
+	t.Cleanup(func() {
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	rc := &ReconnectingClient{
+		URL:        "http://a.invalid/derp",
+		Fallbacks:  []string{"http://b.invalid/derp"},
+		PrivateKey: mustKey(t),
+		MinBackoff: time.Millisecond, MaxBackoff: time.Millisecond,
+		DialTimeout: time.Minute, // the attempt's share, 30 s, does not end the stalled dial
+		Dialer: &FastStart{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			mu.Lock()
+			dialled = append(dialled, addr)
+			first := len(dialled) == 1
+			mu.Unlock()
+			if !first {
+				return nil, errors.New("refused")
+			}
+			// B's first connection takes the request and answers
+			// nothing, until the caller's ctx ends the dial.
+			cc, sc := net.Pipe()
+			mu.Lock()
+			conns = append(conns, cc, sc)
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				br := bufio.NewReader(sc)
+				if _, err := http.ReadRequest(br); err != nil {
+					return
+				}
+				asked <- struct{}{}
+				io.Copy(io.Discard, br)
+			}()
+			return cc, nil
+		}},
+	}
+	defer rc.Close()
+	// As after a login that A refused (see
+	// TestReconnectingSendOnlyFailsOverAfterRefusedLogin).
+	rc.mu.Lock()
+	rc.startAt, rc.nTargets = 1, 2
+	rc.mu.Unlock()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- rc.Connect(ctx) }()
+	select {
+	case <-asked:
+	case <-time.After(30 * time.Second):
+		t.Fatal("B did not get the dial's request")
+	}
+	cancel()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Connect whose ctx ended during the dial: %v, want %v", err, context.Canceled)
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	rc.Connect(ctx) // both refuse now: what counts is which is tried first
+	mu.Lock()
+	defer mu.Unlock()
+	if len(dialled) < 2 || dialled[0] != "b.invalid:80" || dialled[1] != "b.invalid:80" {
+		t.Fatalf("dialled %q; want b.invalid:80 first, then b.invalid:80 again first after the dial the caller's ctx cut short", dialled)
+	}
+}
