@@ -1496,7 +1496,8 @@ func (rc *ReconnectingClient) wakePingsLocked() {
 // the connection (the next call reconnects) and is returned; the packet is
 // not retried. ctx bounds the write too: if it ends while a server that has
 // stopped reading holds the write, Send returns ctx's error and drops the
-// connection, as a DERP stream cannot resume mid-frame; if it ended before
+// connection, as a DERP stream cannot resume mid-frame (no failure is
+// counted for it, by Send or by a Recv it interrupts); if it ended before
 // Send, Send returns its error at once, writing (and dialling) nothing and
 // leaving the connection as it is. Whatever ctx, a
 // packet the connection cannot take within 10 seconds fails Send with the
@@ -1796,7 +1797,15 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 				rc.drop(c) // ctx's interrupt, not the server's silence
 				return nil, 0, ctx.Err()
 			}
-			rc.dropAfter(c, err)
+			// Interrupted by another call's ctx, not Recv's: a write
+			// whose ctx ended under it, which drops c (see writeUnder),
+			// no failure of the server's nor a sign of a silent path.
+			byCaller := !fired && c.interrupted.Load()
+			if byCaller {
+				rc.drop(c)
+			} else {
+				rc.dropAfter(c, err)
+			}
 			rc.mu.Lock()
 			closed := rc.closed
 			// Reconnect dropped it, or an older one: a connection
@@ -1808,6 +1817,7 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			switch {
 			case asked:
 				// Dropped by Reconnect: no failure of the server's.
+			case byCaller:
 			case gen <= rc.countedGen:
 				// A write found it failed first and accounted for it
 				// (see dropAfterWrite).

@@ -2131,3 +2131,92 @@ func TestReconnectJustAfterDialIsNotLost(t *testing.T) {
 		})
 	}
 }
+
+// writeStartConn tells started when a Write begins while armed.
+type writeStartConn struct {
+	net.Conn
+	armed   *atomic.Bool
+	started chan struct{}
+}
+
+func (c *writeStartConn) Write(p []byte) (int, error) {
+	if c.armed.Load() {
+		select {
+		case c.started <- struct{}{}:
+		default:
+		}
+	}
+	return c.Conn.Write(p)
+}
+
+// A Send whose own ctx ends while a server that reads nothing holds its
+// write drops the connection, and that is no failure of the server's
+// (writeUnder says so, and counts none). The interrupt ends the Recv
+// loop's read on the same connection too, and Recv counted the end of a
+// session begun less than MaxBackoff before as a failure, holding the
+// next dial for the backoff.
+func TestReconnectingSendCtxDropIsNoFailureForRecv(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.init()
+	s.script = func(n int, _ net.Conn, br *bufio.Reader, _ PublicKey) {
+		if n == 1 {
+			s.stall() // reads nothing: the Send's write blocks on the pipe
+			return
+		}
+		io.Copy(io.Discard, br)
+	}
+	rc := newScriptedRC(t, s)
+	rc.MinBackoff, rc.MaxBackoff = time.Hour, time.Hour // a failure counted would hold the next dial
+	var armed atomic.Bool
+	started := make(chan struct{}, 1)
+	rc.Dialer.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		nc, err := s.dial(ctx, network, addr)
+		return &writeStartConn{Conn: nc, armed: &armed, started: started}, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	infos := make(chan int, 4)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for ctx.Err() == nil {
+			if m, gen, _ := rc.RecvDetail(ctx); m != nil {
+				if _, ok := m.(ServerInfo); ok {
+					infos <- gen
+				}
+			}
+		}
+	}()
+	select {
+	case <-infos:
+	case <-ctx.Done():
+		t.Fatal("no ServerInfo on the first connection")
+	}
+	armed.Store(true)
+	sctx, scancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- rc.Send(sctx, PublicKey{1}, []byte("x")) }()
+	select {
+	case <-started:
+	case <-ctx.Done():
+		t.Fatal("the Send's write did not start")
+	}
+	scancel()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Send whose ctx ended during its write: %v, want %v", err, context.Canceled)
+	}
+	select {
+	case gen := <-infos:
+		if gen != 2 {
+			t.Fatalf("ServerInfo of generation %d, want 2", gen)
+		}
+	case <-ctx.Done():
+		rc.mu.Lock()
+		failures := rc.failures
+		rc.mu.Unlock()
+		t.Fatalf("no reconnect within 30 s after a Send's own ctx dropped the connection: %d failures counted, want 0", failures)
+	}
+}
