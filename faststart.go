@@ -852,7 +852,8 @@ type ReconnectingClient struct {
 	pings        map[[8]byte]chan struct{}
 	done         chan struct{} // closed by Close; made by doneCh
 
-	testHookDialed func() // if set (tests only), called by dial after its servers were tried
+	testHookDialed     func() // if set (tests only), called by dial after its servers were tried
+	testHookRecvFailed func() // if set (tests only), called by RecvDetail when a read fails, before it drops the connection
 }
 
 // doneCh returns the channel Close closes. rc.mu must be held.
@@ -1515,8 +1516,10 @@ func (rc *ReconnectingClient) Send(ctx context.Context, dst PublicKey, pkt []byt
 }
 
 // writeUnder runs write on c, which ctx's end interrupts. A failure other
-// than a packet refused before it was written drops c; if ctx ended, its
-// error is returned. If ctx ended already, nothing is written and c stays.
+// than a packet refused before it was written drops c (one that another
+// call's interrupt caused is left to that call, which drops c); if ctx
+// ended, its error is returned. If ctx ended already, nothing is written
+// and c stays.
 func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write func() error) error {
 	if err := ctxEnded(ctx); err != nil {
 		return err
@@ -1526,13 +1529,23 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 		stop = context.AfterFunc(ctx, c.interrupt)
 	}
 	err := write()
+	fired := false
 	if stop != nil {
-		rc.settle(c, !stop(), err)
+		fired = !stop()
+		rc.settle(c, fired, err)
 	}
 	if err != nil && !errors.Is(err, ErrPacketTooLarge) && !errors.Is(err, ErrRateLimited) {
 		if ctx.Err() != nil {
 			rc.drop(c) // ctx's interrupt, not the server's silence
 			return ctx.Err()
+		}
+		if !fired && c.interrupted.Load() {
+			// Another call's interrupt (a Recv's or another write's
+			// ctx, or Recv's bound on the login) failed the write:
+			// that call drops c and accounts for its end, if there is
+			// anything to account (the login's bound is a failure of
+			// the server's, and a timeout of its path).
+			return rc.writeErr(err)
 		}
 		rc.dropAfterWrite(c, err)
 		return rc.writeErr(err)
@@ -1793,6 +1806,9 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			continue
 		}
 		if err != nil {
+			if rc.testHookRecvFailed != nil {
+				rc.testHookRecvFailed()
+			}
 			if ctx.Err() != nil {
 				rc.drop(c) // ctx's interrupt, not the server's silence
 				return nil, 0, ctx.Err()

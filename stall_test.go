@@ -2220,3 +2220,99 @@ func TestReconnectingSendCtxDropIsNoFailureForRecv(t *testing.T) {
 		t.Fatalf("no reconnect within 30 s after a Send's own ctx dropped the connection: %d failures counted, want 0", failures)
 	}
 }
+
+// A Recv whose own ctx ends drops the connection, counting no failure of
+// the server's; its interrupt also fails a Send on the same connection
+// (here one that a server that reads nothing holds), and that Send must
+// not count one either. When the Send got there first (held here by
+// testHookRecvFailed, which runs before Recv drops the connection) it
+// counted the end of a session less than MaxBackoff past its ServerInfo
+// as the server's failure, and held the next dial for the backoff (or,
+// before ServerInfo, sent it to the fallback).
+func TestReconnectingRecvCtxDropIsNoFailureForSend(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.init()
+	reading := make(chan struct{}, 1)
+	s.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
+		if n != 1 {
+			io.Copy(io.Discard, br)
+			return
+		}
+		// The header of a packet frame whose body never comes: once
+		// the pipe took it, the client's Recv is inside its read.
+		hdr := []byte{byte(FrameRecvPacket), 0, 0, 0, 40}
+		if _, err := sc.Write(hdr); err != nil {
+			return
+		}
+		reading <- struct{}{}
+		s.stall() // reads nothing: the Send's write blocks on the pipe
+	}
+	rc := newScriptedRC(t, s)
+	rc.MinBackoff, rc.MaxBackoff = time.Hour, time.Hour // a failure counted would hold the next dial
+	var armed atomic.Bool
+	started := make(chan struct{}, 1)
+	rc.Dialer.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		nc, err := s.dial(ctx, network, addr)
+		return &writeStartConn{Conn: nc, armed: &armed, started: started}, err
+	}
+	sendErr := make(chan error, 1)
+	sent := make(chan struct{})
+	var hooked atomic.Int32
+	rc.testHookRecvFailed = func() {
+		if hooked.Add(1) == 1 {
+			select { // the Send sees the interrupt first
+			case <-sent:
+			case <-time.After(30 * time.Second):
+			}
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if m, err := rc.Recv(ctx); err != nil {
+		t.Fatal(err)
+	} else if _, ok := m.(ServerInfo); !ok {
+		t.Fatalf("first message %T, want ServerInfo", m)
+	}
+	rctx, rcancel := context.WithCancel(ctx)
+	recvDone := make(chan error, 1)
+	go func() {
+		_, err := rc.Recv(rctx)
+		recvDone <- err
+	}()
+	select {
+	case <-reading:
+	case <-ctx.Done():
+		t.Fatal("Recv did not start its read")
+	}
+	armed.Store(true)
+	go func() {
+		sendErr <- rc.Send(ctx, PublicKey{1}, []byte("x"))
+		close(sent)
+	}()
+	select {
+	case <-started:
+	case <-ctx.Done():
+		t.Fatal("the Send's write did not start")
+	}
+	rcancel() // interrupts the connection: Recv's read and the Send's write fail
+	select {
+	case err := <-recvDone:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("Recv whose ctx ended: %v, want %v", err, context.Canceled)
+		}
+	case <-ctx.Done():
+		t.Fatal("Recv did not return after its ctx ended")
+	}
+	if hooked.Load() == 0 {
+		t.Fatal("Recv's read did not fail")
+	}
+	if err := <-sendErr; err == nil {
+		t.Fatal("a Send on the interrupted connection succeeded")
+	}
+	rc.mu.Lock()
+	failures, wait := rc.failures, max(time.Until(rc.nextDial), time.Until(rc.notBefore))
+	rc.mu.Unlock()
+	if failures != 0 || wait > 0 {
+		t.Fatalf("after a Recv's own ctx dropped the connection under a Send: %d failures counted, next dial in %v; want 0 and none", failures, wait.Round(time.Second))
+	}
+}
