@@ -434,20 +434,35 @@ func TestReconnectingClientFailoverBeyondTCP(t *testing.T) {
 	}
 }
 
+// refusingPair is two servers served over plain HTTP: A refuses every
+// login after a fast-path dial has succeeded (counting them in refused),
+// B takes them.
+type refusingPair struct {
+	refused atomic.Int32
+	sA, sB  *Server
+	a, b    derpHTTP
+}
+
+func newRefusingPair(t *testing.T) *refusingPair {
+	p := &refusingPair{}
+	p.sA = newTestServer(t, WithAdmission(func(ctx context.Context, _ Admission) error {
+		p.refused.Add(1)
+		return errors.New("not today")
+	}))
+	p.sB = newTestServer(t)
+	p.a = serveDERP(t, p.sA, derpServeOpts{plain: true})
+	p.b = serveDERP(t, p.sB, derpServeOpts{plain: true})
+	return p
+}
+
 // TestReconnectingClientFailoverAfterRefusedLogin checks a node that takes
 // the fast path (so the dial succeeds before the server answers) and then
 // refuses the login: the next dial starts with the next node instead of
 // returning to the refusing one, and the reconnect after that starts with
 // the ideal node again.
 func TestReconnectingClientFailoverAfterRefusedLogin(t *testing.T) {
-	var refused atomic.Int32
-	sA := newTestServer(t, WithAdmission(func(ctx context.Context, a Admission) error {
-		refused.Add(1)
-		return errors.New("not today")
-	}))
-	sB := newTestServer(t)
-	a := serveDERP(t, sA, derpServeOpts{plain: true})
-	b := serveDERP(t, sB, derpServeOpts{plain: true})
+	p := newRefusingPair(t)
+	refused, sA, sB, a, b := &p.refused, p.sA, p.sB, p.a, p.b
 	h := newRCHarness(t, &TestServer{URL: a.URL}, func(rc *ReconnectingClient) {
 		rc.Fallbacks = []string{b.URL}
 		rc.Dialer = &FastStart{ServerKey: sA.PublicKey()} // the fast path to A
@@ -722,21 +737,13 @@ func TestReconnectingCallerCtxCutsDialShort(t *testing.T) {
 			if !slices.Contains(stall, dials.Add(1)) {
 				return s.dial(ctx, network, addr)
 			}
-			cc, sc := net.Pipe()
-			s.mu.Lock()
-			s.conns = append(s.conns, cc, sc)
-			s.mu.Unlock()
-			s.wg.Add(1)
-			go func() {
-				defer s.wg.Done()
-				br := bufio.NewReader(sc)
+			return s.pipe(func(_ net.Conn, br *bufio.Reader) {
 				if _, err := http.ReadRequest(br); err != nil {
 					return
 				}
 				asked <- struct{}{}
 				io.Copy(io.Discard, br)
-			}()
-			return cc, nil
+			}), nil
 		}
 		return rc, dials, asked
 	}
@@ -848,16 +855,8 @@ func TestReconnectingCutShortDialKeepsFailover(t *testing.T) {
 	var mu sync.Mutex
 	var dialled []string
 	asked := make(chan struct{}, 1)
-	var conns []net.Conn
-	var wg sync.WaitGroup
-	t.Cleanup(func() {
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
+	s := &scriptedServer{}
+	t.Cleanup(s.close)
 	rc := &ReconnectingClient{
 		URL:        "http://a.invalid/derp",
 		Fallbacks:  []string{"http://b.invalid/derp"},
@@ -874,21 +873,13 @@ func TestReconnectingCutShortDialKeepsFailover(t *testing.T) {
 			}
 			// B's first connection takes the request and answers
 			// nothing, until the caller's ctx ends the dial.
-			cc, sc := net.Pipe()
-			mu.Lock()
-			conns = append(conns, cc, sc)
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				br := bufio.NewReader(sc)
+			return s.pipe(func(_ net.Conn, br *bufio.Reader) {
 				if _, err := http.ReadRequest(br); err != nil {
 					return
 				}
 				asked <- struct{}{}
 				io.Copy(io.Discard, br)
-			}()
-			return cc, nil
+			}), nil
 		}},
 	}
 	defer rc.Close()

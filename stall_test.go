@@ -71,6 +71,22 @@ func (s *scriptedServer) start(cc, sc net.Conn) net.Conn {
 	return cc
 }
 
+// pipe serves a connection with script instead of the scripted login,
+// and returns its client end; close closes both ends.
+func (s *scriptedServer) pipe(script func(sc net.Conn, br *bufio.Reader)) net.Conn {
+	s.init()
+	cc, sc := net.Pipe()
+	s.mu.Lock()
+	s.conns = append(s.conns, cc, sc)
+	s.mu.Unlock()
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		script(sc, bufio.NewReader(sc))
+	}()
+	return cc
+}
+
 // dialTCP is dial over a real loopback TCP connection.
 func (s *scriptedServer) dialTCP(ctx context.Context, network, addr string) (net.Conn, error) {
 	s.init()
@@ -725,22 +741,14 @@ func TestReconnectingFailoverWhenLoginStalls(t *testing.T) {
 			return good.dial(ctx, network, addr)
 		}
 		stalledDials.Add(1)
-		cc, sc := net.Pipe()
-		stalled.mu.Lock()
-		stalled.conns = append(stalled.conns, cc, sc)
-		stalled.mu.Unlock()
-		stalled.wg.Add(1)
-		go func() {
-			defer stalled.wg.Done()
-			br := bufio.NewReader(sc)
+		return stalled.pipe(func(sc net.Conn, br *bufio.Reader) {
 			if _, err := http.ReadRequest(br); err != nil {
 				return
 			}
 			io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
 			sc.Write(appendFrame(nil, FrameServerKey, appendServerKey(nil, stalled.priv.Public())))
 			io.Copy(io.Discard, br) // the ClientInfo, and no answer
-		}()
-		return cc, nil
+		}), nil
 	}
 	rc := &ReconnectingClient{URL: "http://stalled.invalid/derp", Fallbacks: []string{"http://good.invalid/derp"},
 		PrivateKey: mustKey(t), Dialer: &FastStart{DialContext: dial}, DialTimeout: 2 * time.Second}
@@ -1750,14 +1758,7 @@ func TestReconnectingCallerDeadlineKeepsFastStart(t *testing.T) {
 		}
 		// The second connection: read the fast-start request and the
 		// ClientInfo, then answer nothing until the test ends.
-		cc, sc := net.Pipe()
-		s.mu.Lock()
-		s.conns = append(s.conns, cc, sc)
-		s.mu.Unlock()
-		s.wg.Add(1)
-		go func() {
-			defer s.wg.Done()
-			br := bufio.NewReader(sc)
+		return s.pipe(func(_ net.Conn, br *bufio.Reader) {
 			req, err := http.ReadRequest(br)
 			if err != nil || req.Header.Get(FastStartHeader) == "" {
 				return
@@ -1767,8 +1768,7 @@ func TestReconnectingCallerDeadlineKeepsFastStart(t *testing.T) {
 			}
 			fastAsked <- struct{}{}
 			io.Copy(io.Discard, br)
-		}()
-		return cc, nil
+		}), nil
 	}
 	s.script = func(_ int, _ net.Conn, br *bufio.Reader, _ PublicKey) { io.Copy(io.Discard, br) }
 	// The first connection learns the key (upgrade path: plain HTTP).
@@ -1997,14 +1997,8 @@ func recvCounting[M Message](rc *ReconnectingClient, d time.Duration) int {
 // a failed dial of that server, and the next dial starts with the server
 // after it. It returned to the refusing server for good.
 func TestReconnectingSendOnlyFailsOverAfterRefusedLogin(t *testing.T) {
-	var refused atomic.Int32
-	sA := newTestServer(t, WithAdmission(func(ctx context.Context, a Admission) error {
-		refused.Add(1)
-		return errors.New("not today")
-	}))
-	sB := newTestServer(t)
-	a := serveDERP(t, sA, derpServeOpts{plain: true})
-	b := serveDERP(t, sB, derpServeOpts{plain: true})
+	p := newRefusingPair(t)
+	refused, sB, a, b := &p.refused, p.sB, p.a, p.b
 	rc := &ReconnectingClient{URL: a.URL, Fallbacks: []string{b.URL}, PrivateKey: mustKey(t),
 		MinBackoff: 10 * time.Millisecond, MaxBackoff: 10 * time.Second}
 	defer rc.Close()
@@ -2149,6 +2143,20 @@ func (c *writeStartConn) Write(p []byte) (int, error) {
 	return c.Conn.Write(p)
 }
 
+// armedWritesRC is newScriptedRC for s with an hour's backoff, so that a
+// failure counted would hold the next dial, whose connections tell
+// started when a write begins while armed is set.
+func armedWritesRC(t *testing.T, s *scriptedServer) (rc *ReconnectingClient, armed *atomic.Bool, started chan struct{}) {
+	rc = newScriptedRC(t, s)
+	rc.MinBackoff, rc.MaxBackoff = time.Hour, time.Hour
+	armed, started = new(atomic.Bool), make(chan struct{}, 1)
+	rc.Dialer.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		nc, err := s.dial(ctx, network, addr)
+		return &writeStartConn{Conn: nc, armed: armed, started: started}, err
+	}
+	return rc, armed, started
+}
+
 // A Send whose own ctx ends while a server that reads nothing holds its
 // write drops the connection, and that is no failure of the server's
 // (writeUnder says so, and counts none). The interrupt ends the Recv
@@ -2165,14 +2173,7 @@ func TestReconnectingSendCtxDropIsNoFailureForRecv(t *testing.T) {
 		}
 		io.Copy(io.Discard, br)
 	}
-	rc := newScriptedRC(t, s)
-	rc.MinBackoff, rc.MaxBackoff = time.Hour, time.Hour // a failure counted would hold the next dial
-	var armed atomic.Bool
-	started := make(chan struct{}, 1)
-	rc.Dialer.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
-		nc, err := s.dial(ctx, network, addr)
-		return &writeStartConn{Conn: nc, armed: &armed, started: started}, err
-	}
+	rc, armed, started := armedWritesRC(t, s)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	infos := make(chan int, 4)
@@ -2247,14 +2248,7 @@ func TestReconnectingRecvCtxDropIsNoFailureForSend(t *testing.T) {
 		reading <- struct{}{}
 		s.stall() // reads nothing: the Send's write blocks on the pipe
 	}
-	rc := newScriptedRC(t, s)
-	rc.MinBackoff, rc.MaxBackoff = time.Hour, time.Hour // a failure counted would hold the next dial
-	var armed atomic.Bool
-	started := make(chan struct{}, 1)
-	rc.Dialer.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
-		nc, err := s.dial(ctx, network, addr)
-		return &writeStartConn{Conn: nc, armed: &armed, started: started}, err
-	}
+	rc, armed, started := armedWritesRC(t, s)
 	sendErr := make(chan error, 1)
 	sent := make(chan struct{})
 	var hooked atomic.Int32
