@@ -790,10 +790,15 @@ func TestReconnectingCallerCtxCutsDialShort(t *testing.T) {
 			t.Fatalf("%d dials, want %d: a dial during the backoff", n, want)
 		}
 	}
-	t.Run("deadline", func(t *testing.T) {
-		rc, dials, asked := stalling(t, 1)
+	// cutByDeadline is cutShort by a deadline that passes.
+	cutByDeadline := func(t *testing.T, rc *ReconnectingClient, asked chan struct{}) {
+		t.Helper()
 		ctx := newExpiringCtx()
 		cutShort(t, rc, asked, ctx, ctx.expire, context.DeadlineExceeded)
+	}
+	t.Run("deadline", func(t *testing.T) {
+		rc, dials, asked := stalling(t, 1)
+		cutByDeadline(t, rc, asked)
 		connectsAtOnce(t, rc, dials, 2)
 	})
 	t.Run("cancel", func(t *testing.T) {
@@ -804,33 +809,27 @@ func TestReconnectingCallerCtxCutsDialShort(t *testing.T) {
 	})
 	t.Run("twice", func(t *testing.T) {
 		rc, dials, asked := stalling(t, 1, 2)
-		ctx := newExpiringCtx()
-		cutShort(t, rc, asked, ctx, ctx.expire, context.DeadlineExceeded)
-		ctx = newExpiringCtx()
-		cutShort(t, rc, asked, ctx, ctx.expire, context.DeadlineExceeded)
+		cutByDeadline(t, rc, asked)
+		cutByDeadline(t, rc, asked)
 		backedOff(t, rc, dials, 2)
 	})
 	t.Run("after a connection", func(t *testing.T) {
 		// A connection between two cut-short dials: the second is
 		// forgiven too.
 		rc, dials, asked := stalling(t, 1, 3)
-		ctx := newExpiringCtx()
-		cutShort(t, rc, asked, ctx, ctx.expire, context.DeadlineExceeded)
+		cutByDeadline(t, rc, asked)
 		connectsAtOnce(t, rc, dials, 2)
 		rc.Reconnect()
-		ctx = newExpiringCtx()
-		cutShort(t, rc, asked, ctx, ctx.expire, context.DeadlineExceeded)
+		cutByDeadline(t, rc, asked)
 		connectsAtOnce(t, rc, dials, 4)
 	})
 	t.Run("after Reconnect", func(t *testing.T) {
 		// Reconnect starts the count again: what the dials on the old
 		// path met says nothing of the new one.
 		rc, dials, asked := stalling(t, 1, 2)
-		ctx := newExpiringCtx()
-		cutShort(t, rc, asked, ctx, ctx.expire, context.DeadlineExceeded)
+		cutByDeadline(t, rc, asked)
 		rc.Reconnect()
-		ctx = newExpiringCtx()
-		cutShort(t, rc, asked, ctx, ctx.expire, context.DeadlineExceeded)
+		cutByDeadline(t, rc, asked)
 		connectsAtOnce(t, rc, dials, 3)
 	})
 	t.Run("own timeout", func(t *testing.T) {
