@@ -434,6 +434,23 @@ func TestReconnectingClientFailoverBeyondTCP(t *testing.T) {
 	}
 }
 
+// connectCutShort has rc's Connect dial under ctx, which cut ends once
+// the server has the request (asked), and checks that it failed with want.
+func connectCutShort(t *testing.T, rc *ReconnectingClient, asked chan struct{}, ctx context.Context, cut func(), want error) {
+	t.Helper()
+	errc := make(chan error, 1)
+	go func() { errc <- rc.Connect(ctx) }()
+	select {
+	case <-asked:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the server did not get the dial's request")
+	}
+	cut()
+	if err := <-errc; !errors.Is(err, want) {
+		t.Fatalf("Connect whose ctx ended during the dial: %v, want %v", err, want)
+	}
+}
+
 // refusingPair is two servers served over plain HTTP: A refuses every
 // login after a fast-path dial has succeeded (counting them in refused),
 // B takes them.
@@ -747,22 +764,6 @@ func TestReconnectingCallerCtxCutsDialShort(t *testing.T) {
 		}
 		return rc, dials, asked
 	}
-	// cutShort has Connect dial under a ctx that cut ends once the
-	// server has the request, and checks that the dial failed with err.
-	cutShort := func(t *testing.T, rc *ReconnectingClient, asked chan struct{}, ctx context.Context, cut func(), want error) {
-		t.Helper()
-		errc := make(chan error, 1)
-		go func() { errc <- rc.Connect(ctx) }()
-		select {
-		case <-asked:
-		case <-time.After(30 * time.Second):
-			t.Fatal("the server did not get the dial's request")
-		}
-		cut()
-		if err := <-errc; !errors.Is(err, want) {
-			t.Fatalf("Connect whose ctx ended during the dial: %v, want %v", err, want)
-		}
-	}
 	// connectsAtOnce checks that the next dial starts without a wait.
 	connectsAtOnce := func(t *testing.T, rc *ReconnectingClient, dials *atomic.Int32, want int32) {
 		t.Helper()
@@ -794,7 +795,7 @@ func TestReconnectingCallerCtxCutsDialShort(t *testing.T) {
 	cutByDeadline := func(t *testing.T, rc *ReconnectingClient, asked chan struct{}) {
 		t.Helper()
 		ctx := newExpiringCtx()
-		cutShort(t, rc, asked, ctx, ctx.expire, context.DeadlineExceeded)
+		connectCutShort(t, rc, asked, ctx, ctx.expire, context.DeadlineExceeded)
 	}
 	t.Run("deadline", func(t *testing.T) {
 		rc, dials, asked := stalling(t, 1)
@@ -804,7 +805,7 @@ func TestReconnectingCallerCtxCutsDialShort(t *testing.T) {
 	t.Run("cancel", func(t *testing.T) {
 		rc, dials, asked := stalling(t, 1)
 		ctx, cancel := context.WithCancel(context.Background())
-		cutShort(t, rc, asked, ctx, cancel, context.Canceled)
+		connectCutShort(t, rc, asked, ctx, cancel, context.Canceled)
 		connectsAtOnce(t, rc, dials, 2)
 	})
 	t.Run("twice", func(t *testing.T) {
@@ -889,17 +890,7 @@ func TestReconnectingCutShortDialKeepsFailover(t *testing.T) {
 	rc.mu.Unlock()
 
 	ctx, cancel := context.WithCancel(context.Background())
-	errc := make(chan error, 1)
-	go func() { errc <- rc.Connect(ctx) }()
-	select {
-	case <-asked:
-	case <-time.After(30 * time.Second):
-		t.Fatal("B did not get the dial's request")
-	}
-	cancel()
-	if err := <-errc; !errors.Is(err, context.Canceled) {
-		t.Fatalf("Connect whose ctx ended during the dial: %v, want %v", err, context.Canceled)
-	}
+	connectCutShort(t, rc, asked, ctx, cancel, context.Canceled)
 	ctx, cancel = context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	rc.Connect(ctx) // both refuse now: what counts is which is tried first
