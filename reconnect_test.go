@@ -754,13 +754,7 @@ func TestReconnectingCallerCtxCutsDialShort(t *testing.T) {
 			if !slices.Contains(stall, dials.Add(1)) {
 				return s.dial(ctx, network, addr)
 			}
-			return s.pipe(func(_ net.Conn, br *bufio.Reader) {
-				if _, err := http.ReadRequest(br); err != nil {
-					return
-				}
-				asked <- struct{}{}
-				io.Copy(io.Discard, br)
-			}), nil
+			return s.silentAfterRequest(asked), nil
 		}
 		return rc, dials, asked
 	}
@@ -873,13 +867,7 @@ func TestReconnectingCutShortDialKeepsFailover(t *testing.T) {
 			}
 			// B's first connection takes the request and answers
 			// nothing, until the caller's ctx ends the dial.
-			return s.pipe(func(_ net.Conn, br *bufio.Reader) {
-				if _, err := http.ReadRequest(br); err != nil {
-					return
-				}
-				asked <- struct{}{}
-				io.Copy(io.Discard, br)
-			}), nil
+			return s.silentAfterRequest(asked), nil
 		}},
 	}
 	defer rc.Close()

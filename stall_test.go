@@ -87,6 +87,18 @@ func (s *scriptedServer) pipe(script func(sc net.Conn, br *bufio.Reader)) net.Co
 	return cc
 }
 
+// silentAfterRequest is pipe with a script that reads the request, tells
+// asked, and answers nothing.
+func (s *scriptedServer) silentAfterRequest(asked chan<- struct{}) net.Conn {
+	return s.pipe(func(_ net.Conn, br *bufio.Reader) {
+		if _, err := http.ReadRequest(br); err != nil {
+			return
+		}
+		asked <- struct{}{}
+		io.Copy(io.Discard, br)
+	})
+}
+
 // dialTCP is dial over a real loopback TCP connection.
 func (s *scriptedServer) dialTCP(ctx context.Context, network, addr string) (net.Conn, error) {
 	s.init()
