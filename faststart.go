@@ -1191,6 +1191,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 		}
 		logErr = fmt.Errorf(strings.TrimSuffix(strings.Repeat("%w; ", len(args)), "; "), args...)
 	}
+	setupFailed := false // the connection was made, its first frames were not
 	if err == nil {
 		// The new connection's first frames. Under setupMu, so that a
 		// concurrent NotePreferred or WatchConnectionChanges either
@@ -1216,6 +1217,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 			}
 			if err != nil {
 				c.Close()
+				setupFailed = true
 			}
 		}
 	}
@@ -1262,6 +1264,14 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 		rc.cutShort = cut
 		rc.failures++
 		rc.nextDial = time.Now().Add(rc.backoff(rc.failures, time.Now()))
+		if setupFailed && !cut && len(targets) > 1 {
+			// The server took the connection and then failed its first
+			// frames (a login it refused, as a client that has not read
+			// its ServerInfo can tell): the next dial starts with the
+			// server after it, as after any connection that ended before
+			// its ServerInfo (see Fallbacks).
+			rc.startAt = (wonIdx + 1) % len(targets)
+		}
 		if logErr == nil {
 			logErr = err // the new connection's first frames failed
 		}

@@ -2322,3 +2322,84 @@ func TestReconnectingRecvCtxDropIsNoFailureForSend(t *testing.T) {
 		t.Fatalf("after a Recv's own ctx dropped the connection under a Send: %d failures counted, next dial in %v; want 0 and none", failures, wait.Round(time.Second))
 	}
 }
+
+// pipeRefusingServer is refusingServer over net.Pipe, which has no
+// buffer: a write after the ClientInfo fails at once (the server reads
+// nothing more and hangs up), so the first write to find the login
+// refused is always the client's first after its dial.
+func pipeRefusingServer(t *testing.T) (func(ctx context.Context, network, addr string) (net.Conn, error), *atomic.Int32) {
+	priv := mustKey(t)
+	dials := new(atomic.Int32)
+	var wg sync.WaitGroup
+	t.Cleanup(wg.Wait)
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		dials.Add(1)
+		cc, sc := net.Pipe()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer sc.Close()
+			br := bufio.NewReader(sc)
+			if _, err := http.ReadRequest(br); err != nil {
+				return
+			}
+			resp := []byte("HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+			if _, err := sc.Write(appendFrame(resp, FrameServerKey, appendServerKey(nil, priv.Public()))); err != nil {
+				return
+			}
+			readRawFrame(br) // the ClientInfo
+		}()
+		return cc, nil
+	}, dials
+}
+
+// refusedThenFallback returns a ReconnectingClient whose URL's server
+// refuses every login (pipeRefusingServer) and whose fallback takes them,
+// with the count of dials of each.
+func refusedThenFallback(t *testing.T) (rc *ReconnectingClient, dialsA, dialsB *atomic.Int32) {
+	dialA, dialsA := pipeRefusingServer(t)
+	b := &scriptedServer{priv: mustKey(t)}
+	b.init()
+	b.script = func(_ int, _ net.Conn, br *bufio.Reader, _ PublicKey) { io.Copy(io.Discard, br) }
+	rc = &ReconnectingClient{URL: "http://a.invalid/derp", Fallbacks: []string{"http://b.invalid/derp"},
+		PrivateKey: mustKey(t), MinBackoff: time.Millisecond, MaxBackoff: 10 * time.Millisecond,
+		Dialer: &FastStart{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			if strings.HasPrefix(addr, "a.invalid:") {
+				return dialA(ctx, network, addr)
+			}
+			return b.dialTCP(ctx, network, addr)
+		}}}
+	t.Cleanup(func() { rc.Close(); b.close() })
+	return rc, dialsA, &b.dials
+}
+
+// A client that only sends, with NotePreferred(true) or
+// WatchConnectionChanges called before it connects, writes those frames
+// first on every new connection: when the server refused the login, that
+// write is the one to find it, and the dial failed as a failed dial of
+// the server, but the next dial started with the same server again, not
+// with its fallback.
+func TestReconnectingSendOnlySetupWriteFailsOver(t *testing.T) {
+	for _, setup := range []string{"NotePreferred", "WatchConnectionChanges"} {
+		t.Run(setup, func(t *testing.T) {
+			rc, dialsA, dialsB := refusedThenFallback(t)
+			var err error
+			if setup == "NotePreferred" {
+				err = rc.NotePreferred(true)
+			} else {
+				err = rc.WatchConnectionChanges()
+			}
+			if err != nil {
+				t.Fatalf("%s before connecting: %v", setup, err)
+			}
+			for sends := 0; dialsB.Load() == 0 && dialsA.Load() < 5; sends++ {
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				rc.Send(ctx, PublicKey{1}, []byte("x"))
+				cancel()
+			}
+			if a, b := dialsA.Load(), dialsB.Load(); a != 1 || b != 1 {
+				t.Fatalf("%s set, a client that only sends: %d dials of the server that refused the login, %d of its fallback; want 1 and 1", setup, a, b)
+			}
+		})
+	}
+}
