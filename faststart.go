@@ -1549,18 +1549,26 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 			rc.drop(c) // ctx's interrupt, not the server's silence
 			return ctx.Err()
 		}
-		if !fired && c.interrupted.Load() {
-			// Another call's interrupt (a Recv's or another write's
-			// ctx, or Recv's bound on the login) failed the write:
-			// that call drops c and accounts for its end, if there is
-			// anything to account (the login's bound is a failure of
-			// the server's, and a timeout of its path).
-			return rc.writeErr(err)
-		}
-		rc.dropAfterWrite(c, err)
-		return rc.writeErr(err)
+		return rc.writeFailed(c, fired, err)
 	}
 	return err
+}
+
+// writeFailed ends a write on c that failed with err, not by its own
+// ctx's end, and returns the caller's error: c is dropped and its end
+// accounted for (see dropAfterWrite), unless another call's interrupt
+// failed the write (fired says whether the write's own did).
+func (rc *ReconnectingClient) writeFailed(c *Client, fired bool, err error) error {
+	if !fired && c.interrupted.Load() {
+		// Another call's interrupt (a Recv's or another write's ctx,
+		// or Recv's bound on the login) failed the write: that call
+		// drops c and accounts for its end, if there is anything to
+		// account (the login's bound is a failure of the server's, and
+		// a timeout of its path).
+		return rc.writeErr(err)
+	}
+	rc.dropAfterWrite(c, err)
+	return rc.writeErr(err)
 }
 
 // dropAfterWrite is dropAfter for a write that failed on c with err. If
@@ -1680,8 +1688,7 @@ func (rc *ReconnectingClient) NotePreferred(preferred bool) error {
 		return nil
 	}
 	if err := c.NotePreferred(preferred); err != nil {
-		rc.drop(c)
-		return rc.writeErr(err)
+		return rc.writeFailed(c, false, err)
 	}
 	return nil
 }
@@ -1742,8 +1749,7 @@ func (rc *ReconnectingClient) WatchConnectionChanges() error {
 		return nil // the next connection asks
 	}
 	if err := c.WatchConnectionChanges(); err != nil {
-		rc.drop(c)
-		return rc.writeErr(err)
+		return rc.writeFailed(c, false, err)
 	}
 	return nil
 }

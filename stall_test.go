@@ -2403,3 +2403,36 @@ func TestReconnectingSendOnlySetupWriteFailsOver(t *testing.T) {
 		})
 	}
 }
+
+// The same when a NotePreferred or WatchConnectionChanges call after the
+// dial is the first write to find the login refused: it dropped the
+// connection with nothing counted, and the next dial went straight back to
+// the server that refused it.
+func TestReconnectingLaterSetupWriteFailsOver(t *testing.T) {
+	for _, setup := range []string{"NotePreferred", "WatchConnectionChanges"} {
+		t.Run(setup, func(t *testing.T) {
+			rc, dialsA, dialsB := refusedThenFallback(t)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			if err := rc.Connect(ctx); err != nil {
+				t.Fatal(err)
+			}
+			var err error
+			if setup == "NotePreferred" {
+				err = rc.NotePreferred(true)
+			} else {
+				err = rc.WatchConnectionChanges()
+			}
+			if err == nil {
+				t.Fatalf("%s on a connection whose server hung up: no error", setup)
+			}
+			rc.mu.Lock()
+			failures := rc.failures
+			rc.mu.Unlock()
+			cerr := rc.Connect(ctx)
+			if a, b := dialsA.Load(), dialsB.Load(); failures != 1 || a != 1 || b != 1 || cerr != nil {
+				t.Fatalf("after %s found the login refused (%v): %d failures counted; then %d dials of the server that refused it, %d of its fallback, Connect: %v; want 1, 1, 1 and nil", setup, err, failures, a, b, cerr)
+			}
+		})
+	}
+}
