@@ -852,8 +852,9 @@ type ReconnectingClient struct {
 	pings        map[[8]byte]chan struct{}
 	done         chan struct{} // closed by Close; made by doneCh
 
-	testHookDialed     func() // if set (tests only), called by dial after its servers were tried
-	testHookRecvFailed func() // if set (tests only), called by RecvDetail when a read fails, before it drops the connection
+	testHookDialed      func() // if set (tests only), called by dial after its servers were tried
+	testHookRecvFailed  func() // if set (tests only), called by RecvDetail when a read fails, before it drops the connection
+	testHookRecvDropped func() // if set (tests only), called by RecvDetail once it dropped a connection whose read failed, before it goes on
 }
 
 // doneCh returns the channel Close closes. rc.mu must be held.
@@ -1464,6 +1465,14 @@ func (rc *ReconnectingClient) drop(c *Client) {
 // a timeout (the server went silent) marks its server's path as silent.
 func (rc *ReconnectingClient) dropAfter(c *Client, err error) {
 	rc.mu.Lock()
+	rc.forgetLocked(c, err)
+	rc.mu.Unlock()
+	c.Close()
+}
+
+// forgetLocked is dropAfter with rc.mu held, but for closing c, which the
+// caller does once it unlocks.
+func (rc *ReconnectingClient) forgetLocked(c *Client, err error) {
 	if rc.c == c {
 		rc.c = nil
 		rc.wakePingsLocked()
@@ -1471,8 +1480,6 @@ func (rc *ReconnectingClient) dropAfter(c *Client, err error) {
 			rc.noteSilentLocked(rc.cKeyID, true)
 		}
 	}
-	rc.mu.Unlock()
-	c.Close()
 }
 
 // noteSilent records whether the last connection or dial to the server
@@ -1833,12 +1840,15 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			// whose ctx ended under it, which drops c (see writeUnder),
 			// no failure of the server's nor a sign of a silent path.
 			byCaller := !fired && c.interrupted.Load()
-			if byCaller {
-				rc.drop(c)
-			} else {
-				rc.dropAfter(c, err)
-			}
+			// Dropped and accounted for under one lock: a dial that
+			// another call begins once c is gone must find the wait
+			// and the server to start with that c's end sets.
 			rc.mu.Lock()
+			if byCaller {
+				rc.forgetLocked(c, nil)
+			} else {
+				rc.forgetLocked(c, err)
+			}
 			closed := rc.closed
 			// Reconnect dropped it, or an older one: a connection
 			// replaced while Recv was still on it (two Reconnects in a
@@ -1877,6 +1887,10 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 				rc.failures = 0
 			}
 			rc.mu.Unlock()
+			c.Close()
+			if rc.testHookRecvDropped != nil {
+				rc.testHookRecvDropped()
+			}
 			if closed {
 				return nil, 0, ErrClosed
 			}

@@ -2436,3 +2436,36 @@ func TestReconnectingLaterSetupWriteFailsOver(t *testing.T) {
 		})
 	}
 }
+
+// A Recv that finds its connection ended before ServerInfo (a login the
+// server refused) moves the next dial to the server after it. It did so
+// after dropping the connection, and a dial that another call began in
+// between (a Send's, on a connection no longer there) had read where to
+// start already: it went to the server that refused the login again, with
+// no backoff either, and the move to the fallback came one dial late.
+// testHookRecvDropped, which runs once Recv dropped the connection, is
+// that other call here.
+func TestReconnectingRecvRefusedLoginMovesTheDialUnderWay(t *testing.T) {
+	rc, dialsA, dialsB := refusedThenFallback(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var once sync.Once
+	connected := make(chan error, 1)
+	rc.testHookRecvDropped = func() {
+		once.Do(func() { connected <- rc.Connect(ctx) })
+	}
+	if m, err := rc.Recv(ctx); err != nil {
+		t.Fatal(err)
+	} else if _, ok := m.(ServerInfo); !ok {
+		t.Fatalf("first message %T, want ServerInfo", m)
+	}
+	var err error
+	select {
+	case err = <-connected:
+	default:
+		t.Fatal("Recv got its ServerInfo without dropping a connection")
+	}
+	if a, b := dialsA.Load(), dialsB.Load(); a != 1 || b != 1 || err != nil {
+		t.Fatalf("a dial begun as Recv dropped a connection whose login the server refused (Connect: %v): then %d dials of that server, %d of its fallback; want 1 and 1", err, a, b)
+	}
+}
