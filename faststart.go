@@ -855,6 +855,7 @@ type ReconnectingClient struct {
 	testHookDialed      func() // if set (tests only), called by dial after its servers were tried
 	testHookRecvFailed  func() // if set (tests only), called by RecvDetail when a read fails, before it drops the connection
 	testHookRecvDropped func() // if set (tests only), called by RecvDetail once it dropped a connection whose read failed, before it goes on
+	testHookWriteFailed func() // if set (tests only), called by dropAfterWrite once it accounted for the connection's end and forgot it, before it closes it
 }
 
 // doneCh returns the channel Close closes. rc.mu must be held.
@@ -1620,8 +1621,14 @@ func (rc *ReconnectingClient) dropAfterWrite(c *Client, err error) {
 			rc.failures = 0
 		}
 	}
+	// Forgotten under the same lock: another write that finds c failed
+	// must find it gone, not count its end again.
+	rc.forgetLocked(c, err)
 	rc.mu.Unlock()
-	rc.dropAfter(c, err)
+	if rc.testHookWriteFailed != nil {
+		rc.testHookWriteFailed()
+	}
+	c.Close()
 }
 
 // ctxEnded returns ctx's error if ctx has ended. A call whose ctx ended

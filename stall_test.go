@@ -2469,3 +2469,41 @@ func TestReconnectingRecvRefusedLoginMovesTheDialUnderWay(t *testing.T) {
 		t.Fatalf("a dial begun as Recv dropped a connection whose login the server refused (Connect: %v): then %d dials of that server, %d of its fallback; want 1 and 1", err, a, b)
 	}
 }
+
+// Two writes that find the same connection failed count one failure: the
+// first accounts for its end, and the other, which had the connection
+// from current before, finds it gone. The first dropped it only after
+// releasing the lock it counted under, and a write that failed in
+// between counted the same end again (with many senders, as many
+// failures as writes: the backoff of a long run of failed dials after
+// one refused login). testHookWriteFailed runs the second write there.
+func TestReconnectingConcurrentWriteFailuresCountOnce(t *testing.T) {
+	rc, _, _ := refusedThenFallback(t)
+	rc.MaxBackoff = time.Hour // the connection stays young: its end is a failure
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rc.mu.Lock()
+	c := rc.c
+	rc.mu.Unlock()
+	var hooked atomic.Int32
+	var second error
+	rc.testHookWriteFailed = func() {
+		if hooked.Add(1) == 1 {
+			// A Send that got c from current before the first failed.
+			second = rc.writeUnder(ctx, c, func() error { return c.Send(PublicKey{2}, []byte("y")) })
+		}
+	}
+	first := rc.Send(ctx, PublicKey{1}, []byte("x"))
+	rc.mu.Lock()
+	failures := rc.failures
+	rc.mu.Unlock()
+	if first == nil || second == nil {
+		t.Fatalf("writes on a connection whose server hung up: %v and %v, want two errors", first, second)
+	}
+	if failures != 1 {
+		t.Fatalf("two writes found the same connection failed (%v; %v): %d failures counted, want 1", first, second, failures)
+	}
+}
