@@ -1874,13 +1874,19 @@ func refusingServer(t *testing.T) (func(ctx context.Context, network, addr strin
 // upgradeOnlyServer is refusingServer, whose connections call then (if not
 // nil) after reading the ClientInfo, before they hang up.
 func upgradeOnlyServer(t *testing.T, then func(sc net.Conn)) (func(ctx context.Context, network, addr string) (net.Conn, error), *atomic.Int32) {
+	return upgradeOnlyServerOver(t, loopbackTCP, then)
+}
+
+// upgradeOnlyServerOver is upgradeOnlyServer over the connections (client
+// end, server end) that conns makes.
+func upgradeOnlyServerOver(t *testing.T, conns func() (net.Conn, net.Conn, error), then func(sc net.Conn)) (func(ctx context.Context, network, addr string) (net.Conn, error), *atomic.Int32) {
 	priv := mustKey(t)
 	dials := new(atomic.Int32)
 	var wg sync.WaitGroup
 	t.Cleanup(wg.Wait)
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		dials.Add(1)
-		cc, sc, err := loopbackTCP()
+		cc, sc, err := conns()
 		if err != nil {
 			return nil, err
 		}
@@ -1892,8 +1898,10 @@ func upgradeOnlyServer(t *testing.T, then func(sc net.Conn)) (func(ctx context.C
 			if _, err := http.ReadRequest(br); err != nil {
 				return
 			}
-			io.WriteString(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
-			sc.Write(appendFrame(nil, FrameServerKey, appendServerKey(nil, priv.Public())))
+			resp := []byte("HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+			if _, err := sc.Write(appendFrame(resp, FrameServerKey, appendServerKey(nil, priv.Public()))); err != nil {
+				return
+			}
 			if _, _, err := readRawFrame(br); err == nil && then != nil { // the ClientInfo
 				then(sc)
 			}
@@ -2328,29 +2336,10 @@ func TestReconnectingRecvCtxDropIsNoFailureForSend(t *testing.T) {
 // nothing more and hangs up), so the first write to find the login
 // refused is always the client's first after its dial.
 func pipeRefusingServer(t *testing.T) (func(ctx context.Context, network, addr string) (net.Conn, error), *atomic.Int32) {
-	priv := mustKey(t)
-	dials := new(atomic.Int32)
-	var wg sync.WaitGroup
-	t.Cleanup(wg.Wait)
-	return func(ctx context.Context, network, addr string) (net.Conn, error) {
-		dials.Add(1)
+	return upgradeOnlyServerOver(t, func() (net.Conn, net.Conn, error) {
 		cc, sc := net.Pipe()
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer sc.Close()
-			br := bufio.NewReader(sc)
-			if _, err := http.ReadRequest(br); err != nil {
-				return
-			}
-			resp := []byte("HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
-			if _, err := sc.Write(appendFrame(resp, FrameServerKey, appendServerKey(nil, priv.Public()))); err != nil {
-				return
-			}
-			readRawFrame(br) // the ClientInfo
-		}()
-		return cc, nil
-	}, dials
+		return cc, sc, nil
+	}, nil)
 }
 
 // refusedThenFallback returns a ReconnectingClient whose URL's server
