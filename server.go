@@ -4385,7 +4385,7 @@ func (s *Server) WritePrometheus(w io.Writer) error {
 	metric("sclient_write_timeouts", "counter", "Sessions ended by the write deadline.", st.WriteTimeouts)
 	metric("unknown_frames", "counter", "Frames read and ignored.", st.UnknownFrames)
 	metric("rate_limit_waits", "counter", "Frame reads that waited for the rate limit.", st.RateLimitWaits)
-	metric("mesh_waiting", "gauge", "Sessions waiting for the route of a key forwarded to them, by key.", st.MeshWaiting)
+	metric("mesh_waiting", "gauge", "Pairs of a session and a key forwarded to it whose route the session waits for.", st.MeshWaiting)
 	metric("mesh_waits_given_up", "counter", "Waits for a forwarded key ended by finding it gone (PeerGone sent).", st.MeshWaitsGivenUp)
 	metric("mesh_waits_forgotten", "counter", "Waits for a forwarded key ended or skipped with no news to be had.", st.MeshWaitsForgotten)
 	fmt.Fprintf(bw, "# HELP derp_queue_wait_seconds Summed over packet batches written to clients: how long each batch's oldest packet waited.\n# TYPE derp_queue_wait_seconds counter\nderp_queue_wait_seconds %g\n", st.QueueWait.Seconds())
