@@ -1281,6 +1281,12 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 		return nil, 0, Handshake{}, err
 	}
 	rc.cutShort = false
+	// A move past a server that a Recv set while this dial was under
+	// way (accounting late for a connection that ended before its
+	// ServerInfo, which a write had dropped) was for this dial, which
+	// read where to start before it: the next dial starts with the ideal
+	// server again.
+	rc.startAt = 0
 	rc.c = c
 	rc.cTarget, rc.nTargets = wonIdx, len(targets)
 	rc.cKeyID = won.keyID()

@@ -2496,3 +2496,110 @@ func TestReconnectingConcurrentWriteFailuresCountOnce(t *testing.T) {
 		t.Fatalf("two writes found the same connection failed (%v; %v): %d failures counted, want 1", first, second, failures)
 	}
 }
+
+// A Recv that accounts for a connection ended before ServerInfo after a
+// write dropped it (one older than MaxBackoff, which the write counts as
+// a session that lasted) moves the next dial to the server after it. When
+// a dial (another call's) was already under way, having read where to
+// start, and connected, the move outlived it: the dial after that
+// connection, which had taken the login on the ideal server, went to the
+// fallback, not back to URL. testHookDialed lets that Recv account while
+// the dial is under way.
+func TestReconnectingStaleRefusalMovesNoLaterDial(t *testing.T) {
+	a := &scriptedServer{priv: mustKey(t)}
+	a.init()
+	b := &scriptedServer{priv: mustKey(t)}
+	b.init()
+	serve := func(_ int, _ net.Conn, br *bufio.Reader, _ PublicKey) { io.Copy(io.Discard, br) }
+	a.script, b.script = serve, serve
+	refuse := func(sc net.Conn, br *bufio.Reader) { // A's first login: read, hang up
+		defer sc.Close()
+		if _, err := http.ReadRequest(br); err != nil {
+			return
+		}
+		resp := []byte("HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+		if _, err := sc.Write(appendFrame(resp, FrameServerKey, appendServerKey(nil, a.priv.Public()))); err != nil {
+			return
+		}
+		readRawFrame(br)
+	}
+	var dialsA, dialsB atomic.Int32
+	const hi = 10 * time.Millisecond
+	rc := &ReconnectingClient{URL: "http://a.invalid/derp", Fallbacks: []string{"http://b.invalid/derp"},
+		PrivateKey: mustKey(t), MinBackoff: time.Millisecond, MaxBackoff: hi,
+		Dialer: &FastStart{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			if strings.HasPrefix(addr, "a.invalid:") {
+				if dialsA.Add(1) == 1 {
+					return a.pipe(refuse), nil
+				}
+				return a.dial(ctx, network, addr)
+			}
+			dialsB.Add(1)
+			return b.dial(ctx, network, addr)
+		}}}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	t.Cleanup(func() { rc.Close(); a.close(); b.close() })
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	recvFailed, release, dropped := make(chan struct{}), make(chan struct{}), make(chan struct{})
+	var failedOnce, droppedOnce, dialedOnce sync.Once
+	rc.testHookRecvFailed = func() {
+		failedOnce.Do(func() { close(recvFailed); <-release })
+	}
+	rc.testHookRecvDropped = func() { droppedOnce.Do(func() { close(dropped) }) }
+	type recvd struct {
+		m   Message
+		gen int
+		err error
+	}
+	msgs := make(chan recvd, 16)
+	go func() {
+		for {
+			m, gen, err := rc.RecvDetail(ctx)
+			msgs <- recvd{m, gen, err}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	select {
+	case <-recvFailed:
+	case <-ctx.Done():
+		t.Fatal("Recv's read on the refused login did not fail")
+	}
+	time.Sleep(2 * hi) // the connection is older than MaxBackoff now
+	if err := rc.Send(ctx, PublicKey{1}, []byte("x")); err == nil {
+		t.Fatal("a Send on a connection whose server hung up succeeded")
+	}
+	rc.testHookDialed = func() {
+		dialedOnce.Do(func() { close(release); <-dropped })
+	}
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitInfo := func(gen int) {
+		t.Helper()
+		for {
+			select {
+			case r := <-msgs:
+				if r.err != nil {
+					t.Fatalf("Recv: %v", r.err)
+				}
+				if _, ok := r.m.(ServerInfo); ok && r.gen == gen {
+					return
+				}
+			case <-ctx.Done():
+				t.Fatalf("no ServerInfo on connection %d", gen)
+			}
+		}
+	}
+	waitInfo(2)
+	a2, b2 := dialsA.Load(), dialsB.Load()
+	rc.Reconnect() // the session on the ideal server took its login: start there again
+	waitInfo(3)
+	if a3, b3 := dialsA.Load(), dialsB.Load(); a2 != 2 || b2 != 0 || a3 != 3 || b3 != 0 {
+		t.Fatalf("a refused login accounted for while a dial was under way, which connected to URL (%d dials of it, %d of the fallback); then, after Reconnect, %d and %d; want 2, 0, 3 and 0", a2, b2, a3, b3)
+	}
+}
