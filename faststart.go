@@ -1241,6 +1241,12 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 			c.Close()
 			err = errRedial
 		}
+		if rc.startAt == 0 {
+			// Nor does it use up the next dial's start past a server
+			// that refused a login (as a dial the caller's ctx cut
+			// short does not): that dial begins at once.
+			rc.startAt = first
+		}
 		log.add(slog.LevelDebug, "relay: dial cut short by Reconnect", "url", rc.URL, "err", err)
 		return nil, 0, Handshake{}, errRedial
 	default:
@@ -2070,9 +2076,9 @@ func (rc *ReconnectingClient) Ping(ctx context.Context) (time.Duration, error) {
 // dropped connection does not return: it dials the next one, which starts
 // with a ServerInfo as every connection does; Pings waiting on it return
 // ErrNotConnected. A dial under way, which may be stuck on the old path,
-// is cut short and started again at once, counting as no failure (a call
-// waiting for it goes on waiting for the new one). After Close, Reconnect
-// does nothing.
+// is cut short and started again at once, with the server it started
+// with, counting as no failure (a call waiting for it goes on waiting for
+// the new one). After Close, Reconnect does nothing.
 func (rc *ReconnectingClient) Reconnect() {
 	rc.mu.Lock()
 	if rc.closed {

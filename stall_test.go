@@ -2603,3 +2603,28 @@ func TestReconnectingStaleRefusalMovesNoLaterDial(t *testing.T) {
 		t.Fatalf("a refused login accounted for while a dial was under way, which connected to URL (%d dials of it, %d of the fallback); then, after Reconnect, %d and %d; want 2, 0, 3 and 0", a2, b2, a3, b3)
 	}
 }
+
+// A dial that Reconnect cut short leaves the server the next dial starts
+// with, as one its caller's ctx cut short does: after a login the server
+// refused, the dial went to the server after it, and Reconnect (the
+// network changed under it) cut it short; the dial that followed at once
+// went back to the server that had refused the login.
+func TestReconnectingRedialKeepsTheStartPastARefusal(t *testing.T) {
+	rc, dialsA, dialsB := refusedThenFallback(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var dials atomic.Int32
+	rc.testHookDialed = func() {
+		if dials.Add(1) == 2 { // the dial after the refused login
+			rc.Reconnect()
+		}
+	}
+	if m, err := rc.Recv(ctx); err != nil {
+		t.Fatal(err)
+	} else if _, ok := m.(ServerInfo); !ok {
+		t.Fatalf("first message %T, want ServerInfo", m)
+	}
+	if n, a, b := dials.Load(), dialsA.Load(), dialsB.Load(); n != 3 || a != 1 || b != 2 {
+		t.Fatalf("a dial past a refused login, cut short by Reconnect, then the next: %d dials, %d of the server that refused the login, %d of its fallback; want 3, 1 and 2", n, a, b)
+	}
+}
