@@ -1888,7 +1888,10 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 				// and start the next one with the server after it.
 				rc.failures++
 				rc.nextDial = now.Add(rc.backoff(rc.failures, now))
-				if rc.c == nil && rc.nTargets > 1 {
+				// Only while c is the last connection made: cTarget is
+				// its server's (a newer connection was the next dial's,
+				// which the move was for).
+				if rc.c == nil && rc.gen == gen && rc.nTargets > 1 {
 					rc.startAt = (rc.cTarget + 1) % rc.nTargets
 				}
 			case now.Sub(rc.infoAt) < hi:

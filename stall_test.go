@@ -2628,3 +2628,112 @@ func TestReconnectingRedialKeepsTheStartPastARefusal(t *testing.T) {
 		t.Fatalf("a dial past a refused login, cut short by Reconnect, then the next: %d dials, %d of the server that refused the login, %d of its fallback; want 3, 1 and 2", n, a, b)
 	}
 }
+
+// A Recv that accounts late for a connection that ended before its
+// ServerInfo moves the next dial past that connection's server only while
+// it is the last connection made: it computed the move from the server of
+// the current one, and after a newer connection (to the ideal server,
+// dropped by a write once it was older than MaxBackoff, as a session that
+// lasted) it sent the next dial to the fallback whose login it was
+// accounting for, not to URL.
+func TestReconnectingStaleRefusalMovesPastItsOwnServer(t *testing.T) {
+	a := &scriptedServer{priv: mustKey(t)}
+	a.init()
+	b := &scriptedServer{priv: mustKey(t)}
+	b.init()
+	serve := func(_ int, _ net.Conn, br *bufio.Reader, _ PublicKey) { io.Copy(io.Discard, br) }
+	a.script, b.script = serve, serve
+	refuse := func(s *scriptedServer) func(sc net.Conn, br *bufio.Reader) {
+		return func(sc net.Conn, br *bufio.Reader) { // read the login, hang up
+			defer sc.Close()
+			if _, err := http.ReadRequest(br); err != nil {
+				return
+			}
+			resp := []byte("HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+			if _, err := sc.Write(appendFrame(resp, FrameServerKey, appendServerKey(nil, s.priv.Public()))); err != nil {
+				return
+			}
+			readRawFrame(br)
+		}
+	}
+	var dialsA, dialsB atomic.Int32
+	const hi = 10 * time.Millisecond
+	rc := &ReconnectingClient{URL: "http://a.invalid/derp", Fallbacks: []string{"http://b.invalid/derp"},
+		PrivateKey: mustKey(t), MinBackoff: time.Millisecond, MaxBackoff: hi,
+		Dialer: &FastStart{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			if strings.HasPrefix(addr, "a.invalid:") {
+				switch dialsA.Add(1) {
+				case 1:
+					return nil, errors.New("unreachable")
+				case 2:
+					return a.pipe(refuse(a)), nil
+				}
+				return a.dial(ctx, network, addr)
+			}
+			if dialsB.Add(1) == 1 {
+				return b.pipe(refuse(b)), nil
+			}
+			return b.dial(ctx, network, addr)
+		}}}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	t.Cleanup(func() { rc.Close(); a.close(); b.close() })
+	if err := rc.Connect(ctx); err != nil { // URL unreachable: the fallback
+		t.Fatal(err)
+	}
+	recvFailed, release := make(chan struct{}), make(chan struct{})
+	var failedOnce sync.Once
+	rc.testHookRecvFailed = func() {
+		failedOnce.Do(func() { close(recvFailed); <-release })
+	}
+	type recvd struct {
+		m   Message
+		gen int
+		err error
+	}
+	msgs := make(chan recvd, 16)
+	go func() {
+		for {
+			m, gen, err := rc.RecvDetail(ctx)
+			msgs <- recvd{m, gen, err}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	select {
+	case <-recvFailed:
+	case <-ctx.Done():
+		t.Fatal("Recv's read on the refused login did not fail")
+	}
+	for gen := 1; gen <= 2; gen++ {
+		if gen == 2 {
+			if err := rc.Connect(ctx); err != nil { // URL, which takes the connection
+				t.Fatal(err)
+			}
+		}
+		time.Sleep(2 * hi) // older than MaxBackoff: its end is no failure of the write's
+		if err := rc.Send(ctx, PublicKey{1}, []byte("x")); err == nil {
+			t.Fatalf("a Send on connection %d, whose server hung up, succeeded", gen)
+		}
+	}
+	a2, b2 := dialsA.Load(), dialsB.Load()
+	close(release) // Recv accounts for the first connection's end
+	for {
+		select {
+		case r := <-msgs:
+			if r.err != nil {
+				t.Fatalf("Recv: %v", r.err)
+			}
+			if _, ok := r.m.(ServerInfo); !ok || r.gen != 3 {
+				continue
+			}
+		case <-ctx.Done():
+			t.Fatal("no ServerInfo on a third connection")
+		}
+		break
+	}
+	if a3, b3 := dialsA.Load(), dialsB.Load(); a2 != 2 || b2 != 1 || a3 != 3 || b3 != 1 {
+		t.Fatalf("the fallback refused a login that a Recv accounted for after a newer connection to URL (%d dials of URL, %d of the fallback): then %d and %d; want 2, 1, 3 and 1", a2, b2, a3, b3)
+	}
+}
