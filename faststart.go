@@ -754,12 +754,13 @@ type ReconnectingClient struct {
 	// Fallbacks are more servers of the same region (a mesh), tried in
 	// order when a dial to URL fails; every reconnect starts again with
 	// URL, the ideal node. A connection that ends before the server's
-	// ServerInfo (a login the server refused after a fast-path dial had
-	// already succeeded) counts as a failed dial of that server: the next
-	// dial starts with the server after it. So does one that a write
-	// finds failed within MaxBackoff of its dial while no Recv has
-	// returned its ServerInfo (all a client that only sends can tell of a
-	// refused login). A connection to a fallback
+	// ServerInfo (a login the server refused once the dial had succeeded,
+	// which returns before ServerInfo on either path), or whose first
+	// frames (NotePreferred, WatchConns) fail, counts as a failed dial of
+	// that server: the next dial starts with the server after it. So does
+	// one that a write finds failed within MaxBackoff of its dial while no
+	// Recv has returned its ServerInfo (all a client that only sends can
+	// tell of a refused login). A connection to a fallback
 	// sends the Ideal-Node header naming URL's host, so the server can
 	// count clients that are not where they should be.
 	Fallbacks []string
