@@ -99,6 +99,31 @@ func (s *scriptedServer) silentAfterRequest(asked chan<- struct{}) net.Conn {
 	})
 }
 
+// refuseLogin is a pipe script that takes an upgrade and the ClientInfo
+// and hangs up, as a server refusing the login.
+func (s *scriptedServer) refuseLogin(sc net.Conn, br *bufio.Reader) {
+	defer sc.Close()
+	if _, err := http.ReadRequest(br); err != nil {
+		return
+	}
+	resp := []byte("HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+	if _, err := sc.Write(appendFrame(resp, FrameServerKey, appendServerKey(nil, s.priv.Public()))); err != nil {
+		return
+	}
+	readRawFrame(br) // the ClientInfo
+}
+
+// quietScriptedPair returns two scripted servers whose logins succeed
+// and then read everything and answer nothing; the caller closes them.
+func quietScriptedPair(t *testing.T) (a, b *scriptedServer) {
+	serve := func(_ int, _ net.Conn, br *bufio.Reader, _ PublicKey) { io.Copy(io.Discard, br) }
+	a = &scriptedServer{priv: mustKey(t), script: serve}
+	b = &scriptedServer{priv: mustKey(t), script: serve}
+	a.init()
+	b.init()
+	return a, b
+}
+
 // dialTCP is dial over a real loopback TCP connection.
 func (s *scriptedServer) dialTCP(ctx context.Context, network, addr string) (net.Conn, error) {
 	s.init()
@@ -2506,23 +2531,7 @@ func TestReconnectingConcurrentWriteFailuresCountOnce(t *testing.T) {
 // fallback, not back to URL. testHookDialed lets that Recv account while
 // the dial is under way.
 func TestReconnectingStaleRefusalMovesNoLaterDial(t *testing.T) {
-	a := &scriptedServer{priv: mustKey(t)}
-	a.init()
-	b := &scriptedServer{priv: mustKey(t)}
-	b.init()
-	serve := func(_ int, _ net.Conn, br *bufio.Reader, _ PublicKey) { io.Copy(io.Discard, br) }
-	a.script, b.script = serve, serve
-	refuse := func(sc net.Conn, br *bufio.Reader) { // A's first login: read, hang up
-		defer sc.Close()
-		if _, err := http.ReadRequest(br); err != nil {
-			return
-		}
-		resp := []byte("HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
-		if _, err := sc.Write(appendFrame(resp, FrameServerKey, appendServerKey(nil, a.priv.Public()))); err != nil {
-			return
-		}
-		readRawFrame(br)
-	}
+	a, b := quietScriptedPair(t)
 	var dialsA, dialsB atomic.Int32
 	const hi = 10 * time.Millisecond
 	rc := &ReconnectingClient{URL: "http://a.invalid/derp", Fallbacks: []string{"http://b.invalid/derp"},
@@ -2530,7 +2539,7 @@ func TestReconnectingStaleRefusalMovesNoLaterDial(t *testing.T) {
 		Dialer: &FastStart{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			if strings.HasPrefix(addr, "a.invalid:") {
 				if dialsA.Add(1) == 1 {
-					return a.pipe(refuse), nil
+					return a.pipe(a.refuseLogin), nil // A's first login
 				}
 				return a.dial(ctx, network, addr)
 			}
@@ -2637,25 +2646,7 @@ func TestReconnectingRedialKeepsTheStartPastARefusal(t *testing.T) {
 // lasted) it sent the next dial to the fallback whose login it was
 // accounting for, not to URL.
 func TestReconnectingStaleRefusalMovesPastItsOwnServer(t *testing.T) {
-	a := &scriptedServer{priv: mustKey(t)}
-	a.init()
-	b := &scriptedServer{priv: mustKey(t)}
-	b.init()
-	serve := func(_ int, _ net.Conn, br *bufio.Reader, _ PublicKey) { io.Copy(io.Discard, br) }
-	a.script, b.script = serve, serve
-	refuse := func(s *scriptedServer) func(sc net.Conn, br *bufio.Reader) {
-		return func(sc net.Conn, br *bufio.Reader) { // read the login, hang up
-			defer sc.Close()
-			if _, err := http.ReadRequest(br); err != nil {
-				return
-			}
-			resp := []byte("HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
-			if _, err := sc.Write(appendFrame(resp, FrameServerKey, appendServerKey(nil, s.priv.Public()))); err != nil {
-				return
-			}
-			readRawFrame(br)
-		}
-	}
+	a, b := quietScriptedPair(t)
 	var dialsA, dialsB atomic.Int32
 	const hi = 10 * time.Millisecond
 	rc := &ReconnectingClient{URL: "http://a.invalid/derp", Fallbacks: []string{"http://b.invalid/derp"},
@@ -2666,12 +2657,12 @@ func TestReconnectingStaleRefusalMovesPastItsOwnServer(t *testing.T) {
 				case 1:
 					return nil, errors.New("unreachable")
 				case 2:
-					return a.pipe(refuse(a)), nil
+					return a.pipe(a.refuseLogin), nil
 				}
 				return a.dial(ctx, network, addr)
 			}
 			if dialsB.Add(1) == 1 {
-				return b.pipe(refuse(b)), nil
+				return b.pipe(b.refuseLogin), nil
 			}
 			return b.dial(ctx, network, addr)
 		}}}
