@@ -5806,13 +5806,7 @@ func (s *Server) sweepWaits(now int64) {
 			if gone {
 				ev = waitGivenUp
 			}
-			n := notice{k, s.takeWaitingLocked(k, ev), gone}
-			if gone {
-				s.stats.waitsGivenUp.Add(int64(len(n.sessions)))
-			} else {
-				s.stats.waitsForgotten.Add(int64(len(n.sessions)))
-			}
-			notices = append(notices, n)
+			notices = append(notices, notice{k, s.takeWaitingLocked(k, ev), gone})
 		}
 	}
 	if len(m.waiting) > 0 {
@@ -5870,7 +5864,15 @@ const (
 // tests.
 var testHookWaits atomic.Pointer[func(s *Server, k PublicKey, ev waitEvent, n int)]
 
+// noteWaits records that ev happened to the waits of n sessions for k: in
+// Stats, and to testHookWaits.
 func (s *Server) noteWaits(k PublicKey, ev waitEvent, n int) {
+	switch ev { // Stats.MeshWaitsGivenUp and MeshWaitsForgotten
+	case waitGivenUp:
+		s.stats.waitsGivenUp.Add(int64(n))
+	case waitForgotten:
+		s.stats.waitsForgotten.Add(int64(n))
+	}
 	if h := testHookWaits.Load(); h != nil {
 		(*h)(s, k, ev, n)
 	}
