@@ -711,7 +711,7 @@ func hostileCases() []hostileCase {
 			func(t *testing.T, e *hostileEnv) {
 				r := e.dial(t)
 				si := r.login(t, okJSON)
-				if si.TokenBucketBytesPerSecond != 128<<10 || si.TokenBucketBytesBurst != maxSendFrame {
+				if si.TokenBucketBytesPerSecond != 128<<10 || si.TokenBucketBytesBurst != minRateBurst {
 					t.Fatalf("ServerInfo announced %+v", si)
 				}
 				me := r.priv.Public()
@@ -738,6 +738,11 @@ func hostileCases() []hostileCase {
 					t.Fatalf("3 MiB passed a 2 MiB/s limit in %v", d)
 				}
 			}},
+
+		{"a flood of empty frames over the rate limit is paced", []ServerOption{WithRateLimit(1024, 0)}, []string{"RateLimitWaits"},
+			func(t *testing.T, e *hostileEnv) { floodPaced(t, e, mkFrame(0x42, nil)) }},
+		{"a flood of NotePreferred over the rate limit is paced", []ServerOption{WithRateLimit(1024, 0)}, []string{"RateLimitWaits"},
+			func(t *testing.T, e *hostileEnv) { floodPaced(t, e, mkFrame(FrameNotePreferred, []byte{1})) }},
 
 		// A hostile server, seen from a client.
 		{"wrong magic from a proxy (client side)", nil, []string{"err:login:io_error"},
@@ -908,6 +913,44 @@ func TestHostileInputs(t *testing.T) {
 			}
 			e.checkRelaying(t)
 		})
+	}
+}
+
+// floodPaced sends 1 MiB of copies of the frame f (a frame with little or
+// no payload) over a 1 KiB/s rate limit and waits for the server to pace
+// them: every frame costs its header at least, and frames exempt from the
+// wait (NotePreferred) still may not be sent without limit. It then lifts
+// the limit and checks that the session read the rest and is alive.
+func floodPaced(t *testing.T, e *hostileEnv, f []byte) {
+	t.Helper()
+	r := e.dialLogin(t, `{"version":2}`)
+	var data [8]byte
+	rand.Read(data[:])
+	var flood []byte
+	for len(flood) < 1<<20 {
+		flood = append(flood, f...)
+	}
+	flood = append(flood, mkFrame(FramePing, data[:])...)
+	before := e.s.Stats().RateLimitWaits
+	sent := make(chan error, 1)
+	go func() {
+		r.nc.SetWriteDeadline(time.Now().Add(time.Minute))
+		_, err := r.nc.Write(flood)
+		sent <- err
+	}()
+	waitForT(t, "the flood paced", func() bool { return e.s.Stats().RateLimitWaits > before })
+	e.s.SetRateLimit(0, 0) // forgives the debt: the rest is read at once
+	if err := <-sent; err != nil {
+		t.Fatalf("sending the flood: %v", err)
+	}
+	for {
+		ft, p, err := r.readFrame()
+		if err != nil {
+			t.Fatalf("connection should have survived: %v", err)
+		}
+		if ft == FramePong && bytes.Equal(p, data[:]) {
+			return
+		}
 	}
 }
 

@@ -51,7 +51,7 @@ func TestSetRateLimit(t *testing.T) {
 
 	// A new login is told the current limit; burst is raised to one
 	// maximal SendPacket.
-	if info, _ := recvMsg[ServerInfo](t, pipeClientRaw(t, s)); info.TokenBucketBytesPerSecond != 1<<30 || info.TokenBucketBytesBurst != maxSendFrame {
+	if info, _ := recvMsg[ServerInfo](t, pipeClientRaw(t, s)); info.TokenBucketBytesPerSecond != 1<<30 || info.TokenBucketBytesBurst != minRateBurst {
 		t.Fatalf("ServerInfo after SetRateLimit: %+v", info)
 	}
 

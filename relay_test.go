@@ -961,7 +961,7 @@ func TestRateLimitAnnounced(t *testing.T) {
 	s := newTestServer(t, WithRateLimit(100000, 0))
 	c := pipeClientRaw(t, s)
 	info, _ := recvMsg[ServerInfo](t, c)
-	if info.TokenBucketBytesPerSecond != 100000 || info.TokenBucketBytesBurst != maxSendFrame {
+	if info.TokenBucketBytesPerSecond != 100000 || info.TokenBucketBytesBurst != minRateBurst {
 		t.Fatalf("info %+v", info)
 	}
 	// The client limits itself: a burst of more than the bucket is refused

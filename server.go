@@ -629,13 +629,15 @@ func (as *AdmissionService) ask(ctx context.Context, key PublicKey, source strin
 const maxAdmissionRequests = 64
 
 // WithRateLimit limits how fast each non-mesh client may send, in bytes per
-// second of frame payload, with the given burst (raised to at least one
-// maximal SendPacket). The limit is announced to clients in ServerInfo and
-// enforced by reading more slowly, so TCP flow control slows the sender and
-// nothing is dropped. NotePreferred and 8-byte Pings are not paced, so
-// that a limited client still passes liveness checks. Zero bytesPerSec,
-// the default, means no limit. Server.SetRateLimit changes it while the
-// server runs.
+// second of frames (the 5-byte header included, as clients count it), with
+// the given burst (raised to at least one maximal SendPacket frame, 65573
+// bytes). The limit is announced to clients in ServerInfo and enforced by
+// reading more slowly, so TCP flow control slows the sender and nothing is
+// dropped. NotePreferred and 8-byte Pings are paid for but wait only once a
+// client owes more than a burst, so that a limited client still passes
+// liveness checks and a flood of them is paced all the same. Zero
+// bytesPerSec, the default, means no limit. Server.SetRateLimit changes it
+// while the server runs.
 func WithRateLimit(bytesPerSec, burst int) ServerOption {
 	return func(c *serverConfig) { c.rateBytesPerSec, c.rateBurst = bytesPerSec, burst }
 }
@@ -2147,15 +2149,18 @@ func (c *sconn) readLoop() error {
 			}
 			return err
 		}
-		if !c.isMesh && !(t == FramePing && n <= minPingLen) && t != FrameNotePreferred {
-			// Ping and NotePreferred are tiny: pacing them would only
-			// make a limited client look dead to its own liveness
-			// checks. A Ping longer than its 8 bytes of data is paced.
+		if !c.isMesh {
 			if rl := c.s.rate.Load(); rl != c.rateCfg {
 				c.applyRate(rl)
 			}
 			if c.rateLimit != nil {
-				if err := c.paceRead(n); err != nil {
+				// Ping and NotePreferred are tiny: making them wait
+				// behind the client's packets would only make a
+				// limited client look dead to its own liveness checks.
+				// They are paid for all the same (see paceRead). A Ping
+				// longer than its 8 bytes of data waits as any frame.
+				live := t == FramePing && n <= minPingLen || t == FrameNotePreferred
+				if err := c.paceRead(n, live); err != nil {
 					return err
 				}
 			}
@@ -2224,17 +2229,33 @@ func (c *sconn) skipFrame(t FrameType, n uint32) error {
 }
 
 // paceRead waits until the client's token bucket can pay for a frame of n
-// bytes: waiting just stops reading, so TCP flow control slows the client.
-// Every byte the server will read is paid for (Tailscale caps the cost at
-// one maximal SendPacket, which lets 1 MiB frames that the server reads and
-// discards through at 16 times the limit); the cap only keeps a lying
-// length from buying a wait of hours before its frame is refused.
+// bytes of payload: waiting just stops reading, so TCP flow control slows
+// the client. Every byte the server will read is paid for, the 5-byte
+// header too, as the client's own bucket counts it (Tailscale charges the
+// payload alone, so a flood of empty frames passes unpaced, and caps the
+// cost at one maximal SendPacket, which lets 1 MiB frames that the server
+// reads and discards through at 16 times the limit); the cap only keeps a
+// lying length from buying a wait of hours before its frame is refused.
+//
+// A live frame (an 8-byte Ping, NotePreferred) is paid for but waits only
+// once the client owes more than a burst: a client that sends packets as
+// fast as its limit lets it never owes more than one frame between
+// frames, so its liveness checks are not held up behind its packets, while
+// a flood of live frames is paced like any other.
 //
 // A wait ends early when Server.SetRateLimit changes the limit: the debt is
 // then paid at the new rate, or forgiven if the limit is gone.
-func (c *sconn) paceRead(n uint32) error {
-	cost := int(min(n, maxUnknownFrame))
-	d := c.rateLimit.reserve(cost, time.Now())
+func (c *sconn) paceRead(n uint32, live bool) error {
+	cost := frameHeaderLen + int(min(n, maxUnknownFrame))
+	// wait is how long until the bucket holds no debt, or (live) no more
+	// than a burst of it.
+	wait := func(d time.Duration) time.Duration {
+		if live {
+			d -= time.Duration(c.rateLimit.burst / c.rateLimit.rate * float64(time.Second))
+		}
+		return d
+	}
+	d := wait(c.rateLimit.reserve(cost, time.Now()))
 	if d <= 0 {
 		return nil
 	}
@@ -2250,7 +2271,7 @@ func (c *sconn) paceRead(n uint32) error {
 			if c.rateLimit == nil {
 				return nil
 			}
-			if d = c.rateLimit.reserve(0, time.Now()); d <= 0 {
+			if d = wait(c.rateLimit.reserve(0, time.Now())); d <= 0 {
 				return nil
 			}
 			t.Reset(d)
@@ -2270,20 +2291,28 @@ type rateLimit struct {
 }
 
 // newRateLimit returns nil (no limit) for bytesPerSec <= 0, and raises burst
-// to one maximal SendPacket: a smaller one could never pay for it.
+// to one maximal SendPacket frame, header included (minRateBurst): a
+// smaller one could never pay for it.
 func newRateLimit(bytesPerSec, burst int) *rateLimit {
 	if bytesPerSec <= 0 {
 		return nil
 	}
-	return &rateLimit{bytesPerSec: bytesPerSec, burst: max(burst, maxSendFrame), changed: make(chan struct{})}
+	return &rateLimit{bytesPerSec: bytesPerSec, burst: max(burst, minRateBurst), changed: make(chan struct{})}
 }
 
+// minRateBurst is the least burst of a rate limit, which ServerInfo
+// announces: the cost of one maximal SendPacket frame, as the server and
+// clients (ours and Tailscale's, which never sends a packet that costs more
+// than the burst) count it.
+const minRateBurst = frameHeaderLen + maxSendFrame
+
 // SetRateLimit changes the limit of WithRateLimit while the server runs:
-// bytes per second of frame payload that each non-mesh client may send, with
-// the given burst; zero bytesPerSec removes the limit. Sessions follow it from
-// their next frame (a read waiting for tokens is woken to pay its debt at the
-// new rate); ServerInfo announces it to clients that log in afterwards, since
-// the protocol has no way to tell those already connected.
+// bytes per second of frames (header included) that each non-mesh client
+// may send, with the given burst; zero bytesPerSec removes the limit.
+// Sessions follow it from their next frame (a read waiting for tokens is
+// woken to pay its debt at the new rate); ServerInfo announces it to
+// clients that log in afterwards, since the protocol has no way to tell
+// those already connected.
 func (s *Server) SetRateLimit(bytesPerSec, burst int) {
 	old := s.rate.Swap(newRateLimit(bytesPerSec, burst))
 	if old != nil {
