@@ -629,15 +629,16 @@ func (as *AdmissionService) ask(ctx context.Context, key PublicKey, source strin
 const maxAdmissionRequests = 64
 
 // WithRateLimit limits how fast each non-mesh client may send, in bytes per
-// second of frames (the 5-byte header included, as clients count it), with
-// the given burst (raised to at least one maximal SendPacket frame, 65573
-// bytes). The limit is announced to clients in ServerInfo and enforced by
-// reading more slowly, so TCP flow control slows the sender and nothing is
-// dropped. NotePreferred and 8-byte Pings are paid for but wait only once a
-// client owes more than a burst, so that a limited client still passes
-// liveness checks and a flood of them is paced all the same. Zero
-// bytesPerSec, the default, means no limit. Server.SetRateLimit changes it
-// while the server runs.
+// second of frames (the 5-byte header included, as clients count it, and
+// over WebSocket the WebSocket framing too), with the given burst (raised
+// to at least one maximal SendPacket frame, 65573 bytes). The limit is
+// announced to clients in ServerInfo and enforced by reading more slowly,
+// so TCP flow control slows the sender and nothing is dropped.
+// NotePreferred and 8-byte Pings are paid for but wait only once a client
+// owes more than a burst, so that a limited client still passes liveness
+// checks and a flood of them is paced all the same. Zero bytesPerSec, the
+// default, means no limit. Server.SetRateLimit changes it while the server
+// runs.
 func WithRateLimit(bytesPerSec, burst int) ServerOption {
 	return func(c *serverConfig) { c.rateBytesPerSec, c.rateBurst = bytesPerSec, burst }
 }
@@ -1022,7 +1023,9 @@ func (s *Server) runSession(ctx context.Context, nc net.Conn, brw *bufio.ReadWri
 	}
 	c.done = done
 	if wc, ok := nc.(*wsConn); ok {
-		wc.onPong = c.wsPongDue // set by the reader's goroutine, before it reads
+		// Set by the reader's goroutine, before it reads.
+		wc.onPong = c.wsPongDue
+		wc.pace = c.paceFraming
 	}
 	c.setupReads()
 	c.serve()
@@ -2246,7 +2249,27 @@ func (c *sconn) skipFrame(t FrameType, n uint32) error {
 // A wait ends early when Server.SetRateLimit changes the limit: the debt is
 // then paid at the new rate, or forgiven if the limit is gone.
 func (c *sconn) paceRead(n uint32, live bool) error {
-	cost := frameHeaderLen + int(min(n, maxUnknownFrame))
+	return c.pace(frameHeaderLen+int(min(n, maxUnknownFrame)), live)
+}
+
+// paceFraming makes a WebSocket client pay for n bytes of framing under
+// the rate limit, as for DERP bytes (see wsConn.pace). The reader calls it
+// in the middle of a read.
+func (c *sconn) paceFraming(n int) error {
+	if c.isMesh {
+		return nil
+	}
+	if rl := c.s.rate.Load(); rl != c.rateCfg {
+		c.applyRate(rl)
+	}
+	if c.rateLimit == nil {
+		return nil
+	}
+	return c.pace(n, false)
+}
+
+// pace waits until the token bucket can pay cost bytes (see paceRead).
+func (c *sconn) pace(cost int, live bool) error {
 	// wait is how long until the bucket holds no debt, or (live) no more
 	// than a burst of it.
 	wait := func(d time.Duration) time.Duration {

@@ -57,10 +57,13 @@ const (
 	wsMaxHeader = 14
 	// wsCloseWait bounds how long Close waits to send its close frame.
 	wsCloseWait = time.Second
-	// wsPongsPerSecond bounds the pings answered: WebSocket control
-	// frames pass under the server's rate limit, and RFC 6455 allows
-	// answering only some pings.
+	// wsPongsPerSecond bounds the pings answered: the server's rate
+	// limit paces the pings read, not the pongs written, and RFC 6455
+	// allows answering only some pings.
 	wsPongsPerSecond = 10
+	// wsPaceBytes is how many bytes of framing a server session's reader
+	// reads before it pays for them (wsConn.pace).
+	wsPaceBytes = 256
 )
 
 // isWebSocketDERP reports whether r asks for DERP over WebSocket: an
@@ -179,6 +182,14 @@ type wsConn struct {
 	// are sent by a goroutine, and pongWriter says one is on its way.
 	onPong     func()
 	pongWriter atomic.Bool
+
+	// pace, if set (a server session, by its reader), is called by the
+	// reader with the bytes of framing (frame headers, control frames)
+	// read since its last call, at least wsPaceBytes of them: the session
+	// makes the client pay for them under its rate limit, which counts
+	// DERP bytes, and may wait. framing counts them meanwhile.
+	pace    func(n int) error
+	framing int
 
 	// The write deadline our user set, which the client's pong writer
 	// puts back after its own: a deadline the user left set after its
@@ -370,6 +381,9 @@ func (c *wsConn) nextFrame() error {
 	default:
 		return c.wsFail(wsCloseProtocolError, "websocket_bad_frame", fmt.Sprintf("unknown opcode %#x", op))
 	}
+	if err := c.charge(hlen); err != nil {
+		return err
+	}
 	c.br.Discard(hlen)
 	c.inMsg = !fin
 	c.remain, c.mask, c.maskOff, c.masked = n, mask, 0, masked
@@ -385,6 +399,9 @@ func (c *wsConn) controlFrame(op byte, fin bool, n uint64, hlen int, mask [4]byt
 	b, err := c.br.Peek(hlen + int(n))
 	if err != nil {
 		return c.readErr(err, len(b))
+	}
+	if err := c.charge(len(b)); err != nil {
+		return err
 	}
 	var payload [wsMaxControl]byte
 	p := payload[:copy(payload[:], b[hlen:])]
@@ -461,6 +478,26 @@ func (c *wsConn) controlFrame(op byte, fin bool, n uint64, hlen int, mask [4]byt
 		return c.rerr
 	}
 	return c.wsFail(wsCloseProtocolError, "websocket_bad_frame", fmt.Sprintf("unknown control opcode %#x", op))
+}
+
+// charge counts n bytes of framing about to be consumed, and has them paid
+// for (pace) once they add up to wsPaceBytes. Framing carries no DERP
+// byte: without it, a flood of pings or of empty frames would be read at
+// any speed under any rate limit. An error (the session ended while it
+// waited) ends the reads.
+func (c *wsConn) charge(n int) error {
+	if c.pace == nil {
+		return nil
+	}
+	if c.framing += n; c.framing < wsPaceBytes {
+		return nil
+	}
+	n, c.framing = c.framing, 0
+	if err := c.pace(n); err != nil {
+		c.rerr = err
+		return err
+	}
+	return nil
 }
 
 // wsClosedError ends a client's reads at a close frame from the server

@@ -903,3 +903,65 @@ func TestWebSocketCloseReasonCutWholeCharacters(t *testing.T) {
 		}
 	}
 }
+
+// TestWebSocketFramingFloodPaced: under a rate limit, the WebSocket framing
+// a client sends is paid for like DERP bytes. A flood of pings, or of empty
+// pieces of a message, carries no DERP byte at all, and the server read it
+// at once under any limit.
+func TestWebSocketFramingFloodPaced(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		frame []byte
+		// after ends the flood (an open message must end before the next).
+		after []byte
+	}{
+		{"pings", wsFrame(0x89, make([]byte, wsMaxControl), false), nil},
+		{"empty pieces of a message", wsFrame(0x00, nil, false), wsFrame(0x80, nil, false)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newTestServer(t, WithRateLimit(1024, 0))
+			srv := serveDERP(t, s, derpServeOpts{plain: true})
+			nc, br, resp := wsDial(t, srv.Addr, nil)
+			if resp.StatusCode != http.StatusSwitchingProtocols {
+				t.Fatalf("handshake: %s", resp.Status)
+			}
+			nc.SetDeadline(time.Time{})
+			c, err := NewClient(mustKey(t), newWSConn(nc, br, true), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if _, ok := recvMsg[ServerInfo](t, c); !ok {
+				t.FailNow()
+			}
+			flood := wsFrame(0x02, nil, false) // a message opens
+			if tc.after == nil {
+				flood = wsFrame(0x82, nil, false)
+			}
+			for len(flood) < 1<<20 {
+				flood = append(flood, tc.frame...)
+			}
+			flood = append(flood, tc.after...)
+			before := s.Stats().RateLimitWaits
+			sent := make(chan error, 1)
+			go func() {
+				nc.SetWriteDeadline(time.Now().Add(time.Minute))
+				_, err := nc.Write(flood)
+				nc.SetWriteDeadline(time.Time{})
+				sent <- err
+			}()
+			waitFor(t, func() bool { return s.Stats().RateLimitWaits > before })
+			s.SetRateLimit(0, 0) // forgives the debt: the rest is read at once
+			if err := <-sent; err != nil {
+				t.Fatalf("sending the flood: %v", err)
+			}
+			// The session survived and reads on.
+			if err := c.SendPing([8]byte{9}); err != nil {
+				t.Fatal(err)
+			}
+			if p, ok := recvMsg[Pong](t, c); !ok || p != (Pong{9}) {
+				t.Fatalf("pong %v after the flood", p)
+			}
+		})
+	}
+}
