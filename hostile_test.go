@@ -1132,6 +1132,43 @@ func TestMaxConnectionsPerIP(t *testing.T) {
 	loginClient(t, c5, mustKey(t))
 }
 
+// TestMaxConnectionsPerIPv6Prefix: an IPv6 host holds a whole /64 (SLAAC
+// privacy addresses, or any address it assigns itself), so the per-IP
+// limit counts the connections of each /64 together, as one IPv4 address.
+func TestMaxConnectionsPerIPv6Prefix(t *testing.T) {
+	s := newTestServer(t, WithMaxConnections(0, 2))
+	accept := func(remote string) (net.Conn, chan struct{}) {
+		cc, sc := net.Pipe()
+		done := make(chan struct{})
+		go func() { s.Accept(context.Background(), sc, nil, remote); close(done) }()
+		t.Cleanup(func() { cc.Close(); <-done })
+		return cc, done
+	}
+	c1, _ := accept("[2001:db8:1:2::1]:1")
+	loginClient(t, c1, mustKey(t))
+	c2, _ := accept("[2001:db8:1:2:aaaa:bbbb:cccc:dddd]:2")
+	loginClient(t, c2, mustKey(t))
+	_, done := accept("[2001:db8:1:2::3]:3")
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("third connection from one IPv6 /64 not refused at once")
+	}
+	if got := s.Stats().Rejected["too_many_connections"]; got != 1 {
+		t.Fatalf("rejected %d", got)
+	}
+	// Another /64 (next to it) has slots of its own.
+	c4, _ := accept("[2001:db8:1:3::1]:4")
+	loginClient(t, c4, mustKey(t))
+	c1.Close()
+	waitForT(t, "slot freed", func() bool { return s.stats.sessions.Load() == 2 })
+	c5, _ := accept("[2001:db8:1:2::5]:5")
+	loginClient(t, c5, mustKey(t))
+	if err := s.ConsistencyCheck(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestDefaultsSafeForOpenInternet pins the defaults that bound what one
 // hostile client can cost: every login ends within 10 s, a client that does
 // not read is dropped within 2 s of a blocked write, a pre-login client can

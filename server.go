@@ -722,14 +722,17 @@ func WithIdlePark(d time.Duration) ServerOption {
 
 // WithMaxConnections limits the number of sessions (logged in or logging
 // in) in total and per remote IP address; zero means no limit. Defaults:
-// no total limit, no per-IP limit. The per-IP limit is keyed by the
-// remote address as Accept or net/http gives it: a connection whose remote
-// address is not an IP (a Unix socket's) counts only against the total, and
-// behind a reverse proxy every client has the proxy's address, so set no
-// per-IP limit there. A connection over a limit is closed before a byte is
-// written, except one that comes through ServeHTTP:
-// it is answered "503 Service Unavailable" with the limit that was
-// reached, before its connection is taken from net/http.
+// no total limit, no per-IP limit. The per-IP limit counts the connections
+// of an IPv6 /64 together (one host, or one LAN, holds a whole /64, as a
+// NAT's hosts share one IPv4 address), and an IPv4-mapped IPv6 address as
+// its IPv4 address. It is keyed by the remote address as Accept or
+// net/http gives it: a connection whose remote address is not an IP (a
+// Unix socket's) counts only against the total, and behind a reverse proxy
+// every client has the proxy's address, so set no per-IP limit there. A
+// connection over a limit is closed before a byte is written, except one
+// that comes through ServeHTTP: it is answered "503 Service Unavailable"
+// with the limit that was reached, before its connection is taken from
+// net/http.
 func WithMaxConnections(total, perIP int) ServerOption {
 	return func(c *serverConfig) { c.maxConns, c.maxConnsPerIP = total, perIP }
 }
@@ -1254,6 +1257,19 @@ func parseRemote(remoteAddr string) netip.AddrPort {
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
+// perIPKey returns what the per-IP limit counts ip under: an IPv4 address
+// itself, an IPv6 address its /64. One IPv6 host holds a whole /64 (SLAAC
+// privacy addresses, or any address it gives itself), which is what one
+// IPv4 address is to a host or a NAT: counted per address, the limit would
+// bind no one.
+func perIPKey(ip netip.Addr) netip.Addr {
+	if ip.Is6() {
+		p, _ := ip.Prefix(64)
+		return p.Addr()
+	}
+	return ip
+}
+
 // admitConnUnless is admitConn unless the slot was already taken.
 func (s *Server) admitConnUnless(admitted bool, ip netip.Addr) error {
 	if admitted {
@@ -1263,6 +1279,7 @@ func (s *Server) admitConnUnless(admitted bool, ip netip.Addr) error {
 }
 
 func (s *Server) admitConn(ip netip.Addr) error {
+	ip = perIPKey(ip)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
@@ -1285,6 +1302,7 @@ func (s *Server) admitConn(ip netip.Addr) error {
 }
 
 func (s *Server) releaseConn(ip netip.Addr) {
+	ip = perIPKey(ip)
 	s.mu.Lock()
 	if ip.IsValid() {
 		if s.perIP[ip]--; s.perIP[ip] <= 0 {
