@@ -739,6 +739,12 @@ func hostileCases() []hostileCase {
 				}
 			}},
 
+		// A length the frame's type does not allow is refused unread: it
+		// must not first buy the wait of a frame that long.
+		{"SendPacket length 4 GiB under a rate limit is refused at once", []ServerOption{WithRateLimit(1024, 0)}, []string{"err:session:packet_too_large"},
+			closedWith(okJSON, frameHeader(FrameSendPacket, 1<<32-1))},
+		{"unknown frame over 1 MiB under a rate limit is refused at once", []ServerOption{WithRateLimit(1024, 0)}, []string{"err:session:frame_too_large"},
+			closedWith(okJSON, frameHeader(0x42, maxUnknownFrame+1))},
 		{"a flood of empty frames over the rate limit is paced", []ServerOption{WithRateLimit(1024, 0)}, []string{"RateLimitWaits"},
 			func(t *testing.T, e *hostileEnv) { floodPaced(t, e, mkFrame(0x42, nil)) }},
 		{"a flood of NotePreferred over the rate limit is paced", []ServerOption{WithRateLimit(1024, 0)}, []string{"RateLimitWaits"},

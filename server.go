@@ -2178,10 +2178,8 @@ func (c *sconn) readLoop() error {
 				// Ping and NotePreferred are tiny: making them wait
 				// behind the client's packets would only make a
 				// limited client look dead to its own liveness checks.
-				// They are paid for all the same (see paceRead). A Ping
-				// longer than its 8 bytes of data waits as any frame.
-				live := t == FramePing && n <= minPingLen || t == FrameNotePreferred
-				if err := c.paceRead(n, live); err != nil {
+				// They are paid for all the same (see paceRead).
+				if err := c.paceRead(t, n); err != nil {
 					return err
 				}
 			}
@@ -2249,25 +2247,54 @@ func (c *sconn) skipFrame(t FrameType, n uint32) error {
 	return err
 }
 
-// paceRead waits until the client's token bucket can pay for a frame of n
-// bytes of payload: waiting just stops reading, so TCP flow control slows
-// the client. Every byte the server will read is paid for, the 5-byte
-// header too, as the client's own bucket counts it (Tailscale charges the
-// payload alone, so a flood of empty frames passes unpaced, and caps the
-// cost at one maximal SendPacket, which lets 1 MiB frames that the server
-// reads and discards through at 16 times the limit); the cap only keeps a
-// lying length from buying a wait of hours before its frame is refused.
+// paceRead waits until the client's token bucket can pay for a frame of
+// type t with n bytes of payload: waiting just stops reading, so TCP flow
+// control slows the client. Every byte the server will read is paid for,
+// the 5-byte header too, as the client's own bucket counts it (Tailscale
+// charges the payload alone, so a flood of empty frames passes unpaced,
+// and caps the cost at one maximal SendPacket, which lets 1 MiB frames that
+// the server reads and discards through at 16 times the limit). A frame
+// longer than its type allows (maxFrameLen) is refused unread, so it costs
+// its header only: a lying length buys no wait before it is refused.
 //
 // A live frame (an 8-byte Ping, NotePreferred) is paid for but waits only
 // once the client owes more than a burst: a client that sends packets as
 // fast as its limit lets it never owes more than one frame between
 // frames, so its liveness checks are not held up behind its packets, while
-// a flood of live frames is paced like any other.
+// a flood of live frames is paced like any other. A Ping longer than its 8
+// bytes of data waits as any frame.
 //
 // A wait ends early when Server.SetRateLimit changes the limit: the debt is
 // then paid at the new rate, or forgiven if the limit is gone.
-func (c *sconn) paceRead(n uint32, live bool) error {
-	return c.pace(frameHeaderLen+int(min(n, maxUnknownFrame)), live)
+func (c *sconn) paceRead(t FrameType, n uint32) error {
+	cost := frameHeaderLen
+	if n <= maxFrameLen(t) {
+		cost += int(n)
+	}
+	live := t == FramePing && n <= minPingLen || t == FrameNotePreferred
+	return c.pace(cost, live)
+}
+
+// maxFrameLen is the longest payload of a frame of type t that the reader
+// reads: a longer one ends the session unread (each handler checks it; a
+// ForwardPacket and a WatchConns from a client not of the mesh end it
+// whatever their length).
+func maxFrameLen(t FrameType) uint32 {
+	switch t {
+	case FrameSendPacket:
+		return maxSendFrame
+	case FrameForwardPacket:
+		return maxForwardFrame
+	case FramePing, FramePong:
+		return maxServerPingLen
+	case FrameNotePreferred:
+		return 1
+	case FrameWatchConns:
+		return 0
+	case FrameClosePeer:
+		return KeyLen
+	}
+	return maxUnknownFrame
 }
 
 // paceFraming makes a WebSocket client pay for n bytes of framing under
