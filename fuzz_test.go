@@ -658,6 +658,9 @@ func FuzzWebSocketRead(f *testing.F) {
 	f.Add([]byte{0x82, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4})
 	f.Add(frames(wsFrame(0x02, []byte("hel"), true), wsFrame(0x89, []byte("ping"), true), wsFrame(0x80, []byte("lo"), true), wsFrame(0x88, []byte{3, 232, 'b', 'y', 'e'}, true)))
 	f.Add(frames(wsFrame(0x82, make([]byte, 200), true), wsFrame(0x8a, nil, true), wsFrame(0x88, []byte{1}, true)))
+	// Framing enough to be paid for: pings, and a message of empty pieces.
+	f.Add(bytes.Repeat(wsFrame(0x89, make([]byte, wsMaxControl), false), 5))
+	f.Add(frames(wsFrame(0x02, []byte("a"), false), bytes.Repeat(wsFrame(0x00, nil, false), 60), wsFrame(0x80, []byte("b"), false)))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		checkWSRead(t, data, false)
 		checkWSRead(t, data, true)
@@ -666,10 +669,22 @@ func FuzzWebSocketRead(f *testing.F) {
 
 func checkWSRead(t *testing.T, data []byte, client bool) {
 	var out bytes.Buffer
-	c := newWSConn(wsFuzzConn{r: bytes.NewReader(data), w: &out}, nil, client)
+	in := bytes.NewReader(data)
+	c := newWSConn(wsFuzzConn{r: in, w: &out}, nil, client)
 	// As a server session does: its writer sends the pongs, here at
 	// once, so that out is complete when Read returns.
 	c.onPong = func() { c.wmu.Lock(); c.unlockWrite() }
+	var charged int
+	if !client {
+		// A server session pays for the framing it reads (its rate limit).
+		c.pace = func(n int) error {
+			if n < wsPaceBytes {
+				t.Fatalf("paid for %d bytes of framing at once, want at least %d", n, wsPaceBytes)
+			}
+			charged += n
+			return nil
+		}
+	}
 	var got int
 	buf := make([]byte, 1000)
 	var err error
@@ -685,6 +700,12 @@ func checkWSRead(t *testing.T, data []byte, client bool) {
 	}
 	if got > len(data) {
 		t.Fatalf("client %v: read %d payload bytes from %d input bytes", client, got, len(data))
+	}
+	// Every byte consumed is payload returned or framing counted: none
+	// escapes the server's rate limit.
+	if !client && got+charged+c.framing+c.br.Buffered()+in.Len() != len(data) {
+		t.Fatalf("of %d input bytes: %d payload, %d framing paid for, %d counted, %d buffered, %d unread",
+			len(data), got, charged, c.framing, c.br.Buffered(), in.Len())
 	}
 	// The replies (pongs and at most one close) parse as whole frames.
 	r := out.Bytes()
