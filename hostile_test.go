@@ -745,6 +745,17 @@ func hostileCases() []hostileCase {
 			closedWith(okJSON, frameHeader(FrameSendPacket, 1<<32-1))},
 		{"unknown frame over 1 MiB under a rate limit is refused at once", []ServerOption{WithRateLimit(1024, 0)}, []string{"err:session:frame_too_large"},
 			closedWith(okJSON, frameHeader(0x42, maxUnknownFrame+1))},
+		// A frame is paid for as its bytes come: a client that sends the
+		// header of a long frame and hangs up does not keep its session
+		// (goroutine, connection slot, key) for the wait the whole frame
+		// would have bought.
+		{"header of a 1 MiB unknown frame, then EOF, under a rate limit ends at once", []ServerOption{WithRateLimit(1024, 0)}, []string{"err:session:truncated_frame"},
+			func(t *testing.T, e *hostileEnv) {
+				r := e.dialLogin(t, okJSON)
+				r.send(frameHeader(0x42, maxUnknownFrame))
+				r.closeWrite(t)
+				r.expectClosed(t)
+			}},
 		{"a flood of empty frames over the rate limit is paced", []ServerOption{WithRateLimit(1024, 0)}, []string{"RateLimitWaits"},
 			func(t *testing.T, e *hostileEnv) { floodPaced(t, e, mkFrame(0x42, nil)) }},
 		{"a flood of NotePreferred over the rate limit is paced", []ServerOption{WithRateLimit(1024, 0)}, []string{"RateLimitWaits"},

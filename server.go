@@ -2243,8 +2243,22 @@ func (c *sconn) skipFrame(t FrameType, n uint32) error {
 		return protoErr("frame_too_large", t, fmt.Sprintf("%d bytes, limit %d for frames the server ignores", n, maxUnknownFrame))
 	}
 	c.s.stats.unknownFrames.Add(1)
-	_, err := c.br.Discard(int(n))
-	return err
+	// The first chunk was paid for before the frame (paceRead); under a
+	// rate limit each next one is paid for once the one before has come.
+	for left := int(n); ; {
+		k := min(left, paceChunk)
+		if _, err := c.br.Discard(k); err != nil {
+			return err
+		}
+		if left -= k; left == 0 {
+			return nil
+		}
+		if c.rateLimit != nil {
+			if err := c.pace(min(left, paceChunk), false); err != nil {
+				return err
+			}
+		}
+	}
 }
 
 // paceRead waits until the client's token bucket can pay for a frame of
@@ -2255,7 +2269,9 @@ func (c *sconn) skipFrame(t FrameType, n uint32) error {
 // and caps the cost at one maximal SendPacket, which lets 1 MiB frames that
 // the server reads and discards through at 16 times the limit). A frame
 // longer than its type allows (maxFrameLen) is refused unread, so it costs
-// its header only: a lying length buys no wait before it is refused.
+// its header only: a lying length buys no wait before it is refused. Of a
+// frame longer than paceChunk (one the server skips), the rest is paid for
+// as skipFrame reads it.
 //
 // A live frame (an 8-byte Ping, NotePreferred) is paid for but waits only
 // once the client owes more than a burst: a client that sends packets as
@@ -2269,11 +2285,20 @@ func (c *sconn) skipFrame(t FrameType, n uint32) error {
 func (c *sconn) paceRead(t FrameType, n uint32) error {
 	cost := frameHeaderLen
 	if n <= maxFrameLen(t) {
-		cost += int(n)
+		// Only the frames skipFrame reads are longer than a chunk: it
+		// pays for the rest as it reads it.
+		cost += int(min(n, paceChunk))
 	}
 	live := t == FramePing && n <= minPingLen || t == FrameNotePreferred
 	return c.pace(cost, live)
 }
+
+// paceChunk is the most of a frame's payload paid for before its bytes
+// are read: one maximal SendPacket. A longer frame (one the server skips)
+// is paid for a chunk at a time as skipFrame reads it, so that a client
+// that sends the header of a 1 MiB frame and hangs up does not keep its
+// session for the wait the whole frame would buy.
+const paceChunk = maxSendFrame
 
 // maxFrameLen is the longest payload of a frame of type t that the reader
 // reads: a longer one ends the session unread (each handler checks it; a
