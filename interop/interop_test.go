@@ -513,6 +513,23 @@ func TestServerInfoRateLimitToTailscale(t *testing.T) {
 	exchange(t, ts, ours)
 }
 
+// TestMaximalPacketFromTailscaleClientUnderRateLimit: Tailscale's client
+// drops, without a word, every packet whose frame costs more than the
+// burst our server announces, so the least burst must pay for a maximal
+// SendPacket frame with its header: a 64 KiB packet gets through.
+func TestMaximalPacketFromTailscaleClientUnderRateLimit(t *testing.T) {
+	checkNoLeaks(t)
+	s := newOurServer(t, relay.WithRateLimit(64<<20, 0)) // the least burst
+	addr := acceptLoop(t, s.Accept, s.Close)
+	a, b := dialTS(t, "tailscale a", addr), dialTS(t, "tailscale b", addr)
+	if a.info.TokenBucketBytesPerSecond != 64<<20 {
+		t.Fatalf("tailscale client parsed ServerInfo %+v", a.info)
+	}
+	pkt := payload("maximal")
+	pkt = append(pkt, make([]byte, relay.MaxPacketSize-len(pkt))...)
+	tsToTS(t, a, b, pkt)
+}
+
 // TestOurServerCloseWhileTailscaleClientsLeave closes our server while its
 // Tailscale clients are disconnecting, each having received from all the
 // others, so that PeerGone notices are being queued to sessions while Close
