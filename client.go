@@ -68,6 +68,10 @@ type Client struct {
 	// every write fails at once from then on, whatever deadline it sets,
 	// so that no later write holds the waiter past its bound.
 	givenUp atomic.Bool
+	// accounted is set, under the ReconnectingClient's mu, by the call
+	// that accounted for the end of this connection (see
+	// ReconnectingClient.dropAfterWrite): a failure counts once.
+	accounted bool
 }
 
 // pastDeadline is a deadline that has passed: I/O under it fails at once.

@@ -845,7 +845,6 @@ type ReconnectingClient struct {
 	notBefore    time.Time // no dial before this either: the backoff after a short session
 	infoAt       time.Time // when the current connection's ServerInfo arrived
 	connAt       time.Time // when the current connection was made
-	countedGen   int       // the last connection whose end a write accounted for (see dropAfterWrite)
 	infoGen      int       // the last connection whose ServerInfo Recv returned
 	restartUntil time.Time
 	askedGen     int           // generation of the last connection Reconnect dropped (not the Client: one no Recv waited on would stay, buffers and all); 0: none
@@ -1606,6 +1605,11 @@ func (rc *ReconnectingClient) writeFailed(c *Client, fired bool, err error) erro
 //     are (quickly in a restart notice's window), starting with the
 //     server after it. An older one resets the count, as a session that
 //     lasted; a Recv that later finds no ServerInfo on it counts it still.
+//
+// Whether a connection's end was accounted for is marked on it
+// (Client.accounted), under rc.mu: a Recv that handles an older
+// connection late, after a write accounted for a newer one, still
+// accounts for the older one.
 func (rc *ReconnectingClient) dropAfterWrite(c *Client, err error) {
 	rc.mu.Lock()
 	if rc.c == c {
@@ -1614,16 +1618,16 @@ func (rc *ReconnectingClient) dropAfterWrite(c *Client, err error) {
 		switch {
 		case rc.infoGen == rc.gen && now.Sub(rc.infoAt) < hi:
 			rc.failures++
-			rc.countedGen = rc.gen
+			c.accounted = true
 			if next := now.Add(backoffStep(lo, hi, rc.failures, false)); next.After(rc.notBefore) {
 				rc.notBefore = next
 			}
 		case rc.infoGen == rc.gen:
 			rc.failures = 0
-			rc.countedGen = rc.gen
+			c.accounted = true
 		case now.Sub(rc.connAt) < hi:
 			rc.failures++
-			rc.countedGen = rc.gen
+			c.accounted = true
 			if next := now.Add(rc.backoff(rc.failures, now)); next.After(rc.nextDial) {
 				rc.nextDial = next
 			}
@@ -1880,7 +1884,7 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			case asked:
 				// Dropped by Reconnect: no failure of the server's.
 			case byCaller:
-			case gen <= rc.countedGen:
+			case c.accounted:
 				// A write found it failed first and accounted for it
 				// (see dropAfterWrite).
 			case !c.gotInfo:
@@ -1909,6 +1913,7 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			default:
 				rc.failures = 0
 			}
+			c.accounted = true
 			rc.mu.Unlock()
 			c.Close()
 			if rc.testHookRecvDropped != nil {

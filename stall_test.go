@@ -2728,3 +2728,83 @@ func TestReconnectingStaleRefusalMovesPastItsOwnServer(t *testing.T) {
 		t.Fatalf("the fallback refused a login that a Recv accounted for after a newer connection to URL (%d dials of URL, %d of the fallback): then %d and %d; want 2, 1, 3 and 1", a2, b2, a3, b3)
 	}
 }
+
+// A Recv that accounts late for a connection that ended before its
+// ServerInfo counts it even when a write has accounted for a newer
+// connection meanwhile. Here a write found the first connection failed
+// when it was older than MaxBackoff (no failure of the write's: a Recv
+// that later finds no ServerInfo on it counts it), and a write on the
+// second, young, counted that one; the Recv, compared generations with
+// the last one a write accounted for and skipped the first connection's
+// end, whose failure was lost.
+func TestReconnectingLateRecvCountsPastANewerWriteCount(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.init()
+	rc := newScriptedRC(t, s)
+	rc.MinBackoff, rc.MaxBackoff = time.Millisecond, time.Hour // a young connection's end is a failure
+	rc.Dialer.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		s.dials.Add(1)
+		return s.pipe(s.refuseLogin), nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	recvFailed, release := make(chan struct{}), make(chan struct{})
+	var failedOnce, droppedOnce sync.Once
+	rc.testHookRecvFailed = func() {
+		failedOnce.Do(func() { close(recvFailed); <-release })
+	}
+	counted := make(chan int, 1)
+	rctx, rcancel := context.WithCancel(ctx)
+	defer rcancel()
+	rc.testHookRecvDropped = func() {
+		droppedOnce.Do(func() {
+			rc.mu.Lock()
+			counted <- rc.failures
+			rc.mu.Unlock()
+			rcancel() // the Recv loop ends here
+		})
+	}
+	recvDone := make(chan error, 1)
+	go func() {
+		for {
+			if _, err := rc.Recv(rctx); err != nil {
+				recvDone <- err
+				return
+			}
+		}
+	}()
+	select {
+	case <-recvFailed:
+	case <-ctx.Done():
+		t.Fatal("Recv's read on the refused login did not fail")
+	}
+	rc.mu.Lock()
+	rc.connAt = rc.connAt.Add(-2 * rc.MaxBackoff) // older than MaxBackoff
+	rc.mu.Unlock()
+	if err := rc.Send(ctx, PublicKey{1}, []byte("x")); err == nil {
+		t.Fatal("a Send on the first connection, whose server hung up, succeeded")
+	}
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := rc.Send(ctx, PublicKey{1}, []byte("x")); err == nil {
+		t.Fatal("a Send on the second connection, whose server hung up, succeeded")
+	}
+	rc.mu.Lock()
+	before := rc.failures
+	rc.mu.Unlock()
+	close(release) // Recv accounts for the first connection's end
+	var after int
+	select {
+	case after = <-counted:
+	case <-ctx.Done():
+		t.Fatal("Recv did not drop the first connection")
+	}
+	<-recvDone
+	if before != 1 || after != 2 {
+		t.Fatalf("two logins refused, the first's end accounted for by a late Recv after a write counted the second's: %d failures before that Recv, %d after; want 1 and 2", before, after)
+	}
+}
