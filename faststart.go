@@ -1547,9 +1547,11 @@ func (rc *ReconnectingClient) Send(ctx context.Context, dst PublicKey, pkt []byt
 
 // writeUnder runs write on c, which ctx's end interrupts. A failure other
 // than a packet refused before it was written drops c (one that another
-// call's interrupt caused is left to that call, which drops c); if ctx
-// ended, its error is returned. If ctx ended already, nothing is written
-// and c stays.
+// call's interrupt caused is left to that call, which drops c); if ctx's
+// interrupt ended the write, ctx's error is returned and no failure is
+// counted (a write that failed before ctx ended is the server's failure,
+// whenever ctx ends). If ctx ended already, nothing is written and c
+// stays.
 func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write func() error) error {
 	if err := ctxEnded(ctx); err != nil {
 		return err
@@ -1565,11 +1567,13 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 		rc.settle(c, fired, err)
 	}
 	if err != nil && !errors.Is(err, ErrPacketTooLarge) && !errors.Is(err, ErrRateLimited) {
-		if ctx.Err() != nil {
+		if fired {
 			rc.drop(c) // ctx's interrupt, not the server's silence
 			return ctx.Err()
 		}
-		return rc.writeFailed(c, fired, err)
+		// Failed before ctx ended, if it has since: the server's
+		// failure, accounted for as such.
+		return rc.writeFailed(c, false, err)
 	}
 	return err
 }
@@ -1841,7 +1845,8 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			// write ends the connection as a failed read does.
 			err = c.SendPong(p)
 		}
-		fired := !stop()
+		byCtx := !stop() // ctx's interrupt fired
+		fired := byCtx
 		if login != nil && !login.Stop() {
 			fired = true
 			if err != nil {
@@ -1856,10 +1861,13 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			if rc.testHookRecvFailed != nil {
 				rc.testHookRecvFailed()
 			}
-			if ctx.Err() != nil {
+			if byCtx {
 				rc.drop(c) // ctx's interrupt, not the server's silence
 				return nil, 0, ctx.Err()
 			}
+			// If ctx ended only after the read failed, the failure is
+			// the server's: accounted for below, and the next turn
+			// returns ctx's error.
 			// Interrupted by another call's ctx, not Recv's: a write
 			// whose ctx ended under it, which drops c (see writeUnder),
 			// no failure of the server's nor a sign of a silent path.

@@ -2808,3 +2808,70 @@ func TestReconnectingLateRecvCountsPastANewerWriteCount(t *testing.T) {
 		t.Fatalf("two logins refused, the first's end accounted for by a late Recv after a write counted the second's: %d failures before that Recv, %d after; want 1 and 2", before, after)
 	}
 }
+
+// endsOnErrCtx is a ctx whose deadline passes when its Err is first
+// asked for: it ends after whatever the call did before asking, at a step
+// of the test's choice rather than at a time.
+type endsOnErrCtx struct {
+	*expiringCtx
+	once sync.Once
+}
+
+func (c *endsOnErrCtx) Err() error {
+	c.once.Do(c.expire)
+	return c.expiringCtx.Err()
+}
+
+// A write that the server failed (a login it refused) is the server's
+// failure even if the caller's ctx ends just after, before the write is
+// looked at: only a write that ctx's interrupt ended is the caller's. It
+// was dropped with nothing counted, as if ctx had cut it short, and the
+// next dial went back to the server that refused the login. Here ctx ends
+// when writeUnder first asks it whether it ended.
+func TestReconnectingWriteFailedJustBeforeCtxEndedCounts(t *testing.T) {
+	rc, dialsA, dialsB := refusedThenFallback(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	late := &endsOnErrCtx{expiringCtx: newExpiringCtx()}
+	err := rc.Send(late, PublicKey{1}, []byte("x"))
+	if err == nil {
+		t.Fatal("a Send on a connection whose server hung up succeeded")
+	}
+	rc.mu.Lock()
+	failures := rc.failures
+	rc.mu.Unlock()
+	cerr := rc.Connect(ctx)
+	if a, b := dialsA.Load(), dialsB.Load(); failures != 1 || a != 1 || b != 1 || cerr != nil {
+		t.Fatalf("a Send the server failed (%v), its ctx ending just after: %d failures counted; then %d dials of the server that refused the login, %d of its fallback, Connect: %v; want 1, 1, 1 and nil", err, failures, a, b, cerr)
+	}
+}
+
+// The same for a Recv whose read the server failed (a login it refused)
+// just before its ctx ended: it returns ctx's error, and the refusal
+// counts. testHookRecvFailed, which runs once the read failed, ends ctx.
+func TestReconnectingRecvFailedJustBeforeCtxEndedCounts(t *testing.T) {
+	rc, dialsA, dialsB := refusedThenFallback(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rctx, rcancel := context.WithCancel(ctx)
+	defer rcancel()
+	rc.testHookRecvFailed = rcancel
+	_, err := rc.Recv(rctx)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("Recv whose ctx ended: %v, want %v", err, context.Canceled)
+	}
+	rc.testHookRecvFailed = nil
+	rc.mu.Lock()
+	failures := rc.failures
+	rc.mu.Unlock()
+	cerr := rc.Connect(ctx)
+	if a, b := dialsA.Load(), dialsB.Load(); failures != 1 || a != 1 || b != 1 || cerr != nil {
+		t.Fatalf("a Recv the server failed, its ctx ending just after: %d failures counted; then %d dials of the server that refused the login, %d of its fallback, Connect: %v; want 1, 1, 1 and nil", failures, a, b, cerr)
+	}
+}
