@@ -1272,6 +1272,13 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 		rc.cutShort = cut
 		rc.failures++
 		rc.nextDial = time.Now().Add(rc.backoff(rc.failures, time.Now()))
+		if setupFailed && !cut && (errors.Is(err, context.DeadlineExceeded) || isTimeout(err)) {
+			// Its first frames timed out (DialTimeout, or the write's
+			// own bound): a dial that timed out, whose server's path
+			// is silent, as one that timed out before the connection
+			// was made (see Dialer).
+			rc.noteSilentLocked(won.keyID(), true)
+		}
 		if setupFailed && !cut && len(targets) > 1 {
 			// The server took the connection and then failed its first
 			// frames (a login it refused, as a client that has not read

@@ -2875,3 +2875,43 @@ func TestReconnectingRecvFailedJustBeforeCtxEndedCounts(t *testing.T) {
 		t.Fatalf("a Recv the server failed, its ctx ending just after: %d failures counted; then %d dials of the server that refused the login, %d of its fallback, Connect: %v; want 1, 1, 1 and nil", failures, a, b, cerr)
 	}
 }
+
+// A new connection whose first frames (NotePreferred, WatchConns) the
+// server does not take within DialTimeout is a dial that timed out: its
+// server's path is marked silent, as after a dial that timed out before
+// the connection was made (see Dialer), so that a fast start with a known
+// key timing out on the next dial is taken for the black hole it likely
+// is, not for a proxy that does not pass fast start through. It counted
+// as a failed dial but left the path as the dial had found it, not
+// silent.
+func TestReconnectingSetupWriteTimeoutMarksSilent(t *testing.T) {
+	for _, setup := range []string{"NotePreferred", "WatchConnectionChanges"} {
+		t.Run(setup, func(t *testing.T) {
+			s := &scriptedServer{priv: mustKey(t)}
+			s.script = func(int, net.Conn, *bufio.Reader, PublicKey) { s.stall() } // over a pipe: reads nothing, buffers nothing
+			rc := newScriptedRC(t, s)
+			rc.DialTimeout = 300 * time.Millisecond
+			var err error
+			if setup == "NotePreferred" {
+				err = rc.NotePreferred(true)
+			} else {
+				err = rc.WatchConnectionChanges()
+			}
+			if err != nil {
+				t.Fatalf("%s before connecting: %v", setup, err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			err = rc.Connect(ctx)
+			if err == nil {
+				t.Fatal("Connect succeeded without its first frame written")
+			}
+			rc.mu.Lock()
+			silent, failures := rc.silent[rc.URL], rc.failures
+			rc.mu.Unlock()
+			if !silent || failures != 1 {
+				t.Fatalf("a dial whose %s the server did not take within DialTimeout (%v): path silent %v, %d failures; want true and 1", setup, err, silent, failures)
+			}
+		})
+	}
+}
