@@ -1907,7 +1907,12 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 				// or not a DERP server): back off as for a failed dial,
 				// and start the next one with the server after it.
 				rc.failures++
-				rc.nextDial = now.Add(rc.backoff(rc.failures, now))
+				// The later of the two, as in dropAfterWrite: a write
+				// may have set a longer wait for a newer connection's
+				// end while this Recv was on its way to this lock.
+				if next := now.Add(rc.backoff(rc.failures, now)); next.After(rc.nextDial) {
+					rc.nextDial = next
+				}
 				// Only while c is the last connection made: cTarget is
 				// its server's (a newer connection was the next dial's,
 				// which the move was for).
@@ -1924,7 +1929,9 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 				// and ended the session again, as one that sends a
 				// notice on every session does, gets the usual backoff.
 				rc.failures++
-				rc.notBefore = now.Add(backoffStep(lo, hi, rc.failures, false))
+				if next := now.Add(backoffStep(lo, hi, rc.failures, false)); next.After(rc.notBefore) {
+					rc.notBefore = next
+				}
 			default:
 				rc.failures = 0
 			}

@@ -2729,19 +2729,21 @@ func TestReconnectingStaleRefusalMovesPastItsOwnServer(t *testing.T) {
 	}
 }
 
-// A Recv that accounts late for a connection that ended before its
-// ServerInfo counts it even when a write has accounted for a newer
-// connection meanwhile. Here a write found the first connection failed
-// when it was older than MaxBackoff (no failure of the write's: a Recv
-// that later finds no ServerInfo on it counts it), and a write on the
-// second, young, counted that one; the Recv, compared generations with
-// the last one a write accounted for and skipped the first connection's
-// end, whose failure was lost.
-func TestReconnectingLateRecvCountsPastANewerWriteCount(t *testing.T) {
+// lateRecvAfterNewerWriteCount has a Recv account late for a connection
+// whose login the server refused, after a write accounted for a newer
+// one: a write finds the first connection failed when it is older than
+// MaxBackoff (no failure of the write's: a Recv that later finds no
+// ServerInfo on it counts it), and a write on the second, young, counts
+// that one; then the Recv, held in testHookRecvFailed until then,
+// accounts for the first. It returns the failures counted and the next
+// dial's time before that Recv accounted and after. MinBackoff and
+// MaxBackoff are an hour: every wait is uniform in [30 min, 1 h].
+func lateRecvAfterNewerWriteCount(t *testing.T) (failures [2]int, nextDial [2]time.Time) {
+	t.Helper()
 	s := &scriptedServer{priv: mustKey(t)}
 	s.init()
 	rc := newScriptedRC(t, s)
-	rc.MinBackoff, rc.MaxBackoff = time.Millisecond, time.Hour // a young connection's end is a failure
+	rc.MinBackoff, rc.MaxBackoff = time.Hour, time.Hour
 	rc.Dialer.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		s.dials.Add(1)
 		return s.pipe(s.refuseLogin), nil
@@ -2756,15 +2758,16 @@ func TestReconnectingLateRecvCountsPastANewerWriteCount(t *testing.T) {
 	rc.testHookRecvFailed = func() {
 		failedOnce.Do(func() { close(recvFailed); <-release })
 	}
-	counted := make(chan int, 1)
 	rctx, rcancel := context.WithCancel(ctx)
 	defer rcancel()
+	dropped := make(chan struct{})
 	rc.testHookRecvDropped = func() {
 		droppedOnce.Do(func() {
 			rc.mu.Lock()
-			counted <- rc.failures
+			failures[1], nextDial[1] = rc.failures, rc.nextDial
 			rc.mu.Unlock()
 			rcancel() // the Recv loop ends here
+			close(dropped)
 		})
 	}
 	recvDone := make(chan error, 1)
@@ -2794,18 +2797,41 @@ func TestReconnectingLateRecvCountsPastANewerWriteCount(t *testing.T) {
 		t.Fatal("a Send on the second connection, whose server hung up, succeeded")
 	}
 	rc.mu.Lock()
-	before := rc.failures
+	failures[0], nextDial[0] = rc.failures, rc.nextDial
 	rc.mu.Unlock()
 	close(release) // Recv accounts for the first connection's end
-	var after int
 	select {
-	case after = <-counted:
+	case <-dropped:
 	case <-ctx.Done():
 		t.Fatal("Recv did not drop the first connection")
 	}
 	<-recvDone
-	if before != 1 || after != 2 {
-		t.Fatalf("two logins refused, the first's end accounted for by a late Recv after a write counted the second's: %d failures before that Recv, %d after; want 1 and 2", before, after)
+	return failures, nextDial
+}
+
+// A Recv that accounts late for a connection that ended before its
+// ServerInfo counts it even when a write has accounted for a newer
+// connection meanwhile (see lateRecvAfterNewerWriteCount). The Recv
+// compared generations with the last one a write accounted for and
+// skipped the first connection's end, whose failure was lost.
+func TestReconnectingLateRecvCountsPastANewerWriteCount(t *testing.T) {
+	failures, _ := lateRecvAfterNewerWriteCount(t)
+	if failures[0] != 1 || failures[1] != 2 {
+		t.Fatalf("two logins refused, the first's end accounted for by a late Recv after a write counted the second's: %d failures before that Recv, %d after; want 1 and 2", failures[0], failures[1])
+	}
+}
+
+// Such a late Recv keeps the next dial's time if it is later than the
+// one it computes, as a write does: it set its own, and half the time
+// (both are uniform in [30 min, 1 h]) the next dial came sooner than the
+// wait the write had set. Ten rounds: an earlier time shows in all but
+// one run in a thousand.
+func TestReconnectingLateRecvKeepsTheLaterNextDial(t *testing.T) {
+	for i := range 10 {
+		_, nextDial := lateRecvAfterNewerWriteCount(t)
+		if nextDial[1].Before(nextDial[0]) {
+			t.Fatalf("round %d: a late Recv's count moved the next dial from %v to %v, sooner", i, nextDial[0].Format(time.TimeOnly), nextDial[1].Format(time.TimeOnly))
+		}
 	}
 }
 
