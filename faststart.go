@@ -757,7 +757,8 @@ type ReconnectingClient struct {
 	// ServerInfo (a login the server refused once the dial had succeeded,
 	// which returns before ServerInfo on either path), or whose first
 	// frames (NotePreferred, WatchConns) fail, counts as a failed dial of
-	// that server: the next dial starts with the server after it. So does
+	// that server: the next dial starts with the server after it, even
+	// after a Reconnect (see Reconnect). So does
 	// one that a write finds failed within MaxBackoff of its dial while no
 	// Recv has returned its ServerInfo (all a client that only sends can
 	// tell of a refused login). A connection to a fallback
@@ -2109,7 +2110,11 @@ func (rc *ReconnectingClient) Ping(ctx context.Context) (time.Duration, error) {
 // ErrNotConnected. A dial under way, which may be stuck on the old path,
 // is cut short and started again at once, with the server it started
 // with, counting as no failure (a call waiting for it goes on waiting for
-// the new one). After Close, Reconnect does nothing.
+// the new one). Reconnect resets the count of failures but not the server
+// the next dial starts with: after a login the server refused (see
+// Fallbacks), that is still the server after it, since the refusal is the
+// server's answer and not the path's. After Close, Reconnect does
+// nothing.
 func (rc *ReconnectingClient) Reconnect() {
 	rc.mu.Lock()
 	if rc.closed {

@@ -2941,3 +2941,28 @@ func TestReconnectingSetupWriteTimeoutMarksSilent(t *testing.T) {
 		})
 	}
 }
+
+// Reconnect leaves the server the next dial starts with as it is: after
+// a login the ideal server refused, that is the server after it, whether
+// Reconnect comes between dials (here) or cuts the next dial short (see
+// TestReconnectingRedialKeepsTheStartPastARefusal). A refusal is the
+// server's answer, not the path's; the dial after a connection starts
+// with URL again.
+func TestReconnectKeepsTheStartPastARefusal(t *testing.T) {
+	rc, dialsA, dialsB := refusedThenFallback(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := rc.Send(ctx, PublicKey{1}, []byte("x")); err == nil {
+		t.Fatal("a Send on a connection whose server hung up succeeded")
+	}
+	rc.Reconnect() // the network changed
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if a, b := dialsA.Load(), dialsB.Load(); a != 1 || b != 1 {
+		t.Fatalf("a login refused, Reconnect, then a dial: %d dials of the server that refused the login, %d of its fallback; want 1 and 1", a, b)
+	}
+}
