@@ -848,7 +848,7 @@ type ReconnectingClient struct {
 	connAt       time.Time // when the current connection was made
 	infoGen      int       // the last connection whose ServerInfo Recv returned
 	restartUntil time.Time
-	askedGen     int           // generation of the last connection Reconnect dropped (not the Client: one no Recv waited on would stay, buffers and all); 0: none
+	askedGen     int           // generation of the last connection made before the last Reconnect (not the Client: one no Recv waited on would stay, buffers and all): the ends of it and older ones count for nothing; 0: none
 	redial       chan struct{} // closed by Reconnect: a wait for the next dial starts over; made by redialCh
 	pings        map[[8]byte]chan struct{}
 	done         chan struct{} // closed by Close; made by doneCh
@@ -1890,9 +1890,10 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 				rc.forgetLocked(c, err)
 			}
 			closed := rc.closed
-			// Reconnect dropped it, or an older one: a connection
-			// replaced while Recv was still on it (two Reconnects in a
-			// row) is no failure of the server's either.
+			// Made before the last Reconnect, which dropped it or a
+			// newer one (two Reconnects in a row, or one after a write
+			// dropped c): no failure of the server's, or none that
+			// says anything of the path since.
 			asked := gen <= rc.askedGen
 			now := time.Now()
 			lo, hi := rc.backoffBounds()
@@ -2124,10 +2125,13 @@ func (rc *ReconnectingClient) Reconnect() {
 	c := rc.c
 	if c != nil {
 		rc.c = nil
-		rc.askedGen = rc.gen
 		rc.wakePingsLocked()
 	}
-	// Failures on the old path say nothing of the new one.
+	// Failures on the old path say nothing of the new one: nor do the
+	// ends of connections made on it that a Recv accounts for late, the
+	// one dropped here or older ones (dropped by a write that left
+	// their end to Recv).
+	rc.askedGen = rc.gen
 	rc.failures = 0
 	rc.cutShort = false
 	rc.notBefore = time.Time{}

@@ -2966,3 +2966,71 @@ func TestReconnectKeepsTheStartPastARefusal(t *testing.T) {
 		t.Fatalf("a login refused, Reconnect, then a dial: %d dials of the server that refused the login, %d of its fallback; want 1 and 1", a, b)
 	}
 }
+
+// A Reconnect starts the count of failures again, and the next dial
+// goes at once: what the old path met says nothing of the new one. A
+// Recv that accounts late for a connection made before the Reconnect
+// counts nothing either, though Reconnect did not drop it (a write
+// dropped it first, leaving its end to Recv: older than MaxBackoff, no
+// ServerInfo). Reconnect marked only the connection it dropped; the late
+// Recv counted a failure after the Reconnect, and the next dial waited
+// out its backoff.
+func TestReconnectingLateRecvCountsNothingAfterReconnect(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.init()
+	rc := newScriptedRC(t, s)
+	rc.MinBackoff, rc.MaxBackoff = time.Hour, time.Hour // a failure counted would show
+	rc.Dialer.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		s.dials.Add(1)
+		return s.pipe(s.refuseLogin), nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	recvFailed, release, dropped := make(chan struct{}), make(chan struct{}), make(chan struct{})
+	var failedOnce, droppedOnce sync.Once
+	rc.testHookRecvFailed = func() {
+		failedOnce.Do(func() { close(recvFailed); <-release })
+	}
+	rctx, rcancel := context.WithCancel(ctx)
+	defer rcancel()
+	rc.testHookRecvDropped = func() {
+		droppedOnce.Do(func() { rcancel(); close(dropped) })
+	}
+	recvDone := make(chan error, 1)
+	go func() {
+		for {
+			if _, err := rc.Recv(rctx); err != nil {
+				recvDone <- err
+				return
+			}
+		}
+	}()
+	select {
+	case <-recvFailed:
+	case <-ctx.Done():
+		t.Fatal("Recv's read on the refused login did not fail")
+	}
+	rc.mu.Lock()
+	rc.connAt = rc.connAt.Add(-2 * rc.MaxBackoff) // older than MaxBackoff
+	rc.mu.Unlock()
+	if err := rc.Send(ctx, PublicKey{1}, []byte("x")); err == nil {
+		t.Fatal("a Send on a connection whose server hung up succeeded")
+	}
+	rc.Reconnect() // the network changed
+	close(release) // Recv accounts for the connection's end
+	select {
+	case <-dropped:
+	case <-ctx.Done():
+		t.Fatal("Recv did not drop the connection")
+	}
+	<-recvDone
+	rc.mu.Lock()
+	failures, wait := rc.failures, time.Until(rc.nextDial)
+	rc.mu.Unlock()
+	if failures != 0 || wait > 0 {
+		t.Fatalf("a Recv accounting after Reconnect for a connection made before it: %d failures counted, next dial in %v; want 0 and none", failures, wait.Round(time.Second))
+	}
+}
