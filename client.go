@@ -68,9 +68,9 @@ type Client struct {
 	// every write fails at once from then on, whatever deadline it sets,
 	// so that no later write holds the waiter past its bound.
 	givenUp atomic.Bool
-	// accounted is set, under the ReconnectingClient's mu, by the call
-	// that accounted for the end of this connection (see
-	// ReconnectingClient.dropAfterWrite): a failure counts once.
+	// accounted is set, under the ReconnectingClient's mu, once the end
+	// of this connection was accounted for (see
+	// ReconnectingClient.endLocked): a failure counts once.
 	accounted bool
 }
 

@@ -1476,31 +1476,110 @@ func (rc *ReconnectingClient) logf(msg string, args ...any) {
 	}
 }
 
-// drop forgets c if it is still the current client, so the next call
-// reconnects; a stale client's failure does not disturb a newer one.
+// drop ends c for a call whose ctx's interrupt ended it (or fired as it
+// finished): c is forgotten if it is still the current client, so the
+// next call reconnects, and its end counts for nothing (see endLocked).
 func (rc *ReconnectingClient) drop(c *Client) {
-	rc.dropAfter(c, nil)
-}
-
-// dropAfter is drop for a connection that failed with err (nil if none):
-// a timeout (the server went silent) marks its server's path as silent.
-func (rc *ReconnectingClient) dropAfter(c *Client, err error) {
 	rc.mu.Lock()
-	rc.forgetLocked(c, err)
+	rc.endLocked(c, 0, endByCaller, false, nil)
 	rc.mu.Unlock()
 	c.Close()
 }
 
-// forgetLocked is dropAfter with rc.mu held, but for closing c, which the
-// caller does once it unlocks.
-func (rc *ReconnectingClient) forgetLocked(c *Client, err error) {
-	if rc.c == c {
+// connEnd is how a call found a connection ended (see endLocked).
+type connEnd int
+
+const (
+	// endByCaller: a call's ctx (its own or another's) interrupted it,
+	// or fired as the call finished: no failure of the server's, nor a
+	// sign of a silent path.
+	endByCaller connEnd = iota
+	// endRead: a Recv's read failed (or its Pong's write, or Recv's
+	// bound on the login ended it). The Recv knows whether ServerInfo
+	// arrived.
+	endRead
+	// endWrite: a write failed. It knows only whether a Recv returned
+	// the connection's ServerInfo, and sees its own connection only
+	// while it is the current one.
+	endWrite
+)
+
+// endLocked is where every call that finds connection c (generation
+// gen; any for endByCaller) ended accounts for it, with rc.mu held and
+// err the failure (nil if none); gotInfo is whether c's ServerInfo
+// arrived, as far as the caller can tell. It forgets c if it is still the
+// current client (the caller closes it once it unlocks; a timeout then
+// marks its server's path silent, unless a caller's ctx ended it), and
+// decides once per connection (Client.accounted), whichever call comes
+// first, whether and how its end counts:
+//   - ended by a caller's ctx, or made before the last Reconnect
+//     (askedGen): no failure;
+//   - ended before its ServerInfo: a failed dial of its server (a login
+//     it refused): the count goes up, the next dial waits the backoff
+//     for it (in a restart notice's window, the quick one), and starts
+//     with the server after it while c is the last connection made;
+//     except that a write, which cannot tell a refused login from a
+//     session that lasted once c is older than MaxBackoff, resets the
+//     count then as after such a session and leaves the end to a Recv
+//     that finds no ServerInfo on c;
+//   - ended within MaxBackoff of its ServerInfo: a failure, whose
+//     backoff holds however the server's notices set the next dial;
+//   - ended later: the count starts again.
+//
+// A wait it sets keeps a later one already set (a late Recv's, for an
+// older connection, may follow a write's for a newer one). A connection
+// whose first frames fail before dial keeps it is accounted for by dial,
+// as a failed dial.
+func (rc *ReconnectingClient) endLocked(c *Client, gen int, how connEnd, gotInfo bool, err error) {
+	current := rc.c == c
+	if current {
 		rc.c = nil
 		rc.wakePingsLocked()
-		if err != nil && isTimeout(err) {
+		if how != endByCaller && err != nil && isTimeout(err) {
 			rc.noteSilentLocked(rc.cKeyID, true)
 		}
+	} else if how == endWrite {
+		// Dropped under the write by another call, which accounted
+		// for it (or left it to Recv, as the write would have).
+		return
 	}
+	if c.accounted {
+		return
+	}
+	now := time.Now()
+	lo, hi := rc.backoffBounds()
+	switch {
+	case how == endByCaller, gen <= rc.askedGen:
+	case !gotInfo && how == endWrite && now.Sub(rc.connAt) >= hi:
+		rc.failures = 0
+		return // not accounted: see above
+	case !gotInfo:
+		rc.failures++
+		if next := now.Add(rc.backoff(rc.failures, now)); next.After(rc.nextDial) {
+			rc.nextDial = next
+		}
+		// Only while c is the last connection made: cTarget is its
+		// server's (a newer connection was the next dial's, which the
+		// move was for).
+		if rc.c == nil && rc.gen == gen && rc.nTargets > 1 {
+			rc.startAt = (rc.cTarget + 1) % rc.nTargets
+		}
+	case now.Sub(rc.infoAt) < hi:
+		// The server ended the session soon after taking it: a failure
+		// too, or a server that does so every time would be redialled
+		// in a tight loop. A restart notice's wait (nextDial) still
+		// holds if it is longer, but not its window of fast retries,
+		// which is for dials while the server is away: one that came
+		// back and ended the session again, as one that sends a notice
+		// on every session does, gets the usual backoff.
+		rc.failures++
+		if next := now.Add(backoffStep(lo, hi, rc.failures, false)); next.After(rc.notBefore) {
+			rc.notBefore = next
+		}
+	default:
+		rc.failures = 0
+	}
+	c.accounted = true
 }
 
 // noteSilent records whether the last connection or dial to the server
@@ -1581,7 +1660,7 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 		}
 		// Failed before ctx ended, if it has since: the server's
 		// failure, accounted for as such.
-		return rc.writeFailed(c, false, err)
+		return rc.writeFailed(c, err)
 	}
 	return err
 }
@@ -1589,9 +1668,9 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 // writeFailed ends a write on c that failed with err, not by its own
 // ctx's end, and returns the caller's error: c is dropped and its end
 // accounted for (see dropAfterWrite), unless another call's interrupt
-// failed the write (fired says whether the write's own did).
-func (rc *ReconnectingClient) writeFailed(c *Client, fired bool, err error) error {
-	if !fired && c.interrupted.Load() {
+// failed the write.
+func (rc *ReconnectingClient) writeFailed(c *Client, err error) error {
+	if c.interrupted.Load() {
 		// Another call's interrupt (a Recv's or another write's ctx,
 		// or Recv's bound on the login) failed the write: that call
 		// drops c and accounts for its end, if there is anything to
@@ -1603,56 +1682,19 @@ func (rc *ReconnectingClient) writeFailed(c *Client, fired bool, err error) erro
 	return rc.writeErr(err)
 }
 
-// dropAfterWrite is dropAfter for a write that failed on c with err. If
-// the write is the first to find c failed, it accounts for c's end as
-// RecvDetail does (which a client that only sends never calls), and
-// RecvDetail then leaves it alone, so that a failure counts once
-// whichever call sees it first:
-//   - if Recv returned c's ServerInfo, a session that ended less than
-//     MaxBackoff after it counts as a failure and backs off, and a longer
-//     one resets the count;
-//   - if not, a connection made less than MaxBackoff ago counts as a
-//     failed dial of its server (a login the server refused, as far as a
-//     client that does not read can tell): it is retried as failed dials
-//     are (quickly in a restart notice's window), starting with the
-//     server after it. An older one resets the count, as a session that
-//     lasted; a Recv that later finds no ServerInfo on it counts it still.
-//
-// Whether a connection's end was accounted for is marked on it
-// (Client.accounted), under rc.mu: a Recv that handles an older
-// connection late, after a write accounted for a newer one, still
-// accounts for the older one.
+// dropAfterWrite drops c, on which a write failed with err, and accounts
+// for its end if it is the first to find it (see endLocked), as RecvDetail
+// does (which a client that only sends never calls): a failure counts
+// once, whichever call sees it first. While no Recv has returned c's
+// ServerInfo, a connection made less than MaxBackoff ago counts as a
+// failed dial of its server (a login the server refused, as far as a
+// client that does not read can tell).
 func (rc *ReconnectingClient) dropAfterWrite(c *Client, err error) {
 	rc.mu.Lock()
-	if rc.c == c {
-		now := time.Now()
-		lo, hi := rc.backoffBounds()
-		switch {
-		case rc.infoGen == rc.gen && now.Sub(rc.infoAt) < hi:
-			rc.failures++
-			c.accounted = true
-			if next := now.Add(backoffStep(lo, hi, rc.failures, false)); next.After(rc.notBefore) {
-				rc.notBefore = next
-			}
-		case rc.infoGen == rc.gen:
-			rc.failures = 0
-			c.accounted = true
-		case now.Sub(rc.connAt) < hi:
-			rc.failures++
-			c.accounted = true
-			if next := now.Add(rc.backoff(rc.failures, now)); next.After(rc.nextDial) {
-				rc.nextDial = next
-			}
-			if rc.nTargets > 1 {
-				rc.startAt = (rc.cTarget + 1) % rc.nTargets
-			}
-		default:
-			rc.failures = 0
-		}
-	}
-	// Forgotten under the same lock: another write that finds c failed
-	// must find it gone, not count its end again.
-	rc.forgetLocked(c, err)
+	// Forgotten under the same lock as it is accounted for: another
+	// write that finds c failed must find it gone, not count its end
+	// again.
+	rc.endLocked(c, rc.gen, endWrite, rc.infoGen == rc.gen, err)
 	rc.mu.Unlock()
 	if rc.testHookWriteFailed != nil {
 		rc.testHookWriteFailed()
@@ -1731,7 +1773,7 @@ func (rc *ReconnectingClient) NotePreferred(preferred bool) error {
 		return nil
 	}
 	if err := c.NotePreferred(preferred); err != nil {
-		return rc.writeFailed(c, false, err)
+		return rc.writeFailed(c, err)
 	}
 	return nil
 }
@@ -1792,7 +1834,7 @@ func (rc *ReconnectingClient) WatchConnectionChanges() error {
 		return nil // the next connection asks
 	}
 	if err := c.WatchConnectionChanges(); err != nil {
-		return rc.writeFailed(c, false, err)
+		return rc.writeFailed(c, err)
 	}
 	return nil
 }
@@ -1883,61 +1925,16 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			// Dropped and accounted for under one lock: a dial that
 			// another call begins once c is gone must find the wait
 			// and the server to start with that c's end sets.
-			rc.mu.Lock()
+			how := endRead
 			if byCaller {
-				rc.forgetLocked(c, nil)
-			} else {
-				rc.forgetLocked(c, err)
+				how = endByCaller
 			}
-			closed := rc.closed
-			// Made before the last Reconnect, which dropped it or a
-			// newer one (two Reconnects in a row, or one after a write
-			// dropped c): no failure of the server's, or none that
-			// says anything of the path since.
+			rc.mu.Lock()
+			// Made before the last Reconnect: a new connection, as
+			// asked.
 			asked := gen <= rc.askedGen
-			now := time.Now()
-			lo, hi := rc.backoffBounds()
-			switch {
-			case asked:
-				// Dropped by Reconnect: no failure of the server's.
-			case byCaller:
-			case c.accounted:
-				// A write found it failed first and accounted for it
-				// (see dropAfterWrite).
-			case !c.gotInfo:
-				// The server hung up before confirming the login (refused,
-				// or not a DERP server): back off as for a failed dial,
-				// and start the next one with the server after it.
-				rc.failures++
-				// The later of the two, as in dropAfterWrite: a write
-				// may have set a longer wait for a newer connection's
-				// end while this Recv was on its way to this lock.
-				if next := now.Add(rc.backoff(rc.failures, now)); next.After(rc.nextDial) {
-					rc.nextDial = next
-				}
-				// Only while c is the last connection made: cTarget is
-				// its server's (a newer connection was the next dial's,
-				// which the move was for).
-				if rc.c == nil && rc.gen == gen && rc.nTargets > 1 {
-					rc.startAt = (rc.cTarget + 1) % rc.nTargets
-				}
-			case now.Sub(rc.infoAt) < hi:
-				// The server ended the session soon after taking it: a
-				// failure too, or a server that does so every time
-				// would be redialled in a tight loop. A restart
-				// notice's wait (nextDial) still holds if it is longer,
-				// but not its window of fast retries, which is for
-				// dials while the server is away: one that came back
-				// and ended the session again, as one that sends a
-				// notice on every session does, gets the usual backoff.
-				rc.failures++
-				if next := now.Add(backoffStep(lo, hi, rc.failures, false)); next.After(rc.notBefore) {
-					rc.notBefore = next
-				}
-			default:
-				rc.failures = 0
-			}
-			c.accounted = true
+			rc.endLocked(c, gen, how, c.gotInfo, err)
+			closed := rc.closed
 			rc.mu.Unlock()
 			c.Close()
 			if rc.testHookRecvDropped != nil {
