@@ -1491,8 +1491,8 @@ type connEnd int
 
 const (
 	// endByCaller: a call's ctx (its own or another's) interrupted it,
-	// or fired as the call finished: no failure of the server's, nor a
-	// sign of a silent path.
+	// or fired as the call finished, or Reconnect dropped it: no failure
+	// of the server's, nor a sign of a silent path.
 	endByCaller connEnd = iota
 	// endRead: a Recv's read failed (or its Pong's write, or Recv's
 	// bound on the login ended it). The Recv knows whether ServerInfo
@@ -1512,8 +1512,8 @@ const (
 // marks its server's path silent, unless a caller's ctx ended it), and
 // decides once per connection (Client.accounted), whichever call comes
 // first, whether and how its end counts:
-//   - ended by a caller's ctx, or made before the last Reconnect
-//     (askedGen): no failure;
+//   - ended by a caller's ctx or by Reconnect, or made before the last
+//     Reconnect (askedGen): no failure;
 //   - ended before its ServerInfo: a failed dial of its server (a login
 //     it refused): the count goes up, the next dial waits the backoff
 //     for it (in a restart notice's window, the quick one), and starts
@@ -2119,16 +2119,15 @@ func (rc *ReconnectingClient) Reconnect() {
 		rc.mu.Unlock()
 		return
 	}
-	c := rc.c
-	if c != nil {
-		rc.c = nil
-		rc.wakePingsLocked()
-	}
 	// Failures on the old path say nothing of the new one: nor do the
 	// ends of connections made on it that a Recv accounts for late, the
 	// one dropped here or older ones (dropped by a write that left
 	// their end to Recv).
 	rc.askedGen = rc.gen
+	c := rc.c
+	if c != nil {
+		rc.endLocked(c, rc.gen, endByCaller, false, nil)
+	}
 	rc.failures = 0
 	rc.cutShort = false
 	rc.notBefore = time.Time{}
