@@ -3835,3 +3835,58 @@ func (m *meshModel) cutPhase(seen map[*modelSess]int, both bool) {
 func (e waitEvent) String() string {
 	return [...]string{"created", "held", "routed", "logged in", "given up", "forgotten", "ended"}[e]
 }
+
+// linkUpAs marks l's connection as watching the server with key peer since
+// at (monoNanos), as the link's session does when it connects.
+func linkUpAs(l *meshLink, peer PublicKey, at int64) {
+	l.mu.Lock()
+	l.noteUpLocked(peer, at)
+	l.mu.Unlock()
+}
+
+// TestMeshWaitPeerChangedKey: a peer that forwarded k to y, which waits
+// for k's route, is replaced at its URL by a server with another key (a
+// restart with a new key): this server's link reconnects there. Its
+// waits are those of a peer whose link is down: held while the old server
+// is still connected here, given up (PeerGone) once it has been cut off
+// for the grace, as routes through its link were when it broke. They were
+// forgotten at the first sweep after the grace, y never told that k left.
+func TestMeshWaitPeerChangedKey(t *testing.T) {
+	s, y, w, l := waitServer(t)
+	grace := int64(s.cfg.meshWaitGrace)
+	t0 := monoNanos()
+	setLinkUp(l, t0)
+	k := mustKey(t).Public()
+	forwardTo(t, w, y, k)
+	setLinkDown(l, t0+grace)
+	linkUpAs(l, mustKey(t).Public(), t0+grace) // the new server at w's URL
+	s.sweepWaits(t0 + 2*grace)
+	if goneBeforePong(t, y, k) || waitsFor(s, k) != 1 {
+		t.Fatalf("the wait for k (forwarded by a server still connected here) was ended when the link's peer changed key: %d waits, MeshWaitsForgotten %d",
+			waitsFor(s, k), s.Stats().MeshWaitsForgotten)
+	}
+	w.Close() // the old server's link here ends too
+	// The session leaves the table, and then notes when the old server
+	// left (meshPeerLeft): left must not come before that note.
+	waitFor(t, func() bool {
+		l.mu.Lock()
+		noted := l.oldLeftAt != 0
+		l.mu.Unlock()
+		return noted && s.lookup(w.PublicKey()) == nil
+	})
+	// Cut off since it left here, and since the link's connection to it
+	// ended, whichever came last.
+	cut := max(monoNanos(), t0+grace)
+	s.sweepWaits(cut + grace/2)
+	if goneBeforePong(t, y, k) || waitsFor(s, k) != 1 {
+		t.Fatal("y was told k left half a grace after the old server was cut off")
+	}
+	s.sweepWaits(cut + grace)
+	if !goneBeforePong(t, y, k) {
+		t.Fatal("the server that forwarded k was replaced and has been cut off for a grace, and y was not told PeerGone")
+	}
+	if st := s.Stats(); st.MeshWaiting != 0 || st.MeshWaitsGivenUp != 1 || st.MeshWaitsForgotten != 0 {
+		t.Fatalf("Stats: MeshWaiting %d, MeshWaitsGivenUp %d, MeshWaitsForgotten %d; want 0, 1, 0",
+			st.MeshWaiting, st.MeshWaitsGivenUp, st.MeshWaitsForgotten)
+	}
+}

@@ -4749,6 +4749,14 @@ type meshLink struct {
 	upAt       int64
 	downAt     int64
 	peerLeftAt int64
+	// oldPeer is the server key the link's connections had before the
+	// last change of it (the server at l.url was replaced, or restarted
+	// with a new key), zero if none; oldDownAt is when the last
+	// connection to it ended and oldLeftAt when its last session here
+	// did, as downAt and peerLeftAt. For sweepWaits: keys forwarded by
+	// that server are still waited for.
+	oldPeer              PublicKey
+	oldDownAt, oldLeftAt int64
 
 	// keys this peer announced, and the most it has held since it was
 	// last rebuilt (deleteShrink); guarded by s.mesh.mu.
@@ -4969,7 +4977,7 @@ func (l *meshLink) session(ctx context.Context) (watched bool, restartIn time.Du
 		return false, 0, ctx.Err()
 	}
 	l.client = c
-	l.peer, l.upAt = c.ServerPublicKey(), monoNanos()
+	l.noteUpLocked(c.ServerPublicKey(), monoNanos())
 	l.mu.Unlock()
 	s.log.Info("relay: mesh link up", "peer", l.url, "serverKey", c.ServerPublicKey().ShortString(), "path", hs.Path)
 
@@ -5006,6 +5014,17 @@ func (l *meshLink) session(ctx context.Context) (watched bool, restartIn time.Du
 	}
 	s.meshForgetLink(l, ctx.Err() == nil)
 	return watched, restartIn, err
+}
+
+// noteUpLocked records that l's connection to the server with key peer
+// began its watch at at (monoNanos); l.mu must be held. A new key moves the
+// old one's times to oldPeer's, for sweepWaits.
+func (l *meshLink) noteUpLocked(peer PublicKey, at int64) {
+	if !l.peer.IsZero() && peer != l.peer {
+		l.oldPeer, l.oldDownAt, l.oldLeftAt = l.peer, l.downAt, l.peerLeftAt
+		l.peerLeftAt = 0
+	}
+	l.peer, l.upAt = peer, at
 }
 
 // watch applies the peer's PeerPresent and PeerGone messages to the routes
@@ -5848,6 +5867,9 @@ func (s *Server) startSweepLocked() {
 //     gone too, not just being redialled): the peer is cut off, and
 //     they are told PeerGone, as they would have been when the link
 //     broke had the key been routed through it.
+//   - A peer that was replaced at its link's URL (the link's connections
+//     now reach a server with another key: meshLink.oldPeer) is taken
+//     for one whose link is down, since its last connection to it ended.
 //   - Of any other peer (a server not in WithMeshPeers, or not reached
 //     yet) this server never hears: the waiting sessions forget the key,
 //     as beyond maxMeshWaiting, and its next packet tries again.
@@ -5867,6 +5889,11 @@ func (s *Server) sweepWaits(now int64) {
 		l.mu.Lock()
 		if !l.peer.IsZero() {
 			links = append(links, linkState{l.peer, l.upAt, l.downAt, l.peerLeftAt})
+		}
+		if !l.oldPeer.IsZero() {
+			// A server replaced at the link's URL: down since the
+			// link's last connection to it ended.
+			links = append(links, linkState{l.oldPeer, 0, l.oldDownAt, l.oldLeftAt})
 		}
 		l.mu.Unlock()
 	}
@@ -5957,8 +5984,11 @@ func (s *Server) meshPeerLeft(k PublicKey) {
 	now := monoNanos()
 	for _, l := range s.mesh.links {
 		l.mu.Lock()
-		if l.peer == k {
+		switch k {
+		case l.peer:
 			l.peerLeftAt = now
+		case l.oldPeer:
+			l.oldLeftAt = now
 		}
 		l.mu.Unlock()
 	}
