@@ -3890,3 +3890,35 @@ func TestMeshWaitPeerChangedKey(t *testing.T) {
 			st.MeshWaiting, st.MeshWaitsGivenUp, st.MeshWaitsForgotten)
 	}
 }
+
+// TestMeshWaitLatePresentHeals pins the trade-off of a PeerPresent that
+// arrives more than a grace after the packet it should have routed, on a
+// link that was up all along (a list longer than the path carries in a
+// grace, or a watch connection lagging that far): the sweep cannot tell
+// it from a key that left, and y is told PeerGone for a key still there.
+// The route that the late PeerPresent makes has no recipients, but the
+// key's next packet to y makes y one, and y is told when the key leaves.
+func TestMeshWaitLatePresentHeals(t *testing.T) {
+	s, y, w, l := waitServer(t)
+	grace := int64(s.cfg.meshWaitGrace)
+	t0 := monoNanos()
+	setLinkUp(l, t0-grace)
+	k := mustKey(t).Public()
+	forwardTo(t, w, y, k)
+	s.sweepWaits(monoNanos() + grace)
+	if !goneBeforePong(t, y, k) {
+		t.Fatal("the sweep kept a wait overdue on a link up for a grace (the documented trade-off changed: update the README)")
+	}
+	s.meshAdd(k, l) // the late PeerPresent
+	if n := meshRouteRecipients(s, k); n != 0 {
+		t.Fatalf("the late route has %d recipients, want 0", n)
+	}
+	forwardTo(t, w, y, k) // k's next packet
+	if n := meshRouteRecipients(s, k); n != 1 {
+		t.Fatalf("k's next packet to y left the route with %d recipients, want 1 (y)", n)
+	}
+	s.meshRemove(k, l, true) // k leaves
+	if !goneBeforePong(t, y, k) {
+		t.Fatal("k left, and y, written a packet from k after its late route, was not told PeerGone")
+	}
+}

@@ -5861,8 +5861,14 @@ func (s *Server) startSweepLocked() {
 //     for the grace too: the key has left it (before its PeerPresent
 //     arrived, or while the link was down, so that its list did not
 //     have the key). The waiting sessions are told PeerGone, as when a
-//     route leaves. While the link is down nothing is known, and they
-//     wait on, unless it has been down for the grace and the peer has
+//     route leaves. A PeerPresent later than the grace (a list longer
+//     than the path carries in a grace, a watch lagging that far) is
+//     taken for a key that left: nothing on the link marks where its
+//     list ends, and a Pong is none (takeLocked writes it after one
+//     batch of updates, not the whole list). The key's route then
+//     gets its recipients back from its next packet to each of them
+//     (TestMeshWaitLatePresentHeals). While the link is down nothing
+//     is known, and they wait on, unless it has been down for the grace and the peer has
 //     had no connection here for the grace either (its link here is
 //     gone too, not just being redialled): the peer is cut off, and
 //     they are told PeerGone, as they would have been when the link
