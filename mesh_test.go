@@ -3922,3 +3922,48 @@ func TestMeshWaitLatePresentHeals(t *testing.T) {
 		t.Fatal("k left, and y, written a packet from k after its late route, was not told PeerGone")
 	}
 }
+
+// TestMeshKeyAtDownPeerLeavesOther pins what a key announced by two peers
+// b and c does when this server's link to b is down and the key leaves c:
+// with no link up that announces it and no connection here, it is taken
+// to have left the region, and its recipients are told PeerGone, though it
+// may still be at b, as they would have been had it left c first and the
+// link to b broken after. Its next packet through b (whose link here is
+// up) makes them wait for it, held while the link to b is down, and the
+// link's list routes it when it is back.
+func TestMeshKeyAtDownPeerLeavesOther(t *testing.T) {
+	s, y, w, lb := waitServer(t) // w is b's link here
+	grace := int64(s.cfg.meshWaitGrace)
+	lc := newMeshLink(s, "c")
+	lc.peer = mustKey(t).Public()
+	t0 := monoNanos()
+	setLinkUp(lb, t0)
+	setLinkUp(lc, t0)
+	s.mesh.links = append(s.mesh.links, lc)
+	k := mustKey(t).Public()
+	s.meshAdd(k, lb)
+	s.meshAdd(k, lc)
+	forwardTo(t, w, y, k)
+	if n := meshRouteRecipients(s, k); n != 1 {
+		t.Fatalf("k's route has %d recipients, want 1 (y)", n)
+	}
+	setLinkDown(lb, monoNanos())
+	s.meshForgetLink(lb, true) // the link to b breaks: c still has k
+	if goneBeforePong(t, y, k) {
+		t.Fatal("y was told k left when the link to b broke, though c announces k")
+	}
+	s.meshRemove(k, lc, true) // k leaves c
+	if !goneBeforePong(t, y, k) {
+		t.Fatal("k left c, the last link up that announced it, and y was not told (the documented behaviour changed: update the README)")
+	}
+	forwardTo(t, w, y, k) // still at b, which forwards its packets here
+	s.sweepWaits(monoNanos() + 2*grace)
+	if goneBeforePong(t, y, k) || waitsFor(s, k) != 1 {
+		t.Fatal("y was told k left, or does not wait for it, while the link to b, which forwarded it, is down")
+	}
+	setLinkUp(lb, monoNanos())
+	s.meshAdd(k, lb) // b's list, with k
+	if waitsFor(s, k) != 0 || meshRouteRecipients(s, k) != 1 {
+		t.Fatalf("after b's list: %d waits for k, %d route recipients; want 0, 1", waitsFor(s, k), meshRouteRecipients(s, k))
+	}
+}

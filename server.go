@@ -5526,7 +5526,9 @@ func (s *Server) meshAddLocked(k PublicKey, l *meshLink) {
 
 // meshRemove records that k left l's peer. If that was k's last route and
 // k has no connection here, local clients that received packets from k are
-// told it is gone (if notify).
+// told it is gone (if notify), though a peer whose link is down may still
+// have it, as when that link broke (meshForgetLink): its next packet to
+// one of them through that peer makes it wait (meshNoteRecipient).
 func (s *Server) meshRemove(k PublicKey, l *meshLink, notify bool) {
 	s.mesh.mu.Lock()
 	gone := s.meshUnrouteLocked(k, l)
