@@ -2489,8 +2489,10 @@ type meshModel struct {
 }
 
 // modelWaitGrace is the model's cfg.meshWaitGrace: short, so that waits
-// are swept within a phase (cutPhase).
-const modelWaitGrace = 50 * time.Millisecond
+// are swept within a phase (cutPhase), but longer than a link takes to
+// redial after a flap (50-100 ms after one that lasted 5 s), so that
+// cutPhase can tell a flap from a cut.
+const modelWaitGrace = 500 * time.Millisecond
 
 func newMeshModel(t *testing.T, seed uint64, nkeys int) *meshModel {
 	m := &meshModel{
@@ -3552,7 +3554,10 @@ type cutKey struct {
 // their routes (mesh.waiting). Each key then leaves the region, stays,
 // logs in at a too, or roams to the third server. A sweep of the waits
 // must keep them while the link is down (the keys may still be at b),
-// however long: nobody is told PeerGone. If both, b's link to a is cut
+// however long: nobody is told PeerGone, and a flap of b's link to a
+// (flapPeerLink) does not change that. A key forwarded to one of a's
+// clients by a mesh client that is no server of the region is forgotten
+// (checkForgotten). If both, b's link to a is cut
 // next, and a gives the waits up, telling its clients PeerGone (b is cut
 // off both ways); otherwise a's link heals, the keys that stayed get
 // their routes, and those that left are given up, their receivers told
@@ -3665,6 +3670,21 @@ func (m *meshModel) cutPhase(seen map[*modelSess]int, both bool) {
 		}
 		waitsLeft()
 	}
+	// A mesh client that is no server of the region (no link watches it)
+	// forwards a packet from a key the model does not know to a receiver:
+	// its wait is forgotten after the grace, and the receiver is never
+	// told PeerGone about it (checkTold: not a client key).
+	outsider := dialNode(t, m.nodes[a], mustKey(t), MeshKey(testMeshKey))
+	defer outsider.Close()
+	unwatched := mustKey(t).Public()
+	live := slices.DeleteFunc(slices.Clone(ys), func(y *modelSess) bool { return !slices.Contains(m.sess, y) })
+	uy := live[m.rng.IntN(len(live))]
+	upkt := fmt.Sprintf("packet %d from an unwatched forwarder", m.pkts)
+	m.pkts++
+	if err := outsider.ForwardPacket(unwatched, m.pub(uy.key), []byte(upkt)); err != nil {
+		t.Fatal(err)
+	}
+	forgotten0 := sa.Stats().MeshWaitsForgotten
 
 	var held []*cutKey // keys still waited for
 	for _, ck := range cks {
@@ -3724,6 +3744,15 @@ func (m *meshModel) cutPhase(seen map[*modelSess]int, both bool) {
 		}
 	}
 	m.checkTold(seen)
+	if t.Failed() {
+		return
+	}
+	m.checkForgotten(a, uy, unwatched, upkt, start, forgotten0)
+	// A link redials after its first break within 100 ms (a backoff of
+	// 50-100 ms), well within the grace; after later ones, in up to 5 s.
+	if len(held) > 0 && m.downs[b].count(m.urls[a]) == 0 {
+		m.flapPeerLink(a, b, held, start, seen)
+	}
 	if t.Failed() {
 		return
 	}
@@ -3966,4 +3995,113 @@ func TestMeshKeyAtDownPeerLeavesOther(t *testing.T) {
 	if waitsFor(s, k) != 0 || meshRouteRecipients(s, k) != 1 {
 		t.Fatalf("after b's list: %d waits for k, %d route recipients; want 0, 1", waitsFor(s, k), meshRouteRecipients(s, k))
 	}
+}
+
+// checkForgotten checks that node a forgot, once, the wait of session uy
+// for key k (forwarded by a mesh client no link watches, with payload
+// pkt): uy received the packet, nobody was told PeerGone(k), and
+// Stats.MeshWaitsForgotten counts it.
+func (m *meshModel) checkForgotten(a int, uy *modelSess, k PublicKey, pkt string, start, forgotten0 int64) {
+	t := m.t
+	t.Helper()
+	sa := m.nodes[a].s
+	waitState(t, func() string {
+		uy.mu.Lock()
+		_, got := uy.got[pkt]
+		uy.mu.Unlock()
+		if !got {
+			return fmt.Sprintf("phase %d: %q did not arrive", m.phase, pkt)
+		}
+		if len(m.waits.find(a, k, start, waitForgotten)) == 0 || waitsFor(sa, k) != 0 {
+			return fmt.Sprintf("phase %d: node %d did not forget session %d's wait for a key forwarded by a server it does not watch", m.phase, a, uy.id)
+		}
+		return ""
+	})
+	if r := m.waits.find(a, k, start, waitCreated); len(r) != 1 || r[0].n != 1 {
+		t.Errorf("phase %d: node %d's waits for the unwatched key were created %v, want once", m.phase, a, r)
+	}
+	if r := m.waits.find(a, k, start, waitGivenUp, waitRouted, waitLoggedIn); len(r) > 0 {
+		t.Errorf("phase %d: node %d's wait for a key forwarded by a server it does not watch ended %v, want forgotten", m.phase, a, r)
+	}
+	if d := sa.Stats().MeshWaitsForgotten - forgotten0; d != 1 {
+		t.Errorf("phase %d: node %d: MeshWaitsForgotten grew by %d, want 1", m.phase, a, d)
+	}
+}
+
+// flapPeerLink has node a close node b's link to it while node a's link to
+// node b is cut, so that b redials it: a flap, not a cut. The link must
+// not have broken before (its backoff is then 50-100 ms). Node a must hold
+// the waits for the keys b forwarded (held) through it: a sweep while b is
+// away (within the grace of its leaving) and one after it is back, however
+// late, keep them; a wait given up meanwhile by the timer's sweeps is an
+// error only if b was seen back within the grace.
+func (m *meshModel) flapPeerLink(a, b int, held []*cutKey, start int64, seen map[*modelSess]int) {
+	t := m.t
+	t.Helper()
+	sa, bk := m.nodes[a].s, m.nodes[b].s.PublicKey()
+	grace := int64(modelWaitGrace)
+	var la *meshLink // a's link to b
+	for _, l := range sa.mesh.links {
+		if l.url == m.urls[b] {
+			la = l
+		}
+	}
+	leftAt := func() int64 {
+		la.mu.Lock()
+		defer la.mu.Unlock()
+		return la.peerLeftAt
+	}
+	before := leftAt()
+	flap := monoNanos()
+	m.breakLink(b, (a-b-1+2*len(m.nodes))%len(m.nodes))
+	m.linkLost(b, a)
+	var left int64
+	waitState(t, func() string {
+		if left = leftAt(); left == before || left < flap {
+			return fmt.Sprintf("phase %d: node %d did not note that node %d's link to it ended", m.phase, a, b)
+		}
+		return ""
+	})
+	sa.sweepWaits(left + grace/2) // away for half a grace, or back
+	// b's link to a
+	var lb *meshLink
+	for _, l := range m.nodes[b].s.mesh.links {
+		if l.url == m.urls[a] {
+			lb = l
+		}
+	}
+	waitState(t, func() string {
+		lb.mu.Lock()
+		c := lb.client
+		lb.mu.Unlock()
+		if c == nil || c == m.broken[lb] || sa.lookup(bk) == nil {
+			return fmt.Sprintf("phase %d: node %d's link to node %d is not back after a flap", m.phase, b, a)
+		}
+		return ""
+	})
+	back := monoNanos()
+	delete(m.broken, lb)
+	m.t.Logf("phase %d: node %d's link to node %d was away for %v", m.phase, b, a, time.Duration(back-left))
+	sa.sweepWaits(back + 10*grace) // back: however late, not cut off
+	if back-left >= grace {
+		// Away for the grace (a slow machine, or a longer backoff): the
+		// timer's sweeps may have given the waits up, rightly.
+		for _, ck := range held {
+			if r := m.waits.find(a, m.pub(ck.k), flap, waitGivenUp); len(r) > 0 {
+				t.Logf("phase %d: node %d's link to node %d was away longer than the grace; the waits were given up", m.phase, b, a)
+				t.SkipNow()
+			}
+		}
+	}
+	m.sync()
+	for _, ck := range held {
+		if r := m.waits.find(a, m.pub(ck.k), start, waitGivenUp, waitForgotten); len(r) > 0 {
+			t.Errorf("phase %d: node %d gave up (%v) its wait for key %d when node %d's link to it flapped, its own link to node %d down",
+				m.phase, a, r[0].ev, ck.k, b, b)
+		}
+		if n := waitsFor(sa, m.pub(ck.k)); n != len(ck.to) {
+			t.Errorf("phase %d: node %d: %d sessions wait for key %d after node %d's link to it flapped, want %d", m.phase, a, n, ck.k, b, len(ck.to))
+		}
+	}
+	m.checkTold(seen)
 }
