@@ -4105,3 +4105,39 @@ func (m *meshModel) flapPeerLink(a, b int, held []*cutKey, start int64, seen map
 	}
 	m.checkTold(seen)
 }
+
+// TestMeshWaitPeerLeftThenChangedKey is TestMeshWaitPeerChangedKey in the
+// usual order of a restart: the old server's link here ends first, then
+// this server's link reaches the new one. The wait is held for a grace
+// after the later of the two, then given up.
+func TestMeshWaitPeerLeftThenChangedKey(t *testing.T) {
+	s, y, w, l := waitServer(t)
+	grace := int64(s.cfg.meshWaitGrace)
+	t0 := monoNanos()
+	setLinkUp(l, t0)
+	k := mustKey(t).Public()
+	forwardTo(t, w, y, k)
+	w.Close() // the old server goes
+	waitFor(t, func() bool {
+		l.mu.Lock()
+		noted := l.peerLeftAt != 0
+		l.mu.Unlock()
+		return noted && s.lookup(w.PublicKey()) == nil
+	})
+	cut := max(monoNanos(), t0+grace)
+	setLinkDown(l, t0+grace)
+	linkUpAs(l, mustKey(t).Public(), t0+grace) // the new server at w's URL
+	s.sweepWaits(cut + grace/2)
+	if goneBeforePong(t, y, k) || waitsFor(s, k) != 1 {
+		t.Fatalf("the wait for k ended half a grace after its server was replaced: %d waits, MeshWaitsForgotten %d",
+			waitsFor(s, k), s.Stats().MeshWaitsForgotten)
+	}
+	s.sweepWaits(cut + grace)
+	if !goneBeforePong(t, y, k) {
+		t.Fatal("the server that forwarded k was replaced a grace ago, and y was not told PeerGone")
+	}
+	if st := s.Stats(); st.MeshWaiting != 0 || st.MeshWaitsGivenUp != 1 || st.MeshWaitsForgotten != 0 {
+		t.Fatalf("Stats: MeshWaiting %d, MeshWaitsGivenUp %d, MeshWaitsForgotten %d; want 0, 1, 0",
+			st.MeshWaiting, st.MeshWaitsGivenUp, st.MeshWaitsForgotten)
+	}
+}
