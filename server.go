@@ -5870,11 +5870,12 @@ func (s *Server) startSweepLocked() {
 //     batch of updates, not the whole list). The key's route then
 //     gets its recipients back from its next packet to each of them
 //     (TestMeshWaitLatePresentHeals). While the link is down nothing
-//     is known, and they wait on, unless it has been down for the grace and the peer has
-//     had no connection here for the grace either (its link here is
-//     gone too, not just being redialled): the peer is cut off, and
-//     they are told PeerGone, as they would have been when the link
-//     broke had the key been routed through it.
+//     is known, and they wait on, unless it has been down for the
+//     grace and the peer has had no connection here for the grace
+//     either (its link here is gone too, not just being redialled):
+//     the peer is cut off, and they are told PeerGone, as they would
+//     have been when the link broke had the key been routed through
+//     it.
 //   - A peer that was replaced at its link's URL (the link's connections
 //     now reach a server with another key: meshLink.oldPeer) is taken
 //     for one whose link is down, since its last connection to it ended.
