@@ -1120,39 +1120,25 @@ func TestMaxConnectionsTotal(t *testing.T) {
 // TestMaxConnectionsPerIP: the per-IP limit counts IPv4 and IPv4-mapped
 // IPv6 addresses as one, and other addresses are not affected.
 func TestMaxConnectionsPerIP(t *testing.T) {
-	s := newTestServer(t, WithMaxConnections(0, 2))
-	accept := func(remote string) (net.Conn, chan struct{}) {
-		cc, sc := net.Pipe()
-		done := make(chan struct{})
-		go func() { s.Accept(context.Background(), sc, nil, remote); close(done) }()
-		t.Cleanup(func() { cc.Close(); <-done })
-		return cc, done
-	}
-	c1, _ := accept("192.0.2.1:1")
-	loginClient(t, c1, mustKey(t))
-	c2, _ := accept("[::ffff:192.0.2.1]:2")
-	loginClient(t, c2, mustKey(t))
-	_, done := accept("192.0.2.1:3")
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		t.Fatal("third connection from one IP not refused at once")
-	}
-	if got := s.Stats().Rejected["too_many_connections"]; got != 1 {
-		t.Fatalf("rejected %d", got)
-	}
-	c4, _ := accept("192.0.2.2:4")
-	loginClient(t, c4, mustKey(t))
-	c1.Close()
-	waitForT(t, "slot freed", func() bool { return s.stats.sessions.Load() == 2 })
-	c5, _ := accept("192.0.2.1:5")
-	loginClient(t, c5, mustKey(t))
+	checkPerIPLimit(t, "one IP", [3]string{"192.0.2.1:1", "[::ffff:192.0.2.1]:2", "192.0.2.1:3"}, "192.0.2.2:4", "192.0.2.1:5")
 }
 
 // TestMaxConnectionsPerIPv6Prefix: an IPv6 host holds a whole /64 (SLAAC
 // privacy addresses, or any address it assigns itself), so the per-IP
 // limit counts the connections of each /64 together, as one IPv4 address.
+// Another /64 (next to it) has slots of its own.
 func TestMaxConnectionsPerIPv6Prefix(t *testing.T) {
+	checkPerIPLimit(t, "one IPv6 /64",
+		[3]string{"[2001:db8:1:2::1]:1", "[2001:db8:1:2:aaaa:bbbb:cccc:dddd]:2", "[2001:db8:1:2::3]:3"},
+		"[2001:db8:1:3::1]:4", "[2001:db8:1:2::5]:5")
+}
+
+// checkPerIPLimit runs a server with a per-IP limit of 2: of three
+// connections from what counts as one address (same), the third is refused
+// at once; one from other is not; once the first has gone, again (counted
+// as same) logs in.
+func checkPerIPLimit(t *testing.T, what string, same [3]string, other, again string) {
+	t.Helper()
 	s := newTestServer(t, WithMaxConnections(0, 2))
 	accept := func(remote string) (net.Conn, chan struct{}) {
 		cc, sc := net.Pipe()
@@ -1161,25 +1147,24 @@ func TestMaxConnectionsPerIPv6Prefix(t *testing.T) {
 		t.Cleanup(func() { cc.Close(); <-done })
 		return cc, done
 	}
-	c1, _ := accept("[2001:db8:1:2::1]:1")
+	c1, _ := accept(same[0])
 	loginClient(t, c1, mustKey(t))
-	c2, _ := accept("[2001:db8:1:2:aaaa:bbbb:cccc:dddd]:2")
+	c2, _ := accept(same[1])
 	loginClient(t, c2, mustKey(t))
-	_, done := accept("[2001:db8:1:2::3]:3")
+	_, done := accept(same[2])
 	select {
 	case <-done:
 	case <-time.After(5 * time.Second):
-		t.Fatal("third connection from one IPv6 /64 not refused at once")
+		t.Fatalf("third connection from %s not refused at once", what)
 	}
 	if got := s.Stats().Rejected["too_many_connections"]; got != 1 {
 		t.Fatalf("rejected %d", got)
 	}
-	// Another /64 (next to it) has slots of its own.
-	c4, _ := accept("[2001:db8:1:3::1]:4")
+	c4, _ := accept(other)
 	loginClient(t, c4, mustKey(t))
 	c1.Close()
 	waitForT(t, "slot freed", func() bool { return s.stats.sessions.Load() == 2 })
-	c5, _ := accept("[2001:db8:1:2::5]:5")
+	c5, _ := accept(again)
 	loginClient(t, c5, mustKey(t))
 	if err := s.ConsistencyCheck(); err != nil {
 		t.Fatal(err)
