@@ -1637,8 +1637,9 @@ func (rc *ReconnectingClient) Send(ctx context.Context, dst PublicKey, pkt []byt
 // call's interrupt caused is left to that call, which drops c); if ctx's
 // interrupt ended the write, ctx's error is returned and no failure is
 // counted (a write that failed before ctx ended is the server's failure,
-// whenever ctx ends). If ctx ended already, nothing is written and c
-// stays.
+// whenever ctx ends). A refused packet is returned as such, and c dropped
+// all the same if ctx's interrupt fired, as after a write that succeeded
+// (see settle). If ctx ended already, nothing is written and c stays.
 func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write func() error) error {
 	if err := ctxEnded(ctx); err != nil {
 		return err
@@ -1648,12 +1649,19 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 		stop = context.AfterFunc(ctx, c.interrupt)
 	}
 	err := write()
+	refused := errors.Is(err, ErrPacketTooLarge) || errors.Is(err, ErrRateLimited)
 	fired := false
 	if stop != nil {
 		fired = !stop()
-		rc.settle(c, fired, err)
+		if refused {
+			// The stream is as it was, but not c: an interrupt that
+			// fired is for good, and no other call would drop c.
+			rc.settle(c, fired, nil)
+		} else {
+			rc.settle(c, fired, err)
+		}
 	}
-	if err != nil && !errors.Is(err, ErrPacketTooLarge) && !errors.Is(err, ErrRateLimited) {
+	if err != nil && !refused {
 		if fired {
 			rc.drop(c) // ctx's interrupt, not the server's silence
 			return ctx.Err()

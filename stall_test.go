@@ -3034,3 +3034,45 @@ func TestReconnectingLateRecvCountsNothingAfterReconnect(t *testing.T) {
 		t.Fatalf("a Recv accounting after Reconnect for a connection made before it: %d failures counted, next dial in %v; want 0 and none", failures, wait.Round(time.Second))
 	}
 }
+
+// A write that refuses its packet before writing it (ErrPacketTooLarge,
+// ErrRateLimited) while ctx's interrupt fires leaves the connection
+// interrupted for good, so it is dropped, as after a write that succeeded
+// as ctx ended (TestReconnectingCtxEndingAsWriteFinishes). It was kept:
+// every later write failed at once, and a client that only sends (no Recv
+// to drop it) never reconnected, each failure taken for another call's
+// interrupt that would drop it.
+func TestReconnectingCtxEndingAsPacketRefusedDrops(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.script = func(_ int, _ net.Conn, br *bufio.Reader, _ PublicKey) { io.Copy(io.Discard, br) }
+	rc := newScriptedRC(t, s)
+	rc.Dialer.DialContext = s.dialTCP // socket buffers: no Recv needed for the login
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rc.mu.Lock()
+	c := rc.c
+	rc.mu.Unlock()
+	wctx, wcancel := context.WithCancel(ctx)
+	err := rc.writeUnder(wctx, c, func() error {
+		err := c.Send(PublicKey{1}, make([]byte, MaxPacketSize+1))
+		wcancel() // ctx ends as the write returns
+		for !c.interrupted.Load() {
+			time.Sleep(time.Millisecond)
+		}
+		return err
+	})
+	if !errors.Is(err, ErrPacketTooLarge) {
+		t.Fatalf("the write itself: %v, want %v", err, ErrPacketTooLarge)
+	}
+	for i := range 2 {
+		if err := rc.Send(ctx, PublicKey{1}, []byte("y")); err != nil {
+			t.Fatalf("Send %d of a client that only sends, after a ctx ended as a packet was refused: %v", i+1, err)
+		}
+	}
+	if n := s.dials.Load(); n != 2 {
+		t.Errorf("%d dials, want 2 (the interrupted connection replaced)", n)
+	}
+}
