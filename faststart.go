@@ -1194,7 +1194,8 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 		}
 		logErr = fmt.Errorf(strings.TrimSuffix(strings.Repeat("%w; ", len(args)), "; "), args...)
 	}
-	setupFailed := false // the connection was made, its first frames were not
+	setupFailed := false  // the connection was made, its first frames were not
+	serverFailed := false // and no interrupt failed them: the server did
 	if err == nil {
 		// The new connection's first frames. Under setupMu, so that a
 		// concurrent NotePreferred or WatchConnectionChanges either
@@ -1215,12 +1216,13 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 			if err == nil && watch {
 				err = c.WatchConnectionChanges()
 			}
-			if !stop() && err == nil {
+			fired := !stop()
+			if fired && err == nil {
 				err = dctx.Err() // interrupted: c is unusable
 			}
 			if err != nil {
 				c.Close()
-				setupFailed = true
+				setupFailed, serverFailed = true, !fired
 			}
 		}
 	}
@@ -1253,7 +1255,10 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 	default:
 	}
 	if err != nil {
-		cut := ctx.Err() != nil
+		// First frames that failed before any interrupt did are the
+		// server's failure, even if ctx has ended since (as for a
+		// write: see writeUnder).
+		cut := ctx.Err() != nil && !serverFailed
 		if cut && !rc.cutShort {
 			// The caller's ctx ended it (its deadline or cancel), not a
 			// bound of the dial's own: no failure of the server's, and

@@ -3076,3 +3076,31 @@ func TestReconnectingCtxEndingAsPacketRefusedDrops(t *testing.T) {
 		t.Errorf("%d dials, want 2 (the interrupted connection replaced)", n)
 	}
 }
+
+// The same for a new connection's first frame (NotePreferred here) that
+// the server failed (a login it refused) just before the ctx of the call
+// that dialled ended: the dial failed on the server's answer, not by ctx,
+// and counts as a failed dial of that server. It was taken for a dial
+// that ctx cut short: nothing counted, and the next dial went back to the
+// server that refused the login. Here ctx ends when dial first asks it
+// whether it ended, once the frame failed.
+func TestReconnectingSetupWriteFailedJustBeforeCtxEndedCounts(t *testing.T) {
+	rc, dialsA, dialsB := refusedThenFallback(t)
+	if err := rc.NotePreferred(true); err != nil {
+		t.Fatal(err)
+	}
+	late := &endsOnErrCtx{expiringCtx: newExpiringCtx()}
+	err := rc.Connect(late)
+	if err == nil {
+		t.Fatal("Connect succeeded though the server refused the login")
+	}
+	rc.mu.Lock()
+	failures := rc.failures
+	rc.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cerr := rc.Connect(ctx)
+	if a, b := dialsA.Load(), dialsB.Load(); failures != 1 || a != 1 || b != 1 || cerr != nil {
+		t.Fatalf("a dial whose first frame the server failed (%v), its caller's ctx ending just after: %d failures counted; then %d dials of the server that refused the login, %d of its fallback, Connect: %v; want 1, 1, 1 and nil", err, failures, a, b, cerr)
+	}
+}
