@@ -1484,7 +1484,11 @@ func (rc *ReconnectingClient) logf(msg string, args ...any) {
 // drop ends c for a call whose ctx's interrupt ended it (or fired as it
 // finished): c is forgotten if it is still the current client, so the
 // next call reconnects, and its end counts for nothing (see endLocked).
+// The interrupt is made sure of first (a fired AfterFunc runs it on a
+// goroutine of its own, maybe not yet): a Recv whose read the Close fails
+// must find c interrupted, and take its end for this call's.
 func (rc *ReconnectingClient) drop(c *Client) {
+	c.interrupt()
 	rc.mu.Lock()
 	rc.endLocked(c, 0, endByCaller, false, nil)
 	rc.mu.Unlock()
@@ -1497,7 +1501,8 @@ type connEnd int
 const (
 	// endByCaller: a call's ctx (its own or another's) interrupted it,
 	// or fired as the call finished, or Reconnect dropped it: no failure
-	// of the server's, nor a sign of a silent path.
+	// of the server's, nor a sign of a silent path. It decides nothing
+	// for a Recv whose read the server failed before.
 	endByCaller connEnd = iota
 	// endRead: a Recv's read failed (or its Pong's write, or Recv's
 	// bound on the login ended it). The Recv knows whether ServerInfo
@@ -1517,8 +1522,11 @@ const (
 // marks its server's path silent, unless a caller's ctx ended it), and
 // decides once per connection (Client.accounted), whichever call comes
 // first, whether and how its end counts:
-//   - ended by a caller's ctx or by Reconnect, or made before the last
-//     Reconnect (askedGen): no failure;
+//   - ended by a caller's ctx or by Reconnect: nothing counts, and nothing
+//     is decided (a Recv whose read the server failed before the
+//     interrupt still counts that failure, and a Recv whose read the
+//     interrupt failed is endByCaller itself);
+//   - made before the last Reconnect (askedGen): no failure;
 //   - ended before its ServerInfo: a failed dial of its server (a login
 //     it refused): the count goes up, the next dial waits the backoff
 //     for it (in a restart notice's window, the quick one), and starts
@@ -1548,13 +1556,13 @@ func (rc *ReconnectingClient) endLocked(c *Client, gen int, how connEnd, gotInfo
 		// for it (or left it to Recv, as the write would have).
 		return
 	}
-	if c.accounted {
+	if c.accounted || how == endByCaller {
 		return
 	}
 	now := time.Now()
 	lo, hi := rc.backoffBounds()
 	switch {
-	case how == endByCaller, gen <= rc.askedGen:
+	case gen <= rc.askedGen:
 	case !gotInfo && how == endWrite && now.Sub(rc.connAt) >= hi:
 		rc.failures = 0
 		return // not accounted: see above
@@ -1908,6 +1916,9 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			// write ends the connection as a failed read does.
 			err = c.SendPong(p)
 		}
+		// Whether an interrupt had fired when the I/O ended: one that
+		// fires later did not fail it.
+		interrupted := c.interrupted.Load()
 		byCtx := !stop() // ctx's interrupt fired
 		fired := byCtx
 		if login != nil && !login.Stop() {
@@ -1934,7 +1945,7 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			// Interrupted by another call's ctx, not Recv's: a write
 			// whose ctx ended under it, which drops c (see writeUnder),
 			// no failure of the server's nor a sign of a silent path.
-			byCaller := !fired && c.interrupted.Load()
+			byCaller := !fired && interrupted
 			// Dropped and accounted for under one lock: a dial that
 			// another call begins once c is gone must find the wait
 			// and the server to start with that c's end sets.

@@ -3104,3 +3104,53 @@ func TestReconnectingSetupWriteFailedJustBeforeCtxEndedCounts(t *testing.T) {
 		t.Fatalf("a dial whose first frame the server failed (%v), its caller's ctx ending just after: %d failures counted; then %d dials of the server that refused the login, %d of its fallback, Connect: %v; want 1, 1, 1 and nil", err, failures, a, b, cerr)
 	}
 }
+
+// A Recv whose read the server failed (a login it refused) before another
+// call's interrupt fired on the connection (a Send whose ctx ended, which
+// drops it) counts the refusal: only a read that an interrupt ended is
+// the caller's. The Send's drop decided the connection's end for good,
+// with nothing counted, and the Recv, finding the connection interrupted
+// by then, took its own failure for the Send's: the next dial went back
+// to the server that refused the login. testHookRecvFailed, which runs
+// once the read failed, runs that Send.
+func TestReconnectingRecvFailedBeforeAnotherCallsInterruptCounts(t *testing.T) {
+	rc, dialsA, dialsB := refusedThenFallback(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rc.mu.Lock()
+	c := rc.c
+	rc.mu.Unlock()
+	var once sync.Once
+	sendErr := make(chan error, 1)
+	rc.testHookRecvFailed = func() {
+		once.Do(func() {
+			wctx, wcancel := context.WithCancel(ctx)
+			sendErr <- rc.writeUnder(wctx, c, func() error {
+				wcancel() // ctx ends under the write
+				for !c.interrupted.Load() {
+					time.Sleep(time.Millisecond)
+				}
+				return c.Send(PublicKey{1}, []byte("x"))
+			})
+		})
+	}
+	rctx, rcancel := context.WithCancel(ctx)
+	defer rcancel()
+	rc.testHookRecvDropped = rcancel // no dial by Recv: Connect below dials
+	if _, err := rc.Recv(rctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Recv: %v, want %v", err, context.Canceled)
+	}
+	if err := <-sendErr; !errors.Is(err, context.Canceled) {
+		t.Fatalf("the Send whose ctx ended under it: %v, want %v", err, context.Canceled)
+	}
+	rc.mu.Lock()
+	failures := rc.failures
+	rc.mu.Unlock()
+	cerr := rc.Connect(ctx)
+	if a, b := dialsA.Load(), dialsB.Load(); failures != 1 || a != 1 || b != 1 || cerr != nil {
+		t.Fatalf("a Recv the server failed before a Send's ctx ended under its write: %d failures counted; then %d dials of the server that refused the login, %d of its fallback, Connect: %v; want 1, 1, 1 and nil", failures, a, b, cerr)
+	}
+}
