@@ -883,8 +883,9 @@ const maxRestartTry = time.Minute
 // ErrNotConnected is returned by ReconnectingClient.Ping when the Pong did
 // not arrive on the connection the Ping was sent on, and by its writes
 // (Send, Ping, NotePreferred, …) whose connection was dropped while they
-// wrote: by Reconnect, or by another call that saw it fail. The client is
-// not closed (that is ErrClosed): the next call connects again.
+// wrote: by Reconnect, by another call that saw it fail, or by another
+// call whose ctx ended during its own I/O on it. The client is not closed
+// (that is ErrClosed): the next call connects again.
 var ErrNotConnected = errors.New("relay: connection lost")
 
 func (rc *ReconnectingClient) backoff(failures int, now time.Time) time.Duration {
@@ -1633,8 +1634,9 @@ func (rc *ReconnectingClient) wakePingsLocked() {
 // leaving the connection as it is. Whatever ctx, a
 // packet the connection cannot take within 10 seconds fails Send with the
 // write's error, and drops the connection too (see Client.Send). A write
-// whose connection another call dropped under it (Reconnect, or a Recv
-// that saw the connection fail) returns ErrNotConnected; only after Close
+// whose connection another call dropped under it (Reconnect, a Recv that
+// saw the connection fail, or a call whose ctx ended during its own I/O
+// on it) returns ErrNotConnected; only after Close
 // does Send return ErrClosed. (A ctx that can end costs one small
 // allocation per call.)
 func (rc *ReconnectingClient) Send(ctx context.Context, dst PublicKey, pkt []byte) error {
@@ -1696,7 +1698,11 @@ func (rc *ReconnectingClient) writeFailed(c *Client, err error) error {
 		// or Recv's bound on the login) failed the write: that call
 		// drops c and accounts for its end, if there is anything to
 		// account (the login's bound is a failure of the server's, and
-		// a timeout of its path).
+		// a timeout of its path). The interrupt's timeout says nothing
+		// of the server: the connection was dropped under the write.
+		if !errors.Is(err, ErrClosed) {
+			err = fmt.Errorf("%w: the connection was dropped during the write (another call's ctx ended, or Recv's wait for the login's ServerInfo did): %v", ErrNotConnected, err)
+		}
 		return rc.writeErr(err)
 	}
 	rc.dropAfterWrite(c, err)

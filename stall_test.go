@@ -3154,3 +3154,45 @@ func TestReconnectingRecvFailedBeforeAnotherCallsInterruptCounts(t *testing.T) {
 		t.Fatalf("a Recv the server failed before a Send's ctx ended under its write: %d failures counted; then %d dials of the server that refused the login, %d of its fallback, Connect: %v; want 1, 1, 1 and nil", failures, a, b, cerr)
 	}
 }
+
+// A write that another call's interrupt fails (here a write whose ctx
+// ended while a Send was held by a server that reads nothing) returns
+// ErrNotConnected, as one whose connection another call dropped under it
+// does: the other call drops the connection, and the next call connects
+// again. It returned the write's timeout, which says that the server
+// stopped reading or the connection stalled.
+func TestReconnectingWriteFailedByAnotherCallsInterruptIsNotConnected(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.init()
+	s.script = func(int, net.Conn, *bufio.Reader, PublicKey) { s.stall() }
+	rc, armed, started := armedWritesRC(t, s)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rc.mu.Lock()
+	c := rc.c
+	rc.mu.Unlock()
+	armed.Store(true)
+	sendErr := make(chan error, 1)
+	go func() { sendErr <- rc.Send(ctx, PublicKey{1}, []byte("x")) }()
+	select {
+	case <-started:
+	case <-ctx.Done():
+		t.Fatal("the Send's write did not start")
+	}
+	wctx, wcancel := context.WithCancel(ctx)
+	if err := rc.writeUnder(wctx, c, func() error {
+		wcancel() // another call's ctx ends during its write
+		for !c.interrupted.Load() {
+			time.Sleep(time.Millisecond)
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("the interrupting write: %v", err)
+	}
+	if err := <-sendErr; !errors.Is(err, ErrNotConnected) {
+		t.Fatalf("a Send that another call's interrupt failed: %v, want %v", err, ErrNotConnected)
+	}
+}
