@@ -1524,9 +1524,10 @@ const (
 // decides once per connection (Client.accounted), whichever call comes
 // first, whether and how its end counts:
 //   - ended by a caller's ctx or by Reconnect: nothing counts, and nothing
-//     is decided (a Recv whose read the server failed before the
-//     interrupt still counts that failure, and a Recv whose read the
-//     interrupt failed is endByCaller itself);
+//     is decided: a Recv whose read the server failed before a ctx's
+//     interrupt fired still counts that failure (one whose read the
+//     interrupt failed is endByCaller itself; after Reconnect, see
+//     askedGen);
 //   - made before the last Reconnect (askedGen): no failure;
 //   - ended before its ServerInfo: a failed dial of its server (a login
 //     it refused): the count goes up, the next dial waits the backoff
