@@ -2740,32 +2740,58 @@ func TestReconnectingStaleRefusalMovesPastItsOwnServer(t *testing.T) {
 // MaxBackoff are an hour: every wait is uniform in [30 min, 1 h].
 func lateRecvAfterNewerWriteCount(t *testing.T) (failures [2]int, nextDial [2]time.Time) {
 	t.Helper()
+	rc, ctx, finish := heldLateRecv(t, func(rc *ReconnectingClient) {
+		rc.mu.Lock()
+		failures[1], nextDial[1] = rc.failures, rc.nextDial
+		rc.mu.Unlock()
+	})
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := rc.Send(ctx, PublicKey{1}, []byte("x")); err == nil {
+		t.Fatal("a Send on the second connection, whose server hung up, succeeded")
+	}
+	rc.mu.Lock()
+	failures[0], nextDial[0] = rc.failures, rc.nextDial
+	rc.mu.Unlock()
+	finish()
+	return failures, nextDial
+}
+
+// heldLateRecv connects a client to a server that refuses every login
+// (MinBackoff and MaxBackoff an hour: every wait is uniform in [30 min,
+// 1 h]) and starts a Recv loop on it, whose read's failure it holds in
+// testHookRecvFailed; it then ages the connection past MaxBackoff and has
+// a Send find it failed, which leaves its end to the Recv. finish lets the
+// Recv go on: it accounts for the end, drops the connection, runs atDrop
+// (if not nil) and ends its loop, which finish waits for.
+func heldLateRecv(t *testing.T, atDrop func(rc *ReconnectingClient)) (rc *ReconnectingClient, ctx context.Context, finish func()) {
+	t.Helper()
 	s := &scriptedServer{priv: mustKey(t)}
 	s.init()
-	rc := newScriptedRC(t, s)
+	rc = newScriptedRC(t, s)
 	rc.MinBackoff, rc.MaxBackoff = time.Hour, time.Hour
 	rc.Dialer.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		s.dials.Add(1)
 		return s.pipe(s.refuseLogin), nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
+	t.Cleanup(cancel)
 	if err := rc.Connect(ctx); err != nil {
 		t.Fatal(err)
 	}
-	recvFailed, release := make(chan struct{}), make(chan struct{})
+	recvFailed, release, dropped := make(chan struct{}), make(chan struct{}), make(chan struct{})
 	var failedOnce, droppedOnce sync.Once
 	rc.testHookRecvFailed = func() {
 		failedOnce.Do(func() { close(recvFailed); <-release })
 	}
 	rctx, rcancel := context.WithCancel(ctx)
-	defer rcancel()
-	dropped := make(chan struct{})
+	t.Cleanup(rcancel)
 	rc.testHookRecvDropped = func() {
 		droppedOnce.Do(func() {
-			rc.mu.Lock()
-			failures[1], nextDial[1] = rc.failures, rc.nextDial
-			rc.mu.Unlock()
+			if atDrop != nil {
+				atDrop(rc)
+			}
 			rcancel() // the Recv loop ends here
 			close(dropped)
 		})
@@ -2790,23 +2816,15 @@ func lateRecvAfterNewerWriteCount(t *testing.T) (failures [2]int, nextDial [2]ti
 	if err := rc.Send(ctx, PublicKey{1}, []byte("x")); err == nil {
 		t.Fatal("a Send on the first connection, whose server hung up, succeeded")
 	}
-	if err := rc.Connect(ctx); err != nil {
-		t.Fatal(err)
+	return rc, ctx, func() {
+		close(release) // Recv accounts for the first connection's end
+		select {
+		case <-dropped:
+		case <-ctx.Done():
+			t.Fatal("Recv did not drop the first connection")
+		}
+		<-recvDone
 	}
-	if err := rc.Send(ctx, PublicKey{1}, []byte("x")); err == nil {
-		t.Fatal("a Send on the second connection, whose server hung up, succeeded")
-	}
-	rc.mu.Lock()
-	failures[0], nextDial[0] = rc.failures, rc.nextDial
-	rc.mu.Unlock()
-	close(release) // Recv accounts for the first connection's end
-	select {
-	case <-dropped:
-	case <-ctx.Done():
-		t.Fatal("Recv did not drop the first connection")
-	}
-	<-recvDone
-	return failures, nextDial
 }
 
 // A Recv that accounts late for a connection that ended before its
@@ -2976,57 +2994,9 @@ func TestReconnectKeepsTheStartPastARefusal(t *testing.T) {
 // Recv counted a failure after the Reconnect, and the next dial waited
 // out its backoff.
 func TestReconnectingLateRecvCountsNothingAfterReconnect(t *testing.T) {
-	s := &scriptedServer{priv: mustKey(t)}
-	s.init()
-	rc := newScriptedRC(t, s)
-	rc.MinBackoff, rc.MaxBackoff = time.Hour, time.Hour // a failure counted would show
-	rc.Dialer.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
-		s.dials.Add(1)
-		return s.pipe(s.refuseLogin), nil
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := rc.Connect(ctx); err != nil {
-		t.Fatal(err)
-	}
-	recvFailed, release, dropped := make(chan struct{}), make(chan struct{}), make(chan struct{})
-	var failedOnce, droppedOnce sync.Once
-	rc.testHookRecvFailed = func() {
-		failedOnce.Do(func() { close(recvFailed); <-release })
-	}
-	rctx, rcancel := context.WithCancel(ctx)
-	defer rcancel()
-	rc.testHookRecvDropped = func() {
-		droppedOnce.Do(func() { rcancel(); close(dropped) })
-	}
-	recvDone := make(chan error, 1)
-	go func() {
-		for {
-			if _, err := rc.Recv(rctx); err != nil {
-				recvDone <- err
-				return
-			}
-		}
-	}()
-	select {
-	case <-recvFailed:
-	case <-ctx.Done():
-		t.Fatal("Recv's read on the refused login did not fail")
-	}
-	rc.mu.Lock()
-	rc.connAt = rc.connAt.Add(-2 * rc.MaxBackoff) // older than MaxBackoff
-	rc.mu.Unlock()
-	if err := rc.Send(ctx, PublicKey{1}, []byte("x")); err == nil {
-		t.Fatal("a Send on a connection whose server hung up succeeded")
-	}
+	rc, _, finish := heldLateRecv(t, nil)
 	rc.Reconnect() // the network changed
-	close(release) // Recv accounts for the connection's end
-	select {
-	case <-dropped:
-	case <-ctx.Done():
-		t.Fatal("Recv did not drop the connection")
-	}
-	<-recvDone
+	finish()
 	rc.mu.Lock()
 	failures, wait := rc.failures, time.Until(rc.nextDial)
 	rc.mu.Unlock()
