@@ -2440,13 +2440,7 @@ func TestReconnectingLaterSetupWriteFailsOver(t *testing.T) {
 			if err == nil {
 				t.Fatalf("%s on a connection whose server hung up: no error", setup)
 			}
-			rc.mu.Lock()
-			failures := rc.failures
-			rc.mu.Unlock()
-			cerr := rc.Connect(ctx)
-			if a, b := dialsA.Load(), dialsB.Load(); failures != 1 || a != 1 || b != 1 || cerr != nil {
-				t.Fatalf("after %s found the login refused (%v): %d failures counted; then %d dials of the server that refused it, %d of its fallback, Connect: %v; want 1, 1, 1 and nil", setup, err, failures, a, b, cerr)
-			}
+			checkRefusalCounted(t, ctx, rc, dialsA, dialsB, fmt.Sprintf("after %s found the login refused (%v)", setup, err))
 		})
 	}
 }
@@ -2884,13 +2878,7 @@ func TestReconnectingWriteFailedJustBeforeCtxEndedCounts(t *testing.T) {
 	if err == nil {
 		t.Fatal("a Send on a connection whose server hung up succeeded")
 	}
-	rc.mu.Lock()
-	failures := rc.failures
-	rc.mu.Unlock()
-	cerr := rc.Connect(ctx)
-	if a, b := dialsA.Load(), dialsB.Load(); failures != 1 || a != 1 || b != 1 || cerr != nil {
-		t.Fatalf("a Send the server failed (%v), its ctx ending just after: %d failures counted; then %d dials of the server that refused the login, %d of its fallback, Connect: %v; want 1, 1, 1 and nil", err, failures, a, b, cerr)
-	}
+	checkRefusalCounted(t, ctx, rc, dialsA, dialsB, fmt.Sprintf("a Send the server failed (%v), its ctx ending just after", err))
 }
 
 // The same for a Recv whose read the server failed (a login it refused)
@@ -2911,13 +2899,7 @@ func TestReconnectingRecvFailedJustBeforeCtxEndedCounts(t *testing.T) {
 		t.Fatalf("Recv whose ctx ended: %v, want %v", err, context.Canceled)
 	}
 	rc.testHookRecvFailed = nil
-	rc.mu.Lock()
-	failures := rc.failures
-	rc.mu.Unlock()
-	cerr := rc.Connect(ctx)
-	if a, b := dialsA.Load(), dialsB.Load(); failures != 1 || a != 1 || b != 1 || cerr != nil {
-		t.Fatalf("a Recv the server failed, its ctx ending just after: %d failures counted; then %d dials of the server that refused the login, %d of its fallback, Connect: %v; want 1, 1, 1 and nil", failures, a, b, cerr)
-	}
+	checkRefusalCounted(t, ctx, rc, dialsA, dialsB, "a Recv the server failed, its ctx ending just after")
 }
 
 // A new connection whose first frames (NotePreferred, WatchConns) the
@@ -3064,15 +3046,9 @@ func TestReconnectingSetupWriteFailedJustBeforeCtxEndedCounts(t *testing.T) {
 	if err == nil {
 		t.Fatal("Connect succeeded though the server refused the login")
 	}
-	rc.mu.Lock()
-	failures := rc.failures
-	rc.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	cerr := rc.Connect(ctx)
-	if a, b := dialsA.Load(), dialsB.Load(); failures != 1 || a != 1 || b != 1 || cerr != nil {
-		t.Fatalf("a dial whose first frame the server failed (%v), its caller's ctx ending just after: %d failures counted; then %d dials of the server that refused the login, %d of its fallback, Connect: %v; want 1, 1, 1 and nil", err, failures, a, b, cerr)
-	}
+	checkRefusalCounted(t, ctx, rc, dialsA, dialsB, fmt.Sprintf("a dial whose first frame the server failed (%v), its caller's ctx ending just after", err))
 }
 
 // A Recv whose read the server failed (a login it refused) before another
@@ -3116,13 +3092,7 @@ func TestReconnectingRecvFailedBeforeAnotherCallsInterruptCounts(t *testing.T) {
 	if err := <-sendErr; !errors.Is(err, context.Canceled) {
 		t.Fatalf("the Send whose ctx ended under it: %v, want %v", err, context.Canceled)
 	}
-	rc.mu.Lock()
-	failures := rc.failures
-	rc.mu.Unlock()
-	cerr := rc.Connect(ctx)
-	if a, b := dialsA.Load(), dialsB.Load(); failures != 1 || a != 1 || b != 1 || cerr != nil {
-		t.Fatalf("a Recv the server failed before a Send's ctx ended under its write: %d failures counted; then %d dials of the server that refused the login, %d of its fallback, Connect: %v; want 1, 1, 1 and nil", failures, a, b, cerr)
-	}
+	checkRefusalCounted(t, ctx, rc, dialsA, dialsB, "a Recv the server failed before a Send's ctx ended under its write")
 }
 
 // A write that another call's interrupt fails (here a write whose ctx
@@ -3164,5 +3134,19 @@ func TestReconnectingWriteFailedByAnotherCallsInterruptIsNotConnected(t *testing
 	}
 	if err := <-sendErr; !errors.Is(err, ErrNotConnected) {
 		t.Fatalf("a Send that another call's interrupt failed: %v, want %v", err, ErrNotConnected)
+	}
+}
+
+// checkRefusalCounted checks that the login the server behind dialsA
+// refused counted as one failure, after what, and that the next dial goes
+// to its fallback (dialsB) and connects.
+func checkRefusalCounted(t *testing.T, ctx context.Context, rc *ReconnectingClient, dialsA, dialsB *atomic.Int32, what string) {
+	t.Helper()
+	rc.mu.Lock()
+	failures := rc.failures
+	rc.mu.Unlock()
+	cerr := rc.Connect(ctx)
+	if a, b := dialsA.Load(), dialsB.Load(); failures != 1 || a != 1 || b != 1 || cerr != nil {
+		t.Fatalf("%s: %d failures counted; then %d dials of the server that refused the login, %d of its fallback, Connect: %v; want 1, 1, 1 and nil", what, failures, a, b, cerr)
 	}
 }
