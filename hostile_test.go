@@ -745,6 +745,12 @@ func hostileCases() []hostileCase {
 			closedWith(okJSON, frameHeader(FrameSendPacket, 1<<32-1))},
 		{"unknown frame over 1 MiB under a rate limit is refused at once", []ServerOption{WithRateLimit(1024, 0)}, []string{"err:session:frame_too_large"},
 			closedWith(okJSON, frameHeader(0x42, maxUnknownFrame+1))},
+		// A client not of the mesh may send no ForwardPacket at all:
+		// whatever its length, it is refused unread, so it buys no wait
+		// but its header's, even on an empty bucket (a maximal packet
+		// empties it).
+		{"ForwardPacket from a non-mesh client on an empty bucket is refused at once", []ServerOption{WithRateLimit(1024, 0)}, []string{"err:session:forward_not_mesh"},
+			closedWith(okJSON, sendPacket(someone(), MaxPacketSize), frameHeader(FrameForwardPacket, maxForwardFrame))},
 		// A frame is paid for as its bytes come: a client that sends the
 		// header of a long frame and hangs up does not keep its session
 		// (goroutine, connection slot, key) for the wait the whole frame

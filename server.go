@@ -2301,23 +2301,19 @@ func (c *sconn) paceRead(t FrameType, n uint32) error {
 const paceChunk = maxSendFrame
 
 // maxFrameLen is the longest payload of a frame of type t that the reader
-// reads: a longer one ends the session unread (each handler checks it; a
-// ForwardPacket and a WatchConns from a client not of the mesh end it
-// whatever their length).
+// reads from a client not of the mesh (the only ones paced): a longer one
+// ends the session unread (each handler checks it). ForwardPacket,
+// WatchConns and ClosePeer end it whatever their length, unread.
 func maxFrameLen(t FrameType) uint32 {
 	switch t {
 	case FrameSendPacket:
 		return maxSendFrame
-	case FrameForwardPacket:
-		return maxForwardFrame
 	case FramePing, FramePong:
 		return maxServerPingLen
 	case FrameNotePreferred:
 		return 1
-	case FrameWatchConns:
+	case FrameForwardPacket, FrameWatchConns, FrameClosePeer:
 		return 0
-	case FrameClosePeer:
-		return KeyLen
 	}
 	return maxUnknownFrame
 }
