@@ -688,7 +688,8 @@ func WithTCPUserTimeout(d time.Duration) ServerOption {
 // WithIdleTimeout makes the server check that clients which declared
 // CanAckPings (Tailscale's clients do) are alive: each keepalive is sent as a
 // Ping instead, and a session from which nothing at all, not even the Pong,
-// was read for d ends with the reason "idle_timeout". This finds vanished
+// was read for d (not counting the server's own waits for WithRateLimit)
+// ends with the reason "idle_timeout". This finds vanished
 // clients without relying on TCP timeouts. d should exceed the keepalive
 // interval plus jitter. Default 150 s; zero turns the check off. Mesh peers
 // and clients that cannot ack pings are exempt. For a parked session (see
@@ -894,6 +895,10 @@ type sconn struct {
 	notHere   tokenBucket
 	rateLimit *tokenBucket
 	rateCfg   *rateLimit // the limit rateLimit follows
+	// pacedAt is when the reader's last wait for the rate limit ended:
+	// over WebSocket it may wait inside a read (paceFraming), which is
+	// no silence of the client's (onStall).
+	pacedAt   time.Time
 	recvPkts  atomic.Int64
 	recvBytes atomic.Int64
 
@@ -1884,13 +1889,20 @@ func (c *sconn) setupReads() {
 }
 
 // onStall decides what a read that timed out means; since is when the read
-// began (tracked sessions only), and boundary says no byte of the next
+// began (tracked sessions only; a wait for the rate limit inside the read
+// moves it to the wait's end), and boundary says no byte of the next
 // frame has arrived. It returns nil to keep waiting, errIdleStall to have
 // readLoop park the reader, or the error that ends the session.
 func (c *sconn) onStall(since time.Time, boundary bool) error {
 	now := time.Now()
 	cfg := &c.s.cfg
 	if c.br.track {
+		if c.pacedAt.After(since) {
+			// The read waited for the rate limit (over WebSocket,
+			// inside the read): the client's silence, if any, began
+			// when the wait ended.
+			since = c.pacedAt
+		}
 		idle := now.Sub(since)
 		if idle >= cfg.idleTimeout {
 			return c.idleError()
@@ -2349,6 +2361,7 @@ func (c *sconn) pace(cost int, live bool) error {
 		return nil
 	}
 	c.s.stats.rateWaits.Add(1)
+	defer func() { c.pacedAt = time.Now() }()
 	t := time.NewTimer(d)
 	defer t.Stop()
 	for {

@@ -965,3 +965,48 @@ func TestWebSocketFramingFloodPaced(t *testing.T) {
 		})
 	}
 }
+
+// TestWebSocketFramingPaceNotIdle: a wait for the rate limit inside a
+// WebSocket read (for the framing read) is not silence from the client. A
+// session whose reader cannot park and that checks its client's liveness
+// (WithIdleTimeout) counts its idle time from the end of the wait, as it
+// does over TCP, where the wait comes between reads: the bytes the client
+// sent meanwhile are read, not taken for an idle client's.
+func TestWebSocketFramingPaceNotIdle(t *testing.T) {
+	// 100 bytes/s: the framing of two 125-byte pings on an empty bucket
+	// buys a wait of nearly 3 s, longer than the idle timeout.
+	s := newTestServer(t, WithRateLimit(100, 0), WithIdlePark(0), WithIdleTimeout(time.Second))
+	srv := serveDERP(t, s, derpServeOpts{plain: true})
+	nc, br, resp := wsDial(t, srv.Addr, nil)
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("handshake: %s", resp.Status)
+	}
+	nc.SetDeadline(time.Time{})
+	c, err := NewClient(mustKey(t), newWSConn(nc, br, true), nil, CanAckPings(true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, ok := recvMsg[ServerInfo](t, c); !ok {
+		t.FailNow()
+	}
+	c.limiter = nil
+	// A maximal packet empties the bucket.
+	if err := c.Send(mustKey(t).Public(), make([]byte, MaxPacketSize)); err != nil {
+		t.Fatal(err)
+	}
+	before := s.Stats().RateLimitWaits
+	ping := wsFrame(0x89, make([]byte, wsMaxControl), false)
+	if _, err := nc.Write(append(ping[:len(ping):len(ping)], ping...)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return s.Stats().RateLimitWaits > before })
+	// The server waits inside its read; this Ping reaches the socket
+	// meanwhile, and is answered once the wait is over.
+	if err := c.SendPing([8]byte{5}); err != nil {
+		t.Fatal(err)
+	}
+	if p, ok := recvMsg[Pong](t, c); !ok || p != (Pong{5}) {
+		t.Fatalf("pong %v after the wait; errors %v", p, s.Stats().Errors)
+	}
+}
