@@ -486,8 +486,8 @@ func testServerPings(t *testing.T, park time.Duration) {
 
 func TestRateLimitDoesNotDelayPings(t *testing.T) {
 	// 1 byte/s with the minimum burst (one maximal packet): after one
-	// maximal packet the bucket is empty. A paced 8-byte Ping would wait 8 s;
-	// it is answered at once.
+	// maximal packet the bucket is empty. A Ping waiting behind it would
+	// wait 13 s; it is answered at once.
 	s := NewServer(mustKey(t), WithRateLimit(1, 0))
 	addr := tcpServer(t, s)
 	a, b := tcpClient(t, addr), tcpClient(t, addr)
@@ -501,6 +501,74 @@ func TestRateLimitDoesNotDelayPings(t *testing.T) {
 	// A packet, by contrast, waits.
 	a.Send(b.PublicKey(), []byte{1})
 	waitFor(t, func() bool { return s.Stats().RateLimitWaits == 1 })
+}
+
+// TestRateLimitPacketsWithinAnnouncedBurst: clients (ours, and
+// Tailscale's) count their SendPackets alone against the limit ServerInfo
+// announces, header and payload. One that pings and notes its home region,
+// and then sends a whole burst of packets, as its own bucket lets it, keeps
+// within the limit and is not paced: what it does not count (Pings,
+// NotePreferred, over WebSocket the framing) must not make its packets
+// wait.
+func TestRateLimitPacketsWithinAnnouncedBurst(t *testing.T) {
+	for _, ws := range []bool{false, true} {
+		t.Run(map[bool]string{false: "tcp", true: "websocket"}[ws], func(t *testing.T) {
+			// 1 byte/s: a packet that waited would wait for minutes.
+			s := newTestServer(t, WithRateLimit(1, 0))
+			var a, b *Client
+			if ws {
+				srv := serveDERP(t, s, derpServeOpts{plain: true})
+				a, b = wsTestClient(t, srv.Addr), wsTestClient(t, srv.Addr)
+			} else {
+				addr := tcpServer(t, s)
+				a, b = tcpClient(t, addr), tcpClient(t, addr)
+			}
+			if a.limiter == nil {
+				t.Fatal("no limit announced")
+			}
+			if err := a.NotePreferred(true); err != nil {
+				t.Fatal(err)
+			}
+			for i := range 50 {
+				if err := a.SendPing([8]byte{byte(i)}); err != nil {
+					t.Fatal(err)
+				}
+				if _, ok := recvMsg[Pong](t, a); !ok {
+					t.FailNow()
+				}
+			}
+			// The client's bucket is full: one maximal packet is its burst.
+			if err := a.Send(b.PublicKey(), make([]byte, MaxPacketSize)); err != nil {
+				t.Fatal(err)
+			}
+			if _, ok := recvMsg[*ReceivedPacket](t, b); !ok {
+				t.Fatalf("a packet within the announced burst was held up (%d rate-limit waits)", s.Stats().RateLimitWaits)
+			}
+			if n := s.Stats().RateLimitWaits; n != 0 {
+				t.Fatalf("%d rate-limit waits for a client within its announced burst", n)
+			}
+		})
+	}
+}
+
+// wsTestClient logs a client in over DERP over WebSocket to the plain HTTP
+// server at addr.
+func wsTestClient(t *testing.T, addr string) *Client {
+	t.Helper()
+	nc, br, resp := wsDial(t, addr, nil)
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("handshake: %s", resp.Status)
+	}
+	nc.SetDeadline(time.Time{})
+	c, err := NewClient(mustKey(t), newWSConn(nc, br, true), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if _, ok := recvMsg[ServerInfo](t, c); !ok {
+		t.FailNow()
+	}
+	return c
 }
 
 func TestPeerGoneNotHereForDisco(t *testing.T) {

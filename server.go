@@ -629,16 +629,19 @@ func (as *AdmissionService) ask(ctx context.Context, key PublicKey, source strin
 const maxAdmissionRequests = 64
 
 // WithRateLimit limits how fast each non-mesh client may send, in bytes per
-// second of frames (the 5-byte header included, as clients count it, and
-// over WebSocket the WebSocket framing too), with the given burst (raised
-// to at least one maximal SendPacket frame, 65573 bytes). The limit is
-// announced to clients in ServerInfo and enforced by reading more slowly,
-// so TCP flow control slows the sender and nothing is dropped.
-// NotePreferred and 8-byte Pings are paid for but wait only once a client
-// owes more than a burst, so that a limited client still passes liveness
-// checks and a flood of them is paced all the same. Zero bytesPerSec, the
-// default, means no limit. Server.SetRateLimit changes it while the server
-// runs.
+// second of frames (the 5-byte header included, as clients count their
+// SendPackets), with the given burst (raised to at least one maximal
+// SendPacket frame, 65573 bytes). The limit is announced to clients in
+// ServerInfo and enforced by reading more slowly, so TCP flow control slows
+// the sender and nothing is dropped. What clients do not count against it
+// (Pings, Pongs, NotePreferred and, over WebSocket, the WebSocket framing)
+// is paid for from a second token bucket of the same rate and burst, so
+// that a client that keeps its packets within the limit is not paced for
+// those, nor its liveness checks held up behind its packets, while a flood
+// of them is paced all the same: a client may send the limit in packets
+// (and any other frames) and the limit again in those. Zero bytesPerSec,
+// the default, means no limit. Server.SetRateLimit changes it while the
+// server runs.
 func WithRateLimit(bytesPerSec, burst int) ServerOption {
 	return func(c *serverConfig) { c.rateBytesPerSec, c.rateBurst = bytesPerSec, burst }
 }
@@ -894,6 +897,9 @@ type sconn struct {
 	preferred bool
 	notHere   tokenBucket
 	rateLimit *tokenBucket
+	// rateExtra pays, under the same limit, for what clients do not
+	// count against it (see paceRead); set with rateLimit.
+	rateExtra *tokenBucket
 	rateCfg   *rateLimit // the limit rateLimit follows
 	// pacedAt is when the reader's last wait for the rate limit ended:
 	// over WebSocket it may wait inside a read (paceFraming), which is
@@ -2187,10 +2193,6 @@ func (c *sconn) readLoop() error {
 				c.applyRate(rl)
 			}
 			if c.rateLimit != nil {
-				// Ping and NotePreferred are tiny: making them wait
-				// behind the client's packets would only make a
-				// limited client look dead to its own liveness checks.
-				// They are paid for all the same (see paceRead).
 				if err := c.paceRead(t, n); err != nil {
 					return err
 				}
@@ -2285,12 +2287,13 @@ func (c *sconn) skipFrame(t FrameType, n uint32) error {
 // frame longer than paceChunk (one the server skips), the rest is paid for
 // as skipFrame reads it.
 //
-// A live frame (an 8-byte Ping, NotePreferred) is paid for but waits only
-// once the client owes more than a burst: a client that sends packets as
-// fast as its limit lets it never owes more than one frame between
-// frames, so its liveness checks are not held up behind its packets, while
-// a flood of live frames is paced like any other. A Ping longer than its 8
-// bytes of data waits as any frame.
+// Clients count their SendPackets alone against the limit ServerInfo
+// announces. What they send besides (Pings, Pongs, NotePreferred) and,
+// over WebSocket, the framing (paceFraming) is paid for from a second
+// bucket of the same rate and burst (rateExtra): a client that keeps its
+// packets within the limit never waits because of those frames, nor do its
+// liveness checks wait behind its packets, while a flood of those frames
+// is paced like any other.
 //
 // A wait ends early when Server.SetRateLimit changes the limit: the debt is
 // then paid at the new rate, or forgiven if the limit is gone.
@@ -2301,8 +2304,8 @@ func (c *sconn) paceRead(t FrameType, n uint32) error {
 		// pays for the rest as it reads it.
 		cost += int(min(n, paceChunk))
 	}
-	live := t == FramePing && n <= minPingLen || t == FrameNotePreferred
-	return c.pace(cost, live)
+	extra := t == FramePing || t == FramePong || t == FrameNotePreferred
+	return c.pace(cost, extra)
 }
 
 // paceChunk is the most of a frame's payload paid for before its bytes
@@ -2331,8 +2334,8 @@ func maxFrameLen(t FrameType) uint32 {
 }
 
 // paceFraming makes a WebSocket client pay for n bytes of framing under
-// the rate limit, as for DERP bytes (see wsConn.pace). The reader calls it
-// in the middle of a read.
+// the rate limit, from the bucket of what clients do not count (see
+// paceRead, wsConn.pace). The reader calls it in the middle of a read.
 func (c *sconn) paceFraming(n int) error {
 	if c.isMesh {
 		return nil
@@ -2343,20 +2346,19 @@ func (c *sconn) paceFraming(n int) error {
 	if c.rateLimit == nil {
 		return nil
 	}
-	return c.pace(n, false)
+	return c.pace(n, true)
 }
 
-// pace waits until the token bucket can pay cost bytes (see paceRead).
-func (c *sconn) pace(cost int, live bool) error {
-	// wait is how long until the bucket holds no debt, or (live) no more
-	// than a burst of it.
-	wait := func(d time.Duration) time.Duration {
-		if live {
-			d -= time.Duration(c.rateLimit.burst / c.rateLimit.rate * float64(time.Second))
+// pace waits until the token bucket (rateExtra if extra, else rateLimit)
+// can pay cost bytes (see paceRead).
+func (c *sconn) pace(cost int, extra bool) error {
+	bucket := func() *tokenBucket {
+		if extra {
+			return c.rateExtra
 		}
-		return d
+		return c.rateLimit
 	}
-	d := wait(c.rateLimit.reserve(cost, time.Now()))
+	d := bucket().reserve(cost, time.Now())
 	if d <= 0 {
 		return nil
 	}
@@ -2373,7 +2375,7 @@ func (c *sconn) pace(cost int, live bool) error {
 			if c.rateLimit == nil {
 				return nil
 			}
-			if d = wait(c.rateLimit.reserve(0, time.Now())); d <= 0 {
+			if d = bucket().reserve(0, time.Now()); d <= 0 {
 				return nil
 			}
 			t.Reset(d)
@@ -2410,7 +2412,8 @@ const minRateBurst = frameHeaderLen + maxSendFrame
 
 // SetRateLimit changes the limit of WithRateLimit while the server runs:
 // bytes per second of frames (header included) that each non-mesh client
-// may send, with the given burst; zero bytesPerSec removes the limit.
+// may send, with the given burst (and as much again of Pings, Pongs,
+// NotePreferred and WebSocket framing); zero bytesPerSec removes the limit.
 // Sessions follow it from their next frame (a read waiting for tokens is
 // woken to pay its debt at the new rate); ServerInfo announces it to
 // clients that log in afterwards, since the protocol has no way to tell
@@ -2422,21 +2425,26 @@ func (s *Server) SetRateLimit(bytesPerSec, burst int) {
 	}
 }
 
-// applyRate makes the session's token bucket follow rl, keeping what the
+// applyRate makes the session's token buckets follow rl, keeping what the
 // client saved (up to the new burst) or owes.
 func (c *sconn) applyRate(rl *rateLimit) {
 	c.rateCfg = rl
 	switch {
 	case rl == nil:
-		c.rateLimit = nil
+		c.rateLimit, c.rateExtra = nil, nil
 	case c.rateLimit == nil:
+		now := time.Now()
 		c.rateLimit = &tokenBucket{rate: float64(rl.bytesPerSec), burst: float64(rl.burst),
-			tokens: float64(rl.burst), last: time.Now()}
+			tokens: float64(rl.burst), last: now}
+		e := *c.rateLimit
+		c.rateExtra = &e
 	default:
-		b := c.rateLimit
-		b.refill(time.Now())
-		b.rate, b.burst = float64(rl.bytesPerSec), float64(rl.burst)
-		b.tokens = min(b.tokens, b.burst)
+		now := time.Now()
+		for _, b := range [2]*tokenBucket{c.rateLimit, c.rateExtra} {
+			b.refill(now)
+			b.rate, b.burst = float64(rl.bytesPerSec), float64(rl.burst)
+			b.tokens = min(b.tokens, b.burst)
+		}
 	}
 }
 

@@ -973,8 +973,6 @@ func TestWebSocketFramingFloodPaced(t *testing.T) {
 // does over TCP, where the wait comes between reads: the bytes the client
 // sent meanwhile are read, not taken for an idle client's.
 func TestWebSocketFramingPaceNotIdle(t *testing.T) {
-	// 100 bytes/s: the framing of two 125-byte pings on an empty bucket
-	// buys a wait of nearly 3 s, longer than the idle timeout.
 	s := newTestServer(t, WithRateLimit(100, 0), WithIdlePark(0), WithIdleTimeout(time.Second))
 	srv := serveDERP(t, s, derpServeOpts{plain: true})
 	nc, br, resp := wsDial(t, srv.Addr, nil)
@@ -990,14 +988,12 @@ func TestWebSocketFramingPaceNotIdle(t *testing.T) {
 	if _, ok := recvMsg[ServerInfo](t, c); !ok {
 		t.FailNow()
 	}
-	c.limiter = nil
-	// A maximal packet empties the bucket.
-	if err := c.Send(mustKey(t).Public(), make([]byte, MaxPacketSize)); err != nil {
-		t.Fatal(err)
-	}
-	before := s.Stats().RateLimitWaits
+	// 502 pings of 131 bytes are paid for 262 bytes at a time: the 251st
+	// payment is 189 bytes more than the burst, a wait of nearly 2 s at
+	// 100 bytes/s, longer than the idle timeout.
 	ping := wsFrame(0x89, make([]byte, wsMaxControl), false)
-	if _, err := nc.Write(append(ping[:len(ping):len(ping)], ping...)); err != nil {
+	before := s.Stats().RateLimitWaits
+	if _, err := nc.Write(bytes.Repeat(ping, 502)); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, func() bool { return s.Stats().RateLimitWaits > before })
