@@ -762,6 +762,35 @@ func hostileCases() []hostileCase {
 				r.closeWrite(t)
 				r.expectClosed(t)
 			}},
+		// The wait for a frame on an empty bucket (a maximal packet
+		// empties it) notices the client hanging up without the rest of
+		// the frame (here 64 s of wait at 1 KiB/s), on Linux over plain
+		// TCP. A client that sent the whole frame before its FIN has it
+		// relayed after the wait.
+		{"header of a maximal SendPacket on an empty bucket, then EOF, under a rate limit ends at once", []ServerOption{WithRateLimit(1024, 0)}, []string{"err:session:truncated_frame"},
+			func(t *testing.T, e *hostileEnv) {
+				if runtime.GOOS != "linux" {
+					t.Skip("the kernel's view of the socket is read on Linux only")
+				}
+				r := e.dialLogin(t, okJSON)
+				f := sendPacket(someone(), MaxPacketSize)
+				r.send(f, f[:frameHeaderLen+1000])
+				r.closeWrite(t)
+				r.expectClosed(t)
+			}},
+		{"a whole SendPacket on an empty bucket, then EOF, under a rate limit is relayed", []ServerOption{WithRateLimit(20<<10, 0)}, []string{"RateLimitWaits"},
+			func(t *testing.T, e *hostileEnv) {
+				r := e.dialLogin(t, okJSON)
+				b := e.b.PublicKey()
+				last := append([]byte("last words"), make([]byte, MaxPacketSize-10)...)
+				// The second maximal packet waits 3.2 s, and the FIN
+				// comes long before that.
+				r.send(sendPacket(someone(), MaxPacketSize), mkFrame(FrameSendPacket, b[:], last))
+				r.closeWrite(t)
+				if m, ok := recvMsg[*ReceivedPacket](t, e.b); !ok || !bytes.Equal(m.Data, last) {
+					t.Fatal("the last packet was not relayed")
+				}
+			}},
 		{"a flood of empty frames over the rate limit is paced", []ServerOption{WithRateLimit(1024, 0)}, []string{"RateLimitWaits"},
 			func(t *testing.T, e *hostileEnv) { floodPaced(t, e, mkFrame(0x42, nil)) }},
 		{"a flood of NotePreferred over the rate limit is paced", []ServerOption{WithRateLimit(1024, 0)}, []string{"RateLimitWaits"},

@@ -58,3 +58,33 @@ func socketAcked(sc syscall.Conn) bool {
 	info, outq, ok := tcpInfo(sc)
 	return ok && outq == 0 && info.Unacked == 0
 }
+
+// TCP states (linux/include/net/tcp_states.h) in which the peer sends no
+// more: its FIN arrived (close wait), or a reset did (close).
+const (
+	tcpStateClose     = 7
+	tcpStateCloseWait = 8
+)
+
+// peerSentLess reports whether the peer of TCP socket sc has stopped
+// sending (its FIN or a reset arrived) with fewer than n bytes left unread
+// in the socket: a frame that still needs n bytes from it can never be
+// completed. It reports false when it cannot tell (not TCP).
+func peerSentLess(sc syscall.Conn, n int) bool {
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var info syscall.TCPInfo
+	size := uint32(unsafe.Sizeof(info))
+	var inq int32
+	var errno, qerrno syscall.Errno
+	if rc.Control(func(fd uintptr) {
+		_, _, errno = syscall.Syscall6(syscall.SYS_GETSOCKOPT, fd, syscall.IPPROTO_TCP, syscall.TCP_INFO,
+			uintptr(unsafe.Pointer(&info)), uintptr(unsafe.Pointer(&size)), 0)
+		_, _, qerrno = syscall.Syscall(syscall.SYS_IOCTL, fd, syscall.TIOCINQ, uintptr(unsafe.Pointer(&inq)))
+	}) != nil || errno != 0 || qerrno != 0 {
+		return false
+	}
+	return (info.State == tcpStateCloseWait || info.State == tcpStateClose) && int(inq) < n
+}

@@ -19,3 +19,7 @@ func socketDraining(sc syscall.Conn, d time.Duration) bool { return false }
 // socketAcked reports false: without the kernel's view of the socket, a
 // Ping that is not answered is taken as lost.
 func socketAcked(sc syscall.Conn) bool { return false }
+
+// peerSentLess reports false: without the kernel's view of the socket, a
+// client that hung up is noticed when its bytes run out.
+func peerSentLess(sc syscall.Conn, n int) bool { return false }

@@ -639,8 +639,11 @@ const maxAdmissionRequests = 64
 // that a client that keeps its packets within the limit is not paced for
 // those, nor its liveness checks held up behind its packets, while a flood
 // of them is paced all the same: a client may send the limit in packets
-// (and any other frames) and the limit again in those. Zero bytesPerSec,
-// the default, means no limit. Server.SetRateLimit changes it while the
+// (and any other frames) and the limit again in those. On Linux, over
+// plain TCP, a wait of more than a second looks at the socket every
+// second, so that a client that hangs up before sending the rest of the
+// frame it is waiting to read ends its session then, not after the wait.
+// Zero bytesPerSec, the default, means no limit. Server.SetRateLimit changes it while the
 // server runs.
 func WithRateLimit(bytesPerSec, burst int) ServerOption {
 	return func(c *serverConfig) { c.rateBytesPerSec, c.rateBurst = bytesPerSec, burst }
@@ -2194,6 +2197,9 @@ func (c *sconn) readLoop() error {
 			}
 			if c.rateLimit != nil {
 				if err := c.paceRead(t, n); err != nil {
+					if err == io.ErrUnexpectedEOF {
+						err = truncatedFrame(t)
+					}
 					return err
 				}
 			}
@@ -2268,7 +2274,7 @@ func (c *sconn) skipFrame(t FrameType, n uint32) error {
 			return nil
 		}
 		if c.rateLimit != nil {
-			if err := c.pace(min(left, paceChunk), false); err != nil {
+			if err := c.pace(min(left, paceChunk), false, left); err != nil {
 				return err
 			}
 		}
@@ -2305,7 +2311,11 @@ func (c *sconn) paceRead(t FrameType, n uint32) error {
 		cost += int(min(n, paceChunk))
 	}
 	extra := t == FramePing || t == FramePong || t == FrameNotePreferred
-	return c.pace(cost, extra)
+	need := 0
+	if n <= maxFrameLen(t) {
+		need = int(n)
+	}
+	return c.pace(cost, extra, need)
 }
 
 // paceChunk is the most of a frame's payload paid for before its bytes
@@ -2346,12 +2356,17 @@ func (c *sconn) paceFraming(n int) error {
 	if c.rateLimit == nil {
 		return nil
 	}
-	return c.pace(n, true)
+	return c.pace(n, true, 0)
 }
 
 // pace waits until the token bucket (rateExtra if extra, else rateLimit)
-// can pay cost bytes (see paceRead).
-func (c *sconn) pace(cost int, extra bool) error {
+// can pay cost bytes (see paceRead). need is how many more bytes the frame
+// being read needs (zero if it will not be read): over a plain TCP socket
+// on Linux, a wait longer than paceProbe looks at the socket every
+// paceProbe, and ends with io.ErrUnexpectedEOF once the client has hung up
+// (its FIN or a reset arrived) without sending what the frame needs, as the
+// read after the wait would.
+func (c *sconn) pace(cost int, extra bool, need int) error {
 	bucket := func() *tokenBucket {
 		if extra {
 			return c.rateExtra
@@ -2364,21 +2379,40 @@ func (c *sconn) pace(cost int, extra bool) error {
 	}
 	c.s.stats.rateWaits.Add(1)
 	defer func() { c.pacedAt = time.Now() }()
-	t := time.NewTimer(d)
+	var sc syscall.Conn
+	if need > c.br.Buffered() && c.br.raw != nil {
+		sc, _ = c.br.nc.(syscall.Conn)
+	}
+	step := func(d time.Duration) time.Duration {
+		if sc != nil {
+			return min(d, paceProbe)
+		}
+		return d
+	}
+	until := time.Now().Add(d)
+	t := time.NewTimer(step(d))
 	defer t.Stop()
 	for {
 		select {
 		case <-t.C:
-			return nil
+			if d = time.Until(until); d <= 0 {
+				return nil
+			}
+			if sc != nil && peerSentLess(sc, need-c.br.Buffered()) {
+				return io.ErrUnexpectedEOF
+			}
+			t.Reset(step(d))
 		case <-c.rateCfg.changed:
 			c.applyRate(c.s.rate.Load())
 			if c.rateLimit == nil {
 				return nil
 			}
-			if d = bucket().reserve(0, time.Now()); d <= 0 {
+			now := time.Now()
+			if d = bucket().reserve(0, now); d <= 0 {
 				return nil
 			}
-			t.Reset(d)
+			until = now.Add(d)
+			t.Reset(step(d))
 		case <-c.quitChan():
 			return net.ErrClosed
 		case <-c.ctx.Done():
@@ -2386,6 +2420,10 @@ func (c *sconn) pace(cost int, extra bool) error {
 		}
 	}
 }
+
+// paceProbe is how often a long wait for the rate limit looks whether the
+// client hung up in the middle of its frame (see pace).
+const paceProbe = time.Second
 
 // rateLimit is a per-client receive limit set by WithRateLimit or
 // SetRateLimit. It is immutable; changed is closed when it is replaced.
