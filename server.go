@@ -642,9 +642,9 @@ const maxAdmissionRequests = 64
 // (and any other frames) and the limit again in those. On Linux, over
 // plain TCP, a wait of more than a second looks at the socket every
 // second, so that a client that hangs up before sending the rest of the
-// frame it is waiting to read ends its session then, not after the wait.
-// Zero bytesPerSec, the default, means no limit. Server.SetRateLimit changes it while the
-// server runs.
+// frame being paid for ends its session then, not after the wait. Zero
+// bytesPerSec, the default, means no limit. Server.SetRateLimit changes it
+// while the server runs.
 func WithRateLimit(bytesPerSec, burst int) ServerOption {
 	return func(c *serverConfig) { c.rateBytesPerSec, c.rateBurst = bytesPerSec, burst }
 }
