@@ -4141,3 +4141,34 @@ func TestMeshWaitPeerLeftThenChangedKey(t *testing.T) {
 			st.MeshWaiting, st.MeshWaitsGivenUp, st.MeshWaitsForgotten)
 	}
 }
+
+// TestMeshWaitPeersSwappedKeys: two links whose peers swap server keys
+// (the servers at their URLs trade places). A wait for k, forwarded by
+// w's server A, is judged by the link that reaches A now, up for a
+// grace without announcing k: y is told PeerGone. The other link's memory
+// of A as its replaced peer (down, A still connected here) held the wait
+// for as long as A stayed connected, whichever link came first.
+func TestMeshWaitPeersSwappedKeys(t *testing.T) {
+	s, y, w, l1 := waitServer(t) // l1 first reaches A, w's server
+	grace := int64(s.cfg.meshWaitGrace)
+	a, b := w.PublicKey(), mustKey(t).Public()
+	l2 := newMeshLink(s, "b")
+	s.mesh.links = append(s.mesh.links, l2)
+	t0 := monoNanos()
+	linkUpAs(l1, a, t0)
+	linkUpAs(l2, b, t0)
+	setLinkDown(l1, t0+grace)
+	setLinkDown(l2, t0+grace)
+	linkUpAs(l1, b, t0+grace) // the servers trade URLs
+	linkUpAs(l2, a, t0+grace)
+	k := mustKey(t).Public()
+	forwardTo(t, w, y, k) // A never announces k
+	s.sweepWaits(max(monoNanos(), t0+grace) + grace)
+	if !goneBeforePong(t, y, k) {
+		t.Fatalf("l2's link to A has been up for a grace without announcing k, and y was not told PeerGone: %d waits", waitsFor(s, k))
+	}
+	if st := s.Stats(); st.MeshWaiting != 0 || st.MeshWaitsGivenUp != 1 || st.MeshWaitsForgotten != 0 {
+		t.Fatalf("Stats: MeshWaiting %d, MeshWaitsGivenUp %d, MeshWaitsForgotten %d; want 0, 1, 0",
+			st.MeshWaiting, st.MeshWaitsGivenUp, st.MeshWaitsForgotten)
+	}
+}

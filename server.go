@@ -5933,7 +5933,8 @@ func (s *Server) startSweepLocked() {
 //     it.
 //   - A peer that was replaced at its link's URL (the link's connections
 //     now reach a server with another key: meshLink.oldPeer) is taken
-//     for one whose link is down, since its last connection to it ended.
+//     for one whose link is down, since its last connection to it ended,
+//     unless another link reaches it now (the servers traded URLs).
 //   - Of any other peer (a server not in WithMeshPeers, or not reached
 //     yet) this server never hears: the waiting sessions forget the key,
 //     as beyond maxMeshWaiting, and its next packet tries again.
@@ -5948,7 +5949,8 @@ func (s *Server) sweepWaits(now int64) {
 		peer                     PublicKey
 		upAt, downAt, peerLeftAt int64
 	}
-	links := make([]linkState, 0, len(m.links))
+	links := make([]linkState, 0, 2*len(m.links))
+	var old []linkState
 	for _, l := range m.links {
 		l.mu.Lock()
 		if !l.peer.IsZero() {
@@ -5957,10 +5959,13 @@ func (s *Server) sweepWaits(now int64) {
 		if !l.oldPeer.IsZero() {
 			// A server replaced at the link's URL: down since the
 			// link's last connection to it ended.
-			links = append(links, linkState{l.oldPeer, 0, l.oldDownAt, l.oldLeftAt})
+			old = append(old, linkState{l.oldPeer, 0, l.oldDownAt, l.oldLeftAt})
 		}
 		l.mu.Unlock()
 	}
+	// After every link's current peer, which it is when another link
+	// reaches it now (the servers traded URLs): the first match counts.
+	links = append(links, old...)
 	type notice struct {
 		key      PublicKey
 		sessions map[*sconn]struct{}
