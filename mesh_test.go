@@ -4172,3 +4172,130 @@ func TestMeshWaitPeersSwappedKeys(t *testing.T) {
 			st.MeshWaiting, st.MeshWaitsGivenUp, st.MeshWaitsForgotten)
 	}
 }
+
+// TestMeshLinkRecipientNotice: a Tailscale derper counts a mesh link's
+// watch session among the recipients of a client x that sent a packet to
+// this server's own key, and tells it when x leaves twice: its watch's
+// PeerGone and the recipients' notice (both Disconnected), the notice
+// from a goroutine of its own in v1.102, so possibly after x's next
+// PeerPresent. The link must take that late notice for what it is, not
+// drop its route to x, connected at the peer; in the usual order (the
+// notice right after or before the watch's PeerGone) nothing changes, and
+// x's next departure removes the route. A key that sent nothing is
+// removed at every PeerGone. TestMeshLinkKeepsRouteAfterRecipientNotice in
+// interop/ runs this against Tailscale's server.
+func TestMeshLinkRecipientNotice(t *testing.T) {
+	frames, stop := make(chan []byte), make(chan struct{})
+	p := newStallingMeshPeer(t, func(int) bool { return false }, func(n int, sc net.Conn, _ <-chan struct{}) {
+		for {
+			select {
+			case f := <-frames:
+				if _, err := sc.Write(f); err != nil {
+					return
+				}
+			case <-stop:
+				return
+			}
+		}
+	})
+	t.Cleanup(func() { close(stop) })
+	s := newTestServer(t, WithMeshKey(testMeshKey), WithMeshPeers("http://peer.invalid/derp"),
+		WithMeshDialer(&FastStart{DialContext: p.dial}))
+	present := func(k PublicKey) []byte {
+		return appendFrame(nil, FramePeerPresent, appendPeerPresent(nil, PeerPresent{Key: k}))
+	}
+	gone := func(k PublicKey) []byte {
+		return appendFrame(nil, FramePeerGone, appendPeerGone(nil, k, PeerGoneDisconnected))
+	}
+	sent := func(k PublicKey) []byte { // a packet from k to this server's key
+		return appendFrame(nil, FrameRecvPacket, append(k[:len(k):len(k)], "to the server"...))
+	}
+	send := func(fs ...[]byte) {
+		t.Helper()
+		for _, f := range fs {
+			select {
+			case frames <- f:
+			case <-time.After(30 * time.Second):
+				t.Fatal("the link read nothing for 30 s")
+			}
+		}
+		// A marker: what came before it has been applied once it is routed.
+		z := mustKey(t).Public()
+		frames <- present(z)
+		waitFor(t, func() bool { _, ok := s.MeshPeerFor(z); return ok })
+	}
+	routed := func(k PublicKey) bool { _, ok := s.MeshPeerFor(k); return ok }
+
+	x, y, w := mustKey(t).Public(), mustKey(t).Public(), mustKey(t).Public()
+	send(present(x), present(y), present(w), sent(x), sent(y))
+	send(gone(x), present(x), gone(x)) // x back before the notice
+	if !routed(x) {
+		t.Fatal("the link dropped its route to x, back at the peer, at the late notice to x's recipients")
+	}
+	send(gone(x))
+	if routed(x) {
+		t.Fatal("x left again, and the link still routes it")
+	}
+	send(gone(y), gone(y), present(y)) // the usual order
+	if !routed(y) {
+		t.Fatal("y is back at the peer, and the link does not route it")
+	}
+	send(gone(y))
+	if routed(y) {
+		t.Fatal("y left again, and the link still routes it")
+	}
+	send(gone(w), present(w))
+	if !routed(w) {
+		t.Fatal("w is back, and the link does not route it")
+	}
+	send(gone(w))
+	if routed(w) {
+		t.Fatal("w, which sent nothing to this server, left again, and the link still routes it")
+	}
+}
+
+// TestMeshRecipientNoticeFromOurPeer pins the trade-off of
+// TestMeshLinkRecipientNotice with a peer of this package, which sends no
+// notice to x's recipients: once x, which sent a packet to A's key
+// through B, has left B and come back, A's link takes the PeerGone of x
+// leaving again for that notice, and keeps routing x. A disco packet for
+// x then draws B's NotHere, which removes the route.
+func TestMeshRecipientNoticeFromOurPeer(t *testing.T) {
+	nodes := newRegion(t, 2, testMeshKey)
+	a, b := nodes[0], nodes[1]
+	xPriv := mustKey(t)
+	x := dialNode(t, b, xPriv)
+	xk := x.PublicKey()
+	y := dialNode(t, a, mustKey(t))
+	waitRoute(t, a.s, xk, b)
+	if err := x.Send(a.s.PublicKey(), []byte("to the server itself")); err != nil {
+		t.Fatal(err)
+	}
+	// Written to A's watch session before x leaves: A's link reads it
+	// before the PeerGone.
+	waitFor(t, func() bool {
+		for si := range b.s.Sessions() {
+			if si.Key == a.s.PublicKey() && si.PacketsSent > 0 {
+				return true
+			}
+		}
+		return false
+	})
+	x.Close()
+	waitNoRoute(t, a.s, xk)
+	x = dialNode(t, b, xPriv)
+	waitRoute(t, a.s, xk, b)
+	x.Close() // leaves again
+	waitFor(t, func() bool { return b.s.lookup(xk) == nil })
+	// Everything B wrote to A's watch before z's PeerPresent has been
+	// applied once A routes z.
+	z := dialNode(t, b, mustKey(t))
+	waitRoute(t, a.s, z.PublicKey(), b)
+	if _, ok := a.s.MeshPeerFor(xk); !ok {
+		t.Fatal("A no longer routes x after its second departure (the documented trade-off changed: update the README)")
+	}
+	if err := y.Send(xk, append([]byte(discoMagic), make([]byte, 100)...)); err != nil {
+		t.Fatal(err)
+	}
+	waitNoRoute(t, a.s, xk)
+}

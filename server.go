@@ -5086,6 +5086,7 @@ func (l *meshLink) noteUpLocked(peer PublicKey, at int64) {
 // until the connection fails, noting in lv when each frame arrived, for
 // probe.
 func (l *meshLink) watch(c *Client, lv *linkLiveness) (watched bool, restartIn time.Duration, err error) {
+	var notices recipientNotices
 	for {
 		m, err := c.Recv()
 		if err != nil {
@@ -5104,9 +5105,18 @@ func (l *meshLink) watch(c *Client, lv *linkLiveness) (watched bool, restartIn t
 		case PeerPresent:
 			watched = true
 			l.s.meshAdd(m.Key, l)
+		case *ReceivedPacket:
+			// From a client of the peer to this server's own key:
+			// the peer may count this connection among its
+			// recipients.
+			notices.sentUs(m.Source)
 		case PeerGone:
 			// Disconnected, or NotHere in answer to a packet we forwarded
-			// on a stale route: either way the key is not there.
+			// on a stale route: either way the key is not there, unless
+			// this is the notice to the key's recipients.
+			if m.Reason == PeerGoneDisconnected && notices.isNotice(m.Peer, l.s.meshAnnounced(m.Peer, l)) {
+				continue
+			}
 			l.s.meshRemove(m.Peer, l, true)
 		case Ping:
 			// Bounded: a peer that pings and stops reading must not
@@ -5124,6 +5134,67 @@ func (l *meshLink) watch(c *Client, lv *linkLiveness) (watched bool, restartIn t
 			}
 		}
 	}
+}
+
+// recipientNotices tells, on one connection of a mesh link, the PeerGone
+// that a Tailscale derper sends to the recipients of a key (the sessions
+// it wrote packets from the key to) from the PeerGone of its watch. A
+// client of the peer that sends a packet to this server's own key
+// reaches the link's session there, which then becomes one of its
+// recipients: when the key leaves, the session is told twice, both
+// times Disconnected, once per connection (the derper remembers the
+// senders it registered). The notice may come after the key's next
+// PeerPresent (v1.102 writes it from a goroutine of its own), and taken
+// for the key leaving again it would drop a route to a connected key
+// until its next login. A peer of this package sends no such notice
+// (see enqueuePeerGone), so the PeerGone taken for it is then that of the key
+// leaving a second time: its route stays until a disco packet forwarded
+// to it draws a NotHere, or its next login and departure.
+type recipientNotices struct {
+	// m holds the senders (at most maxRecipientNotices) and where each
+	// is: noticeOwed, noticeLeft or noticeDone.
+	m map[PublicKey]uint8
+}
+
+const (
+	noticeOwed = iota + 1 // a packet from the key arrived; it has not left since
+	noticeLeft            // it left once since: one PeerGone more is due
+	noticeDone            // the notice came: its PeerGones are the watch's
+
+	maxRecipientNotices = 1024 // beyond it, PeerGones of new senders are the watch's
+)
+
+// sentUs notes a packet from k to this server's key.
+func (n *recipientNotices) sentUs(k PublicKey) {
+	if _, ok := n.m[k]; ok || len(n.m) >= maxRecipientNotices {
+		return
+	}
+	if n.m == nil {
+		n.m = map[PublicKey]uint8{}
+	}
+	n.m[k] = noticeOwed
+}
+
+// isNotice reports whether a PeerGone(k, Disconnected) is the notice to
+// k's recipients, given whether the link announces k (meshAnnounced):
+// the PeerGone of a sender that arrives while k is not announced, or the
+// second one since k began to send while k is announced again. The first
+// one while k is announced removes it, whichever of the two it is: k
+// left.
+func (n *recipientNotices) isNotice(k PublicKey, announced bool) bool {
+	switch n.m[k] {
+	case noticeOwed:
+		if announced {
+			n.m[k] = noticeLeft
+			return false
+		}
+		n.m[k] = noticeDone
+		return true
+	case noticeLeft:
+		n.m[k] = noticeDone
+		return true // announced: k came back before the notice
+	}
+	return false
 }
 
 // linkLiveness is what a mesh link's watch tells its probe.
@@ -5593,6 +5664,14 @@ func (s *Server) meshRemove(k PublicKey, l *meshLink, notify bool) {
 			r.enqueuePeerGone(k, PeerGoneDisconnected)
 		}
 	}
+}
+
+// meshAnnounced reports whether l's peer announces k.
+func (s *Server) meshAnnounced(k PublicKey, l *meshLink) bool {
+	s.mesh.mu.RLock()
+	defer s.mesh.mu.RUnlock()
+	_, ok := l.keys[k]
+	return ok
 }
 
 // meshForgetLink removes every route through l: its connection broke (the

@@ -267,7 +267,12 @@ func tsWaitServerInfo(t *testing.T, p *tsPeer) {
 // and waits for its ServerInfo.
 func dialTSHTTP(t *testing.T, name, serverURL string, tlsConfig *tls.Config) (*tsPeer, *derphttp.Client) {
 	t.Helper()
-	priv := key.NewNode()
+	return dialTSHTTPAs(t, name, serverURL, tlsConfig, key.NewNode())
+}
+
+// dialTSHTTPAs is dialTSHTTP with the client's key.
+func dialTSHTTPAs(t *testing.T, name, serverURL string, tlsConfig *tls.Config, priv key.NodePrivate) (*tsPeer, *derphttp.Client) {
+	t.Helper()
 	c, err := derphttp.NewClient(priv, serverURL, t.Logf, netmon.NewStatic())
 	if err != nil {
 		t.Fatal(err)

@@ -187,3 +187,68 @@ func tsWatchRegion(t *testing.T, s *derpserver.Server, peerURL, meshHex string) 
 	})
 	return w
 }
+
+// TestMeshLinkKeepsRouteAfterRecipientNotice: a Tailscale client x that
+// sends a packet to our server's own key reaches our mesh link's watch
+// session at their server, which counts that session among x's
+// recipients. When x leaves, their server tells the session so twice:
+// the watch's PeerGone and the recipients' notice, both Disconnected. With
+// v1.102.5 the notice is written by a goroutine of its own, so it may come
+// after x's next PeerPresent (x reconnected at once); our link took it
+// for x leaving again and dropped its route to x, connected there, until
+// x logged in again. (The order is forced with a copy of v1.102.5 whose
+// notice goroutine sleeps; unpatched, the notice usually comes first.)
+func TestMeshLinkKeepsRouteAfterRecipientNotice(t *testing.T) {
+	checkNoLeaks(t)
+	mk := newPriv(t)
+	meshHex := hex.EncodeToString(mk[:])
+	theirs := newTSServer(t)
+	if err := theirs.SetMeshKey(meshHex); err != nil {
+		t.Fatal(err)
+	}
+	theirURL := servePlain(t, derpMux(derpserver.Handler(theirs)))
+	ours := newOurServer(t, relay.WithMeshKey(meshHex), relay.WithMeshPeers(theirURL))
+	ourURL := servePlain(t, derpMux(ours))
+	vars := theirs.ExpVar(false).(interface{ Get(string) expvar.Var })
+	counter := func(name string) int64 { return vars.Get(name).(*expvar.Int).Value() }
+	waitCounter := func(name string, atLeast int64) {
+		t.Helper()
+		deadline := time.Now().Add(recvTimeout)
+		for counter(name) < atLeast {
+			if time.Now().After(deadline) {
+				t.Fatalf("their server's %s is %d after %v, want at least %d", name, counter(name), recvTimeout, atLeast)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+
+	xPriv := key.NewNode()
+	x, _ := dialTSHTTPAs(t, "x", theirURL, nil, xPriv)
+	waitOurRoute(t, ours, x.relayPub(), theirURL)
+	sent := counter("packets_sent")
+	if err := x.send(tsKey(ours.PublicKey()), payload("to the server itself")); err != nil {
+		t.Fatal(err)
+	}
+	waitCounter("packets_sent", sent+1) // written to our link's session
+	gone := counter("peer_gone_disconnected_frames")
+	x.close()
+	deadline := time.Now().Add(recvTimeout)
+	for _, ok := ours.MeshPeerFor(x.relayPub()); ok; _, ok = ours.MeshPeerFor(x.relayPub()) {
+		if time.Now().After(deadline) {
+			t.Fatalf("our server still routes x %v after it left", recvTimeout)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	x2, _ := dialTSHTTPAs(t, "x again", theirURL, nil, xPriv)
+	waitOurRoute(t, ours, x.relayPub(), theirURL)
+	waitCounter("peer_gone_disconnected_frames", gone+2) // the watch's and the notice
+	// Whatever their server wrote to our link before z's PeerPresent has
+	// been applied once our server routes z.
+	z, _ := dialTSHTTP(t, "z", theirURL, nil)
+	waitOurRoute(t, ours, z.relayPub(), theirURL)
+	if _, ok := ours.MeshPeerFor(x.relayPub()); !ok {
+		t.Fatal("our server has no route to x, connected at their server: it took the notice to x's recipients for x leaving again")
+	}
+	ourC, _ := dialFastStart(t, "our client", &relay.FastStart{}, ourURL)
+	oursToTS(t, ourC, x2, payload("still reachable"))
+}
