@@ -3899,7 +3899,7 @@ func TestMeshWaitPeerChangedKey(t *testing.T) {
 	// left (meshPeerLeft): left must not come before that note.
 	waitFor(t, func() bool {
 		l.mu.Lock()
-		noted := l.oldLeftAt != 0
+		noted := len(l.replaced) == 1 && l.replaced[0].leftAt != 0
 		l.mu.Unlock()
 		return noted && s.lookup(w.PublicKey()) == nil
 	})
@@ -4298,4 +4298,48 @@ func TestMeshRecipientNoticeFromOurPeer(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitNoRoute(t, a.s, xk)
+}
+
+// TestMeshWaitPeerChangedKeyTwice is TestMeshWaitPeerChangedKey with the
+// server at the link's URL replaced twice within a grace (a peer that
+// restarts with a new key each time): the wait for k, forwarded by the
+// first, is still that of a peer whose link is down. The link remembered
+// only the last server replaced, and the wait was forgotten at the first
+// sweep after the grace, y never told that k left.
+func TestMeshWaitPeerChangedKeyTwice(t *testing.T) {
+	s, y, w, l := waitServer(t)
+	grace := int64(s.cfg.meshWaitGrace)
+	t0 := monoNanos()
+	setLinkUp(l, t0)
+	k := mustKey(t).Public()
+	forwardTo(t, w, y, k)
+	setLinkDown(l, t0+grace/4)
+	linkUpAs(l, mustKey(t).Public(), t0+grace/4)
+	setLinkDown(l, t0+grace/2)
+	linkUpAs(l, mustKey(t).Public(), t0+grace/2)
+	s.sweepWaits(t0 + 2*grace)
+	if goneBeforePong(t, y, k) || waitsFor(s, k) != 1 {
+		t.Fatalf("the wait for k (forwarded by a server still connected here) was ended when the link's peer changed key twice: %d waits, MeshWaitsForgotten %d",
+			waitsFor(s, k), s.Stats().MeshWaitsForgotten)
+	}
+	w.Close() // the first server's link here ends too
+	waitFor(t, func() bool {
+		l.mu.Lock()
+		noted := slices.ContainsFunc(l.replaced, func(r replacedPeer) bool { return r.key == w.PublicKey() && r.leftAt != 0 })
+		l.mu.Unlock()
+		return noted && s.lookup(w.PublicKey()) == nil
+	})
+	cut := max(monoNanos(), t0+grace/4) // cut off since it left, and since the link last reached it
+	s.sweepWaits(cut + grace/2)
+	if goneBeforePong(t, y, k) || waitsFor(s, k) != 1 {
+		t.Fatal("y was told k left half a grace after the first server was cut off")
+	}
+	s.sweepWaits(cut + grace)
+	if !goneBeforePong(t, y, k) {
+		t.Fatal("the server that forwarded k was replaced and has been cut off for a grace, and y was not told PeerGone")
+	}
+	if st := s.Stats(); st.MeshWaiting != 0 || st.MeshWaitsGivenUp != 1 || st.MeshWaitsForgotten != 0 {
+		t.Fatalf("Stats: MeshWaiting %d, MeshWaitsGivenUp %d, MeshWaitsForgotten %d; want 0, 1, 0",
+			st.MeshWaiting, st.MeshWaitsGivenUp, st.MeshWaitsForgotten)
+	}
 }

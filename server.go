@@ -4804,14 +4804,12 @@ type meshLink struct {
 	upAt       int64
 	downAt     int64
 	peerLeftAt int64
-	// oldPeer is the server key the link's connections had before the
-	// last change of it (the server at l.url was replaced, or restarted
-	// with a new key), zero if none; oldDownAt is when the last
-	// connection to it ended and oldLeftAt when its last session here
-	// did, as downAt and peerLeftAt. For sweepWaits: keys forwarded by
-	// that server are still waited for.
-	oldPeer              PublicKey
-	oldDownAt, oldLeftAt int64
+	// replaced are the servers the link's connections reached before the
+	// last changes of peer (the server at l.url was replaced, or
+	// restarted with a new key), oldest first, at most
+	// maxReplacedPeers. For sweepWaits: keys forwarded by them are still
+	// waited for.
+	replaced []replacedPeer
 
 	// keys this peer announced, and the most it has held since it was
 	// last rebuilt (deleteShrink); guarded by s.mesh.mu.
@@ -4831,6 +4829,19 @@ type meshLink struct {
 	done    chan struct{} // closed when forwardLoop returns
 	turn    *fwdTurn      // shared with the forwarder's other links
 }
+
+// replacedPeer is a server that a mesh link's connections no longer reach:
+// key is its server key, downAt when the link's last connection to it
+// ended and leftAt when its last session here did, as meshLink.downAt and
+// peerLeftAt.
+type replacedPeer struct {
+	key            PublicKey
+	downAt, leftAt int64
+}
+
+// maxReplacedPeers bounds meshLink.replaced: a peer restarting with a new
+// key in a loop must not grow it.
+const maxReplacedPeers = 4
 
 func newMeshLink(s *Server, peerURL string) *meshLink {
 	return &meshLink{
@@ -5073,10 +5084,17 @@ func (l *meshLink) session(ctx context.Context) (watched bool, restartIn time.Du
 
 // noteUpLocked records that l's connection to the server with key peer
 // began its watch at at (monoNanos); l.mu must be held. A new key moves the
-// old one's times to oldPeer's, for sweepWaits.
+// old one's times to replaced, for sweepWaits.
 func (l *meshLink) noteUpLocked(peer PublicKey, at int64) {
 	if !l.peer.IsZero() && peer != l.peer {
-		l.oldPeer, l.oldDownAt, l.oldLeftAt = l.peer, l.downAt, l.peerLeftAt
+		// peer is replaced no more (the link went back to it); a
+		// session of it that left before now does not matter, as the
+		// link's connection to it ends after now.
+		l.replaced = slices.DeleteFunc(l.replaced, func(r replacedPeer) bool { return r.key == peer })
+		if len(l.replaced) == maxReplacedPeers {
+			l.replaced = slices.Delete(l.replaced, 0, 1)
+		}
+		l.replaced = append(l.replaced, replacedPeer{l.peer, l.downAt, l.peerLeftAt})
 		l.peerLeftAt = 0
 	}
 	l.peer, l.upAt = peer, at
@@ -6011,11 +6029,12 @@ func (s *Server) startSweepLocked() {
 //     have been when the link broke had the key been routed through
 //     it.
 //   - A peer that was replaced at its link's URL (the link's connections
-//     now reach a server with another key: meshLink.oldPeer) is taken
-//     for one whose link is down, since its last connection to it ended,
-//     unless another link reaches it now (the servers traded URLs).
-//   - Of any other peer (a server not in WithMeshPeers, or not reached
-//     yet) this server never hears: the waiting sessions forget the key,
+//     now reach a server with another key: meshLink.replaced, the last
+//     maxReplacedPeers of them) is taken for one whose link is down,
+//     since its last connection to it ended, unless another link
+//     reaches it now (the servers traded URLs).
+//   - Of any other peer (a server not in WithMeshPeers, not reached yet,
+//     or replaced longer ago) this server never hears: the waiting sessions forget the key,
 //     as beyond maxMeshWaiting, and its next packet tries again.
 //
 // Keys that logged in here meanwhile get their waiting sessions, as
@@ -6035,10 +6054,10 @@ func (s *Server) sweepWaits(now int64) {
 		if !l.peer.IsZero() {
 			links = append(links, linkState{l.peer, l.upAt, l.downAt, l.peerLeftAt})
 		}
-		if !l.oldPeer.IsZero() {
+		for _, r := range l.replaced {
 			// A server replaced at the link's URL: down since the
 			// link's last connection to it ended.
-			old = append(old, linkState{l.oldPeer, 0, l.oldDownAt, l.oldLeftAt})
+			old = append(old, linkState{r.key, 0, r.downAt, r.leftAt})
 		}
 		l.mu.Unlock()
 	}
@@ -6132,11 +6151,13 @@ func (s *Server) meshPeerLeft(k PublicKey) {
 	now := monoNanos()
 	for _, l := range s.mesh.links {
 		l.mu.Lock()
-		switch k {
-		case l.peer:
+		if k == l.peer {
 			l.peerLeftAt = now
-		case l.oldPeer:
-			l.oldLeftAt = now
+		}
+		for i := range l.replaced {
+			if l.replaced[i].key == k {
+				l.replaced[i].leftAt = now
+			}
 		}
 		l.mu.Unlock()
 	}
