@@ -5194,11 +5194,12 @@ func (n *recipientNotices) sentUs(k PublicKey) {
 }
 
 // isNotice reports whether a PeerGone(k, Disconnected) is the notice to
-// k's recipients, given whether the link announces k (meshAnnounced):
-// the PeerGone of a sender that arrives while k is not announced, or the
-// second one since k began to send while k is announced again. The first
-// one while k is announced removes it, whichever of the two it is: k
-// left.
+// k's recipients, given whether the link announces k (meshAnnounced): of
+// the PeerGones (Disconnected) since k's first packet on the connection,
+// the first if k is not announced, else the second. The first one while
+// k is announced removes it, whichever of the two it is: k left. If k is
+// announced again when the second comes, it came back before the notice,
+// and stays.
 func (n *recipientNotices) isNotice(k PublicKey, announced bool) bool {
 	switch n.m[k] {
 	case noticeOwed:
