@@ -3895,29 +3895,12 @@ func TestMeshWaitPeerChangedKey(t *testing.T) {
 			waitsFor(s, k), s.Stats().MeshWaitsForgotten)
 	}
 	w.Close() // the old server's link here ends too
-	// The session leaves the table, and then notes when the old server
-	// left (meshPeerLeft): left must not come before that note.
-	waitFor(t, func() bool {
-		l.mu.Lock()
-		noted := len(l.replaced) == 1 && l.replaced[0].leftAt != 0
-		l.mu.Unlock()
-		return noted && s.lookup(w.PublicKey()) == nil
-	})
+	waitReplacedLeft(t, s, l, w)
 	// Cut off since it left here, and since the link's connection to it
 	// ended, whichever came last.
 	cut := max(monoNanos(), t0+grace)
-	s.sweepWaits(cut + grace/2)
-	if goneBeforePong(t, y, k) || waitsFor(s, k) != 1 {
-		t.Fatal("y was told k left half a grace after the old server was cut off")
-	}
-	s.sweepWaits(cut + grace)
-	if !goneBeforePong(t, y, k) {
-		t.Fatal("the server that forwarded k was replaced and has been cut off for a grace, and y was not told PeerGone")
-	}
-	if st := s.Stats(); st.MeshWaiting != 0 || st.MeshWaitsGivenUp != 1 || st.MeshWaitsForgotten != 0 {
-		t.Fatalf("Stats: MeshWaiting %d, MeshWaitsGivenUp %d, MeshWaitsForgotten %d; want 0, 1, 0",
-			st.MeshWaiting, st.MeshWaitsGivenUp, st.MeshWaitsForgotten)
-	}
+	checkGivenUpAfterCut(t, s, y, k, cut, "y was told k left half a grace after the old server was cut off",
+		"the server that forwarded k was replaced and has been cut off for a grace, and y was not told PeerGone")
 }
 
 // TestMeshWaitLatePresentHeals pins the trade-off of a PeerPresent that
@@ -4127,19 +4110,8 @@ func TestMeshWaitPeerLeftThenChangedKey(t *testing.T) {
 	cut := max(monoNanos(), t0+grace)
 	setLinkDown(l, t0+grace)
 	linkUpAs(l, mustKey(t).Public(), t0+grace) // the new server at w's URL
-	s.sweepWaits(cut + grace/2)
-	if goneBeforePong(t, y, k) || waitsFor(s, k) != 1 {
-		t.Fatalf("the wait for k ended half a grace after its server was replaced: %d waits, MeshWaitsForgotten %d",
-			waitsFor(s, k), s.Stats().MeshWaitsForgotten)
-	}
-	s.sweepWaits(cut + grace)
-	if !goneBeforePong(t, y, k) {
-		t.Fatal("the server that forwarded k was replaced a grace ago, and y was not told PeerGone")
-	}
-	if st := s.Stats(); st.MeshWaiting != 0 || st.MeshWaitsGivenUp != 1 || st.MeshWaitsForgotten != 0 {
-		t.Fatalf("Stats: MeshWaiting %d, MeshWaitsGivenUp %d, MeshWaitsForgotten %d; want 0, 1, 0",
-			st.MeshWaiting, st.MeshWaitsGivenUp, st.MeshWaitsForgotten)
-	}
+	checkGivenUpAfterCut(t, s, y, k, cut, "the wait for k ended half a grace after its server was replaced",
+		"the server that forwarded k was replaced a grace ago, and y was not told PeerGone")
 }
 
 // TestMeshWaitPeersSwappedKeys: two links whose peers swap server keys
@@ -4323,23 +4295,42 @@ func TestMeshWaitPeerChangedKeyTwice(t *testing.T) {
 			waitsFor(s, k), s.Stats().MeshWaitsForgotten)
 	}
 	w.Close() // the first server's link here ends too
+	waitReplacedLeft(t, s, l, w)
+	cut := max(monoNanos(), t0+grace/4) // cut off since it left, and since the link last reached it
+	checkGivenUpAfterCut(t, s, y, k, cut, "y was told k left half a grace after the first server was cut off",
+		"the server that forwarded k was replaced and has been cut off for a grace, and y was not told PeerGone")
+}
+
+// checkGivenUpAfterCut checks that y still waits for k half a grace after
+// cut, when the server that forwarded k was cut off, and is told PeerGone
+// a grace after it, the wait counted as given up (early and late say what
+// went wrong otherwise).
+func checkGivenUpAfterCut(t *testing.T, s *Server, y *Client, k PublicKey, cut int64, early, late string) {
+	t.Helper()
+	grace := int64(s.cfg.meshWaitGrace)
+	s.sweepWaits(cut + grace/2)
+	if goneBeforePong(t, y, k) || waitsFor(s, k) != 1 {
+		t.Fatalf("%s: %d waits, MeshWaitsForgotten %d", early, waitsFor(s, k), s.Stats().MeshWaitsForgotten)
+	}
+	s.sweepWaits(cut + grace)
+	if !goneBeforePong(t, y, k) {
+		t.Fatal(late)
+	}
+	if st := s.Stats(); st.MeshWaiting != 0 || st.MeshWaitsGivenUp != 1 || st.MeshWaitsForgotten != 0 {
+		t.Fatalf("Stats: MeshWaiting %d, MeshWaitsGivenUp %d, MeshWaitsForgotten %d; want 0, 1, 0",
+			st.MeshWaiting, st.MeshWaitsGivenUp, st.MeshWaitsForgotten)
+	}
+}
+
+// waitReplacedLeft waits until w, the server replaced at l's URL, has left
+// this server: its session leaves the table, and then the link notes when
+// it left (meshPeerLeft), which a sweep must not come before.
+func waitReplacedLeft(t *testing.T, s *Server, l *meshLink, w *Client) {
+	t.Helper()
 	waitFor(t, func() bool {
 		l.mu.Lock()
 		noted := slices.ContainsFunc(l.replaced, func(r replacedPeer) bool { return r.key == w.PublicKey() && r.leftAt != 0 })
 		l.mu.Unlock()
 		return noted && s.lookup(w.PublicKey()) == nil
 	})
-	cut := max(monoNanos(), t0+grace/4) // cut off since it left, and since the link last reached it
-	s.sweepWaits(cut + grace/2)
-	if goneBeforePong(t, y, k) || waitsFor(s, k) != 1 {
-		t.Fatal("y was told k left half a grace after the first server was cut off")
-	}
-	s.sweepWaits(cut + grace)
-	if !goneBeforePong(t, y, k) {
-		t.Fatal("the server that forwarded k was replaced and has been cut off for a grace, and y was not told PeerGone")
-	}
-	if st := s.Stats(); st.MeshWaiting != 0 || st.MeshWaitsGivenUp != 1 || st.MeshWaitsForgotten != 0 {
-		t.Fatalf("Stats: MeshWaiting %d, MeshWaitsGivenUp %d, MeshWaitsForgotten %d; want 0, 1, 0",
-			st.MeshWaiting, st.MeshWaitsGivenUp, st.MeshWaitsForgotten)
-	}
 }
