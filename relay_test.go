@@ -555,6 +555,14 @@ func TestRateLimitPacketsWithinAnnouncedBurst(t *testing.T) {
 // server at addr.
 func wsTestClient(t *testing.T, addr string) *Client {
 	t.Helper()
+	c, _ := wsTestClientConn(t, addr)
+	return c
+}
+
+// wsTestClientConn is wsTestClient that also returns the connection below
+// the WebSocket, for tests that write raw WebSocket frames.
+func wsTestClientConn(t *testing.T, addr string) (*Client, net.Conn) {
+	t.Helper()
 	nc, br, resp := wsDial(t, addr, nil)
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		t.Fatalf("handshake: %s", resp.Status)
@@ -568,7 +576,7 @@ func wsTestClient(t *testing.T, addr string) *Client {
 	if _, ok := recvMsg[ServerInfo](t, c); !ok {
 		t.FailNow()
 	}
-	return c
+	return c, nc
 }
 
 func TestPeerGoneNotHereForDisco(t *testing.T) {

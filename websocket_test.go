@@ -921,19 +921,7 @@ func TestWebSocketFramingFloodPaced(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			s := newTestServer(t, WithRateLimit(1024, 0))
 			srv := serveDERP(t, s, derpServeOpts{plain: true})
-			nc, br, resp := wsDial(t, srv.Addr, nil)
-			if resp.StatusCode != http.StatusSwitchingProtocols {
-				t.Fatalf("handshake: %s", resp.Status)
-			}
-			nc.SetDeadline(time.Time{})
-			c, err := NewClient(mustKey(t), newWSConn(nc, br, true), nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			if _, ok := recvMsg[ServerInfo](t, c); !ok {
-				t.FailNow()
-			}
+			c, nc := wsTestClientConn(t, srv.Addr)
 			flood := wsFrame(0x02, nil, false) // a message opens
 			if tc.after == nil {
 				flood = wsFrame(0x82, nil, false)
