@@ -4306,7 +4306,7 @@ type Stats struct {
 	HomeMovesIn, HomeMovesOut int64 // NotePreferred changes after the first 5 s
 	WriteTimeouts             int64 // sessions ended by the write deadline
 	UnknownFrames             int64 // frames read and ignored
-	RateLimitWaits            int64 // frames whose read waited for the rate limit
+	RateLimitWaits            int64 // waits for the rate limit: before a frame, before each later chunk of a frame the server skips, and for WebSocket framing
 	// MeshWaiting counts the (session, key) pairs in which a session
 	// was forwarded packets by a mesh peer from a key with no route here
 	// yet, and waits for the key's route or login, to be told when the
