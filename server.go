@@ -2364,8 +2364,10 @@ func (c *sconn) paceFraming(n int) error {
 // being read needs (zero if it will not be read): over a plain TCP socket
 // on Linux, a wait longer than paceProbe looks at the socket every
 // paceProbe, and ends with io.ErrUnexpectedEOF once the client has hung up
-// (its FIN or a reset arrived) without sending what the frame needs, as the
-// read after the wait would.
+// (its FIN or a reset arrived) without sending what the frame needs, which
+// readLoop reports as a truncated frame (the read after the wait would end
+// the same way after a FIN, and with the reset's error after a reset). A
+// Unix socket is looked at too, but cannot tell (peerSentLess).
 func (c *sconn) pace(cost int, extra bool, need int) error {
 	bucket := func() *tokenBucket {
 		if extra {
