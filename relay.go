@@ -320,7 +320,7 @@ var (
 	// nonce was already used in a recent login.
 	ErrReplayedLogin = errors.New("relay: replayed login")
 	// ErrTooManyConnections means a server limit on connections (in total
-	// or per remote IP) was reached.
+	// or per remote IP, an IPv6 /64 counting as one) was reached.
 	ErrTooManyConnections = errors.New("relay: too many connections")
 )
 

@@ -84,6 +84,7 @@ type Server struct {
 	conns    map[*sconn]struct{}
 	watchers map[*sconn]struct{}
 	tableSeq uint64 // numbers the routing table's changes (changeLocked)
+	// perIP counts sessions by perIPKey: an IPv4 address, or an IPv6 /64.
 	perIP    map[netip.Addr]int
 	closed   bool
 	closing  chan struct{} // made by the first Close, closed when it is done
