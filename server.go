@@ -4316,8 +4316,10 @@ type Stats struct {
 	// key leaves (see WithMeshPeers). MeshWaitsGivenUp counts the pairs
 	// ended because the key was found gone from the peer, the session
 	// told PeerGone; MeshWaitsForgotten those ended with no news to be had
-	// (the peer is one this server has no link to) or never started (over
-	// 16384 waits), the session forgetting the key until its next packet.
+	// (the peer is one this server has no link to: not in WithMeshPeers,
+	// not reached yet, or replaced at its link's URL by four more since)
+	// or never started (over 16384 waits), the session forgetting the key
+	// until its next packet.
 	// Pairs taken over by a route or a login, and those of a session
 	// that ends while it waits, are in neither.
 	MeshWaiting, MeshWaitsGivenUp, MeshWaitsForgotten int64
