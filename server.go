@@ -4763,8 +4763,9 @@ type meshWait struct {
 	// forwarding peer's server then.
 	since int64
 	// via is the server key of the mesh peer that forwarded that packet
-	// (its session's key), or zero: the link that watches it tells
-	// sweepWaits whether the key is still there.
+	// (its session's key), or zero: the link that watches it (or watched
+	// it before it was replaced at the link's URL: meshLink.replaced)
+	// tells sweepWaits whether the key is still there.
 	via PublicKey
 }
 
