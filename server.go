@@ -4566,7 +4566,7 @@ func (s *Server) WritePrometheus(w io.Writer) error {
 	metric("home_moves_out", "counter", "Clients that stopped calling this server home after their first 5 s.", st.HomeMovesOut)
 	metric("sclient_write_timeouts", "counter", "Sessions ended by the write deadline.", st.WriteTimeouts)
 	metric("unknown_frames", "counter", "Frames read and ignored.", st.UnknownFrames)
-	metric("rate_limit_waits", "counter", "Frame reads that waited for the rate limit.", st.RateLimitWaits)
+	metric("rate_limit_waits", "counter", "Waits of reads for the rate limit (a frame, each later chunk of a skipped frame, WebSocket framing).", st.RateLimitWaits)
 	metric("mesh_waiting", "gauge", "Pairs of a session and a key forwarded to it whose route the session waits for.", st.MeshWaiting)
 	metric("mesh_waits_given_up", "counter", "Waits for a forwarded key ended by finding it gone (PeerGone sent).", st.MeshWaitsGivenUp)
 	metric("mesh_waits_forgotten", "counter", "Waits for a forwarded key ended or skipped with no news to be had.", st.MeshWaitsForgotten)
