@@ -1155,7 +1155,8 @@ func TestMaxConnectionsTotal(t *testing.T) {
 // TestMaxConnectionsPerIP: the per-IP limit counts IPv4 and IPv4-mapped
 // IPv6 addresses as one, and other addresses are not affected.
 func TestMaxConnectionsPerIP(t *testing.T) {
-	checkPerIPLimit(t, "one IP", [3]string{"192.0.2.1:1", "[::ffff:192.0.2.1]:2", "192.0.2.1:3"}, "192.0.2.2:4", "192.0.2.1:5")
+	checkPerIPLimit(t, "one IP", [3]string{"192.0.2.1:1", "[::ffff:192.0.2.1]:2", "192.0.2.1:3"}, "192.0.2.2:4", "192.0.2.1:5",
+		"relay: too many connections: limit 2 per IP")
 }
 
 // TestMaxConnectionsPerIPv6Prefix: an IPv6 host holds a whole /64 (SLAAC
@@ -1165,14 +1166,14 @@ func TestMaxConnectionsPerIP(t *testing.T) {
 func TestMaxConnectionsPerIPv6Prefix(t *testing.T) {
 	checkPerIPLimit(t, "one IPv6 /64",
 		[3]string{"[2001:db8:1:2::1]:1", "[2001:db8:1:2:aaaa:bbbb:cccc:dddd]:2", "[2001:db8:1:2::3]:3"},
-		"[2001:db8:1:3::1]:4", "[2001:db8:1:2::5]:5")
+		"[2001:db8:1:3::1]:4", "[2001:db8:1:2::5]:5", "relay: too many connections: limit 2 per IPv6 /64")
 }
 
 // checkPerIPLimit runs a server with a per-IP limit of 2: of three
 // connections from what counts as one address (same), the third is refused
-// at once; one from other is not; once the first has gone, again (counted
-// as same) logs in.
-func checkPerIPLimit(t *testing.T, what string, same [3]string, other, again string) {
+// at once, for the reason refusal says; one from other is not; once the
+// first has gone, again (counted as same) logs in.
+func checkPerIPLimit(t *testing.T, what string, same [3]string, other, again, refusal string) {
 	t.Helper()
 	s := newTestServer(t, WithMaxConnections(0, 2))
 	accept := func(remote string) (net.Conn, chan struct{}) {
@@ -1194,6 +1195,9 @@ func checkPerIPLimit(t *testing.T, what string, same [3]string, other, again str
 	}
 	if got := s.Stats().Rejected["too_many_connections"]; got != 1 {
 		t.Fatalf("rejected %d", got)
+	}
+	if err := s.admitConn(parseRemote(same[2]).Addr()); err == nil || err.Error() != refusal {
+		t.Fatalf("a fourth connection from %s: %v, want %q", what, err, refusal)
 	}
 	c4, _ := accept(other)
 	loginClient(t, c4, mustKey(t))

@@ -1306,6 +1306,9 @@ func (s *Server) admitConn(ip netip.Addr) error {
 	// A remote address that is not an IP (a Unix socket's, a pipe's)
 	// counts only against the total: there is no client IP to share.
 	if s.cfg.maxConnsPerIP > 0 && ip.IsValid() && s.perIP[ip] >= s.cfg.maxConnsPerIP {
+		if ip.Is6() {
+			return fmt.Errorf("%w: limit %d per IPv6 /64", ErrTooManyConnections, s.cfg.maxConnsPerIP)
+		}
 		return fmt.Errorf("%w: limit %d per IP", ErrTooManyConnections, s.cfg.maxConnsPerIP)
 	}
 	if ip.IsValid() {
@@ -2367,8 +2370,8 @@ func (c *sconn) paceFraming(n int) error {
 // paceProbe, and ends with io.ErrUnexpectedEOF once the client has hung up
 // (its FIN or a reset arrived) without sending what the frame needs, which
 // readLoop reports as a truncated frame (the read after the wait would end
-// the same way after a FIN, and with the reset's error after a reset). A
-// Unix socket is looked at too, but cannot tell (peerSentLess).
+// the same way after a FIN, and with the reset's error after a reset).
+// Other sockets (a Unix socket's) are not looked at.
 func (c *sconn) pace(cost int, extra bool, need int) error {
 	bucket := func() *tokenBucket {
 		if extra {
@@ -2384,7 +2387,9 @@ func (c *sconn) pace(cost int, extra bool, need int) error {
 	defer func() { c.pacedAt = time.Now() }()
 	var sc syscall.Conn
 	if need > c.br.Buffered() && c.br.raw != nil {
-		sc, _ = c.br.nc.(syscall.Conn)
+		if tc, ok := c.br.nc.(*net.TCPConn); ok {
+			sc = tc
+		}
 	}
 	step := func(d time.Duration) time.Duration {
 		if sc != nil {
