@@ -857,6 +857,7 @@ type ReconnectingClient struct {
 	testHookRecvFailed  func() // if set (tests only), called by RecvDetail when a read fails, before it drops the connection
 	testHookRecvDropped func() // if set (tests only), called by RecvDetail once it dropped a connection whose read failed, before it goes on
 	testHookWriteFailed func() // if set (tests only), called by dropAfterWrite once it accounted for the connection's end and forgot it, before it closes it
+	testHookIOEnded     func() // if set (tests only), called by writeUnder and RecvDetail once their I/O on the connection ended (and whether an interrupt had fired was noted), before they stop ctx's interrupt
 }
 
 // doneCh returns the channel Close closes. rc.mu must be held.
@@ -1665,6 +1666,9 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 		stop = context.AfterFunc(ctx, c.interrupt)
 	}
 	err := write()
+	if rc.testHookIOEnded != nil {
+		rc.testHookIOEnded()
+	}
 	refused := errors.Is(err, ErrPacketTooLarge) || errors.Is(err, ErrRateLimited)
 	fired := false
 	if stop != nil {
@@ -1926,6 +1930,9 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 		// Whether an interrupt had fired when the I/O ended: one that
 		// fires later did not fail it.
 		interrupted := c.interrupted.Load()
+		if rc.testHookIOEnded != nil {
+			rc.testHookIOEnded()
+		}
 		byCtx := !stop() // ctx's interrupt fired
 		fired := byCtx
 		if login != nil && !login.Stop() {
@@ -1942,13 +1949,14 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			if rc.testHookRecvFailed != nil {
 				rc.testHookRecvFailed()
 			}
-			if byCtx {
+			if byCtx && interrupted {
 				rc.drop(c) // ctx's interrupt, not the server's silence
 				return nil, 0, ctx.Err()
 			}
-			// If ctx ended only after the read failed, the failure is
-			// the server's: accounted for below, and the next turn
-			// returns ctx's error.
+			// If ctx ended only after the read failed (its interrupt
+			// firing after, or not at all), the failure is the
+			// server's: accounted for below, and the next turn returns
+			// ctx's error.
 			// Interrupted by another call's ctx, not Recv's: a write
 			// whose ctx ended under it, which drops c (see writeUnder),
 			// no failure of the server's nor a sign of a silent path.

@@ -3150,3 +3150,28 @@ func checkRefusalCounted(t *testing.T, ctx context.Context, rc *ReconnectingClie
 		t.Fatalf("%s: %d failures counted; then %d dials of the server that refused the login, %d of its fallback, Connect: %v; want 1, 1, 1 and nil", what, failures, a, b, cerr)
 	}
 }
+
+// A Recv whose read the server failed (a login it refused) counts the
+// refusal even if its own ctx ends after the read failed but before Recv
+// stops ctx's interrupt, which then fires: only a read that an interrupt
+// ended is the caller's. Recv took the interrupt's firing for the cause,
+// dropped the connection with nothing counted, and the next dial went
+// back to the server that refused the login. testHookIOEnded, which runs
+// once the read failed, ends ctx.
+func TestReconnectingRecvFailedBeforeItsCtxsInterruptCounts(t *testing.T) {
+	rc, dialsA, dialsB := refusedThenFallback(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rctx, rcancel := context.WithCancel(ctx)
+	defer rcancel()
+	rc.testHookIOEnded = rcancel
+	_, err := rc.Recv(rctx)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("Recv whose ctx ended: %v, want %v", err, context.Canceled)
+	}
+	rc.testHookIOEnded = nil
+	checkRefusalCounted(t, ctx, rc, dialsA, dialsB, "a Recv the server failed, its ctx's interrupt firing before Recv stopped it")
+}
