@@ -72,6 +72,10 @@ type Client struct {
 	// of this connection was accounted for (see
 	// ReconnectingClient.endLocked): a failure counts once.
 	accounted bool
+	// gen is the connection's generation in the ReconnectingClient that
+	// dialled it (see ReconnectingClient.Generation); 0 for others. Set
+	// under its mu before the Client is handed out.
+	gen int
 }
 
 // pastDeadline is a deadline that has passed: I/O under it fails at once.

@@ -849,6 +849,7 @@ type ReconnectingClient struct {
 	infoGen      int       // the last connection whose ServerInfo Recv returned
 	restartUntil time.Time
 	askedGen     int           // generation of the last connection made before the last Reconnect (not the Client: one no Recv waited on would stay, buffers and all): the ends of it and older ones count for nothing; 0: none
+	callerGen    int           // generation of the last connection a call's interrupt dropped (see drop) whose end no write has accounted for since: a write the server failed before the interrupt may still (see endLocked); 0: none
 	redial       chan struct{} // closed by Reconnect: a wait for the next dial starts over; made by redialCh
 	pings        map[[8]byte]chan struct{}
 	done         chan struct{} // closed by Close; made by doneCh
@@ -1314,6 +1315,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 	rc.loginWait, rc.loginBy = loginWait, time.Time{}
 	rc.connAt = time.Now()
 	rc.gen++
+	c.gen = rc.gen
 	rc.learned = hs.ServerKey
 	if rc.keys == nil {
 		rc.keys = map[string]PublicKey{}
@@ -1512,7 +1514,8 @@ const (
 	endRead
 	// endWrite: a write failed. It knows only whether a Recv returned
 	// the connection's ServerInfo, and sees its own connection only
-	// while it is the current one.
+	// while it is the current one, or the last one made if a call's
+	// interrupt dropped it after the write failed (callerGen).
 	endWrite
 )
 
@@ -1528,7 +1531,8 @@ const (
 //     is decided: a Recv whose read the server failed before a ctx's
 //     interrupt fired still counts that failure (one whose read the
 //     interrupt failed is endByCaller itself; after Reconnect, see
-//     askedGen);
+//     askedGen), and so does a write, while no newer connection was made
+//     (callerGen);
 //   - made before the last Reconnect (askedGen): no failure;
 //   - ended before its ServerInfo: a failed dial of its server (a login
 //     it refused): the count goes up, the next dial waits the backoff
@@ -1551,13 +1555,20 @@ func (rc *ReconnectingClient) endLocked(c *Client, gen int, how connEnd, gotInfo
 	if current {
 		rc.c = nil
 		rc.wakePingsLocked()
-		if how != endByCaller && err != nil && isTimeout(err) {
+		if how == endByCaller {
+			rc.callerGen = rc.gen // its end is still to be decided
+		} else if err != nil && isTimeout(err) {
 			rc.noteSilentLocked(rc.cKeyID, true)
 		}
-	} else if how == endWrite {
+	} else if how == endWrite && (gen != rc.gen || gen != rc.callerGen) {
 		// Dropped under the write by another call, which accounted
-		// for it (or left it to Recv, as the write would have).
+		// for it (or left it to Recv, as the write would have), or
+		// a newer connection was made since: what the write knows
+		// (connAt, infoGen) is that one's.
 		return
+	}
+	if how == endWrite {
+		rc.callerGen = 0 // a later write leaves it as this one does
 	}
 	if c.accounted || how == endByCaller {
 		return
@@ -1651,7 +1662,8 @@ func (rc *ReconnectingClient) Send(ctx context.Context, dst PublicKey, pkt []byt
 
 // writeUnder runs write on c, which ctx's end interrupts. A failure other
 // than a packet refused before it was written drops c (one that another
-// call's interrupt caused is left to that call, which drops c); if ctx's
+// call's interrupt caused, having fired when the write ended, is left to
+// that call, which drops c); if ctx's
 // interrupt ended the write, ctx's error is returned and no failure is
 // counted (a write that failed before ctx ended is the server's failure,
 // whenever ctx ends). A refused packet is returned as such, and c dropped
@@ -1666,6 +1678,9 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 		stop = context.AfterFunc(ctx, c.interrupt)
 	}
 	err := write()
+	// Whether an interrupt had fired when the write ended: one that
+	// fires later did not fail it.
+	interrupted := c.interrupted.Load()
 	if rc.testHookIOEnded != nil {
 		rc.testHookIOEnded()
 	}
@@ -1688,7 +1703,7 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 		}
 		// Failed before ctx ended, if it has since: the server's
 		// failure, accounted for as such.
-		return rc.writeFailed(c, err)
+		return rc.writeFailed(c, err, interrupted)
 	}
 	return err
 }
@@ -1696,9 +1711,10 @@ func (rc *ReconnectingClient) writeUnder(ctx context.Context, c *Client, write f
 // writeFailed ends a write on c that failed with err, not by its own
 // ctx's end, and returns the caller's error: c is dropped and its end
 // accounted for (see dropAfterWrite), unless another call's interrupt
-// failed the write.
-func (rc *ReconnectingClient) writeFailed(c *Client, err error) error {
-	if c.interrupted.Load() {
+// failed the write (interrupted: it had fired when the write ended; one
+// that fired later did not fail it, and the failure is the server's).
+func (rc *ReconnectingClient) writeFailed(c *Client, err error, interrupted bool) error {
+	if interrupted {
 		// Another call's interrupt (a Recv's or another write's ctx,
 		// or Recv's bound on the login) failed the write: that call
 		// drops c and accounts for its end, if there is anything to
@@ -1726,7 +1742,7 @@ func (rc *ReconnectingClient) dropAfterWrite(c *Client, err error) {
 	// Forgotten under the same lock as it is accounted for: another
 	// write that finds c failed must find it gone, not count its end
 	// again.
-	rc.endLocked(c, rc.gen, endWrite, rc.infoGen == rc.gen, err)
+	rc.endLocked(c, c.gen, endWrite, rc.infoGen == c.gen, err)
 	rc.mu.Unlock()
 	if rc.testHookWriteFailed != nil {
 		rc.testHookWriteFailed()
@@ -1805,7 +1821,7 @@ func (rc *ReconnectingClient) NotePreferred(preferred bool) error {
 		return nil
 	}
 	if err := c.NotePreferred(preferred); err != nil {
-		return rc.writeFailed(c, err)
+		return rc.writeFailed(c, err, c.interrupted.Load())
 	}
 	return nil
 }
@@ -1866,7 +1882,7 @@ func (rc *ReconnectingClient) WatchConnectionChanges() error {
 		return nil // the next connection asks
 	}
 	if err := c.WatchConnectionChanges(); err != nil {
-		return rc.writeFailed(c, err)
+		return rc.writeFailed(c, err, c.interrupted.Load())
 	}
 	return nil
 }

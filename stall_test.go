@@ -3073,14 +3073,7 @@ func TestReconnectingRecvFailedBeforeAnotherCallsInterruptCounts(t *testing.T) {
 	sendErr := make(chan error, 1)
 	rc.testHookRecvFailed = func() {
 		once.Do(func() {
-			wctx, wcancel := context.WithCancel(ctx)
-			sendErr <- rc.writeUnder(wctx, c, func() error {
-				wcancel() // ctx ends under the write
-				for !c.interrupted.Load() {
-					time.Sleep(time.Millisecond)
-				}
-				return c.Send(PublicKey{1}, []byte("x"))
-			})
+			sendErr <- writeUnderEndingCtx(ctx, rc, c, func() error { return c.Send(PublicKey{1}, []byte("x")) })
 		})
 	}
 	rctx, rcancel := context.WithCancel(ctx)
@@ -3122,14 +3115,7 @@ func TestReconnectingWriteFailedByAnotherCallsInterruptIsNotConnected(t *testing
 	case <-ctx.Done():
 		t.Fatal("the Send's write did not start")
 	}
-	wctx, wcancel := context.WithCancel(ctx)
-	if err := rc.writeUnder(wctx, c, func() error {
-		wcancel() // another call's ctx ends during its write
-		for !c.interrupted.Load() {
-			time.Sleep(time.Millisecond)
-		}
-		return nil
-	}); err != nil {
+	if err := writeUnderEndingCtx(ctx, rc, c, nil); err != nil {
 		t.Fatalf("the interrupting write: %v", err)
 	}
 	if err := <-sendErr; !errors.Is(err, ErrNotConnected) {
@@ -3174,4 +3160,55 @@ func TestReconnectingRecvFailedBeforeItsCtxsInterruptCounts(t *testing.T) {
 	}
 	rc.testHookIOEnded = nil
 	checkRefusalCounted(t, ctx, rc, dialsA, dialsB, "a Recv the server failed, its ctx's interrupt firing before Recv stopped it")
+}
+
+// writeUnderEndingCtx runs writeUnder on c, as another call would, with
+// a ctx (made from ctx) that ends during the write: once its interrupt
+// has fired on c, write runs (nil: a write that succeeds).
+func writeUnderEndingCtx(ctx context.Context, rc *ReconnectingClient, c *Client, write func() error) error {
+	wctx, wcancel := context.WithCancel(ctx)
+	defer wcancel()
+	return rc.writeUnder(wctx, c, func() error {
+		wcancel() // ctx ends under the write
+		for !c.interrupted.Load() {
+			time.Sleep(time.Millisecond)
+		}
+		if write == nil {
+			return nil
+		}
+		return write()
+	})
+}
+
+// A write that the server failed (a login it refused) counts the refusal
+// even if another call's interrupt fires on the connection after the
+// write failed and drops it (here a write whose ctx ended during its own
+// I/O), before the failed write is looked at. The write took the
+// interrupt it found for the cause, returned ErrNotConnected and counted
+// nothing; for a client that only sends, whose Recv never accounts for
+// the end, the refusal was lost, and the next dial went back to the
+// server that refused the login. testHookIOEnded, which runs once the
+// write failed, runs the other call.
+func TestReconnectingWriteFailedBeforeAnotherCallsInterruptCounts(t *testing.T) {
+	rc, dialsA, dialsB := refusedThenFallback(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rc.mu.Lock()
+	c := rc.c
+	rc.mu.Unlock()
+	var hooked atomic.Bool
+	rc.testHookIOEnded = func() {
+		if !hooked.Swap(true) { // not again for the other call's own write
+			writeUnderEndingCtx(ctx, rc, c, nil) // drops c: its ctx's interrupt fired
+		}
+	}
+	err := rc.Send(ctx, PublicKey{1}, []byte("x"))
+	rc.testHookIOEnded = nil
+	if err == nil {
+		t.Fatal("a Send on a connection whose server hung up succeeded")
+	}
+	checkRefusalCounted(t, ctx, rc, dialsA, dialsB, fmt.Sprintf("a Send the server failed (%v), another call's interrupt firing after", err))
 }
