@@ -1112,6 +1112,9 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 	wonIdx := 0
 	var loginWait time.Duration
 	var nodeErrs []error // of each node tried, when there are several
+	// Whether the caller's ctx had ended when the dial failed: one that
+	// ends later did not cut it short, and the failure is the server's.
+	cut := false
 	for k := range targets {
 		i := (first + k) % len(targets)
 		t := targets[i]
@@ -1122,6 +1125,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 		} else {
 			c, hs, err = f.Dial(actx, t.url, rc.PrivateKey, opts...)
 		}
+		cut = err != nil && ctx.Err() != nil
 		if dl, ok := actx.Deadline(); ok && err == nil && len(targets)-k > 1 {
 			// The dial returns before the login is confirmed (always on
 			// the fast path): while more servers remain, what is left
@@ -1197,8 +1201,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 		}
 		logErr = fmt.Errorf(strings.TrimSuffix(strings.Repeat("%w; ", len(args)), "; "), args...)
 	}
-	setupFailed := false  // the connection was made, its first frames were not
-	serverFailed := false // and no interrupt failed them: the server did
+	setupFailed := false // the connection was made, its first frames were not
 	if err == nil {
 		// The new connection's first frames. Under setupMu, so that a
 		// concurrent NotePreferred or WatchConnectionChanges either
@@ -1225,7 +1228,10 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 			}
 			if err != nil {
 				c.Close()
-				setupFailed, serverFailed = true, !fired
+				// Cut short only if dctx's interrupt fired and
+				// the caller's ctx had ended: first frames that
+				// failed before are the server's failure.
+				setupFailed, cut = true, fired && ctx.Err() != nil
 			}
 		}
 	}
@@ -1258,10 +1264,9 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 	default:
 	}
 	if err != nil {
-		// First frames that failed before any interrupt did are the
-		// server's failure, even if ctx has ended since (as for a
-		// write: see writeUnder).
-		cut := ctx.Err() != nil && !serverFailed
+		// A dial, or first frames, that failed before ctx ended (or
+		// before any interrupt did) are the server's failure, even if
+		// ctx has ended since (as for a write: see writeUnder).
 		if cut && !rc.cutShort {
 			// The caller's ctx ended it (its deadline or cancel), not a
 			// bound of the dial's own: no failure of the server's, and

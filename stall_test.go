@@ -18,6 +18,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -3211,4 +3212,30 @@ func TestReconnectingWriteFailedBeforeAnotherCallsInterruptCounts(t *testing.T) 
 		t.Fatal("a Send on a connection whose server hung up succeeded")
 	}
 	checkRefusalCounted(t, ctx, rc, dialsA, dialsB, fmt.Sprintf("a Send the server failed (%v), another call's interrupt firing after", err))
+}
+
+// A dial that the server refused (here its TCP connection) just before
+// the caller's ctx ended is a failed dial of that server: only a dial that
+// ctx's end cut short is the caller's. It was taken for one cut short:
+// nothing counted, and the next call dialled again at once. Here
+// testHookDialed, which runs once the servers were tried, ends ctx.
+func TestReconnectingDialRefusedJustBeforeCtxEndedCounts(t *testing.T) {
+	sw := &nodeSwitch{}
+	sw.set("a.invalid:80", "refuse")
+	rc := &ReconnectingClient{URL: "http://a.invalid/derp", PrivateKey: mustKey(t),
+		MinBackoff: time.Hour, MaxBackoff: time.Hour, Dialer: &FastStart{DialContext: sw.dial}}
+	t.Cleanup(func() { rc.Close() })
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	rc.testHookDialed = cancel // the caller's ctx ends once the dial failed
+	err := rc.Connect(ctx)
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Fatalf("Connect to a server that refuses TCP: %v, want %v", err, syscall.ECONNREFUSED)
+	}
+	rc.mu.Lock()
+	failures, waits := rc.failures, rc.nextDial.After(time.Now())
+	rc.mu.Unlock()
+	if failures != 1 || !waits {
+		t.Fatalf("a dial the server refused (%v), the caller's ctx ending just after: %d failures counted, the next dial waits: %v; want 1 and true", err, failures, waits)
+	}
 }
