@@ -18,6 +18,7 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -1960,6 +1961,11 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			fired = true
 			if err != nil {
 				err = fmt.Errorf("relay: login not confirmed (no ServerInfo) within the server's share of DialTimeout: %w", err)
+			} else if !byCtx && !c.gotInfo {
+				// It fired as a frame other than ServerInfo came:
+				// the login was not confirmed in time all the
+				// same, the server's failure, not the caller's.
+				err = fmt.Errorf("relay: login not confirmed (no ServerInfo) within the server's share of DialTimeout: %w", os.ErrDeadlineExceeded)
 			}
 		}
 		rc.settle(c, fired, err)

@@ -29,6 +29,7 @@ type scriptedServer struct {
 	priv   PrivateKey
 	dials  atomic.Int32
 	script func(n int, sc net.Conn, br *bufio.Reader, clientPub PublicKey)
+	early  []byte // frames refuseLogin sends with the ServerKey
 
 	mu     sync.Mutex
 	conns  []net.Conn
@@ -101,14 +102,16 @@ func (s *scriptedServer) silentAfterRequest(asked chan<- struct{}) net.Conn {
 }
 
 // refuseLogin is a pipe script that takes an upgrade and the ClientInfo
-// and hangs up, as a server refusing the login.
+// and hangs up, as a server refusing the login. The frames in early go
+// out in the same write as the ServerKey: the client's dial, reading that,
+// buffers them.
 func (s *scriptedServer) refuseLogin(sc net.Conn, br *bufio.Reader) {
 	defer sc.Close()
 	if _, err := http.ReadRequest(br); err != nil {
 		return
 	}
 	resp := []byte("HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
-	if _, err := sc.Write(appendFrame(resp, FrameServerKey, appendServerKey(nil, s.priv.Public()))); err != nil {
+	if _, err := sc.Write(append(appendFrame(resp, FrameServerKey, appendServerKey(nil, s.priv.Public())), s.early...)); err != nil {
 		return
 	}
 	readRawFrame(br) // the ClientInfo
@@ -3237,5 +3240,46 @@ func TestReconnectingDialRefusedJustBeforeCtxEndedCounts(t *testing.T) {
 	rc.mu.Unlock()
 	if failures != 1 || !waits {
 		t.Fatalf("a dial the server refused (%v), the caller's ctx ending just after: %d failures counted, the next dial waits: %v; want 1 and true", err, failures, waits)
+	}
+}
+
+// A Recv whose login bound (its wait for the ServerInfo) fires as its read
+// returns a frame other than ServerInfo (a KeepAlive here, which the dial
+// had buffered) counts the end as a login the server did not confirm in
+// time, as when the bound fails the read. Recv dropped the connection as
+// if a caller's ctx had ended it, counted nothing, and returned the
+// KeepAlive. testHookIOEnded, which runs once the read returned, waits for
+// the bound to fire.
+func TestReconnectingLoginBoundFiringAsOtherFrameArrivesCounts(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t), early: appendFrame(nil, FrameKeepAlive, nil)}
+	s.init()
+	rc := newScriptedRC(t, s)
+	rc.MinBackoff, rc.MaxBackoff = time.Hour, time.Hour
+	rc.Dialer.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		return s.pipe(s.refuseLogin), nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rc.mu.Lock()
+	c := rc.c
+	rc.loginWait = time.Nanosecond // the bound fires at once
+	rc.mu.Unlock()
+	rc.testHookIOEnded = func() {
+		for !c.interrupted.Load() && ctx.Err() == nil {
+			time.Sleep(time.Millisecond)
+		}
+	}
+	rctx, rcancel := context.WithCancel(ctx)
+	defer rcancel()
+	rc.testHookRecvDropped = rcancel // no dial by Recv
+	m, err := rc.Recv(rctx)
+	rc.mu.Lock()
+	failures, waits := rc.failures, rc.nextDial.After(time.Now())
+	rc.mu.Unlock()
+	if err == nil || failures != 1 || !waits {
+		t.Fatalf("the login's bound fired as a KeepAlive arrived before ServerInfo: Recv returned %T, %v; %d failures counted, the next dial waits: %v; want ctx's error, 1 and true", m, err, failures, waits)
 	}
 }
