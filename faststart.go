@@ -1286,7 +1286,13 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 		}
 		rc.cutShort = cut
 		rc.failures++
-		rc.nextDial = time.Now().Add(rc.backoff(rc.failures, time.Now()))
+		// Keeping a later wait: a restart notice that a Recv applied
+		// while this dial was under way (from a connection dropped
+		// before it), or a late Recv's accounting (see endLocked).
+		now := time.Now()
+		if next := now.Add(rc.backoff(rc.failures, now)); next.After(rc.nextDial) {
+			rc.nextDial = next
+		}
 		if setupFailed && !cut && (errors.Is(err, context.DeadlineExceeded) || isTimeout(err)) {
 			// Its first frames timed out (DialTimeout, or the write's
 			// own bound): a dial that timed out, whose server's path

@@ -3283,3 +3283,74 @@ func TestReconnectingLoginBoundFiringAsOtherFrameArrivesCounts(t *testing.T) {
 		t.Fatalf("the login's bound fired as a KeepAlive arrived before ServerInfo: Recv returned %T, %v; %d failures counted, the next dial waits: %v; want ctx's error, 1 and true", m, err, failures, waits)
 	}
 }
+
+// A restart notice that a Recv returns while a dial is under way (the
+// connection it came on having been dropped by a write that found the
+// server's hang-up) sets the wait before the next dial even when that
+// dial fails: the dial's failure keeps a later wait, as endLocked does.
+// It set its own backoff over the notice's wait, and that in the notice's
+// window of quick retries: a dial a few milliseconds on instead of the
+// half hour the server asked for. testHookIOEnded, which runs once the
+// notice was read, has the Send drop the connection and holds a dial,
+// which fails, in testHookDialed until the notice is applied.
+func TestReconnectingRestartNoticeOutlivesADialUnderWay(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.init()
+	hungUp := make(chan struct{})
+	s.script = func(_ int, sc net.Conn, _ *bufio.Reader, _ PublicKey) {
+		sc.Write(appendFrame(nil, FrameRestarting, appendRestarting(nil, 30*time.Minute, time.Minute)))
+		sc.Close()
+		close(hungUp)
+	}
+	rc := newScriptedRC(t, s)
+	rc.MinBackoff, rc.MaxBackoff = time.Millisecond, time.Hour
+	var dials atomic.Int32
+	rc.Dialer.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		if dials.Add(1) == 1 {
+			return s.dial(ctx, network, addr)
+		}
+		return nil, &net.OpError{Op: "dial", Net: network, Err: syscall.ECONNREFUSED}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if m, err := rc.Recv(ctx); err != nil {
+		t.Fatal(err)
+	} else if _, ok := m.(ServerInfo); !ok {
+		t.Fatalf("first message %T, want ServerInfo", m)
+	}
+	dialFailed, release, connected := make(chan struct{}), make(chan struct{}), make(chan error, 1)
+	rc.testHookDialed = func() { close(dialFailed); <-release }
+	var hooked atomic.Bool
+	rc.testHookIOEnded = func() {
+		if hooked.Swap(true) { // not for the Send's write
+			return
+		}
+		select {
+		case <-hungUp:
+		case <-ctx.Done():
+			return
+		}
+		if err := rc.Send(ctx, PublicKey{1}, []byte("x")); err == nil {
+			t.Error("a Send on a connection whose server hung up succeeded")
+		}
+		go func() { connected <- rc.Connect(ctx) }()
+		select {
+		case <-dialFailed:
+		case <-ctx.Done():
+		}
+	}
+	m, err := rc.Recv(ctx)
+	if _, ok := m.(ServerRestarting); !ok || err != nil {
+		t.Fatalf("second message %T, %v; want ServerRestarting", m, err)
+	}
+	close(release)
+	if err := <-connected; err == nil {
+		t.Fatal("a dial of a server that refuses TCP succeeded")
+	}
+	rc.mu.Lock()
+	wait := time.Until(rc.nextDial)
+	rc.mu.Unlock()
+	if wait < 29*time.Minute {
+		t.Fatalf("a restart notice asking for 30 minutes, applied while a dial was under way, which then failed: next dial in %v, want about 30m", wait.Round(time.Millisecond))
+	}
+}
