@@ -859,7 +859,7 @@ type ReconnectingClient struct {
 	testHookRecvFailed  func() // if set (tests only), called by RecvDetail when a read fails, before it drops the connection
 	testHookRecvDropped func() // if set (tests only), called by RecvDetail once it dropped a connection whose read failed, before it goes on
 	testHookWriteFailed func() // if set (tests only), called by dropAfterWrite once it accounted for the connection's end and forgot it, before it closes it
-	testHookIOEnded     func() // if set (tests only), called by writeUnder and RecvDetail once their I/O on the connection ended (and whether an interrupt had fired was noted), before they stop ctx's interrupt
+	testHookIOEnded     func() // if set (tests only), called by writeUnder, RecvDetail and dial (a new connection's first frames) once their I/O on the connection ended (and whether an interrupt had fired was noted), before they stop ctx's interrupt
 }
 
 // doneCh returns the channel Close closes. rc.mu must be held.
@@ -1223,16 +1223,23 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 			if err == nil && watch {
 				err = c.WatchConnectionChanges()
 			}
+			// Whether the interrupt had fired when the frames
+			// failed: one that fires later did not fail them.
+			interrupted := c.interrupted.Load()
+			if rc.testHookIOEnded != nil {
+				rc.testHookIOEnded()
+			}
 			fired := !stop()
 			if fired && err == nil {
 				err = dctx.Err() // interrupted: c is unusable
+				interrupted = true
 			}
 			if err != nil {
 				c.Close()
-				// Cut short only if dctx's interrupt fired and
-				// the caller's ctx had ended: first frames that
-				// failed before are the server's failure.
-				setupFailed, cut = true, fired && ctx.Err() != nil
+				// Cut short only if dctx's interrupt ended them
+				// and the caller's ctx had ended: first frames
+				// that failed before are the server's failure.
+				setupFailed, cut = true, interrupted && ctx.Err() != nil
 			}
 		}
 	}

@@ -3354,3 +3354,27 @@ func TestReconnectingRestartNoticeOutlivesADialUnderWay(t *testing.T) {
 		t.Fatalf("a restart notice asking for 30 minutes, applied while a dial was under way, which then failed: next dial in %v, want about 30m", wait.Round(time.Millisecond))
 	}
 }
+
+// The same for a new connection's first frame (NotePreferred here) that
+// the server failed (a login it refused) before the caller's ctx ended
+// and its interrupt fired, before dial stopped it: the dial failed on the
+// server's answer. It was taken for a dial that ctx cut short: nothing
+// counted, and the next dial went back to the server that refused the
+// login. testHookIOEnded, which runs once the frame failed, ends ctx.
+func TestReconnectingSetupWriteFailedBeforeCtxsInterruptCounts(t *testing.T) {
+	rc, dialsA, dialsB := refusedThenFallback(t)
+	if err := rc.NotePreferred(true); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cctx, ccancel := context.WithCancel(ctx)
+	defer ccancel()
+	rc.testHookIOEnded = ccancel
+	err := rc.Connect(cctx)
+	rc.testHookIOEnded = nil
+	if err == nil {
+		t.Fatal("Connect succeeded though the server refused the login")
+	}
+	checkRefusalCounted(t, ctx, rc, dialsA, dialsB, fmt.Sprintf("a dial whose first frame the server failed (%v), its caller's ctx's interrupt firing after", err))
+}
