@@ -718,7 +718,8 @@ func (c *Client) readServerStart() error {
 // ServerRestarting notice (waiting at most MaxBackoff, then retrying
 // failed dials quickly for at most a minute; a session that ends within
 // MaxBackoff of its ServerInfo still backs off as usual, notice or not,
-// and a notice before ServerInfo is returned but not honoured),
+// and a notice before ServerInfo, or one a Recv returns once a newer
+// connection replaced the one it came on, is returned but not honoured),
 // re-sends NotePreferred after a reconnect, answers the server's Pings, and
 // remembers the server key it learned so that later connections take the
 // fast path even over plain HTTP or TLS 1.2 (unless such a dial times out
@@ -2056,11 +2057,16 @@ func (rc *ReconnectingClient) RecvDetail(ctx context.Context) (Message, int, err
 			// so that a broken server cannot stop reconnects for weeks
 			// or have them hammer it at MinBackoff as long. The wait is
 			// one between dials, so MaxBackoff bounds it.
+			// Not once a newer connection was made (c was dropped
+			// under this Recv): that one is up, and its end owes
+			// nothing to an old notice.
 			now := time.Now()
 			_, hi := rc.backoffBounds()
 			rc.mu.Lock()
-			rc.nextDial = now.Add(min(m.ReconnectIn, hi))
-			rc.restartUntil = rc.nextDial.Add(min(m.TryFor, maxRestartTry))
+			if rc.gen == gen {
+				rc.nextDial = now.Add(min(m.ReconnectIn, hi))
+				rc.restartUntil = rc.nextDial.Add(min(m.TryFor, maxRestartTry))
+			}
 			rc.mu.Unlock()
 		}
 		return m, gen, nil

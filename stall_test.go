@@ -3378,3 +3378,62 @@ func TestReconnectingSetupWriteFailedBeforeCtxsInterruptCounts(t *testing.T) {
 	}
 	checkRefusalCounted(t, ctx, rc, dialsA, dialsB, fmt.Sprintf("a dial whose first frame the server failed (%v), its caller's ctx's interrupt firing after", err))
 }
+
+// A restart notice that a Recv returns from a connection older than the
+// current one (dropped by a write that found the server's hang-up, and
+// replaced by a new connection before the Recv applied the notice) sets
+// no wait and no window of quick retries: the new connection is up, and
+// its own end owes nothing to the old notice. It set both, and the end of
+// the new session would wait the half hour the old notice asked for.
+// testHookIOEnded, which runs once the notice was read, has the Send drop
+// the old connection and Connect make the new one.
+func TestReconnectingStaleRestartNoticeSetsNoWait(t *testing.T) {
+	s := &scriptedServer{priv: mustKey(t)}
+	s.init()
+	hungUp := make(chan struct{})
+	s.script = func(n int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
+		if n > 1 {
+			io.Copy(io.Discard, br)
+			return
+		}
+		sc.Write(appendFrame(nil, FrameRestarting, appendRestarting(nil, 30*time.Minute, time.Minute)))
+		sc.Close()
+		close(hungUp)
+	}
+	rc := newScriptedRC(t, s)
+	rc.MinBackoff, rc.MaxBackoff = time.Millisecond, time.Hour
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if m, err := rc.Recv(ctx); err != nil {
+		t.Fatal(err)
+	} else if _, ok := m.(ServerInfo); !ok {
+		t.Fatalf("first message %T, want ServerInfo", m)
+	}
+	var hooked atomic.Bool
+	rc.testHookIOEnded = func() {
+		if hooked.Swap(true) { // not for the Send's write
+			return
+		}
+		select {
+		case <-hungUp:
+		case <-ctx.Done():
+			return
+		}
+		if err := rc.Send(ctx, PublicKey{1}, []byte("x")); err == nil {
+			t.Error("a Send on a connection whose server hung up succeeded")
+		}
+		if err := rc.Connect(ctx); err != nil {
+			t.Error(err)
+		}
+	}
+	m, gen, err := rc.RecvDetail(ctx)
+	if _, ok := m.(ServerRestarting); !ok || err != nil || gen != 1 {
+		t.Fatalf("second message %T of generation %d, %v; want ServerRestarting of 1", m, gen, err)
+	}
+	rc.mu.Lock()
+	wait, window, cur := time.Until(rc.nextDial), time.Until(rc.restartUntil), rc.gen
+	rc.mu.Unlock()
+	if cur != 2 || wait > 0 || window > 0 {
+		t.Fatalf("a restart notice from generation 1 applied once generation %d was up: next dial in %v, quick retries for %v; want generation 2, no wait and none", cur, wait.Round(time.Minute), window.Round(time.Minute))
+	}
+}
