@@ -2889,21 +2889,8 @@ func TestReconnectingWriteFailedJustBeforeCtxEndedCounts(t *testing.T) {
 // just before its ctx ended: it returns ctx's error, and the refusal
 // counts. testHookRecvFailed, which runs once the read failed, ends ctx.
 func TestReconnectingRecvFailedJustBeforeCtxEndedCounts(t *testing.T) {
-	rc, dialsA, dialsB := refusedThenFallback(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := rc.Connect(ctx); err != nil {
-		t.Fatal(err)
-	}
-	rctx, rcancel := context.WithCancel(ctx)
-	defer rcancel()
-	rc.testHookRecvFailed = rcancel
-	_, err := rc.Recv(rctx)
-	if !errors.Is(err, context.Canceled) {
-		t.Fatalf("Recv whose ctx ended: %v, want %v", err, context.Canceled)
-	}
-	rc.testHookRecvFailed = nil
-	checkRefusalCounted(t, ctx, rc, dialsA, dialsB, "a Recv the server failed, its ctx ending just after")
+	checkRecvCtxEndingCounts(t, func(rc *ReconnectingClient) *func() { return &rc.testHookRecvFailed },
+		"a Recv the server failed, its ctx ending just after")
 }
 
 // A new connection whose first frames (NotePreferred, WatchConns) the
@@ -3149,21 +3136,8 @@ func checkRefusalCounted(t *testing.T, ctx context.Context, rc *ReconnectingClie
 // back to the server that refused the login. testHookIOEnded, which runs
 // once the read failed, ends ctx.
 func TestReconnectingRecvFailedBeforeItsCtxsInterruptCounts(t *testing.T) {
-	rc, dialsA, dialsB := refusedThenFallback(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := rc.Connect(ctx); err != nil {
-		t.Fatal(err)
-	}
-	rctx, rcancel := context.WithCancel(ctx)
-	defer rcancel()
-	rc.testHookIOEnded = rcancel
-	_, err := rc.Recv(rctx)
-	if !errors.Is(err, context.Canceled) {
-		t.Fatalf("Recv whose ctx ended: %v, want %v", err, context.Canceled)
-	}
-	rc.testHookIOEnded = nil
-	checkRefusalCounted(t, ctx, rc, dialsA, dialsB, "a Recv the server failed, its ctx's interrupt firing before Recv stopped it")
+	checkRecvCtxEndingCounts(t, func(rc *ReconnectingClient) *func() { return &rc.testHookIOEnded },
+		"a Recv the server failed, its ctx's interrupt firing before Recv stopped it")
 }
 
 // writeUnderEndingCtx runs writeUnder on c, as another call would, with
@@ -3436,4 +3410,27 @@ func TestReconnectingStaleRestartNoticeSetsNoWait(t *testing.T) {
 	if cur != 2 || wait > 0 || window > 0 {
 		t.Fatalf("a restart notice from generation 1 applied once generation %d was up: next dial in %v, quick retries for %v; want generation 2, no wait and none", cur, wait.Round(time.Minute), window.Round(time.Minute))
 	}
+}
+
+// checkRecvCtxEndingCounts runs a Recv on a connection whose server
+// refused the login, whose ctx the test hook that hook returns ends, and
+// checks that Recv returns ctx's error and that the refusal counted
+// (checkRefusalCounted, after what).
+func checkRecvCtxEndingCounts(t *testing.T, hook func(rc *ReconnectingClient) *func(), what string) {
+	t.Helper()
+	rc, dialsA, dialsB := refusedThenFallback(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := rc.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rctx, rcancel := context.WithCancel(ctx)
+	defer rcancel()
+	*hook(rc) = rcancel
+	_, err := rc.Recv(rctx)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("Recv whose ctx ended: %v, want %v", err, context.Canceled)
+	}
+	*hook(rc) = nil
+	checkRefusalCounted(t, ctx, rc, dialsA, dialsB, what)
 }
