@@ -198,6 +198,11 @@ func parseMetaCertCandidate(cert *x509.Certificate) (pub PublicKey, version int,
 // a new one for the same key and version, and later handshakes serve that
 // (from a clone of cfg, if the meta cert was in cfg's own certificates).
 //
+// The configs served in cfg's place (TLS 1.2, a renewed meta cert) seal
+// and open session tickets with cfg's keys (unless cfg sets WrapSession or
+// UnwrapSession, which they share), so SetSessionTicketKeys on cfg while
+// it is in use reaches every handshake.
+//
 // AppendMetaCert modifies cfg, so call it before cfg is used by any
 // listener, and set cfg.GetConfigForClient, if at all, before it; cfg must
 // not be nil.
@@ -219,6 +224,17 @@ func AppendMetaCert(cfg *tls.Config, metaCert []byte) {
 		//lint:ignore SA1019 as above.
 		c.Certificates, c.NameToCertificate, c.GetCertificate = certs, byName, getCert
 		c.GetConfigForClient = nil
+		// A clone keeps the session ticket keys cfg had when it was
+		// made, and crypto/tls prefers them to cfg's: a later
+		// SetSessionTicketKeys on cfg (a fleet rotating its shared
+		// keys) would never reach the handshakes this clone serves.
+		// cfg's own methods seal and open with its keys of the moment.
+		if c.WrapSession == nil {
+			c.WrapSession = cfg.EncryptTicket
+		}
+		if c.UnwrapSession == nil {
+			c.UnwrapSession = cfg.DecryptTicket
+		}
 		return c
 	}
 	var once sync.Once
