@@ -98,6 +98,10 @@ type Server struct {
 		mu sync.Mutex
 		logLimit
 	}
+	parkLog struct { // logParkFailure's limit
+		mu sync.Mutex
+		logLimit
+	}
 	mesh meshState
 	park parker // idle sessions without a reader goroutine
 
@@ -189,7 +193,9 @@ type Admission struct {
 // connection cannot be hijacked, unexpected Upgrade headers) are logged at
 // Info at most 10 a second after a burst of 20, and at Debug beyond that;
 // the next line at Info says how many were held back ("suppressed"), and
-// Stats counts them all. Lines are logged with no lock of the server held,
+// Stats counts them all. Sessions that cannot be parked (see WithIdlePark;
+// the process is out of file descriptors or epoll watches) are logged at
+// Warn, bounded the same way in a budget of their own. Lines are logged with no lock of the server held,
 // so the handler may call the Server's methods, except Close: sessions,
 // mesh links and forwarders log, and Close waits for them.
 func WithLogger(l *slog.Logger) ServerOption {
@@ -1946,7 +1952,7 @@ func (c *sconn) parkReader() bool {
 	var parkErr error
 	defer func() { // after c.mu is unlocked: no log handler runs under it
 		if parkErr != nil {
-			c.s.log.Warn("relay: cannot park idle session", "remote", c.remote, "err", parkErr)
+			c.s.logParkFailure("remote", c.remote, "err", parkErr)
 		}
 	}()
 	c.mu.Lock()
@@ -6651,6 +6657,27 @@ func (s *Server) logPeer(msg string, args ...any) {
 		args = append(args, "suppressed", held)
 	}
 	s.log.Info(msg, args...)
+}
+
+// logParkFailure logs at Warn that a session could not be parked (the
+// process is out of file descriptors or epoll watches: the operator's to
+// fix). Every session that goes idle then fails alike, once, and anyone
+// who can connect can make sessions: the lines are bounded as logPeer's
+// are (in a budget of their own, so that a flood of bad logins cannot
+// hide them), the rest going to Debug.
+func (s *Server) logParkFailure(args ...any) {
+	const msg = "relay: cannot park idle session"
+	s.parkLog.mu.Lock()
+	ok, held := s.parkLog.allow(time.Now())
+	s.parkLog.mu.Unlock()
+	if !ok {
+		s.log.Debug(msg, args...)
+		return
+	}
+	if held > 0 {
+		args = append(args, "suppressed", held)
+	}
+	s.log.Warn(msg, args...)
 }
 
 // logLimit lets a kind of log line through at most 10 times a second after
