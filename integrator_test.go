@@ -3,7 +3,11 @@ package relay
 import (
 	"context"
 	"crypto/tls"
+	"io"
+	"log"
 	"net"
+	"net/http"
+	"strings"
 	"testing"
 	"time"
 )
@@ -94,5 +98,141 @@ func TestAppendMetaCertSessionTicketKeyRotation(t *testing.T) {
 				t.Errorf("a ticket issued after SetSessionTicketKeys was not resumed by a server with the new key: it was sealed with the old one")
 			}
 		})
+	}
+}
+
+// statusRecorder is the usual access-log wrapper; with unwrap it exposes the
+// ResponseWriter it wraps, as http.ResponseController expects.
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (r *statusRecorder) WriteHeader(code int) { r.status = code; r.ResponseWriter.WriteHeader(code) }
+
+type unwrappingRecorder struct{ statusRecorder }
+
+func (r *unwrappingRecorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
+// middlewareServer serves h over TLS with the meta cert (HTTP/1.1 only, as
+// the README's snippet) and returns the https URL of its root and a client
+// TLS config.
+func middlewareServer(t *testing.T, s *Server, h http.Handler) (string, *tls.Config) {
+	t.Helper()
+	cert, pool, err := selfSignedCert("127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}}
+	AppendMetaCert(cfg, s.MetaCert())
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ErrorLog: log.New(io.Discard, "", 0)}
+	done := make(chan struct{})
+	go func() { defer close(done); hs.Serve(tls.NewListener(ln, cfg)) }()
+	t.Cleanup(func() { s.Close(); hs.Close(); <-done })
+	return "https://" + ln.Addr().String(), &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"}
+}
+
+// TestServerBehindMiddleware mounts the Server on a ServeMux behind the
+// middleware services put in front of every handler, and dials it on each
+// path. Those that keep Hijack reachable must work; those that hide it
+// must fail the dial with an error that says so.
+func TestServerBehindMiddleware(t *testing.T) {
+	type ctxKey struct{}
+	for _, tc := range []struct {
+		name    string
+		prefix  string // where the DERP path is mounted
+		wrap    func(http.Handler) http.Handler
+		wantErr string // "" if the dial must work
+	}{
+		{name: "plain"},
+		{name: "logging/Unwrap", wrap: func(h http.Handler) http.Handler {
+			return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				h.ServeHTTP(&unwrappingRecorder{statusRecorder{ResponseWriter: w}}, r)
+			})
+		}},
+		{name: "logging/noUnwrap", wantErr: "Hijack", wrap: func(h http.Handler) http.Handler {
+			return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				h.ServeHTTP(&statusRecorder{ResponseWriter: w}, r)
+			})
+		}},
+		{name: "MaxBytesHandler", wrap: func(h http.Handler) http.Handler { return http.MaxBytesHandler(h, 1<<10) }},
+		{name: "TimeoutHandler", wantErr: "Hijack", wrap: func(h http.Handler) http.Handler {
+			return http.TimeoutHandler(h, 10*time.Second, "timeout")
+		}},
+		{name: "StripPrefix", prefix: "/relay", wrap: func(h http.Handler) http.Handler { return http.StripPrefix("/relay", h) }},
+		{name: "requestContext", wrap: func(h http.Handler) http.Handler {
+			return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				ctx, cancel := context.WithTimeout(context.WithValue(r.Context(), ctxKey{}, "v"), 10*time.Second)
+				defer cancel() // ends when ServeHTTP returns, long before the session
+				h.ServeHTTP(w, r.WithContext(ctx))
+			})
+		}},
+	} {
+		for _, mode := range []string{"fast", "upgrade", "websocket"} {
+			t.Run(tc.name+"/"+mode, func(t *testing.T) {
+				s := NewServer(mustKey(t))
+				var h http.Handler = s
+				if tc.wrap != nil {
+					h = tc.wrap(s)
+				}
+				mux := http.NewServeMux()
+				mux.Handle(tc.prefix+"/derp", h)
+				mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "app") })
+				base, tlsConfig := middlewareServer(t, s, mux)
+				fs := &FastStart{TLSConfig: tlsConfig, WebSocket: mode == "websocket"}
+				if mode == "upgrade" {
+					fs.TLSConfig = tlsConfig.Clone()
+					fs.TLSConfig.MaxVersion = tls.VersionTLS12 // no meta cert: the upgrade path
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				defer cancel()
+				dial := func() *Client {
+					t.Helper()
+					c, hs, err := fs.Dial(ctx, base+tc.prefix+"/derp", mustKey(t))
+					if tc.wantErr != "" {
+						if err == nil && hs.Path == FastPath {
+							// The fast path's Dial returns once the login
+							// is written: the answer is the first Recv's.
+							_, err = c.Recv()
+							c.Close()
+						}
+						if err == nil {
+							c.Close()
+							t.Fatalf("dial through %s worked", tc.name)
+						}
+						if !strings.Contains(err.Error(), tc.wantErr) {
+							t.Fatalf("dial error does not say why: %v", err)
+						}
+						return nil
+					}
+					if err != nil {
+						t.Fatalf("dial: %v", err)
+					}
+					if wantFast := mode == "fast"; (hs.Path == FastPath) != wantFast {
+						t.Errorf("path %v (%s), fast wanted: %v", hs.Path, hs.Reason, wantFast)
+					}
+					t.Cleanup(func() { c.Close() })
+					if _, ok := recvMsg[ServerInfo](t, c); !ok {
+						t.FailNow()
+					}
+					return c
+				}
+				a := dial()
+				if a == nil {
+					return
+				}
+				b := dial()
+				if err := a.Send(b.PublicKey(), []byte("hello")); err != nil {
+					t.Fatal(err)
+				}
+				if p, ok := recvMsg[*ReceivedPacket](t, b); !ok || string(p.Data) != "hello" {
+					t.Fatalf("got %v", p)
+				}
+			})
+		}
 	}
 }
