@@ -3,10 +3,14 @@ package relay
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"io"
 	"log"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -233,6 +237,79 @@ func TestServerBehindMiddleware(t *testing.T) {
 					t.Fatalf("got %v", p)
 				}
 			})
+		}
+	}
+}
+
+// TestAppendMetaCertServeTLSCertFiles: a service that loads its certificate
+// from files with http.Server.ServeTLS(ln, certFile, keyFile), its TLSConfig
+// given the meta cert first. The README advises against it (ServeTLS loads
+// the pair into its own copy of the config, so no meta cert is served), but
+// the service itself must keep working: TLS 1.2 clients, and TLS 1.3 ones
+// once the meta cert is due for renewal, must get the loaded certificate,
+// not a config without any.
+func TestAppendMetaCertServeTLSCertFiles(t *testing.T) {
+	s := NewServer(mustKey(t))
+	cert, pool, err := selfSignedCert("127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	keyDER, err := x509.MarshalPKCS8PrivateKey(cert.PrivateKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Certificate[0]}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	AppendMetaCert(cfg, s.MetaCert())
+	mux := http.NewServeMux()
+	mux.Handle("/derp", s)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "app") })
+	hs := &http.Server{Handler: mux, TLSConfig: cfg, ReadHeaderTimeout: 10 * time.Second, ErrorLog: log.New(io.Discard, "", 0)}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { defer close(done); hs.ServeTLS(ln, certFile, keyFile) }()
+	t.Cleanup(func() { s.Close(); hs.Close(); <-done })
+	t.Cleanup(func() { metaCertNow = time.Now })
+	base := "https://" + ln.Addr().String()
+	for _, at := range []time.Duration{0, 24 * 24 * time.Hour} { // the meta cert due for renewal
+		metaCertNow = func() time.Time { return time.Now().Add(at) }
+		for _, v := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
+			tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MaxVersion: v}}
+			hc := &http.Client{Timeout: 30 * time.Second, Transport: tr}
+			resp, err := hc.Get(base + "/")
+			if err != nil {
+				t.Errorf("TLS %x, meta cert clock +%v: %v", v&0xff, at, err)
+				continue
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			tr.CloseIdleConnections()
+			if string(body) != "app" {
+				t.Errorf("TLS %x: got %q", v&0xff, body)
+			}
+			// DERP works too, on the upgrade path: no meta cert here.
+			fs := &FastStart{TLSConfig: &tls.Config{RootCAs: pool, MaxVersion: v}}
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			c, h, err := fs.Dial(ctx, base+"/derp", mustKey(t))
+			cancel()
+			if err != nil {
+				t.Errorf("TLS %x, meta cert clock +%v: DERP dial: %v", v&0xff, at, err)
+				continue
+			}
+			if _, err := c.Recv(); err != nil {
+				t.Errorf("TLS %x: DERP login (%v path): %v", v&0xff, h.Path, err)
+			}
+			c.Close()
 		}
 	}
 }

@@ -173,8 +173,9 @@ func parseMetaCertCandidate(cert *x509.Certificate) (pub PublicKey, version int,
 // clients offering both still get HTTP/1.1, but a client offering only h2
 // gets a connection that cannot be upgraded. Given certificate file names,
 // they also replace the certificates with a freshly loaded pair that lacks
-// the meta cert. Prefer srv.Serve(tls.NewListener(ln, cfg)), which uses cfg
-// as it is.
+// the meta cert (if cfg has no certificates of its own, every handshake,
+// TLS 1.2 or 1.3, gets that pair and no meta cert). Prefer
+// srv.Serve(tls.NewListener(ln, cfg)), which uses cfg as it is.
 //
 // The meta cert goes only into TLS 1.3 handshakes. TLS 1.2 sends the
 // chain in clear text, where the meta cert would tell every observer that
@@ -217,6 +218,10 @@ func AppendMetaCert(cfg *tls.Config, metaCert []byte) {
 	//lint:ignore SA1019 a caller that still fills it keeps it.
 	certs, byName, getCert := cfg.Certificates, cfg.NameToCertificate, cfg.GetCertificate
 	getConfig := cfg.GetConfigForClient
+	// A config with no certificates of its own gets them elsewhere: from
+	// the callback, or put into a copy by the server that uses it
+	// (http.Server.ServeTLS given file names).
+	ownCerts := len(certs) > 0 || len(byName) > 0 || getCert != nil
 	appendMetaCertToConfig(cfg, meta)
 	// without returns a clone of cfg as it was before AppendMetaCert.
 	without := func() *tls.Config {
@@ -257,6 +262,12 @@ func AppendMetaCert(cfg *tls.Config, metaCert []byte) {
 			}
 		}
 		if c == nil || c == cfg {
+			if !ownCerts {
+				// No chain to put the meta cert behind; a config of
+				// ours would have no certificate at all, where the
+				// one the handshake runs on (ServeTLS's copy) has.
+				return c, nil
+			}
 			if negotiatesTLS13(hello, cfg) && !acmeChallenge(hello) {
 				if m := renew.current(); m.cfg != nil {
 					return m.cfg, nil
