@@ -206,7 +206,11 @@ func parseMetaCertCandidate(cert *x509.Certificate) (pub PublicKey, version int,
 //
 // AppendMetaCert modifies cfg, so call it before cfg is used by any
 // listener, and set cfg.GetConfigForClient, if at all, before it; cfg must
-// not be nil.
+// not be nil. Clone cfg before AppendMetaCert, never after: a clone made
+// after it serves TLS 1.2 handshakes, and TLS 1.3 ones once the meta cert
+// is renewed, with cfg's settings, not the clone's (a clone that requires
+// client certificates would let clients in without one). To vary a
+// setting, clone first and call AppendMetaCert on each clone.
 func AppendMetaCert(cfg *tls.Config, metaCert []byte) {
 	if len(metaCert) == 0 {
 		return
