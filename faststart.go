@@ -1849,7 +1849,13 @@ func (rc *ReconnectingClient) NotePreferred(preferred bool) error {
 // Connect connects now unless connected, waiting out the backoff after a
 // failed dial (or another call's dial under way) within ctx, and returns the
 // dial's error. The other methods connect by themselves; Connect reports a
-// bad configuration early.
+// bad configuration early: a host that cannot be reached, a certificate
+// that does not verify, and an HTTP answer other than the upgrade (a wrong
+// path, a redirect) where the dial waits for the server's answer (the
+// upgrade path, or a server key already known). A first fast-path dial,
+// with the key from the meta cert, returns once the login is written, so
+// such an answer, like a refused login on any path, shows only afterwards
+// (the Recv loop reconnects, and the Logger says why).
 func (rc *ReconnectingClient) Connect(ctx context.Context) error {
 	_, _, err := rc.current(ctx)
 	return err
