@@ -4,14 +4,17 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"encoding/pem"
 	"io"
 	"log"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -311,5 +314,66 @@ func TestAppendMetaCertServeTLSCertFiles(t *testing.T) {
 			}
 			c.Close()
 		}
+	}
+}
+
+// TestServerBehindRealIPMiddleware: services behind a load balancer put
+// the client's address from X-Forwarded-For into r.RemoteAddr before any
+// handler runs (chi's middleware.RealIP, gorilla's handlers.ProxyHeaders),
+// as a bare IP without a port. The per-IP limit, the admission service's
+// Source and the session's address must use it, not silently drop it.
+func TestServerBehindRealIPMiddleware(t *testing.T) {
+	var sources []string
+	var mu sync.Mutex
+	verify := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var req struct{ NodePublic, Source string }
+		json.NewDecoder(r.Body).Decode(&req)
+		mu.Lock()
+		sources = append(sources, req.Source)
+		mu.Unlock()
+		io.WriteString(w, `{"Allow":true}`)
+	}))
+	defer verify.Close()
+	s := NewServer(mustKey(t), WithMaxConnections(0, 1), WithAdmission(AdmissionURL(verify.URL, false, verify.Client())))
+	realIP := func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if ip := r.Header.Get("X-Forwarded-For"); ip != "" {
+				r.RemoteAddr = ip
+			}
+			h.ServeHTTP(w, r)
+		})
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/derp", realIP(s))
+	base, tlsConfig := middlewareServer(t, s, mux)
+	fs := &FastStart{TLSConfig: tlsConfig, Header: http.Header{"X-Forwarded-For": {"203.0.113.7"}}}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, _, err := fs.Dial(ctx, base+"/derp", mustKey(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, ok := recvMsg[ServerInfo](t, c); !ok {
+		t.FailNow()
+	}
+	for si := range s.Sessions() {
+		if got := si.RemoteAddr.Addr().String(); got != "203.0.113.7" {
+			t.Errorf("session's RemoteAddr %v, want the forwarded client's 203.0.113.7", si.RemoteAddr)
+		}
+	}
+	mu.Lock()
+	if len(sources) != 1 || sources[0] != "203.0.113.7" {
+		t.Errorf("admission service was told Source %q, want the forwarded client's 203.0.113.7", sources)
+	}
+	mu.Unlock()
+	// A second session from that address is over the limit of 1 per IP.
+	c2, _, err := fs.Dial(ctx, base+"/derp", mustKey(t))
+	if err == nil {
+		_, err = c2.Recv()
+		c2.Close()
+	}
+	if err == nil || !strings.Contains(err.Error(), "too many connections") {
+		t.Errorf("second session from one forwarded IP with a per-IP limit of 1: %v", err)
 	}
 }

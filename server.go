@@ -195,9 +195,10 @@ type Admission struct {
 // the next line at Info says how many were held back ("suppressed"), and
 // Stats counts them all. Sessions that cannot be parked (see WithIdlePark;
 // the process is out of file descriptors or epoll watches) are logged at
-// Warn, bounded the same way in a budget of their own. Lines are logged with no lock of the server held,
-// so the handler may call the Server's methods, except Close: sessions,
-// mesh links and forwarders log, and Close waits for them.
+// Warn, bounded the same way in a budget of their own. Lines are logged
+// with no lock of the server held, so the handler may call the Server's
+// methods, except Close: sessions, mesh links and forwarders log, and
+// Close waits for them.
 func WithLogger(l *slog.Logger) ServerOption {
 	return func(c *serverConfig) { c.logger = l }
 }
@@ -466,8 +467,8 @@ const maxAdmissionVerdicts = 1 << 16
 func (as *AdmissionService) Admit(ctx context.Context, a Admission) error {
 	as.init()
 	var source string // tailscaled's answer does not depend on it
-	if ap, err := netip.ParseAddrPort(a.RemoteAddr); err == nil && as.Tailscaled == "" {
-		source = ap.Addr().Unmap().String()
+	if ip := parseRemote(a.RemoteAddr).Addr(); ip.IsValid() && as.Tailscaled == "" {
+		source = ip.String()
 	}
 	if as.CacheFor <= 0 {
 		allow, decided, err := as.ask(ctx, a.Key, source)
@@ -994,8 +995,8 @@ const maxKeptPeerGone = 64
 // the client in, relays its packets until the connection ends, ctx is done or
 // the server is closed, and closes nc. brw must buffer nc; bytes already
 // buffered in it are read first and bytes written but not flushed (such as
-// an HTTP 101 response) leave with the ServerKey frame. remoteAddr ("ip:port")
-// is used for per-IP limits, admission and PeerPresent.
+// an HTTP 101 response) leave with the ServerKey frame. remoteAddr ("ip:port",
+// or a bare IP) is used for per-IP limits, admission and PeerPresent.
 //
 // ctx must not be nil (use context.Background()): Accept closes nc and
 // panics at once, on the caller's goroutine, rather than on one of the
@@ -1272,9 +1273,16 @@ func (c *sconn) quitChan() <-chan struct{} {
 }
 
 // parseRemote parses a remote address as admitConn and releaseConn key it:
-// an IPv4-mapped IPv6 address counts as the IPv4 address.
+// an IPv4-mapped IPv6 address counts as the IPv4 address. A bare IP, with
+// no port, is taken with port 0: middleware that puts the client's address
+// from X-Forwarded-For into http.Request.RemoteAddr (chi's RealIP,
+// gorilla's ProxyHeaders) leaves it so.
 func parseRemote(remoteAddr string) netip.AddrPort {
-	ap, _ := netip.ParseAddrPort(remoteAddr)
+	ap, err := netip.ParseAddrPort(remoteAddr)
+	if err != nil {
+		ip, _ := netip.ParseAddr(remoteAddr)
+		ap = netip.AddrPortFrom(ip, 0)
+	}
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
