@@ -1366,19 +1366,34 @@ func (s *Server) login(ctx context.Context, c *sconn, upgrade, bw *bufio.Writer)
 	if err := bw.Flush(); err != nil {
 		return fmt.Errorf("send server key: %w", err)
 	}
-	t, n, err := readFrameHeader(c.br)
-	if err != nil {
+	// A client that stops part way through its ClientInfo makes the
+	// server hold no read buffer (see readFull) and no more of the
+	// payload than it sent: the payload's buffer grows as it arrives.
+	var h [frameHeaderLen]byte
+	if _, err := c.br.readFull(h[:]); err != nil {
 		return fmt.Errorf("receive client info: %w", err)
 	}
+	t, n := FrameType(h[0]), binary.BigEndian.Uint32(h[1:])
 	if t != FrameClientInfo {
 		return protoErr("unexpected_frame", t, "want ClientInfo first")
 	}
 	if n < minClientInfoLen || int64(n) > int64(s.cfg.maxClientInfo) {
 		return protoErr("bad_client_info_length", t, fmt.Sprintf("%d bytes, want %d..%d", n, minClientInfoLen, s.cfg.maxClientInfo))
 	}
-	payload := make([]byte, n)
-	if _, err := io.ReadFull(c.br, payload); err != nil {
-		return fmt.Errorf("receive client info: %w", err)
+	payload := make([]byte, min(int(n), clientInfoChunk))
+	for got := 0; ; {
+		k, err := c.br.readFull(payload[got:])
+		if got += k; err != nil {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF // the client hung up inside the frame
+			}
+			return fmt.Errorf("receive client info: %w", err)
+		}
+		if got == int(n) {
+			break
+		}
+		more := min(int(n)-got, got) // doubles: a few reads at most
+		payload = slices.Grow(payload, more)[:got+more]
 	}
 	c.key = PublicKey(payload[:KeyLen])
 	if err := checkPeerKey(c.key); err != nil {
@@ -1443,6 +1458,10 @@ func (s *Server) login(ctx context.Context, c *sconn, upgrade, bw *bufio.Writer)
 	c.start = time.Now()
 	return nil
 }
+
+// clientInfoChunk is the most of a ClientInfo payload the login reads
+// before any of it has arrived: more than a real one needs.
+const clientInfoChunk = 1 << 10
 
 func (c *sconn) writeTimeout() time.Duration {
 	if c.isMesh {
@@ -6380,6 +6399,27 @@ func newConnReader(nc net.Conn, br *bufio.Reader) *connReader {
 		}
 	}
 	return cr
+}
+
+// readFull reads exactly len(p) bytes into p: the buffered ones, then
+// straight from the connection, with the buffer given back first. It is for
+// the login, before setupReads, whose reads have no deadline of their own
+// to give the buffer back by (see fill): a client that stops inside its
+// ClientInfo must not hold a read buffer. Like io.ReadFull it returns
+// io.EOF only if it read nothing.
+func (cr *connReader) readFull(p []byte) (int, error) {
+	n := copy(p, cr.buf[cr.r:cr.w])
+	cr.r += n
+	if n == len(p) {
+		cr.release()
+		return n, nil
+	}
+	cr.drop()
+	k, err := io.ReadFull(cr.nc, p[n:])
+	if err == io.EOF && n > 0 {
+		err = io.ErrUnexpectedEOF
+	}
+	return n + k, err
 }
 
 // readerConn reads from r instead of the connection.
