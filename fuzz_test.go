@@ -5,8 +5,9 @@ package relay
 // fed arbitrary server streams, key parsing, the HTTP handler, the WebSocket
 // decoder of both sides, the client's reading of the answers to its dials
 // (upgrade, WebSocket and proxy CONNECT responses, the header-size guard),
-// the ServerInfo JSON with the rate limit it announces, and the ALPN list
-// AppendMetaCert writes (FuzzParseMetaCert is in metacert_test.go). Plain
+// the ServerInfo JSON with the rate limit it announces, the ALPN list
+// AppendMetaCert writes, and the replies of admission services
+// (FuzzParseMetaCert is in metacert_test.go). Plain
 // `go test` replays the seeds below and the corpora in testdata/fuzz; run one
 // target with, for example,
 //
@@ -1176,6 +1177,93 @@ func FuzzNextProtos(f *testing.F) {
 		}
 		if again := metaCertNextProtos(out); !slices.Equal(again, out) {
 			t.Fatalf("%q gives %q, then %q", in, out, again)
+		}
+	})
+}
+
+// roundTripFunc is an http.RoundTripper made of a function.
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// FuzzAdmissionReply feeds an AdmissionService arbitrary replies: from an
+// admission service at a URL (which may be across the network) and from
+// tailscaled's LocalAPI. A login is admitted only by a 200 whose JSON says
+// so ({"Allow":true} in the first 4 KiB; a whois about the very key asked),
+// or, with FailOpen, by a service that cannot be reached (a reply that is
+// not HTTP); whatever else the reply holds refuses it, with an error whose
+// text has no line break (it goes into the log line of the failed login).
+func FuzzAdmissionReply(f *testing.F) {
+	key := fuzzKey(5).Public()
+	nodeKey := "nodekey:" + key.String()
+	f.Add(byte(0), []byte("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{\"Allow\":true}"))
+	f.Add(byte(0), []byte("HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{\"allow\":false}"))
+	f.Add(byte(1), []byte("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"All\r\n9\r\now\":true}\r\n0\r\n\r\n"))
+	f.Add(byte(0), []byte("HTTP/1.1 200 OK\r\n\r\n{\"Allow\":true,\"Allow\":false}"))
+	f.Add(byte(0), []byte("HTTP/1.1 200 OK\r\n\r\n{\"Allow\":1}"))
+	f.Add(byte(0), []byte("HTTP/1.1 200 OK\r\n\r\n"+strings.Repeat(" ", 4090)+"{\"Allow\":true}"))
+	f.Add(byte(1), []byte("HTTP/1.1 403 Forbidden\r\n\r\n{\"Allow\":true}"))
+	f.Add(byte(1), []byte("HTTP/1.1 200 OK\r\nX: \x1b[31m\r\n\r\n{\"Allow\":true}"))
+	f.Add(byte(1), []byte("garbage"))
+	f.Add(byte(2), []byte("HTTP/1.1 200 OK\r\n\r\n{\"Node\":{\"Key\":\""+nodeKey+"\"}}"))
+	f.Add(byte(2), []byte("HTTP/1.1 200 OK\r\n\r\n{\"Node\":{\"Key\":\""+strings.ToUpper(nodeKey)+"\"}}"))
+	f.Add(byte(2), []byte("HTTP/1.1 200 OK\r\n\r\n{\"node\":{\"key\":\""+nodeKey+"\"}} trailing"))
+	f.Add(byte(2), []byte("HTTP/1.1 200 OK\r\n\r\n{\"Node\":null}"))
+	f.Add(byte(3), []byte("HTTP/1.1 404 Not Found\r\n\r\nno such node\n"))
+	f.Add(byte(3), []byte("HTTP/1.1 400 Bad Request\r\n\r\ninvalid 'addr' parameter\n"))
+	f.Fuzz(func(t *testing.T, mode byte, reply []byte) {
+		failOpen, tailscaled := mode&1 != 0, mode&2 != 0
+		var (
+			replied bool
+			status  int
+			body    []byte
+		)
+		rt := roundTripFunc(func(req *http.Request) (*http.Response, error) {
+			if req.Body != nil {
+				io.Copy(io.Discard, req.Body)
+				req.Body.Close()
+			}
+			resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(reply)), req)
+			if err != nil {
+				return nil, err
+			}
+			replied, status = true, resp.StatusCode
+			// What the service reads of the body is what a reader
+			// gets here, until the first error.
+			body, _ = io.ReadAll(resp.Body)
+			resp.Body = io.NopCloser(bytes.NewReader(body))
+			return resp, nil
+		})
+		as := &AdmissionService{URL: "http://admission.invalid/check", FailOpen: failOpen, Client: &http.Client{Transport: rt}}
+		if tailscaled {
+			as.Tailscaled = "/nonexistent/tailscaled.sock"
+			as.once.Do(func() {
+				as.slots = make(chan struct{}, maxAdmissionRequests)
+				as.local = &http.Client{Transport: rt}
+			})
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		err := as.Admit(ctx, Admission{Key: key, RemoteAddr: "192.0.2.1:41641"})
+		if err != nil && strings.ContainsAny(err.Error(), "\r\n") {
+			t.Fatalf("error with a line break: %q", err)
+		}
+		if !replied { // not an HTTP reply: unreachable
+			if (err == nil) != failOpen {
+				t.Fatalf("unreachable service (FailOpen %v): Admit = %v", failOpen, err)
+			}
+			return
+		}
+		var allow bool
+		if tailscaled {
+			var who struct{ Node *struct{ Key string } }
+			allow = status == http.StatusOK && json.Unmarshal(body, &who) == nil && who.Node != nil && who.Node.Key == nodeKey
+		} else {
+			var v struct{ Allow bool }
+			allow = status == http.StatusOK && json.NewDecoder(io.LimitReader(bytes.NewReader(body), 4096)).Decode(&v) == nil && v.Allow
+		}
+		if (err == nil) != allow {
+			t.Fatalf("status %d, body %q (FailOpen %v, tailscaled %v): Admit = %v, want admitted %v", status, body, failOpen, tailscaled, err, allow)
 		}
 	})
 }
