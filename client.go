@@ -166,11 +166,17 @@ func RecvTimeout(d time.Duration) ClientOption { return func(o *clientOptions) {
 
 // LoginTimeout bounds NewClient: its wait for the server's ServerKey frame
 // and its write of the ClientInfo (which a server that does not read, over
-// a transport with no buffer, would hold forever). Default 10 s; zero or
-// negative means no limit.
+// a transport with no buffer, would hold forever). In FastStart's dials it
+// also bounds the wait for the server's answer to the upgrade request (the
+// 101, which the server sends with its ServerKey frame, or the WebSocket
+// 101), and, on the fast path, for the server's first bytes when the key is
+// to be confirmed. Default 10 s; zero or negative means no limit.
 func LoginTimeout(d time.Duration) ClientOption {
 	return func(o *clientOptions) { o.loginTimeout = d }
 }
+
+// defaultLoginTimeout is the default of LoginTimeout.
+const defaultLoginTimeout = 10 * time.Second
 
 // allowHTTPPrefix lets the stream start with an HTTP response (a server that
 // answered a fast-start request with a 101 anyway): Recv parses and skips it.
@@ -190,7 +196,7 @@ const DefaultRecvTimeout = 120 * time.Second
 // ServerInfo (which proves it owns its key) is the first message Recv
 // returns. NewClient does not close nc when it fails.
 func NewClient(priv PrivateKey, nc net.Conn, brw *bufio.ReadWriter, opts ...ClientOption) (*Client, error) {
-	o := clientOptions{recvTimeout: DefaultRecvTimeout, loginTimeout: 10 * time.Second, sendBound: sendBound, writeBound: writeBound}
+	o := clientOptions{recvTimeout: DefaultRecvTimeout, loginTimeout: defaultLoginTimeout, sendBound: sendBound, writeBound: writeBound}
 	for _, opt := range opts {
 		if opt == nil {
 			return nil, errors.New("relay: NewClient: nil ClientOption")

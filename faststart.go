@@ -604,13 +604,15 @@ func (f *FastStart) upgrade(nc net.Conn, u *url.URL, priv PrivateKey, hs Handsha
 		return nil, hs, fmt.Errorf("relay: send upgrade request: %w", err)
 	}
 	setStep(step, step101)
+	answered := answerWithin(nc, opts)
 	resp, err := readResponse(brw.Reader, nil)
 	if err != nil {
-		return nil, hs, fmt.Errorf("relay: read upgrade response: %w", err)
+		return nil, hs, fmt.Errorf("relay: read upgrade response: %w", answered(err))
 	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		return nil, hs, fmt.Errorf("relay: upgrade refused: %q: %s", resp.Status, refusalDetail(resp))
 	}
+	answered(nil)
 	hs.ServerKey, hs.KeySource = PublicKey{}, "server-key-frame"
 	if k, err := ParsePublicKey(resp.Header.Get(PublicKeyHeader)); err == nil {
 		// The ServerKey frame is in the same flush as the 101, so using
@@ -625,6 +627,36 @@ func (f *FastStart) upgrade(nc net.Conn, u *url.URL, priv PrivateKey, hs Handsha
 	}
 	hs.ServerKey = c.ServerPublicKey()
 	return c, hs, nil
+}
+
+// answerWithin bounds the wait for the answer to an upgrade request by
+// the LoginTimeout among opts: the server sends it with its first frame,
+// whose wait that bounds too (see NewClient and readServerStart), so
+// that a server that never answers, or drips its answer, fails the dial
+// however long ctx allows. The function it returns ends the bound once
+// the answer is read (nil), or turns the error of a read that the bound
+// cut short into one that says so.
+func answerWithin(nc net.Conn, opts []ClientOption) func(error) error {
+	o := clientOptions{loginTimeout: defaultLoginTimeout}
+	for _, opt := range opts {
+		if opt != nil { // NewClient reports a nil one
+			opt(&o)
+		}
+	}
+	if o.loginTimeout <= 0 {
+		return func(err error) error { return err }
+	}
+	nc.SetReadDeadline(time.Now().Add(o.loginTimeout))
+	return func(err error) error {
+		if err == nil {
+			nc.SetReadDeadline(time.Time{})
+			return nil
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return fmt.Errorf("no answer within LoginTimeout %v: %w", o.loginTimeout, err)
+		}
+		return err
+	}
 }
 
 // webSocket takes the upgrade path to DERP over WebSocket.
@@ -644,13 +676,15 @@ func (f *FastStart) webSocket(nc net.Conn, u *url.URL, priv PrivateKey, hs Hands
 		return nil, hs, fmt.Errorf("relay: send WebSocket request: %w", err)
 	}
 	setStep(step, stepWS101)
+	answered := answerWithin(nc, opts)
 	resp, err := readResponse(br, nil)
 	if err != nil {
-		return nil, hs, fmt.Errorf("relay: read WebSocket response: %w", err)
+		return nil, hs, fmt.Errorf("relay: read WebSocket response: %w", answered(err))
 	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		return nil, hs, fmt.Errorf("relay: WebSocket upgrade refused: %q: %s", resp.Status, refusalDetail(resp))
 	}
+	answered(nil)
 	switch {
 	case !strings.EqualFold(resp.Header.Get("Upgrade"), "websocket") || !hasToken(resp.Header.Values("Connection"), "upgrade"):
 		err = errors.New("101 response does not upgrade to websocket")

@@ -24,6 +24,7 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"os"
 	"runtime"
 	"slices"
 	"strconv"
@@ -2328,5 +2329,83 @@ func TestFastStartResumedSessionWithoutMetaCert(t *testing.T) {
 		if hs.Path != UpgradePath || hs.TLS.DidResume != (i%2 == 1) {
 			t.Errorf("dial %d of the old server: %v path, resumed %v", i+1, hs.Path, hs.TLS.DidResume)
 		}
+	}
+}
+
+// TestDialUpgradeAnswerWithinLoginTimeout: a server that takes the upgrade
+// request and then never answers it, or drips its answer, fails the dial
+// after LoginTimeout, as one that does not answer a fast start does,
+// whatever ctx allows (here: no deadline at all).
+func TestDialUpgradeAnswerWithinLoginTimeout(t *testing.T) {
+	cert, pool := testCert(t, "stalling server")
+	tests := []struct {
+		name string
+		tls  bool
+		ws   bool
+		drip bool
+	}{
+		{name: "101 over plain HTTP"},
+		{name: "101 over TLS", tls: true},
+		{name: "WebSocket 101", ws: true},
+		{name: "101 dripped a byte at a time", drip: true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var addr string
+			if tc.drip {
+				ln, err := net.Listen("tcp", "127.0.0.1:0")
+				if err != nil {
+					t.Fatal(err)
+				}
+				addr = ln.Addr().String()
+				acceptLoop(t, ln, func(nc net.Conn) {
+					defer nc.Close()
+					br := bufio.NewReader(nc)
+					if _, err := http.ReadRequest(br); err != nil {
+						return
+					}
+					ans := "HTTP/1.1 101 Switching Protocols\r\nX-Drip: " + strings.Repeat("a", 1<<20)
+					for i := range len(ans) {
+						if _, err := nc.Write([]byte{ans[i]}); err != nil {
+							return
+						}
+						time.Sleep(20 * time.Millisecond)
+					}
+				})
+			} else {
+				var c *tls.Certificate
+				if tc.tls {
+					c = &cert
+				}
+				addr, _, _ = stallServer(t, c, "\r\n\r\n")
+			}
+			f := &FastStart{WebSocket: tc.ws, DisableFastStart: tc.tls, TLSConfig: &tls.Config{RootCAs: pool}}
+			url := "http://" + addr + "/derp"
+			if tc.tls {
+				url = "https://" + addr + "/derp"
+			}
+			type result struct {
+				c   *Client
+				err error
+			}
+			done := make(chan result, 1)
+			go func() {
+				c, _, err := f.Dial(context.Background(), url, mustKey(t), LoginTimeout(300*time.Millisecond))
+				done <- result{c, err}
+			}()
+			select {
+			case r := <-done:
+				if r.err == nil {
+					r.c.Close()
+					t.Fatal("dial succeeded")
+				}
+				if !errors.Is(r.err, os.ErrDeadlineExceeded) || !strings.Contains(r.err.Error(), "LoginTimeout") {
+					t.Fatalf("dial failed with %v, want an error that names LoginTimeout and wraps os.ErrDeadlineExceeded", r.err)
+				}
+				t.Log(r.err)
+			case <-time.After(time.Minute):
+				t.Fatal("Dial still waiting for the answer a minute after LoginTimeout (300ms)")
+			}
+		})
 	}
 }
