@@ -337,6 +337,8 @@ func chooseKey(hs Handshake, cs tls.ConnectionState, known PublicKey, noResumed 
 		reason = "no meta cert in the server's TLS chain (old server, or a TLS-intercepting proxy)"
 	} else if v < 1 || v > ProtocolVersion {
 		reason = fmt.Sprintf("meta cert protocol version %d not spoken", v)
+	} else if err := usableServerKey(k); err != nil {
+		reason = fmt.Sprintf("meta cert names key %s, which no server can own (%v)", k.ShortString(), err)
 	} else {
 		hs.ServerKey, hs.KeySource = k, "meta-cert"
 		if !known.IsZero() && known != k {
@@ -349,6 +351,17 @@ func chooseKey(hs Handshake, cs tls.ConnectionState, known PublicKey, noResumed 
 		hs.KeySource = "configured"
 	}
 	return hs, reason
+}
+
+// usableServerKey reports why k cannot be a server's key: the checks
+// checkPeerKey makes of a client's key, and a small order, for which
+// sharedKey fails (whatever the private key).
+func usableServerKey(k PublicKey) error {
+	if err := checkPeerKey(k); err != nil {
+		return err
+	}
+	_, err := sharedKey(PrivateKey{8}, k)
+	return err
 }
 
 // hostPort is u's host and port, the port defaulting to the scheme's.

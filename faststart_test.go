@@ -2409,3 +2409,47 @@ func TestDialUpgradeAnswerWithinLoginTimeout(t *testing.T) {
 		})
 	}
 }
+
+// TestFastStartMetaCertUnusableKey: a meta cert that names a key no server
+// can own (zero, non-canonical, small-order) is as good as none: Dial takes
+// the upgrade path, learns the key from the ServerKey frame, and its
+// Handshake says why, rather than sealing the login to that key.
+func TestFastStartMetaCertUnusableKey(t *testing.T) {
+	cert, pool := testCert(t, "unusable meta cert")
+	var nonCanonical PublicKey
+	for i := range nonCanonical {
+		nonCanonical[i] = 0xff
+	}
+	for _, tc := range []struct {
+		name string
+		key  PublicKey
+	}{
+		{"zero", PublicKey{}},
+		{"small-order", PublicKey{1}},
+		{"non-canonical", nonCanonical},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			der, err := MintMetaCert(tc.key, ProtocolVersion)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg := &tls.Config{Certificates: []tls.Certificate{cert}}
+			AppendMetaCert(cfg, der)
+			s := newTestServer(t)
+			url := serveDERPWith(t, s, cfg, true)
+			fs := &FastStart{TLSConfig: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"}}
+			c, hs, err := fs.Dial(context.Background(), url, mustKey(t))
+			if err != nil {
+				t.Fatalf("Dial: %v", err)
+			}
+			defer c.Close()
+			if hs.Path != UpgradePath || hs.ServerKey != s.PublicKey() || !strings.Contains(hs.Reason, "meta cert") {
+				t.Fatalf("%v path, key %s from %s, reason %q; want the upgrade path, the server's key %s, and a reason that names the meta cert",
+					hs.Path, hs.ServerKey.ShortString(), hs.KeySource, hs.Reason, s.PublicKey().ShortString())
+			}
+			if _, ok := recvMsg[ServerInfo](t, c); !ok {
+				t.Fatal("no ServerInfo")
+			}
+		})
+	}
+}
