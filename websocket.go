@@ -46,6 +46,7 @@ const (
 	wsCloseProtocolError = 1002
 	wsCloseUnsupported   = 1003
 	wsCloseInvalidData   = 1007
+	wsClosePolicy        = 1008
 
 	// wsMaxFrame bounds the payload of a message this side writes: larger
 	// writes are cut into several messages. (The DERP stream may be cut
@@ -61,6 +62,11 @@ const (
 	// limit paces the pings read, not the pongs written, and RFC 6455
 	// allows answering only some pings.
 	wsPongsPerSecond = 10
+	// wsMaxLoginFraming bounds the framing (frame headers, control
+	// frames) a server reads before its session starts, when no rate
+	// limit paces it: as much as the ClientInfo itself may be, and a
+	// thousand times what a client needs to send one.
+	wsMaxLoginFraming = 16 << 10
 	// wsPaceBytes is how many bytes of framing a server session's reader
 	// reads before it pays for them (wsConn.pace).
 	wsPaceBytes = 256
@@ -487,6 +493,17 @@ func (c *wsConn) controlFrame(op byte, fin bool, n uint64, hlen int, mask [4]byt
 // waited) ends the reads.
 func (c *wsConn) charge(n int) error {
 	if c.pace == nil {
+		// A client's reads, which the server's writes pace, or a
+		// server's login, which nothing paces: it reads at most one
+		// ClientInfo of DERP bytes, but empty frames and pings, which
+		// carry none, would be read until the login timeout.
+		if c.client {
+			return nil
+		}
+		if c.framing += n; c.framing > wsMaxLoginFraming {
+			return c.wsFail(wsClosePolicy, "websocket_login_framing",
+				fmt.Sprintf("more than %d bytes of framing (frame headers, control frames) before the login", wsMaxLoginFraming))
+		}
 		return nil
 	}
 	if c.framing += n; c.framing < wsPaceBytes {

@@ -994,3 +994,64 @@ func TestWebSocketFramingPaceNotIdle(t *testing.T) {
 		t.Fatalf("pong %v after the wait; errors %v", p, s.Stats().Errors)
 	}
 }
+
+// TestWebSocketFramingBeforeLoginBounded: before its ClientInfo, a
+// WebSocket client cannot make the server read without end: empty frames
+// and pings carry no DERP byte, so the login's bound on the ClientInfo
+// (16 KiB) does not stop them, and no rate limit paces a login. The
+// server ends such a login with a close frame (1008) once the framing
+// exceeds the largest ClientInfo, instead of reading it until the login
+// timeout.
+func TestWebSocketFramingBeforeLoginBounded(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		frame []byte
+		first []byte
+	}{
+		{"empty continuation frames", wsFrame(0x00, nil, false), wsFrame(0x02, nil, false)},
+		{"empty binary messages", wsFrame(0x82, nil, false), nil},
+		{"pings", wsFrame(0x89, make([]byte, 125), false), nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := NewServer(mustKey(t), WithLoginTimeout(5*time.Minute))
+			srv := serveDERP(t, s, derpServeOpts{plain: true})
+			nc, br, resp := wsDial(t, srv.Addr, nil)
+			if resp.StatusCode != http.StatusSwitchingProtocols {
+				t.Fatalf("handshake: %s", resp.Status)
+			}
+			frames := make(chan []byte, 1)
+			go func() {
+				ops, payloads := readServerFrames(t, br)
+				if len(ops) > 0 && ops[len(ops)-1] == wsClose {
+					frames <- payloads[len(ops)-1]
+				}
+				close(frames)
+			}()
+			var chunk []byte
+			for len(chunk) < 64<<10 {
+				chunk = append(chunk, tc.frame...)
+			}
+			nc.SetWriteDeadline(time.Now().Add(time.Minute))
+			if _, err := nc.Write(tc.first); err != nil {
+				t.Fatal(err)
+			}
+			const total = 32 << 20
+			var err error
+			sent := 0
+			for sent < total && err == nil {
+				var n int
+				n, err = nc.Write(chunk)
+				sent += n
+			}
+			if err == nil || isTimeout(err) {
+				t.Fatalf("wrote %d MiB of WebSocket framing and no ClientInfo (%v): the server still reads", sent>>20, err)
+			}
+			if p, ok := <-frames; !ok || len(p) < 2 || binary.BigEndian.Uint16(p) != 1008 {
+				t.Errorf("server's close frame %q, want status 1008", p)
+			}
+			if n := s.Stats().Errors["login:websocket_login_framing"]; n != 1 {
+				t.Errorf("Errors[login:websocket_login_framing] = %d, want 1 (%v)", n, s.Stats().Errors)
+			}
+		})
+	}
+}
