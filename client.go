@@ -167,10 +167,10 @@ func RecvTimeout(d time.Duration) ClientOption { return func(o *clientOptions) {
 // LoginTimeout bounds NewClient: its wait for the server's ServerKey frame
 // and its write of the ClientInfo (which a server that does not read, over
 // a transport with no buffer, would hold forever). In FastStart's dials it
-// also bounds the wait for the server's answer to the upgrade request (the
-// 101, which the server sends with its ServerKey frame, or the WebSocket
-// 101), and, on the fast path, for the server's first bytes when the key is
-// to be confirmed. Default 10 s; zero or negative means no limit.
+// also bounds the TLS handshake with the server, the wait for the server's
+// answer to the upgrade request (the 101, which the server sends with its
+// ServerKey frame, or the WebSocket 101), and, on the fast path, the wait
+// for the server's first bytes when the key is to be confirmed. Default 10 s; zero or negative means no limit.
 func LoginTimeout(d time.Duration) ClientOption {
 	return func(o *clientOptions) { o.loginTimeout = d }
 }

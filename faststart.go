@@ -249,10 +249,15 @@ func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known
 	var sessions *sessionCache
 	if u.Scheme == "https" {
 		*step = "TLS handshake"
-		tc, sc, err := f.tlsHandshake(ctx, nc, u, false, fresh)
+		// A server that takes the connection and never answers the
+		// ClientHello would hold a dial whose ctx has no deadline
+		// forever; LoginTimeout bounds this wait as it does the next.
+		answered := answerWithin(nc, opts)
+		tc, sc, err := f.tlsHandshake(ctx, nc, u, false, fresh, answered)
 		if err != nil {
 			return nil, hs, err
 		}
+		answered(nil)
 		sessions = sc
 		nc = tc
 		cs := tc.ConnectionState()
@@ -449,7 +454,7 @@ func (f *FastStart) dialProxy(ctx context.Context, dial func(context.Context, st
 	}()
 	if proxy.Scheme == "https" {
 		step = stepProxyTLS
-		tc, _, err := f.tlsHandshake(ctx, raw, proxy, true, false)
+		tc, _, err := f.tlsHandshake(ctx, raw, proxy, true, false, nil)
 		if err != nil {
 			return nil, fmt.Errorf("relay: proxy: %w", err)
 		}
@@ -496,7 +501,10 @@ func (f *FastStart) dialProxy(ctx context.Context, dial func(context.Context, st
 // the server name is dropped first, so that the handshake is a full one.
 // For a DERP server (not a proxy) with a ClientSessionCache it also returns
 // the cache as the connection uses it, to drop the session later.
-func (f *FastStart) tlsHandshake(ctx context.Context, nc net.Conn, u *url.URL, proxy, evict bool) (*tls.Conn, *sessionCache, error) {
+//
+// bound, if not nil, turns the handshake's error into one that says which
+// bound cut it short (see answerWithin).
+func (f *FastStart) tlsHandshake(ctx context.Context, nc net.Conn, u *url.URL, proxy, evict bool, bound func(error) error) (*tls.Conn, *sessionCache, error) {
 	var cfg *tls.Config
 	if f.TLSConfig != nil {
 		cfg = f.TLSConfig.Clone()
@@ -527,6 +535,9 @@ func (f *FastStart) tlsHandshake(ctx context.Context, nc net.Conn, u *url.URL, p
 	}
 	tc := tls.Client(nc, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
+		if bound != nil {
+			err = bound(err)
+		}
 		return nil, nil, fmt.Errorf("relay: TLS handshake with %s: %w", u.Host, err)
 	}
 	return tc, sc, nil
@@ -642,11 +653,11 @@ func (f *FastStart) upgrade(nc net.Conn, u *url.URL, priv PrivateKey, hs Handsha
 	return c, hs, nil
 }
 
-// answerWithin bounds the wait for the answer to an upgrade request by
-// the LoginTimeout among opts: the server sends it with its first frame,
-// whose wait that bounds too (see NewClient and readServerStart), so
-// that a server that never answers, or drips its answer, fails the dial
-// however long ctx allows. The function it returns ends the bound once
+// answerWithin bounds the wait for the answer to an upgrade request (or
+// to the ClientHello) by the LoginTimeout among opts: the server sends it
+// with its first frame, whose wait that bounds too (see NewClient and
+// readServerStart), so that a server that never answers, or drips its
+// answer, fails the dial however long ctx allows. The function it returns ends the bound once
 // the answer is read (nil), or turns the error of a read that the bound
 // cut short into one that says so.
 func answerWithin(nc net.Conn, opts []ClientOption) func(error) error {
@@ -2466,7 +2477,7 @@ func (f *FastStart) DialRegionTLS(ctx context.Context, r *Region) (*tls.Conn, *N
 		nc, err := g.dialTCP(actx, u)
 		if err != nil {
 			errs = append(errs, n.named(err))
-		} else if tc, _, err := g.tlsHandshake(actx, nc, u, false, false); err != nil {
+		} else if tc, _, err := g.tlsHandshake(actx, nc, u, false, false, nil); err != nil {
 			nc.Close()
 			errs = append(errs, n.named(err))
 		} else {

@@ -2333,9 +2333,9 @@ func TestFastStartResumedSessionWithoutMetaCert(t *testing.T) {
 }
 
 // TestDialUpgradeAnswerWithinLoginTimeout: a server that takes the upgrade
-// request and then never answers it, or drips its answer, fails the dial
-// after LoginTimeout, as one that does not answer a fast start does,
-// whatever ctx allows (here: no deadline at all).
+// request and then never answers it, or drips its answer, or never answers
+// the ClientHello, fails the dial after LoginTimeout, as one that does not
+// answer a fast start does, whatever ctx allows (here: no deadline at all).
 func TestDialUpgradeAnswerWithinLoginTimeout(t *testing.T) {
 	cert, pool := testCert(t, "stalling server")
 	tests := []struct {
@@ -2343,16 +2343,28 @@ func TestDialUpgradeAnswerWithinLoginTimeout(t *testing.T) {
 		tls  bool
 		ws   bool
 		drip bool
+		mute bool // takes the connection and reads, never writes
 	}{
 		{name: "101 over plain HTTP"},
 		{name: "101 over TLS", tls: true},
 		{name: "WebSocket 101", ws: true},
 		{name: "101 dripped a byte at a time", drip: true},
+		{name: "ClientHello never answered", tls: true, mute: true},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			var addr string
-			if tc.drip {
+			if tc.mute {
+				ln, err := net.Listen("tcp", "127.0.0.1:0")
+				if err != nil {
+					t.Fatal(err)
+				}
+				addr = ln.Addr().String()
+				acceptLoop(t, ln, func(nc net.Conn) {
+					defer nc.Close()
+					io.Copy(io.Discard, nc)
+				})
+			} else if tc.drip {
 				ln, err := net.Listen("tcp", "127.0.0.1:0")
 				if err != nil {
 					t.Fatal(err)
