@@ -1,0 +1,531 @@
+//go:build ts_omit_netstack && ts_omit_gro && !ts102
+
+package interop
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/tailscale/wireguard-go/device"
+	"github.com/tailscale/wireguard-go/tun/tuntest"
+	"tailscale.com/health"
+	"tailscale.com/net/netmon"
+	"tailscale.com/net/packet"
+	"tailscale.com/net/tstun"
+	"tailscale.com/tailcfg"
+	"tailscale.com/types/ipproto"
+	"tailscale.com/types/key"
+	"tailscale.com/types/logger"
+	"tailscale.com/util/eventbus"
+	"tailscale.com/util/usermetric"
+	"tailscale.com/wgengine/filter"
+	"tailscale.com/wgengine/magicsock"
+	"tailscale.com/wgengine/wgcfg"
+	"tailscale.com/wgengine/wglog"
+
+	"github.com/fastderp/relay"
+)
+
+// This file runs real Tailscale data planes (magicsock, with its DERP
+// client, under wireguard-go) through our relay.Server, the only DERP
+// server in their DERP map, over UDP sockets that lose every packet so that
+// nothing can go direct.
+//
+// It needs the build tags ts_omit_netstack and ts_omit_gro: without them
+// magicsock's packages import gvisor.dev/gvisor, which the module proxy
+// refuses at the version tailscale.com v1.104.5 requires (so tsnet, which
+// needs gvisor's netstack, cannot be built here at all). Run it with
+//
+//	go test -race -tags ts_omit_netstack,ts_omit_gro -run TestTailscaleNodes .
+//
+// Set RELAY_INTEROP_NODE_LOG=1 to see the nodes' logs.
+
+// nodeTransferBytes is how much each node sends the other.
+const nodeTransferBytes = 1 << 20
+
+// nodeChunk is the payload of each UDP packet the nodes exchange: a 4-byte
+// sequence number, then data.
+const nodeChunk = 1024
+
+// tsNode is one Tailscale data plane: magicsock (the DERP client and
+// WireGuard's transport), a wireguard-go device, and Tailscale's TUN wrapper
+// over an in-memory TUN whose packets the test writes and reads.
+type tsNode struct {
+	name   string
+	priv   key.NodePrivate
+	ip     netip.Addr
+	bus    *eventbus.Bus
+	netMon *netmon.Monitor
+	conn   *magicsock.Conn
+	tun    *tuntest.ChannelTUN
+	tsTun  *tstun.Wrapper
+	dev    *device.Device
+}
+
+func newTSNode(t *testing.T, name string, ip netip.Addr, derpMap *tailcfg.DERPMap) *tsNode {
+	t.Helper()
+	logf := nodeLogf(t, name)
+	n := &tsNode{name: name, priv: key.NewNode(), ip: ip, bus: eventbus.New()}
+	var err error
+	n.netMon, err = netmon.New(n.bus, logf)
+	if err != nil {
+		t.Fatalf("%s: netmon.New: %v", name, err)
+	}
+	var reg usermetric.Registry
+	n.conn, err = magicsock.NewConn(magicsock.Options{
+		NetMon:            n.netMon,
+		EventBus:          n.bus,
+		Metrics:           &reg,
+		Logf:              logf,
+		HealthTracker:     health.NewTracker(n.bus),
+		DisablePortMapper: true,
+		// UDP loses every packet, so the nodes reach each other only
+		// through DERP. (TS_DEBUG_ALWAYS_USE_DERP would do it too, but
+		// with it magicsock's Close can leave wireguard-go's receive
+		// calls blocked forever: a rebind replaces its blocking dummy
+		// socket without closing it.)
+		TestOnlyPacketListener: udpBlackHole{},
+	})
+	if err != nil {
+		t.Fatalf("%s: magicsock.NewConn: %v", name, err)
+	}
+	n.conn.SetDERPMap(derpMap)
+	if err := n.conn.SetPrivateKey(n.priv); err != nil {
+		t.Fatalf("%s: SetPrivateKey: %v", name, err)
+	}
+	n.tun = tuntest.NewChannelTUN()
+	n.tsTun = tstun.Wrap(logf, n.tun.TUN(), &reg, n.bus)
+	n.tsTun.SetFilter(filter.NewAllowAllForTest(logf))
+	n.tsTun.Start()
+	n.dev = wgcfg.NewDevice(n.tsTun, n.conn.Bind(), wglog.NewLogger(logf, nil).DeviceLogger)
+	n.dev.Up()
+	t.Cleanup(n.close)
+	return n
+}
+
+// close closes the node as wgengine does: magicsock first, which ends the
+// receive calls that the wireguard-go device's Close waits for.
+func (n *tsNode) close() {
+	n.conn.Close()
+	n.netMon.Close()
+	n.dev.Close()
+	n.bus.Close()
+}
+
+func (n *tsNode) pub() key.NodePublic { return n.priv.Public() }
+
+// udpBlackHole is a nettype.PacketListener whose sockets lose every packet
+// written to them and receive none.
+type udpBlackHole struct{}
+
+var blackHolePort atomic.Int32
+
+func (udpBlackHole) ListenPacket(_ context.Context, network, address string) (net.PacketConn, error) {
+	ip := net.IPv4(127, 0, 0, 1)
+	if network == "udp6" {
+		ip = net.IPv6loopback
+	}
+	_, p, err := net.SplitHostPort(address)
+	if err != nil {
+		return nil, err
+	}
+	port, err := strconv.Atoi(p)
+	if err != nil {
+		return nil, err
+	}
+	if port == 0 {
+		port = 20000 + int(blackHolePort.Add(1))
+	}
+	return &blackHoleConn{
+		addr:   &net.UDPAddr{IP: ip, Port: port},
+		closed: make(chan struct{}),
+	}, nil
+}
+
+type blackHoleConn struct {
+	addr      *net.UDPAddr
+	closeOnce sync.Once
+	closed    chan struct{}
+}
+
+func (c *blackHoleConn) ReadFromUDPAddrPort([]byte) (int, netip.AddrPort, error) {
+	<-c.closed
+	return 0, netip.AddrPort{}, net.ErrClosed
+}
+
+func (c *blackHoleConn) ReadFrom(b []byte) (int, net.Addr, error) {
+	n, _, err := c.ReadFromUDPAddrPort(b)
+	return n, nil, err
+}
+
+func (c *blackHoleConn) WriteToUDPAddrPort(b []byte, _ netip.AddrPort) (int, error) {
+	select {
+	case <-c.closed:
+		return 0, net.ErrClosed
+	default:
+		return len(b), nil
+	}
+}
+
+func (c *blackHoleConn) WriteTo(b []byte, _ net.Addr) (int, error) {
+	return c.WriteToUDPAddrPort(b, netip.AddrPort{})
+}
+
+func (c *blackHoleConn) Close() error {
+	c.closeOnce.Do(func() { close(c.closed) })
+	return nil
+}
+
+func (c *blackHoleConn) LocalAddr() net.Addr              { return c.addr }
+func (c *blackHoleConn) SetDeadline(time.Time) error      { return nil }
+func (c *blackHoleConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *blackHoleConn) SetWriteDeadline(time.Time) error { return nil }
+
+// nodeLogf returns a discarding logger, or one that writes the node's logs
+// to stderr if RELAY_INTEROP_NODE_LOG is set (t.Logf would panic on lines
+// logged after the test ends).
+func nodeLogf(t *testing.T, name string) logger.Logf {
+	if os.Getenv("RELAY_INTEROP_NODE_LOG") == "" {
+		return logger.Discard
+	}
+	return func(format string, args ...any) {
+		fmt.Fprintf(os.Stderr, "%s %s: %s\n", time.Now().Format("15:04:05.000"), name, fmt.Sprintf(format, args...))
+	}
+}
+
+// peerWith tells n about peer, as a control server would: its node and
+// disco keys, its address, and region 1 as its home DERP (it has no UDP
+// endpoints), and configures n's WireGuard device to reach it.
+func (n *tsNode) peerWith(peer *tsNode) {
+	self := (&tailcfg.Node{
+		Key:       n.pub(),
+		Addresses: []netip.Prefix{netip.PrefixFrom(n.ip, 32)},
+	}).View()
+	addrs := []netip.Prefix{netip.PrefixFrom(peer.ip, 32)}
+	p := (&tailcfg.Node{
+		ID:         tailcfg.NodeID(peer.ip.As4()[3]),
+		Name:       peer.name,
+		Key:        peer.pub(),
+		DiscoKey:   peer.conn.DiscoPublicKey(),
+		Addresses:  addrs,
+		AllowedIPs: addrs,
+		// Its UDP socket (which loses every packet), for magicsock to
+		// try a direct path that never works.
+		Endpoints: []netip.AddrPort{netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), peer.conn.LocalPort())},
+		HomeDERP:  1,
+	}).View()
+	n.conn.SetNetworkMap(self, []tailcfg.NodeView{p})
+	n.tsTun.SetWGConfig(&wgcfg.Config{PrivateKey: n.priv, Addresses: []netip.Prefix{netip.PrefixFrom(n.ip, 32)}})
+	peerKey := device.NoisePublicKey(peer.pub().Raw32())
+	n.dev.SetPeerByIPPacketFunc(func(_, dst netip.Addr, _ []byte) (device.NoisePublicKey, bool) {
+		return peerKey, dst == peer.ip
+	})
+	n.dev.SetPeerLookupFunc(wgcfg.NewPeerLookupFunc(n.conn.Bind(), logger.Discard, func(k device.NoisePublicKey) (wgcfg.PeerConfig, bool) {
+		if k != peerKey {
+			return wgcfg.PeerConfig{}, false
+		}
+		return wgcfg.PeerConfig{AllowedIPs: addrs}, true
+	}))
+	n.dev.SetPrivateKey(key.NodePrivateAs[device.NoisePrivateKey](n.priv))
+}
+
+// TestTailscaleNodesThroughOurServer has two Tailscale data planes exchange
+// 1 MiB each way through our server, over TLS with the meta cert, and
+// checks that the data arrived intact and that our server relayed it
+// between the two node keys (its per-session byte counters carry at least
+// the data each way), so that the test fails if the traffic went another way.
+func TestTailscaleNodesThroughOurServer(t *testing.T) {
+	checkNoLeaks(t)
+	checkNoNodeLeaks(t)
+	cert, _ := selfSignedCert(t)
+	s := newOurServer(t)
+	cfg := &tls.Config{
+		Certificates: []tls.Certificate{cert},
+		MinVersion:   tls.VersionTLS13,
+		NextProtos:   []string{"http/1.1"},
+	}
+	relay.AppendMetaCert(cfg, s.MetaCert())
+	u := serveTLS(t, s, cfg) // s answers /derp and the probe paths (netcheck)
+	host, port, err := net.SplitHostPort(u[len("https://") : len(u)-len("/derp")])
+	if err != nil {
+		t.Fatal(err)
+	}
+	derpPort, _ := strconv.Atoi(port)
+	derpMap := &tailcfg.DERPMap{Regions: map[tailcfg.DERPRegionID]*tailcfg.DERPRegion{
+		1: {
+			RegionID:   1,
+			RegionCode: "ours",
+			Nodes: []*tailcfg.DERPNode{{
+				Name:             "1a",
+				RegionID:         1,
+				HostName:         host,
+				IPv4:             host,
+				IPv6:             "none",
+				STUNPort:         -1,
+				DERPPort:         derpPort,
+				InsecureForTests: true, // our self-signed certificate
+			}},
+		},
+	}}
+
+	a := newTSNode(t, "nodeA", netip.MustParseAddr("100.64.0.1"), derpMap)
+	b := newTSNode(t, "nodeB", netip.MustParseAddr("100.64.0.2"), derpMap)
+	a.peerWith(b)
+	b.peerWith(a)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+
+	// Both nodes home on our server before any packet is sent.
+	aKey, bKey := relayKey(a.pub()), relayKey(b.pub())
+	waitSessions(t, ctx, s, "both nodes logged in", func(m map[relay.PublicKey]relay.SessionInfo) bool {
+		return m[aKey].Home && m[bKey].Home
+	})
+
+	// One packet from A first, so that only A starts a WireGuard
+	// handshake: when both start one at once, each drops the other's
+	// response and they retry after 5 s (WireGuard's REKEY_TIMEOUT).
+	if got, _, err := nodeTransfer(ctx, a, b, []byte("hello")); err != nil || string(got) != "hello" {
+		t.Fatalf("first packet from A to B: got %q, %v", got, err)
+	}
+
+	dataAB, dataBA := make([]byte, nodeTransferBytes), make([]byte, nodeTransferBytes)
+	rand.Read(dataAB)
+	rand.Read(dataBA)
+	var wg sync.WaitGroup
+	var errAB, errBA error
+	var gotAB, gotBA []byte
+	var resentAB, resentBA int
+	start := time.Now()
+	wg.Add(2)
+	go func() { defer wg.Done(); gotAB, resentAB, errAB = nodeTransfer(ctx, a, b, dataAB) }()
+	go func() { defer wg.Done(); gotBA, resentBA, errBA = nodeTransfer(ctx, b, a, dataBA) }()
+	wg.Wait()
+	t.Logf("transfer took %v; packets sent again: A to B %d, B to A %d", time.Since(start).Round(time.Millisecond), resentAB, resentBA)
+	if errAB != nil || errBA != nil {
+		t.Fatalf("transfer: A to B: %v; B to A: %v", errAB, errBA)
+	}
+	if !bytes.Equal(gotAB, dataAB) || !bytes.Equal(gotBA, dataBA) {
+		t.Fatalf("data corrupted: A to B intact %v, B to A intact %v", bytes.Equal(gotAB, dataAB), bytes.Equal(gotBA, dataBA))
+	}
+
+	// Every byte of it went through our server, between these two keys
+	// and no other: each session received and was sent at least the data
+	// (WireGuard and IP headers come on top), each from the other alone.
+	// (The counters are updated as each write ends, so wait a little for
+	// them.)
+	countCtx, countCancel := context.WithTimeout(context.Background(), time.Minute)
+	defer countCancel()
+	m := waitSessions(t, countCtx, s, "the data counted both ways", func(m map[relay.PublicKey]relay.SessionInfo) bool {
+		return m[aKey].BytesReceived >= nodeTransferBytes && m[aKey].BytesSent >= nodeTransferBytes &&
+			m[bKey].BytesReceived >= nodeTransferBytes && m[bKey].BytesSent >= nodeTransferBytes
+	})
+	if len(m) != 2 {
+		t.Errorf("our server has %d sessions, want the 2 nodes': %v", len(m), m)
+	}
+	for _, k := range []relay.PublicKey{aKey, bKey} {
+		si := m[k]
+		if si.Senders != 1 {
+			t.Errorf("session %v: %d senders, want 1 (the other node)", k.ShortString(), si.Senders)
+		}
+		// magicsock's DERP client found our meta cert in the TLS 1.3
+		// handshake, so it skipped the 101 (Derp-Fast-Start: 1).
+		if !si.FastStart {
+			t.Errorf("session %v did not use fast start", k.ShortString())
+		}
+	}
+	t.Logf("node A session: %+v", m[aKey])
+	t.Logf("node B session: %+v", m[bKey])
+}
+
+// checkNoNodeLeaks is checkNoLeaks for the goroutines of Tailscale's data
+// plane (magicsock, netmon, the event bus, wireguard-go): call it first.
+func checkNoNodeLeaks(t *testing.T) {
+	t.Helper()
+	t.Cleanup(func() {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			var leaked []string
+			for _, g := range allGoroutines() {
+				if strings.Contains(g, "tailscale.com/") || strings.Contains(g, "tailscale/wireguard-go") {
+					leaked = append(leaked, g)
+				}
+			}
+			if len(leaked) == 0 {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("%d goroutine(s) of the nodes still running after cleanup:\n\n%s", len(leaked), strings.Join(leaked, "\n\n"))
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	})
+}
+
+// allGoroutines returns the stacks of all goroutines but the caller's.
+func allGoroutines() []string {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	return strings.Split(string(buf), "\n\n")[1:]
+}
+
+// waitSessions polls s.Sessions, keyed by client key, until cond accepts
+// them or ctx ends (a failure).
+func waitSessions(t *testing.T, ctx context.Context, s *relay.Server, what string, cond func(map[relay.PublicKey]relay.SessionInfo) bool) map[relay.PublicKey]relay.SessionInfo {
+	t.Helper()
+	for {
+		m := make(map[relay.PublicKey]relay.SessionInfo)
+		for si := range s.Sessions() {
+			m[si.Key] = si
+		}
+		if cond(m) {
+			return m
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("waiting for %s: %v; sessions: %+v", what, ctx.Err(), m)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// nodeTransfer sends data from one node to the other as UDP packets
+// through their TUNs, nodeChunk bytes at a time, and returns what the other
+// node's TUN delivered. UDP may lose packets (a WireGuard handshake in
+// progress, a full queue), so it sends a window of packets, waits for them
+// to arrive (the receiver tells it directly, not over the network), and
+// sends again those that did not arrive within a second.
+func nodeTransfer(ctx context.Context, from, to *tsNode, data []byte) (_ []byte, resent int, _ error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	n := (len(data) + nodeChunk - 1) / nodeChunk
+	got := make([]byte, len(data))
+	var mu sync.Mutex
+	have := make([]bool, n)
+	arrived := make(chan struct{}, 1)
+	const srcPort, dstPort = 40001, 40002
+	recvDone := make(chan struct{})
+	go func() {
+		defer close(recvDone)
+		for {
+			var pkt []byte
+			select {
+			case <-ctx.Done():
+				return
+			case pkt = <-to.tun.Inbound:
+			}
+			var p packet.Parsed
+			p.Decode(pkt)
+			if p.IPProto != ipproto.UDP || p.Src.Addr() != from.ip || p.Dst.Port() != dstPort {
+				continue
+			}
+			body := p.Payload()
+			if len(body) < 4 {
+				continue
+			}
+			seq := int(binary.BigEndian.Uint32(body))
+			if seq >= n {
+				continue
+			}
+			mu.Lock()
+			if !have[seq] {
+				have[seq] = true
+				copy(got[seq*nodeChunk:], body[4:])
+			}
+			mu.Unlock()
+			select {
+			case arrived <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	defer func() { cancel(); <-recvDone }()
+
+	h := packet.UDP4Header{
+		IP4Header: packet.IP4Header{IPProto: ipproto.UDP, Src: from.ip, Dst: to.ip},
+		SrcPort:   srcPort,
+		DstPort:   dstPort,
+	}
+	const window = 32
+	for base := 0; base < n; base += window {
+		end := min(base+window, n)
+		sent := false
+		for {
+			mu.Lock()
+			var missing []int
+			for i := base; i < end; i++ {
+				if !have[i] {
+					missing = append(missing, i)
+				}
+			}
+			mu.Unlock()
+			if len(missing) == 0 {
+				break
+			}
+			if sent {
+				resent += len(missing)
+				if os.Getenv("RELAY_INTEROP_NODE_LOG") != "" {
+					fmt.Fprintf(os.Stderr, "%s %s: resending %d of window %d\n", time.Now().Format("15:04:05.000"), from.name, len(missing), base)
+				}
+			}
+			sent = true
+			for _, i := range missing {
+				body := binary.BigEndian.AppendUint32(nil, uint32(i))
+				body = append(body, data[i*nodeChunk:min((i+1)*nodeChunk, len(data))]...)
+				h.IPID = uint16(i)
+				select {
+				case from.tun.Outbound <- packet.Generate(h, body):
+				case <-ctx.Done():
+					return nil, resent, fmt.Errorf("sending packet %d of %d: %w", i, n, ctx.Err())
+				}
+			}
+			retry := time.NewTimer(time.Second)
+		wait:
+			for {
+				select {
+				case <-arrived:
+					mu.Lock()
+					done := true
+					for i := base; i < end && done; i++ {
+						done = have[i]
+					}
+					mu.Unlock()
+					if done {
+						break wait
+					}
+				case <-retry.C:
+					break wait
+				case <-ctx.Done():
+					retry.Stop()
+					return nil, resent, fmt.Errorf("waiting for packets %d..%d of %d: %w", base, end-1, n, ctx.Err())
+				}
+			}
+			retry.Stop()
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	return bytes.Clone(got), resent, nil
+}
