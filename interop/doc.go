@@ -5,8 +5,15 @@
 // Tailscale clients through a relay.Server, and relay.Clients through
 // Tailscale's server, with and without the fast-start handshake.
 //
+// With the build tags ts_omit_netstack and ts_omit_gro, the tests also run
+// two real Tailscale data planes (magicsock and wireguard-go, without
+// gvisor's netstack, which those tags leave out) that exchange traffic
+// only through one relay.Server or two meshed ones (node_test.go; not with
+// tag ts102). The tags change no package the other tests use.
+//
 // It is a separate module so that the relay library itself never depends
 // on tailscale.com. Run it with
 //
 //	cd interop && go test -race ./...
+//	cd interop && go test -race -tags ts_omit_netstack,ts_omit_gro ./...
 package interop

@@ -417,6 +417,12 @@ func serveTLS(t *testing.T, h http.Handler, cfg *tls.Config) string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return serveTLSOn(t, ln, h, cfg)
+}
+
+// serveTLSOn is serveTLS on a listener the caller opened.
+func serveTLSOn(t *testing.T, ln net.Listener, h http.Handler, cfg *tls.Config) string {
+	t.Helper()
 	cfg = cfg.Clone()
 	if len(cfg.NextProtos) == 0 {
 		cfg.NextProtos = []string{"http/1.1"} // never h2: DERP hijacks HTTP/1.1

@@ -244,112 +244,199 @@ func (n *tsNode) peerWith(peer *tsNode) {
 }
 
 // TestTailscaleNodesThroughOurServer has two Tailscale data planes exchange
-// 1 MiB each way through our server, over TLS with the meta cert, and
-// checks that the data arrived intact and that our server relayed it
-// between the two node keys (its per-session byte counters carry at least
-// the data each way), so that the test fails if the traffic went another way.
+// 1 MiB each way through our server over TLS, and checks that the data
+// arrived intact and that our server relayed it between the two node keys
+// (its per-session byte counters carry at least the data each way), so
+// that the test fails if the traffic went another way. The nodes log in by
+// fast start when our TLS 1.3 chain has the meta cert, by the 101 upgrade
+// when it has none; in a region of two meshed servers, each node on its
+// own, the data crosses the mesh.
 func TestTailscaleNodesThroughOurServer(t *testing.T) {
-	checkNoLeaks(t)
-	checkNoNodeLeaks(t)
-	cert, _ := selfSignedCert(t)
-	s := newOurServer(t)
-	cfg := &tls.Config{
-		Certificates: []tls.Certificate{cert},
-		MinVersion:   tls.VersionTLS13,
-		NextProtos:   []string{"http/1.1"},
+	for _, tc := range []struct {
+		name      string
+		metaCert  bool
+		mesh      bool
+		fastStart bool // how the nodes log in
+	}{
+		{"fast start", true, false, true},
+		{"upgrade", false, false, false},
+		{"mesh", true, true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkNoLeaks(t)
+			checkNoNodeLeaks(t)
+			cert, pool := selfSignedCert(t)
+			nServers := 1
+			if tc.mesh {
+				nServers = 2
+			}
+			// Listen first: a mesh peer's URL is needed to make its
+			// servers. Each server is given every URL (its own is
+			// ignored).
+			lns := make([]net.Listener, nServers)
+			urls := make([]string, nServers)
+			for i := range lns {
+				ln, err := net.Listen("tcp", "127.0.0.1:0")
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { ln.Close() }) // if the test ends before serving it
+				lns[i], urls[i] = ln, "https://"+ln.Addr().String()+"/derp"
+			}
+			servers := make([]*relay.Server, nServers)
+			derpMaps := make([]*tailcfg.DERPMap, nServers)
+			for i := range servers {
+				var opts []relay.ServerOption
+				if tc.mesh {
+					opts = append(opts, relay.WithMeshKey(nodeMeshKey),
+						relay.WithMeshPeers(urls...),
+						relay.WithMeshDialer(&relay.FastStart{TLSConfig: &tls.Config{RootCAs: pool}}))
+				}
+				servers[i] = newOurServer(t, opts...)
+				cfg := &tls.Config{
+					Certificates: []tls.Certificate{cert},
+					MinVersion:   tls.VersionTLS13,
+				}
+				if tc.metaCert {
+					relay.AppendMetaCert(cfg, servers[i].MetaCert())
+				}
+				serveTLSOn(t, lns[i], servers[i], cfg) // /derp and the probe paths (netcheck)
+				derpMaps[i] = nodeDERPMap(lns[i].Addr().(*net.TCPAddr))
+			}
+			// Node A uses the first server, node B the last (the same
+			// without a mesh): region 1 in their DERP maps.
+			sA, sB := servers[0], servers[nServers-1]
+			a := newTSNode(t, "nodeA", netip.MustParseAddr("100.64.0.1"), derpMaps[0])
+			b := newTSNode(t, "nodeB", netip.MustParseAddr("100.64.0.2"), derpMaps[nServers-1])
+			a.peerWith(b)
+			b.peerWith(a)
+
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+			defer cancel()
+			aKey, bKey := relayKey(a.pub()), relayKey(b.pub())
+			// Both nodes home on our servers, and each server
+			// knows where the other node is, before any packet is
+			// sent.
+			waitSessions(t, ctx, sA, "node A logged in", func(m map[relay.PublicKey]relay.SessionInfo) bool { return m[aKey].Home })
+			waitSessions(t, ctx, sB, "node B logged in", func(m map[relay.PublicKey]relay.SessionInfo) bool { return m[bKey].Home })
+			if tc.mesh {
+				waitMeshRoute(t, ctx, sA, bKey)
+				waitMeshRoute(t, ctx, sB, aKey)
+			}
+
+			// One packet from A first, so that only A starts a
+			// WireGuard handshake: when both start one at once, each
+			// drops the other's response and they retry after 5 s
+			// (WireGuard's REKEY_TIMEOUT).
+			if got, _, err := nodeTransfer(ctx, a, b, []byte("hello")); err != nil || string(got) != "hello" {
+				t.Fatalf("first packet from A to B: got %q, %v", got, err)
+			}
+			dataAB, dataBA := make([]byte, nodeTransferBytes), make([]byte, nodeTransferBytes)
+			rand.Read(dataAB)
+			rand.Read(dataBA)
+			var wg sync.WaitGroup
+			var errAB, errBA error
+			var gotAB, gotBA []byte
+			var resentAB, resentBA int
+			start := time.Now()
+			wg.Add(2)
+			go func() { defer wg.Done(); gotAB, resentAB, errAB = nodeTransfer(ctx, a, b, dataAB) }()
+			go func() { defer wg.Done(); gotBA, resentBA, errBA = nodeTransfer(ctx, b, a, dataBA) }()
+			wg.Wait()
+			t.Logf("transfer took %v; packets sent again: A to B %d, B to A %d", time.Since(start).Round(time.Millisecond), resentAB, resentBA)
+			if errAB != nil || errBA != nil {
+				t.Fatalf("transfer: A to B: %v; B to A: %v", errAB, errBA)
+			}
+			if !bytes.Equal(gotAB, dataAB) || !bytes.Equal(gotBA, dataBA) {
+				t.Fatalf("data corrupted: A to B intact %v, B to A intact %v", bytes.Equal(gotAB, dataAB), bytes.Equal(gotBA, dataBA))
+			}
+
+			// Every byte of it went through our servers, between
+			// these two keys and no other: each node's session
+			// received and was sent at least the data (WireGuard and
+			// IP headers come on top), from the other node alone.
+			// (The counters are updated as each write ends, so wait
+			// a little for them.)
+			countCtx, countCancel := context.WithTimeout(context.Background(), time.Minute)
+			defer countCancel()
+			for _, n := range []struct {
+				name string
+				s    *relay.Server
+				k    relay.PublicKey
+			}{{"A", sA, aKey}, {"B", sB, bKey}} {
+				m := waitSessions(t, countCtx, n.s, "node "+n.name+"'s data counted both ways", func(m map[relay.PublicKey]relay.SessionInfo) bool {
+					return m[n.k].BytesReceived >= nodeTransferBytes && m[n.k].BytesSent >= nodeTransferBytes
+				})
+				si := m[n.k]
+				t.Logf("node %s session: %+v", n.name, si)
+				clients := 0
+				for _, si := range m {
+					if !si.Mesh {
+						clients++
+					}
+				}
+				if want := 3 - nServers; clients != want {
+					t.Errorf("node %s's server has %d client sessions, want %d: %v", n.name, clients, want, m)
+				}
+				if si.Senders != 1 {
+					t.Errorf("node %s's session: %d senders, want 1 (the other node)", n.name, si.Senders)
+				}
+				if si.FastStart != tc.fastStart {
+					t.Errorf("node %s's session: FastStart %v, want %v", n.name, si.FastStart, tc.fastStart)
+				}
+			}
+			if tc.mesh {
+				// Each server forwarded its node's data to the
+				// other, and delivered what the other forwarded.
+				for i, s := range servers {
+					st := s.Stats()
+					if st.PacketsForwardedOut < nodeTransferBytes/nodeChunk || st.PacketsForwardedIn < nodeTransferBytes/nodeChunk {
+						t.Errorf("server %d forwarded out %d packets and in %d, want at least %d each way", i, st.PacketsForwardedOut, st.PacketsForwardedIn, nodeTransferBytes/nodeChunk)
+					}
+				}
+			}
+		})
 	}
-	relay.AppendMetaCert(cfg, s.MetaCert())
-	u := serveTLS(t, s, cfg) // s answers /derp and the probe paths (netcheck)
-	host, port, err := net.SplitHostPort(u[len("https://") : len(u)-len("/derp")])
-	if err != nil {
-		t.Fatal(err)
-	}
-	derpPort, _ := strconv.Atoi(port)
-	derpMap := &tailcfg.DERPMap{Regions: map[tailcfg.DERPRegionID]*tailcfg.DERPRegion{
+}
+
+// nodeMeshKey is the mesh key of the meshed servers.
+const nodeMeshKey = "8b1c0aa9a61de2c07f4c4e1d6a0b1e5a8c3f2d4e6b7a9c0d1e2f3a4b5c6d7e8f"
+
+// nodeDERPMap returns a DERP map whose one region has our server at addr,
+// over TLS, which the nodes do not verify (InsecureForTests), and without
+// STUN.
+func nodeDERPMap(addr *net.TCPAddr) *tailcfg.DERPMap {
+	return &tailcfg.DERPMap{Regions: map[tailcfg.DERPRegionID]*tailcfg.DERPRegion{
 		1: {
 			RegionID:   1,
 			RegionCode: "ours",
 			Nodes: []*tailcfg.DERPNode{{
 				Name:             "1a",
 				RegionID:         1,
-				HostName:         host,
-				IPv4:             host,
+				HostName:         addr.IP.String(),
+				IPv4:             addr.IP.String(),
 				IPv6:             "none",
 				STUNPort:         -1,
-				DERPPort:         derpPort,
-				InsecureForTests: true, // our self-signed certificate
+				DERPPort:         addr.Port,
+				InsecureForTests: true,
 			}},
 		},
 	}}
+}
 
-	a := newTSNode(t, "nodeA", netip.MustParseAddr("100.64.0.1"), derpMap)
-	b := newTSNode(t, "nodeB", netip.MustParseAddr("100.64.0.2"), derpMap)
-	a.peerWith(b)
-	b.peerWith(a)
-
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-
-	// Both nodes home on our server before any packet is sent.
-	aKey, bKey := relayKey(a.pub()), relayKey(b.pub())
-	waitSessions(t, ctx, s, "both nodes logged in", func(m map[relay.PublicKey]relay.SessionInfo) bool {
-		return m[aKey].Home && m[bKey].Home
-	})
-
-	// One packet from A first, so that only A starts a WireGuard
-	// handshake: when both start one at once, each drops the other's
-	// response and they retry after 5 s (WireGuard's REKEY_TIMEOUT).
-	if got, _, err := nodeTransfer(ctx, a, b, []byte("hello")); err != nil || string(got) != "hello" {
-		t.Fatalf("first packet from A to B: got %q, %v", got, err)
-	}
-
-	dataAB, dataBA := make([]byte, nodeTransferBytes), make([]byte, nodeTransferBytes)
-	rand.Read(dataAB)
-	rand.Read(dataBA)
-	var wg sync.WaitGroup
-	var errAB, errBA error
-	var gotAB, gotBA []byte
-	var resentAB, resentBA int
-	start := time.Now()
-	wg.Add(2)
-	go func() { defer wg.Done(); gotAB, resentAB, errAB = nodeTransfer(ctx, a, b, dataAB) }()
-	go func() { defer wg.Done(); gotBA, resentBA, errBA = nodeTransfer(ctx, b, a, dataBA) }()
-	wg.Wait()
-	t.Logf("transfer took %v; packets sent again: A to B %d, B to A %d", time.Since(start).Round(time.Millisecond), resentAB, resentBA)
-	if errAB != nil || errBA != nil {
-		t.Fatalf("transfer: A to B: %v; B to A: %v", errAB, errBA)
-	}
-	if !bytes.Equal(gotAB, dataAB) || !bytes.Equal(gotBA, dataBA) {
-		t.Fatalf("data corrupted: A to B intact %v, B to A intact %v", bytes.Equal(gotAB, dataAB), bytes.Equal(gotBA, dataBA))
-	}
-
-	// Every byte of it went through our server, between these two keys
-	// and no other: each session received and was sent at least the data
-	// (WireGuard and IP headers come on top), each from the other alone.
-	// (The counters are updated as each write ends, so wait a little for
-	// them.)
-	countCtx, countCancel := context.WithTimeout(context.Background(), time.Minute)
-	defer countCancel()
-	m := waitSessions(t, countCtx, s, "the data counted both ways", func(m map[relay.PublicKey]relay.SessionInfo) bool {
-		return m[aKey].BytesReceived >= nodeTransferBytes && m[aKey].BytesSent >= nodeTransferBytes &&
-			m[bKey].BytesReceived >= nodeTransferBytes && m[bKey].BytesSent >= nodeTransferBytes
-	})
-	if len(m) != 2 {
-		t.Errorf("our server has %d sessions, want the 2 nodes': %v", len(m), m)
-	}
-	for _, k := range []relay.PublicKey{aKey, bKey} {
-		si := m[k]
-		if si.Senders != 1 {
-			t.Errorf("session %v: %d senders, want 1 (the other node)", k.ShortString(), si.Senders)
+// waitMeshRoute waits until s routes k to a mesh peer.
+func waitMeshRoute(t *testing.T, ctx context.Context, s *relay.Server, k relay.PublicKey) {
+	t.Helper()
+	for {
+		if _, ok := s.MeshPeerFor(k); ok {
+			return
 		}
-		// magicsock's DERP client found our meta cert in the TLS 1.3
-		// handshake, so it skipped the 101 (Derp-Fast-Start: 1).
-		if !si.FastStart {
-			t.Errorf("session %v did not use fast start", k.ShortString())
+		select {
+		case <-ctx.Done():
+			t.Fatalf("waiting for a mesh route to %v: %v", k.ShortString(), ctx.Err())
+		case <-time.After(20 * time.Millisecond):
 		}
 	}
-	t.Logf("node A session: %+v", m[aKey])
-	t.Logf("node B session: %+v", m[bKey])
 }
 
 // checkNoNodeLeaks is checkNoLeaks for the goroutines of Tailscale's data
