@@ -10,6 +10,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"runtime"
@@ -324,32 +325,7 @@ func TestTailscaleNodesThroughOurServer(t *testing.T) {
 				waitMeshRoute(t, ctx, sB, aKey)
 			}
 
-			// One packet from A first, so that only A starts a
-			// WireGuard handshake: when both start one at once, each
-			// drops the other's response and they retry after 5 s
-			// (WireGuard's REKEY_TIMEOUT).
-			if got, _, err := nodeTransfer(ctx, a, b, []byte("hello")); err != nil || string(got) != "hello" {
-				t.Fatalf("first packet from A to B: got %q, %v", got, err)
-			}
-			dataAB, dataBA := make([]byte, nodeTransferBytes), make([]byte, nodeTransferBytes)
-			rand.Read(dataAB)
-			rand.Read(dataBA)
-			var wg sync.WaitGroup
-			var errAB, errBA error
-			var gotAB, gotBA []byte
-			var resentAB, resentBA int
-			start := time.Now()
-			wg.Add(2)
-			go func() { defer wg.Done(); gotAB, resentAB, errAB = nodeTransfer(ctx, a, b, dataAB) }()
-			go func() { defer wg.Done(); gotBA, resentBA, errBA = nodeTransfer(ctx, b, a, dataBA) }()
-			wg.Wait()
-			t.Logf("transfer took %v; packets sent again: A to B %d, B to A %d", time.Since(start).Round(time.Millisecond), resentAB, resentBA)
-			if errAB != nil || errBA != nil {
-				t.Fatalf("transfer: A to B: %v; B to A: %v", errAB, errBA)
-			}
-			if !bytes.Equal(gotAB, dataAB) || !bytes.Equal(gotBA, dataBA) {
-				t.Fatalf("data corrupted: A to B intact %v, B to A intact %v", bytes.Equal(gotAB, dataAB), bytes.Equal(gotBA, dataBA))
-			}
+			nodeExchange(t, ctx, a, b)
 
 			// Every byte of it went through our servers, between
 			// these two keys and no other: each node's session
@@ -396,6 +372,100 @@ func TestTailscaleNodesThroughOurServer(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// nodeExchange has a and b send each other nodeTransferBytes of random data
+// at once, and fails the test unless it arrives intact.
+func nodeExchange(t *testing.T, ctx context.Context, a, b *tsNode) {
+	t.Helper()
+	// One packet from A first, so that only A starts a WireGuard
+	// handshake (if none is established): when both start one at once,
+	// each drops the other's response and they retry after 5 s
+	// (WireGuard's REKEY_TIMEOUT).
+	if got, _, err := nodeTransfer(ctx, a, b, []byte("hello")); err != nil || string(got) != "hello" {
+		t.Fatalf("first packet from A to B: got %q, %v", got, err)
+	}
+	dataAB, dataBA := make([]byte, nodeTransferBytes), make([]byte, nodeTransferBytes)
+	rand.Read(dataAB)
+	rand.Read(dataBA)
+	var wg sync.WaitGroup
+	var errAB, errBA error
+	var gotAB, gotBA []byte
+	var resentAB, resentBA int
+	start := time.Now()
+	wg.Add(2)
+	go func() { defer wg.Done(); gotAB, resentAB, errAB = nodeTransfer(ctx, a, b, dataAB) }()
+	go func() { defer wg.Done(); gotBA, resentBA, errBA = nodeTransfer(ctx, b, a, dataBA) }()
+	wg.Wait()
+	t.Logf("transfer took %v; packets sent again: A to B %d, B to A %d", time.Since(start).Round(time.Millisecond), resentAB, resentBA)
+	if errAB != nil || errBA != nil {
+		t.Fatalf("transfer: A to B: %v; B to A: %v", errAB, errBA)
+	}
+	if !bytes.Equal(gotAB, dataAB) || !bytes.Equal(gotBA, dataBA) {
+		t.Fatalf("data corrupted: A to B intact %v, B to A intact %v", bytes.Equal(gotAB, dataAB), bytes.Equal(gotBA, dataBA))
+	}
+}
+
+// TestTailscaleNodesAcrossServerRestart: our server closes (telling its
+// clients it restarts) while another takes its address; the nodes
+// reconnect to the new one, with its new key, and their traffic flows
+// through it.
+func TestTailscaleNodesAcrossServerRestart(t *testing.T) {
+	checkNoLeaks(t)
+	checkNoNodeLeaks(t)
+	cert, _ := selfSignedCert(t)
+	var current atomic.Pointer[relay.Server]
+	s1, s2 := newOurServer(t), newOurServer(t)
+	current.Store(s1)
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { current.Load().ServeHTTP(w, r) })
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		// The meta cert of the server that answers. (Only
+		// GetCertificate: with Certificates set, it is not called for
+		// a ClientHello without SNI, as the nodes send for an IP.)
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+			c := cert
+			c.Certificate = append(c.Certificate[:1:1], current.Load().MetaCert())
+			return &c, nil
+		},
+	}
+	serveTLSOn(t, ln, h, cfg)
+	derpMap := nodeDERPMap(ln.Addr().(*net.TCPAddr))
+	a := newTSNode(t, "nodeA", netip.MustParseAddr("100.64.0.1"), derpMap)
+	b := newTSNode(t, "nodeB", netip.MustParseAddr("100.64.0.2"), derpMap)
+	a.peerWith(b)
+	b.peerWith(a)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	aKey, bKey := relayKey(a.pub()), relayKey(b.pub())
+	for _, s := range []*relay.Server{s1, s2} {
+		if s == s2 {
+			current.Store(s2)
+			s1.Close()
+		}
+		m := waitSessions(t, ctx, s, "both nodes logged in", func(m map[relay.PublicKey]relay.SessionInfo) bool {
+			return m[aKey].Home && m[bKey].Home
+		})
+		for _, k := range []relay.PublicKey{aKey, bKey} {
+			if !m[k].FastStart {
+				t.Errorf("session %v did not use fast start (with the meta cert of the server that answered)", k.ShortString())
+			}
+		}
+		nodeExchange(t, ctx, a, b)
+	}
+	countCtx, countCancel := context.WithTimeout(context.Background(), time.Minute)
+	defer countCancel()
+	m := waitSessions(t, countCtx, s2, "the data counted both ways on the new server", func(m map[relay.PublicKey]relay.SessionInfo) bool {
+		return m[aKey].BytesReceived >= nodeTransferBytes && m[aKey].BytesSent >= nodeTransferBytes &&
+			m[bKey].BytesReceived >= nodeTransferBytes && m[bKey].BytesSent >= nodeTransferBytes
+	})
+	if len(m) != 2 {
+		t.Errorf("the new server has %d sessions, want the 2 nodes': %v", len(m), m)
 	}
 }
 
