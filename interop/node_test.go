@@ -251,17 +251,21 @@ func (n *tsNode) peerWith(peer *tsNode) {
 // that the test fails if the traffic went another way. The nodes log in by
 // fast start when our TLS 1.3 chain has the meta cert, by the 101 upgrade
 // when it has none; in a region of two meshed servers, each node on its
-// own, the data crosses the mesh.
+// own, the data crosses the mesh. With sessions parked whenever idle for
+// 1 ms (WithIdlePark), their readers stop and start all through the
+// transfer.
 func TestTailscaleNodesThroughOurServer(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
 		metaCert  bool
 		mesh      bool
-		fastStart bool // how the nodes log in
+		idlePark  time.Duration // if not zero, WithIdlePark
+		fastStart bool          // how the nodes log in
 	}{
-		{"fast start", true, false, true},
-		{"upgrade", false, false, false},
-		{"mesh", true, true, true},
+		{"fast start", true, false, 0, true},
+		{"upgrade", false, false, 0, false},
+		{"mesh", true, true, 0, true},
+		{"parked when idle 1ms", true, false, time.Millisecond, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			checkNoLeaks(t)
@@ -288,6 +292,9 @@ func TestTailscaleNodesThroughOurServer(t *testing.T) {
 			derpMaps := make([]*tailcfg.DERPMap, nServers)
 			for i := range servers {
 				var opts []relay.ServerOption
+				if tc.idlePark != 0 {
+					opts = append(opts, relay.WithIdlePark(tc.idlePark))
+				}
 				if tc.mesh {
 					opts = append(opts, relay.WithMeshKey(nodeMeshKey),
 						relay.WithMeshPeers(urls...),
@@ -359,6 +366,13 @@ func TestTailscaleNodesThroughOurServer(t *testing.T) {
 				}
 				if si.FastStart != tc.fastStart {
 					t.Errorf("node %s's session: FastStart %v, want %v", n.name, si.FastStart, tc.fastStart)
+				}
+			}
+			if tc.idlePark != 0 {
+				st := sA.Stats()
+				t.Logf("sessions parked %d times", st.Parks)
+				if st.Parks < 2 {
+					t.Errorf("sessions parked %d times, want at least one each", st.Parks)
 				}
 			}
 			if tc.mesh {
