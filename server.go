@@ -177,6 +177,9 @@ type serverConfig struct {
 	// meshWaitGrace is how long a wait in mesh.waiting lasts without news
 	// of its key (sweepWaits): meshWaitGrace unless a test changes it.
 	meshWaitGrace time.Duration
+	// closeGrace is how long Close gives logged-in sessions to read their
+	// restart notice: closeGrace unless a test changes it.
+	closeGrace time.Duration
 }
 
 // Admission describes a client asking to log in, for the admission hook.
@@ -221,7 +224,7 @@ func WithMeshKey(k string) ServerOption {
 // called after the client proved it owns its key and before it is
 // registered, except for mesh peers; a non-nil error refuses the login and
 // is logged. ctx ends with the login deadline, or when Close cuts the
-// login short (after its grace period of 2 s).
+// login short (at once: a login in progress gets no restart notice).
 // The hook may call the Server's methods except Close, which waits for
 // logins in progress, the hook's own included: call it from a goroutine of
 // its own.
@@ -805,6 +808,7 @@ func NewServer(priv PrivateKey, opts ...ServerOption) *Server {
 		linkPongWait:     meshPongWait,
 		meshMaxWaiting:   maxMeshWaiting,
 		meshWaitGrace:    meshWaitGrace,
+		closeGrace:       closeGrace,
 		queueDepth:       32,
 		keepAlive:        60 * time.Second,
 		idleTimeout:      150 * time.Second,
@@ -3807,9 +3811,16 @@ func shrinkTable[K comparable, V any](m map[K]V, peak *int) map[K]V {
 	return m
 }
 
-// Close tells every client that the server is restarting, with a random
-// reconnect delay each so they do not all return at once, then ends every
-// session and waits for them. Accept calls after Close close their
+// closeGrace is how long Close waits for logged-in sessions to end after
+// telling them the server is restarting, before it cuts them.
+const closeGrace = 2 * time.Second
+
+// Close tells every logged-in client that the server is restarting, with
+// a random reconnect delay each so they do not all return at once, gives
+// them 2 s to read it and go, then ends every session that is left and
+// waits for them. Logins in progress (the client has not been sent
+// ServerInfo) get no notice: Close ends them at once, without waiting the
+// 2 s for them. Accept calls after Close close their
 // connection at once, and ServeHTTP answers upgrades with 503. The
 // forwarders of AddPacketForwarder stop: Close waits for their
 // ForwardPacket calls in progress, and none starts after, so a forwarder
@@ -3837,10 +3848,22 @@ func (s *Server) Close() error {
 	s.closing = make(chan struct{})
 	defer close(s.closing)
 	conns := make([]*sconn, 0, len(s.conns))
+	var logins []*sconn
 	for c := range s.conns {
-		conns = append(conns, c)
+		// register sets c.entry under s.mu once it has seen s.closed
+		// false; a login without one now will never register, nor be
+		// sent ServerInfo, so it gets no notice and nothing is gained
+		// by waiting the grace for it.
+		if c.entry == nil {
+			logins = append(logins, c)
+		} else {
+			conns = append(conns, c)
+		}
 	}
 	s.mu.Unlock()
+	for _, c := range logins {
+		c.closeConn()
+	}
 	s.closeMesh()
 	for _, c := range conns {
 		c.mu.Lock()
@@ -3865,7 +3888,7 @@ func (s *Server) Close() error {
 		s.sessions.Wait()
 		close(done)
 	}()
-	t := time.NewTimer(2 * time.Second)
+	t := time.NewTimer(s.cfg.closeGrace)
 	defer t.Stop()
 	select {
 	case <-done:

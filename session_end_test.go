@@ -1760,3 +1760,94 @@ func addFakeSession(s *Server, c *sconn) *keyEntry {
 	sh.mu.Unlock()
 	return e
 }
+
+func closeGraceOf(d time.Duration) ServerOption {
+	return func(c *serverConfig) { c.closeGrace = d }
+}
+
+// Close's grace is for logged-in sessions to read their restart notice. A
+// login in progress gets no notice, so Close must cut it at once rather
+// than wait the grace for it: one half-logged-in client made every Close
+// take the full grace (2 s), a cost to every test that runs a server in
+// process. Here the grace is an hour: Close returns only if it cut the
+// logins itself and the logged-in session ended on its notice.
+func TestCloseCutsLoginsWithoutGrace(t *testing.T) {
+	admitting := make(chan struct{})
+	admitEnded := make(chan struct{})
+	release := make(chan struct{}) // so that a failing test ends
+	e := newHostileEnv(t, WithLoginTimeout(0), closeGraceOf(time.Hour),
+		WithAdmission(func(ctx context.Context, a Admission) error {
+			if a.Info.Version == 7 { // only the held client; a and b pass
+				close(admitting)
+				select {
+				case <-ctx.Done():
+					close(admitEnded)
+				case <-release:
+				}
+				return ctx.Err()
+			}
+			return nil
+		}))
+	t.Cleanup(func() { close(release) })
+	var cuts []func(t *testing.T)
+	// No ClientInfo at all, after the ServerKey (the login is running).
+	r := e.dial(t)
+	cuts = append(cuts, r.expectClosed)
+	// Part of a ClientInfo.
+	r2 := e.dial(t)
+	if err := r2.send(r2.clientInfo(`{"version":2}`)[:20]); err != nil {
+		t.Fatal(err)
+	}
+	cuts = append(cuts, r2.expectClosed)
+	// The HTTP upgrade, answered, and nothing more.
+	nc, br := httpDial(t, e.httpAddr, "GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n")
+	nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade: %v %v", resp, err)
+	}
+	r3 := &rawConn{nc: nc, br: br}
+	if ft, _, err := r3.readFrame(); err != nil || ft != FrameServerKey {
+		t.Fatalf("reading ServerKey after the upgrade: %v %v", ft, err)
+	}
+	cuts = append(cuts, r3.expectClosed)
+	// Held in the admission hook.
+	r4 := e.dial(t)
+	if err := r4.send(r4.clientInfo(`{"version":7}`)); err != nil {
+		t.Fatal(err)
+	}
+	<-admitting
+	cuts = append(cuts, r4.expectClosed)
+	// A logged-in session still gets its notice, and ends when it closes.
+	li := e.dialLogin(t, `{"version":2}`)
+	for _, c := range []*Client{e.a, e.b} {
+		c.Close()
+	}
+	waitForT(t, "a and b to leave", func() bool { return e.s.Stats().CurrentConnections == 1 })
+
+	closed := make(chan struct{})
+	go func() { e.s.Close(); close(closed) }()
+	for {
+		ft, _, err := li.readFrame()
+		if err != nil {
+			t.Fatalf("logged-in session: no Restarting notice: %v", err)
+		}
+		if ft == FrameRestarting {
+			break
+		}
+	}
+	li.nc.Close()
+	for _, cut := range cuts {
+		cut(t)
+	}
+	select {
+	case <-admitEnded:
+	default:
+		t.Error("the admission hook's context did not end with the cut")
+	}
+	select {
+	case <-closed:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("Server.Close still waiting 30 s after the logged-in session closed, with a grace of an hour: it waits the grace for logins in progress (%d slots taken)", e.s.stats.sessions.Load())
+	}
+}
