@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -834,7 +833,7 @@ func (c *Client) skipHTTPResponse() error {
 		}
 	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
-		return fmt.Errorf("%w with %q: %s", errFastStartAnswered, resp.Status, refusalDetail(resp))
+		return fmt.Errorf("%w with %w", errFastStartAnswered, newHTTPError(resp))
 	}
 	if h := resp.Header.Get(PublicKeyHeader); h != "" {
 		if k, err := ParsePublicKey(h); err == nil && k != c.serverKey {
@@ -844,17 +843,17 @@ func (c *Client) skipHTTPResponse() error {
 	return nil
 }
 
-// refusalDetail describes an answer other than the 101 a dial waited for:
-// the start of its body, quoted (so that a server cannot put line breaks
-// into whatever logs the error), and, for a redirect, where to: redirects
-// are not followed, and the body of one often does not say.
-func refusalDetail(resp *http.Response) string {
+// newHTTPError describes an answer other than the 101 a dial waited for,
+// with the start of its body and, for a redirect, where to: redirects are
+// not followed, and the body of one often does not say. Its Error quotes
+// both, so that a server cannot put line breaks into whatever logs it.
+func newHTTPError(resp *http.Response) *HTTPError {
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-	d := strconv.Quote(string(bytes.TrimSpace(body)))
+	e := &HTTPError{StatusCode: resp.StatusCode, Status: resp.Status, Body: string(bytes.TrimSpace(body))}
 	if loc := resp.Header.Get("Location"); loc != "" && resp.StatusCode/100 == 3 {
-		d += fmt.Sprintf(" (redirected to %q; redirects are not followed: use that URL)", clip(loc, 256))
+		e.Location = clip(loc, 256)
 	}
-	return d
+	return e
 }
 
 // errFastStartAnswered means the fast-start request got an HTTP answer

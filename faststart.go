@@ -166,7 +166,8 @@ type Handshake struct {
 // names the step it was at (such as "TLS handshake" or "waiting for the
 // 101 response"). Redirects are not followed (as Tailscale's client does
 // not follow them): a dial answered with one fails with an error that
-// names its Location.
+// names its Location. An answer other than 101 fails the dial (or, on the
+// fast path, the first Recv) with an error wrapping an [*HTTPError].
 func (f *FastStart) Dial(ctx context.Context, serverURL string, priv PrivateKey, opts ...ClientOption) (*Client, Handshake, error) {
 	u, err := url.Parse(serverURL)
 	if err != nil {
@@ -634,7 +635,7 @@ func (f *FastStart) upgrade(nc net.Conn, u *url.URL, priv PrivateKey, hs Handsha
 		return nil, hs, fmt.Errorf("relay: read upgrade response: %w", answered(err))
 	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
-		return nil, hs, fmt.Errorf("relay: upgrade refused: %q: %s", resp.Status, refusalDetail(resp))
+		return nil, hs, fmt.Errorf("relay: upgrade refused: %w", newHTTPError(resp))
 	}
 	answered(nil)
 	hs.ServerKey, hs.KeySource = PublicKey{}, "server-key-frame"
@@ -706,7 +707,7 @@ func (f *FastStart) webSocket(nc net.Conn, u *url.URL, priv PrivateKey, hs Hands
 		return nil, hs, fmt.Errorf("relay: read WebSocket response: %w", answered(err))
 	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
-		return nil, hs, fmt.Errorf("relay: WebSocket upgrade refused: %q: %s", resp.Status, refusalDetail(resp))
+		return nil, hs, fmt.Errorf("relay: WebSocket upgrade refused: %w", newHTTPError(resp))
 	}
 	answered(nil)
 	switch {

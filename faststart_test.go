@@ -2465,3 +2465,86 @@ func TestFastStartMetaCertUnusableKey(t *testing.T) {
 		})
 	}
 }
+
+// An HTTP answer other than 101 to a dial must be told apart by its status,
+// on every path, not by parsing a message: the errors wrap an *HTTPError,
+// and a server's "too many connections" 503 also matches
+// ErrTooManyConnections. They were strings ("relay: upgrade refused: ...").
+func TestDialRefusalIsHTTPError(t *testing.T) {
+	s := newTestServer(t)
+	full := newTestServer(t, WithMaxConnections(1, 0))
+	pipeClient(t, full) // takes the only slot: ServeHTTP answers 503
+	for _, h := range []struct {
+		name    string
+		handler http.Handler
+		code    int
+		tooMany bool
+	}{
+		{"404", http.NotFoundHandler(), http.StatusNotFound, false},
+		{"503 too many connections", full, http.StatusServiceUnavailable, true},
+		{"503 other", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			http.Error(w, "relay: too many connections elsewhere", http.StatusServiceUnavailable)
+		}), http.StatusServiceUnavailable, false},
+		{"307", http.RedirectHandler("https://elsewhere.example/derp", http.StatusTemporaryRedirect), http.StatusTemporaryRedirect, false},
+	} {
+		plain := serveDERP(t, s, derpServeOpts{plain: true, handler: h.handler})
+		tlsd := serveDERP(t, s, derpServeOpts{handler: h.handler})
+		noMeta := serveDERP(t, s, derpServeOpts{handler: h.handler, noMetaCert: true})
+		for _, p := range []struct {
+			name string
+			fs   *FastStart
+			url  string
+			fast bool // Dial returns on the fast path; Recv sees the answer
+			rc   bool // through ReconnectingClient.Connect
+		}{
+			{"plain upgrade", &FastStart{}, plain.URL, false, false},
+			{"TLS upgrade", &FastStart{TLSConfig: tlsd.ClientTLS, DisableFastStart: true}, tlsd.URL, false, false},
+			{"TLS 1.3 fast path", &FastStart{TLSConfig: tlsd.ClientTLS}, tlsd.URL, true, false},
+			// The answer to the confirmed fast path, then the upgrade's.
+			{"TLS fast path, key configured", &FastStart{TLSConfig: noMeta.ClientTLS, ServerKey: s.PublicKey()}, noMeta.URL, false, false},
+			{"WebSocket", &FastStart{TLSConfig: tlsd.ClientTLS, WebSocket: true}, tlsd.URL, false, false},
+			{"ReconnectingClient", &FastStart{TLSConfig: tlsd.ClientTLS, DisableFastStart: true}, tlsd.URL, false, true},
+		} {
+			t.Run(h.name+"/"+p.name, func(t *testing.T) {
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				var err error
+				if p.rc {
+					rc := &ReconnectingClient{URL: p.url, PrivateKey: mustKey(t), Dialer: p.fs}
+					defer rc.Close()
+					err = rc.Connect(ctx)
+				} else {
+					var c *Client
+					var hs Handshake
+					c, hs, err = p.fs.Dial(ctx, p.url, mustKey(t))
+					if p.fast {
+						if err != nil || hs.Path != FastPath {
+							t.Fatalf("Dial = %v on %v, want the fast path", err, hs.Path)
+						}
+						defer c.Close()
+						c.nc.SetReadDeadline(time.Now().Add(20 * time.Second))
+						_, err = c.Recv()
+					} else if c != nil {
+						c.Close()
+					}
+				}
+				if err == nil {
+					t.Fatal("dial answered with an error status succeeded")
+				}
+				var he *HTTPError
+				if !errors.As(err, &he) {
+					t.Fatalf("errors.As(%q, *HTTPError) = false", err)
+				}
+				if he.StatusCode != h.code || !strings.HasPrefix(he.Status, strconv.Itoa(h.code)+" ") || he.Body == "" {
+					t.Errorf("HTTPError = %+v, want status %d and the body", he, h.code)
+				}
+				if want := map[bool]string{true: "https://elsewhere.example/derp"}[h.code == http.StatusTemporaryRedirect]; he.Location != want {
+					t.Errorf("HTTPError.Location = %q, want %q", he.Location, want)
+				}
+				if got := errors.Is(err, ErrTooManyConnections); got != h.tooMany {
+					t.Errorf("errors.Is(%q, ErrTooManyConnections) = %v, want %v", err, got, h.tooMany)
+				}
+			})
+		}
+	}
+}

@@ -78,6 +78,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 
 	"go4.org/mem"
@@ -292,7 +293,9 @@ func parseMeshKey(s string) (k [MeshKeyLen]byte, ok bool, err error) {
 }
 
 // Errors that callers can test for with errors.Is. Most errors returned by
-// this package wrap one of them or are a [*ProtocolError].
+// this package wrap one of them or are a [*ProtocolError]; a dial that the
+// server (or something in front of it) answered with an HTTP status other
+// than 101 wraps an [*HTTPError].
 var (
 	// ErrClosed is returned by operations on a Client, ReconnectingClient
 	// or Server after Close. (A ReconnectingClient write whose connection
@@ -320,7 +323,9 @@ var (
 	// nonce was already used in a recent login.
 	ErrReplayedLogin = errors.New("relay: replayed login")
 	// ErrTooManyConnections means a server limit on connections (in total
-	// or per remote IP, an IPv6 /64 counting as one) was reached.
+	// or per remote IP, an IPv6 /64 counting as one) was reached. A dial
+	// that such a server refused over HTTP fails with an [*HTTPError] that
+	// matches it.
 	ErrTooManyConnections = errors.New("relay: too many connections")
 )
 
@@ -351,6 +356,39 @@ func (e *ProtocolError) Error() string {
 
 // Unwrap returns the underlying error.
 func (e *ProtocolError) Unwrap() error { return e.Err }
+
+// HTTPError is an HTTP answer other than 101 Switching Protocols to a
+// dial's upgrade request (DERP or WebSocket) or fast-start request, from
+// the server or from something in front of it (a reverse proxy's 502, an
+// authenticating proxy's 401 or 403, a redirect). The errors FastStart,
+// ReconnectingClient and Client.Recv return for such an answer wrap it:
+// use errors.As to read the status. A server of this package answers 503
+// when it is shutting down or a connection limit is reached; the latter
+// also matches errors.Is(err, ErrTooManyConnections) (see Is).
+type HTTPError struct {
+	StatusCode int    // such as 503
+	Status     string // the status line's code and text, such as "503 Service Unavailable"
+	Body       string // the start of the body (at most 512 bytes), trimmed of white space
+	Location   string // for a redirect (3xx), where to (clipped to 256 bytes); redirects are not followed
+}
+
+// Error returns the quoted status and the quoted body, and for a redirect
+// where to.
+func (e *HTTPError) Error() string {
+	s := strconv.Quote(e.Status) + ": " + strconv.Quote(e.Body)
+	if e.Location != "" {
+		s += " (redirected to " + strconv.Quote(e.Location) + "; redirects are not followed: use that URL)"
+	}
+	return s
+}
+
+// Is reports whether target is ErrTooManyConnections and e is how a server
+// of this package refuses a connection over its limit: a 503 whose body
+// starts with that error's text and a colon.
+func (e *HTTPError) Is(target error) bool {
+	return target == ErrTooManyConnections && e.StatusCode == 503 &&
+		strings.HasPrefix(e.Body, ErrTooManyConnections.Error()+":")
+}
 
 func protoErr(reason string, t FrameType, detail string) *ProtocolError {
 	return &ProtocolError{Reason: reason, Frame: t, Detail: detail}
