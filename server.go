@@ -1525,15 +1525,21 @@ func (s *Server) register(c *sconn) bool {
 	if c.notIdeal {
 		s.stats.notIdeal.Add(1)
 	}
-	s.mu.Unlock()
-	s.meshClaimWaiting(c.key, e)
 	// Registered before anything can start the writer (a duplicate's
 	// Health notice below does): the writer's first item is ServerInfo,
 	// and a client that has it must be listed by Sessions and told by
-	// Close that the server is restarting.
+	// Close that the server is restarting. Both take s.mu before they
+	// look (Close to snapshot, Sessions to walk), so it is set under
+	// s.mu with the table: a Close right after this release would skip
+	// the session otherwise.
 	c.mu.Lock()
 	c.registered = true
 	c.mu.Unlock()
+	s.mu.Unlock()
+	if h := testHookRegistering.Load(); h != nil {
+		(*h)(c)
+	}
+	s.meshClaimWaiting(c.key, e)
 	if c.fastStart {
 		s.stats.fastStarts.Add(1)
 	} else {
@@ -1557,6 +1563,10 @@ func (s *Server) register(c *sconn) bool {
 	s.log.Debug("relay: client connected", "remote", c.remote, "key", c.key.ShortString(), "mesh", c.isMesh, "fastStart", c.fastStart)
 	return true
 }
+
+// testHookRegistering, if set, is called by register once c is in the
+// routing table and s.mu is released. It is nil outside tests.
+var testHookRegistering atomic.Pointer[func(c *sconn)]
 
 // maxDupHealthFanout is the most sessions of one key that are each told,
 // as one joins or leaves, how many there are. Beyond it only a newcomer is

@@ -1851,3 +1851,57 @@ func TestCloseCutsLoginsWithoutGrace(t *testing.T) {
 		t.Fatalf("Server.Close still waiting 30 s after the logged-in session closed, with a grace of an hour: it waits the grace for logins in progress (%d slots taken)", e.s.stats.sessions.Load())
 	}
 }
+
+// A session that register has put in the routing table is one Close must
+// tell it is restarting (it will be sent ServerInfo), even if Close looks
+// at it before register is done: c.registered was set only after s.mu was
+// released, and a Close in between skipped the session (no notice; it
+// waited the grace, and Sessions did not list it).
+func TestCloseNotifiesSessionBeingRegistered(t *testing.T) {
+	e := newHostileEnv(t, closeGraceOf(time.Hour))
+	for _, c := range []*Client{e.a, e.b} {
+		c.Close()
+	}
+	waitForT(t, "a and b to leave", func() bool { return e.s.Stats().CurrentConnections == 0 })
+	held, release := make(chan *sconn, 1), make(chan struct{})
+	var once sync.Once
+	h := func(c *sconn) {
+		once.Do(func() {
+			held <- c
+			<-release
+		})
+	}
+	testHookRegistering.Store(&h)
+	defer testHookRegistering.Store(nil)
+	defer once.Do(func() {}) // a later login does not wait
+	r := e.dial(t)
+	t.Cleanup(func() { r.nc.Close() }) // before the server's cleanup Close
+	if err := r.send(r.clientInfo(`{"version":2}`)); err != nil {
+		t.Fatal(err)
+	}
+	<-held // in the table, register not done
+	closed := make(chan struct{})
+	go func() { e.s.Close(); close(closed) }()
+	var got []FrameType
+	for {
+		ft, _, err := r.readFrame()
+		if err != nil {
+			close(release)
+			t.Fatalf("frames %v, then %v: Close did not tell a session in the routing table, but not yet marked registered, that it is restarting", got, err)
+		}
+		got = append(got, ft)
+		if ft == FrameRestarting {
+			break
+		}
+	}
+	close(release)
+	r.nc.Close()
+	select {
+	case <-closed:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Server.Close still waiting 30 s after the session read its notice and closed")
+	}
+	if got[0] != FrameServerInfo {
+		t.Errorf("frames %v: want ServerInfo first", got)
+	}
+}
