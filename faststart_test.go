@@ -2354,7 +2354,7 @@ func TestDialUpgradeAnswerWithinLoginTimeout(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			var addr string
-			if tc.mute {
+			if tc.mute || tc.drip {
 				ln, err := net.Listen("tcp", "127.0.0.1:0")
 				if err != nil {
 					t.Fatal(err)
@@ -2362,16 +2362,10 @@ func TestDialUpgradeAnswerWithinLoginTimeout(t *testing.T) {
 				addr = ln.Addr().String()
 				acceptLoop(t, ln, func(nc net.Conn) {
 					defer nc.Close()
-					io.Copy(io.Discard, nc)
-				})
-			} else if tc.drip {
-				ln, err := net.Listen("tcp", "127.0.0.1:0")
-				if err != nil {
-					t.Fatal(err)
-				}
-				addr = ln.Addr().String()
-				acceptLoop(t, ln, func(nc net.Conn) {
-					defer nc.Close()
+					if tc.mute {
+						io.Copy(io.Discard, nc)
+						return
+					}
 					br := bufio.NewReader(nc)
 					if _, err := http.ReadRequest(br); err != nil {
 						return

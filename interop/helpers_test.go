@@ -41,15 +41,40 @@ const recvTimeout = 5 * time.Second
 // of Tailscale's DERP packages or of this package are still running.
 func checkNoLeaks(t *testing.T) {
 	t.Helper()
+	checkNoGoroutines(t, 3*time.Second, "", func(g string) bool {
+		switch {
+		case strings.Contains(g, "testing.(*T).Run"),
+			strings.Contains(g, "testing.tRunner.func"),
+			strings.Contains(g, "testing.runTests"):
+			return false // the test framework itself
+		}
+		return strings.Contains(g, "github.com/fastderp/relay") ||
+			strings.Contains(g, "command-line-arguments.") ||
+			strings.Contains(g, "tailscale.com/derp") ||
+			strings.Contains(g, "net/http.(*conn).serve") ||
+			strings.Contains(g, "net/http.(*persistConn)")
+	})
+}
+
+// checkNoGoroutines registers a cleanup that waits up to wait for every
+// goroutine but its own that leaked accepts to end, and fails the test,
+// listing them (as what's), if some are still running.
+func checkNoGoroutines(t *testing.T, wait time.Duration, what string, leaked func(stack string) bool) {
+	t.Helper()
 	t.Cleanup(func() {
-		deadline := time.Now().Add(3 * time.Second)
+		deadline := time.Now().Add(wait)
 		for {
-			leaked := leakedGoroutines()
-			if len(leaked) == 0 {
+			var left []string
+			for _, g := range allGoroutines() {
+				if leaked(g) {
+					left = append(left, g)
+				}
+			}
+			if len(left) == 0 {
 				return
 			}
 			if time.Now().After(deadline) {
-				t.Errorf("%d goroutine(s) still running after cleanup:\n\n%s", len(leaked), strings.Join(leaked, "\n\n"))
+				t.Errorf("%d goroutine(s)%s still running after cleanup:\n\n%s", len(left), what, strings.Join(left, "\n\n"))
 				return
 			}
 			time.Sleep(20 * time.Millisecond)
@@ -57,7 +82,8 @@ func checkNoLeaks(t *testing.T) {
 	})
 }
 
-func leakedGoroutines() []string {
+// allGoroutines returns the stacks of all goroutines but the caller's.
+func allGoroutines() []string {
 	buf := make([]byte, 1<<20)
 	for {
 		n := runtime.Stack(buf, true)
@@ -67,25 +93,7 @@ func leakedGoroutines() []string {
 		}
 		buf = make([]byte, 2*len(buf))
 	}
-	var leaked []string
-	for i, g := range strings.Split(string(buf), "\n\n") {
-		if i == 0 {
-			continue // the goroutine running this cleanup
-		}
-		switch {
-		case strings.Contains(g, "testing.(*T).Run"),
-			strings.Contains(g, "testing.tRunner.func"),
-			strings.Contains(g, "testing.runTests"):
-			continue // the test framework itself
-		case strings.Contains(g, "github.com/fastderp/relay"),
-			strings.Contains(g, "command-line-arguments."),
-			strings.Contains(g, "tailscale.com/derp"),
-			strings.Contains(g, "net/http.(*conn).serve"),
-			strings.Contains(g, "net/http.(*persistConn)"):
-			leaked = append(leaked, g)
-		}
-	}
-	return leaked
+	return strings.Split(string(buf), "\n\n")[1:]
 }
 
 // recvMatch calls recv until match accepts a message, recv fails, or

@@ -13,7 +13,6 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -527,39 +526,9 @@ func waitMeshRoute(t *testing.T, ctx context.Context, s *relay.Server, k relay.P
 // plane (magicsock, netmon, the event bus, wireguard-go): call it first.
 func checkNoNodeLeaks(t *testing.T) {
 	t.Helper()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			var leaked []string
-			for _, g := range allGoroutines() {
-				if strings.Contains(g, "tailscale.com/") || strings.Contains(g, "tailscale/wireguard-go") {
-					leaked = append(leaked, g)
-				}
-			}
-			if len(leaked) == 0 {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("%d goroutine(s) of the nodes still running after cleanup:\n\n%s", len(leaked), strings.Join(leaked, "\n\n"))
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
+	checkNoGoroutines(t, 5*time.Second, " of the nodes", func(g string) bool {
+		return strings.Contains(g, "tailscale.com/") || strings.Contains(g, "tailscale/wireguard-go")
 	})
-}
-
-// allGoroutines returns the stacks of all goroutines but the caller's.
-func allGoroutines() []string {
-	buf := make([]byte, 1<<20)
-	for {
-		n := runtime.Stack(buf, true)
-		if n < len(buf) {
-			buf = buf[:n]
-			break
-		}
-		buf = make([]byte, 2*len(buf))
-	}
-	return strings.Split(string(buf), "\n\n")[1:]
 }
 
 // waitSessions polls s.Sessions, keyed by client key, until cond accepts
