@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"io"
 	"log"
 	"net"
@@ -375,5 +376,51 @@ func TestServerBehindRealIPMiddleware(t *testing.T) {
 	}
 	if err == nil || !strings.Contains(err.Error(), "too many connections") {
 		t.Errorf("second session from one forwarded IP with a per-IP limit of 1: %v", err)
+	}
+}
+
+// TestServerBehindForwardedMiddleware: middleware that takes the client's
+// address from an RFC 7239 Forwarded header (gorilla's
+// handlers.ProxyHeaders) strips the quotes and leaves the rest: an IPv6
+// node without a port is "[2001:db8::7]", brackets and all (RFC 7239
+// writes IPv6 nodes in brackets, a port optional). That address must
+// count as the client's IP, as the bare IP of X-Forwarded-For does, or the
+// per-IP limit silently stops applying to every IPv6 client.
+func TestServerBehindForwardedMiddleware(t *testing.T) {
+	s := NewServer(mustKey(t), WithMaxConnections(0, 1))
+	proxyHeaders := func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if fwd := r.Header.Get("Forwarded"); strings.HasPrefix(fwd, "for=") {
+				r.RemoteAddr = strings.Trim(strings.TrimPrefix(fwd, "for="), `"`)
+			}
+			h.ServeHTTP(w, r)
+		})
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/derp", proxyHeaders(s))
+	base, tlsConfig := middlewareServer(t, s, mux)
+	fs := &FastStart{TLSConfig: tlsConfig, Header: http.Header{"Forwarded": {`for="[2001:db8::7]"`}}}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, _, err := fs.Dial(ctx, base+"/derp", mustKey(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, ok := recvMsg[ServerInfo](t, c); !ok {
+		t.FailNow()
+	}
+	for si := range s.Sessions() {
+		if got := si.RemoteAddr.Addr().String(); got != "2001:db8::7" {
+			t.Errorf("session's RemoteAddr %v, want the forwarded client's 2001:db8::7", si.RemoteAddr)
+		}
+	}
+	c2, _, err := fs.Dial(ctx, base+"/derp", mustKey(t))
+	if err == nil {
+		_, err = c2.Recv()
+		c2.Close()
+	}
+	if !errors.Is(err, ErrTooManyConnections) {
+		t.Errorf("second session from one forwarded IPv6 address with a per-IP limit of 1: %v", err)
 	}
 }

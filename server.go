@@ -1000,7 +1000,8 @@ const maxKeptPeerGone = 64
 // the server is closed, and closes nc. brw must buffer nc; bytes already
 // buffered in it are read first and bytes written but not flushed (such as
 // an HTTP 101 response) leave with the ServerKey frame. remoteAddr ("ip:port",
-// or a bare IP) is used for per-IP limits, admission and PeerPresent.
+// or an IP with no port, an IPv6 one in brackets or not) is used for
+// per-IP limits, admission and PeerPresent.
 //
 // ctx must not be nil (use context.Background()): Accept closes nc and
 // panics at once, on the caller's goroutine, rather than on one of the
@@ -1280,10 +1281,15 @@ func (c *sconn) quitChan() <-chan struct{} {
 // an IPv4-mapped IPv6 address counts as the IPv4 address. A bare IP, with
 // no port, is taken with port 0: middleware that puts the client's address
 // from X-Forwarded-For into http.Request.RemoteAddr (chi's RealIP,
-// gorilla's ProxyHeaders) leaves it so.
+// gorilla's ProxyHeaders) leaves it so, and an IPv6 one in brackets, as
+// RFC 7239's Forwarded header writes it ("[2001:db8::1]") and
+// ProxyHeaders passes it on.
 func parseRemote(remoteAddr string) netip.AddrPort {
 	ap, err := netip.ParseAddrPort(remoteAddr)
 	if err != nil {
+		if len(remoteAddr) > 2 && remoteAddr[0] == '[' && remoteAddr[len(remoteAddr)-1] == ']' {
+			remoteAddr = remoteAddr[1 : len(remoteAddr)-1]
+		}
 		ip, _ := netip.ParseAddr(remoteAddr)
 		ap = netip.AddrPortFrom(ip, 0)
 	}
