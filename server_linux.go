@@ -66,6 +66,10 @@ type parker struct {
 	conns map[uint64]*sconn
 	peak  int // most conns has held since it was last rebuilt (shrinkMap)
 	next  uint64
+	// failAdd, if set (by tests, before the server has sessions), is the
+	// error of every add: a process out of file descriptors or epoll
+	// watches, without lowering a limit of the whole test binary.
+	failAdd error
 }
 
 type epoller struct {
@@ -122,6 +126,9 @@ func (ep *epoller) ctl(c *sconn, op int, id uint64) error {
 func (p *parker) add(c *sconn) (uint64, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.failAdd != nil {
+		return 0, p.failAdd
+	}
 	if p.ep == nil {
 		ep, err := newEpoller()
 		if err != nil {
