@@ -369,7 +369,7 @@ type HTTPError struct {
 	StatusCode int    // such as 503
 	Status     string // the status line's code and text, such as "503 Service Unavailable"
 	Body       string // the start of the body (at most 512 bytes), trimmed of white space
-	Location   string // for a redirect (3xx), where to (clipped to 256 bytes); redirects are not followed
+	Location   string // for a redirect (3xx), where to (cut after 256 bytes, then marked with "…"); redirects are not followed
 }
 
 // Error returns the quoted status and the quoted body, and for a redirect
