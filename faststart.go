@@ -1911,10 +1911,11 @@ func (rc *ReconnectingClient) NotePreferred(preferred bool) error {
 // bad configuration early: a host that cannot be reached, a certificate
 // that does not verify, and an HTTP answer other than the upgrade (a wrong
 // path, a redirect) where the dial waits for the server's answer (the
-// upgrade path, or a server key already known). A first fast-path dial,
-// with the key from the meta cert, returns once the login is written, so
-// such an answer, like a refused login on any path, shows only afterwards
-// (the Recv loop reconnects, and the Logger says why).
+// upgrade path, a server key already known, or a resumed TLS session). A
+// first fast-path dial that takes the key from the meta cert of a full TLS
+// handshake returns once the login is written, so such an answer, like a
+// refused login on any path, shows only afterwards (the Recv loop
+// reconnects, and the Logger says why).
 func (rc *ReconnectingClient) Connect(ctx context.Context) error {
 	_, _, err := rc.current(ctx)
 	return err
