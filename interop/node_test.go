@@ -78,6 +78,9 @@ type tsNode struct {
 	// from this node before it sends the missing ones again: a second
 	// if zero.
 	resendAfter time.Duration
+	// sendWindow is how many packets nodeTransfer sends from this node
+	// before it waits for them: 32 if zero.
+	sendWindow int
 }
 
 func newTSNode(t *testing.T, name string, ip netip.Addr, derpMap *tailcfg.DERPMap) *tsNode {
@@ -560,7 +563,8 @@ func waitSessions(t *testing.T, ctx context.Context, s *relay.Server, what strin
 // nodeTransfer sends data from one node to the other as UDP packets
 // through their TUNs, nodeChunk bytes at a time, and returns what the other
 // node's TUN delivered. UDP may lose packets (a WireGuard handshake in
-// progress, a full queue), so it sends a window of packets, waits for them
+// progress, a full queue), so it sends a window of packets (32, or
+// from.sendWindow), waits for them
 // to arrive (the receiver tells it directly, not over the network), and
 // sends again those that did not arrive within a second (from.resendAfter
 // if set).
@@ -615,7 +619,10 @@ func nodeTransfer(ctx context.Context, from, to *tsNode, data []byte) (_ []byte,
 		SrcPort:   srcPort,
 		DstPort:   dstPort,
 	}
-	const window = 32
+	window := from.sendWindow
+	if window == 0 {
+		window = 32
+	}
 	for base := 0; base < n; base += window {
 		end := min(base+window, n)
 		sent := false
@@ -839,6 +846,49 @@ func TestTailscaleNodesUnderLimits(t *testing.T) {
 			if n != 0 {
 				t.Errorf("server dropped %d packets (%s)", n, reason)
 			}
+		}
+	})
+
+	// A queue of two packets per client and kind: a full queue loses
+	// its oldest packet, counted. WireGuard's packets arrive all the
+	// same, thanks to the test's resends, and no session ends.
+	t.Run("queue depth 2", func(t *testing.T) {
+		checkNoLeaks(t)
+		checkNoNodeLeaks(t)
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		s, a, b, before := startNodes(t, ctx, relay.WithQueueDepth(2))
+		// Windows of 256 packets (280 KiB), which the server may read
+		// faster than it writes them. Whether a queue fills depends on
+		// the scheduling (measured: 2 to 470 drops an exchange), so
+		// the exchange is repeated, up to 5 times, until one did.
+		a.resendAfter, b.resendAfter = 100*time.Millisecond, 100*time.Millisecond
+		a.sendWindow, b.sendWindow = 256, 256
+		resent := 0
+		for i := 0; i < 5 && s.Stats().PacketsDropped["queue_head/other"] == 0; i++ {
+			resent += nodeExchange(t, ctx, a, b)
+		}
+		after := checkSameSessions(t, s, before)
+		st := s.Stats()
+		dropped := nonZero(st.PacketsDropped)
+		t.Logf("%d packets sent again; dropped: %v", resent, dropped)
+		var inSessions int64
+		for _, si := range after {
+			inSessions += si.PacketsDropped
+		}
+		if dropped["queue_head/other"] == 0 {
+			t.Errorf("dropped %v: want drops from full queues", dropped)
+		}
+		var queueDrops int64
+		for reason, n := range dropped {
+			if strings.HasPrefix(reason, "queue_head/") {
+				queueDrops += n
+			} else {
+				t.Errorf("dropped %d packets: %s", n, reason)
+			}
+		}
+		if inSessions != queueDrops {
+			t.Errorf("the sessions counted %d drops, Stats %d", inSessions, queueDrops)
 		}
 	})
 }
