@@ -891,6 +891,44 @@ func TestTailscaleNodesUnderLimits(t *testing.T) {
 			t.Errorf("the sessions counted %d drops, Stats %d", inSessions, queueDrops)
 		}
 	})
+
+	// An idle timeout shorter than the pause between two exchanges:
+	// the nodes declare CanAckPings, so the server sends its
+	// keepalives as Pings, and magicsock answers each with a Pong,
+	// which keeps the sessions alive (WithIdleTimeout) though the
+	// nodes have nothing to send.
+	t.Run("idle timeout", func(t *testing.T) {
+		checkNoLeaks(t)
+		checkNoNodeLeaks(t)
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		const keepAlive, idle = 250 * time.Millisecond, time.Second
+		s, a, b, before := startNodes(t, ctx, relay.WithKeepAlive(keepAlive), relay.WithIdleTimeout(idle))
+		for k, si := range before {
+			if !si.Info.CanAckPings {
+				t.Fatalf("session %v: the node did not declare CanAckPings", k.ShortString())
+			}
+		}
+		nodeExchange(t, ctx, a, b)
+		st0 := s.Stats()
+		m0 := checkSameSessions(t, s, before)
+		time.Sleep(3 * idle)
+		st := s.Stats()
+		m := checkSameSessions(t, s, before)
+		// Measured: the nodes sent no packet in the pause, so their
+		// Pongs alone kept the sessions.
+		for k, si := range m {
+			t.Logf("in the pause, node %v sent %d packets", k.ShortString(), si.PacketsReceived-m0[k].PacketsReceived)
+		}
+		// About 12 Pings to each node in the pause.
+		if pings, pongs := st.PingsSent-st0.PingsSent, st.PongsReceived-st0.PongsReceived; pings < 4 || pongs < 4 {
+			t.Errorf("in the pause, %d Pings sent and %d Pongs received, want at least 4 each", pings, pongs)
+		}
+		nodeExchange(t, ctx, a, b)
+		checkSameSessions(t, s, before)
+		st = s.Stats()
+		t.Logf("Pings sent %d, Pongs received %d", st.PingsSent, st.PongsReceived)
+	})
 }
 
 // maxFrameCost is the cost of a maximal SendPacket frame under a rate
