@@ -644,9 +644,14 @@ const maxAdmissionRequests = 64
 // SendPackets), with the given burst (raised to at least one maximal
 // SendPacket frame, 65573 bytes). The limit is announced to clients in
 // ServerInfo and enforced by reading more slowly, so TCP flow control slows
-// the sender and nothing is dropped. What clients do not count against it
-// (Pings, Pongs, NotePreferred and, over WebSocket, the WebSocket framing)
-// is paid for from a second token bucket of the same rate and burst, so
+// the sender and the server drops nothing. Clients keep to the announced
+// limit themselves: a packet their own bucket cannot pay for is refused
+// by ours (ErrRateLimited) and dropped, silently, by Tailscale's (WireGuard
+// sends it again; interop TestTailscaleNodesUnderLimits measures it), so
+// the limit is lossless only for clients not told of it (see
+// SetRateLimit). What clients do not count against it (Pings, Pongs,
+// NotePreferred and, over WebSocket, the WebSocket framing) is paid for
+// from a second token bucket of the same rate and burst, so
 // that a client that keeps its packets within the limit is not paced for
 // those, nor its liveness checks held up behind its packets, while a flood
 // of them is paced all the same: a client may send the limit in packets
