@@ -154,6 +154,8 @@ type Handshake struct {
 	Attempts int
 	// URL is the URL dialled.
 	URL string
+
+	fastAnswered bool // the fast-start attempt got an HTTP answer, and the upgrade was tried after it
 }
 
 // Dial connects to serverURL and logs in with priv. On the fast path Dial
@@ -189,6 +191,7 @@ func (f *FastStart) Dial(ctx context.Context, serverURL string, priv PrivateKey,
 		return c, hs, err
 	}
 	var reason string
+	first := err
 	switch {
 	case errors.Is(err, ErrServerKeyMismatch) && resumed && hs.KeySource == "meta-cert":
 		// The cached session is another server's, or from before
@@ -208,6 +211,7 @@ func (f *FastStart) Dial(ctx context.Context, serverURL string, priv PrivateKey,
 	}
 	c, hs, err = f.dial(ctx, u, priv, PublicKey{}, opts, resumed)
 	hs.Attempts, hs.URL = 2, serverURL
+	hs.fastAnswered = errors.Is(first, errFastStartAnswered)
 	if hs.Reason == "" {
 		hs.Reason = reason
 	} else {
@@ -785,7 +789,10 @@ func (c *Client) readServerStart() error {
 // after connecting, as it does through a reverse proxy that does not pass
 // fast start through: that server is then dialled as if no key were
 // known, unless its path was silent already, as in a black hole; see
-// Dialer). It also remembers the address each host name was last reached
+// Dialer; and after a fast start to it got an HTTP answer, such as a
+// reverse proxy's 502, and the upgrade that Dial tried at once got
+// through, that server is dialled as if no key were known for 30 minutes,
+// or until Reconnect). It also remembers the address each host name was last reached
 // at: when DNS fails on a reconnect, it dials that address (the
 // certificate is still checked against the name).
 //
@@ -852,7 +859,10 @@ type ReconnectingClient struct {
 	// not the deadline of the caller's ctx), unless the path to it was
 	// silent already: its last connection or dial had timed out too, as
 	// in a black hole every dial does, or a Ping on its last connection
-	// had.
+	// had. Nor is it used for 30 minutes, or until a Reconnect, after a
+	// dial to that server whose fast start got an HTTP answer (such as a
+	// reverse proxy's 502) connected with the upgrade that Dial tried at
+	// once: each reconnect would otherwise make that extra connection.
 	Dialer *FastStart
 	// Options are passed to every connection (MeshKey, CanAckPings, …).
 	Options []ClientOption
@@ -890,6 +900,7 @@ type ReconnectingClient struct {
 	noFast       map[string]bool       // servers (keyID) a fast start with a known key timed out on
 	silent       map[string]bool       // servers whose last connection, or dial other than such a fast start, timed out (see dial)
 	noKeyOnce    map[string]bool       // servers to dial once without their key, after a fast start timed out while silent
+	fastRefused  map[string]time.Time  // servers whose fast start got an HTTP answer that the upgrade then got past: until when they are dialled without their key
 	cKeyID       string                // keyID of c's server
 	lastGood     map[string]netip.Addr // where each host name was last reached
 	preferred    bool                  // what the caller wants
@@ -938,6 +949,11 @@ func (rc *ReconnectingClient) redialCh() chan struct{} {
 	}
 	return rc.redial
 }
+
+// fastRefusedFor is how long ReconnectingClient dials a server without
+// its key after a fast start to it got an HTTP answer and the upgrade then
+// got through (see Dialer).
+const fastRefusedFor = 30 * time.Minute
 
 // maxRestartTry bounds how long after a ServerRestarting notice's wait the
 // client retries at MinBackoff.
@@ -1400,6 +1416,17 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 		rc.keys = map[string]PublicKey{}
 	}
 	rc.keys[won.keyID()] = hs.ServerKey
+	if hs.fastAnswered {
+		// Something in front of the server (a reverse proxy) answers
+		// fast start and passes the upgrade: until fastRefusedFor has
+		// passed, or a Reconnect, skip the connection that fast start
+		// would cost every reconnect.
+		if rc.fastRefused == nil {
+			rc.fastRefused = map[string]time.Time{}
+		}
+		rc.fastRefused[won.keyID()] = rc.connAt.Add(fastRefusedFor)
+		log.add(slog.LevelInfo, "relay: fast start answered by HTTP, the upgrade got through; dialling without the key for a while", "url", hs.URL, "node", won.name(), "for", fastRefusedFor)
+	}
 	log.add(slog.LevelInfo, "relay: connected", "url", hs.URL, "path", hs.Path.String(), "reason", hs.Reason, "generation", rc.gen)
 	return c, rc.gen, hs, nil
 }
@@ -1483,7 +1510,13 @@ func (rc *ReconnectingClient) dialerFor(i int, t dialTarget, several bool, log *
 		}
 	}
 	rc.mu.Lock()
-	if rc.noFast[t.keyID()] || rc.noKeyOnce[t.keyID()] {
+	refused := false
+	if until, ok := rc.fastRefused[t.keyID()]; ok {
+		if refused = time.Now().Before(until); !refused {
+			delete(rc.fastRefused, t.keyID()) // try fast start again
+		}
+	}
+	if rc.noFast[t.keyID()] || rc.noKeyOnce[t.keyID()] || refused {
 		f.ServerKey = PublicKey{} // dialled as if no key were known
 		delete(rc.noKeyOnce, t.keyID())
 	} else if k, ok := rc.keys[t.keyID()]; ok {
@@ -2256,7 +2289,9 @@ func (rc *ReconnectingClient) Ping(ctx context.Context) (time.Duration, error) {
 // RST, otherwise lasts until RecvTimeout (120 s by default). A Recv waiting on the
 // dropped connection does not return: it dials the next one, which starts
 // with a ServerInfo as every connection does; Pings waiting on it return
-// ErrNotConnected. A dial under way, which may be stuck on the old path,
+// ErrNotConnected. Servers whose fast start got an HTTP answer (see
+// Dialer) are tried with their key again: the new path may not go
+// through the front that answered. A dial under way, which may be stuck on the old path,
 // is cut short and started again at once, with the server it started
 // with, counting as no failure (a call waiting for it goes on waiting for
 // the new one). Reconnect resets the count of failures but not the server
@@ -2282,6 +2317,9 @@ func (rc *ReconnectingClient) Reconnect() {
 	rc.failures = 0
 	rc.cutShort = false
 	rc.notBefore = time.Time{}
+	// The new path may not go through the front that answered fast
+	// start (or it was fixed): try it again.
+	clear(rc.fastRefused)
 	if !time.Now().Before(rc.restartUntil) {
 		rc.nextDial = time.Time{}
 	}
