@@ -109,3 +109,53 @@ func TestReconnectRemembersFastStartAnswered(t *testing.T) {
 		})
 	}
 }
+
+// TestReconnectFastStartHungUp: behind a front that hangs up on a
+// fast-start request (a reset, or a close, with no HTTP answer) and passes
+// the upgrade, a ReconnectingClient that learned the server's key must
+// still reconnect, and not try fast start there again on every reconnect:
+// one failed fast start, then the upgrade, which is remembered as a
+// fast start answered by HTTP is.
+func TestReconnectFastStartHungUp(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		reset bool
+	}{{"reset", true}, {"close", false}} {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newTestServer(t)
+			d := serveDERP(t, s, derpServeOpts{plain: true, handler: fastStartFront(s, func(w http.ResponseWriter, r *http.Request) {
+				nc, _, err := http.NewResponseController(w).Hijack()
+				if err != nil {
+					return
+				}
+				if tc, ok := nc.(*net.TCPConn); ok && tt.reset {
+					tc.SetLinger(0)
+				}
+				nc.Close()
+			})})
+			counting, dials := countDials()
+			h := newRCHarness(t, &TestServer{URL: d.URL}, counting)
+			rcNext[ServerInfo](t, h)
+			const reconnects = 4
+			for i := range reconnects {
+				s.closePeer(h.rc.PrivateKey.Public())
+				select {
+				case m := <-h.msgs:
+					if _, ok := m.(ServerInfo); !ok {
+						t.Fatalf("reconnect %d: got %T, want ServerInfo", i+1, m)
+					}
+				case <-time.After(10 * time.Second):
+					t.Fatalf("reconnect %d: no ServerInfo in 10s (%d TCP connections so far): the learned key's fast start fails every dial", i+1, dials.Load())
+				}
+			}
+			if n, want := int(dials.Load()), reconnects+2; n != want {
+				h.mu.Lock()
+				for i, hs := range h.connects {
+					t.Logf("connection %d: %s path, %d attempts (%s)", i+1, hs.Path, hs.Attempts, hs.Reason)
+				}
+				h.mu.Unlock()
+				t.Errorf("%d TCP connections for %d logins, want %d", n, reconnects+1, want)
+			}
+		})
+	}
+}

@@ -155,7 +155,7 @@ type Handshake struct {
 	// URL is the URL dialled.
 	URL string
 
-	fastAnswered bool // the fast-start attempt got an HTTP answer, and the upgrade was tried after it
+	fastAnswered bool // the fast-start attempt got an HTTP answer, and the upgrade was tried after it (or, in ReconnectingClient, the dial before hung up on one)
 }
 
 // Dial connects to serverURL and logs in with priv. On the fast path Dial
@@ -791,6 +791,7 @@ func (c *Client) readServerStart() error {
 // known, unless its path was silent already, as in a black hole; see
 // Dialer; and after a fast start to it got an HTTP answer, such as a
 // reverse proxy's 502, and the upgrade that Dial tried at once got
+// through, or it hung up on a fast start and the next dial's upgrade got
 // through, that server is dialled as if no key were known for 30 minutes,
 // or until Reconnect). It also remembers the address each host name was last reached
 // at: when DNS fails on a reconnect, it dials that address (the
@@ -863,6 +864,10 @@ type ReconnectingClient struct {
 	// dial to that server whose fast start got an HTTP answer (such as a
 	// reverse proxy's 502) connected with the upgrade that Dial tried at
 	// once: each reconnect would otherwise make that extra connection.
+	// A fast start with it that fails otherwise once connected (reset
+	// or closed before the server's first frame, not timed out) fails
+	// that dial, and the next one goes without the key; if that one
+	// connects on the upgrade path, the same 30 minutes apply.
 	Dialer *FastStart
 	// Options are passed to every connection (MeshKey, CanAckPings, …).
 	Options []ClientOption
@@ -900,7 +905,8 @@ type ReconnectingClient struct {
 	noFast       map[string]bool       // servers (keyID) a fast start with a known key timed out on
 	silent       map[string]bool       // servers whose last connection, or dial other than such a fast start, timed out (see dial)
 	noKeyOnce    map[string]bool       // servers to dial once without their key, after a fast start timed out while silent
-	fastRefused  map[string]time.Time  // servers whose fast start got an HTTP answer that the upgrade then got past: until when they are dialled without their key
+	fastRefused  map[string]time.Time  // servers whose fast start got an HTTP answer, or hung up, and the upgrade then got past: until when they are dialled without their key
+	fastHungUp   map[string]bool       // servers a fast start with a known key failed on after connecting (not a timeout): the next dial goes without the key
 	cKeyID       string                // keyID of c's server
 	lastGood     map[string]netip.Addr // where each host name was last reached
 	preferred    bool                  // what the caller wants
@@ -1195,7 +1201,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 	for k := range targets {
 		i := (first + k) % len(targets)
 		t := targets[i]
-		f := rc.dialerFor(i, t, len(targets) > 1, log)
+		f, keyless := rc.dialerFor(i, t, len(targets) > 1, log)
 		actx, acancel := attemptContext(dctx, len(targets)-k)
 		if t.node != nil {
 			c, hs, err = f.DialNode(actx, t.node, rc.PrivateKey, opts...)
@@ -1248,8 +1254,37 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 			}
 		case timedOut:
 			rc.noteSilent(t.keyID(), true)
+		case err != nil && hs.Path == FastPath && hs.KeySource == "configured" && dctx.Err() == nil:
+			// The fast path with a key known in advance failed after
+			// the connection was made, before the server's first
+			// frame: something in front of it may refuse fast start
+			// without an HTTP answer (a reset, a close). The next dial
+			// goes without the key, and if it gets through, fast start
+			// is remembered as refused there (see Dialer); a server
+			// that hung up as it went down keeps its key.
+			rc.mu.Lock()
+			if rc.fastHungUp == nil {
+				rc.fastHungUp = map[string]bool{}
+			}
+			rc.fastHungUp[t.keyID()] = true
+			rc.mu.Unlock()
 		case err == nil:
 			rc.noteSilent(t.keyID(), false)
+		}
+		if keyless && !hs.fastAnswered {
+			// Dialled without the key after a fast start that hung up.
+			// Unless a cut-short dial, which leaves it to the next.
+			rc.mu.Lock()
+			if err == nil || dctx.Err() == nil {
+				delete(rc.fastHungUp, t.keyID())
+			}
+			rc.mu.Unlock()
+			if err == nil && hs.Path == UpgradePath {
+				// Remembered as a fast start answered by HTTP is
+				// (see Dialer). A failure is no evidence either
+				// way: the next dial takes the key again.
+				hs.fastAnswered = true
+			}
 		}
 		if err != nil && len(targets) > 1 {
 			// One line per failed dial, not per node: the failure's
@@ -1425,7 +1460,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 			rc.fastRefused = map[string]time.Time{}
 		}
 		rc.fastRefused[won.keyID()] = rc.connAt.Add(fastRefusedFor)
-		log.add(slog.LevelInfo, "relay: fast start answered by HTTP, the upgrade got through; dialling without the key for a while", "url", hs.URL, "node", won.name(), "for", fastRefusedFor)
+		log.add(slog.LevelInfo, "relay: fast start refused (an HTTP answer, or a hang-up on the dial before), the upgrade got through; dialling without the key for a while", "url", hs.URL, "node", won.name(), "for", fastRefusedFor)
 	}
 	log.add(slog.LevelInfo, "relay: connected", "url", hs.URL, "path", hs.Path.String(), "reason", hs.Reason, "generation", rc.gen)
 	return c, rc.gen, hs, nil
@@ -1489,8 +1524,9 @@ func (rc *ReconnectingClient) regionID() int {
 }
 
 // dialerFor returns the FastStart for t, the i-th server to try; several
-// says whether there are more than one.
-func (rc *ReconnectingClient) dialerFor(i int, t dialTarget, several bool, log *dialLog) *FastStart {
+// says whether there are more than one. keyless says it goes without t's
+// key after a fast start to t hung up.
+func (rc *ReconnectingClient) dialerFor(i int, t dialTarget, several bool, log *dialLog) (_ *FastStart, keyless bool) {
 	var f FastStart
 	if rc.Dialer != nil {
 		f = *rc.Dialer
@@ -1516,7 +1552,8 @@ func (rc *ReconnectingClient) dialerFor(i int, t dialTarget, several bool, log *
 			delete(rc.fastRefused, t.keyID()) // try fast start again
 		}
 	}
-	if rc.noFast[t.keyID()] || rc.noKeyOnce[t.keyID()] || refused {
+	keyless = rc.fastHungUp[t.keyID()] && !refused && !rc.noFast[t.keyID()]
+	if rc.noFast[t.keyID()] || rc.noKeyOnce[t.keyID()] || refused || keyless {
 		f.ServerKey = PublicKey{} // dialled as if no key were known
 		delete(rc.noKeyOnce, t.keyID())
 	} else if k, ok := rc.keys[t.keyID()]; ok {
@@ -1531,7 +1568,7 @@ func (rc *ReconnectingClient) dialerFor(i int, t dialTarget, several bool, log *
 		f.DialContext = boundConnect(f.DialContext, per)
 	}
 	f.DialContext = rc.lastGoodDial(f.DialContext, log)
-	return &f
+	return &f, keyless
 }
 
 // lastGoodDial returns dial (a net.Dialer if nil) remembering the address
@@ -2289,8 +2326,8 @@ func (rc *ReconnectingClient) Ping(ctx context.Context) (time.Duration, error) {
 // RST, otherwise lasts until RecvTimeout (120 s by default). A Recv waiting on the
 // dropped connection does not return: it dials the next one, which starts
 // with a ServerInfo as every connection does; Pings waiting on it return
-// ErrNotConnected. Servers whose fast start got an HTTP answer (see
-// Dialer) are tried with their key again: the new path may not go
+// ErrNotConnected. Servers whose fast start was refused (see Dialer)
+// are tried with their key again: the new path may not go
 // through the front that answered. A dial under way, which may be stuck on the old path,
 // is cut short and started again at once, with the server it started
 // with, counting as no failure (a call waiting for it goes on waiting for
@@ -2320,6 +2357,7 @@ func (rc *ReconnectingClient) Reconnect() {
 	// The new path may not go through the front that answered fast
 	// start (or it was fixed): try it again.
 	clear(rc.fastRefused)
+	clear(rc.fastHungUp)
 	if !time.Now().Before(rc.restartUntil) {
 		rc.nextDial = time.Time{}
 	}
