@@ -957,8 +957,8 @@ func (rc *ReconnectingClient) redialCh() chan struct{} {
 }
 
 // fastRefusedFor is how long ReconnectingClient dials a server without
-// its key after a fast start to it got an HTTP answer and the upgrade then
-// got through (see Dialer).
+// its key after a fast start to it got an HTTP answer, or hung up, and the
+// upgrade then got through (see Dialer).
 const fastRefusedFor = 30 * time.Minute
 
 // maxRestartTry bounds how long after a ServerRestarting notice's wait the
@@ -1229,7 +1229,8 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 			// reverse proxy) does not pass fast start through, and the
 			// server waits for a ClientInfo it never gets. From now on
 			// the server is dialled as if no key were known. (A server
-			// that hangs up, as one restarting may, keeps its key.)
+			// that hangs up instead is dialled once without it: see
+			// the next case but one.)
 			// Unless the path to it was silent already (the last
 			// connection or dial timed out): in a black hole every dial
 			// times out, with the key or without, so the next dial
@@ -1261,7 +1262,8 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 			// without an HTTP answer (a reset, a close). The next dial
 			// goes without the key, and if it gets through, fast start
 			// is remembered as refused there (see Dialer); a server
-			// that hung up as it went down keeps its key.
+			// that hung up as it went down, and whose dial without the
+			// key failed too, keeps its key.
 			rc.mu.Lock()
 			if rc.fastHungUp == nil {
 				rc.fastHungUp = map[string]bool{}
@@ -1451,7 +1453,7 @@ func (rc *ReconnectingClient) dial(ctx context.Context, done, redial <-chan stru
 		rc.keys = map[string]PublicKey{}
 	}
 	rc.keys[won.keyID()] = hs.ServerKey
-	if hs.fastAnswered {
+	if hs.fastAnswered && hs.Path == UpgradePath {
 		// Something in front of the server (a reverse proxy) answers
 		// fast start and passes the upgrade: until fastRefusedFor has
 		// passed, or a Reconnect, skip the connection that fast start
