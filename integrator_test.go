@@ -344,10 +344,25 @@ func TestServerBehindRealIPMiddleware(t *testing.T) {
 			h.ServeHTTP(w, r)
 		})
 	}
+	checkForwardedClient(t, s, realIP, http.Header{"X-Forwarded-For": {"203.0.113.7"}}, "203.0.113.7", func() {
+		mu.Lock()
+		if len(sources) != 1 || sources[0] != "203.0.113.7" {
+			t.Errorf("admission service was told Source %q, want the forwarded client's 203.0.113.7", sources)
+		}
+		mu.Unlock()
+	})
+}
+
+// checkForwardedClient dials s mounted behind middleware mw, with header
+// naming the client's address, want: the session must have that address,
+// then between runs, and a second session from that address must be over
+// s's limit of one per IP.
+func checkForwardedClient(t *testing.T, s *Server, mw func(http.Handler) http.Handler, header http.Header, want string, between func()) {
+	t.Helper()
 	mux := http.NewServeMux()
-	mux.Handle("/derp", realIP(s))
+	mux.Handle("/derp", mw(s))
 	base, tlsConfig := middlewareServer(t, s, mux)
-	fs := &FastStart{TLSConfig: tlsConfig, Header: http.Header{"X-Forwarded-For": {"203.0.113.7"}}}
+	fs := &FastStart{TLSConfig: tlsConfig, Header: header}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	c, _, err := fs.Dial(ctx, base+"/derp", mustKey(t))
@@ -359,23 +374,20 @@ func TestServerBehindRealIPMiddleware(t *testing.T) {
 		t.FailNow()
 	}
 	for si := range s.Sessions() {
-		if got := si.RemoteAddr.Addr().String(); got != "203.0.113.7" {
-			t.Errorf("session's RemoteAddr %v, want the forwarded client's 203.0.113.7", si.RemoteAddr)
+		if got := si.RemoteAddr.Addr().String(); got != want {
+			t.Errorf("session's RemoteAddr %v, want the forwarded client's %s", si.RemoteAddr, want)
 		}
 	}
-	mu.Lock()
-	if len(sources) != 1 || sources[0] != "203.0.113.7" {
-		t.Errorf("admission service was told Source %q, want the forwarded client's 203.0.113.7", sources)
+	if between != nil {
+		between()
 	}
-	mu.Unlock()
-	// A second session from that address is over the limit of 1 per IP.
 	c2, _, err := fs.Dial(ctx, base+"/derp", mustKey(t))
 	if err == nil {
 		_, err = c2.Recv()
 		c2.Close()
 	}
-	if err == nil || !strings.Contains(err.Error(), "too many connections") {
-		t.Errorf("second session from one forwarded IP with a per-IP limit of 1: %v", err)
+	if !errors.Is(err, ErrTooManyConnections) {
+		t.Errorf("second session from one forwarded address (%s) with a per-IP limit of 1: %v", want, err)
 	}
 }
 
@@ -396,31 +408,5 @@ func TestServerBehindForwardedMiddleware(t *testing.T) {
 			h.ServeHTTP(w, r)
 		})
 	}
-	mux := http.NewServeMux()
-	mux.Handle("/derp", proxyHeaders(s))
-	base, tlsConfig := middlewareServer(t, s, mux)
-	fs := &FastStart{TLSConfig: tlsConfig, Header: http.Header{"Forwarded": {`for="[2001:db8::7]"`}}}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	c, _, err := fs.Dial(ctx, base+"/derp", mustKey(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if _, ok := recvMsg[ServerInfo](t, c); !ok {
-		t.FailNow()
-	}
-	for si := range s.Sessions() {
-		if got := si.RemoteAddr.Addr().String(); got != "2001:db8::7" {
-			t.Errorf("session's RemoteAddr %v, want the forwarded client's 2001:db8::7", si.RemoteAddr)
-		}
-	}
-	c2, _, err := fs.Dial(ctx, base+"/derp", mustKey(t))
-	if err == nil {
-		_, err = c2.Recv()
-		c2.Close()
-	}
-	if !errors.Is(err, ErrTooManyConnections) {
-		t.Errorf("second session from one forwarded IPv6 address with a per-IP limit of 1: %v", err)
-	}
+	checkForwardedClient(t, s, proxyHeaders, http.Header{"Forwarded": {`for="[2001:db8::7]"`}}, "2001:db8::7", nil)
 }

@@ -769,25 +769,7 @@ func TestTailscaleNodesUnderLimits(t *testing.T) {
 		// Packets the client drops are missed at once: at the
 		// limit a window of 32 takes 0.07 s.
 		a.resendAfter, b.resendAfter = 100*time.Millisecond, 100*time.Millisecond
-		st0 := s.Stats()
-		start := time.Now()
-		at0 := checkSameSessions(t, s, before)
-		resent := nodeExchange(t, ctx, a, b)
-		elapsed := time.Since(start)
-		after := checkSameSessions(t, s, before)
-		st := s.Stats()
-		waits := st.RateLimitWaits - st0.RateLimitWaits
-		t.Logf("%d packets sent again; the server waited %d times for the limit; dropped: %v", resent, waits, nonZero(st.PacketsDropped))
-		for k, si := range after {
-			// Within the limit: what the server read of each
-			// session in the exchange (payloads alone, counted
-			// as each read ends) fits in the burst, one frame
-			// more, and the rate for the time it took.
-			got := si.BytesReceived - at0[k].BytesReceived
-			if limit := 2*maxFrameCost + int64(elapsed.Seconds()*rate); got > limit {
-				t.Errorf("session %v sent %d bytes in %v, beyond the limit (%d)", k.ShortString(), got, elapsed, limit)
-			}
-		}
+		resent, waits := rateExchange(t, ctx, s, a, b, before, rate)
 		// The client limited itself: the packets it could not pay
 		// for were lost before the server (which dropped none), so
 		// the test sent them again; and the server seldom paced it. It
@@ -804,11 +786,6 @@ func TestTailscaleNodesUnderLimits(t *testing.T) {
 		if waits > nodeFrames*3/4 {
 			t.Errorf("the server waited %d times for the rate limit: Tailscale's client did not keep within the limit announced", waits)
 		}
-		for reason, n := range st.PacketsDropped {
-			if n != 0 {
-				t.Errorf("server dropped %d packets (%s)", n, reason)
-			}
-		}
 	})
 
 	// The same limit set once the nodes are logged in: they are not
@@ -822,30 +799,11 @@ func TestTailscaleNodesUnderLimits(t *testing.T) {
 		defer cancel()
 		s, a, b, before := startNodes(t, ctx)
 		s.SetRateLimit(rate, 0)
-		st0 := s.Stats()
-		start := time.Now()
-		at0 := checkSameSessions(t, s, before)
-		resent := nodeExchange(t, ctx, a, b)
-		elapsed := time.Since(start)
-		after := checkSameSessions(t, s, before)
-		st := s.Stats()
-		waits := st.RateLimitWaits - st0.RateLimitWaits
-		t.Logf("%d packets sent again; the server waited %d times for the limit; dropped: %v", resent, waits, nonZero(st.PacketsDropped))
-		for k, si := range after {
-			got := si.BytesReceived - at0[k].BytesReceived
-			if limit := 2*maxFrameCost + int64(elapsed.Seconds()*rate); got > limit {
-				t.Errorf("session %v sent %d bytes in %v, beyond the limit (%d)", k.ShortString(), got, elapsed, limit)
-			}
-		}
+		_, waits := rateExchange(t, ctx, s, a, b, before, rate)
 		// Measured: 1100 to 1900 waits (fewer when the machine is
 		// busy, as the reader's own delays refill the bucket).
 		if waits < nodeFrames/4 {
 			t.Errorf("the server waited %d times for the rate limit, want at least %d", waits, nodeFrames/4)
-		}
-		for reason, n := range st.PacketsDropped {
-			if n != 0 {
-				t.Errorf("server dropped %d packets (%s)", n, reason)
-			}
 		}
 	})
 
@@ -934,6 +892,37 @@ func TestTailscaleNodesUnderLimits(t *testing.T) {
 // maxFrameCost is the cost of a maximal SendPacket frame under a rate
 // limit, and the least burst: header, key and packet.
 const maxFrameCost = 5 + 32 + relay.MaxPacketSize
+
+// rateExchange runs nodeExchange between a and b through s, whose rate
+// limit is rate, and returns how many packets the nodes sent again and how
+// many times s waited for the limit meanwhile. It fails the test if either
+// node's session sent more than the burst, one frame more, and the rate for
+// the time the exchange took (what the server read of it: payloads alone,
+// counted as each read ends), or if s dropped any packet.
+func rateExchange(t *testing.T, ctx context.Context, s *relay.Server, a, b *tsNode, before map[relay.PublicKey]relay.SessionInfo, rate int) (resent int, waits int64) {
+	t.Helper()
+	st0 := s.Stats()
+	start := time.Now()
+	at0 := checkSameSessions(t, s, before)
+	resent = nodeExchange(t, ctx, a, b)
+	elapsed := time.Since(start)
+	after := checkSameSessions(t, s, before)
+	st := s.Stats()
+	waits = st.RateLimitWaits - st0.RateLimitWaits
+	t.Logf("%d packets sent again; the server waited %d times for the limit; dropped: %v", resent, waits, nonZero(st.PacketsDropped))
+	for k, si := range after {
+		got := si.BytesReceived - at0[k].BytesReceived
+		if limit := 2*maxFrameCost + int64(elapsed.Seconds()*float64(rate)); got > limit {
+			t.Errorf("session %v sent %d bytes in %v, beyond the limit (%d)", k.ShortString(), got, elapsed, limit)
+		}
+	}
+	for reason, n := range st.PacketsDropped {
+		if n != 0 {
+			t.Errorf("server dropped %d packets (%s)", n, reason)
+		}
+	}
+	return resent, waits
+}
 
 // nonZero returns the non-zero counters of m.
 func nonZero(m map[string]int64) map[string]int64 {
