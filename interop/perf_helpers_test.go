@@ -131,6 +131,18 @@ func dialRaw(addr, transport string, serverPub relay.PublicKey) (*rawConn, error
 			return nil, err
 		}
 	}
+	if n := perfSendBuf(); n > 0 && perfSockBuf() == 0 {
+		// A fixed send buffer of the kernel's initial size: a sender
+		// that outruns the server keeps its backlog in its own process
+		// and transmits it itself when woken, as a sender on another
+		// machine would, instead of leaving megabytes queued on its
+		// socket for the server's window updates to transmit on the
+		// server's CPU.
+		if err := c.(*net.TCPConn).SetWriteBuffer(n); err != nil {
+			c.Close()
+			return nil, err
+		}
+	}
 	var nc net.Conn = c
 	if transport == "https" {
 		tc := tls.Client(c, &tls.Config{InsecureSkipVerify: true, ServerName: "127.0.0.1"})
@@ -218,6 +230,19 @@ func rawLogin(nc net.Conn, priv relay.PrivateKey, request string, serverPub rela
 // costs.
 func perfSockBuf() int {
 	n, _ := strconv.Atoi(os.Getenv("PERF_SOCKBUF"))
+	return n
+}
+
+// perfSendBuf is PERF_SENDBUF: the SO_SNDBUF of every load-client socket
+// (default 16384, the kernel's initial size, which it doubles and no longer
+// autotunes; 0 leaves the buffers to autotuning, up to 4 MB each here).
+// PERF_SOCKBUF, when set, overrides it.
+func perfSendBuf() int {
+	v, ok := os.LookupEnv("PERF_SENDBUF")
+	if !ok {
+		return 16384
+	}
+	n, _ := strconv.Atoi(v)
 	return n
 }
 

@@ -14,7 +14,8 @@ package interop
 // (500ms), PERF_PAIRS (16), PERF_WINDOW (32), PERF_SIZES (100,1200,10000),
 // PERF_MODES (closed,deep,open), PERF_DEEP_WINDOW (1024), PERF_CC (the TCP
 // congestion control of every socket of the run, client's and servers';
-// empty: the system's), PERF_RPS (a diagnostic: "server" or "client" steers
+// empty: the system's), PERF_SENDBUF (16384: the SO_SNDBUF of every load
+// client socket, fixed; 0: autotuned, see perfSendBuf), PERF_RPS (a diagnostic: "server" or "client" steers
 // loopback's receive work to that CPU with RPS for the run, as a NIC whose
 // interrupts land there would; "rfs" gives each socket's receive work to the
 // CPU of its user, as two hosts on a network; restored after; needs root;
