@@ -97,6 +97,10 @@ type FastStart struct {
 	// WebSocket carries DERP over WebSocket (subprotocol "derp"), as
 	// browsers must, for networks that let only WebSocket through. It
 	// always takes the upgrade path: a WebSocket client waits for the 101.
+	// A server that sends more than 16 KiB of WebSocket framing (frame
+	// headers, pings, empty frames) in a row with no DERP byte between
+	// has the connection ended with a *ProtocolError whose Reason is
+	// "websocket_framing_flood".
 	WebSocket bool
 	// IPv6HeadStart is how long DialNode and DialRegionTLS try a node's
 	// IPv6 address alone before trying its IPv4 address too, when the

@@ -67,6 +67,12 @@ const (
 	// limit paces it: as much as the ClientInfo itself may be, and a
 	// thousand times what a client needs to send one.
 	wsMaxLoginFraming = 16 << 10
+	// wsMaxFraming bounds the framing (frame headers, control frames,
+	// empty frames) a client reads in a row with no DERP byte in
+	// between: a server sends a DERP frame (a KeepAlive at least) every
+	// minute, and a flood of frames that carry none would otherwise keep
+	// a Recv reading them until its RecvTimeout, or forever.
+	wsMaxFraming = 16 << 10
 	// wsPaceBytes is how many bytes of framing a server session's reader
 	// reads before it pays for them (wsConn.pace).
 	wsPaceBytes = 256
@@ -147,8 +153,9 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 // close frame (a client's, at one with a status other than a normal
 // closure or with a reason, with a *wsClosedError naming them, which
 // wraps io.EOF); a text message or a malformed frame ends them with a
-// *ProtocolError, after a close frame that says why. Writes send messages
-// of at most 32 KiB.
+// *ProtocolError, after a close frame that says why, and so does, for a
+// client, more than wsMaxFraming of framing in a row with no payload byte.
+// Writes send messages of at most 32 KiB.
 type wsConn struct {
 	net.Conn                // the connection under the WebSocket
 	br        *bufio.Reader // reads of Conn; may hold bytes already; nil while released
@@ -387,7 +394,7 @@ func (c *wsConn) nextFrame() error {
 	default:
 		return c.wsFail(wsCloseProtocolError, "websocket_bad_frame", fmt.Sprintf("unknown opcode %#x", op))
 	}
-	if err := c.charge(hlen); err != nil {
+	if err := c.charge(hlen, n > 0); err != nil {
 		return err
 	}
 	c.br.Discard(hlen)
@@ -406,7 +413,7 @@ func (c *wsConn) controlFrame(op byte, fin bool, n uint64, hlen int, mask [4]byt
 	if err != nil {
 		return c.readErr(err, len(b))
 	}
-	if err := c.charge(len(b)); err != nil {
+	if err := c.charge(len(b), false); err != nil {
 		return err
 	}
 	var payload [wsMaxControl]byte
@@ -489,17 +496,29 @@ func (c *wsConn) controlFrame(op byte, fin bool, n uint64, hlen int, mask [4]byt
 // charge counts n bytes of framing about to be consumed, and has them paid
 // for (pace) once they add up to wsPaceBytes. Framing carries no DERP
 // byte: without it, a flood of pings or of empty frames would be read at
-// any speed under any rate limit. An error (the session ended while it
-// waited) ends the reads.
-func (c *wsConn) charge(n int) error {
-	if c.pace == nil {
-		// A client's reads, which the server's writes pace, or a
-		// server's login, which nothing paces: it reads at most one
-		// ClientInfo of DERP bytes, but empty frames and pings, which
-		// carry none, would be read until the login timeout.
-		if c.client {
+// any speed under any rate limit. payload says the frame carries DERP
+// bytes. An error (the session ended while it waited) ends the reads.
+func (c *wsConn) charge(n int, payload bool) error {
+	if c.client {
+		// A client's reads, which the server's writes pace: DERP bytes
+		// are the application's to take, but a flood of frames that
+		// carry none would keep one read going without end. The bound
+		// is on framing in a row, so that a legitimate server, which
+		// sends a DERP frame at least every minute, never reaches it.
+		if payload {
+			c.framing = 0
 			return nil
 		}
+		if c.framing += n; c.framing > wsMaxFraming {
+			return c.wsFail(wsClosePolicy, "websocket_framing_flood",
+				fmt.Sprintf("more than %d bytes of framing (frame headers, control frames) from the server with no DERP byte", wsMaxFraming))
+		}
+		return nil
+	}
+	if c.pace == nil {
+		// A server's login, which nothing paces: it reads at most one
+		// ClientInfo of DERP bytes, but empty frames and pings, which
+		// carry none, would be read until the login timeout.
 		if c.framing += n; c.framing > wsMaxLoginFraming {
 			return c.wsFail(wsClosePolicy, "websocket_login_framing",
 				fmt.Sprintf("more than %d bytes of framing (frame headers, control frames) before the login", wsMaxLoginFraming))

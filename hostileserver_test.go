@@ -1,0 +1,156 @@
+package relay
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+)
+
+// Tests of our Client against a hostile or broken server: bad input ends
+// that connection only, with an error that says what was wrong, in bounded
+// memory and CPU.
+
+// wsServerFrame builds a server's (unmasked) WebSocket frame.
+func wsServerFrame(b0 byte, payload []byte) []byte { return wsFrame(b0, payload, true) }
+
+// wsFakeServer returns a DialContext whose connections reach a fake
+// WebSocket DERP server: it answers the upgrade with a correct 101, reads
+// and drops whatever the client sends, and then plays script, which writes
+// the server's bytes.
+func wsFakeServer(t *testing.T, script func(sc net.Conn)) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return scriptedPipeDialer(t, func(sc net.Conn, br *bufio.Reader) {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
+		}
+		fmt.Fprintf(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+			"Sec-WebSocket-Accept: %s\r\nSec-WebSocket-Protocol: %s\r\n\r\n", wsAcceptKey(req.Header.Get("Sec-WebSocket-Key")), WebSocketProtocol)
+		go io.Copy(io.Discard, br) // the ClientInfo, pongs, a close frame
+		script(sc)
+	})
+}
+
+// wsFlood writes frame over and over, in chunks, until the client hangs up
+// or limit bytes went, and returns how many bytes the client took.
+func wsFlood(sc net.Conn, first, frame []byte, limit int) int {
+	sent, _ := sc.Write(first)
+	var chunk []byte
+	for len(chunk) < 4<<10 {
+		chunk = append(chunk, frame...)
+	}
+	for sent < limit {
+		n, err := sc.Write(chunk)
+		sent += n
+		if err != nil {
+			break
+		}
+	}
+	return sent
+}
+
+// TestWebSocketClientFramingFloodEnds: a WebSocket server that sends
+// endless frames that carry no DERP byte (empty messages, empty pieces of
+// a message, pings, pongs) would keep the client's read loop spinning
+// within one Recv until its RecvTimeout, or forever without one. The
+// client ends the connection once it has read more framing in a row than
+// wsMaxFraming, with an error that says so, before the login or after
+// it. (The server writes through a pipe, so
+// what it got written is what the client read, plus its read buffer.)
+func TestWebSocketClientFramingFloodEnds(t *testing.T) {
+	srv := mustKey(t)
+	sk := appendFrame(nil, FrameServerKey, appendServerKey(nil, srv.Public()))
+	const limit = 4 << 20 // what an unbounded client would take
+	for _, tc := range []struct {
+		name         string
+		first, frame []byte
+		beforeLogin  bool
+	}{
+		{name: "empty binary messages", frame: wsServerFrame(0x82, nil)},
+		{name: "empty continuation frames", first: wsServerFrame(0x02, nil), frame: wsServerFrame(0x00, nil)},
+		{name: "empty pings", frame: wsServerFrame(0x89, nil)},
+		{name: "full pings", frame: wsServerFrame(0x89, make([]byte, wsMaxControl))},
+		{name: "pongs", frame: wsServerFrame(0x8a, []byte("unsolicited"))},
+		{name: "empty frames before the ServerKey", frame: wsServerFrame(0x82, nil), beforeLogin: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var took atomic.Int64
+			dial := wsFakeServer(t, func(sc net.Conn) {
+				if !tc.beforeLogin {
+					sc.Write(wsServerFrame(0x82, sk))
+				}
+				took.Store(int64(wsFlood(sc, tc.first, tc.frame, limit)))
+			})
+			c, _, err := (&FastStart{WebSocket: true, DialContext: dial}).Dial(context.Background(), "http://derp.invalid/derp", mustKey(t), RecvTimeout(0))
+			if err == nil {
+				defer c.Close()
+				_, err = c.Recv()
+			}
+			t.Logf("error: %v", err)
+			var pe *ProtocolError
+			if !errors.As(err, &pe) || pe.Reason != "websocket_framing_flood" {
+				t.Errorf("error %v, want a *ProtocolError with Reason websocket_framing_flood", err)
+			}
+			if c != nil {
+				c.Close()
+			}
+			// The script ends once the client hangs up (or after limit).
+			waitFor(t, func() bool { return took.Load() != 0 })
+			if n := took.Load(); n > wsMaxFraming+2*clientReadBuf+8<<10 {
+				t.Errorf("the client read %d bytes of framing without a DERP byte, want at most about %d", n, wsMaxFraming)
+			}
+		})
+	}
+}
+
+// TestWebSocketClientFramingAmidPayloadKept: framing between DERP bytes
+// never trips the client's bound, however much of it there is in all: a
+// server (or a proxy in between) that pings before every KeepAlive, and
+// splits each into one-byte pieces, keeps its connection.
+func TestWebSocketClientFramingAmidPayloadKept(t *testing.T) {
+	srv := mustKey(t)
+	sk := appendFrame(nil, FrameServerKey, appendServerKey(nil, srv.Public()))
+	ka := appendFrame(nil, FrameKeepAlive, nil)
+	var unit []byte
+	unit = append(unit, wsServerFrame(0x89, make([]byte, wsMaxControl))...)
+	unit = append(unit, wsServerFrame(0x82, nil)...)
+	unit = append(unit, wsServerFrame(0x02, ka[:1])...)
+	for _, b := range ka[1 : len(ka)-1] {
+		unit = append(unit, wsServerFrame(0x00, nil)...)
+		unit = append(unit, wsServerFrame(0x00, []byte{b})...)
+	}
+	unit = append(unit, wsServerFrame(0x80, ka[len(ka)-1:])...)
+	const n = 4 * wsMaxFraming / 127 // several bounds' worth of pings
+	dial := wsFakeServer(t, func(sc net.Conn) {
+		sc.Write(wsServerFrame(0x82, sk))
+		for range n {
+			if _, err := sc.Write(unit); err != nil {
+				return
+			}
+		}
+		sc.Write(wsServerFrame(0x88, []byte{0x03, 0xe8}))
+	})
+	c, _, err := (&FastStart{WebSocket: true, DialContext: dial}).Dial(context.Background(), "http://derp.invalid/derp", mustKey(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for i := range n {
+		m, err := c.Recv()
+		if err != nil {
+			t.Fatalf("Recv %d: %v", i, err)
+		}
+		if _, ok := m.(KeepAlive); !ok {
+			t.Fatalf("Recv %d: %T, want KeepAlive", i, m)
+		}
+	}
+	if _, err := c.Recv(); !errors.Is(err, io.EOF) || strings.Contains(err.Error(), "framing") {
+		t.Fatalf("Recv after the KeepAlives: %v, want EOF", err)
+	}
+}
