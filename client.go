@@ -169,8 +169,9 @@ func RecvTimeout(d time.Duration) ClientOption { return func(o *clientOptions) {
 // also bounds the TLS handshake with the server, the wait for the server's
 // answer to the upgrade request (the 101, which the server sends with its
 // ServerKey frame, or the WebSocket 101), and, on the fast path, the wait
-// for the server's first bytes when the key is to be confirmed. Default
-// 10 s; zero or negative means no limit.
+// for the server's first bytes when the key is to be confirmed; through a
+// Proxy, also the TLS handshake with the proxy and the wait for its answer
+// to the CONNECT. Default 10 s; zero or negative means no limit.
 func LoginTimeout(d time.Duration) ClientOption {
 	return func(o *clientOptions) { o.loginTimeout = d }
 }

@@ -228,7 +228,7 @@ func (f *FastStart) Dial(ctx context.Context, serverURL string, priv PrivateKey,
 // cached for the server (a resumed session led the attempt before astray),
 // and does not trust the meta cert of a session resumed anyway.
 func (f *FastStart) dial(ctx context.Context, u *url.URL, priv PrivateKey, known PublicKey, opts []ClientOption, fresh bool) (c *Client, hs Handshake, err error) {
-	nc, err := f.dialTCP(ctx, u)
+	nc, err := f.dialTCP(ctx, u, func(nc net.Conn) func(error) error { return answerWithin(nc, opts) })
 	if err != nil {
 		return nil, hs, err
 	}
@@ -390,7 +390,9 @@ func hostPort(u *url.URL) string {
 	return net.JoinHostPort(u.Hostname(), port)
 }
 
-func (f *FastStart) dialTCP(ctx context.Context, u *url.URL) (net.Conn, error) {
+// dialTCP connects to u's host, through the Proxy if there is one. within,
+// if not nil, bounds each wait for the proxy's answer (see answerWithin).
+func (f *FastStart) dialTCP(ctx context.Context, u *url.URL, within func(net.Conn) func(error) error) (net.Conn, error) {
 	addr := hostPort(u)
 	dial := f.DialContext
 	if dial == nil {
@@ -415,7 +417,7 @@ func (f *FastStart) dialTCP(ctx context.Context, u *url.URL) (net.Conn, error) {
 		}
 		return nc, nil
 	}
-	return f.dialProxy(ctx, dial, proxy, addr)
+	return f.dialProxy(ctx, dial, proxy, addr, within)
 }
 
 // withCtxErr returns err, a connect's error after ctx ended, wrapping
@@ -433,8 +435,12 @@ func withCtxErr(ctx context.Context, err error) error {
 // maxProxyResponse bounds the CONNECT response a proxy may send.
 const maxProxyResponse = 16 << 10
 
-// dialProxy opens a CONNECT tunnel to addr through proxy.
-func (f *FastStart) dialProxy(ctx context.Context, dial func(context.Context, string, string) (net.Conn, error), proxy *url.URL, addr string) (nc net.Conn, err error) {
+// dialProxy opens a CONNECT tunnel to addr through proxy. within, if not
+// nil, bounds the TLS handshake with the proxy and the wait for its answer
+// to the CONNECT (see answerWithin): a proxy that takes the connection and
+// says nothing, or drips its answer, would otherwise hold a dial whose ctx
+// has no deadline forever.
+func (f *FastStart) dialProxy(ctx context.Context, dial func(context.Context, string, string) (net.Conn, error), proxy *url.URL, addr string, within func(net.Conn) func(error) error) (nc net.Conn, err error) {
 	if proxy.Scheme != "http" && proxy.Scheme != "https" {
 		return nil, fmt.Errorf("relay: proxy %s: unsupported scheme %q (want http or https)", proxy.Redacted(), proxy.Scheme)
 	}
@@ -461,12 +467,17 @@ func (f *FastStart) dialProxy(ctx context.Context, dial func(context.Context, st
 			}
 		}
 	}()
+	if within == nil {
+		within = func(net.Conn) func(error) error { return func(err error) error { return err } }
+	}
 	if proxy.Scheme == "https" {
 		step = stepProxyTLS
-		tc, _, err := f.tlsHandshake(ctx, raw, proxy, true, false, nil)
+		answered := within(raw)
+		tc, _, err := f.tlsHandshake(ctx, raw, proxy, true, false, answered)
 		if err != nil {
 			return nil, fmt.Errorf("relay: proxy: %w", err)
 		}
+		answered(nil)
 		nc = tc
 		step = stepConnect
 	}
@@ -488,10 +499,12 @@ func (f *FastStart) dialProxy(ctx context.Context, dial func(context.Context, st
 		return nil, fmt.Errorf("relay: proxy %s: send CONNECT: %w", paddr, err)
 	}
 	br := bufio.NewReaderSize(nc, maxProxyResponse)
+	answered := within(raw)
 	resp, err := readResponse(br, &http.Request{Method: http.MethodConnect})
 	if err != nil {
-		return nil, fmt.Errorf("relay: proxy %s: read CONNECT response: %w", paddr, err)
+		return nil, fmt.Errorf("relay: proxy %s: read CONNECT response: %w", paddr, answered(err))
 	}
+	answered(nil)
 	if resp.StatusCode/100 != 2 {
 		// The status line is the proxy's: quoted, like a refusal's
 		// body, so that it cannot break the error into lines.
@@ -2558,7 +2571,7 @@ func (f *FastStart) DialRegionTLS(ctx context.Context, r *Region) (*tls.Conn, *N
 			continue
 		}
 		actx, acancel := attemptContext(ctx, len(nodes)-i)
-		nc, err := g.dialTCP(actx, u)
+		nc, err := g.dialTCP(actx, u, nil)
 		if err != nil {
 			errs = append(errs, n.named(err))
 		} else if tc, _, err := g.tlsHandshake(actx, nc, u, false, false, nil); err != nil {

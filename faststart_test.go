@@ -2035,7 +2035,7 @@ func TestHTTPResponseCutShort(t *testing.T) {
 				_, _, err = fs.webSocket(nc, u, client, Handshake{}, nil, nil)
 			case "proxy":
 				dial := func(context.Context, string, string) (net.Conn, error) { return nc, nil }
-				_, err = fs.dialProxy(context.Background(), dial, &url.URL{Scheme: "http", Host: "proxy.example:3128"}, "derp.example:443")
+				_, err = fs.dialProxy(context.Background(), dial, &url.URL{Scheme: "http", Host: "proxy.example:3128"}, "derp.example:443", nil)
 			case "fast start":
 				if script == "" {
 					continue // nothing to tell from a missing ServerKey (TestServerKeyCutShort)

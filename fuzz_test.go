@@ -917,7 +917,7 @@ func FuzzDialResponse(f *testing.F) {
 				c, _, err = fs.webSocket(nc, u, client, Handshake{}, opts, nil)
 			case 2:
 				dial := func(context.Context, string, string) (net.Conn, error) { return nc, nil }
-				_, err = fs.dialProxy(context.Background(), dial, &url.URL{Scheme: "http", Host: "proxy.example:3128"}, "derp.example:443")
+				_, err = fs.dialProxy(context.Background(), dial, &url.URL{Scheme: "http", Host: "proxy.example:3128"}, "derp.example:443", nil)
 			case 3:
 				var hs Handshake
 				hs.ServerKey = spub

@@ -3,14 +3,18 @@ package relay
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/url"
+	"os"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // Tests of our Client against a hostile or broken server: bad input ends
@@ -152,5 +156,74 @@ func TestWebSocketClientFramingAmidPayloadKept(t *testing.T) {
 	}
 	if _, err := c.Recv(); !errors.Is(err, io.EOF) || strings.Contains(err.Error(), "framing") {
 		t.Fatalf("Recv after the KeepAlives: %v, want EOF", err)
+	}
+}
+
+// TestDialProxyAnswerWithinLoginTimeout: through a Proxy, LoginTimeout
+// bounds the wait for the proxy's answer to the CONNECT (and the TLS
+// handshake with an https proxy) as it bounds the DERP server's answer to
+// the upgrade: a proxy that takes the connection and says nothing, or drips
+// an endless header, must not hold a dial whose ctx has no deadline
+// forever.
+func TestDialProxyAnswerWithinLoginTimeout(t *testing.T) {
+	_, pool := testCert(t, "stalling proxy")
+	for _, tc := range []struct {
+		name   string
+		tls    bool
+		script func(nc net.Conn, br *bufio.Reader)
+	}{
+		{name: "CONNECT never answered", script: func(nc net.Conn, br *bufio.Reader) {
+			if _, err := http.ReadRequest(br); err == nil {
+				io.Copy(io.Discard, br)
+			}
+		}},
+		{name: "CONNECT answer dripped", script: func(nc net.Conn, br *bufio.Reader) {
+			if _, err := http.ReadRequest(br); err != nil {
+				return
+			}
+			ans := "HTTP/1.1 200 Connection established\r\nX-Drip: " + strings.Repeat("a", maxProxyResponse)
+			for i := range len(ans) {
+				if _, err := nc.Write([]byte{ans[i]}); err != nil {
+					return
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+		}},
+		{name: "https proxy never answers the ClientHello", tls: true, script: func(nc net.Conn, br *bufio.Reader) {
+			io.Copy(io.Discard, br)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			acceptLoop(t, ln, func(nc net.Conn) {
+				defer nc.Close()
+				tc.script(nc, bufio.NewReader(nc))
+			})
+			proxy := &url.URL{Scheme: "http", Host: ln.Addr().String()}
+			if tc.tls {
+				proxy.Scheme = "https"
+			}
+			f := &FastStart{Proxy: http.ProxyURL(proxy), TLSConfig: &tls.Config{RootCAs: pool}}
+			done := make(chan error, 1)
+			go func() {
+				c, _, err := f.Dial(context.Background(), "http://derp.invalid/derp", mustKey(t), LoginTimeout(300*time.Millisecond))
+				if c != nil {
+					c.Close()
+				}
+				done <- err
+			}()
+			select {
+			case err := <-done:
+				t.Log(err)
+				if !errors.Is(err, os.ErrDeadlineExceeded) || !strings.Contains(fmt.Sprint(err), "LoginTimeout") {
+					t.Fatalf("dial failed with %v, want an error that names LoginTimeout and wraps os.ErrDeadlineExceeded", err)
+				}
+			case <-time.After(time.Minute):
+				t.Fatal("Dial still waiting for the proxy a minute after LoginTimeout (300ms)")
+			}
+		})
 	}
 }
