@@ -97,9 +97,11 @@ type FastStart struct {
 	// WebSocket carries DERP over WebSocket (subprotocol "derp"), as
 	// browsers must, for networks that let only WebSocket through. It
 	// always takes the upgrade path: a WebSocket client waits for the 101.
-	// A server that sends more than 16 KiB of WebSocket framing (frame
-	// headers, pings, empty frames) in a row with no DERP byte between
-	// has the connection ended with a *ProtocolError whose Reason is
+	// It offers no extension, and a 101 that names one fails the dial
+	// with a *ProtocolError ("websocket_handshake"). A server that sends
+	// more than 16 KiB of WebSocket framing (frame headers, pings, empty
+	// frames) in a row with no DERP byte between has the connection
+	// ended with a *ProtocolError whose Reason is
 	// "websocket_framing_flood".
 	WebSocket bool
 	// IPv6HeadStart is how long DialNode and DialRegionTLS try a node's
@@ -738,6 +740,11 @@ func (f *FastStart) webSocket(nc net.Conn, u *url.URL, priv PrivateKey, hs Hands
 		err = errors.New("wrong Sec-WebSocket-Accept")
 	case resp.Header.Get("Sec-WebSocket-Protocol") != WebSocketProtocol:
 		err = fmt.Errorf("server chose subprotocol %q, not %q", resp.Header.Get("Sec-WebSocket-Protocol"), WebSocketProtocol)
+	case len(resp.Header.Values("Sec-WebSocket-Extensions")) > 0:
+		// None was offered (RFC 6455 §4.1: the client fails the
+		// connection); its frames would fail later, blaming the server
+		// for bits the extension it named may set.
+		err = fmt.Errorf("server chose extensions %.100q, and none was offered", strings.Join(resp.Header.Values("Sec-WebSocket-Extensions"), ", "))
 	}
 	if err != nil {
 		return nil, hs, &ProtocolError{Reason: "websocket_handshake", Detail: err.Error()}

@@ -227,3 +227,36 @@ func TestDialProxyAnswerWithinLoginTimeout(t *testing.T) {
 		})
 	}
 }
+
+// TestWebSocketClientRefusesUnofferedExtension: a server whose 101 names
+// an extension the client did not offer (RFC 6455 §4.1 has the client
+// fail such a connection) is refused at the handshake, with an error that
+// names the extension, not later with "reserved bits set, but no
+// extension was negotiated" at its first compressed frame, which blames
+// the wrong side of the handshake.
+func TestWebSocketClientRefusesUnofferedExtension(t *testing.T) {
+	srv := mustKey(t)
+	sk := appendFrame(nil, FrameServerKey, appendServerKey(nil, srv.Public()))
+	dial := scriptedPipeDialer(t, func(sc net.Conn, br *bufio.Reader) {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
+		}
+		fmt.Fprintf(sc, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+			"Sec-WebSocket-Accept: %s\r\nSec-WebSocket-Protocol: %s\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
+			wsAcceptKey(req.Header.Get("Sec-WebSocket-Key")), WebSocketProtocol)
+		go io.Copy(io.Discard, br)
+		// A "compressed" ServerKey frame: RSV1 set.
+		sc.Write(append([]byte{0x80 | 0x40 | wsBinary, byte(len(sk))}, sk...))
+	})
+	c, _, err := (&FastStart{WebSocket: true, DialContext: dial}).Dial(context.Background(), "http://derp.invalid/derp", mustKey(t))
+	if err == nil {
+		c.Close()
+		t.Fatal("dial succeeded")
+	}
+	t.Log(err)
+	var pe *ProtocolError
+	if !errors.As(err, &pe) || pe.Reason != "websocket_handshake" || !strings.Contains(err.Error(), "permessage-deflate") {
+		t.Errorf("dial error %v, want a websocket_handshake *ProtocolError naming permessage-deflate", err)
+	}
+}
