@@ -100,8 +100,8 @@ type FastStart struct {
 	// It offers no extension, and a 101 that names one fails the dial
 	// with a *ProtocolError ("websocket_handshake"). A server that sends
 	// more than 16 KiB of WebSocket framing (frame headers, pings, empty
-	// frames) in a row with no DERP byte between has the connection
-	// ended with a *ProtocolError whose Reason is
+	// frames) within a second with no DERP byte between has the
+	// connection ended with a *ProtocolError whose Reason is
 	// "websocket_framing_flood".
 	WebSocket bool
 	// IPv6HeadStart is how long DialNode and DialRegionTLS try a node's

@@ -63,9 +63,10 @@ func wsFlood(sc net.Conn, first, frame []byte, limit int) int {
 // endless frames that carry no DERP byte (empty messages, empty pieces of
 // a message, pings, pongs) would keep the client's read loop spinning
 // within one Recv until its RecvTimeout, or forever without one. The
-// client ends the connection once it has read more framing in a row than
-// wsMaxFraming, with an error that says so, before the login or after
-// it. (The server writes through a pipe, so
+// client ends the connection once it has read more framing with no DERP
+// byte between than wsMaxFraming (within wsFramingWindow, which a flood
+// through a pipe takes a small part of), with an error that says so,
+// before the login or after it. (The server writes through a pipe, so
 // what it got written is what the client read, plus its read buffer.)
 func TestWebSocketClientFramingFloodEnds(t *testing.T) {
 	srv := mustKey(t)
@@ -258,5 +259,49 @@ func TestWebSocketClientRefusesUnofferedExtension(t *testing.T) {
 	var pe *ProtocolError
 	if !errors.As(err, &pe) || pe.Reason != "websocket_handshake" || !strings.Contains(err.Error(), "permessage-deflate") {
 		t.Errorf("dial error %v, want a websocket_handshake *ProtocolError naming permessage-deflate", err)
+	}
+}
+
+// TestWebSocketClientSlowPingsKept: the client's bound on framing with no
+// DERP byte between is a rate, not a total: an idle session (a server
+// whose keepalives are off, or slow) under a proxy that pings now and
+// then reads more than the bound in all over time, and keeps its
+// connection. Here 4 KiB of pings (32 pings of 125 bytes) arrive every
+// 400 ms, five times: 20 KiB in a row, at most 12 KiB within any second
+// (the pipe makes the client read each burst as it is written).
+func TestWebSocketClientSlowPingsKept(t *testing.T) {
+	srv := mustKey(t)
+	sk := appendFrame(nil, FrameServerKey, appendServerKey(nil, srv.Public()))
+	ka := appendFrame(nil, FrameKeepAlive, nil)
+	var burst []byte
+	for range 32 {
+		burst = append(burst, wsServerFrame(0x89, make([]byte, wsMaxControl))...)
+	}
+	const bursts = 5
+	if bursts*len(burst) <= wsMaxFraming || 3*len(burst) > wsMaxFraming {
+		t.Fatalf("bursts of %d bytes do not test a bound of %d", len(burst), wsMaxFraming)
+	}
+	dial := wsFakeServer(t, func(sc net.Conn) {
+		sc.Write(wsServerFrame(0x82, sk))
+		for i := range bursts {
+			if i > 0 {
+				time.Sleep(400 * time.Millisecond) // paces the sender; nothing is timed
+			}
+			if _, err := sc.Write(burst); err != nil {
+				return
+			}
+		}
+		sc.Write(wsServerFrame(0x82, ka))
+		sc.Write(wsServerFrame(0x88, []byte{0x03, 0xe8}))
+	})
+	c, _, err := (&FastStart{WebSocket: true, DialContext: dial}).Dial(context.Background(), "http://derp.invalid/derp", mustKey(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if m, err := c.Recv(); err != nil {
+		t.Fatalf("Recv: %v, want the KeepAlive after %d bytes of slow pings", err, bursts*len(burst))
+	} else if _, ok := m.(KeepAlive); !ok {
+		t.Fatalf("Recv: %T, want KeepAlive", m)
 	}
 }

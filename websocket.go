@@ -68,11 +68,13 @@ const (
 	// thousand times what a client needs to send one.
 	wsMaxLoginFraming = 16 << 10
 	// wsMaxFraming bounds the framing (frame headers, control frames,
-	// empty frames) a client reads in a row with no DERP byte in
-	// between: a server sends a DERP frame (a KeepAlive at least) every
-	// minute, and a flood of frames that carry none would otherwise keep
-	// a Recv reading them until its RecvTimeout, or forever.
-	wsMaxFraming = 16 << 10
+	// empty frames) a client reads with no DERP byte in between, within
+	// wsFramingWindow: a flood of frames that carry none would otherwise
+	// keep a Recv reading them until its RecvTimeout, or forever. It is
+	// a rate, so that an idle session under a proxy that pings now and
+	// then never reaches it; a server that floods gets 16 KiB a second.
+	wsMaxFraming    = 16 << 10
+	wsFramingWindow = time.Second
 	// wsPaceBytes is how many bytes of framing a server session's reader
 	// reads before it pays for them (wsConn.pace).
 	wsPaceBytes = 256
@@ -154,7 +156,8 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 // closure or with a reason, with a *wsClosedError naming them, which
 // wraps io.EOF); a text message or a malformed frame ends them with a
 // *ProtocolError, after a close frame that says why, and so does, for a
-// client, more than wsMaxFraming of framing in a row with no payload byte.
+// client, more than wsMaxFraming of framing within wsFramingWindow with no
+// payload byte.
 // Writes send messages of at most 32 KiB.
 type wsConn struct {
 	net.Conn                // the connection under the WebSocket
@@ -203,6 +206,8 @@ type wsConn struct {
 	// DERP bytes, and may wait. framing counts them meanwhile.
 	pace    func(n int) error
 	framing int
+	// framingAt is when a client's framing count started (see charge).
+	framingAt time.Time
 
 	// The write deadline our user set, which the client's pong writer
 	// puts back after its own: a deadline the user left set after its
@@ -502,16 +507,24 @@ func (c *wsConn) charge(n int, payload bool) error {
 	if c.client {
 		// A client's reads, which the server's writes pace: DERP bytes
 		// are the application's to take, but a flood of frames that
-		// carry none would keep one read going without end. The bound
-		// is on framing in a row, so that a legitimate server, which
-		// sends a DERP frame at least every minute, never reaches it.
+		// carry none would keep one read going without end. Only such
+		// frames are counted (time is read once per run of them, not
+		// per packet), and only within a window, so that slow pings
+		// between rare DERP frames never reach the bound.
 		if payload {
 			c.framing = 0
 			return nil
 		}
+		if c.framing == 0 {
+			c.framingAt = time.Now()
+		}
 		if c.framing += n; c.framing > wsMaxFraming {
+			if now := time.Now(); now.Sub(c.framingAt) >= wsFramingWindow {
+				c.framing, c.framingAt = n, now
+				return nil
+			}
 			return c.wsFail(wsClosePolicy, "websocket_framing_flood",
-				fmt.Sprintf("more than %d bytes of framing (frame headers, control frames) from the server with no DERP byte", wsMaxFraming))
+				fmt.Sprintf("more than %d bytes of framing (frame headers, control frames) from the server within %v with no DERP byte", wsMaxFraming, wsFramingWindow))
 		}
 		return nil
 	}
