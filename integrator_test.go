@@ -57,11 +57,12 @@ func ticketHandshake(t *testing.T, server, client *tls.Config) (resumed bool) {
 
 // TestAppendMetaCertSessionTicketKeyRotation: a fleet that shares session
 // ticket keys rotates them on the live config with SetSessionTicketKeys,
-// which crypto/tls documents for exactly that. The configs AppendMetaCert
-// serves in cfg's place (TLS 1.2 handshakes, TLS 1.3 ones once the meta
-// cert has been renewed) must follow the rotation: tickets sealed with
-// the new key, so that the fleet's other servers resume them, and none
-// accepted under the key that was retired.
+// which crypto/tls documents for exactly that. TLS 1.2 handshakes, and
+// TLS 1.3 ones once the meta cert has been renewed, must follow the
+// rotation: tickets sealed with the new key, so that the fleet's other
+// servers resume them, and none accepted under the key that was retired.
+// (AppendMetaCert once served them from clones of cfg, which kept the keys
+// cfg had when they were made.)
 func TestAppendMetaCertSessionTicketKeyRotation(t *testing.T) {
 	pki := newMetaCertTestPKI(t)
 	pub := metaCertTestKey(t)
@@ -249,9 +250,8 @@ func TestServerBehindMiddleware(t *testing.T) {
 // from files with http.Server.ServeTLS(ln, certFile, keyFile), its TLSConfig
 // given the meta cert first. The README advises against it (ServeTLS loads
 // the pair into its own copy of the config, so no meta cert is served), but
-// the service itself must keep working: TLS 1.2 clients, and TLS 1.3 ones
-// once the meta cert is due for renewal, must get the loaded certificate,
-// not a config without any.
+// the service itself must keep working: TLS 1.2 and TLS 1.3 clients, also
+// once the meta cert is due for renewal, must get the loaded certificate.
 func TestAppendMetaCertServeTLSCertFiles(t *testing.T) {
 	s := NewServer(mustKey(t))
 	cert, pool, err := selfSignedCert("127.0.0.1")

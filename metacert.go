@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"maps"
 	"math/big"
 	"net"
 	"net/http"
@@ -139,161 +140,183 @@ func parseMetaCertCandidate(cert *x509.Certificate) (pub PublicKey, version int,
 // AppendMetaCert makes cfg present metaCert as the last certificate of its
 // chain, after the leaf and any intermediates, where standard TLS clients
 // ignore it (they build paths from the leaf and treat the rest as optional
-// intermediates) and DERP clients look for it.
+// intermediates) and DERP clients look for it. It goes only into TLS 1.3
+// handshakes: TLS 1.2 sends the chain in clear text, where the meta cert
+// would tell every observer that the server is a DERP server and which key
+// it has, and DERP clients do not trust it there anyway. Nor does it go
+// into an ACME TLS-ALPN-01 validation (RFC 8737: a ClientHello offering
+// only "acme-tls/1"), whose challenge certificate the CA checks alone.
 //
-// It handles every place a tls.Config can take its certificates from:
-// each entry of cfg.Certificates (and cfg.NameToCertificate) is replaced by
-// a copy with the meta cert appended; cfg.GetCertificate is wrapped so that
-// it returns a shallow copy of the original's result whose Certificate field
-// is a new slice; and cfg.GetConfigForClient is wrapped so that a config it
-// returns is cloned and treated the same way. Only cfg's own fields are
-// replaced: the certificates, chains and configs they hold or return are
-// never modified, because certificate managers such as
-// golang.org/x/crypto/acme/autocert hand one cached *tls.Certificate to
-// every concurrent handshake, and appending to it in place would race and
-// grow the chain on every handshake. Errors and nil results of the wrapped
-// callbacks pass through unchanged, and so do certificates with an empty
-// chain, which have no leaf to put the meta cert behind. Calling
-// AppendMetaCert again with the same metaCert adds nothing: a chain that
-// already ends with metaCert is left alone. A chain that ends with another
-// meta cert (cfg is a clone of a config given another Server's meta cert)
-// has it replaced, since clients take the first meta cert of a chain; to
-// serve two Servers, give each its own clone of a config. An empty
+// The choice is made for each handshake as its certificate is picked.
+// AppendMetaCert takes cfg's certificates (cfg.Certificates,
+// cfg.NameToCertificate, cfg.GetCertificate) as they are when it is
+// called, so set them before; it empties cfg.Certificates and
+// cfg.NameToCertificate and sets cfg.GetCertificate to a function that
+// picks a certificate from them as crypto/tls would and, if the handshake
+// negotiates TLS 1.3 under the config it runs on, returns a copy whose
+// chain ends with the meta cert. The certificates, and those the original
+// GetCertificate returns, are never modified, because certificate managers
+// such as golang.org/x/crypto/acme/autocert hand one cached
+// *tls.Certificate to every concurrent handshake. Errors and nil results of
+// the original GetCertificate pass through unchanged, and so do
+// certificates with an empty chain, which have no leaf to put the meta cert
+// behind. A config with no certificates of its own is left without a
+// GetCertificate, so that certificates a server puts into its copy
+// (http.Server.ServeTLS given file names) are served as they are.
+//
+// Every handshake runs on the config crypto/tls was given, so a clone of
+// cfg made after AppendMetaCert, and the copy http.Server.ServeTLS makes,
+// serve the meta cert with their own settings (client authentication,
+// versions, session ticket keys). If cfg.GetConfigForClient is set, it is
+// wrapped: a config it returns, other than cfg itself, is cloned for the
+// handshake and set up the same way, with the certificates it has then.
+//
+// Calling AppendMetaCert again with the same metaCert adds nothing: a chain
+// that already ends with metaCert is left alone. A chain that ends with
+// another meta cert (cfg is a clone of a config given another Server's meta
+// cert) has it replaced, since clients take the first meta cert of a chain;
+// to serve two Servers, give each its own clone of a config. An empty
 // metaCert leaves cfg unchanged, since a zero-length certificate would
 // break every Go client's handshake.
 //
 // DERP upgrades an HTTP/1.1 request by hijacking its connection, and an
 // HTTP/2 stream cannot be hijacked, so AppendMetaCert also rewrites
-// cfg.NextProtos (and that of configs from GetConfigForClient) without "h2"
-// and with "http/1.1" (which is what the list becomes if it was empty);
-// other values such as "acme-tls/1" are kept. Beware of
+// cfg.NextProtos (and that of configs from GetConfigForClient) without
+// "h2" and with "http/1.1" (which is what the list becomes if it was
+// empty); other values such as "acme-tls/1" are kept. Beware of
 // http.Server.ServeTLS and ListenAndServeTLS: unless srv.Protocols allows
 // only HTTP/1 (or srv.TLSNextProto is a non-nil map without "h2"), they add
-// "h2" back to their own copy of the config. It lands after "http/1.1", so
+// "h2" back to their copy of the config. It lands after "http/1.1", so
 // clients offering both still get HTTP/1.1, but a client offering only h2
-// gets a connection that cannot be upgraded. Given certificate file names,
-// they also replace the certificates with a freshly loaded pair that lacks
-// the meta cert (if cfg has no certificates of its own, every handshake,
-// TLS 1.2 or 1.3, gets that pair and no meta cert). Prefer
-// srv.Serve(tls.NewListener(ln, cfg)), which uses cfg as it is.
-//
-// The meta cert goes only into TLS 1.3 handshakes. TLS 1.2 sends the
-// chain in clear text, where the meta cert would tell every observer that
-// the server is a DERP server and which key it has, and DERP clients do
-// not trust it there anyway. So cfg.GetConfigForClient is wrapped (or set)
-// to decide for each ClientHello, the way crypto/tls picks the version:
-// the first version the client lists that the config allows. A TLS 1.3
-// handshake uses cfg itself (or the wrapped callback's config, with the
-// meta cert); a TLS 1.2 handshake gets a clone of cfg with the certificates
-// cfg had before AppendMetaCert (or the wrapped callback's config with its
-// NextProtos rewritten and without a meta cert at the end of any chain, as
-// a config the callback cloned from cfg itself would have). So does an
-// ACME TLS-ALPN-01 validation (RFC 8737: a ClientHello offering only
-// "acme-tls/1", as autocert answers with its challenge certificate) in
-// either version: the CA checks that certificate alone.
+// gets a connection that cannot be upgraded. Given certificate file names
+// as well, they put the loaded pair into their copy, which crypto/tls then
+// serves, without the meta cert, only to clients that send no server name.
+// Prefer srv.Serve(tls.NewListener(ln, cfg)), which uses cfg as it is.
 //
 // A meta cert that names a key (as every one from [MintMetaCert] does) is
 // renewed while cfg is in use: the first TLS 1.3 handshake after it has less
 // than a week of validity left (by the wall clock, time spent asleep
 // included), or at which it is not valid yet (the clock was set back), mints
-// a new one for the same key and version, and later handshakes serve that
-// (from a clone of cfg, if the meta cert was in cfg's own certificates).
-//
-// The configs served in cfg's place (TLS 1.2, a renewed meta cert) seal
-// and open session tickets with cfg's keys (unless cfg sets WrapSession or
-// UnwrapSession, which they share), so SetSessionTicketKeys on cfg while
-// it is in use reaches every handshake.
+// a new one for the same key and version, and later handshakes serve that.
 //
 // AppendMetaCert modifies cfg, so call it before cfg is used by any
 // listener, and set cfg.GetConfigForClient, if at all, before it; cfg must
-// not be nil. Clone cfg before AppendMetaCert, never after: a clone made
-// after it serves TLS 1.2 handshakes, and TLS 1.3 ones once the meta cert
-// is renewed, with cfg's settings, not the clone's (a clone that requires
-// client certificates would let clients in without one). To vary a
-// setting, clone first and call AppendMetaCert on each clone.
+// not be nil.
 func AppendMetaCert(cfg *tls.Config, metaCert []byte) {
 	if len(metaCert) == 0 {
 		return
 	}
 	// Our own copy, so that a caller reusing its buffer cannot change
 	// what every later handshake serves.
-	meta := bytes.Clone(metaCert)
-	// What cfg serves without the meta cert, for TLS 1.2.
-	//lint:ignore SA1019 a caller that still fills it keeps it.
-	certs, byName, getCert := cfg.Certificates, cfg.NameToCertificate, cfg.GetCertificate
+	renew := newMetaRenewer(bytes.Clone(metaCert))
+	serveMetaCert(cfg, renew)
 	getConfig := cfg.GetConfigForClient
-	// A config with no certificates of its own gets them elsewhere: from
-	// the callback, or put into a copy by the server that uses it
-	// (http.Server.ServeTLS given file names).
-	ownCerts := len(certs) > 0 || len(byName) > 0 || getCert != nil
-	appendMetaCertToConfig(cfg, meta)
-	// without returns a clone of cfg as it was before AppendMetaCert.
-	without := func() *tls.Config {
-		c := cfg.Clone()
-		//lint:ignore SA1019 as above.
-		c.Certificates, c.NameToCertificate, c.GetCertificate = certs, byName, getCert
-		c.GetConfigForClient = nil
-		// A clone keeps the session ticket keys cfg had when it was
-		// made, and crypto/tls prefers them to cfg's: a later
-		// SetSessionTicketKeys on cfg (a fleet rotating its shared
-		// keys) would never reach the handshakes this clone serves.
-		// cfg's own methods seal and open with its keys of the moment.
-		if c.WrapSession == nil {
-			c.WrapSession = cfg.EncryptTicket
-		}
-		if c.UnwrapSession == nil {
-			c.UnwrapSession = cfg.DecryptTicket
-		}
-		return c
+	if getConfig == nil {
+		return
 	}
-	var once sync.Once
-	var tls12 *tls.Config // cfg without the meta cert, made at the first TLS 1.2 handshake
-	withoutMeta := func() *tls.Config {
-		once.Do(func() { tls12 = without() })
-		return tls12
-	}
-	renew := newMetaRenewer(meta, func(der []byte) *tls.Config {
-		c := without()
-		appendMetaCertToConfig(c, der)
-		return c
-	})
 	cfg.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
-		var c *tls.Config
-		if getConfig != nil {
-			var err error
-			if c, err = getConfig(hello); err != nil {
-				return c, err
-			}
+		c, err := getConfig(hello)
+		if err != nil || c == nil || c == cfg {
+			return c, err
 		}
-		if c == nil || c == cfg {
-			if !ownCerts {
-				// No chain to put the meta cert behind; a config of
-				// ours would have no certificate at all, where the
-				// one the handshake runs on (ServeTLS's copy) has.
-				return c, nil
-			}
-			if negotiatesTLS13(hello, cfg) && !acmeChallenge(hello) {
-				if m := renew.current(); m.cfg != nil {
-					return m.cfg, nil
-				}
-				return c, nil
-			}
-			return withoutMeta(), nil
-		}
-		// The returned config may be shared by other handshakes, so it is
-		// cloned rather than changed. Its own GetConfigForClient is never
-		// consulted by crypto/tls.
+		// The returned config may be shared by other handshakes, so it
+		// is cloned rather than changed. Its own GetConfigForClient is
+		// never consulted by crypto/tls.
 		c = c.Clone()
-		if negotiatesTLS13(hello, c) && !acmeChallenge(hello) {
-			appendMetaCertToConfig(c, renew.current().der)
-		} else {
-			c.NextProtos = metaCertNextProtos(c.NextProtos)
-			// A clone of cfg itself (a callback that varies cfg per
-			// client) has cfg's certificates, meta cert included.
-			removeMetaCerts(c)
-		}
+		serveMetaCert(c, renew)
 		return c, nil
 	}
+}
+
+// serveMetaCert does AppendMetaCert's work on everything in cfg except
+// GetConfigForClient: its certificates are served through a metaCertSource
+// with renew's meta cert, and its ALPN list is made DERP's.
+func serveMetaCert(cfg *tls.Config, renew *metaRenewer) {
+	cfg.NextProtos = metaCertNextProtos(cfg.NextProtos)
+	// crypto/tls consults NameToCertificate only among Certificates.
+	if len(cfg.Certificates) == 0 && cfg.GetCertificate == nil {
+		return
+	}
+	src := &metaCertSource{
+		certs: slices.Clone(cfg.Certificates),
+		//lint:ignore SA1019 a caller that still fills it keeps it.
+		byName: maps.Clone(cfg.NameToCertificate),
+		get:    cfg.GetCertificate,
+		renew:  renew,
+	}
+	//lint:ignore SA1019 as above.
+	cfg.Certificates, cfg.NameToCertificate = nil, nil
+	cfg.GetCertificate = src.certificate
+}
+
+// metaCertSource serves a config's certificates, taken when AppendMetaCert
+// was called, with the meta cert behind the chain in TLS 1.3 handshakes.
+type metaCertSource struct {
+	certs  []tls.Certificate
+	byName map[string]*tls.Certificate
+	get    func(*tls.ClientHelloInfo) (*tls.Certificate, error)
+	renew  *metaRenewer
+}
+
+// certificate is the config's GetCertificate.
+func (s *metaCertSource) certificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+	c, err := s.pick(hello)
+	if err != nil || c == nil || len(c.Certificate) == 0 {
+		return c, err
+	}
+	if negotiatesTLS13(hello) && !acmeChallenge(hello) {
+		cc := withMetaCert(c, s.renew.current())
+		return &cc, nil
+	}
+	if endsWithMetaCert(c) {
+		// A chain that came with a meta cert (from a config that
+		// served one, or put there by hand) is sent without it.
+		cc := withoutMetaCert(c)
+		return &cc, nil
+	}
+	return c, nil
+}
+
+// pick chooses among s's certificates for hello in crypto/tls's documented
+// order: the callback, when there is one and either no static certificates
+// or a server name; then the only static certificate; the name map, by
+// exact name and by a wildcard for the first label; the first static
+// certificate the client supports; and finally the first one. (nil, nil)
+// leaves the choice to crypto/tls, which then looks at the Certificates of
+// the config the handshake runs on.
+func (s *metaCertSource) pick(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+	if s.get != nil && (len(s.certs) == 0 || hello.ServerName != "") {
+		if c, err := s.get(hello); c != nil || err != nil {
+			return c, err
+		}
+	}
+	switch len(s.certs) {
+	case 0:
+		return nil, nil
+	case 1:
+		return &s.certs[0], nil
+	}
+	if s.byName != nil {
+		name := strings.ToLower(hello.ServerName)
+		if c, ok := s.byName[name]; ok {
+			return c, nil
+		}
+		if name != "" {
+			wildcard := "*"
+			if i := strings.IndexByte(name, '.'); i >= 0 {
+				wildcard += name[i:]
+			}
+			if c, ok := s.byName[wildcard]; ok {
+				return c, nil
+			}
+		}
+	}
+	for i := range s.certs {
+		if hello.SupportsCertificate(&s.certs[i]) == nil {
+			return &s.certs[i], nil
+		}
+	}
+	return &s.certs[0], nil
 }
 
 // metaCertRenewBefore is how long before its NotAfter a served meta cert is
@@ -307,16 +330,13 @@ var metaCertNow = time.Now
 type metaRenewer struct {
 	pub     PublicKey
 	version int
-	config  func(der []byte) *tls.Config // the TLS 1.3 config serving der
-	mu      sync.Mutex                   // serializes renewals
+	mu      sync.Mutex // serializes renewals
 	cur     atomic.Pointer[servedMeta]
 }
 
-// servedMeta is a meta cert being served, with the config that serves it
-// (nil: the config AppendMetaCert was given).
+// servedMeta is a meta cert being served.
 type servedMeta struct {
 	der       []byte
-	cfg       *tls.Config
 	validFrom time.Time // renewed before this too (the clock went back)
 	renewAt   time.Time // zero: never (the DER names no key)
 }
@@ -329,8 +349,8 @@ func (m *servedMeta) due(now time.Time) bool {
 	return !m.renewAt.IsZero() && (now.Before(m.validFrom) || !now.Before(m.renewAt))
 }
 
-func newMetaRenewer(der []byte, config func([]byte) *tls.Config) *metaRenewer {
-	r := &metaRenewer{config: config}
+func newMetaRenewer(der []byte) *metaRenewer {
+	r := &metaRenewer{}
 	m := &servedMeta{der: der}
 	if cert, err := x509.ParseCertificate(der); err == nil {
 		if pub, version, ok := parseMetaCertCandidate(cert); ok && version > 0 {
@@ -342,48 +362,57 @@ func newMetaRenewer(der []byte, config func([]byte) *tls.Config) *metaRenewer {
 	return r
 }
 
-// current returns the meta cert to serve now, minting a new one if the
-// served one is due for renewal. If minting fails (crypto/rand failing),
-// the old one is served and minting is retried an hour later.
-func (r *metaRenewer) current() *servedMeta {
+// current returns the DER of the meta cert to serve now, minting a new one
+// if the served one is due for renewal. If minting fails (crypto/rand
+// failing), the old one is served and minting is retried an hour later.
+func (r *metaRenewer) current() []byte {
 	m := r.cur.Load()
 	now := metaCertNow().Round(0) // the wall clock only (see due)
 	if !m.due(now) {
-		return m
+		return m.der
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if m = r.cur.Load(); !m.due(now) {
-		return m
+		return m.der
 	}
 	der, err := mintMetaCertAt(r.pub, r.version, now)
 	if err != nil {
-		r.cur.Store(&servedMeta{der: m.der, cfg: m.cfg, renewAt: now.Add(time.Hour)})
-		return m
+		r.cur.Store(&servedMeta{der: m.der, renewAt: now.Add(time.Hour)})
+		return m.der
 	}
-	m = &servedMeta{der: der, cfg: r.config(der), validFrom: now.Add(-metaCertValidity),
-		renewAt: now.Add(metaCertValidity - metaCertRenewBefore)}
-	r.cur.Store(m)
-	return m
+	r.cur.Store(&servedMeta{der: der, validFrom: now.Add(-metaCertValidity),
+		renewAt: now.Add(metaCertValidity - metaCertRenewBefore)})
+	return der
 }
 
-// negotiatesTLS13 reports whether a server with cfg will agree on TLS 1.3
-// with the client that sent hello: crypto/tls takes the first version in
-// the client's list that the server supports (by default TLS 1.2 to 1.3).
-func negotiatesTLS13(hello *tls.ClientHelloInfo, cfg *tls.Config) bool {
-	lo, hi := cfg.MinVersion, cfg.MaxVersion
-	if lo == 0 {
-		lo = tls.VersionTLS12
+// extensionSupportedVersions is the TLS extension (RFC 8446, section
+// 4.2.1) without which no TLS 1.3 can be negotiated.
+const extensionSupportedVersions = 43
+
+// negotiatesTLS13 reports whether the handshake hello was passed to for
+// picking a certificate will use TLS 1.3. ClientHelloInfo does not carry
+// the chosen version, but SupportsCertificate chooses it the way the
+// handshake did: from the client's versions and those of the config the
+// handshake runs on (cfg, a clone of it, or a config from
+// GetConfigForClient), which a copy of hello still refers to. With the
+// copy's server name, signature algorithms, groups, point formats and
+// cipher suites cleared, a certificate without a key is supported exactly
+// when that version is TLS 1.3: TLS 1.3 then has nothing left to check,
+// and any older version needs a key exchange the certificate cannot do.
+func negotiatesTLS13(hello *tls.ClientHelloInfo) bool {
+	// crypto/tls makes up a version list from the legacy version field
+	// when the extension is missing, which may name TLS 1.3; the
+	// handshake then uses TLS 1.2 at most.
+	if !slices.Contains(hello.SupportedVersions, tls.VersionTLS13) ||
+		!slices.Contains(hello.Extensions, extensionSupportedVersions) {
+		return false
 	}
-	if hi == 0 || hi > tls.VersionTLS13 {
-		hi = tls.VersionTLS13
-	}
-	for _, v := range hello.SupportedVersions {
-		if v >= lo && v <= hi {
-			return v == tls.VersionTLS13
-		}
-	}
-	return false
+	probe := *hello
+	probe.ServerName = ""
+	probe.SignatureSchemes = nil
+	probe.SupportedCurves, probe.SupportedPoints, probe.CipherSuites = nil, nil, nil
+	return probe.SupportsCertificate(&tls.Certificate{}) == nil
 }
 
 // acmeChallenge reports whether hello is an ACME TLS-ALPN-01 validation
@@ -393,68 +422,6 @@ func negotiatesTLS13(hello *tls.ClientHelloInfo, cfg *tls.Config) bool {
 // validator to refuse, and DERP clients never offer acme-tls/1.
 func acmeChallenge(hello *tls.ClientHelloInfo) bool {
 	return len(hello.SupportedProtos) == 1 && hello.SupportedProtos[0] == "acme-tls/1"
-}
-
-// appendMetaCertToConfig does AppendMetaCert's work on everything in cfg
-// except GetConfigForClient.
-func appendMetaCertToConfig(cfg *tls.Config, meta []byte) {
-	rewriteCerts(cfg,
-		func(c *tls.Certificate) bool { return needsMetaCert(c, meta) },
-		func(c *tls.Certificate) tls.Certificate { return withMetaCert(c, meta) })
-	cfg.NextProtos = metaCertNextProtos(cfg.NextProtos)
-}
-
-// removeMetaCerts makes cfg, a config for a TLS 1.2 handshake, present no
-// meta cert at the end of a chain: its certificates, and those its
-// GetCertificate returns, are replaced by copies without it.
-func removeMetaCerts(cfg *tls.Config) {
-	rewriteCerts(cfg, endsWithMetaCert, withoutMetaCert)
-}
-
-// rewriteCerts replaces each certificate cfg presents for which change
-// reports true (in Certificates, in NameToCertificate, and each that
-// GetCertificate returns) with rewrite's copy of it. Certificates are
-// never modified, as other configs and handshakes may share them; one
-// shared by several names is copied once.
-func rewriteCerts(cfg *tls.Config, change func(*tls.Certificate) bool, rewrite func(*tls.Certificate) tls.Certificate) {
-	if slices.ContainsFunc(cfg.Certificates, func(c tls.Certificate) bool { return change(&c) }) {
-		certs := slices.Clone(cfg.Certificates)
-		for i := range certs {
-			if change(&certs[i]) {
-				certs[i] = rewrite(&certs[i])
-			}
-		}
-		cfg.Certificates = certs
-	}
-	//lint:ignore SA1019 a caller that still fills it.
-	if byName := cfg.NameToCertificate; len(byName) > 0 {
-		newByName := make(map[string]*tls.Certificate, len(byName))
-		copies := make(map[*tls.Certificate]*tls.Certificate, len(byName))
-		for name, c := range byName {
-			if c == nil || !change(c) {
-				newByName[name] = c
-				continue
-			}
-			cc, seen := copies[c]
-			if !seen {
-				copied := rewrite(c)
-				cc = &copied
-				copies[c] = cc
-			}
-			newByName[name] = cc
-		}
-		cfg.NameToCertificate = newByName
-	}
-	if getCert := cfg.GetCertificate; getCert != nil {
-		cfg.GetCertificate = func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-			c, err := getCert(hello)
-			if err != nil || c == nil || !change(c) {
-				return c, err
-			}
-			cc := rewrite(c)
-			return &cc, nil
-		}
-	}
 }
 
 // endsWithMetaCert reports whether c's chain has a leaf and, after it, a

@@ -434,10 +434,12 @@ func TestAppendMetaCertStatic(t *testing.T) {
 	orig := []tls.Certificate{pki.cert}
 	cfg := &tls.Config{Certificates: orig}
 	AppendMetaCert(cfg, meta)
-	if &cfg.Certificates[0] == &orig[0] {
-		t.Errorf("cfg.Certificates still shares the caller's slice")
+	//lint:ignore SA1019 AppendMetaCert empties it.
+	if len(cfg.Certificates) != 0 || cfg.NameToCertificate != nil || cfg.GetCertificate == nil {
+		t.Errorf("cfg.Certificates or NameToCertificate not emptied, or GetCertificate not set")
 	}
-	checkUntouched(t, &orig[0])
+	orig[0] = tls.Certificate{} // taken when AppendMetaCert was called
+	checkUntouched(t, &pki.cert)
 	checkUntouched(t, &pki.cert)
 
 	var wg sync.WaitGroup
@@ -452,21 +454,25 @@ func TestAppendMetaCertStatic(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	checkUntouched(t, &orig[0])
+	checkUntouched(t, &pki.cert)
 
-	// The deprecated NameToCertificate map gets copies too, one per
-	// distinct certificate.
-	byName := map[string]*tls.Certificate{"a.example": &orig[0], "b.example": &orig[0]}
-	cfg = &tls.Config{NameToCertificate: byName}
+	// The deprecated NameToCertificate map, which crypto/tls consults
+	// when there are several Certificates, is taken too.
+	other, _, err := selfSignedCert("other.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	byName := map[string]*tls.Certificate{metaCertTestServerName: &pki.cert}
+	//lint:ignore SA1019 a caller that still fills it.
+	cfg = &tls.Config{Certificates: []tls.Certificate{other, other}, NameToCertificate: byName}
 	AppendMetaCert(cfg, meta)
-	a, b := cfg.NameToCertificate["a.example"], cfg.NameToCertificate["b.example"]
-	if a == &orig[0] || a != b || len(a.Certificate) != 3 || !bytes.Equal(a.Certificate[2], meta) {
-		t.Errorf("NameToCertificate not replaced by one shared copy with the meta cert")
+	byName[metaCertTestServerName] = &other // taken when AppendMetaCert was called
+	state, clientErr, serverErr := metaCertTestHandshake(cfg, pki.clientConfig())
+	if clientErr != nil || serverErr != nil {
+		t.Fatalf("NameToCertificate handshake: client %v, server %v", clientErr, serverErr)
 	}
-	if byName["a.example"] != &orig[0] {
-		t.Errorf("caller's NameToCertificate map changed")
-	}
-	checkUntouched(t, &orig[0])
+	checkMetaCertState(t, state, 2, meta, pub)
+	checkUntouched(t, &pki.cert)
 }
 
 func TestAppendMetaCertIdempotent(t *testing.T) {
@@ -477,22 +483,18 @@ func TestAppendMetaCertIdempotent(t *testing.T) {
 	static := &tls.Config{Certificates: []tls.Certificate{pki.cert}}
 	AppendMetaCert(static, meta)
 	AppendMetaCert(static, bytes.Clone(meta))
-	if got := len(static.Certificates[0].Certificate); got != 3 {
-		t.Errorf("static chain after two calls has %d certificates, want 3", got)
-	}
-
 	shared := &pki.cert
 	callback := &tls.Config{
 		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return shared, nil },
 	}
 	AppendMetaCert(callback, meta)
 	AppendMetaCert(callback, meta)
-	c, err := callback.GetCertificate(&tls.ClientHelloInfo{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(c.Certificate) != 3 {
-		t.Errorf("GetCertificate chain after two calls has %d certificates, want 3", len(c.Certificate))
+	for name, cfg := range map[string]*tls.Config{"static": static, "GetCertificate": callback} {
+		state, clientErr, serverErr := metaCertTestHandshake(cfg, pki.clientConfig())
+		if clientErr != nil || serverErr != nil {
+			t.Fatalf("%s handshake: client %v, server %v", name, clientErr, serverErr)
+		}
+		checkMetaCertState(t, state, 2, meta, pub) // the meta cert once
 	}
 
 	// A GetConfigForClient that hands back the config it belongs to is
@@ -804,7 +806,7 @@ func TestMetaCertTLS12(t *testing.T) {
 					want = tls.VersionTLS13
 				}
 				AppendMetaCert(cfg, meta)
-				for i := range 3 { // the TLS 1.2 config is made once and reused
+				for i := range 3 {
 					state, clientErr, serverErr := metaCertTestHandshake(cfg, client)
 					if clientErr != nil || serverErr != nil {
 						t.Fatalf("handshake %d: client %v, server %v", i, clientErr, serverErr)
@@ -1015,10 +1017,10 @@ func TestMetaCertRenewal(t *testing.T) {
 // A meta cert that names no key is served as it is, forever.
 func TestMetaCertRenewalNeedsKey(t *testing.T) {
 	t.Cleanup(func() { metaCertNow = time.Now })
-	r := newMetaRenewer([]byte("not a certificate"), func([]byte) *tls.Config { panic("renewed") })
+	r := newMetaRenewer([]byte("not a certificate"))
 	metaCertNow = func() time.Time { return time.Now().Add(10 * 365 * 24 * time.Hour) }
-	if m := r.current(); string(m.der) != "not a certificate" || m.cfg != nil {
-		t.Fatalf("served %+v", m)
+	if der := r.current(); string(der) != "not a certificate" {
+		t.Fatalf("served %q", der)
 	}
 }
 
@@ -1027,18 +1029,18 @@ func TestMetaCertRenewalNeedsKey(t *testing.T) {
 // cert allows for) is replaced too, by one valid then, and only once.
 func TestMetaCertRenewalClockBack(t *testing.T) {
 	t.Cleanup(func() { metaCertNow = time.Now })
-	r := newMetaRenewer(metaCertTestMint(t, metaCertTestKey(t)), func([]byte) *tls.Config { return &tls.Config{} })
+	r := newMetaRenewer(metaCertTestMint(t, metaCertTestKey(t)))
 	back := time.Now().Add(-40 * 24 * time.Hour)
 	metaCertNow = func() time.Time { return back }
-	m := r.current()
-	cert, err := x509.ParseCertificate(m.der)
+	der := r.current()
+	cert, err := x509.ParseCertificate(der)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if back.Before(cert.NotBefore) || back.After(cert.NotAfter) {
 		t.Fatalf("at %v serving a meta cert valid from %v to %v", back, cert.NotBefore, cert.NotAfter)
 	}
-	if again := r.current(); !bytes.Equal(again.der, m.der) {
+	if again := r.current(); !bytes.Equal(again, der) {
 		t.Fatal("renewed again at the same time")
 	}
 }
@@ -1068,8 +1070,9 @@ func TestAppendMetaCertClonedForAnotherServer(t *testing.T) {
 				}
 				checkMetaCertState(t, state, 2, tc.meta, tc.pub)
 			}
-			// Once the meta certs are renewed, too (the first config's
-			// renewal hands the second a config with its meta cert).
+			// Once the meta certs are renewed, too (the second config
+			// calls the first one's GetCertificate, which renews its
+			// own meta cert).
 			metaCertNow = func() time.Time { return time.Now().Add(24 * 24 * time.Hour) }
 			defer func() { metaCertNow = time.Now }()
 			for _, tc := range []struct {
@@ -1143,4 +1146,190 @@ func TestAppendMetaCertSkipsACMEChallenge(t *testing.T) {
 		}
 		checkMetaCertState(t, state, 2, meta, pub)
 	}
+}
+
+// TestAppendMetaCertCloneKeepsClientAuth: a config cloned after
+// AppendMetaCert to require client certificates must refuse a client that
+// has none, in TLS 1.2 and, once the meta cert has been renewed, in TLS
+// 1.3: every handshake on the clone runs with the clone's settings, and
+// TLS 1.3 ones still carry the meta cert.
+func TestAppendMetaCertCloneKeepsClientAuth(t *testing.T) {
+	pki := newMetaCertTestPKI(t)
+	pub := metaCertTestKey(t)
+	t.Cleanup(func() { metaCertNow = time.Now })
+	const day = 24 * time.Hour
+	for _, tc := range []struct {
+		name    string
+		version uint16
+		at      time.Duration // the server's clock for the meta cert
+	}{
+		{"TLS1.2", tls.VersionTLS12, 0},
+		{"TLS1.3", tls.VersionTLS13, 0},
+		{"TLS1.3/renewed", tls.VersionTLS13, 24 * day},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			metaCertNow = time.Now
+			cfg := &tls.Config{Certificates: []tls.Certificate{pki.cert}}
+			AppendMetaCert(cfg, metaCertTestMint(t, pub))
+			strict := cfg.Clone()
+			strict.ClientAuth = tls.RequireAndVerifyClientCert
+			strict.ClientCAs = pki.roots
+			metaCertNow = func() time.Time { return time.Now().Add(tc.at) }
+			client := pki.clientConfig()
+			client.MinVersion, client.MaxVersion = tc.version, tc.version
+			state, clientErr, serverErr := metaCertTestHandshake(strict, client)
+			if serverErr == nil {
+				t.Fatalf("%s handshake without a client certificate accepted by a config that requires one (client error %v)",
+					tls.VersionName(state.Version), clientErr)
+			}
+			// The original config still takes the client.
+			state, clientErr, serverErr = metaCertTestHandshake(cfg, client)
+			if clientErr != nil || serverErr != nil {
+				t.Fatalf("handshake on the original config: client %v, server %v", clientErr, serverErr)
+			}
+			if _, _, ok := ParseMetaCert(state.PeerCertificates); ok != (tc.version == tls.VersionTLS13) {
+				t.Errorf("%s: meta cert served: %v", tls.VersionName(tc.version), ok)
+			}
+		})
+	}
+}
+
+// TestAppendMetaCertServeTLSRenewal: http.Server.ServeTLS serves a copy of
+// the config with "h2" put back into NextProtos (see
+// TestAppendMetaCertHTTPServer). Renewing the meta cert must not change
+// what that copy negotiates: a client offering only h2 gets h2 before and
+// after, and the meta cert both times.
+func TestAppendMetaCertServeTLSRenewal(t *testing.T) {
+	pki := newMetaCertTestPKI(t)
+	pub := metaCertTestKey(t)
+	t.Cleanup(func() { metaCertNow = time.Now })
+	cfg := &tls.Config{Certificates: []tls.Certificate{pki.cert}}
+	AppendMetaCert(cfg, metaCertTestMint(t, pub))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.NotFoundHandler(), TLSConfig: cfg, ErrorLog: log.New(io.Discard, "", 0)}
+	done := make(chan struct{})
+	go func() { defer close(done); srv.ServeTLS(ln, "", "") }()
+	t.Cleanup(func() { srv.Close(); <-done })
+	for _, at := range []time.Duration{0, 24 * 24 * time.Hour} {
+		metaCertNow = func() time.Time { return time.Now().Add(at) }
+		client := pki.clientConfig()
+		client.NextProtos = []string{"h2"}
+		conn, err := tls.Dial("tcp", ln.Addr().String(), client)
+		if err != nil {
+			t.Errorf("meta cert clock +%v: h2-only client: %v", at, err)
+			continue
+		}
+		state := conn.ConnectionState()
+		conn.Close()
+		if state.NegotiatedProtocol != "h2" {
+			t.Errorf("meta cert clock +%v: h2-only client negotiated %q, want h2 as ServeTLS's config offers", at, state.NegotiatedProtocol)
+		}
+		if got, _, ok := ParseMetaCert(state.PeerCertificates); !ok || got != pub {
+			t.Errorf("meta cert clock +%v: no meta cert for the server's key", at)
+		}
+	}
+}
+
+// TestAppendMetaCertCloneLimitsVersion: a config cloned after
+// AppendMetaCert and limited to TLS 1.2 sends its chain in clear text, so
+// it must not carry the meta cert; the decision follows the version the
+// handshake's own config negotiates, not the original's limits.
+func TestAppendMetaCertCloneLimitsVersion(t *testing.T) {
+	pki := newMetaCertTestPKI(t)
+	pub := metaCertTestKey(t)
+	for name, mk := range pki.serverConfigs() {
+		t.Run(name, func(t *testing.T) {
+			cfg := mk()
+			AppendMetaCert(cfg, metaCertTestMint(t, pub))
+			old := cfg.Clone()
+			old.MaxVersion = tls.VersionTLS12
+			client := pki.clientConfig()
+			client.MinVersion = tls.VersionTLS12
+			state, clientErr, serverErr := metaCertTestHandshake(old, client)
+			if clientErr != nil || serverErr != nil {
+				t.Fatalf("handshake: client %v, server %v", clientErr, serverErr)
+			}
+			if state.Version != tls.VersionTLS12 && name != "GetConfigForClient" {
+				t.Fatalf("negotiated %s, want TLS 1.2", tls.VersionName(state.Version))
+			}
+			if _, _, ok := ParseMetaCert(state.PeerCertificates); ok && state.Version == tls.VersionTLS12 {
+				t.Errorf("TLS 1.2 handshake on a clone limited to TLS 1.2 sent the meta cert in clear text")
+			}
+		})
+	}
+}
+
+// TestAppendMetaCertPicksLikeCryptoTLS: with its certificates taken over
+// by AppendMetaCert, a config must serve each client the leaf crypto/tls
+// would have picked from them itself, in TLS 1.2 and 1.3: callback or
+// static certificates by server name, the name map and its wildcard, the
+// first certificate the client supports, and the first as the fallback.
+func TestAppendMetaCertPicksLikeCryptoTLS(t *testing.T) {
+	pki := newMetaCertTestPKI(t)
+	meta := metaCertTestMint(t, metaCertTestKey(t))
+	cert := func(host string) tls.Certificate {
+		c, _, err := selfSignedCert(host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	a, b, w, fromCallback := cert("a.example"), cert("b.example"), cert("w.example"), cert("cb.example")
+	callback := func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+		if hello.ServerName == "cb.example" {
+			return &fromCallback, nil
+		}
+		return nil, nil // crypto/tls goes on to Certificates
+	}
+	configs := map[string]func() *tls.Config{
+		"several": func() *tls.Config { return &tls.Config{Certificates: []tls.Certificate{a, b, pki.cert}} },
+		"NameToCertificate": func() *tls.Config {
+			//lint:ignore SA1019 a caller that still fills it.
+			return &tls.Config{Certificates: []tls.Certificate{a, b}, NameToCertificate: map[string]*tls.Certificate{
+				"b.example": &b, "*.wild.example": &w, "*": &w,
+			}}
+		},
+		"GetCertificate and Certificates": func() *tls.Config {
+			return &tls.Config{Certificates: []tls.Certificate{a, b}, GetCertificate: callback}
+		},
+		"GetCertificate alone": func() *tls.Config {
+			return &tls.Config{GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return &fromCallback, nil }}
+		},
+	}
+	names := []string{"", "a.example", "b.example", "B.Example", "x.wild.example", "nowhere", metaCertTestServerName, "cb.example", "other.example"}
+	for name, mk := range configs {
+		plain, withMeta := mk(), mk()
+		AppendMetaCert(withMeta, meta)
+		for _, version := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
+			for _, sni := range names {
+				client := &tls.Config{InsecureSkipVerify: true, ServerName: sni, MinVersion: version, MaxVersion: version}
+				want, clientErr, serverErr := metaCertTestHandshake(plain, client)
+				if clientErr != nil || serverErr != nil {
+					t.Fatalf("%s, %q, without AppendMetaCert: client %v, server %v", name, sni, clientErr, serverErr)
+				}
+				got, clientErr, serverErr := metaCertTestHandshake(withMeta, client)
+				if clientErr != nil || serverErr != nil {
+					t.Fatalf("%s, %q: client %v, server %v", name, sni, clientErr, serverErr)
+				}
+				if !bytes.Equal(got.PeerCertificates[0].Raw, want.PeerCertificates[0].Raw) {
+					t.Errorf("%s, %s, server name %q: served %q, crypto/tls picks %q", name, tls.VersionName(version), sni,
+						got.PeerCertificates[0].Subject.CommonName, want.PeerCertificates[0].Subject.CommonName)
+				}
+				_, _, ok := ParseMetaCert(got.PeerCertificates)
+				if ok != (version == tls.VersionTLS13) || len(got.PeerCertificates) != len(want.PeerCertificates)+btoi(ok) {
+					t.Errorf("%s, %s, server name %q: %d certificates, meta cert %v", name, tls.VersionName(version), sni, len(got.PeerCertificates), ok)
+				}
+			}
+		}
+	}
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
