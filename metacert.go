@@ -157,12 +157,13 @@ func parseMetaCertCandidate(cert *x509.Certificate) (pub PublicKey, version int,
 // chain ends with the meta cert. The certificates, and those the original
 // GetCertificate returns, are never modified, because certificate managers
 // such as golang.org/x/crypto/acme/autocert hand one cached
-// *tls.Certificate to every concurrent handshake. Errors and nil results of
-// the original GetCertificate pass through unchanged, and so do
-// certificates with an empty chain, which have no leaf to put the meta cert
-// behind. A config with no certificates of its own is left without a
-// GetCertificate, so that certificates a server puts into its copy
-// (http.Server.ServeTLS given file names) are served as they are.
+// *tls.Certificate to every concurrent handshake. Errors of the original
+// GetCertificate pass through unchanged, a nil result falls back to the
+// static certificates as in crypto/tls, and a certificate with an empty
+// chain, which has no leaf to put the meta cert behind, is served as it
+// is. A config with no certificates of its own gets no GetCertificate, so
+// that certificates a server puts into its copy (http.Server.ServeTLS
+// given file names) are served as they are, without the meta cert.
 //
 // Every handshake runs on the config crypto/tls was given, so a clone of
 // cfg made after AppendMetaCert, and the copy http.Server.ServeTLS makes,
@@ -186,12 +187,13 @@ func parseMetaCertCandidate(cert *x509.Certificate) (pub PublicKey, version int,
 // empty); other values such as "acme-tls/1" are kept. Beware of
 // http.Server.ServeTLS and ListenAndServeTLS: unless srv.Protocols allows
 // only HTTP/1 (or srv.TLSNextProto is a non-nil map without "h2"), they add
-// "h2" back to their copy of the config. It lands after "http/1.1", so
-// clients offering both still get HTTP/1.1, but a client offering only h2
-// gets a connection that cannot be upgraded. Given certificate file names
-// as well, they put the loaded pair into their copy, which crypto/tls then
-// serves, without the meta cert, only to clients that send no server name.
-// Prefer srv.Serve(tls.NewListener(ln, cfg)), which uses cfg as it is.
+// "h2" back, to srv.TLSConfig itself and to their copy of it. It lands
+// after "http/1.1", so clients offering both still get HTTP/1.1, but a
+// client offering only h2 gets a connection that cannot be upgraded. Given
+// certificate file names, they put the loaded pair into their copy's
+// Certificates, which crypto/tls consults, if cfg had certificates of its
+// own, only for clients that send no server name. Prefer
+// srv.Serve(tls.NewListener(ln, cfg)), which uses cfg as it is.
 //
 // A meta cert that names a key (as every one from [MintMetaCert] does) is
 // renewed while cfg is in use: the first TLS 1.3 handshake after it has less
