@@ -1333,3 +1333,63 @@ func btoi(b bool) int {
 	}
 	return 0
 }
+
+// TestMetaCertLegacyVersionHello: a ClientHello whose legacy version field
+// says TLS 1.3 but that has no supported_versions extension gets TLS 1.2
+// from crypto/tls (RFC 8446, section 4.2.1), although the ClientHelloInfo
+// it shows callbacks lists TLS 1.3 first. Its Certificate message goes out
+// in clear text, so it must not carry the meta cert.
+func TestMetaCertLegacyVersionHello(t *testing.T) {
+	pki := newMetaCertTestPKI(t)
+	meta := metaCertTestMint(t, metaCertTestKey(t))
+	cfg := &tls.Config{Certificates: []tls.Certificate{pki.cert}}
+	AppendMetaCert(cfg, meta)
+
+	exts := []byte{
+		0x00, 0x0a, 0x00, 0x04, 0x00, 0x02, 0x00, 0x1d, // supported_groups: x25519
+		0x00, 0x0b, 0x00, 0x02, 0x01, 0x00, // ec_point_formats: uncompressed
+		0x00, 0x0d, 0x00, 0x04, 0x00, 0x02, 0x08, 0x07, // signature_algorithms: ed25519
+	}
+	body := []byte{0x03, 0x04} // legacy_version TLS 1.3
+	body = append(body, make([]byte, 32)...)
+	body = append(body, 0x00)                                // session id
+	body = append(body, 0x00, 0x02, 0xc0, 0x2b)              // TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+	body = append(body, 0x01, 0x00)                          // compression: null
+	body = append(body, byte(len(exts)>>8), byte(len(exts))) // extensions
+	body = append(body, exts...)
+	msg := append([]byte{0x01, 0x00, byte(len(body) >> 8), byte(len(body))}, body...)
+	record := append([]byte{0x16, 0x03, 0x01, byte(len(msg) >> 8), byte(len(msg))}, msg...)
+
+	sc, cc := net.Pipe()
+	defer cc.Close()
+	serverDone := make(chan error, 1)
+	go func() {
+		defer sc.Close()
+		serverDone <- tls.Server(sc, cfg).Handshake()
+	}()
+	cc.SetDeadline(time.Now().Add(20 * time.Second))
+	if _, err := cc.Write(record); err != nil {
+		t.Fatal(err)
+	}
+	// The server's first flight, in clear text up to ServerHelloDone.
+	var flight []byte
+	buf := make([]byte, 4096)
+	for !bytes.Contains(flight, []byte{0x0e, 0x00, 0x00, 0x00}) {
+		n, err := cc.Read(buf)
+		flight = append(flight, buf[:n]...)
+		if err != nil {
+			t.Fatalf("reading the server's flight after %d bytes: %v (server: %v)", len(flight), err, <-serverDone)
+		}
+	}
+	if len(flight) < 11 || flight[0] != 0x16 || flight[5] != 0x02 || flight[9] != 0x03 || flight[10] != 0x03 {
+		t.Fatalf("server's flight does not start with a TLS 1.2 ServerHello: % x", flight[:min(len(flight), 16)])
+	}
+	if !bytes.Contains(flight, pki.cert.Certificate[0]) {
+		t.Fatal("no leaf certificate in the server's flight")
+	}
+	if bytes.Contains(flight, meta) {
+		t.Error("the meta cert went out in the clear text Certificate message of a TLS 1.2 handshake")
+	}
+	cc.Close()
+	<-serverDone
+}
