@@ -168,9 +168,10 @@ func parseMetaCertCandidate(cert *x509.Certificate) (pub PublicKey, version int,
 // Every handshake runs on the config crypto/tls was given, so a clone of
 // cfg made after AppendMetaCert, and the copy http.Server.ServeTLS makes,
 // serve the meta cert with their own settings (client authentication,
-// versions, session ticket keys). If cfg.GetConfigForClient is set, it is
-// wrapped: a config it returns, other than cfg itself, is cloned for the
-// handshake and set up the same way, with the certificates it has then.
+// versions, session ticket keys). cfg.GetConfigForClient is set: it returns
+// nil (use cfg), or, if cfg had one, wraps it, and a config that returns,
+// other than cfg itself, is cloned for the handshake and set up the same
+// way, with the certificates it has then.
 //
 // Calling AppendMetaCert again with the same metaCert adds nothing: a chain
 // that already ends with metaCert is left alone. A chain that ends with
@@ -212,11 +213,13 @@ func AppendMetaCert(cfg *tls.Config, metaCert []byte) {
 	// what every later handshake serves.
 	renew := newMetaRenewer(bytes.Clone(metaCert))
 	serveMetaCert(cfg, renew)
+	// Set even without a callback to wrap, as AppendMetaCert always has:
+	// code that wraps it afterwards calls it without a nil check.
 	getConfig := cfg.GetConfigForClient
-	if getConfig == nil {
-		return
-	}
 	cfg.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		if getConfig == nil {
+			return nil, nil
+		}
 		c, err := getConfig(hello)
 		if err != nil || c == nil || c == cfg {
 			return c, err
