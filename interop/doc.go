@@ -9,11 +9,14 @@
 // two real Tailscale data planes (magicsock and wireguard-go, without
 // gvisor's netstack, which those tags leave out) that exchange traffic
 // only through one relay.Server or two meshed ones (node_test.go; not with
-// tag ts102). The tags change no package the other tests use.
+// tag ts102). With the build tag ts_debug_websockets as well, those nodes
+// also reach the relay.Server over WebSocket, with Tailscale's own
+// WebSocket client (native builds have it only with that tag). The tags
+// change nothing the other tests use.
 //
 // It is a separate module so that the relay library itself never depends
 // on tailscale.com. Run it with
 //
 //	cd interop && go test -race ./...
-//	cd interop && go test -race -tags ts_omit_netstack,ts_omit_gro ./...
+//	cd interop && go test -race -tags ts_omit_netstack,ts_omit_gro,ts_debug_websockets ./...
 package interop

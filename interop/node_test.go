@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
 	"fmt"
 	"net"
@@ -48,9 +49,14 @@ import (
 // It needs the build tags ts_omit_netstack and ts_omit_gro: without them
 // magicsock's packages import gvisor.dev/gvisor, which the module proxy
 // refuses at the version tailscale.com v1.104.5 requires (so tsnet, which
-// needs gvisor's netstack, cannot be built here at all). Run it with
+// needs gvisor's netstack, cannot be built here at all). With the tag
+// ts_debug_websockets too, Tailscale's DERP client can dial WebSocket,
+// which the websocket case of TestTailscaleNodesThroughOurServer needs (it
+// is skipped without it); the tag changes nothing else: the client dials
+// WebSocket only when TS_DEBUG_DERP_WS_CLIENT is set, as that case does.
+// Run it with
 //
-//	go test -race -tags ts_omit_netstack,ts_omit_gro -run TestTailscaleNodes .
+//	go test -race -tags ts_omit_netstack,ts_omit_gro,ts_debug_websockets -run TestTailscaleNodes .
 //
 // Set RELAY_INTEROP_NODE_LOG=1 to see the nodes' logs.
 
@@ -259,7 +265,11 @@ func (n *tsNode) peerWith(peer *tsNode) {
 // when it has none; in a region of two meshed servers, each node on its
 // own, the data crosses the mesh. With sessions parked whenever idle for
 // 1 ms (WithIdlePark), their readers stop and start all through the
-// transfer.
+// transfer. Over WebSocket, the nodes dial wss:// to our server's /derp
+// (Tailscale's WebSocket client, which native builds have only with the
+// build tag ts_debug_websockets, and use only with
+// TS_DEBUG_DERP_WS_CLIENT set; the case is skipped without the tag), and
+// our server must list their sessions as WebSocket ones.
 func TestTailscaleNodesThroughOurServer(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
@@ -267,16 +277,26 @@ func TestTailscaleNodesThroughOurServer(t *testing.T) {
 		mesh      bool
 		idlePark  time.Duration // if not zero, WithIdlePark
 		fastStart bool          // how the nodes log in
+		webSocket bool          // the nodes dial WebSocket
 	}{
-		{"fast start", true, false, 0, true},
-		{"upgrade", false, false, 0, false},
-		{"mesh", true, true, 0, true},
-		{"parked when idle 1ms", true, false, time.Millisecond, true},
+		{"fast start", true, false, 0, true, false},
+		{"upgrade", false, false, 0, false, false},
+		{"mesh", true, true, 0, true, false},
+		{"parked when idle 1ms", true, false, time.Millisecond, true, false},
+		// With the meta cert, which the WebSocket client never
+		// looks for: it always waits for the 101.
+		{"websocket", true, false, 0, false, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			cert, pool := selfSignedCert(t)
+			if tc.webSocket {
+				if !tsDERPWebSocket {
+					t.Skip("Tailscale's DERP client dials WebSocket only when built with tag ts_debug_websockets")
+				}
+				nodesDialWebSocket(t, pool)
+			}
 			checkNoLeaks(t)
 			checkNoNodeLeaks(t)
-			cert, pool := selfSignedCert(t)
 			nServers := 1
 			if tc.mesh {
 				nServers = 2
@@ -373,6 +393,20 @@ func TestTailscaleNodesThroughOurServer(t *testing.T) {
 				if si.FastStart != tc.fastStart {
 					t.Errorf("node %s's session: FastStart %v, want %v", n.name, si.FastStart, tc.fastStart)
 				}
+				if si.WebSocket != tc.webSocket {
+					t.Errorf("node %s's session: WebSocket %v, want %v", n.name, si.WebSocket, tc.webSocket)
+				}
+			}
+			// Every WebSocket handshake our servers completed was a
+			// node's: at least one each over WebSocket (more if a node
+			// reconnected), none otherwise.
+			var wsAccepts int64
+			for _, s := range servers {
+				wsAccepts += s.Stats().WebSocketAccepts
+			}
+			t.Logf("WebSocket handshakes: %d", wsAccepts)
+			if tc.webSocket && wsAccepts < 2 || !tc.webSocket && wsAccepts != 0 {
+				t.Errorf("our servers completed %d WebSocket handshakes, want %s", wsAccepts, map[bool]string{true: "at least 2", false: "none"}[tc.webSocket])
 			}
 			if tc.idlePark != 0 {
 				st := sA.Stats()
@@ -393,6 +427,26 @@ func TestTailscaleNodesThroughOurServer(t *testing.T) {
 			}
 		})
 	}
+}
+
+// nodesDialWebSocket has the nodes of the test dial our server over
+// WebSocket, trusting pool. Tailscale's WebSocket dialer
+// (derphttp/websocket.go, coder/websocket) takes no TLS config, so it uses
+// http.DefaultClient, whose transport verifies the server's certificate
+// against the system's roots (the DERP map's InsecureForTests does not
+// apply): the test swaps http.DefaultTransport for one that trusts pool.
+// Both settings are process-wide and restored by the test's cleanup,
+// registered first so that it runs last, after the nodes closed; t.Setenv
+// keeps parallel tests from running meanwhile.
+func nodesDialWebSocket(t *testing.T, pool *x509.CertPool) {
+	t.Setenv("TS_DEBUG_DERP_WS_CLIENT", "true")
+	old := http.DefaultTransport
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}
+	http.DefaultTransport = tr
+	t.Cleanup(func() {
+		http.DefaultTransport = old
+		tr.CloseIdleConnections()
+	})
 }
 
 // nodeExchange has a and b send each other nodeTransferBytes of random data
