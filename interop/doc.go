@@ -9,10 +9,11 @@
 // two real Tailscale data planes (magicsock and wireguard-go, without
 // gvisor's netstack, which those tags leave out) that exchange traffic
 // only through one relay.Server or two meshed ones (node_test.go; not with
-// tag ts102). With the build tag ts_debug_websockets as well, those nodes
-// also reach the relay.Server over WebSocket, with Tailscale's own
-// WebSocket client (native builds have it only with that tag). The tags
-// change nothing the other tests use.
+// tag ts102), and one whose login the server's admission hook refuses for
+// a while (node_refused_test.go). With the build tag ts_debug_websockets
+// as well, the nodes also reach the relay.Server over WebSocket, with
+// Tailscale's own WebSocket client (native builds have it only with that
+// tag). The tags change nothing the other tests use.
 //
 // It is a separate module so that the relay library itself never depends
 // on tailscale.com. Run it with
