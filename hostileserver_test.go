@@ -2,16 +2,19 @@ package relay
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -303,5 +306,89 @@ func TestWebSocketClientSlowPingsKept(t *testing.T) {
 		t.Fatalf("Recv: %v, want the KeepAlive after %d bytes of slow pings", err, bursts*len(burst))
 	} else if _, ok := m.(KeepAlive); !ok {
 		t.Fatalf("Recv: %T, want KeepAlive", m)
+	}
+}
+
+// TestMeshPeerNoticesLogBounded: a mesh peer (compromised, or buggy) that
+// sends Health frames of up to a frame's 1 MiB, or ServerRestarting
+// frames, as fast as the link reads them, must not make this server write
+// lines of that size or at that rate: the Health text is cut, a Health the
+// same as the last is logged at Debug, and the lines are logged at Info at
+// most as logPeer's are (a burst, then 10 a second), the rest at Debug.
+func TestMeshPeerNoticesLogBounded(t *testing.T) {
+	const repeats, frames = 50, 2000
+	peer := &scriptedServer{priv: mustKey(t)}
+	pong := make(chan struct{})
+	var once sync.Once
+	peer.script = func(_ int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
+		go func() { // the link's WatchConns and Pings; the Pong to ours
+			for {
+				ft, p, err := readRawFrame(br)
+				if err != nil {
+					return
+				}
+				if ft == FramePong && string(p) == "healthy!" {
+					once.Do(func() { close(pong) })
+				}
+			}
+		}()
+		var b []byte
+		b = appendFrame(b, FrameHealth, bytes.Repeat([]byte("x\n"), (maxClientFrame-frameHeaderLen)/2))
+		for range repeats {
+			b = appendFrame(b, FrameHealth, []byte("same problem"))
+		}
+		for i := range frames {
+			if i%2 == 0 {
+				b = appendFrame(b, FrameHealth, fmt.Appendf(nil, "problem %d\n%s", i, strings.Repeat("y", 1000)))
+			} else {
+				b = appendFrame(b, FrameRestarting, make([]byte, restartingLen))
+			}
+		}
+		b = appendFrame(b, FramePing, []byte("healthy!"))
+		if _, err := sc.Write(b); err != nil {
+			return
+		}
+		peer.stall()
+	}
+	h := &recHandler{}
+	start := time.Now()
+	// Over TCP: the link writes its WatchConns before it reads the
+	// ServerInfo, which a pipe would not take.
+	newTestServer(t, WithMeshKey(testMeshKey), WithMeshPeers("http://peer.invalid/derp"),
+		WithMeshDialer(&FastStart{DialContext: peer.dialTCP}), WithLogger(slog.New(h)))
+	t.Cleanup(peer.close)
+	select {
+	case <-pong:
+	case <-time.After(time.Minute):
+		t.Fatal("the mesh link did not answer the Ping after the notices in a minute")
+	}
+	took := time.Since(start) // the frames came within it
+	var lines, same, total, longest int
+	for _, r := range h.infoRecords() {
+		if r.Message != "relay: mesh peer health" && r.Message != "relay: mesh peer restarting" {
+			continue
+		}
+		size := len(r.Message)
+		r.Attrs(func(a slog.Attr) bool {
+			size += len(a.Key) + len(a.Value.String())
+			if a.Key == "problem" && a.Value.String() == "same problem" {
+				same++
+			}
+			return true
+		})
+		lines++
+		total += size
+		longest = max(longest, size)
+	}
+	allowed := logLineBurst + int(took.Seconds()*logLineRate) + 1
+	t.Logf("%d notices in %v: %d lines at Info, %d bytes, the longest %d", 1+repeats+frames, took, lines, total, longest)
+	if longest > 512 {
+		t.Errorf("a line of %d bytes for one Health frame", longest)
+	}
+	if same != 1 {
+		t.Errorf("%d lines at Info for %d Health frames in a row with the same problem, want 1", same, repeats)
+	}
+	if lines > allowed {
+		t.Errorf("%d lines at Info for %d notices in %v, want at most %d", lines, 1+repeats+frames, took, allowed)
 	}
 }

@@ -198,10 +198,13 @@ type Admission struct {
 // the next line at Info says how many were held back ("suppressed"), and
 // Stats counts them all. Sessions that cannot be parked (see WithIdlePark;
 // the process is out of file descriptors or epoll watches) are logged at
-// Warn, bounded the same way in a budget of their own. Lines are logged
-// with no lock of the server held, so the handler may call the Server's
-// methods, except Close: sessions, mesh links and forwarders log, and
-// Close waits for them.
+// Warn, bounded the same way in a budget of their own. A mesh peer's
+// Health and ServerRestarting notices are logged at Info bounded the same
+// way in a budget per link, a Health the same as the one before at Debug;
+// a Health's text is cut to 256 bytes (problemBytes then gives its
+// length). Lines are logged with no lock of the server held, so the
+// handler may call the Server's methods, except Close: sessions, mesh
+// links and forwarders log, and Close waits for them.
 func WithLogger(l *slog.Logger) ServerOption {
 	return func(c *serverConfig) { c.logger = l }
 }
@@ -4909,6 +4912,10 @@ type meshLink struct {
 	// the connection even if the peer's host acknowledges it (probe).
 	ponged atomic.Bool
 
+	// noticeLog budgets the lines about the peer's Health and
+	// ServerRestarting notices (logNotice); only run uses it.
+	noticeLog logLimit
+
 	// For AddPacketForwarder's links (no peer URL, no client): packets go
 	// to fwd; stop ends forwardLoop; stopped (guarded by mu) refuses more.
 	fwd     PacketForwarder
@@ -5193,6 +5200,7 @@ func (l *meshLink) noteUpLocked(peer PublicKey, at int64) {
 // probe.
 func (l *meshLink) watch(c *Client, lv *linkLiveness) (watched bool, restartIn time.Duration, err error) {
 	var notices recipientNotices
+	var lastProblem string // the last Health's, as logged
 	for {
 		m, err := c.Recv()
 		if err != nil {
@@ -5233,13 +5241,46 @@ func (l *meshLink) watch(c *Client, lv *linkLiveness) (watched bool, restartIn t
 			}
 		case ServerRestarting:
 			restartIn = m.ReconnectIn
-			l.s.log.Info("relay: mesh peer restarting", "peer", l.url, "reconnectIn", m.ReconnectIn)
+			l.logNotice(true, "relay: mesh peer restarting", "reconnectIn", m.ReconnectIn)
 		case Health:
-			if m.Problem != "" {
-				l.s.log.Info("relay: mesh peer health", "peer", l.url, "problem", m.Problem)
+			// A problem the same as the last one (cut alike) is
+			// the peer repeating itself: to Debug.
+			problem := clip(m.Problem, maxLoggedHealth)
+			if problem != "" {
+				args := []any{"problem", problem}
+				if len(problem) < len(m.Problem) {
+					args = append(args, "problemBytes", len(m.Problem))
+				}
+				l.logNotice(problem != lastProblem, "relay: mesh peer health", args...)
 			}
+			lastProblem = problem
 		}
 	}
+}
+
+// maxLoggedHealth bounds the bytes of a mesh peer's Health problem in a
+// log line; a frame may carry up to 1 MiB.
+const maxLoggedHealth = 256
+
+// logNotice logs a line about a notice from the link's peer (Health,
+// ServerRestarting), at Info if news and the link's budget allow (as
+// logPeer's, in a budget per link), else at Debug: a peer can send them as
+// fast as the link reads. Only the link's run goroutine calls it.
+func (l *meshLink) logNotice(news bool, msg string, args ...any) {
+	args = append([]any{"peer", l.url}, args...)
+	if !news {
+		l.s.log.Debug(msg, args...)
+		return
+	}
+	ok, held := l.noticeLog.allow(time.Now())
+	if !ok {
+		l.s.log.Debug(msg, args...)
+		return
+	}
+	if held > 0 {
+		args = append(args, "suppressed", held)
+	}
+	l.s.log.Info(msg, args...)
 }
 
 // recipientNotices tells, on one connection of a mesh link, the PeerGone
