@@ -158,9 +158,10 @@ func IsProber(v bool) ClientOption { return func(o *clientOptions) { o.isProber 
 // servers refuse other names, so NewClient does too.
 func AppName(name string) ClientOption { return func(o *clientOptions) { o.appName = name } }
 
-// RecvTimeout bounds how long Recv waits for each frame; the default, 120 s,
-// is twice the server's keepalive interval, so silence that long means the
-// connection is dead. Zero or negative means no limit.
+// RecvTimeout bounds how long Recv waits for each frame, frames it skips
+// included (of which it reads at most 4 MiB in a row: see Recv); the
+// default, 120 s, is twice the server's keepalive interval, so silence that
+// long means the connection is dead. Zero or negative means no limit.
 func RecvTimeout(d time.Duration) ClientOption { return func(o *clientOptions) { o.recvTimeout = d } }
 
 // LoginTimeout bounds NewClient: its wait for the server's ServerKey frame
@@ -577,7 +578,9 @@ func (c *Client) Close() error {
 // is an error), and ServerKey frames are skipped; the exception is the
 // server's first frame in fast start (see ServerPublicKey), a ServerKey
 // frame that Recv checks: a malformed one is an error, and one with another
-// key is ErrServerKeyMismatch. Any error is permanent.
+// key is ErrServerKeyMismatch. More than 4 MiB of frames skipped in a row
+// (headers included) is an error, a *ProtocolError whose Reason is
+// "skipped_frames_flood". Any error is permanent.
 func (c *Client) Recv() (Message, error) {
 	if c.rerr != nil {
 		return nil, c.rerr
@@ -599,6 +602,7 @@ func (c *Client) Recv() (Message, error) {
 }
 
 func (c *Client) recv() (Message, error) {
+	skipped := 0 // bytes of the frames skipped in a row, headers included
 	for {
 		if c.discard > 0 {
 			c.br.Discard(c.discard)
@@ -628,17 +632,25 @@ func (c *Client) recv() (Message, error) {
 		first := !c.sawFirst
 		c.sawFirst = true
 		m, err := c.parse(t, p, first)
-		if err == errSkip {
-			continue
+		if err == nil && m != nil {
+			return m, nil
 		}
-		if err != nil {
+		if err != nil && err != errSkip {
 			return nil, err
 		}
-		if m != nil {
-			return m, nil
+		// Skipped. Each frame re-arms RecvTimeout: a server that sent
+		// nothing else would hold Recv for good.
+		if skipped += frameHeaderLen + int(n); skipped > maxSkippedBytes {
+			return nil, protoErr("skipped_frames_flood", t,
+				fmt.Sprintf("more than %d bytes of frames skipped (unknown types, too short, later ServerKeys) with no message between", maxSkippedBytes))
 		}
 	}
 }
+
+// maxSkippedBytes bounds the frames, headers included, that one Recv
+// skips in a row: a server sends a KeepAlive at least a minute apart, and
+// never megabytes of frames a client may not know between two messages.
+const maxSkippedBytes = 4 << 20
 
 func (c *Client) readErr(err error) error {
 	if errors.Is(err, io.EOF) && !c.gotInfo {

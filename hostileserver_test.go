@@ -392,3 +392,109 @@ func TestMeshPeerNoticesLogBounded(t *testing.T) {
 		t.Errorf("%d lines at Info for %d notices in %v, want at most %d", lines, 1+repeats+frames, took, allowed)
 	}
 }
+
+// skipFloodLogin logs a Client in to a fake server over a pipe and reads
+// its ServerInfo; the server then writes unit over and over, up to limit
+// bytes, and closes flooded. Through a pipe, what is written was read.
+func skipFloodLogin(t *testing.T, unit []byte, limit int) (c *Client, flooded <-chan struct{}) {
+	srv, priv := mustKey(t), mustKey(t)
+	cc, sc := net.Pipe()
+	t.Cleanup(func() { cc.Close(); sc.Close() })
+	go io.Copy(io.Discard, sc) // the ClientInfo
+	done := make(chan struct{})
+	go func() {
+		login := append(appendFrame(nil, FrameServerKey, appendServerKey(nil, srv.Public())),
+			serverInfoFrame(srv, priv.Public(), []byte(`{}`))...)
+		if _, err := sc.Write(login); err != nil {
+			return
+		}
+		var chunk []byte
+		for len(chunk) < 32<<10 {
+			chunk = append(chunk, unit...)
+		}
+		for sent := 0; sent < limit; sent += len(chunk) {
+			if _, err := sc.Write(chunk); err != nil {
+				return
+			}
+		}
+		close(done)
+	}()
+	c, err := NewClient(priv, cc, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := c.Recv(); err != nil {
+		t.Fatalf("Recv: %v, want the ServerInfo", err)
+	} else if _, ok := m.(ServerInfo); !ok {
+		t.Fatalf("Recv: %T, want the ServerInfo", m)
+	}
+	return c, done
+}
+
+// TestClientRecvEndsSkippedFlood: a server that sends nothing but frames
+// Recv skips (of unknown types, too short to parse, ServerKey frames after
+// the first) would hold Recv forever, RecvTimeout or not: each frame
+// re-arms it. Recv returns a *ProtocolError once it has skipped
+// maxSkippedBytes in a row, long before it reads all of limit.
+func TestClientRecvEndsSkippedFlood(t *testing.T) {
+	const limit = 64 << 20
+	for _, tc := range []struct {
+		name string
+		unit []byte
+	}{
+		{"empty frames of an unknown type", appendFrame(nil, 0x7f, nil)},
+		{"large frames of an unknown type", appendFrame(nil, 0x7f, make([]byte, 64<<10))},
+		{"short PeerGone frames", appendFrame(nil, FramePeerGone, make([]byte, KeyLen-1))},
+		{"later ServerKey frames", appendFrame(nil, FrameServerKey, make([]byte, serverKeyLen))},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, flooded := skipFloodLogin(t, tc.unit, limit)
+			type result struct {
+				m   Message
+				err error
+			}
+			got := make(chan result, 1)
+			go func() {
+				m, err := c.Recv()
+				got <- result{m, err}
+			}()
+			var r result
+			select {
+			case r = <-got:
+			case <-flooded:
+				c.Close()
+				<-got
+				t.Fatalf("Recv read %d MiB of frames it skips, and reads on", limit>>20)
+			case <-time.After(2 * time.Minute):
+				t.Fatal("Recv neither returned nor read the flood in 2 minutes")
+			}
+			t.Logf("Recv: %v", r.err)
+			var pe *ProtocolError
+			if !errors.As(r.err, &pe) || pe.Reason != "skipped_frames_flood" {
+				t.Fatalf("Recv: %T %v, want a *ProtocolError with Reason skipped_frames_flood", r.m, r.err)
+			}
+		})
+	}
+}
+
+// TestClientRecvSkippedAmidMessagesKept: frames Recv skips never end the
+// connection when a message comes before the bound, however many there
+// are in all: the bound is for the frames skipped in a row.
+func TestClientRecvSkippedAmidMessagesKept(t *testing.T) {
+	var unit []byte
+	for len(unit) < maxSkippedBytes-64<<10 {
+		unit = appendFrame(unit, 0x7f, make([]byte, 32<<10))
+	}
+	unit = appendFrame(unit, FrameKeepAlive, nil)
+	const n = 4
+	c, _ := skipFloodLogin(t, unit, n*len(unit))
+	for i := range n {
+		m, err := c.Recv()
+		if err != nil {
+			t.Fatalf("Recv %d, after %d bytes: %v", i, i*len(unit), err)
+		}
+		if _, ok := m.(KeepAlive); !ok {
+			t.Fatalf("Recv %d: %T, want KeepAlive", i, m)
+		}
+	}
+}
