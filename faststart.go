@@ -2,6 +2,7 @@ package relay
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	crand "crypto/rand"
 	"crypto/sha256"
@@ -112,6 +113,9 @@ type FastStart struct {
 	IPv6HeadStart time.Duration
 
 	node *Node // set by DialNode: how to check the server's certificate
+	// regionAnswer, if not zero, replaces defaultLoginTimeout as the
+	// bound DialRegionTLS puts on each answer it waits for (tests).
+	regionAnswer time.Duration
 }
 
 // clientReadBuf is the read buffer of dialled clients (under the framing,
@@ -2550,7 +2554,11 @@ func (n *Node) check() error {
 // DialNode does. While more than one node is left, each TCP connect gets
 // at most 1.5 s, and each node's connect and handshake together an equal
 // share of what is left of ctx's deadline (5 s if it has none), so a node
-// that accepts TCP and stalls TLS cannot hold up the others. It returns the
+// that accepts TCP and stalls TLS cannot hold up the others. Each wait for
+// an answer (the server's to the ClientHello; through a Proxy, also the
+// proxy's TLS handshake and its answer to the CONNECT) is bounded by 10 s,
+// LoginTimeout's default, however long ctx allows, so that the last node
+// cannot hold a call whose ctx has no deadline forever. It returns the
 // node connected to; if none, an error naming each node's failure on one
 // line, which errors.Is and errors.As look into. ctx bounds the call, not
 // the returned connection.
@@ -2578,22 +2586,39 @@ func (f *FastStart) DialRegionTLS(ctx context.Context, r *Region) (*tls.Conn, *N
 			continue
 		}
 		actx, acancel := attemptContext(ctx, len(nodes)-i)
-		nc, err := g.dialTCP(actx, u, nil)
-		if err != nil {
-			errs = append(errs, n.named(err))
-		} else if tc, _, err := g.tlsHandshake(actx, nc, u, false, false, nil); err != nil {
-			nc.Close()
-			errs = append(errs, n.named(err))
-		} else {
+		tc, err := g.dialTLS(actx, u)
+		if err == nil {
 			acancel()
 			return tc, n, nil
 		}
+		errs = append(errs, n.named(err))
 		acancel()
 		if ctx.Err() != nil {
 			break
 		}
 	}
 	return nil, nil, fmt.Errorf("relay: dial region %d (%s): %w", r.RegionID, r.RegionCode, joinErrors(errs...))
+}
+
+// dialTLS connects to u and runs TLS with it. The last node of a region
+// gets all of ctx, which may have no deadline: each wait for an answer
+// (a Proxy's, then the server's to the ClientHello) is bounded as in Dial,
+// by LoginTimeout's default (regionAnswer in tests).
+func (f *FastStart) dialTLS(ctx context.Context, u *url.URL) (*tls.Conn, error) {
+	bound := []ClientOption{LoginTimeout(cmp.Or(f.regionAnswer, defaultLoginTimeout))}
+	within := func(nc net.Conn) func(error) error { return answerWithin(nc, bound) }
+	nc, err := f.dialTCP(ctx, u, within)
+	if err != nil {
+		return nil, err
+	}
+	answered := within(nc)
+	tc, _, err := f.tlsHandshake(ctx, nc, u, false, false, answered)
+	if err != nil {
+		nc.Close()
+		return nil, err
+	}
+	answered(nil)
+	return tc, nil
 }
 
 // attemptContext returns the context for dialling one of left servers still

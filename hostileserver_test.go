@@ -498,3 +498,55 @@ func TestClientRecvSkippedAmidMessagesKept(t *testing.T) {
 		}
 	}
 }
+
+// TestDialRegionTLSAnswerBounded: DialRegionTLS gives each node but the
+// last a share of ctx, and the last (or a region's only node) all of it:
+// with no deadline on ctx, a node that takes the connection and never
+// answers the ClientHello (or a Proxy that never answers the CONNECT)
+// held the call forever. LoginTimeout's default bounds each wait for an
+// answer, as in Dial.
+func TestDialRegionTLSAnswerBounded(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		proxy bool
+		nodes int
+	}{
+		{name: "one node", nodes: 1},
+		{name: "last of two nodes", nodes: 2},
+		{name: "proxy", proxy: true, nodes: 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			mute := func(ctx context.Context, network, addr string) (net.Conn, error) {
+				cc, sc := net.Pipe()
+				t.Cleanup(func() { cc.Close(); sc.Close() })
+				go io.Copy(io.Discard, sc) // the ClientHello or the CONNECT
+				return cc, nil
+			}
+			f := &FastStart{DialContext: mute, regionAnswer: 300 * time.Millisecond}
+			if tc.proxy {
+				f.Proxy = http.ProxyURL(&url.URL{Scheme: "http", Host: "proxy.invalid:3128"})
+			}
+			r := &Region{RegionID: 1}
+			for i := range tc.nodes {
+				r.Nodes = append(r.Nodes, &Node{Name: fmt.Sprint(i), HostName: "derp.invalid", IPv4: "192.0.2.1", IPv6: "none"})
+			}
+			done := make(chan error, 1)
+			go func() {
+				tc, _, err := f.DialRegionTLS(context.Background(), r)
+				if tc != nil {
+					tc.Close()
+				}
+				done <- err
+			}()
+			select {
+			case err := <-done:
+				t.Log(err)
+				if !errors.Is(err, os.ErrDeadlineExceeded) || !strings.Contains(fmt.Sprint(err), "LoginTimeout") {
+					t.Fatalf("DialRegionTLS: %v, want an error that names LoginTimeout and wraps os.ErrDeadlineExceeded", err)
+				}
+			case <-time.After(30 * time.Second):
+				t.Fatal("DialRegionTLS still waiting for the node 30s after its bound (300ms)")
+			}
+		})
+	}
+}
