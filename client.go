@@ -10,9 +10,11 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 )
 
 // Client is one DERP session over an established byte stream.
@@ -661,12 +663,12 @@ func (c *Client) readErr(err error) error {
 
 // readPayload returns the payload of the frame of type t whose header was
 // just read, n bytes. If they fit in br's buffer they are returned in place
-// and discarded on the next call. Otherwise, for the frames whose whole
-// payload Recv returns (packets, ServerInfo, Health), they are copied into
-// a buffer lent until the next call (releasePayload), so that a client
-// keeps no large buffer after a large packet; of the others, only the
-// bytes parse reads are kept (an unknown frame's are all dropped) and the
-// rest are discarded now.
+// and discarded on the next call. Otherwise only the bytes parse reads
+// are kept (all of a packet's or a ServerInfo's, a Health's up to just
+// past maxHealthLen, none of an unknown frame's) and the rest are
+// discarded now; those of more than c.head's size are copied into a
+// buffer lent until the next call (releasePayload), so that a client
+// keeps no large buffer after a large packet.
 func (c *Client) readPayload(t FrameType, n int) ([]byte, error) {
 	if n <= c.br.Size() {
 		p, err := c.br.Peek(n)
@@ -680,17 +682,17 @@ func (c *Client) readPayload(t FrameType, n int) ([]byte, error) {
 		return p, nil
 	}
 	var p []byte
-	switch keep := payloadKept(t); {
-	case keep < n:
+	switch keep := min(payloadKept(t), n); {
+	case keep <= len(c.head):
 		p = c.head[:keep]
-	case n <= len(bigPayload{}):
+	case keep <= len(bigPayload{}):
 		c.big = bigPayloads.Get().(*bigPayload)
-		p = c.big[:n]
+		p = c.big[:keep]
 	default:
 		// Only a server that sends more than a packet's worth in one
 		// frame (up to maxClientFrame) gets here: the buffer is its
 		// own, and dropped at the next call.
-		c.buf = make([]byte, n)
+		c.buf = make([]byte, keep)
 		p = c.buf
 	}
 	_, err := io.ReadFull(c.br, p)
@@ -708,8 +710,10 @@ func (c *Client) readPayload(t FrameType, n int) ([]byte, error) {
 // returns whole.
 func payloadKept(t FrameType) int {
 	switch t {
-	case FrameRecvPacket, FrameServerInfo, FrameHealth:
+	case FrameRecvPacket, FrameServerInfo:
 		return maxClientFrame
+	case FrameHealth:
+		return maxHealthLen + 1 // one more: parse tells a cut text
 	case FrameServerKey:
 		return serverKeyLen
 	case FramePeerGone:
@@ -723,6 +727,10 @@ func payloadKept(t FrameType) int {
 	}
 	return 0 // KeepAlive, or unknown: nothing
 }
+
+// maxHealthLen bounds the text of a Health that Recv returns: a frame may
+// carry 1 MiB, for people to read. It fits a bigPayload.
+const maxHealthLen = 64 << 10
 
 // maxPeerPresentLen is the longest PeerPresent payload that parse reads
 // all of: the flags, then a length byte and an app name.
@@ -790,11 +798,37 @@ func (c *Client) parse(t FrameType, p []byte, first bool) (Message, error) {
 		b, err := parsePing8(p)
 		return Pong(b), err
 	case FrameHealth:
+		if len(p) > maxHealthLen { // cut: see payloadKept
+			return Health{Problem: cutHealth(p[:maxHealthLen])}, nil
+		}
 		return Health{Problem: string(p)}, nil
 	case FrameRestarting:
 		return parseRestarting(p)
 	}
 	return nil, nil // unknown frame type: skip
+}
+
+// cutHealth returns the start of a Health text cut at maxHealthLen, b,
+// less a character the cut split, marked "…", in one allocation.
+func cutHealth(b []byte) string {
+	if i := lastRuneStart(b); !utf8.FullRune(b[i:]) {
+		b = b[:i]
+	}
+	var sb strings.Builder
+	sb.Grow(len(b) + len("…"))
+	sb.Write(b)
+	sb.WriteString("…")
+	return sb.String()
+}
+
+// lastRuneStart returns where the last character of b starts, looking
+// back at most utf8.UTFMax bytes.
+func lastRuneStart(b []byte) int {
+	i := len(b) - 1
+	for i > 0 && i > len(b)-utf8.UTFMax && !utf8.RuneStart(b[i]) {
+		i--
+	}
+	return max(i, 0)
 }
 
 func (c *Client) parseServerInfo(p []byte) (Message, error) {

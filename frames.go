@@ -348,7 +348,9 @@ type Ping [8]byte
 type Pong [8]byte
 
 // Health carries a problem the server wants the user to see; an empty
-// Problem means the earlier problem is over.
+// Problem means the earlier problem is over. A Client keeps at most the
+// first 64 KiB of the text (a frame may carry 1 MiB): a longer one is cut
+// there, less a character the cut splits, and ends in "…".
 type Health struct {
 	Problem string // for people to read; empty: no problem any more
 }

@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -548,5 +549,46 @@ func TestDialRegionTLSAnswerBounded(t *testing.T) {
 				t.Fatal("DialRegionTLS still waiting for the node 30s after its bound (300ms)")
 			}
 		})
+	}
+}
+
+// TestClientHealthCut: a server's Health text may run to a frame's 1 MiB;
+// a Client made a buffer of it and then a string of as much, for a text
+// meant for people to read. It keeps the first maxHealthLen bytes (cut at
+// a character, marked "…") in memory bounded by that, drops the rest, and
+// reads on.
+func TestClientHealthCut(t *testing.T) {
+	long := strings.Repeat("a", maxHealthLen-1) + "é" + strings.Repeat("b", maxClientFrame-maxHealthLen-1)
+	exact := strings.Repeat("c", maxHealthLen)
+	var unit []byte
+	unit = appendFrame(unit, FrameHealth, []byte(long))
+	unit = appendFrame(unit, FrameHealth, []byte(exact))
+	unit = appendFrame(unit, FrameKeepAlive, nil)
+	c, _ := skipFloodLogin(t, unit, len(unit))
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	m, err := c.Recv()
+	runtime.ReadMemStats(&after)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, ok := m.(Health)
+	if !ok {
+		t.Fatalf("Recv: %T, want Health", m)
+	}
+	if want := strings.Repeat("a", maxHealthLen-1) + "…"; h.Problem != want {
+		t.Errorf("a Health of %d bytes: Problem of %d bytes (%q...), want the first %d bytes up to the cut character, and …",
+			len(long), len(h.Problem), clip(h.Problem, 20), maxHealthLen-1)
+	}
+	if n := after.TotalAlloc - before.TotalAlloc; n > 4*maxHealthLen {
+		t.Errorf("Recv of a Health of %d bytes allocated %d bytes", len(long), n)
+	}
+	if m, err := c.Recv(); err != nil || m.(Health).Problem != exact {
+		t.Errorf("Recv of a Health of %d bytes: %v, want it whole", len(exact), err)
+	}
+	if m, err := c.Recv(); err != nil {
+		t.Errorf("Recv after the Health frames: %v", err)
+	} else if _, ok := m.(KeepAlive); !ok {
+		t.Errorf("Recv after the Health frames: %T, want KeepAlive", m)
 	}
 }
