@@ -202,7 +202,7 @@ type Admission struct {
 // Health and ServerRestarting notices are logged at Info bounded the same
 // way in a budget per link, a Health the same as the one before at Debug;
 // a Health's text is cut to 256 bytes (problemBytes then gives its
-// length). Lines are logged with no lock of the server held, so the
+// length as received, at most 64 KiB: see Health). Lines are logged with no lock of the server held, so the
 // handler may call the Server's methods, except Close: sessions, mesh
 // links and forwarders log, and Close waits for them.
 func WithLogger(l *slog.Logger) ServerOption {
@@ -5259,7 +5259,7 @@ func (l *meshLink) watch(c *Client, lv *linkLiveness) (watched bool, restartIn t
 }
 
 // maxLoggedHealth bounds the bytes of a mesh peer's Health problem in a
-// log line; a frame may carry up to 1 MiB.
+// log line; the link's Client keeps up to maxHealthLen of it.
 const maxLoggedHealth = 256
 
 // logNotice logs a line about a notice from the link's peer (Health,
