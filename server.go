@@ -199,12 +199,13 @@ type Admission struct {
 // Stats counts them all. Sessions that cannot be parked (see WithIdlePark;
 // the process is out of file descriptors or epoll watches) are logged at
 // Warn, bounded the same way in a budget of their own. A mesh peer's
-// Health and ServerRestarting notices are logged at Info bounded the same
-// way in a budget per link, a Health the same as the one before at Debug;
-// a Health's text is cut to 256 bytes (problemBytes then gives its
-// length as received, at most 64 KiB: see Health). Lines are logged with no lock of the server held, so the
-// handler may call the Server's methods, except Close: sessions, mesh
-// links and forwarders log, and Close waits for them.
+// Health and ServerRestarting notices are logged at Info, bounded the same
+// way in a budget per link, and a Health the same as the one before at
+// Debug; a Health's text is cut to 256 bytes (problemBytes then gives its
+// length as received, at most 64 KiB: see Health). Lines are logged with
+// no lock of the server held, so the handler may call the Server's
+// methods, except Close: sessions, mesh links and forwarders log, and
+// Close waits for them.
 func WithLogger(l *slog.Logger) ServerOption {
 	return func(c *serverConfig) { c.logger = l }
 }
