@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -590,5 +591,85 @@ func TestClientHealthCut(t *testing.T) {
 		t.Errorf("Recv after the Health frames: %v", err)
 	} else if _, ok := m.(KeepAlive); !ok {
 		t.Errorf("Recv after the Health frames: %T, want KeepAlive", m)
+	}
+}
+
+// meshPeerNoticeRecords runs a mesh link to a scripted peer that sends
+// frames, then a Ping, and returns the link's log records once the Pong
+// to that Ping came back (every frame before it was read and logged).
+func meshPeerNoticeRecords(t *testing.T, frames []byte) []slog.Record {
+	t.Helper()
+	peer := &scriptedServer{priv: mustKey(t)}
+	pong := make(chan struct{})
+	var once sync.Once
+	peer.script = func(_ int, sc net.Conn, br *bufio.Reader, _ PublicKey) {
+		go func() {
+			for {
+				ft, p, err := readRawFrame(br)
+				if err != nil {
+					return
+				}
+				if ft == FramePong && string(p) == "noticed!" {
+					once.Do(func() { close(pong) })
+				}
+			}
+		}()
+		if _, err := sc.Write(appendFrame(frames, FramePing, []byte("noticed!"))); err != nil {
+			return
+		}
+		peer.stall()
+	}
+	h := &recHandler{}
+	newTestServer(t, WithMeshKey(testMeshKey), WithMeshPeers("http://peer.invalid/derp"),
+		WithMeshDialer(&FastStart{DialContext: peer.dialTCP}), WithLogger(slog.New(h)))
+	t.Cleanup(peer.close)
+	select {
+	case <-pong:
+	case <-time.After(time.Minute):
+		t.Fatal("the mesh link did not answer the Ping after the notices in a minute")
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return slices.Clone(h.recs)
+}
+
+// TestMeshPeerHealthCutSaysBytes: a mesh peer's Health text longer than
+// maxLoggedHealth is logged cut, and then problemBytes gives its length,
+// however little longer it is (WithLogger's doc).
+func TestMeshPeerHealthCutSaysBytes(t *testing.T) {
+	var b []byte
+	lengths := []int{maxLoggedHealth, maxLoggedHealth + 1, maxLoggedHealth + 2, maxLoggedHealth + 3, 1000}
+	for i, n := range lengths {
+		b = appendFrame(b, FrameHealth, fmt.Appendf(nil, "%d%s", i, strings.Repeat("z", n-1)))
+	}
+	got := map[int]int64{} // text length, from its first byte: problemBytes (-1: none)
+	for _, r := range meshPeerNoticeRecords(t, b) {
+		if r.Message != "relay: mesh peer health" || r.Level != slog.LevelInfo {
+			continue
+		}
+		i, size := -1, int64(-1)
+		r.Attrs(func(a slog.Attr) bool {
+			switch a.Key {
+			case "problem":
+				i = int(a.Value.String()[0] - '0')
+			case "problemBytes":
+				size = a.Value.Int64()
+			}
+			return true
+		})
+		if i >= 0 && i < len(lengths) {
+			got[lengths[i]] = size
+		}
+	}
+	for _, n := range lengths {
+		want := int64(n)
+		if n <= maxLoggedHealth {
+			want = -1
+		}
+		if size, ok := got[n]; !ok {
+			t.Errorf("no Info line for a %d-byte Health", n)
+		} else if size != want {
+			t.Errorf("a %d-byte Health logged with problemBytes %d, want %d (-1: none)", n, size, want)
+		}
 	}
 }

@@ -201,11 +201,11 @@ type Admission struct {
 // Warn, bounded the same way in a budget of their own. A mesh peer's
 // Health and ServerRestarting notices are logged at Info, bounded the same
 // way in a budget per link, and a Health the same as the one before at
-// Debug; a Health's text is cut to 256 bytes (problemBytes then gives its
-// length as received, at most 64 KiB: see Health). Lines are logged with
-// no lock of the server held, so the handler may call the Server's
-// methods, except Close: sessions, mesh links and forwarders log, and
-// Close waits for them.
+// Debug; a Health's text longer than 256 bytes is cut there and ends in
+// "…", and problemBytes then gives its length as the Client kept it (at
+// most 64 KiB and a "…": see Health). Lines are logged with no lock of the
+// server held, so the handler may call the Server's methods, except Close:
+// sessions, mesh links and forwarders log, and Close waits for them.
 func WithLogger(l *slog.Logger) ServerOption {
 	return func(c *serverConfig) { c.logger = l }
 }
@@ -5249,7 +5249,7 @@ func (l *meshLink) watch(c *Client, lv *linkLiveness) (watched bool, restartIn t
 			problem := clip(m.Problem, maxLoggedHealth)
 			if problem != "" {
 				args := []any{"problem", problem}
-				if len(problem) < len(m.Problem) {
+				if problem != m.Problem { // cut (clip's "…" may make it longer)
 					args = append(args, "problemBytes", len(m.Problem))
 				}
 				l.logNotice(problem != lastProblem, "relay: mesh peer health", args...)
