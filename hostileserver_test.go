@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -671,5 +672,35 @@ func TestMeshPeerHealthCutSaysBytes(t *testing.T) {
 		} else if size != want {
 			t.Errorf("a %d-byte Health logged with problemBytes %d, want %d (-1: none)", n, size, want)
 		}
+	}
+}
+
+// TestMeshPeerRestartLoggedAfterHealthFlood: a mesh peer that sent more
+// Health notices than the link's log budget holds, then says it is
+// restarting, must still have that said at Info: the first
+// ServerRestarting of a connection is what an operator needs to explain
+// the link going down.
+func TestMeshPeerRestartLoggedAfterHealthFlood(t *testing.T) {
+	var b []byte
+	for i := range 3 * logLineBurst {
+		b = appendFrame(b, FrameHealth, fmt.Appendf(nil, "problem %d", i))
+	}
+	restart := make([]byte, restartingLen)
+	binary.BigEndian.PutUint32(restart, 1234) // reconnect in, ms
+	b = appendFrame(b, FrameRestarting, restart)
+	b = appendFrame(b, FrameRestarting, restart) // the second may be held back
+	infos, debugs := 0, 0
+	for _, r := range meshPeerNoticeRecords(t, b) {
+		if r.Message != "relay: mesh peer restarting" {
+			continue
+		}
+		if r.Level == slog.LevelInfo {
+			infos++
+		} else {
+			debugs++
+		}
+	}
+	if infos == 0 {
+		t.Errorf("the peer's ServerRestarting after %d Health notices logged at Info 0 times (%d at Debug), want at least once", 3*logLineBurst, debugs)
 	}
 }

@@ -200,7 +200,8 @@ type Admission struct {
 // the process is out of file descriptors or epoll watches) are logged at
 // Warn, bounded the same way in a budget of their own. A mesh peer's
 // Health and ServerRestarting notices are logged at Info, bounded the same
-// way in a budget per link, and a Health the same as the one before at
+// way in a budget per link (but the first ServerRestarting of each
+// connection always at Info), and a Health the same as the one before at
 // Debug; a Health's text longer than 256 bytes is cut there and ends in
 // "…", and problemBytes then gives its length as the Client kept it (at
 // most 64 KiB and a "…": see Health). Lines are logged with no lock of the
@@ -5202,6 +5203,7 @@ func (l *meshLink) noteUpLocked(peer PublicKey, at int64) {
 func (l *meshLink) watch(c *Client, lv *linkLiveness) (watched bool, restartIn time.Duration, err error) {
 	var notices recipientNotices
 	var lastProblem string // the last Health's, as logged
+	restartSaid := false   // a ServerRestarting was logged at Info
 	for {
 		m, err := c.Recv()
 		if err != nil {
@@ -5242,7 +5244,12 @@ func (l *meshLink) watch(c *Client, lv *linkLiveness) (watched bool, restartIn t
 			}
 		case ServerRestarting:
 			restartIn = m.ReconnectIn
-			l.logNotice(true, "relay: mesh peer restarting", "reconnectIn", m.ReconnectIn)
+			// The first of a connection goes to Info whatever the
+			// budget: it is why the link is about to go down, and
+			// connections come no faster than the "mesh link down"
+			// lines, which are not budgeted either.
+			l.logNoticeAlways(!restartSaid, "relay: mesh peer restarting", "reconnectIn", m.ReconnectIn)
+			restartSaid = true
 		case Health:
 			// A problem the same as the last one (cut alike) is
 			// the peer repeating itself: to Debug.
@@ -5277,6 +5284,26 @@ func (l *meshLink) logNotice(news bool, msg string, args ...any) {
 	if !ok {
 		l.s.log.Debug(msg, args...)
 		return
+	}
+	if held > 0 {
+		args = append(args, "suppressed", held)
+	}
+	l.s.log.Info(msg, args...)
+}
+
+// logNoticeAlways is logNotice(true, ...), except that if always is set
+// the line goes to Info even when the budget is spent (it still uses a
+// token, if there is one, and leaves the count of lines held back to the
+// next line the budget lets through).
+func (l *meshLink) logNoticeAlways(always bool, msg string, args ...any) {
+	if !always {
+		l.logNotice(true, msg, args...)
+		return
+	}
+	args = append([]any{"peer", l.url}, args...)
+	ok, held := l.noticeLog.allow(time.Now())
+	if !ok {
+		l.noticeLog.suppressed-- // it is not held back after all
 	}
 	if held > 0 {
 		args = append(args, "suppressed", held)
