@@ -101,9 +101,9 @@ type FastStart struct {
 	// It offers no extension, and a 101 that names one fails the dial
 	// with a *ProtocolError ("websocket_handshake"). A server that sends
 	// more than 16 KiB of WebSocket framing (frame headers, pings, empty
-	// frames) within a second with no DERP byte between has the
-	// connection ended with a *ProtocolError whose Reason is
-	// "websocket_framing_flood".
+	// frames) within a second that the DERP bytes between do not pay for
+	// (64 bytes of framing each) has the connection ended with a
+	// *ProtocolError whose Reason is "websocket_framing_flood".
 	WebSocket bool
 	// IPv6HeadStart is how long DialNode and DialRegionTLS try a node's
 	// IPv6 address alone before trying its IPv4 address too, when the

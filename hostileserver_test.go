@@ -120,9 +120,9 @@ func TestWebSocketClientFramingFloodEnds(t *testing.T) {
 	}
 }
 
-// TestWebSocketClientFramingAmidPayloadKept: framing between DERP bytes
-// never trips the client's bound, however much of it there is in all: a
-// server (or a proxy in between) that pings before every KeepAlive, and
+// TestWebSocketClientFramingAmidPayloadKept: framing that DERP bytes pay
+// for never trips the client's bound, however much of it there is in all:
+// a server (or a proxy in between) that pings before every KeepAlive, and
 // splits each into one-byte pieces, keeps its connection.
 func TestWebSocketClientFramingAmidPayloadKept(t *testing.T) {
 	srv := mustKey(t)
@@ -702,5 +702,51 @@ func TestMeshPeerRestartLoggedAfterHealthFlood(t *testing.T) {
 	}
 	if infos == 0 {
 		t.Errorf("the peer's ServerRestarting after %d Health notices logged at Info 0 times (%d at Debug), want at least once", 3*logLineBurst, debugs)
+	}
+}
+
+// TestWebSocketClientFramingBetweenSingleBytesEnds: a WebSocket server
+// that puts one DERP byte between runs of framing just under the bound
+// (empty messages, here) would have each byte reset the count, and make
+// the client read about 16 KiB of framing per DERP byte: through frames
+// Recv skips (unknown types, 5 bytes each), up to 4 MiB of them, one Recv
+// would read some 64 GiB, re-arming RecvTimeout at every frame. DERP
+// bytes pay for a bounded amount of framing each instead, and the
+// connection ends with the flood error within a few runs.
+func TestWebSocketClientFramingBetweenSingleBytesEnds(t *testing.T) {
+	srv := mustKey(t)
+	sk := appendFrame(nil, FrameServerKey, appendServerKey(nil, srv.Public()))
+	const limit = 16 << 20 // what an unbounded client would take
+	var run []byte
+	for len(run)+2 < wsMaxFraming {
+		run = append(run, wsServerFrame(0x82, nil)...)
+	}
+	unknown := appendFrame(nil, FrameType(0x7f), nil)
+	var took atomic.Int64
+	dial := wsFakeServer(t, func(sc net.Conn) {
+		sc.Write(wsServerFrame(0x82, sk))
+		sent := 0
+		for i := 0; sent < limit; i++ {
+			n, err := sc.Write(append(run, wsServerFrame(0x82, unknown[i%len(unknown):][:1])...))
+			sent += n
+			if err != nil {
+				break
+			}
+		}
+		took.Store(int64(sent))
+	})
+	c, _, err := (&FastStart{WebSocket: true, DialContext: dial}).Dial(context.Background(), "http://derp.invalid/derp", mustKey(t), RecvTimeout(0))
+	if err == nil {
+		_, err = c.Recv()
+		c.Close()
+	}
+	t.Logf("error: %v", err)
+	waitFor(t, func() bool { return took.Load() != 0 })
+	var pe *ProtocolError
+	if !errors.As(err, &pe) || pe.Reason != "websocket_framing_flood" {
+		t.Errorf("error %v after %d bytes from the server, want a *ProtocolError with Reason websocket_framing_flood", err, took.Load())
+	}
+	if n := took.Load(); n > 4*wsMaxFraming+2*clientReadBuf {
+		t.Errorf("the client read %d bytes of framing with a DERP byte every %d, want at most about %d", n, len(run), 4*wsMaxFraming)
 	}
 }

@@ -68,13 +68,19 @@ const (
 	// thousand times what a client needs to send one.
 	wsMaxLoginFraming = 16 << 10
 	// wsMaxFraming bounds the framing (frame headers, control frames,
-	// empty frames) a client reads with no DERP byte in between, within
-	// wsFramingWindow: a flood of frames that carry none would otherwise
-	// keep a Recv reading them until its RecvTimeout, or forever. It is
-	// a rate, so that an idle session under a proxy that pings now and
-	// then never reaches it; a server that floods gets 16 KiB a second.
+	// empty frames) a client reads that DERP bytes have not paid for,
+	// within wsFramingWindow: a flood of frames that carry none would
+	// otherwise keep a Recv reading them until its RecvTimeout, or
+	// forever. It is a rate, so that an idle session under a proxy that
+	// pings now and then never reaches it; a server that floods gets 16
+	// KiB a second. Each DERP byte pays for wsFramingCredit bytes of
+	// framing, so that a server cannot reset the count with one byte
+	// now and then and have 16 KiB of framing read per DERP byte (64 GiB
+	// through the frames one Recv may skip), while a proxy that pings
+	// before every 5-byte KeepAlive is still paid for.
 	wsMaxFraming    = 16 << 10
 	wsFramingWindow = time.Second
+	wsFramingCredit = 64
 	// wsPaceBytes is how many bytes of framing a server session's reader
 	// reads before it pays for them (wsConn.pace).
 	wsPaceBytes = 256
@@ -156,8 +162,8 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 // closure or with a reason, with a *wsClosedError naming them, which
 // wraps io.EOF); a text message or a malformed frame ends them with a
 // *ProtocolError, after a close frame that says why, and so does, for a
-// client, more than wsMaxFraming of framing within wsFramingWindow with no
-// payload byte.
+// client, more than wsMaxFraming of framing within wsFramingWindow that
+// payload bytes (wsFramingCredit bytes of framing each) have not paid for.
 // Writes send messages of at most 32 KiB.
 type wsConn struct {
 	net.Conn                // the connection under the WebSocket
@@ -399,7 +405,7 @@ func (c *wsConn) nextFrame() error {
 	default:
 		return c.wsFail(wsCloseProtocolError, "websocket_bad_frame", fmt.Sprintf("unknown opcode %#x", op))
 	}
-	if err := c.charge(hlen, n > 0); err != nil {
+	if err := c.charge(hlen, n); err != nil {
 		return err
 	}
 	c.br.Discard(hlen)
@@ -418,7 +424,7 @@ func (c *wsConn) controlFrame(op byte, fin bool, n uint64, hlen int, mask [4]byt
 	if err != nil {
 		return c.readErr(err, len(b))
 	}
-	if err := c.charge(len(b), false); err != nil {
+	if err := c.charge(len(b), 0); err != nil {
 		return err
 	}
 	var payload [wsMaxControl]byte
@@ -501,18 +507,23 @@ func (c *wsConn) controlFrame(op byte, fin bool, n uint64, hlen int, mask [4]byt
 // charge counts n bytes of framing about to be consumed, and has them paid
 // for (pace) once they add up to wsPaceBytes. Framing carries no DERP
 // byte: without it, a flood of pings or of empty frames would be read at
-// any speed under any rate limit. payload says the frame carries DERP
-// bytes. An error (the session ended while it waited) ends the reads.
-func (c *wsConn) charge(n int, payload bool) error {
+// any speed under any rate limit. payload is the DERP bytes the frame
+// carries (a client's framing is charged only for frames without). An
+// error (the session ended while it waited) ends the reads.
+func (c *wsConn) charge(n int, payload uint64) error {
 	if c.client {
 		// A client's reads, which the server's writes pace: DERP bytes
 		// are the application's to take, but a flood of frames that
 		// carry none would keep one read going without end. Only such
-		// frames are counted (time is read once per run of them, not
-		// per packet), and only within a window, so that slow pings
-		// between rare DERP frames never reach the bound.
-		if payload {
-			c.framing = 0
+		// frames are counted, less what the DERP bytes between pay
+		// (time is read once per run of them, not per packet), and
+		// only within a window, so that slow pings between rare DERP
+		// frames never reach the bound.
+		if payload > 0 {
+			if c.framing > 0 {
+				paid := min(payload, uint64(c.framing)) * wsFramingCredit
+				c.framing -= int(min(paid, uint64(c.framing)))
+			}
 			return nil
 		}
 		if c.framing == 0 {
@@ -524,7 +535,7 @@ func (c *wsConn) charge(n int, payload bool) error {
 				return nil
 			}
 			return c.wsFail(wsClosePolicy, "websocket_framing_flood",
-				fmt.Sprintf("more than %d bytes of framing (frame headers, control frames) from the server within %v with no DERP byte", wsMaxFraming, wsFramingWindow))
+				fmt.Sprintf("more than %d bytes of framing (frame headers, control frames) from the server within %v that DERP bytes did not pay for (%d bytes each)", wsMaxFraming, wsFramingWindow, wsFramingCredit))
 		}
 		return nil
 	}
