@@ -8,6 +8,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -48,18 +49,25 @@ func TestTailscaleNodesOneRefused(t *testing.T) {
 	// second over loopback TLS. (Measured: 8 or 9 times.)
 	const refusedWindow = 2 * time.Second
 	const maxRefusals = 2 * 12
+	// maxStartLogins bounds node A's logins while B is refused: its
+	// first, and a second from the race of derphttp's Connect with its
+	// reader's first Recv (measured: 1 or 2), and one to spare; B is
+	// refused 8 to 10 times.
+	const maxStartLogins = 3
 
 	var refusing atomic.Bool
 	refusing.Store(true)
 	var admitted atomic.Pointer[relay.PublicKey] // the one key admitted while refusing
 	var mu sync.Mutex
 	var refusals []time.Time
+	var aLogins atomic.Int32 // node A's logins while B is refused
 	firstRefusal := make(chan struct{})
 	hook := func(_ context.Context, a relay.Admission) error {
 		if !refusing.Load() {
 			return nil
 		}
 		if k := admitted.Load(); k != nil && *k == a.Key {
+			aLogins.Add(1)
 			return nil
 		}
 		mu.Lock()
@@ -95,7 +103,7 @@ func TestTailscaleNodesOneRefused(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	before := waitSessions(t, ctx, s, "node A logged in", func(m map[relay.PublicKey]relay.SessionInfo) bool { return m[aKey].Home })
+	waitSessions(t, ctx, s, "node A logged in", func(m map[relay.PublicKey]relay.SessionInfo) bool { return m[aKey].Home })
 	select {
 	case <-firstRefusal:
 	case <-ctx.Done():
@@ -120,8 +128,26 @@ func TestTailscaleNodesOneRefused(t *testing.T) {
 	if inWindow < 2 {
 		t.Errorf("node B was refused %d times in %v, want it to retry", inWindow, refusedWindow)
 	}
-	// Node A's session lived through it all, alone: B has none.
-	checkSameSessions(t, s, before)
+	// Node A kept its session through it all, alone: B has none. A may
+	// log in twice as it starts (derphttp's Connect races its reader's
+	// first Recv, and one of the two dials is cancelled: seen at the
+	// same time as B's first refusals), but not once per refusal of B.
+	t.Logf("node A logged in %d times while B was refused", aLogins.Load())
+	if n := aLogins.Load(); n > maxStartLogins {
+		t.Errorf("node A logged in %d times while node B was refused %d times, want at most %d", n, inWindow, maxStartLogins)
+	}
+	sessions := make(map[relay.PublicKey]relay.SessionInfo)
+	for si := range s.Sessions() {
+		sessions[si.Key] = si
+	}
+	if len(sessions) != 1 || !sessions[aKey].Home {
+		t.Errorf("sessions at the end of the refusals: %+v, want node A's alone", sessions)
+	}
+	for reason, n := range s.Stats().Errors {
+		if strings.HasPrefix(reason, "session:") && n != 0 {
+			t.Errorf("%d sessions ended by %s", n, reason)
+		}
+	}
 
 	// Admitted now, B logs in at its next try, with no help.
 	refusing.Store(false)
