@@ -214,23 +214,13 @@ func TestDialProxyAnswerWithinLoginTimeout(t *testing.T) {
 				proxy.Scheme = "https"
 			}
 			f := &FastStart{Proxy: http.ProxyURL(proxy), TLSConfig: &tls.Config{RootCAs: pool}}
-			done := make(chan error, 1)
-			go func() {
+			checkDialBounded(t, "Dial", "for the proxy", time.Minute, func() error {
 				c, _, err := f.Dial(context.Background(), "http://derp.invalid/derp", mustKey(t), LoginTimeout(300*time.Millisecond))
 				if c != nil {
 					c.Close()
 				}
-				done <- err
-			}()
-			select {
-			case err := <-done:
-				t.Log(err)
-				if !errors.Is(err, os.ErrDeadlineExceeded) || !strings.Contains(fmt.Sprint(err), "LoginTimeout") {
-					t.Fatalf("dial failed with %v, want an error that names LoginTimeout and wraps os.ErrDeadlineExceeded", err)
-				}
-			case <-time.After(time.Minute):
-				t.Fatal("Dial still waiting for the proxy a minute after LoginTimeout (300ms)")
-			}
+				return err
+			})
 		})
 	}
 }
@@ -533,23 +523,13 @@ func TestDialRegionTLSAnswerBounded(t *testing.T) {
 			for i := range tc.nodes {
 				r.Nodes = append(r.Nodes, &Node{Name: fmt.Sprint(i), HostName: "derp.invalid", IPv4: "192.0.2.1", IPv6: "none"})
 			}
-			done := make(chan error, 1)
-			go func() {
+			checkDialBounded(t, "DialRegionTLS", "for the node", 30*time.Second, func() error {
 				tc, _, err := f.DialRegionTLS(context.Background(), r)
 				if tc != nil {
 					tc.Close()
 				}
-				done <- err
-			}()
-			select {
-			case err := <-done:
-				t.Log(err)
-				if !errors.Is(err, os.ErrDeadlineExceeded) || !strings.Contains(fmt.Sprint(err), "LoginTimeout") {
-					t.Fatalf("DialRegionTLS: %v, want an error that names LoginTimeout and wraps os.ErrDeadlineExceeded", err)
-				}
-			case <-time.After(30 * time.Second):
-				t.Fatal("DialRegionTLS still waiting for the node 30s after its bound (300ms)")
-			}
+				return err
+			})
 		})
 	}
 }
@@ -748,5 +728,25 @@ func TestWebSocketClientFramingBetweenSingleBytesEnds(t *testing.T) {
 	}
 	if n := took.Load(); n > 4*wsMaxFraming+2*clientReadBuf {
 		t.Errorf("the client read %d bytes of framing with a DERP byte every %d, want at most about %d", n, len(run), 4*wsMaxFraming)
+	}
+}
+
+// checkDialBounded runs dial, which a peer that never answers holds, and
+// fails the test unless it ends within patience (far past its 300 ms
+// bound) with an error that names LoginTimeout and wraps
+// os.ErrDeadlineExceeded. dial closes what it opened; name and waitingFor
+// word the failures.
+func checkDialBounded(t *testing.T, name, waitingFor string, patience time.Duration, dial func() error) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- dial() }()
+	select {
+	case err := <-done:
+		t.Log(err)
+		if !errors.Is(err, os.ErrDeadlineExceeded) || !strings.Contains(fmt.Sprint(err), "LoginTimeout") {
+			t.Fatalf("%s failed with %v, want an error that names LoginTimeout and wraps os.ErrDeadlineExceeded", name, err)
+		}
+	case <-time.After(patience):
+		t.Fatalf("%s still waiting %s %v after its bound (300ms)", name, waitingFor, patience)
 	}
 }
